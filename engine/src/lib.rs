@@ -1,0 +1,18 @@
+//! The convoy engine: a Llama-family forward pass over a paged KV cache, sampling, incremental
+//! detokenisation and batched generation, plus the `convoy` binary.
+
+pub mod detokenizer;
+pub mod forward_batch;
+pub mod generate;
+pub mod kv_cache;
+pub mod model;
+pub mod options;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use forward_batch::{ForwardBatch, SeqSlice};
+pub use generate::{GenerationRequest, GenerationResult, Generator};
+pub use kv_cache::KvCache;
+pub use model::llama::LlamaModel;
+pub use sampler::{FinishReason, SamplingParams};
+pub use tokenizer::TextCodec;

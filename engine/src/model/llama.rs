@@ -1,0 +1,283 @@
+//! The Llama-family forward pass over a packed batch and a paged KV cache.
+//!
+//! Per layer: RMSNorm, one fused QKV multiply (+ biases for Qwen2), half-split RoPE, K/V written
+//! to the cache by slot mapping, paged attention, output projection, residual; RMSNorm, one
+//! fused gate/up multiply, SiLU gate, down projection, residual. Logits are computed only for
+//! `ForwardBatch::logits_rows`. Weights stay in their stored format (f32 or GGML blocks).
+
+use std::collections::HashMap;
+
+use convoy_kernels::{self as k, AttentionSeq, AttentionShape, Matrix, WeightFormat};
+use convoy_weights::{DType, LoadedModel, ModelConfig, Tensor};
+
+use crate::forward_batch::ForwardBatch;
+use crate::kv_cache::KvCache;
+
+/// Why a model could not be built from loaded tensors.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A tensor is missing or malformed.
+    #[error("tensor {0}: {1}")]
+    Tensor(String, String),
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    /// Q, K and V projections stacked: rows `[q | k | v]`.
+    qkv: Matrix,
+    qkv_bias: Option<Vec<f32>>,
+    o: Matrix,
+    /// Gate and up projections stacked: rows `[gate | up]`.
+    gate_up: Matrix,
+    down: Matrix,
+}
+
+/// A loaded Llama-family model, ready to run.
+pub struct LlamaModel {
+    /// The model's shape.
+    pub config: ModelConfig,
+    embed: Matrix,
+    lm_head: Option<Matrix>,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+}
+
+fn take(tensors: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
+    tensors
+        .remove(name)
+        .ok_or_else(|| ModelError::Tensor(name.to_string(), "missing".into()))
+}
+
+fn vector(t: Tensor, len: usize) -> Result<Vec<f32>, ModelError> {
+    if t.numel() != len {
+        let got = t.numel();
+        return Err(ModelError::Tensor(
+            t.name,
+            format!("{got} values, expected {len}"),
+        ));
+    }
+    Ok(t.to_f32())
+}
+
+fn matrix(t: Tensor, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
+    if t.rows() != rows || t.cols() != cols {
+        let shape = format!("{:?}", t.shape);
+        return Err(ModelError::Tensor(
+            t.name,
+            format!("shape {shape}, expected [{rows}, {cols}]"),
+        ));
+    }
+    let format = match t.dtype {
+        DType::Q4_0 => Some(WeightFormat::Q4_0),
+        DType::Q4_1 => Some(WeightFormat::Q4_1),
+        DType::Q8_0 => Some(WeightFormat::Q8_0),
+        DType::F32 | DType::F16 | DType::BF16 => None,
+    };
+    let name = t.name.clone();
+    let m = match format {
+        Some(f) => Matrix::from_blocks(f, rows, cols, t.data),
+        None => Matrix::from_f32(rows, cols, t.to_f32()),
+    };
+    m.map_err(|e| ModelError::Tensor(name, e.to_string()))
+}
+
+/// Bring matrices to one format so they can be stacked: when they differ, all become f32.
+fn stack(parts: Vec<Matrix>, name: &str) -> Result<Matrix, ModelError> {
+    let same = parts.iter().all(|m| m.format() == parts[0].format());
+    let parts: Vec<Matrix> = if same {
+        parts
+    } else {
+        parts
+            .into_iter()
+            .map(|m| {
+                let mut data = vec![0f32; m.rows() * m.cols()];
+                for r in 0..m.rows() {
+                    m.row_to_f32(r, &mut data[r * m.cols()..(r + 1) * m.cols()]);
+                }
+                Matrix::from_f32(m.rows(), m.cols(), data).expect("sizes match by construction")
+            })
+            .collect()
+    };
+    let refs: Vec<&Matrix> = parts.iter().collect();
+    Matrix::concat_rows(&refs).map_err(|e| ModelError::Tensor(name.to_string(), e.to_string()))
+}
+
+impl LlamaModel {
+    /// Build the model from loaded tensors (consumed).
+    pub fn new(loaded: LoadedModel) -> Result<LlamaModel, ModelError> {
+        let cfg = loaded.config;
+        let mut t = loaded.tensors;
+        let h = cfg.hidden_size;
+        let qd = cfg.num_heads * cfg.head_dim;
+        let kvd = cfg.num_kv_heads * cfg.head_dim;
+        let embed = matrix(
+            take(&mut t, "model.embed_tokens.weight")?,
+            cfg.vocab_size,
+            h,
+        )?;
+        let lm_head = match t.remove("lm_head.weight") {
+            Some(w) if !cfg.tie_word_embeddings => Some(matrix(w, cfg.vocab_size, h)?),
+            _ => None,
+        };
+        let norm = vector(take(&mut t, "model.norm.weight")?, h)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}.");
+            let mut get = |n: &str| take(&mut t, &format!("{p}{n}"));
+            let q = matrix(get("self_attn.q_proj.weight")?, qd, h)?;
+            let kk = matrix(get("self_attn.k_proj.weight")?, kvd, h)?;
+            let v = matrix(get("self_attn.v_proj.weight")?, kvd, h)?;
+            let qkv_bias = if cfg.architecture.has_qkv_bias() {
+                let mut b = vector(get("self_attn.q_proj.bias")?, qd)?;
+                b.extend(vector(get("self_attn.k_proj.bias")?, kvd)?);
+                b.extend(vector(get("self_attn.v_proj.bias")?, kvd)?);
+                Some(b)
+            } else {
+                None
+            };
+            let o = matrix(get("self_attn.o_proj.weight")?, h, qd)?;
+            let gate = matrix(get("mlp.gate_proj.weight")?, cfg.intermediate_size, h)?;
+            let up = matrix(get("mlp.up_proj.weight")?, cfg.intermediate_size, h)?;
+            let down = matrix(get("mlp.down_proj.weight")?, h, cfg.intermediate_size)?;
+            layers.push(Layer {
+                attn_norm: vector(get("input_layernorm.weight")?, h)?,
+                ffn_norm: vector(get("post_attention_layernorm.weight")?, h)?,
+                qkv: stack(vec![q, kk, v], &format!("{p}qkv"))?,
+                qkv_bias,
+                o,
+                gate_up: stack(vec![gate, up], &format!("{p}gate_up"))?,
+                down,
+            });
+        }
+        let inv_freq = cfg.rope_inv_freq();
+        Ok(LlamaModel {
+            config: cfg,
+            embed,
+            lm_head,
+            norm,
+            layers,
+            inv_freq,
+        })
+    }
+
+    /// Bytes of weights read by one forward pass.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.qkv.size_bytes() + l.o.size_bytes() + l.gate_up.size_bytes() + l.down.size_bytes()
+            })
+            .sum();
+        layers + self.lm_head.as_ref().unwrap_or(&self.embed).size_bytes()
+    }
+
+    /// A KV cache shaped for this model.
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+        KvCache::new(
+            self.config.num_layers,
+            num_blocks,
+            block_size,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+        )
+    }
+
+    /// Run one forward pass; returns logits (`logits_rows.len() x vocab_size`).
+    pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Vec<f32> {
+        let cfg = &self.config;
+        let n = batch.num_tokens();
+        let h = cfg.hidden_size;
+        let hd = cfg.head_dim;
+        let qd = cfg.num_heads * hd;
+        let kvd = cfg.num_kv_heads * hd;
+        let inter = cfg.intermediate_size;
+        let half = hd / 2;
+
+        let mut x = vec![0f32; n * h];
+        for (t, &id) in batch.input_ids.iter().enumerate() {
+            self.embed
+                .row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        let mut cos = vec![0f32; n * half];
+        let mut sin = vec![0f32; n * half];
+        for (t, &pos) in batch.positions.iter().enumerate() {
+            for (i, f) in self.inv_freq.iter().enumerate() {
+                let angle = pos as f32 * f;
+                cos[t * half + i] = angle.cos();
+                sin[t * half + i] = angle.sin();
+            }
+        }
+        let seqs: Vec<AttentionSeq<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| AttentionSeq {
+                block_table: &s.block_table,
+                query_start: s.query_start,
+                num_queries: s.num_queries,
+                context_len: s.context_len,
+            })
+            .collect();
+        let shape = AttentionShape {
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: hd,
+            block_size: cache.block_size,
+        };
+
+        let mut normed = vec![0f32; n * h];
+        let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
+        let mut q = vec![0f32; n * qd];
+        let mut kk = vec![0f32; n * kvd];
+        let mut v = vec![0f32; n * kvd];
+        let mut attn = vec![0f32; n * qd];
+        let mut proj = vec![0f32; n * h];
+        let mut gate_up = vec![0f32; n * 2 * inter];
+        let mut act = vec![0f32; n * inter];
+        for (l, layer) in self.layers.iter().enumerate() {
+            k::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut normed);
+            k::matmul(&normed, n, &layer.qkv, &mut qkv);
+            if let Some(b) = &layer.qkv_bias {
+                k::add_bias(&mut qkv, b);
+            }
+            for t in 0..n {
+                let row = &qkv[t * (qd + 2 * kvd)..(t + 1) * (qd + 2 * kvd)];
+                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
+                kk[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+                v[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+            }
+            k::rope_half_split(&mut q, hd, cfg.num_heads, &cos, &sin);
+            k::rope_half_split(&mut kk, hd, cfg.num_kv_heads, &cos, &sin);
+            cache.write(l, &batch.slot_mapping, &kk, &v);
+            let (kc, vc) = cache.layer(l);
+            k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn);
+            k::matmul(&attn, n, &layer.o, &mut proj);
+            k::add_in_place(&mut x, &proj);
+
+            k::rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut normed);
+            k::matmul(&normed, n, &layer.gate_up, &mut gate_up);
+            for t in 0..n {
+                let row = &mut gate_up[t * 2 * inter..(t + 1) * 2 * inter];
+                let (g, u) = row.split_at_mut(inter);
+                k::silu_mul(g, u);
+                act[t * inter..(t + 1) * inter].copy_from_slice(g);
+            }
+            k::matmul(&act, n, &layer.down, &mut proj);
+            k::add_in_place(&mut x, &proj);
+        }
+
+        let m = batch.logits_rows.len();
+        let mut last = vec![0f32; m * h];
+        for (i, &r) in batch.logits_rows.iter().enumerate() {
+            last[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut last_normed = vec![0f32; m * h];
+        k::rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut last_normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; m * cfg.vocab_size];
+        k::matmul(&last_normed, m, head, &mut logits);
+        logits
+    }
+}

@@ -1,0 +1,179 @@
+//! Command-line options shared by the `convoy` subcommands, and the rules that turn them into a
+//! loaded model and a sized KV cache.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use convoy_weights::{load_model, DType, LoadFormat};
+
+use crate::model::llama::LlamaModel;
+use crate::tokenizer::TextCodec;
+
+/// Where the default model lives, relative to the working directory.
+pub const DEFAULT_MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Options for loading and running a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// A .gguf file or a Hugging Face directory (config.json, *.safetensors, tokenizer.json).
+    /// Defaults to the SmolLM2 GGUF under models/ (fetch it with scripts/fetch_models.sh).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// `auto` reads the weights; `dummy` makes random ones for the config at --model.
+    #[arg(long, default_value = "auto")]
+    pub load_format: String,
+    /// Element type of dummy weights: f32, f16, bf16, q8_0, q4_0 or q4_1.
+    #[arg(long, default_value = "q4_1")]
+    pub dummy_dtype: String,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Memory for the KV cache, e.g. 512MiB or 2GiB.
+    #[arg(long, default_value = "512MiB")]
+    pub kv_cache_memory: String,
+    /// Tokens per KV block (default: sized for the model, see docs/kv_cache.md).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+}
+
+/// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096`.
+pub fn parse_bytes(s: &str) -> Result<usize> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!("bad size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"),
+    };
+    Ok((n * mult) as usize)
+}
+
+/// Default tokens per block: the power of two that makes one layer's K+V block about 16 KiB,
+/// clamped to 16..=256 (see docs/kv_cache.md).
+pub fn default_block_size(kv_bytes_per_token_per_layer: usize) -> usize {
+    let target = 16 * 1024 / kv_bytes_per_token_per_layer.max(1);
+    target.next_power_of_two().clamp(16, 256)
+}
+
+/// A model ready to run, with its text codec and cache geometry.
+pub struct Loaded {
+    /// The model.
+    pub model: LlamaModel,
+    /// Tokenizer and template.
+    pub codec: TextCodec,
+    /// KV blocks that fit the memory budget.
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+impl ModelArgs {
+    /// The model path: --model, else the default SmolLM2 file.
+    pub fn model_path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => {
+                let p = Path::new(DEFAULT_MODEL);
+                if p.exists() {
+                    Ok(p.to_path_buf())
+                } else {
+                    bail!("no --model given and {DEFAULT_MODEL} does not exist: run scripts/fetch_models.sh")
+                }
+            }
+        }
+    }
+
+    /// Set up threads, check the device, load the model and size the KV cache.
+    pub fn load(&self) -> Result<Loaded> {
+        match self.device.as_str() {
+            "cpu" | "auto" => {}
+            "cuda" => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
+            other => bail!("--device must be cpu, cuda or auto, got {other:?}"),
+        }
+        if let Some(t) = self.threads {
+            // Fails only when the global pool was already built; then the first size stands.
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(t.max(1))
+                .build_global();
+        }
+        let format = match self.load_format.as_str() {
+            "auto" => LoadFormat::Auto,
+            "dummy" => LoadFormat::Dummy(match self.dummy_dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                "q8_0" => DType::Q8_0,
+                "q4_0" => DType::Q4_0,
+                "q4_1" => DType::Q4_1,
+                other => {
+                    bail!("--dummy-dtype {other:?} is not one of f32, f16, bf16, q8_0, q4_0, q4_1")
+                }
+            }),
+            other => bail!("--load-format must be auto or dummy, got {other:?}"),
+        };
+        let path = self.model_path()?;
+        let mut loaded = load_model(&path, format)?;
+        let codec = TextCodec::take_from(&mut loaded);
+        let model = LlamaModel::new(loaded)?;
+        let cfg = &model.config;
+        let block_size = match self.block_size {
+            Some(0) => bail!("--block-size must be at least 1"),
+            Some(b) => b,
+            None => default_block_size(cfg.kv_bytes_per_token_per_layer(4)),
+        };
+        let budget = parse_bytes(&self.kv_cache_memory)?;
+        let per_block = crate::kv_cache::KvCache::block_bytes(
+            cfg.num_layers,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
+        let num_blocks = budget / per_block;
+        if num_blocks == 0 {
+            bail!(
+                "--kv-cache-memory {} holds no block of {per_block} bytes",
+                self.kv_cache_memory
+            );
+        }
+        Ok(Loaded {
+            model,
+            codec,
+            num_blocks,
+            block_size,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_bytes("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("100MB").unwrap(), 100_000_000);
+        assert!(parse_bytes("12 parsecs").is_err());
+    }
+
+    #[test]
+    fn block_size_rule() {
+        // SmolLM2: 3 KV heads x 64 x 2 x 4 bytes = 1536 B per token per layer -> 16 tokens.
+        assert_eq!(default_block_size(1536), 16);
+        // MQA, head 128, f32: 1024 B -> 16; bf16: 512 B -> 32.
+        assert_eq!(default_block_size(512), 32);
+        assert_eq!(default_block_size(8), 256);
+    }
+}

@@ -1,0 +1,214 @@
+//! Sampling: greedy, temperature, top-k, top-p, seeded; and the stop rules that end a sequence.
+//!
+//! The same seed and the same logits give the same token on every run and machine: the random
+//! stream is a fixed SplitMix64 generator, never the operating system's.
+
+use serde::{Deserialize, Serialize};
+
+/// Per-request sampling and stopping parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
+    pub top_p: f32,
+    /// Seed of the random stream; `None` picks one from the clock.
+    pub seed: Option<u64>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Extra token ids that end generation (the model's EOS ids always do, unless `ignore_eos`).
+    pub stop_token_ids: Vec<u32>,
+    /// Strings that end generation; the stop string itself is not part of the output.
+    pub stop: Vec<String>,
+    /// Keep generating past EOS.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            max_tokens: 128,
+            stop_token_ids: Vec::new(),
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Check ranges; the message says which parameter is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if self.max_tokens == 0 {
+            return Err("max_tokens must be at least 1".into());
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err("stop strings must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// EOS, a stop token id or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the context is full.
+    Length,
+}
+
+/// A seeded random stream (SplitMix64).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A stream from a seed.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Index of the largest value; the first one on ties.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Draw one token from `logits` under `params`, using `rng` unless greedy.
+pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
+    if params.temperature <= 0.0 || params.top_k == 1 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    let k = if params.top_k == 0 {
+        idx.len()
+    } else {
+        params.top_k.min(idx.len())
+    };
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by_logit);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by_logit);
+    let inv_t = 1.0 / params.temperature as f64;
+    let max = logits[idx[0] as usize] as f64;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= params.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut u = rng.uniform();
+    for (i, p) in probs.iter().enumerate() {
+        if u < *p {
+            return idx[i];
+        }
+        u -= p;
+    }
+    idx[probs.len() - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_seed_repeats() {
+        let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        assert_eq!(sample(&logits, &p, &mut Rng::new(1)), argmax(&logits));
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 20,
+            top_p: 0.9,
+            ..Default::default()
+        };
+        let a: Vec<u32> = {
+            let mut r = Rng::new(42);
+            (0..50).map(|_| sample(&logits, &p, &mut r)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut r = Rng::new(42);
+            (0..50).map(|_| sample(&logits, &p, &mut r)).collect()
+        };
+        assert_eq!(a, b);
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "sampling at temperature 0.8 should vary"
+        );
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // One token has almost all the mass: top_p = 0.5 must always return it.
+        let mut logits = vec![0f32; 10];
+        logits[7] = 10.0;
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let mut r = Rng::new(3);
+        assert!((0..100).all(|_| sample(&logits, &p, &mut r) == 7));
+    }
+}

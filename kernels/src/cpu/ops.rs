@@ -1,0 +1,121 @@
+//! Element-wise and per-row kernels of the decoder: RMSNorm, rotary embedding, SiLU gate,
+//! residual and bias adds. Each row is processed independently (batch invariant); rows are
+//! spread over threads when there are enough of them to pay for it.
+
+use rayon::prelude::*;
+
+const PAR_ROWS: usize = 16;
+
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: AVX-512 support was just checked.
+        return unsafe { super::simd::x86::dot(a, b) };
+    }
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx512() {
+        // SAFETY: AVX-512 support was just checked.
+        return unsafe { super::simd::x86::axpy(a, x, y) };
+    }
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+fn rows_mut<F: Fn(usize, &mut [f32]) + Sync + Send>(data: &mut [f32], width: usize, f: F) {
+    let n = data.len() / width;
+    if n >= PAR_ROWS {
+        data.par_chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    } else {
+        data.chunks_mut(width)
+            .enumerate()
+            .for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// `out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight` for each row of width `weight.len()`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    rows_mut(&mut out[..x.len()], d, |i, o| {
+        let xr = &x[i * d..(i + 1) * d];
+        let inv = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(xr).zip(weight) {
+            *o = w * (v * inv);
+        }
+    });
+}
+
+/// Rotate each head of each row in place, Hugging Face "rotate_half" layout: element `i` pairs
+/// with `i + head_dim/2`. `cos` and `sin` hold `head_dim/2` values per row.
+pub fn rope_half_split(x: &mut [f32], head_dim: usize, heads: usize, cos: &[f32], sin: &[f32]) {
+    let half = head_dim / 2;
+    rows_mut(x, heads * head_dim, |t, row| {
+        let c = &cos[t * half..(t + 1) * half];
+        let s = &sin[t * half..(t + 1) * half];
+        for head in row.chunks_mut(head_dim) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * c[i] - x2 * s[i];
+                b[i] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    });
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let f = |g: &mut f32, u: &f32| {
+        let v = *g;
+        *g = v / (1.0 + (-v).exp()) * u;
+    };
+    if gate.len() >= 1 << 14 {
+        gate.par_chunks_mut(4096)
+            .zip(up.par_chunks(4096))
+            .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| f(g, u)));
+    } else {
+        gate.iter_mut().zip(up).for_each(|(g, u)| f(g, u));
+    }
+}
+
+/// `acc[i] += x[i]`.
+pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
+}
+
+/// Add `bias` to every row of `x` (row width `bias.len()`).
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_mut(bias.len()) {
+        add_in_place(row, bias);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_definition() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, -1.0, 0.5, 0.25, 2.0];
+        let w = [1.0f32, 0.5, 2.0, 1.0];
+        let mut out = [0f32; 8];
+        rms_norm(&x, &w, 1e-5, &mut out);
+        let ms = (1.0 + 4.0 + 9.0 + 16.0) / 4.0;
+        assert!((out[2] - 3.0 / (ms + 1e-5f32).sqrt() * 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() {
+        let mut x = vec![1.0f32, 2.0, 3.0, 4.0];
+        let (c, s) = ([0.0f32, 1.0], [1.0f32, 0.0]);
+        rope_half_split(&mut x, 4, 1, &c, &s);
+        // pair (x0, x2) rotated by 90 degrees, pair (x1, x3) unchanged.
+        assert_eq!(x, vec![-3.0, 2.0, 1.0, 4.0]);
+    }
+}
