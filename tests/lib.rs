@@ -1,1 +1,72 @@
+//! Helpers shared by convoy's end-to-end tests: where the models and reference fixtures live,
+//! and loading them. Tests fail (never skip) when a model is missing: run
+//! `scripts/fetch_models.sh` first (the test script does).
 
+use std::path::PathBuf;
+
+use convoy_engine::{LlamaModel, TextCodec};
+use convoy_weights::{load_model, LoadFormat};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The shared folder beside the repository (override with `CONVOY_SHARED`).
+pub fn shared_dir() -> PathBuf {
+    std::env::var_os("CONVOY_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared"))
+}
+
+/// The SmolLM2 GGUF file.
+pub fn smollm2_path() -> PathBuf {
+    repo_root().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The converted glassllm directory.
+pub fn glassllm_path() -> PathBuf {
+    repo_root().join("models/glassllm")
+}
+
+/// Load a model and its codec, failing the test with a hint when it is missing.
+pub fn load(path: &std::path::Path) -> (LlamaModel, TextCodec) {
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/fetch_models.sh",
+        path.display()
+    );
+    let mut loaded = load_model(path, LoadFormat::Auto).expect("model loads");
+    let codec = TextCodec::take_from(&mut loaded);
+    (LlamaModel::new(loaded).expect("model builds"), codec)
+}
+
+/// The transformers reference outputs for SmolLM2.
+pub fn smollm2_reference() -> serde_json::Value {
+    let p = shared_dir().join("reference/smollm2-transformers.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).expect("reference is JSON")
+}
+
+/// A JSON array of integers as token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// Number of leading reference steps that are safe to compare exactly: everything before the
+/// first step whose top-1/top-2 margin is below 1e-3 (a near-tie may flip under another
+/// summation order).
+pub fn comparable_steps(margins: Option<&serde_json::Value>, len: usize) -> usize {
+    match margins.and_then(|m| m.as_array()) {
+        Some(m) => m
+            .iter()
+            .position(|x| x.as_f64().unwrap_or(0.0) < 1e-3)
+            .unwrap_or(len)
+            .min(len),
+        None => len,
+    }
+}

@@ -1,0 +1,185 @@
+//! convoy against Hugging Face transformers (float32) on the SmolLM2 Q4_1 GGUF: tokenizer,
+//! chat template, greedy continuations of completions, chats and multi-turn conversations, and
+//! the top-5 logits of the first steps.
+
+use convoy_engine::{ForwardBatch, GenerationRequest, Generator, SamplingParams};
+use convoy_tests::{comparable_steps, ids, load, smollm2_path, smollm2_reference};
+use convoy_weights::ChatMessage;
+
+struct Case {
+    name: String,
+    prompt_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+    margins: Option<serde_json::Value>,
+    top5: Option<serde_json::Value>,
+}
+
+fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
+    serde_json::from_value(v.clone()).expect("messages")
+}
+
+/// Every case of the reference, with convoy's own tokenisation checked on the way.
+fn cases(codec: &convoy_engine::TextCodec, reference: &serde_json::Value) -> Vec<Case> {
+    let mut out = Vec::new();
+    for (i, c) in reference["completions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let prompt_ids = ids(&c["prompt_ids"]);
+        assert_eq!(
+            codec.encode(c["prompt"].as_str().unwrap()).unwrap(),
+            prompt_ids,
+            "completion {i} prompt ids"
+        );
+        out.push(Case {
+            name: format!("completion {i}"),
+            prompt_ids,
+            output_ids: ids(&c["output_ids"]),
+            margins: c.get("top1_top2_margins").cloned(),
+            top5: c.get("top5_first_steps").cloned(),
+        });
+    }
+    for (i, c) in reference["chats"].as_array().unwrap().iter().enumerate() {
+        let msgs = messages(&c["messages"]);
+        assert_eq!(
+            codec.render_chat(&msgs).unwrap(),
+            c["rendered_prompt"].as_str().unwrap(),
+            "chat {i} rendering"
+        );
+        let prompt_ids = ids(&c["prompt_ids"]);
+        assert_eq!(
+            codec.encode_chat(&msgs).unwrap(),
+            prompt_ids,
+            "chat {i} prompt ids"
+        );
+        out.push(Case {
+            name: format!("chat {i}"),
+            prompt_ids,
+            output_ids: ids(&c["output_ids"]),
+            margins: c.get("top1_top2_margins").cloned(),
+            top5: c.get("top5_first_steps").cloned(),
+        });
+    }
+    for (i, conv) in reference["multi_turn"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let mut msgs = vec![ChatMessage::new("system", conv["system"].as_str().unwrap())];
+        for (t, turn) in conv["turns"].as_array().unwrap().iter().enumerate() {
+            msgs.push(ChatMessage::new("user", turn["user"].as_str().unwrap()));
+            let prompt_ids = ids(&turn["prompt_ids"]);
+            assert_eq!(
+                codec.encode_chat(&msgs).unwrap(),
+                prompt_ids,
+                "multi-turn {i} turn {t} prompt ids"
+            );
+            out.push(Case {
+                name: format!("multi-turn {i} turn {t}"),
+                prompt_ids,
+                output_ids: ids(&turn["output_ids"]),
+                margins: turn.get("top1_top2_margins").cloned(),
+                top5: turn.get("top5_first_steps").cloned(),
+            });
+            msgs.push(ChatMessage::new(
+                "assistant",
+                turn["reply"].as_str().unwrap(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn tokenizer_cases_match_exactly() {
+    let (_, codec) = load(&smollm2_path());
+    let reference = smollm2_reference();
+    let cases = reference["tokenizer"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(
+            codec.encode(text).unwrap(),
+            ids(&c["ids"]),
+            "tokenizing {text:?}"
+        );
+    }
+}
+
+#[test]
+fn greedy_outputs_match_transformers_token_for_token() {
+    let (model, codec) = load(&smollm2_path());
+    let reference = smollm2_reference();
+    let cases = cases(&codec, &reference);
+    assert!(
+        cases.len() >= 8,
+        "expected completions, chats and turns, got {}",
+        cases.len()
+    );
+    let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    let requests: Vec<GenerationRequest> = cases
+        .iter()
+        .map(|c| GenerationRequest {
+            prompt_ids: c.prompt_ids.clone(),
+            params: SamplingParams {
+                max_tokens: max_new,
+                ..Default::default()
+            },
+            arrival_step: 0,
+        })
+        .collect();
+    let mut generator = Generator::new(&model, codec, 2048, 16);
+    let results = generator.run(&requests, |_, _| {}).unwrap();
+    for (case, result) in cases.iter().zip(&results) {
+        let n = comparable_steps(case.margins.as_ref(), case.output_ids.len());
+        assert!(n > 0, "{}: nothing comparable", case.name);
+        assert_eq!(
+            &result.output_ids[..n.min(result.output_ids.len())],
+            &case.output_ids[..n],
+            "{}",
+            case.name
+        );
+        assert!(result.output_ids.len() >= n, "{}: stopped early", case.name);
+    }
+    assert_eq!(generator.free_blocks(), 2048, "every block is returned");
+}
+
+#[test]
+fn top5_logits_of_first_steps_agree_within_1e3_relative() {
+    let (model, codec) = load(&smollm2_path());
+    let reference = smollm2_reference();
+    let cases = cases(&codec, &reference);
+    let bs = 16;
+    let mut checked = 0;
+    for case in cases.iter().filter(|c| c.top5.is_some()) {
+        let steps = case.top5.as_ref().unwrap().as_array().unwrap();
+        let mut cache = model.new_kv_cache(64, bs);
+        let table: Vec<u32> = (0..64).collect();
+        let mut computed = 0;
+        let mut tokens = case.prompt_ids.clone();
+        for (s, step) in steps.iter().enumerate() {
+            let mut batch = ForwardBatch::default();
+            batch.push_seq(&tokens[computed..], computed, &table, bs, true);
+            let logits = model.forward(&batch, &mut cache);
+            computed = tokens.len();
+            for (id, want) in ids(&step["ids"])
+                .iter()
+                .zip(step["logits"].as_array().unwrap())
+            {
+                let want = want.as_f64().unwrap() as f32;
+                let got = logits[*id as usize];
+                assert!(
+                    (got - want).abs() <= 1e-3 * want.abs().max(1.0),
+                    "{} step {s} id {id}: {got} vs {want}",
+                    case.name
+                );
+                checked += 1;
+            }
+            tokens.push(case.output_ids[s]);
+        }
+    }
+    assert!(checked >= 5 * 8 * 7, "checked only {checked} logits");
+}
