@@ -17,6 +17,6 @@ rm -rf "$dest"
 mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$dest"
 rm -rf "$tmp"
 cmake -S "$dest" -B "$dest/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
-cmake --build "$dest/build" --target llama-bench -j "$(nproc)" >/dev/null
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >"$dest.build.log" 2>&1
+cmake --build "$dest/build" --target llama-bench -j "$(nproc)" >>"$dest.build.log" 2>&1
 echo "$dest/build/bin/llama-bench"

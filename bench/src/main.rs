@@ -1,1 +1,213 @@
-fn main() {}
+//! `convoy-bench`: throughput benchmarks.
+//!
+//! `convoy-bench cpu` measures prefill and decode tokens/s of the engine's forward pass at
+//! several batch sizes (each sequence with its own prompt and its own KV blocks), and, given
+//! `--llama-bench`, runs llama.cpp's `llama-bench` on the same model and threads and prints both
+//! side by side with their ratio.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use convoy_engine::options::ModelArgs;
+use convoy_engine::sampler::argmax;
+use convoy_engine::{ForwardBatch, LlamaModel};
+
+#[derive(Parser)]
+#[command(name = "convoy-bench", about = "convoy benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Prefill and decode throughput of the CPU forward pass.
+    Cpu {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Batch sizes (concurrent sequences).
+        #[arg(long, value_delimiter = ',', default_value = "1,16")]
+        batch: Vec<usize>,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 256)]
+        prompt_len: usize,
+        /// Decoded tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        gen_len: usize,
+        /// Repetitions; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Path of llama.cpp's llama-bench (bench/build_llama_cpp.sh builds it) to run as the peer.
+        #[arg(long)]
+        llama_bench: Option<PathBuf>,
+    },
+}
+
+struct Figures {
+    prefill_tps: f64,
+    decode_tps: f64,
+}
+
+fn measure(
+    model: &LlamaModel,
+    batch: usize,
+    prompt_len: usize,
+    gen_len: usize,
+    block_size: usize,
+) -> Figures {
+    let vocab = model.config.vocab_size as u32;
+    let per_seq = (prompt_len + gen_len).div_ceil(block_size);
+    let mut cache = model.new_kv_cache(per_seq * batch, block_size);
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..batch)
+        .map(|s| {
+            (0..prompt_len)
+                .map(|i| ((i * 7919 + s * 104729 + 13) as u32) % vocab)
+                .collect()
+        })
+        .collect();
+    let mut fb = ForwardBatch::default();
+    for s in 0..batch {
+        fb.push_seq(&prompts[s], 0, &tables[s], block_size, true);
+    }
+    let t = Instant::now();
+    let logits = model.forward(&fb, &mut cache);
+    let prefill = t.elapsed().as_secs_f64();
+    let v = vocab as usize;
+    let mut next: Vec<u32> = (0..batch)
+        .map(|s| argmax(&logits[s * v..(s + 1) * v]))
+        .collect();
+    let t = Instant::now();
+    for step in 0..gen_len {
+        let mut fb = ForwardBatch::default();
+        for s in 0..batch {
+            fb.push_seq(&[next[s]], prompt_len + step, &tables[s], block_size, true);
+        }
+        let logits = model.forward(&fb, &mut cache);
+        next = (0..batch)
+            .map(|s| argmax(&logits[s * v..(s + 1) * v]))
+            .collect();
+    }
+    let decode = t.elapsed().as_secs_f64();
+    Figures {
+        prefill_tps: (batch * prompt_len) as f64 / prefill,
+        decode_tps: (batch * gen_len) as f64 / decode,
+    }
+}
+
+fn llama_bench(
+    bin: &PathBuf,
+    model: &PathBuf,
+    threads: usize,
+    p: usize,
+    n: usize,
+) -> Result<(f64, f64)> {
+    let out = Command::new(bin)
+        .args([
+            "-m",
+            &model.to_string_lossy(),
+            "-t",
+            &threads.to_string(),
+            "-p",
+            &p.to_string(),
+            "-n",
+            &n.to_string(),
+            "-o",
+            "json",
+            "-r",
+            "3",
+        ])
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "llama-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("llama-bench JSON")?;
+    let mut pp = 0.0;
+    let mut tg = 0.0;
+    for r in v.as_array().into_iter().flatten() {
+        let ts = r["avg_ts"].as_f64().unwrap_or(0.0);
+        if r["n_prompt"].as_u64().unwrap_or(0) > 0 {
+            pp = ts;
+        } else {
+            tg = ts;
+        }
+    }
+    Ok((pp, tg))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Cpu {
+            model,
+            batch,
+            prompt_len,
+            gen_len,
+            reps,
+            llama_bench: peer,
+        } => {
+            let loaded = model.load()?;
+            let threads = rayon::current_num_threads();
+            let cpu = std::fs::read_to_string("/proc/cpuinfo")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("model name"))
+                        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+                })
+                .unwrap_or_else(|| "unknown CPU".into());
+            println!(
+                "model: {}  threads: {threads}  cpu: {cpu}  block size: {}",
+                model.model_path()?.display(),
+                loaded.block_size
+            );
+            println!(
+                "prompt {prompt_len} tokens, decode {gen_len} tokens per sequence, best of {reps}"
+            );
+            println!(
+                "{:>6} {:>14} {:>14}",
+                "batch", "prefill tok/s", "decode tok/s"
+            );
+            let mut single = None;
+            for &b in &batch {
+                let mut best = Figures {
+                    prefill_tps: 0.0,
+                    decode_tps: 0.0,
+                };
+                for _ in 0..reps {
+                    let f = measure(&loaded.model, b, prompt_len, gen_len, loaded.block_size);
+                    best.prefill_tps = best.prefill_tps.max(f.prefill_tps);
+                    best.decode_tps = best.decode_tps.max(f.decode_tps);
+                }
+                println!(
+                    "{b:>6} {:>14.1} {:>14.1}",
+                    best.prefill_tps, best.decode_tps
+                );
+                if b == 1 {
+                    single = Some(best);
+                }
+            }
+            if let Some(bin) = peer {
+                let (pp, tg) =
+                    llama_bench(&bin, &model.model_path()?, threads, prompt_len, gen_len)?;
+                println!("llama.cpp llama-bench -t {threads}: pp{prompt_len} {pp:.1} tok/s, tg{gen_len} {tg:.1} tok/s");
+                if let Some(s) = single {
+                    println!(
+                        "convoy / llama.cpp at batch 1: prefill {:.2}x, decode {:.2}x",
+                        s.prefill_tps / pp.max(1e-9),
+                        s.decode_tps / tg.max(1e-9)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

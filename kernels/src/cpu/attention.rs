@@ -64,49 +64,180 @@ pub fn paged_attention(
         }
     }
     let kv_stride = num_kv_heads * head_dim;
-    out.par_chunks_mut(group * head_dim)
-        .enumerate()
-        .for_each(|(item, o)| {
-            let t = item / num_kv_heads;
-            let kvh = item % num_kv_heads;
-            let (s, i) = owner[t];
-            if s == usize::MAX {
-                o.fill(0.0);
-                return;
+    let avx = super::has_avx512() && head_dim % 16 == 0;
+    // Work items: (row, KV head, context partition). Partitions depend on the context length
+    // only, never on the batch, so results stay batch invariant.
+    let mut items = Vec::new();
+    for (t, &(s, i)) in owner.iter().enumerate() {
+        if s == usize::MAX {
+            continue;
+        }
+        let seq = &seqs[s];
+        let ctx = seq.context_len - seq.num_queries + i + 1;
+        for kvh in 0..num_kv_heads {
+            for p0 in (0..ctx).step_by(PARTITION) {
+                items.push(WorkItem {
+                    row: t,
+                    seq: s,
+                    kvh,
+                    p0,
+                    p1: (p0 + PARTITION).min(ctx),
+                });
             }
-            let seq = &seqs[s];
-            let ctx = seq.context_len - seq.num_queries + i + 1;
-            let qrow = &q[t * row + kvh * group * head_dim..t * row + (kvh + 1) * group * head_dim];
-            let mut scores = vec![0f32; group * ctx];
-            for j in 0..ctx {
-                let slot = seq.block_table[j / block_size] as usize * block_size + j % block_size;
-                let kp = &k_cache[slot * kv_stride + kvh * head_dim..][..head_dim];
-                for g in 0..group {
-                    scores[g * ctx + j] = dot(&qrow[g * head_dim..(g + 1) * head_dim], kp) * scale;
-                }
+        }
+    }
+    let part_width = group * (head_dim + 2);
+    let mut partials = vec![0f32; items.len() * part_width];
+    let run = |w: &WorkItem, part: &mut [f32]| {
+        let item = Item {
+            q: &q[w.row * row + w.kvh * group * head_dim
+                ..w.row * row + (w.kvh + 1) * group * head_dim],
+            k_cache,
+            v_cache,
+            block_table: seqs[w.seq].block_table,
+            block_size,
+            kv_stride,
+            head_offset: w.kvh * head_dim,
+            head_dim,
+            group,
+            p0: w.p0,
+            p1: w.p1,
+            scale,
+        };
+        let mut scores = vec![0f32; group * (w.p1 - w.p0)];
+        #[cfg(target_arch = "x86_64")]
+        if avx {
+            // SAFETY: AVX-512 support and head_dim % 16 == 0 were checked above.
+            unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
+            return;
+        }
+        attend_partition_with(&item, &mut scores, part, dot, axpy);
+    };
+    if items.len() > 1 {
+        partials
+            .par_chunks_mut(part_width)
+            .zip(items.par_iter())
+            .for_each(|(part, w)| run(w, part));
+    } else if let Some(w) = items.first() {
+        run(w, &mut partials);
+    }
+    // Combine the partitions of each (row, KV head), in partition order.
+    out.fill(0.0);
+    let mut k = 0;
+    while k < items.len() {
+        let first = &items[k];
+        let mut end = k + 1;
+        while end < items.len() && items[end].row == first.row && items[end].kvh == first.kvh {
+            end += 1;
+        }
+        let o = &mut out[first.row * row + first.kvh * group * head_dim..][..group * head_dim];
+        for g in 0..group {
+            let stats = |p: usize| {
+                let base = p * part_width + g * (head_dim + 2);
+                (partials[base], partials[base + 1], base + 2)
+            };
+            let m = (k..end)
+                .map(|p| stats(p).0)
+                .fold(f32::NEG_INFINITY, f32::max);
+            let l: f32 = (k..end)
+                .map(|p| {
+                    let (mp, lp, _) = stats(p);
+                    (mp - m).exp() * lp
+                })
+                .sum();
+            let og = &mut o[g * head_dim..(g + 1) * head_dim];
+            for p in k..end {
+                let (mp, _, at) = stats(p);
+                let w = (mp - m).exp() / l;
+                axpy(w, &partials[at..at + head_dim], og);
             }
-            for g in 0..group {
-                let sc = &mut scores[g * ctx..(g + 1) * ctx];
-                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for v in sc.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                sc.iter_mut().for_each(|v| *v *= inv);
-            }
-            o.fill(0.0);
-            for j in 0..ctx {
-                let slot = seq.block_table[j / block_size] as usize * block_size + j % block_size;
-                let vp = &v_cache[slot * kv_stride + kvh * head_dim..][..head_dim];
-                for g in 0..group {
-                    axpy(
-                        scores[g * ctx + j],
-                        vp,
-                        &mut o[g * head_dim..(g + 1) * head_dim],
-                    );
-                }
-            }
-        });
+        }
+        k = end;
+    }
+}
+
+/// Context positions per work item.
+const PARTITION: usize = 256;
+
+struct WorkItem {
+    row: usize,
+    seq: usize,
+    kvh: usize,
+    p0: usize,
+    p1: usize,
+}
+
+/// One (query row, KV head, partition `p0..p1`) work item.
+pub(crate) struct Item<'a> {
+    pub q: &'a [f32],
+    pub k_cache: &'a [f32],
+    pub v_cache: &'a [f32],
+    pub block_table: &'a [u32],
+    pub block_size: usize,
+    pub kv_stride: usize,
+    pub head_offset: usize,
+    pub head_dim: usize,
+    pub group: usize,
+    pub p0: usize,
+    pub p1: usize,
+    pub scale: f32,
+}
+
+/// Visit the cache slots of positions `p0..p1` in order, one division per block.
+#[inline(always)]
+pub(crate) fn for_each_slot(it: &Item<'_>, mut f: impl FnMut(usize, usize)) {
+    let mut j = it.p0;
+    while j < it.p1 {
+        let off = j % it.block_size;
+        let n = (it.block_size - off).min(it.p1 - j);
+        let base = it.block_table[j / it.block_size] as usize * it.block_size + off;
+        for s in 0..n {
+            f(j + s - it.p0, base + s);
+        }
+        j += n;
+    }
+}
+
+/// For each query head of the group: max score `m`, `l = sum exp(s - m)` and the unnormalised
+/// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K and V row
+/// is loaded once for the whole group.
+#[inline(always)]
+pub(crate) fn attend_partition_with(
+    it: &Item<'_>,
+    scores: &mut [f32],
+    part: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(f32, &[f32], &mut [f32]),
+) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    for_each_slot(it, |j, slot| {
+        let kp = &it.k_cache[slot * it.kv_stride + it.head_offset..][..hd];
+        for g in 0..it.group {
+            scores[g * n + j] = dot(&it.q[g * hd..(g + 1) * hd], kp) * it.scale;
+        }
+    });
+    for g in 0..it.group {
+        let sc = &mut scores[g * n..(g + 1) * n];
+        let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut l = 0f32;
+        for v in sc.iter_mut() {
+            *v = (*v - m).exp();
+            l += *v;
+        }
+        let head = &mut part[g * (hd + 2)..(g + 1) * (hd + 2)];
+        head[0] = m;
+        head[1] = l;
+        head[2..].fill(0.0);
+    }
+    for_each_slot(it, |j, slot| {
+        let vp = &it.v_cache[slot * it.kv_stride + it.head_offset..][..hd];
+        for g in 0..it.group {
+            axpy(
+                scores[g * n + j],
+                vp,
+                &mut part[g * (hd + 2) + 2..(g + 1) * (hd + 2)],
+            );
+        }
+    });
 }

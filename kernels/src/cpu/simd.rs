@@ -153,6 +153,7 @@ pub(crate) mod x86 {
     }
 
     /// Dot product of two f32 slices of equal length, in the same lane order as the tiles.
+    #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -173,6 +174,7 @@ pub(crate) mod x86 {
     }
 
     /// `y += a * x` over f32 slices.
+    #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len().min(y.len());
@@ -190,5 +192,55 @@ pub(crate) mod x86 {
             let yv = _mm512_maskz_loadu_ps(mask, yp);
             _mm512_mask_storeu_ps(yp, mask, _mm512_fmadd_ps(av, xv, yv));
         }
+    }
+
+    /// Dot product of `hd` floats, `hd % 16 == 0`: no masks.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn dot16(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = _mm512_setzero_ps();
+        for c in 0..a.len() / 16 {
+            acc = _mm512_fmadd_ps(
+                _mm512_loadu_ps(a.as_ptr().add(c * 16)),
+                _mm512_loadu_ps(b.as_ptr().add(c * 16)),
+                acc,
+            );
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+
+    /// `y += a * x`, lengths a multiple of 16: no masks.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn axpy16(a: f32, x: &[f32], y: &mut [f32]) {
+        let av = _mm512_set1_ps(a);
+        for c in 0..x.len() / 16 {
+            let yp = y.as_mut_ptr().add(c * 16);
+            _mm512_storeu_ps(
+                yp,
+                _mm512_fmadd_ps(
+                    av,
+                    _mm512_loadu_ps(x.as_ptr().add(c * 16)),
+                    _mm512_loadu_ps(yp),
+                ),
+            );
+        }
+    }
+
+    /// One attention partition with AVX-512 (`head_dim % 16 == 0`); the contract is
+    /// `attention::attend_partition_with`'s.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(crate) unsafe fn attend_partition(
+        item: &super::super::attention::Item<'_>,
+        scores: &mut [f32],
+        part: &mut [f32],
+    ) {
+        super::super::attention::attend_partition_with(
+            item,
+            scores,
+            part,
+            |a, b| dot16(a, b),
+            |a, x, y| axpy16(a, x, y),
+        )
     }
 }
