@@ -5,7 +5,7 @@
 //! `--llama-bench`, runs llama.cpp's `llama-bench` on the same model and threads and prints both
 //! side by side with their ratio.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
@@ -100,13 +100,7 @@ fn measure(
     }
 }
 
-fn llama_bench(
-    bin: &PathBuf,
-    model: &PathBuf,
-    threads: usize,
-    p: usize,
-    n: usize,
-) -> Result<(f64, f64)> {
+fn llama_bench(bin: &Path, model: &Path, threads: usize, p: usize, n: usize) -> Result<(f64, f64)> {
     let out = Command::new(bin)
         .args([
             "-m",
@@ -155,7 +149,7 @@ fn main() -> Result<()> {
             llama_bench: peer,
         } => {
             let loaded = model.load()?;
-            let threads = rayon::current_num_threads();
+            let threads = convoy_kernels::cpu::pool::num_threads();
             let cpu = std::fs::read_to_string("/proc/cpuinfo")
                 .ok()
                 .and_then(|s| {

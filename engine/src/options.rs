@@ -103,10 +103,8 @@ impl ModelArgs {
             other => bail!("--device must be cpu, cuda or auto, got {other:?}"),
         }
         if let Some(t) = self.threads {
-            // Fails only when the global pool was already built; then the first size stands.
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(t.max(1))
-                .build_global();
+            // Takes effect only before the first parallel loop; later calls keep the first size.
+            convoy_kernels::cpu::pool::set_num_threads(t.max(1));
         }
         let format = match self.load_format.as_str() {
             "auto" => LoadFormat::Auto,

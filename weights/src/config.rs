@@ -219,18 +219,18 @@ impl ModelConfig {
                 )));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(WeightsError::InvalidConfig(format!(
                 "{} query heads do not split evenly over {} KV heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(WeightsError::InvalidConfig(
                 "head_dim must be even for RoPE".into(),
             ));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(WeightsError::InvalidConfig(
                 "rope_theta must be positive".into(),
             ));

@@ -69,7 +69,7 @@ pub fn tensors(cfg: &ModelConfig, dtype: DType, seed: u64) -> HashMap<String, Te
                   cols: usize,
                   scale: f32,
                   out: &mut HashMap<String, Tensor>| {
-        let dt = if cols % dtype.block_len() == 0 {
+        let dt = if cols.is_multiple_of(dtype.block_len()) {
             dtype
         } else {
             DType::F32

@@ -80,7 +80,7 @@ impl Tensor {
     /// Rows are whole quantised blocks, so this is exact for every dtype.
     pub fn unpermute_rope_rows(&mut self, n_heads: usize) -> Result<()> {
         let rows = self.rows();
-        if n_heads == 0 || rows % n_heads != 0 || (rows / n_heads) % 2 != 0 {
+        if n_heads == 0 || !rows.is_multiple_of(n_heads) || !(rows / n_heads).is_multiple_of(2) {
             return Err(WeightsError::BadTensor {
                 name: self.name.clone(),
                 reason: format!("{rows} rows do not split into {n_heads} heads of even size"),

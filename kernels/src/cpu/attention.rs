@@ -8,9 +8,7 @@
 //! `num_queries` new tokens and `context_len` tokens in all sits at position
 //! `context_len - num_queries + i` and attends causally to positions `0..=` that.
 
-use rayon::prelude::*;
-
-use super::ops::{axpy, dot};
+use super::ops::{axpy, chunks_mut_par, dot};
 
 /// One sequence of a packed batch, as attention sees it.
 #[derive(Clone, Copy, Debug)]
@@ -113,14 +111,7 @@ pub fn paged_attention(
         }
         attend_partition_with(&item, &mut scores, part, dot, axpy);
     };
-    if items.len() > 1 {
-        partials
-            .par_chunks_mut(part_width)
-            .zip(items.par_iter())
-            .for_each(|(part, w)| run(w, part));
-    } else if let Some(w) = items.first() {
-        run(w, &mut partials);
-    }
+    chunks_mut_par(&mut partials, part_width, 2, |k, part| run(&items[k], part));
     // Combine the partitions of each (row, KV head), in partition order.
     out.fill(0.0);
     let mut k = 0;

@@ -1,12 +1,10 @@
 //! `y = x W^T`: activations `x` (`n x cols`, f32) times a weight [`Matrix`] (`rows x cols`, any
 //! [`WeightFormat`]) into `y` (`n x rows`).
 //!
-//! Work is split over rayon threads by chunks of weight rows; inside a chunk the kernel walks
+//! Work is split over the kernel pool's threads by chunks of weight rows; inside a chunk the kernel walks
 //! token groups of up to 4 and row groups of up to 4 (8 for a single token), so a chunk of
 //! weights stays in cache while every token passes over it. Each output is one dot product
 //! computed identically in every tile shape (see `simd`), so results are batch invariant.
-
-use rayon::prelude::*;
 
 use super::matrix::{dequantize_row, Matrix, Storage, WeightFormat};
 use super::SendPtr;
@@ -23,7 +21,7 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     if n == 0 || w.rows == 0 {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
+    let threads = super::pool::num_threads();
     // Enough chunks to balance the threads, each a multiple of 8 rows.
     let target = (w.rows / (threads * 4)).max(8);
     let chunk = target.div_ceil(8) * 8;
@@ -33,16 +31,11 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let body = |c: usize| {
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(w.rows);
-        let yp = yp;
         // SAFETY: chunk `c` writes only y[t * rows + r] for r in r0..r1: disjoint between chunks,
         // and inside the bounds asserted above.
-        unsafe { run_chunk(x, n, w, yp.0, r0, r1, avx) };
+        unsafe { run_chunk(x, n, w, yp.get(), r0, r1, avx) };
     };
-    if n_chunks == 1 {
-        body(0);
-    } else {
-        (0..n_chunks).into_par_iter().for_each(body);
-    }
+    super::pool::parallel_for(n_chunks, &body);
 }
 
 /// # Safety

@@ -90,7 +90,7 @@ impl Matrix {
         if format == WeightFormat::F32 {
             return Err(err("use from_f32".into()));
         }
-        if cols % 32 != 0 {
+        if !cols.is_multiple_of(32) {
             return Err(err("columns are not a multiple of 32".into()));
         }
         if bytes.len() != rows * cols / 32 * format.block_bytes() {

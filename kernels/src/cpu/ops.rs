@@ -2,7 +2,8 @@
 //! residual and bias adds. Each row is processed independently (batch invariant); rows are
 //! spread over threads when there are enough of them to pay for it.
 
-use rayon::prelude::*;
+use super::pool::parallel_for;
+use super::SendPtr;
 
 const PAR_ROWS: usize = 16;
 
@@ -26,17 +27,32 @@ pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-fn rows_mut<F: Fn(usize, &mut [f32]) + Sync + Send>(data: &mut [f32], width: usize, f: F) {
+/// Run `f(i, chunk_i)` over the `width`-sized chunks of `data`, in parallel when there are
+/// at least `min_par` of them.
+pub(crate) fn chunks_mut_par<F: Fn(usize, &mut [f32]) + Sync>(
+    data: &mut [f32],
+    width: usize,
+    min_par: usize,
+    f: F,
+) {
     let n = data.len() / width;
-    if n >= PAR_ROWS {
-        data.par_chunks_mut(width)
-            .enumerate()
-            .for_each(|(i, r)| f(i, r));
+    if n >= min_par {
+        let p = SendPtr(data.as_mut_ptr());
+        parallel_for(n, &|i| {
+            // SAFETY: chunk i covers [i*width, (i+1)*width) of `data`: in bounds and disjoint
+            // from every other chunk, and `data` is borrowed mutably for the whole call.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(p.get().add(i * width), width) };
+            f(i, chunk)
+        });
     } else {
         data.chunks_mut(width)
             .enumerate()
             .for_each(|(i, r)| f(i, r));
     }
+}
+
+fn rows_mut<F: Fn(usize, &mut [f32]) + Sync>(data: &mut [f32], width: usize, f: F) {
+    chunks_mut_par(data, width, PAR_ROWS, f)
 }
 
 /// `out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight` for each row of width `weight.len()`.
@@ -75,13 +91,15 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         let v = *g;
         *g = v / (1.0 + (-v).exp()) * u;
     };
-    if gate.len() >= 1 << 14 {
-        gate.par_chunks_mut(4096)
-            .zip(up.par_chunks(4096))
-            .for_each(|(g, u)| g.iter_mut().zip(u).for_each(|(g, u)| f(g, u)));
-    } else {
-        gate.iter_mut().zip(up).for_each(|(g, u)| f(g, u));
-    }
+    const CHUNK: usize = 4096;
+    let whole = gate.len() / CHUNK * CHUNK;
+    let (head, tail) = gate.split_at_mut(whole);
+    chunks_mut_par(head, CHUNK, 4, |i, g| {
+        g.iter_mut()
+            .zip(&up[i * CHUNK..])
+            .for_each(|(g, u)| f(g, u))
+    });
+    tail.iter_mut().zip(&up[whole..]).for_each(|(g, u)| f(g, u));
 }
 
 /// `acc[i] += x[i]`.

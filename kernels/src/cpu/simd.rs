@@ -6,6 +6,8 @@
 //! makes the matrix multiply batch invariant. Quantised blocks are decoded in registers.
 
 #![allow(clippy::missing_safety_doc)]
+// Index loops over the const-generic register arrays read better than iterator chains here.
+#![allow(clippy::needless_range_loop)]
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
@@ -69,8 +71,9 @@ pub(crate) mod x86 {
         unsafe fn decode(p: *const u8) -> (__m512, __m512) {
             let (d, _) = f16x2(p);
             let d = _mm512_set1_ps(d);
-            let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(2) as *const __m128i));
-            let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(18) as *const __m128i));
+            let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
+            let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q));
+            let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q));
             (
                 _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
                 _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),

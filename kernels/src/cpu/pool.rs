@@ -1,0 +1,203 @@
+//! A small spinning thread pool for the kernels' parallel loops.
+//!
+//! A decode step runs ~150 parallel loops of a few microseconds each; waking sleeping threads
+//! through the OS for each one costs more than the work. Here the calling thread publishes a
+//! job (an item count and a closure), workers that are spinning pick items off an atomic
+//! counter, and the caller works too and returns when every item is done. Workers spin for a
+//! while after each job, then park until the next one.
+//!
+//! Invariants: one job at a time (submission is serialised by a mutex, so concurrent callers
+//! such as parallel tests simply queue); a job's closure outlives every use of it because the
+//! caller does not return before `done == n` and no worker still holds the job; items are handed out exactly once.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+type Body<'a> = dyn Fn(usize) + Sync + 'a;
+
+struct Job {
+    body: *const Body<'static>,
+    n: usize,
+    next: AtomicUsize,
+    done: AtomicUsize,
+}
+
+struct Pool {
+    job: AtomicPtr<Job>,
+    epoch: AtomicUsize,
+    /// Workers between "about to read the job pointer" and "done with that job".
+    active: AtomicUsize,
+    submit: Mutex<()>,
+    workers: Vec<Thread>,
+    parked: Vec<AtomicBool>,
+}
+
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+/// How long an idle worker spins before parking.
+const SPIN: Duration = Duration::from_micros(300);
+
+/// Set the number of compute threads (caller included). Takes effect only before the first
+/// parallel loop runs; returns whether it did.
+pub fn set_num_threads(n: usize) -> bool {
+    if POOL.get().is_some() {
+        return false;
+    }
+    THREADS.store(n.max(1), Ordering::SeqCst);
+    true
+}
+
+/// Number of compute threads, caller included.
+pub fn num_threads() -> usize {
+    pool().workers.len() + 1
+}
+
+fn pool() -> &'static Pool {
+    POOL.get_or_init(|| {
+        let n = match THREADS.load(Ordering::SeqCst) {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
+        let parked: Vec<AtomicBool> = (1..n).map(|_| AtomicBool::new(false)).collect();
+        let mut workers = Vec::new();
+        for w in 1..n {
+            let handle = std::thread::Builder::new()
+                .name(format!("convoy-kernel-{w}"))
+                .spawn(move || worker(w - 1))
+                .expect("spawn kernel worker");
+            workers.push(handle.thread().clone());
+        }
+        Pool {
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            epoch: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            submit: Mutex::new(()),
+            workers,
+            parked,
+        }
+    })
+}
+
+fn run_items(job: &Job) {
+    // SAFETY: the submitter keeps the closure alive until `done == n`, and we only get here
+    // while the job is published, before our own items are counted as done.
+    let body = unsafe { &*job.body };
+    let mut count = 0;
+    loop {
+        let i = job.next.fetch_add(1, Ordering::Relaxed);
+        if i >= job.n {
+            break;
+        }
+        body(i);
+        count += 1;
+    }
+    if count > 0 {
+        job.done.fetch_add(count, Ordering::Release);
+    }
+}
+
+fn worker(index: usize) {
+    let pool = loop {
+        if let Some(p) = POOL.get() {
+            break p;
+        }
+        std::thread::yield_now();
+    };
+    let mut seen = 0;
+    let mut idle_since = Instant::now();
+    loop {
+        let epoch = pool.epoch.load(Ordering::Acquire);
+        if epoch != seen {
+            seen = epoch;
+            pool.active.fetch_add(1, Ordering::SeqCst);
+            let job = pool.job.load(Ordering::SeqCst);
+            if !job.is_null() {
+                // SAFETY: the submitter unpublishes the job and then waits for `active` to drop
+                // to zero before the job goes out of scope, and we counted ourselves in before
+                // reading the pointer.
+                run_items(unsafe { &*job });
+            }
+            pool.active.fetch_sub(1, Ordering::SeqCst);
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            pool.parked[index].store(true, Ordering::SeqCst);
+            if pool.epoch.load(Ordering::SeqCst) == seen {
+                std::thread::park_timeout(Duration::from_millis(50));
+            }
+            pool.parked[index].store(false, Ordering::SeqCst);
+            idle_since = Instant::now();
+        }
+    }
+}
+
+/// Run `body(i)` for every `i` in `0..n`, spread over the pool; returns when all are done.
+pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
+    let pool = pool();
+    if n == 0 {
+        return;
+    }
+    if n == 1 || pool.workers.is_empty() {
+        (0..n).for_each(body);
+        return;
+    }
+    let _guard = pool.submit.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: the lifetime is erased only for the duration of this call: we do not return
+    // until every item has run, and the job is unpublished before returning.
+    let body_static: *const Body<'static> =
+        unsafe { std::mem::transmute::<*const Body<'_>, *const Body<'static>>(body) };
+    let job = Job {
+        body: body_static,
+        n,
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+    };
+    pool.job
+        .store(&job as *const Job as *mut Job, Ordering::Release);
+    pool.epoch.fetch_add(1, Ordering::SeqCst);
+    for (w, t) in pool.workers.iter().enumerate() {
+        if pool.parked[w].load(Ordering::SeqCst) {
+            t.unpark();
+        }
+    }
+    run_items(&job);
+    while job.done.load(Ordering::Acquire) < n {
+        std::hint::spin_loop();
+    }
+    pool.job.store(std::ptr::null_mut(), Ordering::SeqCst);
+    while pool.active.load(Ordering::SeqCst) != 0 {
+        std::hint::spin_loop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_item_runs_exactly_once_even_from_concurrent_callers() {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    for round in 0..200 {
+                        let n = 1 + round % 37;
+                        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                        parallel_for(n, &|i| {
+                            hits[i].fetch_add(1, Ordering::Relaxed);
+                        });
+                        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+}
