@@ -62,7 +62,7 @@ pub fn paged_attention(
         }
     }
     let kv_stride = num_kv_heads * head_dim;
-    let avx = super::has_avx512() && head_dim % 16 == 0;
+    let avx = super::has_avx512() && head_dim % 16 == 0 && head_dim <= 256;
     // Work items: (row, KV head, context partition). Partitions depend on the context length
     // only, never on the batch, so results stay batch invariant.
     let mut items = Vec::new();
@@ -189,16 +189,16 @@ pub(crate) fn for_each_slot(it: &Item<'_>, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-/// For each query head of the group: max score `m`, `l = sum exp(s - m)` and the unnormalised
-/// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K and V row
-/// is loaded once for the whole group.
+/// Scores of every query head of the group against the partition's positions (each K row
+/// loaded once for the whole group), turned into `exp(s - m)` in place; writes `m` and
+/// `l = sum exp(s - m)` as the first two values of each head's `[m, l, o...]` record and zeroes
+/// `o`.
 #[inline(always)]
-pub(crate) fn attend_partition_with(
+pub(crate) fn partition_scores(
     it: &Item<'_>,
     scores: &mut [f32],
     part: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
-    axpy: impl Fn(f32, &[f32], &mut [f32]),
 ) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
@@ -221,6 +221,21 @@ pub(crate) fn attend_partition_with(
         head[1] = l;
         head[2..].fill(0.0);
     }
+}
+
+/// For each query head of the group: max score `m`, `l = sum exp(s - m)` and the unnormalised
+/// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K row is
+/// loaded once for the whole group.
+pub(crate) fn attend_partition_with(
+    it: &Item<'_>,
+    scores: &mut [f32],
+    part: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32,
+    axpy: impl Fn(f32, &[f32], &mut [f32]),
+) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    partition_scores(it, scores, part, dot);
     for_each_slot(it, |j, slot| {
         let vp = &it.v_cache[slot * it.kv_stride + it.head_offset..][..hd];
         for g in 0..it.group {

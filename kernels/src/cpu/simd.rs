@@ -212,38 +212,37 @@ pub(crate) mod x86 {
         _mm512_reduce_add_ps(acc)
     }
 
-    /// `y += a * x`, lengths a multiple of 16: no masks.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn axpy16(a: f32, x: &[f32], y: &mut [f32]) {
-        let av = _mm512_set1_ps(a);
-        for c in 0..x.len() / 16 {
-            let yp = y.as_mut_ptr().add(c * 16);
-            _mm512_storeu_ps(
-                yp,
-                _mm512_fmadd_ps(
-                    av,
-                    _mm512_loadu_ps(x.as_ptr().add(c * 16)),
-                    _mm512_loadu_ps(yp),
-                ),
-            );
-        }
-    }
-
-    /// One attention partition with AVX-512 (`head_dim % 16 == 0`); the contract is
-    /// `attention::attend_partition_with`'s.
+    /// One attention partition with AVX-512 (`head_dim % 16 == 0`, `head_dim <= 256`); the
+    /// contract is `attention::attend_partition_with`'s. The weighted V sum of each query head is
+    /// kept in registers across all positions instead of going through memory.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn attend_partition(
-        item: &super::super::attention::Item<'_>,
+        it: &super::super::attention::Item<'_>,
         scores: &mut [f32],
         part: &mut [f32],
     ) {
-        super::super::attention::attend_partition_with(
-            item,
-            scores,
-            part,
-            |a, b| dot16(a, b),
-            |a, x, y| axpy16(a, x, y),
-        )
+        use super::super::attention::{for_each_slot, partition_scores};
+        let hd = it.head_dim;
+        let chunks = hd / 16;
+        let n = it.p1 - it.p0;
+        partition_scores(it, scores, part, |a, b| dot16(a, b));
+        for g in 0..it.group {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            let sc = &scores[g * n..(g + 1) * n];
+            for_each_slot(it, |j, slot| {
+                let vp = it
+                    .v_cache
+                    .as_ptr()
+                    .add(slot * it.kv_stride + it.head_offset);
+                let w = _mm512_set1_ps(*sc.get_unchecked(j));
+                for c in 0..chunks {
+                    acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(c * 16)), acc[c]);
+                }
+            });
+            let out = part.as_mut_ptr().add(g * (hd + 2) + 2);
+            for c in 0..chunks {
+                _mm512_storeu_ps(out.add(c * 16), acc[c]);
+            }
+        }
     }
 }
