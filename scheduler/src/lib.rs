@@ -1,6 +1,16 @@
 //! Pure bookkeeping for convoy's engine: no tensors, no threads, no I/O. Everything here is
 //! deterministic and unit-tested.
+//!
+//! - [`block_hash`]: identity of cached blocks (chained hashes, extra keys).
+//! - [`block_pool`]: one tier of blocks, reference counts, the LRU queue, the cache index.
+//! - [`kv_cache_manager`]: prefix matching, allocation, commit, eviction to the host tier.
 
+pub mod block_hash;
 pub mod block_pool;
+pub mod kv_cache_manager;
 
-pub use block_pool::{BlockId, BlockPool};
+pub use block_hash::{BlockHash, KeyFn};
+pub use block_pool::{BlockId, BlockKey, BlockPool};
+pub use kv_cache_manager::{
+    BlockCopy, CacheStats, KvCacheConfig, KvCacheManager, Loc, OutOfBlocks, PrefixMatch, SeqId,
+};
