@@ -11,7 +11,7 @@ pub mod sampler;
 pub mod tokenizer;
 
 pub use forward_batch::{ForwardBatch, SeqSlice};
-pub use generate::{GenerationRequest, GenerationResult, Generator};
+pub use generate::{EngineStats, GenerationRequest, GenerationResult, Generator, GeneratorConfig};
 pub use kv_cache::KvCache;
 pub use model::llama::LlamaModel;
 pub use sampler::{FinishReason, SamplingParams};

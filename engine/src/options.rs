@@ -37,6 +37,15 @@ pub struct ModelArgs {
     /// Tokens per KV block (default: sized for the model, see docs/kv_cache.md).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// Memory for the host-RAM second tier of the KV cache (0 disables it).
+    #[arg(long, default_value = "2GiB")]
+    pub host_cache_memory: String,
+    /// Do not share prompt prefixes through the KV cache.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// Share of cache-hit prefills to recompute without the cache and compare (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    pub verify_cache: f64,
 }
 
 /// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096`.
@@ -75,8 +84,25 @@ pub struct Loaded {
     pub codec: TextCodec,
     /// KV blocks that fit the memory budget.
     pub num_blocks: usize,
+    /// Host-tier blocks that fit its budget.
+    pub num_host_blocks: usize,
     /// Tokens per block.
     pub block_size: usize,
+    /// Prefix caching on.
+    pub enable_prefix_caching: bool,
+    /// Share of cache-hit prefills to verify.
+    pub verify_fraction: f64,
+}
+
+impl Loaded {
+    /// The generator configuration these options describe.
+    pub fn generator_config(&self) -> crate::GeneratorConfig {
+        let mut cfg = crate::GeneratorConfig::new(self.num_blocks, self.block_size);
+        cfg.num_host_blocks = self.num_host_blocks;
+        cfg.enable_prefix_caching = self.enable_prefix_caching;
+        cfg.verify_fraction = self.verify_fraction;
+        cfg
+    }
 }
 
 impl ModelArgs {
@@ -145,11 +171,21 @@ impl ModelArgs {
                 self.kv_cache_memory
             );
         }
+        let num_host_blocks = parse_bytes(&self.host_cache_memory)? / per_block;
+        if !(0.0..=1.0).contains(&self.verify_cache) {
+            bail!(
+                "--verify-cache must be between 0 and 1, got {}",
+                self.verify_cache
+            );
+        }
         Ok(Loaded {
             model,
             codec,
             num_blocks,
+            num_host_blocks,
             block_size,
+            enable_prefix_caching: !self.no_prefix_caching,
+            verify_fraction: self.verify_cache,
         })
     }
 }

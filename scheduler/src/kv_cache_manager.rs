@@ -413,7 +413,7 @@ impl KvCacheManager {
         let i = state.full_hashes.len();
         if self.cfg.enable_prefix_caching
             && i == num_computed / bs
-            && num_computed % bs != 0
+            && !num_computed.is_multiple_of(bs)
             && i < state.blocks.len()
         {
             let parent = state.full_hashes.last().copied().unwrap_or(state.root);

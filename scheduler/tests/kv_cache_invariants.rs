@@ -98,13 +98,17 @@ impl Sim {
             }
         }
         for (tier, slots) in [(self.m.device(), &self.device), (self.m.host(), &self.host)] {
-            for b in 0..tier.num_blocks() {
+            for (b, block_slots) in slots.iter().enumerate() {
                 if let Some(key) = tier.key(b as u32) {
                     let prefix = &self.prefix_of[&key.parent];
                     for (i, _) in key.tokens.iter().enumerate() {
                         let mut full = prefix.clone();
                         full.extend_from_slice(&key.tokens[..=i]);
-                        assert_eq!(slots[b][i], Some(tag(&full)), "cached block {b} slot {i}");
+                        assert_eq!(
+                            block_slots[i],
+                            Some(tag(&full)),
+                            "cached block {b} slot {i}"
+                        );
                     }
                 }
             }

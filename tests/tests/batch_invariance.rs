@@ -1,7 +1,7 @@
 //! Batching changes nothing: greedy outputs of 8 prompts run together (arriving at different
 //! steps, prefills chunked next to decodes) equal each prompt run alone.
 
-use convoy_engine::{GenerationRequest, Generator, SamplingParams};
+use convoy_engine::{GenerationRequest, Generator, GeneratorConfig, SamplingParams};
 use convoy_tests::{ids, load, smollm2_path, smollm2_reference};
 
 #[test]
@@ -32,12 +32,16 @@ fn eight_prompts_together_equal_each_alone() {
                 ..Default::default()
             },
             arrival_step: i * 3,
+            cache_salt: None,
         })
         .collect();
-    let mut generator = Generator::new(&model, codec, 512, 16);
-    generator.max_chunk = 20;
+    // Prefix caching off: the runs alone must recompute everything, not reuse the batch's K/V.
+    let mut cfg = GeneratorConfig::new(512, 16);
+    cfg.enable_prefix_caching = false;
+    let mut generator = Generator::new(&model, codec, cfg);
+    generator.set_max_chunk(20);
     let together = generator.run(&requests, |_, _| {}).unwrap();
-    generator.max_chunk = 512;
+    generator.set_max_chunk(512);
     for (i, r) in requests.iter().enumerate() {
         let alone = generator
             .run(

@@ -2,7 +2,7 @@
 //! chat template, greedy continuations of completions, chats and multi-turn conversations, and
 //! the top-5 logits of the first steps.
 
-use convoy_engine::{ForwardBatch, GenerationRequest, Generator, SamplingParams};
+use convoy_engine::{ForwardBatch, GenerationRequest, Generator, GeneratorConfig, SamplingParams};
 use convoy_tests::{comparable_steps, ids, load, smollm2_path, smollm2_reference};
 use convoy_weights::ChatMessage;
 
@@ -129,9 +129,10 @@ fn greedy_outputs_match_transformers_token_for_token() {
                 ..Default::default()
             },
             arrival_step: 0,
+            cache_salt: None,
         })
         .collect();
-    let mut generator = Generator::new(&model, codec, 2048, 16);
+    let mut generator = Generator::new(&model, codec, GeneratorConfig::new(2048, 16));
     let results = generator.run(&requests, |_, _| {}).unwrap();
     for (case, result) in cases.iter().zip(&results) {
         let n = comparable_steps(case.margins.as_ref(), case.output_ids.len());

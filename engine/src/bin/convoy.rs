@@ -156,13 +156,13 @@ fn run(cli: Cli) -> Result<()> {
             let mut generator = Generator::new(
                 &loaded.model,
                 loaded.codec.clone(),
-                loaded.num_blocks,
-                loaded.block_size,
+                loaded.generator_config(),
             );
             let req = GenerationRequest {
                 prompt_ids: ids.clone(),
                 params: sampling.params(),
                 arrival_step: 0,
+                cache_salt: None,
             };
             let stream = format == "text";
             let mut out = std::io::stdout();
@@ -201,8 +201,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut generator = Generator::new(
                 &loaded.model,
                 loaded.codec.clone(),
-                loaded.num_blocks,
-                loaded.block_size,
+                loaded.generator_config(),
             );
             let mut messages: Vec<ChatMessage> = system
                 .into_iter()
@@ -227,6 +226,7 @@ fn run(cli: Cli) -> Result<()> {
                     prompt_ids: ids,
                     params: sampling.params(),
                     arrival_step: 0,
+                    cache_salt: None,
                 };
                 let r = generator.run(std::slice::from_ref(&req), |_, delta| {
                     let _ = out.write_all(delta.as_bytes());

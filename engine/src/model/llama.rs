@@ -174,14 +174,26 @@ impl LlamaModel {
         layers + self.lm_head.as_ref().unwrap_or(&self.embed).size_bytes()
     }
 
-    /// A KV cache shaped for this model.
+    /// A KV cache shaped for this model, without a host tier.
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> KvCache {
+        self.new_tiered_kv_cache(num_blocks, 0, block_size)
+    }
+
+    /// A KV cache shaped for this model with a host tier of `num_host_blocks`.
+    pub fn new_tiered_kv_cache(
+        &self,
+        num_blocks: usize,
+        num_host_blocks: usize,
+        block_size: usize,
+    ) -> KvCache {
+        let c = &self.config;
         KvCache::new(
-            self.config.num_layers,
+            c.num_layers,
             num_blocks,
+            num_host_blocks,
             block_size,
-            self.config.num_kv_heads,
-            self.config.head_dim,
+            c.num_kv_heads,
+            c.head_dim,
         )
     }
 
