@@ -44,6 +44,111 @@ enum Cmd {
         #[arg(long)]
         llama_bench: Option<PathBuf>,
     },
+    /// Time to first token of each turn of a long chat (a ~1,000-token persona), prefix cache
+    /// on versus off, and the cache hit ratio.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Turns to play.
+        #[arg(long, default_value_t = 8)]
+        turns: usize,
+        /// Tokens each reply may have.
+        #[arg(long, default_value_t = 48)]
+        reply_tokens: usize,
+        /// Block sizes to compare (default: the model's default only).
+        #[arg(long, value_delimiter = ',')]
+        block_sizes: Vec<usize>,
+    },
+}
+
+const PERSONA_LINES: [&str; 6] = [
+    "You are Captain Marlowe, the weathered keeper of a lighthouse on a storm-beaten northern island.",
+    "You speak in short, salty sentences, you love tea with too much honey, and you distrust seagulls.",
+    "You remember every shipwreck of the last forty years and tell their stories when asked.",
+    "You never reveal the location of the hidden cove where your late brother kept his boat.",
+    "When visitors are kind you offer them biscuits; when they are rude you talk about the weather.",
+    "You keep a logbook of the tides, the winds and the colour of the sea at dawn and at dusk.",
+];
+
+const USER_TURNS: [&str; 10] = [
+    "Good evening, captain! May I come in out of the rain?",
+    "What is the strangest shipwreck you remember?",
+    "Why do you dislike seagulls so much?",
+    "How do you take your tea?",
+    "Tell me about the colour of the sea this morning.",
+    "Is there a hidden cove on this island?",
+    "What does your logbook say about yesterday's wind?",
+    "Do you ever get lonely out here?",
+    "Could you teach me to read the tides?",
+    "Thank you for the biscuits. Good night!",
+];
+
+fn persona(codec: &convoy_engine::TextCodec, target_tokens: usize) -> Result<String> {
+    let mut text = String::new();
+    let mut i = 0;
+    while codec.encode(&text)?.len() < target_tokens {
+        text.push_str(PERSONA_LINES[i % PERSONA_LINES.len()]);
+        text.push_str(&format!(" (Note {}.) ", i + 1));
+        i += 1;
+    }
+    Ok(text)
+}
+
+struct ChatRun {
+    ttft_ms: Vec<f64>,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    decode_tps: f64,
+}
+
+fn play_chat(
+    loaded: &convoy_engine::options::Loaded,
+    block_size: usize,
+    caching: bool,
+    turns: usize,
+    reply_tokens: usize,
+) -> Result<ChatRun> {
+    use convoy_engine::{GenerationRequest, Generator, SamplingParams};
+    use convoy_weights::ChatMessage;
+    let mut cfg = loaded.generator_config();
+    let per_block_tokens = loaded.num_blocks * loaded.block_size;
+    cfg.block_size = block_size;
+    cfg.num_blocks = per_block_tokens / block_size;
+    cfg.num_host_blocks = 0;
+    cfg.enable_prefix_caching = caching;
+    let mut g = Generator::new(&loaded.model, loaded.codec.clone(), cfg);
+    let mut msgs = vec![ChatMessage::new("system", persona(&loaded.codec, 1000)?)];
+    let mut out = ChatRun {
+        ttft_ms: Vec::new(),
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        decode_tps: 0.0,
+    };
+    let mut decode_time = 0.0;
+    let mut decoded = 0;
+    for t in 0..turns {
+        msgs.push(ChatMessage::new("user", USER_TURNS[t % USER_TURNS.len()]));
+        let prompt = loaded.codec.encode_chat(&msgs)?;
+        let req = GenerationRequest {
+            prompt_ids: prompt.clone(),
+            params: SamplingParams {
+                max_tokens: reply_tokens,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = g.run(&[req], |_, _| {})?.remove(0);
+        out.ttft_ms.push(r.time_to_first_token.as_secs_f64() * 1e3);
+        if t > 0 {
+            out.prompt_tokens += prompt.len();
+            out.cached_tokens += r.cached_tokens + r.host_cached_tokens;
+        }
+        decode_time += (r.total_time - r.time_to_first_token).as_secs_f64();
+        decoded += r.output_ids.len().saturating_sub(1);
+        msgs.push(ChatMessage::new("assistant", r.text));
+    }
+    out.decode_tps = decoded as f64 / decode_time.max(1e-9);
+    Ok(out)
 }
 
 struct Figures {
@@ -198,6 +303,48 @@ fn main() -> Result<()> {
                         "convoy / llama.cpp at batch 1: prefill {:.2}x, decode {:.2}x",
                         s.prefill_tps / pp.max(1e-9),
                         s.decode_tps / tg.max(1e-9)
+                    );
+                }
+            }
+        }
+        Cmd::Chat {
+            model,
+            turns,
+            reply_tokens,
+            block_sizes,
+        } => {
+            let loaded = model.load()?;
+            let sizes = if block_sizes.is_empty() {
+                vec![loaded.block_size]
+            } else {
+                block_sizes
+            };
+            println!(
+                "model: {}  threads: {}  {turns} turns, persona ~1000 tokens, replies <= {reply_tokens} tokens",
+                model.model_path()?.display(),
+                convoy_kernels::cpu::pool::num_threads()
+            );
+            println!(
+                "{:>6} {:>7} {:>16} {:>16} {:>9} {:>10} {:>12}",
+                "block",
+                "cache",
+                "turn-1 TTFT ms",
+                "last TTFT ms",
+                "speedup",
+                "hit ratio",
+                "decode tok/s"
+            );
+            for bs in sizes {
+                let off = play_chat(&loaded, bs, false, turns, reply_tokens)?;
+                let on = play_chat(&loaded, bs, true, turns, reply_tokens)?;
+                for (name, r) in [("off", &off), ("on", &on)] {
+                    println!(
+                        "{bs:>6} {name:>7} {:>16.1} {:>16.1} {:>9.2} {:>10.3} {:>12.1}",
+                        r.ttft_ms[0],
+                        r.ttft_ms[turns - 1],
+                        off.ttft_ms[turns - 1] / r.ttft_ms[turns - 1],
+                        r.cached_tokens as f64 / r.prompt_tokens.max(1) as f64,
+                        r.decode_tps
                     );
                 }
             }
