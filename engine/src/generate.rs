@@ -93,6 +93,8 @@ pub struct GeneratorConfig {
     pub max_chunk: usize,
     /// Token-to-key map of the cache; the identity except in tests that break it on purpose.
     pub key_fn: KeyFn,
+    /// Model identity, part of every cache key.
+    pub model_id: String,
 }
 
 impl GeneratorConfig {
@@ -106,6 +108,7 @@ impl GeneratorConfig {
             verify_fraction: 0.0,
             max_chunk: 512,
             key_fn: identity_key,
+            model_id: String::new(),
         }
     }
 }
@@ -161,6 +164,7 @@ impl<'m> Generator<'m> {
         kv.num_host_blocks = cfg.num_host_blocks;
         kv.enable_prefix_caching = cfg.enable_prefix_caching;
         kv.key_fn = cfg.key_fn;
+        kv.model_id = cfg.model_id.clone();
         Generator {
             model,
             codec,

@@ -92,6 +92,8 @@ pub struct Loaded {
     pub enable_prefix_caching: bool,
     /// Share of cache-hit prefills to verify.
     pub verify_fraction: f64,
+    /// The model's name, part of every cache key.
+    pub model_id: String,
 }
 
 impl Loaded {
@@ -101,6 +103,7 @@ impl Loaded {
         cfg.num_host_blocks = self.num_host_blocks;
         cfg.enable_prefix_caching = self.enable_prefix_caching;
         cfg.verify_fraction = self.verify_fraction;
+        cfg.model_id = self.model_id.clone();
         cfg
     }
 }
@@ -149,6 +152,7 @@ impl ModelArgs {
         };
         let path = self.model_path()?;
         let mut loaded = load_model(&path, format)?;
+        let model_id = loaded.name.clone();
         let codec = TextCodec::take_from(&mut loaded);
         let model = LlamaModel::new(loaded)?;
         let cfg = &model.config;
@@ -186,6 +190,7 @@ impl ModelArgs {
             block_size,
             enable_prefix_caching: !self.no_prefix_caching,
             verify_fraction: self.verify_cache,
+            model_id,
         })
     }
 }
