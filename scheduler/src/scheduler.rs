@@ -1,0 +1,417 @@
+//! The continuous-batching scheduler: which requests run in the next forward pass and how many
+//! tokens each computes.
+//!
+//! Per step, within a token budget (`max_batched_tokens`) and a cap on running sequences
+//! (`max_running`):
+//! 1. running requests first, by effective priority then arrival: each computes what it has not
+//!    computed yet (one token when decoding, a chunk of its prompt when prefilling);
+//! 2. then waiting requests, in the same order, while budget and blocks last. A new request first
+//!    takes its longest cached prefix. The head of the queue is never skipped for a smaller
+//!    request behind it, so a long prompt cannot be starved by short ones.
+//!
+//! When blocks run out, the running request with the lowest effective priority (latest arrival
+//! among equals) that is not yet scheduled this step is preempted: its computed blocks are
+//! released into the prefix cache (from where eviction copies them to the host tier when there is
+//! room), and it goes back to the waiting queue with its arrival order and priority. On resume its
+//! prefix is matched again: from the device, from the host tier (swap in, no recompute), or
+//! recomputed for whatever was dropped.
+//!
+//! Aging: a waiting request's effective priority grows by one every `aging_steps` steps it
+//! waits, so a low priority request is never starved forever.
+//!
+//! A request that finishes generating stays one more step (`Finishing`) to compute its last
+//! sampled token's K/V, so the next turn of the conversation finds the whole reply in cache.
+
+use std::collections::HashMap;
+
+use crate::kv_cache_manager::{KvCacheConfig, KvCacheManager, OutOfBlocks};
+use crate::output::{ModelOutput, RequestOutput, ScheduledRequest, SchedulerOutput};
+use crate::request::{FinishReason, NewRequest, Request, RequestId, RequestStatus};
+
+/// Scheduler limits.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most tokens in one forward pass.
+    pub max_batched_tokens: usize,
+    /// Most requests holding KV blocks at once.
+    pub max_running: usize,
+    /// Most requests waiting; more are refused.
+    pub max_queued: usize,
+    /// Steps of waiting per +1 of effective priority.
+    pub aging_steps: u64,
+    /// Longest sequence (prompt + output) the model takes.
+    pub max_model_len: usize,
+    /// The KV cache.
+    pub kv: KvCacheConfig,
+}
+
+impl SchedulerConfig {
+    /// Defaults around a KV cache config.
+    pub fn new(kv: KvCacheConfig) -> SchedulerConfig {
+        SchedulerConfig {
+            max_batched_tokens: 2048,
+            max_running: 256,
+            max_queued: 4096,
+            aging_steps: 64,
+            max_model_len: usize::MAX,
+            kv,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddError {
+    /// The waiting queue is full.
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    /// The id is already live.
+    #[error("request id {0} is already live")]
+    DuplicateId(RequestId),
+    /// The request can never run.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The scheduler; owns the KV-cache manager.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvCacheManager,
+    requests: HashMap<RequestId, Request>,
+    waiting: Vec<RequestId>,
+    running: Vec<RequestId>,
+    step: u64,
+    next_arrival: u64,
+}
+
+impl Scheduler {
+    /// An idle scheduler.
+    pub fn new(cfg: SchedulerConfig) -> Scheduler {
+        Scheduler {
+            kv: KvCacheManager::new(cfg.kv.clone()),
+            cfg,
+            requests: HashMap::new(),
+            waiting: Vec::new(),
+            running: Vec::new(),
+            step: 0,
+            next_arrival: 0,
+        }
+    }
+
+    /// The KV-cache manager.
+    pub fn kv(&self) -> &KvCacheManager {
+        &self.kv
+    }
+
+    /// A live request.
+    pub fn request(&self, id: RequestId) -> Option<&Request> {
+        self.requests.get(&id)
+    }
+
+    /// Requests waiting.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests running (including those finishing).
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Whether nothing is live.
+    pub fn is_idle(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// Steps scheduled so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Queue a request.
+    pub fn add(&mut self, r: NewRequest) -> Result<(), AddError> {
+        if self.requests.contains_key(&r.id) {
+            return Err(AddError::DuplicateId(r.id));
+        }
+        if r.prompt.is_empty() {
+            return Err(AddError::Invalid("the prompt is empty".into()));
+        }
+        if r.prompt.len() >= self.cfg.max_model_len {
+            return Err(AddError::Invalid(format!(
+                "the prompt has {} tokens; the context holds {}",
+                r.prompt.len(),
+                self.cfg.max_model_len
+            )));
+        }
+        let blocks_needed = (r.prompt.len() + 1).div_ceil(self.kv.block_size());
+        if blocks_needed > self.kv.device().num_blocks() {
+            return Err(AddError::Invalid(format!(
+                "the prompt needs {blocks_needed} KV blocks; the cache has {}",
+                self.kv.device().num_blocks()
+            )));
+        }
+        if self.waiting.len() >= self.cfg.max_queued {
+            return Err(AddError::QueueFull(self.waiting.len()));
+        }
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.requests.insert(
+            r.id,
+            Request {
+                id: r.id,
+                prompt_len: r.prompt.len(),
+                tokens: r.prompt,
+                num_computed_tokens: 0,
+                max_tokens: r.max_tokens.max(1),
+                stop_token_ids: r.stop_token_ids,
+                priority: r.priority,
+                arrival,
+                cache_salt: r.cache_salt,
+                status: RequestStatus::Waiting,
+                first_hit: None,
+                num_preemptions: 0,
+                waiting_since: self.step,
+                in_cache: false,
+            },
+        );
+        self.waiting.push(r.id);
+        Ok(())
+    }
+
+    fn effective_priority(&self, r: &Request) -> i64 {
+        let aged = if r.status == RequestStatus::Waiting {
+            (self.step.saturating_sub(r.waiting_since) / self.cfg.aging_steps.max(1)) as i64
+        } else {
+            0
+        };
+        r.priority as i64 + aged
+    }
+
+    fn sort_key(&self, id: RequestId) -> (i64, u64) {
+        let r = &self.requests[&id];
+        (-self.effective_priority(r), r.arrival)
+    }
+
+    /// Remove a request at once (cancel, disconnect, deadline): its blocks go back to the pool
+    /// now. Returns whether it was live.
+    pub fn abort(&mut self, id: RequestId, reason: FinishReason) -> bool {
+        let Some(mut r) = self.requests.remove(&id) else {
+            return false;
+        };
+        self.waiting.retain(|&w| w != id);
+        self.running.retain(|&w| w != id);
+        if r.in_cache {
+            self.kv.free(id, &r.tokens, r.num_computed_tokens);
+        }
+        r.status = RequestStatus::Finished(reason);
+        true
+    }
+
+    /// End generation now (e.g. a stop string seen by the detokeniser); the request still
+    /// caches its last token's K/V on the next step.
+    pub fn finish(&mut self, id: RequestId, reason: FinishReason) {
+        if let Some(r) = self.requests.get_mut(&id) {
+            if matches!(r.status, RequestStatus::Running) {
+                r.status = RequestStatus::Finishing(reason);
+            } else if r.status == RequestStatus::Waiting {
+                self.abort(id, reason);
+            }
+        }
+    }
+
+    fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
+        self.running.retain(|&r| r != id);
+        let step = self.step;
+        let r = self.requests.get_mut(&id).expect("running request exists");
+        self.kv.free(id, &r.tokens, r.num_computed_tokens);
+        r.in_cache = false;
+        r.num_computed_tokens = 0;
+        if let RequestStatus::Finishing(reason) = r.status {
+            // Its output is complete; only the cache entry of its last token is lost.
+            r.status = RequestStatus::Finished(reason);
+            self.requests.remove(&id);
+            return;
+        }
+        r.status = RequestStatus::Waiting;
+        r.num_preemptions += 1;
+        r.waiting_since = step;
+        self.waiting.push(id);
+        out.preempted.push(id);
+    }
+
+    /// Decide the next step.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        self.step += 1;
+        let mut out = SchedulerOutput {
+            step: self.step,
+            ..Default::default()
+        };
+        let mut budget = self.cfg.max_batched_tokens;
+        let mut running = std::mem::take(&mut self.running);
+        running.sort_by_key(|&id| self.sort_key(id));
+        self.running = running;
+
+        // 1. Running requests.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let r = &self.requests[&id];
+            let finishing = matches!(r.status, RequestStatus::Finishing(_));
+            let left = r.tokens.len() - r.num_computed_tokens;
+            let need = left.min(budget);
+            if need == 0 {
+                i += 1;
+                continue;
+            }
+            let target = r.num_computed_tokens + need;
+            let mut scheduled = true;
+            loop {
+                match self.kv.allocate(id, target, &mut out.copies) {
+                    Ok(()) => break,
+                    Err(OutOfBlocks { .. }) => {
+                        // Preempt the lowest-priority request not yet scheduled this step.
+                        let victim = *self.running.last().expect("non-empty");
+                        if self.running.len() - 1 > i {
+                            self.preempt(victim, &mut out);
+                        } else if i == 0 {
+                            // Alone and still out of blocks: the cache cannot hold it, ever.
+                            self.running.retain(|&x| x != id);
+                            if let Some(r) = self.requests.remove(&id) {
+                                self.kv.free(id, &r.tokens, r.num_computed_tokens);
+                                let reason = match r.status {
+                                    RequestStatus::Finishing(reason) => reason,
+                                    _ => FinishReason::Length,
+                                };
+                                out.ended.push((id, reason));
+                            }
+                            scheduled = false;
+                            break;
+                        } else {
+                            self.preempt(id, &mut out);
+                            scheduled = false;
+                            break;
+                        }
+                    }
+                }
+            }
+            if !scheduled {
+                break;
+            }
+            let r = &self.requests[&id];
+            let sample = !finishing && target == r.tokens.len();
+            out.scheduled.push(ScheduledRequest {
+                id,
+                num_computed_tokens: r.num_computed_tokens,
+                token_ids: r.tokens[r.num_computed_tokens..target].to_vec(),
+                block_table: self.kv.block_table(id).to_vec(),
+                sample,
+            });
+            budget -= need;
+            i += 1;
+        }
+
+        // 2. Waiting requests, head of the queue first.
+        if budget > 0 && !self.waiting.is_empty() {
+            let mut waiting = std::mem::take(&mut self.waiting);
+            waiting.sort_by_key(|&id| self.sort_key(id));
+            self.waiting = waiting;
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
+            let id = self.waiting[0];
+            let r = self.requests.get_mut(&id).expect("waiting request exists");
+            let mut copies = Vec::new();
+            let hit = self.kv.begin(
+                id,
+                &r.tokens,
+                r.cache_salt.as_deref(),
+                r.tokens.len() - 1,
+                &mut copies,
+            );
+            let computed = hit.total();
+            let need = (r.tokens.len() - computed).min(budget);
+            if self.kv.allocate(id, computed + need, &mut copies).is_err() {
+                // Not enough blocks now: give back what the match took and wait.
+                self.kv.discard(id);
+                out.copies.extend(copies);
+                break;
+            }
+            out.copies.extend(copies);
+            r.num_computed_tokens = computed;
+            r.in_cache = true;
+            r.status = RequestStatus::Running;
+            if r.first_hit.is_none() {
+                r.first_hit = Some(hit);
+            }
+            let target = computed + need;
+            out.scheduled.push(ScheduledRequest {
+                id,
+                num_computed_tokens: computed,
+                token_ids: r.tokens[computed..target].to_vec(),
+                block_table: self.kv.block_table(id).to_vec(),
+                sample: target == r.tokens.len(),
+            });
+            budget -= need;
+            self.waiting.remove(0);
+            self.running.push(id);
+        }
+        out.num_batched_tokens = self.cfg.max_batched_tokens - budget;
+        out
+    }
+
+    /// Apply a step's results: advance computed counts, cache full blocks, append sampled
+    /// tokens and apply the stop rules.
+    pub fn update_from_output(
+        &mut self,
+        out: &SchedulerOutput,
+        model: &ModelOutput,
+    ) -> Vec<RequestOutput> {
+        let mut sampled = model.sampled.iter();
+        let mut results = Vec::new();
+        for s in &out.scheduled {
+            let token = if s.sample {
+                sampled.next().map(|t| t.token)
+            } else {
+                None
+            };
+            let Some(r) = self.requests.get_mut(&s.id) else {
+                continue;
+            };
+            r.num_computed_tokens = s.num_computed_tokens + s.token_ids.len();
+            self.kv.commit(s.id, &r.tokens, r.num_computed_tokens);
+            if let RequestStatus::Finishing(reason) = r.status {
+                if r.num_computed_tokens == r.tokens.len() {
+                    self.kv.free(s.id, &r.tokens, r.num_computed_tokens);
+                    r.status = RequestStatus::Finished(reason);
+                    self.requests.remove(&s.id);
+                    self.running.retain(|&x| x != s.id);
+                }
+                continue;
+            }
+            let prefix_hit = (r.num_output_tokens() == 0 && s.sample)
+                .then_some(r.first_hit)
+                .flatten();
+            let Some(token) = token else {
+                continue;
+            };
+            r.tokens.push(token);
+            let mut finished = None;
+            if r.stop_token_ids.contains(&token) {
+                finished = Some(FinishReason::Stop);
+            } else if r.num_output_tokens() >= r.max_tokens
+                || r.tokens.len() >= self.cfg.max_model_len
+            {
+                finished = Some(FinishReason::Length);
+            }
+            if let Some(reason) = finished {
+                r.status = RequestStatus::Finishing(reason);
+            }
+            results.push(RequestOutput {
+                id: s.id,
+                new_token_ids: vec![token],
+                finished,
+                prefix_hit,
+            });
+        }
+        results
+    }
+}
