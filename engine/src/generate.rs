@@ -1,31 +1,20 @@
-//! Batched generation over the paged, prefix-cached KV cache: the loop behind `convoy
-//! generate`, `convoy chat` and the parity tests.
-//!
-//! Each step packs, for every live sequence, the tokens it has not computed yet (a prompt chunk
-//! of at most `max_chunk` tokens, or the one token sampled last step) into one forward pass.
-//! Sequences are tracked by `num_computed` token counts, not phases, so prefill chunks, prefix
-//! hits and decodes mix freely. A new sequence first takes the longest cached prefix of its
-//! prompt from the [`KvCacheManager`] (never the last prompt token, whose logits are needed).
-//! A finished sequence stays one more step to compute the K/V of its last sampled token, so the
-//! next turn of the conversation finds the whole reply in the cache; then its blocks are
-//! released to the cache. Requests may join at a later step (`arrival_step`).
-//!
-//! With `verify_fraction > 0`, a sampled share of the prefills that hit the cache are computed
-//! again without it and their logits compared; a mismatch is logged and counted in
-//! `cache_divergence_total`.
+//! Synchronous batched generation: the engine core with the CPU runner, driven to completion
+//! for a list of requests. Behind `convoy generate`, `convoy chat`, the benchmarks and the
+//! parity tests. The cache persists across [`Generator::run`] calls, so later turns of a chat
+//! hit earlier ones.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use convoy_scheduler::block_hash::identity_key;
 use convoy_scheduler::{
-    BlockCopy, CacheStats, KeyFn, KvCacheConfig, KvCacheManager, PrefixMatch, SeqId,
+    FinishReason, KeyFn, KvCacheConfig, KvCacheManager, RequestId, SchedulerConfig,
 };
 
-use crate::detokenizer::IncrementalDecoder;
-use crate::forward_batch::ForwardBatch;
-use crate::kv_cache::KvCache;
+use crate::core::{EngineCore, EngineRequest, EngineStats, EventKind, SubmitError};
 use crate::model::llama::LlamaModel;
-use crate::sampler::{sample, FinishReason, Rng, SamplingParams};
+use crate::runner::CpuRunner;
+use crate::sampler::SamplingParams;
 use crate::tokenizer::TextCodec;
 
 /// One sequence to generate.
@@ -35,10 +24,12 @@ pub struct GenerationRequest {
     pub prompt_ids: Vec<u32>,
     /// Sampling and stopping.
     pub params: SamplingParams,
-    /// Step at which the request joins the batch (0 = from the start).
+    /// Step at which the request joins (0 = from the start), as in a live server.
     pub arrival_step: usize,
     /// Requests with different salts never share cached K/V.
     pub cache_salt: Option<String>,
+    /// Larger is served first.
+    pub priority: i32,
 }
 
 /// What one sequence produced.
@@ -71,12 +62,9 @@ pub enum GenerateError {
         /// What is wrong.
         reason: String,
     },
-    /// The KV cache cannot hold the live sequences.
-    #[error("the KV cache is too small: {0} (raise --kv-cache-memory)")]
-    OutOfBlocks(convoy_scheduler::OutOfBlocks),
 }
 
-/// How the generator's cache is set up.
+/// How the generator's engine is set up.
 #[derive(Clone, Debug)]
 pub struct GeneratorConfig {
     /// Device KV blocks.
@@ -89,8 +77,10 @@ pub struct GeneratorConfig {
     pub enable_prefix_caching: bool,
     /// Share of cache-hit prefills recomputed without the cache to check it (0..=1).
     pub verify_fraction: f64,
-    /// Longest prompt chunk one sequence may put into one step.
-    pub max_chunk: usize,
+    /// Most tokens in one forward pass (prompts longer than this are chunked).
+    pub max_batched_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
     /// Token-to-key map of the cache; the identity except in tests that break it on purpose.
     pub key_fn: KeyFn,
     /// Model identity, part of every cache key.
@@ -98,7 +88,7 @@ pub struct GeneratorConfig {
 }
 
 impl GeneratorConfig {
-    /// Prefix caching on, no host tier, no verification, 512-token chunks.
+    /// Prefix caching on, no host tier, no verification, 2048 tokens per step.
     pub fn new(num_blocks: usize, block_size: usize) -> GeneratorConfig {
         GeneratorConfig {
             num_blocks,
@@ -106,176 +96,59 @@ impl GeneratorConfig {
             block_size,
             enable_prefix_caching: true,
             verify_fraction: 0.0,
-            max_chunk: 512,
+            max_batched_tokens: 2048,
+            max_running: 256,
             key_fn: identity_key,
             model_id: String::new(),
         }
     }
+
+    /// The scheduler configuration for a model whose context holds `max_model_len` tokens.
+    pub fn scheduler_config(&self, max_model_len: usize) -> SchedulerConfig {
+        let mut kv = KvCacheConfig::new(self.block_size, self.num_blocks);
+        kv.num_host_blocks = self.num_host_blocks;
+        kv.enable_prefix_caching = self.enable_prefix_caching;
+        kv.key_fn = self.key_fn;
+        kv.model_id = self.model_id.clone();
+        let mut cfg = SchedulerConfig::new(kv);
+        cfg.max_batched_tokens = self.max_batched_tokens;
+        cfg.max_running = self.max_running;
+        cfg.max_model_len = max_model_len;
+        cfg.max_queued = usize::MAX;
+        cfg
+    }
 }
 
-/// Counters since the generator was created.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct EngineStats {
-    /// The cache manager's counters.
-    pub cache: CacheStats,
-    /// Prompt tokens of all requests.
-    pub prompt_tokens: u64,
-    /// Prompt tokens served from either cache tier.
-    pub cached_prompt_tokens: u64,
-    /// Cache-hit prefills recomputed by `verify_fraction`.
-    pub verified_prefills: u64,
-    /// Of those, how many gave different logits: the cache served something else than the
-    /// prompt. Should stay 0 forever.
-    pub cache_divergence_total: u64,
-}
-
-struct Seq {
-    id: SeqId,
-    index: usize,
-    tokens: Vec<u32>,
-    prompt_len: usize,
-    num_computed: usize,
-    hit: PrefixMatch,
-    rng: Rng,
-    decoder: IncrementalDecoder,
-    text: String,
-    emitted: usize,
-    started: Instant,
-    first_token: Option<Duration>,
-    finished: bool,
-}
-
-/// Owns the model's KV cache and its manager and runs batches of requests through them. The
-/// cache persists across [`Generator::run`] calls, so later turns of a chat hit earlier ones.
+/// The engine core with the CPU runner, driven synchronously.
 pub struct Generator<'m> {
-    model: &'m LlamaModel,
-    codec: TextCodec,
-    cache: KvCache,
-    manager: KvCacheManager,
-    cfg: GeneratorConfig,
-    next_id: SeqId,
-    stats: EngineStats,
+    core: EngineCore<CpuRunner<'m>>,
+    next_id: RequestId,
 }
 
 impl<'m> Generator<'m> {
-    /// A generator with the given cache configuration.
+    /// A generator with the given configuration.
     pub fn new(model: &'m LlamaModel, codec: TextCodec, cfg: GeneratorConfig) -> Generator<'m> {
-        let mut kv = KvCacheConfig::new(cfg.block_size, cfg.num_blocks);
-        kv.num_host_blocks = cfg.num_host_blocks;
-        kv.enable_prefix_caching = cfg.enable_prefix_caching;
-        kv.key_fn = cfg.key_fn;
-        kv.model_id = cfg.model_id.clone();
+        let runner = CpuRunner::new(model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
+        let sched = cfg.scheduler_config(model.config.max_position_embeddings);
         Generator {
-            model,
-            codec,
-            cache: model.new_tiered_kv_cache(cfg.num_blocks, cfg.num_host_blocks, cfg.block_size),
-            manager: KvCacheManager::new(kv),
-            cfg,
+            core: EngineCore::new(sched, runner, codec, cfg.verify_fraction),
             next_id: 0,
-            stats: EngineStats::default(),
         }
     }
 
     /// Device blocks not held by any sequence (all of them between runs).
     pub fn free_blocks(&self) -> usize {
-        self.manager.device().num_free()
+        self.core.scheduler().kv().device().num_free()
     }
 
     /// Counters.
     pub fn stats(&self) -> EngineStats {
-        EngineStats {
-            cache: self.manager.stats(),
-            ..self.stats
-        }
+        self.core.stats()
     }
 
     /// The cache manager (read-only), for inspection.
     pub fn cache_manager(&self) -> &KvCacheManager {
-        &self.manager
-    }
-
-    /// Set the longest prompt chunk per sequence and step.
-    pub fn set_max_chunk(&mut self, max_chunk: usize) {
-        self.cfg.max_chunk = max_chunk.max(1);
-    }
-
-    fn validate(&self, requests: &[GenerationRequest]) -> Result<(), GenerateError> {
-        let max_ctx = self.model.config.max_position_embeddings;
-        for (index, r) in requests.iter().enumerate() {
-            let bad = |reason: String| GenerateError::BadRequest { index, reason };
-            if r.prompt_ids.is_empty() {
-                return Err(bad("the prompt is empty".into()));
-            }
-            if let Some(&id) = r
-                .prompt_ids
-                .iter()
-                .find(|&&id| id as usize >= self.model.config.vocab_size)
-            {
-                return Err(bad(format!("token id {id} is outside the vocabulary")));
-            }
-            if r.prompt_ids.len() >= max_ctx {
-                return Err(bad(format!(
-                    "the prompt has {} tokens; the context holds {max_ctx}",
-                    r.prompt_ids.len()
-                )));
-            }
-            r.params.validate().map_err(bad)?;
-        }
-        Ok(())
-    }
-
-    /// Recompute `prompt` without the cache and compare its last logits with `cached`.
-    fn verify(&mut self, index: usize, prompt: &[u32], cached: &[f32]) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let mut copies = Vec::new();
-        self.manager.begin(id, prompt, None, 0, &mut copies);
-        if self
-            .manager
-            .allocate(id, prompt.len(), &mut copies)
-            .is_err()
-        {
-            tracing::debug!(
-                request = index,
-                "cache verification skipped: no free blocks"
-            );
-            self.manager.discard(id);
-            self.cache.apply(&copies);
-            return;
-        }
-        self.cache.apply(&copies);
-        let mut batch = ForwardBatch::default();
-        batch.push_seq(
-            prompt,
-            0,
-            self.manager.block_table(id),
-            self.cfg.block_size,
-            true,
-        );
-        let fresh = self.model.forward(&batch, &mut self.cache);
-        self.manager.discard(id);
-        self.stats.verified_prefills += 1;
-        let worst = fresh
-            .iter()
-            .zip(cached)
-            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
-            .fold(0f32, f32::max);
-        if worst.is_nan() || worst > 1e-4 {
-            self.stats.cache_divergence_total += 1;
-            tracing::error!(
-                request = index,
-                worst_relative_error = worst,
-                "cached prefill diverges from recomputation"
-            );
-        }
-    }
-
-    fn should_verify(&self, id: SeqId) -> bool {
-        if self.cfg.verify_fraction <= 0.0 {
-            return false;
-        }
-        let mut r = Rng::new(id ^ 0x7665_7269_6679);
-        r.uniform() < self.cfg.verify_fraction
+        self.core.scheduler().kv()
     }
 
     /// Run all requests to completion. `on_text(index, delta)` receives text as it is decoded.
@@ -284,193 +157,70 @@ impl<'m> Generator<'m> {
         requests: &[GenerationRequest],
         mut on_text: impl FnMut(usize, &str),
     ) -> Result<Vec<GenerationResult>, GenerateError> {
-        self.validate(requests)?;
-        let max_ctx = self.model.config.max_position_embeddings;
-        let bs = self.cfg.block_size;
-        let mut results: Vec<Option<GenerationResult>> = vec![None; requests.len()];
-        let mut live: Vec<Seq> = Vec::new();
+        let base = self.next_id;
+        self.next_id += requests.len() as RequestId;
         let mut order: Vec<usize> = (0..requests.len()).collect();
         order.sort_by_key(|&i| requests[i].arrival_step);
+        let mut results: HashMap<usize, GenerationResult> = HashMap::new();
         let mut next = 0;
         let mut step = 0;
-        let mut copies: Vec<BlockCopy> = Vec::new();
-        let outcome = loop {
+        while results.len() < requests.len() {
             while next < order.len() && requests[order[next]].arrival_step <= step {
                 let i = order[next];
                 let r = &requests[i];
-                let id = self.next_id;
-                self.next_id += 1;
-                let hit = self.manager.begin(
-                    id,
-                    &r.prompt_ids,
-                    r.cache_salt.as_deref(),
-                    r.prompt_ids.len() - 1,
-                    &mut copies,
-                );
-                self.stats.prompt_tokens += r.prompt_ids.len() as u64;
-                self.stats.cached_prompt_tokens += hit.total() as u64;
-                let seed = r.params.seed.unwrap_or_else(|| {
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_nanos() as u64)
-                        .unwrap_or(0)
-                });
-                live.push(Seq {
-                    id,
-                    index: i,
-                    tokens: r.prompt_ids.clone(),
-                    prompt_len: r.prompt_ids.len(),
-                    num_computed: hit.total(),
-                    hit,
-                    rng: Rng::new(seed),
-                    decoder: IncrementalDecoder::new(),
-                    text: String::new(),
-                    emitted: 0,
-                    started: Instant::now(),
-                    first_token: None,
-                    finished: false,
-                });
+                let req = EngineRequest {
+                    prompt_ids: r.prompt_ids.clone(),
+                    params: r.params.clone(),
+                    priority: r.priority,
+                    cache_salt: r.cache_salt.clone(),
+                    ..Default::default()
+                };
+                if let Err(e) = self.core.add(base + i as RequestId, req) {
+                    // Leave the engine clean: drop what this call admitted.
+                    for j in order[..next].iter() {
+                        self.core
+                            .abort(base + *j as RequestId, FinishReason::Cancelled);
+                    }
+                    let reason = match e {
+                        SubmitError::Invalid(m) => m,
+                        SubmitError::Refused(r) => r.to_string(),
+                    };
+                    return Err(GenerateError::BadRequest { index: i, reason });
+                }
                 next += 1;
             }
-            if live.is_empty() {
-                if next == order.len() {
-                    break Ok(());
-                }
-                step += 1;
-                continue;
-            }
-            let mut batch = ForwardBatch::default();
-            let mut sampled = Vec::new();
-            let mut failure = None;
-            let mut ends = Vec::with_capacity(live.len());
-            for (si, s) in live.iter().enumerate() {
-                let end = s.tokens.len().min(s.num_computed + self.cfg.max_chunk);
-                if let Err(e) = self.manager.allocate(s.id, end, &mut copies) {
-                    failure = Some(GenerateError::OutOfBlocks(e));
-                    break;
-                }
-                let want = end == s.tokens.len() && !s.finished;
-                batch.push_seq(
-                    &s.tokens[s.num_computed..end],
-                    s.num_computed,
-                    self.manager.block_table(s.id),
-                    bs,
-                    want,
-                );
-                if want {
-                    sampled.push(si);
-                }
-                ends.push(end);
-            }
-            if let Some(f) = failure {
-                break Err(f);
-            }
-            self.cache.apply(&copies);
-            copies.clear();
-            let logits = self.model.forward(&batch, &mut self.cache);
-            for (s, &end) in live.iter_mut().zip(&ends) {
-                s.num_computed = end;
-                self.manager.commit(s.id, &s.tokens, end);
-            }
-            // Sequences that finished last step have now computed their last token: release.
-            let mut k = 0;
-            while k < live.len() {
-                if live[k].finished {
-                    let s = live.remove(k);
-                    self.manager.free(s.id, &s.tokens, s.num_computed);
-                    sampled.iter_mut().for_each(|si| {
-                        if *si > k {
-                            *si -= 1;
+            for ev in self.core.step() {
+                let i = (ev.id - base) as usize;
+                match ev.kind {
+                    EventKind::Token { text, .. } => {
+                        if !text.is_empty() {
+                            on_text(i, &text);
                         }
-                    });
-                } else {
-                    k += 1;
-                }
-            }
-            let vocab = self.model.config.vocab_size;
-            for (row, &si) in sampled.iter().enumerate() {
-                let row_logits = &logits[row * vocab..(row + 1) * vocab];
-                let first = live[si].first_token.is_none();
-                if first && live[si].hit.total() > 0 && self.should_verify(live[si].id) {
-                    let prompt = live[si].tokens[..live[si].prompt_len].to_vec();
-                    let index = live[si].index;
-                    self.verify(index, &prompt, row_logits);
-                }
-                let s = &mut live[si];
-                let params = &requests[s.index].params;
-                let tok = sample(row_logits, params, &mut s.rng);
-                s.tokens.push(tok);
-                s.first_token.get_or_insert_with(|| s.started.elapsed());
-                if let Some(t) = self.codec.tokenizer() {
-                    let delta = s.decoder.push(t, tok);
-                    s.text.push_str(&delta);
-                }
-                let n_out = s.tokens.len() - s.prompt_len;
-                let mut finish = None;
-                if (!params.ignore_eos && self.codec.eos_token_ids.contains(&tok))
-                    || params.stop_token_ids.contains(&tok)
-                {
-                    finish = Some(FinishReason::Stop);
-                }
-                if finish.is_none() {
-                    if let Some(pos) = params
-                        .stop
-                        .iter()
-                        .filter_map(|st| s.text.find(st.as_str()))
-                        .min()
-                    {
-                        s.text.truncate(pos);
-                        finish = Some(FinishReason::Stop);
                     }
-                }
-                if finish.is_none() && (n_out >= params.max_tokens || s.tokens.len() >= max_ctx) {
-                    finish = Some(FinishReason::Length);
-                }
-                // Hold back text that could still become a stop string.
-                let hold = if finish.is_some() {
-                    0
-                } else {
-                    params
-                        .stop
-                        .iter()
-                        .map(|st| st.len().saturating_sub(1))
-                        .max()
-                        .unwrap_or(0)
-                };
-                let mut upto = s.text.len().saturating_sub(hold).max(s.emitted);
-                while !s.text.is_char_boundary(upto) {
-                    upto -= 1;
-                }
-                if upto > s.emitted {
-                    on_text(s.index, &s.text[s.emitted..upto]);
-                    s.emitted = upto;
-                }
-                if let Some(reason) = finish {
-                    s.finished = true;
-                    results[s.index] = Some(GenerationResult {
-                        output_ids: s.tokens[s.prompt_len..].to_vec(),
-                        text: s.text.clone(),
-                        finish_reason: reason,
-                        cached_tokens: s.hit.device_tokens,
-                        host_cached_tokens: s.hit.host_tokens,
-                        time_to_first_token: s.first_token.unwrap_or_default(),
-                        total_time: s.started.elapsed(),
-                    });
+                    EventKind::Done(d) => {
+                        results.insert(
+                            i,
+                            GenerationResult {
+                                output_ids: d.output_ids,
+                                text: d.text,
+                                finish_reason: d.finish_reason,
+                                cached_tokens: d.usage.cached_tokens,
+                                host_cached_tokens: d.usage.host_cached_tokens,
+                                time_to_first_token: d.timing.ttft,
+                                total_time: d.timing.total,
+                            },
+                        );
+                    }
                 }
             }
             step += 1;
-        };
-        for s in live.drain(..) {
-            if s.finished {
-                self.manager.free(s.id, &s.tokens, s.num_computed);
-            } else {
-                self.manager.discard(s.id);
-            }
         }
-        outcome?;
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("every request finishes before the loop ends"))
+        // Let finishing requests cache their last token's K/V.
+        while self.core.has_work() {
+            self.core.step();
+        }
+        Ok((0..requests.len())
+            .map(|i| results.remove(&i).expect("every request finished"))
             .collect())
     }
 }

@@ -1,18 +1,22 @@
 //! The convoy engine: a Llama-family forward pass over a paged KV cache, sampling, incremental
 //! detokenisation and batched generation, plus the `convoy` binary.
 
+pub mod core;
 pub mod detokenizer;
 pub mod forward_batch;
 pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod options;
+pub mod runner;
 pub mod sampler;
 pub mod tokenizer;
 
+pub use convoy_scheduler::FinishReason;
+pub use core::{EngineCore, EngineEvent, EngineRequest, EngineStats, EventKind};
 pub use forward_batch::{ForwardBatch, SeqSlice};
-pub use generate::{EngineStats, GenerationRequest, GenerationResult, Generator, GeneratorConfig};
+pub use generate::{GenerationRequest, GenerationResult, Generator, GeneratorConfig};
 pub use kv_cache::KvCache;
 pub use model::llama::LlamaModel;
-pub use sampler::{FinishReason, SamplingParams};
+pub use sampler::SamplingParams;
 pub use tokenizer::TextCodec;

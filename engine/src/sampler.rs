@@ -63,16 +63,6 @@ impl SamplingParams {
     }
 }
 
-/// Why a sequence ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// EOS, a stop token id or a stop string.
-    Stop,
-    /// `max_tokens` reached, or the context is full.
-    Length,
-}
-
 /// A seeded random stream (SplitMix64).
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

@@ -192,6 +192,30 @@ impl Scheduler {
         (-self.effective_priority(r), r.arrival)
     }
 
+    /// Blocks for `num_tokens` positions of scratch work under id `id` (e.g. recomputing a
+    /// prompt without the cache to verify it), with the copies the allocation needs. Nothing
+    /// computed there is cached; give them back with [`Scheduler::release_scratch`].
+    pub fn reserve_scratch(
+        &mut self,
+        id: RequestId,
+        tokens: &[u32],
+    ) -> Option<(Vec<crate::BlockId>, Vec<crate::BlockCopy>)> {
+        let mut copies = Vec::new();
+        self.kv.begin(id, tokens, None, 0, &mut copies);
+        match self.kv.allocate(id, tokens.len(), &mut copies) {
+            Ok(()) => Some((self.kv.block_table(id).to_vec(), copies)),
+            Err(_) => {
+                self.kv.discard(id);
+                None
+            }
+        }
+    }
+
+    /// Give back scratch blocks.
+    pub fn release_scratch(&mut self, id: RequestId) {
+        self.kv.discard(id);
+    }
+
     /// Remove a request at once (cancel, disconnect, deadline): its blocks go back to the pool
     /// now. Returns whether it was live.
     pub fn abort(&mut self, id: RequestId, reason: FinishReason) -> bool {

@@ -33,15 +33,19 @@ fn eight_prompts_together_equal_each_alone() {
             },
             arrival_step: i * 3,
             cache_salt: None,
+            priority: 0,
         })
         .collect();
     // Prefix caching off: the runs alone must recompute everything, not reuse the batch's K/V.
+    // Together: at most 20 tokens per step, so prompts are chunked next to other decodes.
     let mut cfg = GeneratorConfig::new(512, 16);
     cfg.enable_prefix_caching = false;
+    cfg.max_batched_tokens = 20;
+    let together = Generator::new(&model, codec.clone(), cfg.clone())
+        .run(&requests, |_, _| {})
+        .unwrap();
+    cfg.max_batched_tokens = 2048;
     let mut generator = Generator::new(&model, codec, cfg);
-    generator.set_max_chunk(20);
-    let together = generator.run(&requests, |_, _| {}).unwrap();
-    generator.set_max_chunk(512);
     for (i, r) in requests.iter().enumerate() {
         let alone = generator
             .run(

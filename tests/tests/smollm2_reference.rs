@@ -130,6 +130,7 @@ fn greedy_outputs_match_transformers_token_for_token() {
             },
             arrival_step: 0,
             cache_salt: None,
+            priority: 0,
         })
         .collect();
     let mut generator = Generator::new(&model, codec, GeneratorConfig::new(2048, 16));

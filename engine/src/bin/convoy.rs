@@ -163,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
                 params: sampling.params(),
                 arrival_step: 0,
                 cache_salt: None,
+                priority: 0,
             };
             let stream = format == "text";
             let mut out = std::io::stdout();
@@ -182,7 +183,7 @@ fn run(cli: Cli) -> Result<()> {
                     "prompt_ids": ids,
                     "output_ids": r.output_ids,
                     "text": r.text,
-                    "finish_reason": r.finish_reason,
+                    "finish_reason": r.finish_reason.as_str(),
                     "prompt_tokens_per_s": ids.len() as f64 / ttft.max(1e-9),
                     "decode_tokens_per_s": if r.output_ids.len() > 1 { (r.output_ids.len() - 1) as f64 / decode.max(1e-9) } else { 0.0 },
                     "time_to_first_token_ms": ttft * 1e3,
@@ -227,6 +228,7 @@ fn run(cli: Cli) -> Result<()> {
                     params: sampling.params(),
                     arrival_step: 0,
                     cache_salt: None,
+                    priority: 0,
                 };
                 let r = generator.run(std::slice::from_ref(&req), |_, delta| {
                     let _ = out.write_all(delta.as_bytes());

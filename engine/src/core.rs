@@ -1,0 +1,424 @@
+//! The engine core: one step is `schedule -> execute -> update`, plus what turns token ids into
+//! client events (incremental detokenisation, stop strings, usage and timing) and the cache
+//! verification oracle. Single-threaded and synchronous: the daemon runs it on its own thread;
+//! `Generator` drives it directly for the CLI and tests.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use convoy_scheduler::{
+    AddError, CacheStats, FinishReason, NewRequest, PrefixMatch, RequestId, Scheduler,
+    SchedulerConfig,
+};
+
+use crate::detokenizer::IncrementalDecoder;
+use crate::runner::{ModelRunner, TokenLogprobs};
+use crate::sampler::{Rng, SamplingParams};
+use crate::tokenizer::TextCodec;
+
+/// A request as the engine takes it.
+#[derive(Clone, Debug, Default)]
+pub struct EngineRequest {
+    /// Prompt token ids.
+    pub prompt_ids: Vec<u32>,
+    /// Sampling and stopping.
+    pub params: SamplingParams,
+    /// Larger is served first.
+    pub priority: i32,
+    /// Requests with different salts never share cached K/V.
+    pub cache_salt: Option<String>,
+    /// Return log-probabilities with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Give up (finish reason `deadline`) this long after arrival.
+    pub deadline: Option<Duration>,
+}
+
+/// Token counts of a finished request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the device tier of the cache.
+    pub cached_tokens: usize,
+    /// Prompt tokens served from the host tier.
+    pub host_cached_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+}
+
+/// Latencies of a finished request.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timing {
+    /// From arrival to first scheduled.
+    pub queue: Duration,
+    /// From arrival to the first token (zero if none).
+    pub ttft: Duration,
+    /// From arrival to the end.
+    pub total: Duration,
+}
+
+/// The end of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Done {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// All generated token ids.
+    pub output_ids: Vec<u32>,
+    /// All generated text (without a stop string).
+    pub text: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// Latencies.
+    pub timing: Timing,
+}
+
+/// Something a client should hear about.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EventKind {
+    /// New tokens and the text they completed (possibly empty).
+    Token {
+        /// Text delta.
+        text: String,
+        /// Token ids.
+        token_ids: Vec<u32>,
+        /// Log-probabilities, when asked for.
+        logprobs: Option<TokenLogprobs>,
+    },
+    /// The final event.
+    Done(Done),
+}
+
+/// An event for one request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineEvent {
+    /// The request.
+    pub id: RequestId,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// Counters since the engine started.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    /// The cache manager's counters.
+    pub cache: CacheStats,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: u64,
+    /// Prompt tokens served from either cache tier.
+    pub cached_prompt_tokens: u64,
+    /// Tokens generated.
+    pub generated_tokens: u64,
+    /// Requests finished (any reason).
+    pub finished_requests: u64,
+    /// Cache-hit prefills recomputed by the verification oracle.
+    pub verified_prefills: u64,
+    /// Of those, how many gave different logits. Should stay 0 forever.
+    pub cache_divergence_total: u64,
+    /// Engine steps run.
+    pub steps: u64,
+}
+
+struct Live {
+    params: SamplingParams,
+    decoder: IncrementalDecoder,
+    text: String,
+    emitted: usize,
+    output_ids: Vec<u32>,
+    prompt_len: usize,
+    hit: PrefixMatch,
+    arrived: Duration,
+    scheduled: Option<Duration>,
+    first_token: Option<Duration>,
+    deadline: Option<Duration>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// A parameter is out of range or the prompt is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The scheduler refused it.
+    #[error(transparent)]
+    Refused(#[from] AddError),
+}
+
+/// The engine core over a runner.
+pub struct EngineCore<R: ModelRunner> {
+    scheduler: Scheduler,
+    runner: R,
+    codec: TextCodec,
+    live: HashMap<RequestId, Live>,
+    verify_fraction: f64,
+    next_scratch: RequestId,
+    stats: EngineStats,
+}
+
+impl<R: ModelRunner> EngineCore<R> {
+    /// An idle engine.
+    pub fn new(
+        cfg: SchedulerConfig,
+        runner: R,
+        codec: TextCodec,
+        verify_fraction: f64,
+    ) -> EngineCore<R> {
+        EngineCore {
+            scheduler: Scheduler::new(cfg),
+            runner,
+            codec,
+            live: HashMap::new(),
+            verify_fraction,
+            next_scratch: RequestId::MAX,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The scheduler (read-only).
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// The runner (read-only).
+    pub fn runner(&self) -> &R {
+        &self.runner
+    }
+
+    /// The text codec.
+    pub fn codec(&self) -> &TextCodec {
+        &self.codec
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            cache: self.scheduler.kv().stats(),
+            ..self.stats
+        }
+    }
+
+    /// Whether any request is live.
+    pub fn has_work(&self) -> bool {
+        !self.scheduler.is_idle()
+    }
+
+    /// Requests whose stream is still open.
+    pub fn num_live(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The engine clock (wall or simulated).
+    pub fn now(&self) -> Duration {
+        self.runner.now()
+    }
+
+    /// Admit a request under a caller-chosen id (unique among live requests).
+    pub fn add(&mut self, id: RequestId, req: EngineRequest) -> Result<(), SubmitError> {
+        req.params.validate().map_err(SubmitError::Invalid)?;
+        let vocab = self.runner.vocab_size();
+        if let Some(&bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SubmitError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let mut stop = req.params.stop_token_ids.clone();
+        if !req.params.ignore_eos {
+            stop.extend(self.codec.eos_token_ids.iter().copied());
+        }
+        self.scheduler.add(NewRequest {
+            id,
+            prompt: req.prompt_ids.clone(),
+            max_tokens: req.params.max_tokens,
+            stop_token_ids: stop,
+            priority: req.priority,
+            cache_salt: req.cache_salt.clone(),
+        })?;
+        self.runner.add_request(id, &req.params, req.logprobs);
+        self.stats.prompt_tokens += req.prompt_ids.len() as u64;
+        let now = self.runner.now();
+        self.live.insert(
+            id,
+            Live {
+                params: req.params,
+                decoder: IncrementalDecoder::new(),
+                text: String::new(),
+                emitted: 0,
+                output_ids: Vec::new(),
+                prompt_len: req.prompt_ids.len(),
+                hit: PrefixMatch::default(),
+                arrived: now,
+                scheduled: None,
+                first_token: None,
+                deadline: req.deadline.map(|d| now + d),
+            },
+        );
+        Ok(())
+    }
+
+    fn done_event(&mut self, id: RequestId, reason: FinishReason) -> Option<EngineEvent> {
+        let l = self.live.remove(&id)?;
+        self.runner.remove_request(id);
+        self.stats.finished_requests += 1;
+        let now = self.runner.now();
+        Some(EngineEvent {
+            id,
+            kind: EventKind::Done(Done {
+                finish_reason: reason,
+                usage: Usage {
+                    prompt_tokens: l.prompt_len,
+                    cached_tokens: l.hit.device_tokens,
+                    host_cached_tokens: l.hit.host_tokens,
+                    completion_tokens: l.output_ids.len(),
+                },
+                timing: Timing {
+                    queue: l.scheduled.unwrap_or(now) - l.arrived,
+                    ttft: l.first_token.map(|t| t - l.arrived).unwrap_or_default(),
+                    total: now - l.arrived,
+                },
+                output_ids: l.output_ids,
+                text: l.text,
+            }),
+        })
+    }
+
+    /// End a request now (cancel, disconnect, deadline, slow consumer); its blocks are freed
+    /// at once. Returns its final event, or `None` if it was not live.
+    pub fn abort(&mut self, id: RequestId, reason: FinishReason) -> Option<EngineEvent> {
+        self.scheduler.abort(id, reason);
+        self.done_event(id, reason)
+    }
+
+    fn should_verify(&self, id: RequestId) -> bool {
+        self.verify_fraction > 0.0
+            && Rng::new(id ^ 0x7665_7269_6679).uniform() < self.verify_fraction
+    }
+
+    fn verify(&mut self, id: RequestId, cached: &[f32]) {
+        let Some(r) = self.scheduler.request(id) else {
+            return;
+        };
+        let prompt = r.tokens[..r.prompt_len].to_vec();
+        let scratch = self.next_scratch;
+        self.next_scratch -= 1;
+        let Some((blocks, copies)) = self.scheduler.reserve_scratch(scratch, &prompt) else {
+            tracing::debug!(request = id, "cache verification skipped: no free blocks");
+            return;
+        };
+        let fresh = self.runner.recompute_logits(&prompt, &blocks, &copies);
+        self.scheduler.release_scratch(scratch);
+        let Some(fresh) = fresh else { return };
+        self.stats.verified_prefills += 1;
+        let worst = fresh
+            .iter()
+            .zip(cached)
+            .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+            .fold(0f32, f32::max);
+        if worst.is_nan() || worst > 1e-4 {
+            self.stats.cache_divergence_total += 1;
+            tracing::error!(
+                request = id,
+                worst_relative_error = worst,
+                "cached prefill diverges from recomputation"
+            );
+        }
+    }
+
+    /// Run one step; returns the events it produced.
+    pub fn step(&mut self) -> Vec<EngineEvent> {
+        let mut events = Vec::new();
+        let now = self.runner.now();
+        let expired: Vec<RequestId> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.deadline.is_some_and(|d| now >= d))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            events.extend(self.abort(id, FinishReason::Deadline));
+        }
+        let out = self.scheduler.schedule();
+        self.stats.steps += 1;
+        for &(id, reason) in &out.ended {
+            events.extend(self.done_event(id, reason));
+        }
+        for s in &out.scheduled {
+            if let Some(l) = self.live.get_mut(&s.id) {
+                l.scheduled.get_or_insert(now);
+            }
+        }
+        for s in out.scheduled.iter().filter(|s| s.sample) {
+            let first = self.scheduler.request(s.id).is_some_and(|r| {
+                r.num_output_tokens() == 0 && r.first_hit.is_some_and(|h| h.total() > 0)
+            });
+            if first && self.should_verify(s.id) {
+                self.runner.keep_logits(s.id);
+            }
+        }
+        let result = self.runner.execute(&out);
+        for (id, logits) in &result.kept_logits {
+            self.verify(*id, logits);
+        }
+        let outputs = self.scheduler.update_from_output(&out, &result.output);
+        let now = self.runner.now();
+        for o in outputs {
+            let Some(l) = self.live.get_mut(&o.id) else {
+                continue;
+            };
+            if let Some(hit) = o.prefix_hit {
+                l.hit = hit;
+                self.stats.cached_prompt_tokens += hit.total() as u64;
+            }
+            l.first_token.get_or_insert(now);
+            let mut finished = o.finished;
+            for &tok in &o.new_token_ids {
+                l.output_ids.push(tok);
+                self.stats.generated_tokens += 1;
+                if let Some(t) = self.codec.tokenizer() {
+                    let delta = l.decoder.push(t, tok);
+                    l.text.push_str(&delta);
+                }
+            }
+            if finished.is_none() {
+                if let Some(pos) = l
+                    .params
+                    .stop
+                    .iter()
+                    .filter_map(|st| l.text.find(st.as_str()))
+                    .min()
+                {
+                    l.text.truncate(pos);
+                    finished = Some(FinishReason::Stop);
+                    self.scheduler.finish(o.id, FinishReason::Stop);
+                }
+            }
+            // Hold back text that could still become a stop string.
+            let hold = if finished.is_some() {
+                0
+            } else {
+                l.params
+                    .stop
+                    .iter()
+                    .map(|st| st.len().saturating_sub(1))
+                    .max()
+                    .unwrap_or(0)
+            };
+            let mut upto = l.text.len().saturating_sub(hold).max(l.emitted);
+            while !l.text.is_char_boundary(upto) {
+                upto -= 1;
+            }
+            let text = l.text[l.emitted..upto].to_string();
+            l.emitted = upto;
+            events.push(EngineEvent {
+                id: o.id,
+                kind: EventKind::Token {
+                    text,
+                    token_ids: o.new_token_ids.clone(),
+                    logprobs: result.logprobs.get(&o.id).cloned(),
+                },
+            });
+            if let Some(reason) = finished {
+                events.extend(self.done_event(o.id, reason));
+            }
+        }
+        events
+    }
+}

@@ -1,0 +1,208 @@
+//! Model runners: execute what the scheduler decided. `ModelRunner::execute(&SchedulerOutput)
+//! -> ModelOutput`, nothing more: the runner never decides.
+//!
+//! [`CpuRunner`] runs the real model on the CPU backend and samples with each request's own
+//! parameters and seeded random stream. The simulation runner lives in `sim.rs`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use convoy_scheduler::{BlockId, ModelOutput, RequestId, SampledToken, SchedulerOutput};
+
+use crate::forward_batch::ForwardBatch;
+use crate::kv_cache::KvCache;
+use crate::model::llama::LlamaModel;
+use crate::sampler::{sample, Rng, SamplingParams};
+
+/// Log-probability of the sampled token and of the most likely alternatives.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the sampled token.
+    pub logprob: f32,
+    /// The `n` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one step produced, beyond the sampled tokens.
+#[derive(Clone, Debug, Default)]
+pub struct StepResult {
+    /// Sampled tokens, in scheduled order.
+    pub output: ModelOutput,
+    /// Log-probabilities for requests that asked for them.
+    pub logprobs: HashMap<RequestId, TokenLogprobs>,
+    /// Logits kept for requests marked with [`ModelRunner::keep_logits`] (cache verification).
+    pub kept_logits: HashMap<RequestId, Vec<f32>>,
+}
+
+/// Executes scheduled steps.
+pub trait ModelRunner {
+    /// Start sampling state for a request.
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams, logprobs: Option<usize>);
+    /// Drop a request's sampling state.
+    fn remove_request(&mut self, id: RequestId);
+    /// Keep the logits of `id`'s next sampled row (for cache verification).
+    fn keep_logits(&mut self, id: RequestId);
+    /// Run one step.
+    fn execute(&mut self, out: &SchedulerOutput) -> StepResult;
+    /// Logits of the last position of `tokens` computed from scratch in `blocks` (after
+    /// `copies`); `None` when the runner computes nothing.
+    fn recompute_logits(
+        &mut self,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        copies: &[convoy_scheduler::BlockCopy],
+    ) -> Option<Vec<f32>>;
+    /// Time since the runner started: wall clock, or the simulated clock.
+    fn now(&self) -> Duration;
+    /// Vocabulary size.
+    fn vocab_size(&self) -> usize;
+}
+
+struct SamplerState {
+    params: SamplingParams,
+    rng: Rng,
+    logprobs: Option<usize>,
+    keep: bool,
+}
+
+/// The real model on the CPU.
+pub struct CpuRunner<'m> {
+    model: &'m LlamaModel,
+    cache: KvCache,
+    samplers: HashMap<RequestId, SamplerState>,
+    started: Instant,
+}
+
+impl<'m> CpuRunner<'m> {
+    /// A runner with KV storage for `num_blocks` device and `num_host_blocks` host blocks.
+    pub fn new(
+        model: &'m LlamaModel,
+        num_blocks: usize,
+        num_host_blocks: usize,
+        block_size: usize,
+    ) -> CpuRunner<'m> {
+        CpuRunner {
+            model,
+            cache: model.new_tiered_kv_cache(num_blocks, num_host_blocks, block_size),
+            samplers: HashMap::new(),
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Log-softmax statistics of a logits row: the sampled token's log-probability and the top `n`.
+pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let n = n.min(idx.len());
+    let by = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
+    if n > 0 && n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, by);
+    }
+    idx.truncate(n);
+    idx.sort_unstable_by(by);
+    TokenLogprobs {
+        logprob: logits[token as usize] - lse,
+        top: idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect(),
+    }
+}
+
+impl ModelRunner for CpuRunner<'_> {
+    fn add_request(&mut self, id: RequestId, params: &SamplingParams, logprobs: Option<usize>) {
+        let seed = params.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ id
+        });
+        self.samplers.insert(
+            id,
+            SamplerState {
+                params: params.clone(),
+                rng: Rng::new(seed),
+                logprobs,
+                keep: false,
+            },
+        );
+    }
+
+    fn remove_request(&mut self, id: RequestId) {
+        self.samplers.remove(&id);
+    }
+
+    fn keep_logits(&mut self, id: RequestId) {
+        if let Some(s) = self.samplers.get_mut(&id) {
+            s.keep = true;
+        }
+    }
+
+    fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+        self.cache.apply(&out.copies);
+        let mut result = StepResult::default();
+        if out.scheduled.is_empty() {
+            return result;
+        }
+        let bs = self.cache.block_size;
+        let mut batch = ForwardBatch::default();
+        for s in &out.scheduled {
+            batch.push_seq(
+                &s.token_ids,
+                s.num_computed_tokens,
+                &s.block_table,
+                bs,
+                s.sample,
+            );
+        }
+        let logits = self.model.forward(&batch, &mut self.cache);
+        let vocab = self.model.config.vocab_size;
+        for (row, s) in out.scheduled.iter().filter(|s| s.sample).enumerate() {
+            let l = &logits[row * vocab..(row + 1) * vocab];
+            let Some(st) = self.samplers.get_mut(&s.id) else {
+                // Unknown to the sampler (should not happen): greedy keeps the step consistent.
+                result.output.sampled.push(SampledToken {
+                    id: s.id,
+                    token: crate::sampler::argmax(l),
+                });
+                continue;
+            };
+            let token = sample(l, &st.params, &mut st.rng);
+            if let Some(n) = st.logprobs {
+                result.logprobs.insert(s.id, logprobs_of(l, token, n));
+            }
+            if std::mem::take(&mut st.keep) {
+                result.kept_logits.insert(s.id, l.to_vec());
+            }
+            result.output.sampled.push(SampledToken { id: s.id, token });
+        }
+        result
+    }
+
+    fn recompute_logits(
+        &mut self,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        copies: &[convoy_scheduler::BlockCopy],
+    ) -> Option<Vec<f32>> {
+        self.cache.apply(copies);
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(tokens, 0, blocks, self.cache.block_size, true);
+        Some(self.model.forward(&batch, &mut self.cache))
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+}
