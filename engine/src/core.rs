@@ -116,6 +116,8 @@ pub struct EngineStats {
     pub cache_divergence_total: u64,
     /// Engine steps run.
     pub steps: u64,
+    /// Requests preempted for lack of KV blocks.
+    pub preemptions: u64,
 }
 
 struct Live {
@@ -192,6 +194,7 @@ impl<R: ModelRunner> EngineCore<R> {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             cache: self.scheduler.kv().stats(),
+            preemptions: self.scheduler.num_preemptions(),
             ..self.stats
         }
     }

@@ -44,6 +44,16 @@ impl TextCodec {
         }
     }
 
+    /// A codec with no tokenizer or template (token ids only), for simulations and dummy models.
+    pub fn without_tokenizer(eos_token_ids: Vec<u32>) -> TextCodec {
+        TextCodec {
+            tokenizer: None,
+            template: None,
+            eos_token_ids,
+            bos_token_id: None,
+        }
+    }
+
     /// The tokenizer, if any.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_deref()

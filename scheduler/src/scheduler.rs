@@ -82,6 +82,7 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     step: u64,
     next_arrival: u64,
+    preemptions: u64,
 }
 
 impl Scheduler {
@@ -95,6 +96,7 @@ impl Scheduler {
             running: Vec::new(),
             step: 0,
             next_arrival: 0,
+            preemptions: 0,
         }
     }
 
@@ -121,6 +123,11 @@ impl Scheduler {
     /// Whether nothing is live.
     pub fn is_idle(&self) -> bool {
         self.requests.is_empty()
+    }
+
+    /// Preemptions so far.
+    pub fn num_preemptions(&self) -> u64 {
+        self.preemptions
     }
 
     /// Steps scheduled so far.
@@ -258,6 +265,7 @@ impl Scheduler {
         }
         r.status = RequestStatus::Waiting;
         r.num_preemptions += 1;
+        self.preemptions += 1;
         r.waiting_since = step;
         self.waiting.push(id);
         out.preempted.push(id);

@@ -61,3 +61,97 @@ fn eight_prompts_together_equal_each_alone() {
     }
     assert_eq!(generator.free_blocks(), 512);
 }
+
+/// 16 concurrent requests of different lengths arriving at different steps equal each request
+/// run alone; and again through a KV cache so small that requests are preempted and resumed.
+#[test]
+fn sixteen_concurrent_requests_with_and_without_preemption_equal_each_alone() {
+    let (model, codec) = load(&smollm2_path());
+    let reference = smollm2_reference();
+    let mut prompts: Vec<Vec<u32>> = Vec::new();
+    for c in reference["completions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(reference["chats"].as_array().unwrap())
+    {
+        prompts.push(ids(&c["prompt_ids"]));
+    }
+    for turn in reference["multi_turn"][0]["turns"].as_array().unwrap() {
+        prompts.push(ids(&turn["prompt_ids"]));
+    }
+    // Variations: every prompt again, cut short, so lengths differ and prefixes are shared.
+    let base = prompts.clone();
+    for p in base {
+        if prompts.len() == 16 {
+            break;
+        }
+        prompts.push(p[..p.len().div_ceil(2)].to_vec());
+    }
+    assert_eq!(prompts.len(), 16);
+    let requests: Vec<GenerationRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| GenerationRequest {
+            prompt_ids: p.clone(),
+            params: SamplingParams {
+                max_tokens: 40,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            arrival_step: (i * 7) % 23,
+            ..Default::default()
+        })
+        .collect();
+    let mut alone_cfg = GeneratorConfig::new(512, 16);
+    alone_cfg.enable_prefix_caching = false;
+    let mut alone = Generator::new(&model, codec.clone(), alone_cfg);
+    let want: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            alone
+                .run(
+                    &[GenerationRequest {
+                        arrival_step: 0,
+                        ..r.clone()
+                    }],
+                    |_, _| {},
+                )
+                .unwrap()
+                .remove(0)
+                .output_ids
+        })
+        .collect();
+
+    for (blocks, expect_preemption) in [(512, false), (20, true)] {
+        let mut cfg = GeneratorConfig::new(blocks, 16);
+        // Large cache: 64 tokens per step, so prompts are chunked next to decodes. Small cache:
+        // many requests are admitted at once and overflow it while they decode, so the
+        // scheduler must preempt and resume them.
+        cfg.max_batched_tokens = if expect_preemption { 512 } else { 64 };
+        // The requests share long prefixes; without sharing each needs its own blocks.
+        cfg.enable_prefix_caching = !expect_preemption;
+        let mut g = Generator::new(&model, codec.clone(), cfg);
+        // Small cache: everything arrives at once, so admission fills the cache before the
+        // running requests grow.
+        let batch: Vec<GenerationRequest> = requests
+            .iter()
+            .map(|r| GenerationRequest {
+                arrival_step: if expect_preemption { 0 } else { r.arrival_step },
+                ..r.clone()
+            })
+            .collect();
+        let got = g.run(&batch, |_, _| {}).unwrap();
+        for (i, r) in got.iter().enumerate() {
+            assert_eq!(r.output_ids, want[i], "request {i} with {blocks} KV blocks");
+        }
+        let stats = g.stats();
+        assert_eq!(
+            stats.preemptions > 0,
+            expect_preemption,
+            "{blocks} blocks: {} preemptions",
+            stats.preemptions
+        );
+        assert_eq!(g.free_blocks(), blocks);
+    }
+}
