@@ -105,11 +105,11 @@ fn two_thousand_random_requests_all_finish_exactly() {
         // Random aborts among recent arrivals (queued, prefilling or decoding).
         if rng.below(16) == 0 && next > 0 {
             let victim = next - 1 - rng.below(next.min(30));
-            if !done.contains_key(&victim) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = done.entry(victim) {
                 if let Some(ev) = core.abort(victim, FinishReason::Cancelled) {
                     assert!(matches!(ev.kind, EventKind::Done(_)));
                     aborted.insert(victim);
-                    done.insert(victim, FinishReason::Cancelled);
+                    slot.insert(FinishReason::Cancelled);
                 }
             }
         }
