@@ -10,6 +10,7 @@ pub mod model;
 pub mod options;
 pub mod runner;
 pub mod sampler;
+pub mod service;
 pub mod sim;
 pub mod tokenizer;
 

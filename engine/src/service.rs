@@ -1,0 +1,290 @@
+//! The engine thread: one thread owns the model, the KV cache and the scheduler; commands come
+//! in over a channel; every request's events go out through its own sink. Async I/O (the
+//! daemon) lives on the other side of the channel and never blocks this thread: sinks must not
+//! block, and a sink that reports its receiver gone gets its request aborted (disconnect).
+//!
+//! A panic inside a step is caught: every live request receives a final `Error` event and the
+//! thread ends, reporting the panic through [`EngineHandle::join`].
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use convoy_scheduler::{FinishReason, RequestId};
+
+use crate::core::{
+    Done, EngineCore, EngineEvent, EngineRequest, EngineStats, EventKind, SubmitError,
+};
+use crate::generate::GeneratorConfig;
+use crate::model::llama::LlamaModel;
+use crate::runner::CpuRunner;
+use crate::tokenizer::TextCodec;
+
+/// Where a request's events go. Returns false when nobody listens any more.
+pub type EventSink = Box<dyn FnMut(EngineEvent) -> bool + Send>;
+
+/// A snapshot of the engine for `stats`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceStats {
+    /// Counters.
+    pub engine: EngineStats,
+    /// Requests waiting.
+    pub waiting: usize,
+    /// Requests running.
+    pub running: usize,
+    /// Device KV blocks in all.
+    pub device_blocks: usize,
+    /// Device KV blocks held by requests.
+    pub device_blocks_held: usize,
+    /// Device KV blocks holding cached contents.
+    pub device_blocks_cached: usize,
+    /// Host KV blocks in all.
+    pub host_blocks: usize,
+    /// Host KV blocks holding cached contents.
+    pub host_blocks_cached: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+enum Command {
+    Add {
+        id: RequestId,
+        req: EngineRequest,
+        sink: EventSink,
+        reply: Sender<Result<(), String>>,
+    },
+    Abort {
+        id: RequestId,
+        reason: FinishReason,
+    },
+    Stats {
+        reply: Sender<ServiceStats>,
+    },
+    Shutdown,
+}
+
+/// The caller's side of the engine thread.
+pub struct EngineHandle {
+    tx: Sender<Command>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+/// The engine thread is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("the engine thread has stopped")]
+pub struct EngineGone;
+
+impl EngineHandle {
+    /// Submit a request; its events go to `sink`. Errors (a bad parameter, a full queue) come
+    /// back here and no event is sent.
+    pub fn submit(
+        &self,
+        id: RequestId,
+        req: EngineRequest,
+        sink: EventSink,
+    ) -> Result<Result<(), String>, EngineGone> {
+        let (reply, rx) = channel();
+        self.tx
+            .send(Command::Add {
+                id,
+                req,
+                sink,
+                reply,
+            })
+            .map_err(|_| EngineGone)?;
+        rx.recv().map_err(|_| EngineGone)
+    }
+
+    /// Cancel a request; its sink receives the final event.
+    pub fn abort(&self, id: RequestId, reason: FinishReason) -> Result<(), EngineGone> {
+        self.tx
+            .send(Command::Abort { id, reason })
+            .map_err(|_| EngineGone)
+    }
+
+    /// A snapshot of the engine.
+    pub fn stats(&self) -> Result<ServiceStats, EngineGone> {
+        let (reply, rx) = channel();
+        self.tx
+            .send(Command::Stats { reply })
+            .map_err(|_| EngineGone)?;
+        rx.recv().map_err(|_| EngineGone)
+    }
+
+    /// Cancel everything and stop the thread.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+    }
+
+    /// Wait for the thread; `Err` carries a panic message.
+    pub fn join(mut self) -> Result<(), String> {
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the engine thread panicked".into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Start the engine thread on the CPU backend.
+pub fn spawn_cpu(
+    model: LlamaModel,
+    codec: TextCodec,
+    cfg: GeneratorConfig,
+    max_queued: usize,
+) -> EngineHandle {
+    let (tx, rx) = channel::<Command>();
+    let thread = std::thread::Builder::new()
+        .name("convoy-engine".into())
+        .spawn(move || {
+            let runner =
+                CpuRunner::new(&model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
+            let mut sched = cfg.scheduler_config(model.config.max_position_embeddings);
+            sched.max_queued = max_queued;
+            let core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
+            run_loop(core, rx)
+        })
+        .expect("spawn the engine thread");
+    EngineHandle {
+        tx,
+        thread: Some(thread),
+    }
+}
+
+fn stats_of<R: crate::runner::ModelRunner>(core: &EngineCore<R>) -> ServiceStats {
+    let s = core.scheduler();
+    let kv = s.kv();
+    ServiceStats {
+        engine: core.stats(),
+        waiting: s.num_waiting(),
+        running: s.num_running(),
+        device_blocks: kv.device().num_blocks(),
+        device_blocks_held: kv.num_held_blocks(),
+        device_blocks_cached: kv.device().num_cached(),
+        host_blocks: kv.host().num_blocks(),
+        host_blocks_cached: kv.host().num_cached(),
+        block_size: kv.block_size(),
+    }
+}
+
+/// The thread's loop.
+fn run_loop<R: crate::runner::ModelRunner>(
+    mut core: EngineCore<R>,
+    rx: Receiver<Command>,
+) -> Result<(), String> {
+    let mut sinks: HashMap<RequestId, EventSink> = HashMap::new();
+    let deliver =
+        |sinks: &mut HashMap<RequestId, EventSink>, ev: EngineEvent| -> Option<RequestId> {
+            let id = ev.id;
+            let done = matches!(ev.kind, EventKind::Done(_));
+            let alive = sinks.get_mut(&id).is_some_and(|s| s(ev));
+            if done {
+                sinks.remove(&id);
+                None
+            } else if !alive {
+                Some(id)
+            } else {
+                None
+            }
+        };
+    loop {
+        // Take every pending command; block only when there is nothing to compute.
+        let mut commands = Vec::new();
+        if core.has_work() {
+            commands.extend(rx.try_iter());
+        } else {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(c) => {
+                    commands.push(c);
+                    commands.extend(rx.try_iter());
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+        for c in commands {
+            match c {
+                Command::Add {
+                    id,
+                    req,
+                    sink,
+                    reply,
+                } => match core.add(id, req) {
+                    Ok(()) => {
+                        sinks.insert(id, sink);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(SubmitError::Invalid(m)) => {
+                        let _ = reply.send(Err(m));
+                    }
+                    Err(SubmitError::Refused(r)) => {
+                        let _ = reply.send(Err(r.to_string()));
+                    }
+                },
+                Command::Abort { id, reason } => {
+                    if let Some(ev) = core.abort(id, reason) {
+                        deliver(&mut sinks, ev);
+                    }
+                }
+                Command::Stats { reply } => {
+                    let _ = reply.send(stats_of(&core));
+                }
+                Command::Shutdown => {
+                    let ids: Vec<RequestId> = sinks.keys().copied().collect();
+                    for id in ids {
+                        if let Some(ev) = core.abort(id, FinishReason::Cancelled) {
+                            deliver(&mut sinks, ev);
+                        }
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        if !core.has_work() {
+            continue;
+        }
+        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| core.step())) {
+            Ok(events) => events,
+            Err(p) => {
+                let msg = panic_message(&*p);
+                tracing::error!(panic = %msg, "engine step panicked");
+                for (id, mut sink) in sinks.drain() {
+                    sink(EngineEvent {
+                        id,
+                        kind: EventKind::Done(Done {
+                            finish_reason: FinishReason::Error,
+                            output_ids: vec![],
+                            text: String::new(),
+                            usage: Default::default(),
+                            timing: Default::default(),
+                        }),
+                    });
+                }
+                return Err(format!("engine step panicked: {msg}"));
+            }
+        };
+        let mut gone = Vec::new();
+        for ev in events {
+            gone.extend(deliver(&mut sinks, ev));
+        }
+        for id in gone {
+            // The client went away: free its blocks now.
+            core.abort(id, FinishReason::Cancelled);
+            sinks.remove(&id);
+        }
+    }
+}
