@@ -51,7 +51,7 @@ pub struct ServiceStats {
 enum Command {
     Add {
         id: RequestId,
-        req: EngineRequest,
+        req: Box<EngineRequest>,
         sink: EventSink,
         reply: Sender<Result<(), String>>,
     },
@@ -89,7 +89,7 @@ impl EngineHandle {
         self.tx
             .send(Command::Add {
                 id,
-                req,
+                req: Box::new(req),
                 sink,
                 reply,
             })
@@ -223,7 +223,7 @@ fn run_loop<R: crate::runner::ModelRunner>(
                     req,
                     sink,
                     reply,
-                } => match core.add(id, req) {
+                } => match core.add(id, *req) {
                     Ok(()) => {
                         sinks.insert(id, sink);
                         let _ = reply.send(Ok(()));
