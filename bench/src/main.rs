@@ -44,6 +44,31 @@ enum Cmd {
         #[arg(long)]
         llama_bench: Option<PathBuf>,
     },
+    /// Aggregate decode throughput through the engine (scheduler, runner, sampler,
+    /// detokeniser) at several concurrencies, against the compute bound of this machine's
+    /// matrix multiply on the model's own weights.
+    Engine {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Concurrent sequences.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        concurrency: Vec<usize>,
+        /// Prompt tokens per sequence.
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        /// Generated tokens per sequence.
+        #[arg(long, default_value_t = 64)]
+        gen_len: usize,
+    },
+    /// Time of one scheduling step (schedule + update) with many running requests.
+    Sched {
+        /// Running requests.
+        #[arg(long, default_value_t = 256)]
+        running: usize,
+        /// Steps to time.
+        #[arg(long, default_value_t = 2000)]
+        steps: usize,
+    },
     /// Time to first token of each turn of a long chat (a ~1,000-token persona), prefix cache
     /// on versus off, and the cache hit ratio.
     Chat {
@@ -306,6 +331,112 @@ fn main() -> Result<()> {
                     );
                 }
             }
+        }
+        Cmd::Engine {
+            model,
+            concurrency,
+            prompt_len,
+            gen_len,
+        } => {
+            use convoy_engine::{GenerationRequest, Generator, SamplingParams};
+            let loaded = model.load()?;
+            let vocab = loaded.model.config.vocab_size as u32;
+            // Compute bound: the model's matmuls at a large batch (prefill), in tokens/s.
+            let bound = (0..3)
+                .map(|_| measure(&loaded.model, 1, 512, 1, loaded.block_size).prefill_tps)
+                .fold(0.0, f64::max);
+            println!(
+                "model: {}  threads: {}  prompt {prompt_len}, decode {gen_len} tokens per sequence",
+                model.model_path()?.display(),
+                convoy_kernels::cpu::pool::num_threads()
+            );
+            println!(
+                "compute bound (512-token prefill through the same kernels): {bound:.1} tok/s"
+            );
+            println!(
+                "{:>11} {:>18} {:>14} {:>16}",
+                "concurrency", "decode tok/s", "vs single", "vs compute bound"
+            );
+            let mut single = None;
+            for &c in &concurrency {
+                let mut g = Generator::new(
+                    &loaded.model,
+                    loaded.codec.clone(),
+                    loaded.generator_config(),
+                );
+                let reqs: Vec<GenerationRequest> = (0..c)
+                    .map(|i| GenerationRequest {
+                        prompt_ids: (0..prompt_len)
+                            .map(|t| ((t * 7919 + i * 104729 + 13) as u32) % vocab)
+                            .collect(),
+                        params: SamplingParams {
+                            max_tokens: gen_len,
+                            ignore_eos: true,
+                            ..Default::default()
+                        },
+                        ..Default::default()
+                    })
+                    .collect();
+                let t = Instant::now();
+                let results = g.run(&reqs, |_, _| {})?;
+                let wall = t.elapsed().as_secs_f64();
+                let ttft = results
+                    .iter()
+                    .map(|r| r.time_to_first_token.as_secs_f64())
+                    .fold(0.0, f64::max);
+                let decoded: usize = results.iter().map(|r| r.output_ids.len() - 1).sum();
+                let tps = decoded as f64 / (wall - ttft).max(1e-9);
+                let s1 = *single.get_or_insert(tps);
+                println!(
+                    "{c:>11} {tps:>18.1} {:>13.2}x {:>15.1}%",
+                    tps / s1,
+                    100.0 * tps / bound
+                );
+            }
+        }
+        Cmd::Sched { running, steps } => {
+            use convoy_scheduler::{
+                KvCacheConfig, ModelOutput, NewRequest, SampledToken, Scheduler, SchedulerConfig,
+            };
+            let mut cfg = SchedulerConfig::new(KvCacheConfig::new(16, running * 256));
+            cfg.max_running = running;
+            cfg.max_batched_tokens = running * 4;
+            let mut s = Scheduler::new(cfg);
+            for i in 0..running as u64 {
+                s.add(NewRequest {
+                    id: i,
+                    prompt: (0..200).map(|t| (t + i * 1000) as u32).collect(),
+                    max_tokens: 1 << 30,
+                    ..Default::default()
+                })
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            let step = |s: &mut Scheduler| {
+                let out = s.schedule();
+                let sampled = out
+                    .scheduled
+                    .iter()
+                    .filter(|r| r.sample)
+                    .map(|r| SampledToken { id: r.id, token: 7 })
+                    .collect();
+                s.update_from_output(&out, &ModelOutput { sampled });
+                out.scheduled.len()
+            };
+            // Warm up: prefill everyone, so every step is a decode of all requests.
+            for _ in 0..200 {
+                step(&mut s);
+            }
+            let t = Instant::now();
+            let mut n = 0;
+            for _ in 0..steps {
+                n += step(&mut s);
+            }
+            let per = t.elapsed().as_secs_f64() / steps as f64;
+            println!(
+                "{running} running requests, {} scheduled per step on average: {:.1} us per step (schedule + update_from_output)",
+                n / steps,
+                per * 1e6
+            );
         }
         Cmd::Chat {
             model,

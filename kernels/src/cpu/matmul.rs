@@ -5,6 +5,7 @@
 //! token groups of up to 4 and row groups of up to 4 (8 for a single token), so a chunk of
 //! weights stays in cache while every token passes over it. Each output is one dot product
 //! computed identically in every tile shape (see `simd`), so results are batch invariant.
+//! Tiles: 8 rows x 1 token, 4 x (1..4) tokens, 2 x 8 tokens.
 
 use super::matrix::{dequantize_row, Matrix, Storage, WeightFormat};
 use super::SendPtr;
@@ -45,12 +46,20 @@ unsafe fn run_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1:
     if avx {
         let mut t0 = 0;
         while t0 < n {
-            let t = (n - t0).min(4);
+            // Eight tokens per tile when there are that many: each weight block is decoded
+            // once for eight tokens (two rows at a time keep the accumulators in registers).
+            let t = if n - t0 >= 8 { 8 } else { (n - t0).min(4) };
             let mut r = r0;
             while r < r1 {
                 let left = r1 - r;
                 let rr = if t == 1 && left >= 8 {
                     8
+                } else if t == 8 {
+                    if left >= 2 {
+                        2
+                    } else {
+                        1
+                    }
                 } else if left >= 4 {
                     4
                 } else if left >= 2 {
@@ -127,6 +136,8 @@ unsafe fn tile_dispatch(
         (4, 4) => go!(4, 4),
         (2, 4) => go!(2, 4),
         (1, 4) => go!(1, 4),
+        (2, 8) => go!(2, 8),
+        (1, 8) => go!(1, 8),
         _ => unreachable!("tile shapes are chosen above"),
     }
 }
