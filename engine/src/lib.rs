@@ -1,6 +1,7 @@
 //! The convoy engine: a Llama-family forward pass over a paged KV cache, sampling, incremental
 //! detokenisation and batched generation, plus the `convoy` binary.
 
+pub mod api;
 pub mod core;
 pub mod detokenizer;
 pub mod forward_batch;

@@ -22,8 +22,23 @@ use crate::model::llama::LlamaModel;
 use crate::runner::CpuRunner;
 use crate::tokenizer::TextCodec;
 
-/// Where a request's events go. Returns false when nobody listens any more.
-pub type EventSink = Box<dyn FnMut(EngineEvent) -> bool + Send>;
+/// What happened to an event handed to a sink.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Queued for the client.
+    Delivered,
+    /// Nobody listens any more (disconnect): the request is cancelled.
+    Gone,
+    /// The client is too far behind: the request is cancelled with `slow_consumer` (its final
+    /// event is still delivered).
+    TooSlow,
+}
+
+/// Where a request's events go. Called on the engine thread: it must never block.
+pub type EventSink = Box<dyn FnMut(EngineEvent) -> Delivery + Send>;
+
+/// Receives the answer to a submission.
+pub type SubmitReply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// A snapshot of the engine for `stats`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -53,14 +68,14 @@ enum Command {
         id: RequestId,
         req: Box<EngineRequest>,
         sink: EventSink,
-        reply: Sender<Result<(), String>>,
+        reply: SubmitReply,
     },
     Abort {
         id: RequestId,
         reason: FinishReason,
     },
     Stats {
-        reply: Sender<ServiceStats>,
+        reply: Box<dyn FnOnce(ServiceStats) + Send>,
     },
     Shutdown,
 }
@@ -76,16 +91,26 @@ pub struct EngineHandle {
 #[error("the engine thread has stopped")]
 pub struct EngineGone;
 
+impl Clone for EngineHandle {
+    /// Another sender to the same thread (only the original can [`EngineHandle::join`]).
+    fn clone(&self) -> EngineHandle {
+        EngineHandle {
+            tx: self.tx.clone(),
+            thread: None,
+        }
+    }
+}
+
 impl EngineHandle {
-    /// Submit a request; its events go to `sink`. Errors (a bad parameter, a full queue) come
-    /// back here and no event is sent.
-    pub fn submit(
+    /// Submit a request; its events go to `sink`, and `reply` hears whether it was accepted
+    /// (a bad parameter or a full queue is refused there and no event is sent). Never blocks.
+    pub fn submit_with(
         &self,
         id: RequestId,
         req: EngineRequest,
         sink: EventSink,
-    ) -> Result<Result<(), String>, EngineGone> {
-        let (reply, rx) = channel();
+        reply: SubmitReply,
+    ) -> Result<(), EngineGone> {
         self.tx
             .send(Command::Add {
                 id,
@@ -93,7 +118,21 @@ impl EngineHandle {
                 sink,
                 reply,
             })
-            .map_err(|_| EngineGone)?;
+            .map_err(|_| EngineGone)
+    }
+
+    /// [`EngineHandle::submit_with`], waiting for the answer.
+    pub fn submit(
+        &self,
+        id: RequestId,
+        req: EngineRequest,
+        sink: EventSink,
+    ) -> Result<Result<(), String>, EngineGone> {
+        let (tx, rx) = channel();
+        let reply: SubmitReply = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.submit_with(id, req, sink, reply)?;
         rx.recv().map_err(|_| EngineGone)
     }
 
@@ -104,12 +143,22 @@ impl EngineHandle {
             .map_err(|_| EngineGone)
     }
 
-    /// A snapshot of the engine.
-    pub fn stats(&self) -> Result<ServiceStats, EngineGone> {
-        let (reply, rx) = channel();
+    /// A snapshot of the engine, handed to `reply` on the engine thread. Never blocks.
+    pub fn stats_with(
+        &self,
+        reply: Box<dyn FnOnce(ServiceStats) + Send>,
+    ) -> Result<(), EngineGone> {
         self.tx
             .send(Command::Stats { reply })
-            .map_err(|_| EngineGone)?;
+            .map_err(|_| EngineGone)
+    }
+
+    /// A snapshot of the engine, waiting for it.
+    pub fn stats(&self) -> Result<ServiceStats, EngineGone> {
+        let (tx, rx) = channel();
+        self.stats_with(Box::new(move |s| {
+            let _ = tx.send(s);
+        }))?;
         rx.recv().map_err(|_| EngineGone)
     }
 
@@ -127,9 +176,9 @@ impl EngineHandle {
         }
     }
 
-    /// Whether the thread has ended.
+    /// Whether the thread has ended (always false for a clone).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.thread.as_ref().is_some_and(|t| t.is_finished())
     }
 }
 
@@ -181,26 +230,32 @@ fn stats_of<R: crate::runner::ModelRunner>(core: &EngineCore<R>) -> ServiceStats
     }
 }
 
-/// The thread's loop.
+/// Hand an event to its sink; returns the request to cancel, and why, when the client cannot
+/// take more. A final event always removes the sink.
+fn deliver(
+    sinks: &mut HashMap<RequestId, EventSink>,
+    ev: EngineEvent,
+) -> Option<(RequestId, FinishReason)> {
+    let id = ev.id;
+    let done = matches!(ev.kind, EventKind::Done(_));
+    let status = sinks.get_mut(&id).map(|s| s(ev));
+    if done {
+        sinks.remove(&id);
+        return None;
+    }
+    match status {
+        Some(Delivery::Gone) => Some((id, FinishReason::Cancelled)),
+        Some(Delivery::TooSlow) => Some((id, FinishReason::SlowConsumer)),
+        _ => None,
+    }
+}
+
+/// The engine thread's loop.
 fn run_loop<R: crate::runner::ModelRunner>(
     mut core: EngineCore<R>,
     rx: Receiver<Command>,
 ) -> Result<(), String> {
     let mut sinks: HashMap<RequestId, EventSink> = HashMap::new();
-    let deliver =
-        |sinks: &mut HashMap<RequestId, EventSink>, ev: EngineEvent| -> Option<RequestId> {
-            let id = ev.id;
-            let done = matches!(ev.kind, EventKind::Done(_));
-            let alive = sinks.get_mut(&id).is_some_and(|s| s(ev));
-            if done {
-                sinks.remove(&id);
-                None
-            } else if !alive {
-                Some(id)
-            } else {
-                None
-            }
-        };
     loop {
         // Take every pending command; block only when there is nothing to compute.
         let mut commands = Vec::new();
@@ -226,23 +281,17 @@ fn run_loop<R: crate::runner::ModelRunner>(
                 } => match core.add(id, *req) {
                     Ok(()) => {
                         sinks.insert(id, sink);
-                        let _ = reply.send(Ok(()));
+                        reply(Ok(()));
                     }
-                    Err(SubmitError::Invalid(m)) => {
-                        let _ = reply.send(Err(m));
-                    }
-                    Err(SubmitError::Refused(r)) => {
-                        let _ = reply.send(Err(r.to_string()));
-                    }
+                    Err(SubmitError::Invalid(m)) => reply(Err(m)),
+                    Err(SubmitError::Refused(r)) => reply(Err(r.to_string())),
                 },
                 Command::Abort { id, reason } => {
                     if let Some(ev) = core.abort(id, reason) {
                         deliver(&mut sinks, ev);
                     }
                 }
-                Command::Stats { reply } => {
-                    let _ = reply.send(stats_of(&core));
-                }
+                Command::Stats { reply } => reply(stats_of(&core)),
                 Command::Shutdown => {
                     let ids: Vec<RequestId> = sinks.keys().copied().collect();
                     for id in ids {
@@ -277,14 +326,18 @@ fn run_loop<R: crate::runner::ModelRunner>(
                 return Err(format!("engine step panicked: {msg}"));
             }
         };
-        let mut gone = Vec::new();
+        let mut cancel = Vec::new();
         for ev in events {
-            gone.extend(deliver(&mut sinks, ev));
+            cancel.extend(deliver(&mut sinks, ev));
         }
-        for id in gone {
-            // The client went away: free its blocks now.
-            core.abort(id, FinishReason::Cancelled);
-            sinks.remove(&id);
+        for (id, reason) in cancel {
+            // The client went away or fell behind: free its blocks now.
+            let last = core.abort(id, reason);
+            if let (Some(ev), Some(mut sink)) = (last, sinks.remove(&id)) {
+                if reason == FinishReason::SlowConsumer {
+                    sink(ev);
+                }
+            }
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use convoy_engine::core::{EngineEvent, EngineRequest, EventKind};
-use convoy_engine::service::{spawn_cpu, EngineHandle};
+use convoy_engine::service::{spawn_cpu, Delivery, EngineHandle};
 use convoy_engine::{FinishReason, GeneratorConfig, LlamaModel, SamplingParams, TextCodec};
 use convoy_weights::{load_model, LoadFormat};
 
@@ -24,7 +24,16 @@ fn engine(max_queued: usize, max_running: usize) -> EngineHandle {
 
 fn stream() -> (convoy_engine::service::EventSink, Receiver<EngineEvent>) {
     let (tx, rx) = channel();
-    (Box::new(move |ev| tx.send(ev).is_ok()), rx)
+    (
+        Box::new(move |ev| {
+            if tx.send(ev).is_ok() {
+                Delivery::Delivered
+            } else {
+                Delivery::Gone
+            }
+        }),
+        rx,
+    )
 }
 
 fn request(max_tokens: usize) -> EngineRequest {

@@ -92,6 +92,41 @@ enum Command {
         #[arg(long)]
         system: Option<String>,
     },
+    /// Run the daemon: a JSON-lines API on a Unix socket (see docs/protocol.md).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Socket path (default: $XDG_RUNTIME_DIR/convoy.sock, else ./convoy.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Socket file mode, octal.
+        #[arg(long, default_value = "0600")]
+        socket_mode: String,
+        /// Give the socket to this group (widen --socket-mode to 0660 to let it in).
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Connections beyond this are refused with an error line.
+        #[arg(long, default_value_t = 16384)]
+        max_connections: usize,
+        /// Longest accepted line.
+        #[arg(long, default_value = "8MiB")]
+        max_line_bytes: String,
+        /// Unwritten bytes per connection before a request is cancelled as a slow consumer.
+        #[arg(long, default_value = "1MiB")]
+        max_pending_bytes: String,
+        /// Seconds running requests may take to finish after SIGTERM.
+        #[arg(long, default_value_t = 30.0)]
+        drain_timeout: f64,
+        /// Requests that may wait; more are refused (queue_full).
+        #[arg(long, default_value_t = 4096)]
+        max_queued: usize,
+        /// Requests running at once.
+        #[arg(long, default_value_t = 256)]
+        max_running: usize,
+        /// Most tokens in one forward pass.
+        #[arg(long, default_value_t = 2048)]
+        max_batched_tokens: usize,
+    },
     /// Print the token ids of a text.
     Tokenize {
         #[command(flatten)]
@@ -239,6 +274,64 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Serve {
+            model,
+            socket,
+            socket_mode,
+            socket_group,
+            max_connections,
+            max_line_bytes,
+            max_pending_bytes,
+            drain_timeout,
+            max_queued,
+            max_running,
+            max_batched_tokens,
+        } => {
+            let socket = socket.unwrap_or_else(|| {
+                std::env::var_os("XDG_RUNTIME_DIR")
+                    .map(|d| PathBuf::from(d).join("convoy.sock"))
+                    .unwrap_or_else(|| PathBuf::from("convoy.sock"))
+            });
+            let mode = u32::from_str_radix(socket_mode.trim_start_matches("0o"), 8)
+                .with_context(|| format!("--socket-mode {socket_mode:?} is not octal"))?;
+            if !(drain_timeout >= 0.0 && drain_timeout.is_finite()) {
+                bail!("--drain-timeout must be a non-negative number of seconds");
+            }
+            raise_fd_limit();
+            let loaded = model.load()?;
+            let mut cfg = loaded.generator_config();
+            cfg.max_running = max_running.max(1);
+            cfg.max_batched_tokens = max_batched_tokens.max(1);
+            let max_context = loaded.model.config.max_position_embeddings;
+            eprintln!(
+                "convoy: model {} ({} layers, {} heads, {} KV heads), device cpu, {} KV blocks of {} tokens (+{} host blocks)",
+                model.model_path()?.display(),
+                loaded.model.config.num_layers,
+                loaded.model.config.num_heads,
+                loaded.model.config.num_kv_heads,
+                cfg.num_blocks,
+                cfg.block_size,
+                cfg.num_host_blocks
+            );
+            let codec = loaded.codec.clone();
+            let engine =
+                convoy_engine::service::spawn_cpu(loaded.model, loaded.codec, cfg, max_queued);
+            let serve_cfg = convoy_engine::api::server::ServeConfig {
+                socket,
+                socket_mode: mode,
+                socket_group,
+                max_connections,
+                max_line_bytes: convoy_engine::options::parse_bytes(&max_line_bytes)?,
+                max_pending_bytes: convoy_engine::options::parse_bytes(&max_pending_bytes)?,
+                drain_timeout: std::time::Duration::from_secs_f64(drain_timeout),
+                max_context,
+            };
+            let code = convoy_engine::api::server::serve(engine, codec, serve_cfg)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Tokenize {
             model,
             text,
@@ -260,6 +353,21 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("--format must be text or json, got {other:?}"),
             }
             Ok(())
+        }
+    }
+}
+
+/// Allow as many open files as the hard limit permits (thousands of client connections).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass; failure is harmless.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
