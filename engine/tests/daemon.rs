@@ -1,0 +1,482 @@
+//! End to end: the real `convoy serve` binary, talked to over its Unix socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use convoy_engine::api::client::Client;
+use convoy_engine::api::protocol::ServerEvent;
+use serde_json::json;
+
+fn model(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch_models.sh",
+        p.display()
+    );
+    p
+}
+
+fn smollm2() -> PathBuf {
+    model("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, model: &Path, extra: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("convoy-daemon-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("convoy.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_convoy"))
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+                "--kv-cache-memory",
+                "256MiB",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start convoy serve");
+        let d = Daemon { child, socket };
+        let t = Instant::now();
+        while Client::connect(&d.socket).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap()
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the daemon did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn held_blocks(c: &mut Client) -> u64 {
+    c.stats().unwrap()["kv"]["device_blocks_held"]
+        .as_u64()
+        .unwrap()
+}
+
+fn wait_for_zero_held(c: &mut Client) {
+    let t = Instant::now();
+    loop {
+        let s = c.stats().unwrap();
+        if s["kv"]["device_blocks_held"].as_u64() == Some(0) && s["running"].as_u64() == Some(0) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "blocks still held: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn streamed_multi_turn_chat_reports_cached_tokens_and_socket_is_private() {
+    let d = Daemon::start("chat", &smollm2(), &[]);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode");
+    let mut c = d.client();
+    let mut messages = vec![json!({"role": "system", "content": "You are a helpful pirate."})];
+    for (turn, user) in [
+        "Hello! Who are you?",
+        "Where is your ship?",
+        "What do you eat?",
+    ]
+    .iter()
+    .enumerate()
+    {
+        messages.push(json!({"role": "user", "content": user}));
+        let (tokens, done) = c.generate(&json!({"op": "generate", "id": format!("t{turn}"), "messages": messages, "max_tokens": 16})).unwrap();
+        let ServerEvent::Done {
+            usage,
+            finish_reason,
+            ..
+        } = done
+        else {
+            panic!("{done:?}")
+        };
+        assert!(finish_reason == "stop" || finish_reason == "length");
+        let reply: String = tokens
+            .iter()
+            .map(|t| {
+                if let ServerEvent::Token { text, .. } = t {
+                    text.clone()
+                } else {
+                    String::new()
+                }
+            })
+            .collect();
+        assert_eq!(tokens.len(), usage.completion_tokens);
+        if turn == 0 {
+            assert_eq!(usage.cached_tokens, 0);
+        } else {
+            // The whole previous conversation is served from cache (the new user message and
+            // the last prompt token are computed).
+            assert!(
+                usage.cached_tokens * 10 >= usage.prompt_tokens * 6,
+                "turn {turn}: {usage:?}"
+            );
+        }
+        messages.push(json!({"role": "assistant", "content": reply}));
+    }
+    assert_eq!(held_blocks(&mut c), 0);
+}
+
+#[test]
+fn cancel_and_disconnect_mid_stream_free_every_block() {
+    let d = Daemon::start("cancel", &smollm2(), &[]);
+    let mut c = d.client();
+    c.send(&json!({"op": "generate", "id": "long", "prompt": "Once upon a time", "max_tokens": 100000, "ignore_eos": true})).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(c.recv().unwrap(), Some(ServerEvent::Token { .. })));
+    }
+    c.send(&json!({"op": "cancel", "id": "long"})).unwrap();
+    loop {
+        match c.recv().unwrap().unwrap() {
+            ServerEvent::Done { finish_reason, .. } => {
+                assert_eq!(finish_reason, "cancelled");
+                break;
+            }
+            ServerEvent::Token { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    wait_for_zero_held(&mut c);
+
+    // Disconnect mid-stream.
+    let mut gone = d.client();
+    gone.send(&json!({"op": "generate", "id": "x", "prompt": "The sea", "max_tokens": 100000, "ignore_eos": true})).unwrap();
+    gone.recv().unwrap();
+    assert!(held_blocks(&mut c) > 0);
+    drop(gone);
+    wait_for_zero_held(&mut c);
+    // Unknown ids are refused.
+    c.send(&json!({"op": "cancel", "id": "nope"})).unwrap();
+    assert!(
+        matches!(c.recv().unwrap(), Some(ServerEvent::Error { code, .. }) if code == "unknown_id")
+    );
+}
+
+#[test]
+fn malformed_lines_each_get_their_error_code_and_the_daemon_goes_on() {
+    let d = Daemon::start("malformed", &smollm2(), &["--max-line-bytes", "65536"]);
+    let mut c = d.client();
+    let long = format!(
+        "{{\"op\":\"tokenize\",\"text\":\"{}\"}}",
+        "a".repeat(70_000)
+    );
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"\xff\xfe\xfd".to_vec(), "invalid_utf8"),
+        (b"{\"op\":\"health\"\xc3}".to_vec(), "invalid_utf8"),
+        (b"{not json".to_vec(), "invalid_json"),
+        (b"{\"op\":\"health\"".to_vec(), "invalid_json"),
+        (b"nul".to_vec(), "invalid_json"),
+        (b"[1,2,3]".to_vec(), "not_an_object"),
+        (b"\"generate\"".to_vec(), "not_an_object"),
+        (b"42".to_vec(), "not_an_object"),
+        (b"{}".to_vec(), "missing_op"),
+        (b"{\"id\":\"a\",\"prompt\":\"x\"}".to_vec(), "missing_op"),
+        (b"{\"op\":\"fly\"}".to_vec(), "unknown_op"),
+        (
+            b"{\"op\":\"GENERATE\",\"id\":\"a\",\"prompt\":\"x\"}".to_vec(),
+            "unknown_op",
+        ),
+        (b"{\"op\":7}".to_vec(), "invalid_type"),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"colour\":\"red\"}".to_vec(),
+            "unknown_field",
+        ),
+        (b"{\"op\":\"health\",\"extra\":1}".to_vec(), "unknown_field"),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":5}".to_vec(),
+            "invalid_type",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"max_tokens\":\"ten\"}".to_vec(),
+            "invalid_type",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"max_tokens\":-1}".to_vec(),
+            "invalid_type",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt_ids\":[1,\"two\"]}".to_vec(),
+            "invalid_type",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"messages\":[{\"role\":\"user\"}]}".to_vec(),
+            "missing_field",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":5,\"prompt\":\"x\"}".to_vec(),
+            "invalid_type",
+        ),
+        (
+            b"{\"op\":\"generate\",\"prompt\":\"x\"}".to_vec(),
+            "missing_field",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\"}".to_vec(),
+            "missing_prompt",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"prompt_ids\":[1]}".to_vec(),
+            "conflicting_prompt",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"\"}".to_vec(),
+            "empty_prompt",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt_ids\":[]}".to_vec(),
+            "empty_prompt",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"max_tokens\":0}".to_vec(),
+            "invalid_parameter",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"temperature\":-1}".to_vec(),
+            "invalid_parameter",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"top_p\":0}".to_vec(),
+            "invalid_parameter",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"logprobs\":99}".to_vec(),
+            "invalid_parameter",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"stop\":[\"\"]}".to_vec(),
+            "invalid_parameter",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"\",\"prompt\":\"x\"}".to_vec(),
+            "invalid_parameter",
+        ),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt_ids\":[99999999]}".to_vec(),
+            "token_out_of_range",
+        ),
+        (
+            format!(
+                "{{\"op\":\"generate\",\"id\":\"a\",\"prompt_ids\":[{}]}}",
+                vec!["1"; 40_000].join(",")
+            )
+            .into_bytes(),
+            "line_too_long",
+        ),
+        (long.into_bytes(), "line_too_long"),
+        (b"{\"op\":\"cancel\"}".to_vec(), "missing_field"),
+        (
+            b"{\"op\":\"tokenize\",\"text\":[1]}".to_vec(),
+            "invalid_type",
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    for (line, code) in &cases {
+        let mut l = line.clone();
+        l.push(b'\n');
+        c.send_raw(&l).unwrap();
+        match c.recv().unwrap() {
+            Some(ServerEvent::Error { code: got, .. }) => {
+                assert_eq!(got, *code, "line {:?}", String::from_utf8_lossy(line))
+            }
+            other => panic!("line {:?}: {other:?}", String::from_utf8_lossy(line)),
+        }
+    }
+    // A prompt longer than the context.
+    let (_, ev) = c
+        .generate(&json!({"op": "generate", "id": "big", "prompt_ids": vec![1; 9000]}))
+        .unwrap();
+    assert!(
+        matches!(ev, ServerEvent::Error { ref code, .. } if code == "prompt_too_long"),
+        "{ev:?}"
+    );
+    // Duplicate live id.
+    c.send(&json!({"op": "generate", "id": "dup", "prompt": "Hi", "max_tokens": 100000, "ignore_eos": true})).unwrap();
+    c.send(&json!({"op": "generate", "id": "dup", "prompt": "Hi"}))
+        .unwrap();
+    loop {
+        match c.recv().unwrap().unwrap() {
+            ServerEvent::Error { code, .. } => {
+                assert_eq!(code, "duplicate_id");
+                break;
+            }
+            ServerEvent::Token { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    c.send(&json!({"op": "cancel", "id": "dup"})).unwrap();
+    // Still serving, on this connection and on a new one.
+    let (_, done) = c.generate(&json!({"op": "generate", "id": "ok", "prompt": "The capital of France is", "max_tokens": 2})).unwrap();
+    assert!(matches!(done, ServerEvent::Done { .. }), "{done:?}");
+    let (_, done) = d
+        .client()
+        .generate(&json!({"op": "generate", "id": "ok2", "prompt": "Hello", "max_tokens": 2}))
+        .unwrap();
+    assert!(matches!(done, ServerEvent::Done { .. }));
+}
+
+#[test]
+fn a_thousand_concurrent_streaming_connections() {
+    raise_fd_limit();
+    let d = Daemon::start("thousand", &model("glassllm"), &["--max-running", "256"]);
+    let mut clients: Vec<Client> = (0..1000).map(|_| d.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&json!({"op": "generate", "id": format!("r{i}"), "prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": true})).unwrap();
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut tokens = 0;
+        loop {
+            match c.recv().unwrap().expect("event") {
+                ServerEvent::Token { .. } => tokens += 1,
+                ServerEvent::Done {
+                    finish_reason,
+                    usage,
+                    ..
+                } => {
+                    assert_eq!(
+                        (finish_reason.as_str(), usage.completion_tokens, tokens),
+                        ("length", 4, 4),
+                        "connection {i}"
+                    );
+                    break;
+                }
+                other => panic!("connection {i}: {other:?}"),
+            }
+        }
+    }
+    let mut c = d.client();
+    let s = c.stats().unwrap();
+    assert_eq!(s["finished_requests"].as_u64(), Some(1000));
+    assert_eq!(s["kv"]["device_blocks_held"].as_u64(), Some(0));
+}
+
+#[test]
+fn sigterm_drains_and_removes_the_socket_and_a_live_socket_is_not_taken_over() {
+    let mut d = Daemon::start("sigterm", &smollm2(), &["--drain-timeout", "1"]);
+    // A second daemon refuses the live socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .args([
+            "serve",
+            "--model",
+            smollm2().to_str().unwrap(),
+            "--socket",
+            d.socket.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by a live daemon"));
+    // One short request finishes during the drain; one endless one is cancelled at its end.
+    let mut short = d.client();
+    let mut endless = d.client();
+    endless.send(&json!({"op": "generate", "id": "e", "prompt": "Tell me", "max_tokens": 1000000, "ignore_eos": true})).unwrap();
+    endless.recv().unwrap();
+    short.send(&json!({"op": "generate", "id": "s", "prompt": "Hi", "max_tokens": 3, "ignore_eos": true})).unwrap();
+    let status = d.sigterm();
+    assert_eq!(status.code(), Some(0));
+    assert!(!d.socket.exists(), "socket removed");
+    let mut last = None;
+    while let Ok(Some(ev)) = endless.recv() {
+        last = Some(ev);
+    }
+    assert!(
+        matches!(last, Some(ServerEvent::Done { ref finish_reason, .. }) if finish_reason == "cancelled"),
+        "{last:?}"
+    );
+    let mut last = None;
+    while let Ok(Some(ev)) = short.recv() {
+        last = Some(ev);
+    }
+    assert!(
+        matches!(last, Some(ServerEvent::Done { ref finish_reason, .. }) if finish_reason == "length"),
+        "{last:?}"
+    );
+    // A stale socket file (nobody listening) is replaced.
+    let stale = d.socket.clone();
+    std::os::unix::net::UnixListener::bind(&stale).unwrap();
+    let d2 = Daemon {
+        child: Command::new(env!("CARGO_BIN_EXE_convoy"))
+            .args([
+                "serve",
+                "--model",
+                smollm2().to_str().unwrap(),
+                "--socket",
+                stale.to_str().unwrap(),
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        socket: stale,
+    };
+    let t = Instant::now();
+    while !Client::connect(&d2.socket)
+        .map(|mut c| c.stats().is_ok())
+        .unwrap_or(false)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the daemon did not replace the stale socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
