@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Set up on a fresh machine and run the main job: fetch the models, build, and generate a
-# streamed chat reply with SmolLM2 on the CPU.
+# Set up on a fresh machine and run the main job: fetch the models, build, start the daemon
+# on a Unix socket, hold a streamed multi-turn chat with it through the socket
+# (examples/client.py), then stop it with SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch_models.sh
 cargo build --release --bin convoy
-printf '[{"role":"user","content":"What is the tallest mountain in the world?"}]' > target/demo-chat.json
-./target/release/convoy generate --chat target/demo-chat.json --max-tokens 64
+sock="$PWD/target/demo.sock"
+./target/release/convoy serve --socket "$sock" &
+daemon=$!
+trap 'kill -TERM "$daemon" 2>/dev/null; wait "$daemon" 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do
+  [ -S "$sock" ] && break
+  sleep 0.1
+done
+python3 examples/client.py --socket "$sock" \
+  "Hello! Who are you?" "What is the tallest mountain in the world?" "Thank you! Say goodbye in French."

@@ -69,6 +69,22 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         steps: usize,
     },
+    /// Many idle connections to a real daemon: memory per connection, and the time to first
+    /// token of a new request with them open versus on an idle daemon.
+    Load {
+        /// The convoy binary.
+        #[arg(long, default_value = "target/release/convoy")]
+        convoy: PathBuf,
+        /// Model for the daemon.
+        #[arg(long, default_value = convoy_engine::options::DEFAULT_MODEL)]
+        model: PathBuf,
+        /// Idle connections to open.
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// Requests timed on each side.
+        #[arg(long, default_value_t = 7)]
+        samples: usize,
+    },
     /// Time to first token of each turn of a long chat (a ~1,000-token persona), prefix cache
     /// on versus off, and the cache hit ratio.
     Chat {
@@ -438,6 +454,12 @@ fn main() -> Result<()> {
                 per * 1e6
             );
         }
+        Cmd::Load {
+            convoy,
+            model,
+            connections,
+            samples,
+        } => load(&convoy, &model, connections, samples)?,
         Cmd::Chat {
             model,
             turns,
@@ -482,4 +504,119 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .context("VmRSS not found")
+}
+
+fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
+    use convoy_engine::api::client::Client;
+    use convoy_engine::api::protocol::ServerEvent;
+    let mut c = Client::connect(socket)?;
+    let mut v = Vec::new();
+    for i in 0..samples {
+        let (_, done) = c.generate(&serde_json::json!({"op": "generate", "id": format!("probe{i}"), "prompt_ids": [504, 3575, 282, 4649, 314, 1000 + i], "max_tokens": 1}))?;
+        match done {
+            ServerEvent::Done { timing, .. } => v.push(timing.ttft_ms),
+            other => bail!("probe failed: {other:?}"),
+        }
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Ok(v[v.len() / 2])
+}
+
+fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Result<()> {
+    use convoy_engine::api::client::Client;
+    raise_fd_limit();
+    let dir = std::env::temp_dir().join(format!("convoy-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("convoy.sock");
+    let mut child = Command::new(convoy)
+        .args([
+            "serve",
+            "--model",
+            &model.to_string_lossy(),
+            "--socket",
+            &socket.to_string_lossy(),
+            "--max-connections",
+            &(connections + 100).to_string(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", convoy.display()))?;
+    let result = (|| -> Result<()> {
+        let t = Instant::now();
+        while Client::connect(&socket).is_err() {
+            if t.elapsed().as_secs() > 60 {
+                bail!("the daemon did not start");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        median_ttft(&socket, 3)?; // warm up
+        let idle_ttft = median_ttft(&socket, samples)?;
+        let rss_before = rss_kib(child.id())?;
+        // One file descriptor per connection (the blocking client clones its stream).
+        use std::io::{Read, Write};
+        let mut open = Vec::with_capacity(connections);
+        let t = Instant::now();
+        for _ in 0..connections {
+            open.push(std::os::unix::net::UnixStream::connect(&socket)?);
+        }
+        // Make sure every connection is accepted and served once, then leave them idle.
+        for c in open.iter_mut() {
+            c.write_all(b"{\"op\":\"health\"}\n")?;
+        }
+        let mut buf = [0u8; 64];
+        for c in open.iter_mut() {
+            let mut got = Vec::new();
+            while !got.contains(&b'\n') {
+                let n = c.read(&mut buf)?;
+                if n == 0 {
+                    bail!("a connection closed");
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            if !got.starts_with(b"{\"event\":\"health\"") {
+                bail!("unexpected answer: {}", String::from_utf8_lossy(&got));
+            }
+        }
+        let opened = t.elapsed().as_secs_f64();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let rss_after = rss_kib(child.id())?;
+        let busy_ttft = median_ttft(&socket, samples)?;
+        let per_conn = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / connections as f64;
+        println!("daemon: {} with {}", convoy.display(), model.display());
+        println!("{connections} idle connections opened and answered in {opened:.2} s");
+        println!("daemon RSS: {rss_before} KiB before, {rss_after} KiB after: {per_conn:.0} bytes per connection (target < 65536)");
+        println!("time to first token (median of {samples}): idle daemon {idle_ttft:.2} ms, with {connections} connections open {busy_ttft:.2} ms ({:+.1}%)", 100.0 * (busy_ttft / idle_ttft - 1.0));
+        drop(open);
+        Ok(())
+    })();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Allow as many open files as the hard limit permits.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
