@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The test command: fetch the models (idempotent), then run every test, optimised.
+# The test command: fetch the models (idempotent), install NVRTC (CPU-only, from the
+# nvidia-cuda-nvrtc wheel, pinned to CUDA 13.0 so the PTX also loads on a CUDA 13.0 driver) so
+# every CUDA kernel is compiled in the tests, then run every test, optimised.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch_models.sh
+python3 -m pip install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc==13.0.88" 2>&1 | grep -v "running pip as the 'root' user" || true
+nvrtc_lib="$(python3 -c 'import nvidia, os; print(next(os.path.join(p, "cu13", "lib") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13", "lib"))))')"
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CONVOY_REQUIRE_NVRTC=1
 cargo test --release --workspace

@@ -15,3 +15,5 @@ pub use cpu::attention::{paged_attention, AttentionSeq, AttentionShape};
 pub use cpu::matmul::matmul;
 pub use cpu::matrix::{Matrix, MatrixError, WeightFormat};
 pub use cpu::ops::{add_bias, add_in_place, rms_norm, rope_half_split, silu_mul};
+
+pub mod cuda;

@@ -1,0 +1,78 @@
+// Per-token layers of the decoder. Activations are f32, weights and the KV cache bf16.
+
+// out[t, :] = table[ids[t], :]. grid: tokens; block: any.
+extern "C" __global__ void embedding_bf16(const bf16_t* __restrict__ table, const int* __restrict__ ids,
+                                          float* __restrict__ out, int hidden) {
+    const bf16_t* row = table + (size_t)ids[blockIdx.x] * hidden;
+    float* o = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = bf16_to_f32(row[i]);
+}
+
+// residual[t] += delta[t] (when delta is not null), then out[t] = rmsnorm(residual[t]) * w.
+// grid: tokens; block: 256.
+extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const float* __restrict__ delta,
+                                             const bf16_t* __restrict__ weight, float* __restrict__ out,
+                                             int hidden, float eps) {
+    __shared__ float scratch[32];
+    float* r = residual + (size_t)blockIdx.x * hidden;
+    const float* d = delta ? delta + (size_t)blockIdx.x * hidden : 0;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float v = r[i] + (d ? d[i] : 0.0f);
+        r[i] = v;
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / hidden + eps);
+    float* o = out + (size_t)blockIdx.x * hidden;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = bf16_to_f32(weight[i]) * (r[i] * inv);
+}
+
+// Half-split RoPE in place on q [tokens, heads, dim] and k [tokens, kv_heads, dim].
+// grid: tokens; block: any. inv_freq has dim/2 entries (Llama-3 scaling already applied).
+extern "C" __global__ void rope_half_split(float* __restrict__ q, float* __restrict__ k, const int* __restrict__ positions,
+                                           const float* __restrict__ inv_freq, int heads, int kv_heads, int dim) {
+    int t = blockIdx.x, half = dim / 2;
+    float pos = (float)positions[t];
+    int pairs = (heads + kv_heads) * half;
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        int head = p / half, i = p % half;
+        float* x = head < heads ? q + ((size_t)t * heads + head) * dim : k + ((size_t)t * kv_heads + (head - heads)) * dim;
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x2 * c + x1 * s;
+    }
+}
+
+// Write each token's K and V rows to its cache slot. grid: tokens; block: any.
+// Cache layout: [blocks][block_size][kv_heads][head_dim], so a slot is kv_width values.
+extern "C" __global__ void reshape_and_cache(const float* __restrict__ k, const float* __restrict__ v,
+                                             bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
+                                             const int* __restrict__ slot_mapping, int kv_width) {
+    long long slot = slot_mapping[blockIdx.x];
+    if (slot < 0) return;
+    for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
+        k_cache[slot * kv_width + i] = f32_to_bf16(k[(size_t)blockIdx.x * kv_width + i]);
+        v_cache[slot * kv_width + i] = f32_to_bf16(v[(size_t)blockIdx.x * kv_width + i]);
+    }
+}
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]. grid: tokens; block: any.
+extern "C" __global__ void silu_mul(const float* __restrict__ gate_up, float* __restrict__ out, int inter) {
+    const float* g = gate_up + (size_t)blockIdx.x * 2 * inter;
+    for (int i = threadIdx.x; i < inter; i += blockDim.x) {
+        float x = g[i];
+        out[(size_t)blockIdx.x * inter + i] = x / (1.0f + __expf(-x)) * g[inter + i];
+    }
+}
+
+// Copy the first `slots` slots of a block between tiers (swap in/out, partial prefix copy).
+// grid: layers; block: any. Both caches have the same layout; block_elems = block_size*kv_width.
+extern "C" __global__ void copy_blocks(const bf16_t* __restrict__ src, bf16_t* __restrict__ dst, long long layer_stride_src,
+                                       long long layer_stride_dst, long long src_block, long long dst_block,
+                                       int block_elems, int slot_elems, int slots) {
+    const bf16_t* s = src + blockIdx.x * layer_stride_src + src_block * block_elems;
+    bf16_t* d = dst + blockIdx.x * layer_stride_dst + dst_block * block_elems;
+    for (int i = threadIdx.x; i < slots * slot_elems; i += blockDim.x) d[i] = s[i];
+}
