@@ -31,22 +31,29 @@ pub enum NvrtcError {
 
 type Program = *mut c_void;
 
+type CreateFn = unsafe extern "C" fn(
+    *mut Program,
+    *const c_char,
+    *const c_char,
+    c_int,
+    *const *const c_char,
+    *const *const c_char,
+) -> c_int;
+type CompileFn = unsafe extern "C" fn(Program, c_int, *const *const c_char) -> c_int;
+type SizeFn = unsafe extern "C" fn(Program, *mut usize) -> c_int;
+type TextFn = unsafe extern "C" fn(Program, *mut c_char) -> c_int;
+type DestroyFn = unsafe extern "C" fn(*mut Program) -> c_int;
+type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
+
 struct Api {
-    create: unsafe extern "C" fn(
-        *mut Program,
-        *const c_char,
-        *const c_char,
-        c_int,
-        *const *const c_char,
-        *const *const c_char,
-    ) -> c_int,
-    compile: unsafe extern "C" fn(Program, c_int, *const *const c_char) -> c_int,
-    ptx_size: unsafe extern "C" fn(Program, *mut usize) -> c_int,
-    ptx: unsafe extern "C" fn(Program, *mut c_char) -> c_int,
-    log_size: unsafe extern "C" fn(Program, *mut usize) -> c_int,
-    log: unsafe extern "C" fn(Program, *mut c_char) -> c_int,
-    destroy: unsafe extern "C" fn(*mut Program) -> c_int,
-    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
+    create: CreateFn,
+    compile: CompileFn,
+    ptx_size: SizeFn,
+    ptx: TextFn,
+    log_size: SizeFn,
+    log: TextFn,
+    destroy: DestroyFn,
+    version: VersionFn,
 }
 
 fn candidates() -> Vec<String> {
@@ -75,26 +82,26 @@ fn load() -> Result<Api, NvrtcError> {
         return Err(NvrtcError::NotFound(tried.join(", ")));
     }
     macro_rules! sym {
-        ($name:literal) => {{
+        ($name:literal, $ty:ty) => {{
             // SAFETY: dlsym on a live handle with a NUL-terminated name.
             let p = unsafe { libc::dlsym(handle, concat!($name, "\0").as_ptr() as *const c_char) };
             if p.is_null() {
                 return Err(NvrtcError::MissingSymbol($name));
             }
-            // SAFETY: the symbol is NVRTC's function of this name, whose C signature the field
-            // type spells out (nvrtc.h, CUDA 12 and 13).
-            unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            // SAFETY: the symbol is NVRTC's function of this name, whose C signature `$ty`
+            // spells out (nvrtc.h, CUDA 12 and 13).
+            unsafe { std::mem::transmute::<*mut c_void, $ty>(p) }
         }};
     }
     Ok(Api {
-        create: sym!("nvrtcCreateProgram"),
-        compile: sym!("nvrtcCompileProgram"),
-        ptx_size: sym!("nvrtcGetPTXSize"),
-        ptx: sym!("nvrtcGetPTX"),
-        log_size: sym!("nvrtcGetProgramLogSize"),
-        log: sym!("nvrtcGetProgramLog"),
-        destroy: sym!("nvrtcDestroyProgram"),
-        version: sym!("nvrtcVersion"),
+        create: sym!("nvrtcCreateProgram", CreateFn),
+        compile: sym!("nvrtcCompileProgram", CompileFn),
+        ptx_size: sym!("nvrtcGetPTXSize", SizeFn),
+        ptx: sym!("nvrtcGetPTX", TextFn),
+        log_size: sym!("nvrtcGetProgramLogSize", SizeFn),
+        log: sym!("nvrtcGetProgramLog", TextFn),
+        destroy: sym!("nvrtcDestroyProgram", DestroyFn),
+        version: sym!("nvrtcVersion", VersionFn),
     })
 }
 
