@@ -85,6 +85,12 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         samples: usize,
     },
+    /// Compile every CUDA kernel through NVRTC for an architecture (a device-machine check).
+    GpuKernels {
+        /// NVRTC architecture, e.g. compute_90.
+        #[arg(long, default_value = "compute_90")]
+        arch: String,
+    },
     /// Time to first token of each turn of a long chat (a ~1,000-token persona), prefix cache
     /// on versus off, and the cache hit ratio.
     Chat {
@@ -460,6 +466,31 @@ fn main() -> Result<()> {
             connections,
             samples,
         } => load(&convoy, &model, connections, samples)?,
+        Cmd::GpuKernels { arch } => {
+            use convoy_kernels::cuda::{full_source, nvrtc, SOURCES};
+            let (major, minor) = nvrtc::version()?;
+            println!("NVRTC {major}.{minor}, {arch}");
+            for src in SOURCES {
+                let t = Instant::now();
+                let ptx = nvrtc::compile_ptx(&full_source(src), src.name, &arch)?;
+                let missing: Vec<&str> = src
+                    .kernels
+                    .iter()
+                    .copied()
+                    .filter(|k| !ptx.contains(&format!(".entry {k}(")))
+                    .collect();
+                if !missing.is_empty() {
+                    bail!("{}: kernels missing from the PTX: {missing:?}", src.name);
+                }
+                println!(
+                    "{:<14} {} kernels, {} bytes of PTX, {:.0} ms",
+                    src.name,
+                    src.kernels.len(),
+                    ptx.len(),
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+        }
         Cmd::Chat {
             model,
             turns,
