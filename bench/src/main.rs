@@ -565,7 +565,7 @@ fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
 
 fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Result<()> {
     use convoy_engine::api::client::Client;
-    raise_fd_limit();
+    convoy_engine::api::server::raise_fd_limit();
     let dir = std::env::temp_dir().join(format!("convoy-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("convoy.sock");
@@ -635,19 +635,4 @@ fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Resu
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result
-}
-
-/// Allow as many open files as the hard limit permits.
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }

@@ -363,7 +363,7 @@ fn malformed_lines_each_get_their_error_code_and_the_daemon_goes_on() {
 
 #[test]
 fn a_thousand_concurrent_streaming_connections() {
-    raise_fd_limit();
+    convoy_engine::api::server::raise_fd_limit();
     let d = Daemon::start("thousand", &model("glassllm"), &["--max-running", "256"]);
     let mut clients: Vec<Client> = (0..1000).map(|_| d.client()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
@@ -464,19 +464,5 @@ fn sigterm_drains_and_removes_the_socket_and_a_live_socket_is_not_taken_over() {
             "the daemon did not replace the stale socket"
         );
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
     }
 }

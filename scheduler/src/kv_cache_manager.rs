@@ -222,6 +222,36 @@ impl KvCacheManager {
         self.stats.swapped_out_blocks += 1;
     }
 
+    /// A fresh device block holding a copy of the first `num_slots` slots of `src`. The source
+    /// is pinned while the destination is chosen, so eviction cannot pick it; `None` when no
+    /// device block is free.
+    fn copy_to_fresh_block(
+        &mut self,
+        src: Loc,
+        num_slots: usize,
+        copies: &mut Vec<BlockCopy>,
+    ) -> Option<BlockId> {
+        match src {
+            Loc::Device(b) => self.device.acquire(b),
+            Loc::Host(h) => self.host.acquire(h),
+        }
+        let fresh = self.pop_device(copies);
+        match src {
+            Loc::Device(b) => self.device.release(b),
+            Loc::Host(h) => self.host.release(h),
+        }
+        let d = fresh?;
+        copies.push(BlockCopy {
+            src,
+            dst: Loc::Device(d),
+            num_slots,
+        });
+        if matches!(src, Loc::Host(_)) {
+            self.stats.swapped_in_blocks += 1;
+        }
+        Some(d)
+    }
+
     /// Start a sequence: take the longest cached prefix of `tokens`, at most `max_match`
     /// tokens, and return how much was served. Blocks for the matched prefix are held by the
     /// sequence; data movement (host tier, partial copies) is appended to `copies`.
@@ -254,15 +284,9 @@ impl KvCacheManager {
                     state.blocks.push(b);
                     m.device_tokens += bs;
                 } else if let Some(h) = self.host.lookup_full(parent, hash, &key) {
-                    self.host.acquire(h);
-                    let d = self.pop_device(copies);
-                    self.host.release(h);
-                    let Some(d) = d else { break };
-                    copies.push(BlockCopy {
-                        src: Loc::Host(h),
-                        dst: Loc::Device(d),
-                        num_slots: bs,
-                    });
+                    let Some(d) = self.copy_to_fresh_block(Loc::Host(h), bs, copies) else {
+                        break;
+                    };
                     self.device.register(
                         d,
                         BlockKey {
@@ -272,7 +296,6 @@ impl KvCacheManager {
                             full: true,
                         },
                     );
-                    self.stats.swapped_in_blocks += 1;
                     state.blocks.push(d);
                     m.host_tokens += bs;
                 } else {
@@ -297,32 +320,14 @@ impl KvCacheManager {
                             self.device.acquire(b);
                             state.blocks.push(b);
                             m.device_tokens += c;
-                        } else {
-                            self.device.acquire(b);
-                            let d = self.pop_device(copies);
-                            self.device.release(b);
-                            if let Some(d) = d {
-                                copies.push(BlockCopy {
-                                    src: Loc::Device(b),
-                                    dst: Loc::Device(d),
-                                    num_slots: c,
-                                });
-                                state.blocks.push(d);
-                                m.device_tokens += c;
-                            }
+                        } else if let Some(d) = self.copy_to_fresh_block(Loc::Device(b), c, copies)
+                        {
+                            state.blocks.push(d);
+                            m.device_tokens += c;
                         }
                     }
                     (_, Some((h, c))) => {
-                        self.host.acquire(h);
-                        let d = self.pop_device(copies);
-                        self.host.release(h);
-                        if let Some(d) = d {
-                            copies.push(BlockCopy {
-                                src: Loc::Host(h),
-                                dst: Loc::Device(d),
-                                num_slots: c,
-                            });
-                            self.stats.swapped_in_blocks += 1;
+                        if let Some(d) = self.copy_to_fresh_block(Loc::Host(h), c, copies) {
                             state.blocks.push(d);
                             m.host_tokens += c;
                         }

@@ -111,6 +111,13 @@ fn token_text(tok: Option<&Tokenizer>, id: Option<u32>) -> String {
     }
 }
 
+/// Compile a chat template with the model's BOS and EOS texts.
+fn template(source: &str, tok: Option<&Tokenizer>, cfg: &ModelConfig) -> Result<ChatTemplate> {
+    let bos = token_text(tok, cfg.bos_token_id);
+    let eos = token_text(tok, cfg.eos_token_ids.first().copied());
+    ChatTemplate::new(source, &bos, &eos)
+}
+
 fn hf_chat_template(
     dir: &Path,
     tok: Option<&Tokenizer>,
@@ -126,9 +133,7 @@ fn hf_chat_template(
     let Some(source) = v.get("chat_template").and_then(|t| t.as_str()) else {
         return Ok(None);
     };
-    let bos = token_text(tok, cfg.bos_token_id);
-    let eos = token_text(tok, cfg.eos_token_ids.first().copied());
-    Ok(Some(ChatTemplate::new(source, &bos, &eos)?))
+    Ok(Some(template(source, tok, cfg)?))
 }
 
 /// GGUF tensor name -> Hugging Face name.
@@ -248,11 +253,7 @@ fn load_gguf(path: &Path, name: String) -> Result<LoadedModel> {
     }
     let tokenizer = Some(tokenizer::from_gguf(&g)?);
     let chat_template = match g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
-        Some(src) => {
-            let bos = token_text(tokenizer.as_ref(), config.bos_token_id);
-            let eos = token_text(tokenizer.as_ref(), config.eos_token_ids.first().copied());
-            Some(ChatTemplate::new(src, &bos, &eos)?)
-        }
+        Some(src) => Some(template(src, tokenizer.as_ref(), &config)?),
         None => None,
     };
     Ok(LoadedModel {

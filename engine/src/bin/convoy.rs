@@ -297,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             if !(drain_timeout >= 0.0 && drain_timeout.is_finite()) {
                 bail!("--drain-timeout must be a non-negative number of seconds");
             }
-            raise_fd_limit();
+            convoy_engine::api::server::raise_fd_limit();
             let loaded = model.load()?;
             let mut cfg = loaded.generator_config();
             cfg.max_running = max_running.max(1);
@@ -353,21 +353,6 @@ fn run(cli: Cli) -> Result<()> {
                 other => bail!("--format must be text or json, got {other:?}"),
             }
             Ok(())
-        }
-    }
-}
-
-/// Allow as many open files as the hard limit permits (thousands of client connections).
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass; failure is harmless.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }

@@ -1,21 +1,15 @@
 // Sampling on the device, so only token ids cross to the host.
 
-// out[r] = argmax(logits[r]), lowest index on ties. grid: rows; block: 1024.
-extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ out) {
+__device__ __forceinline__ void argmax_merge(float& bv, int& bi, float ov, int oi) {
+    if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+}
+
+// Reduce each thread's (value, index) candidate over the block; thread 0 writes the index of
+// the largest value (lowest index on ties) to `out`.
+__device__ void block_argmax_store(float bv, int bi, int* out) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
-    const float* l = logits + (size_t)blockIdx.x * vocab;
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        float v = l[i];
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
+    for (int o = 16; o > 0; o >>= 1) argmax_merge(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
     __syncthreads();
@@ -23,13 +17,21 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
         int warps = (blockDim.x + 31) >> 5;
         bv = lane < warps ? best_v[lane] : -INFINITY;
         bi = lane < warps ? best_i[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) out[blockIdx.x] = bi;
+        for (int o = 16; o > 0; o >>= 1) argmax_merge(bv, bi, __shfl_xor_sync(0xffffffffu, bv, o), __shfl_xor_sync(0xffffffffu, bi, o));
+        if (lane == 0) *out = bi;
     }
+}
+
+// out[r] = argmax(logits[r]), lowest index on ties. grid: rows; block: 1024.
+extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int vocab, int* __restrict__ out) {
+    const float* l = logits + (size_t)blockIdx.x * vocab;
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        float v = l[i];
+        argmax_merge(bv, bi, v, i);
+    }
+    block_argmax_store(bv, bi, out + blockIdx.x);
 }
 
 __device__ __forceinline__ unsigned int mix32(unsigned long long x) {
@@ -44,8 +46,6 @@ extern "C" __global__ void gumbel_sample_rows(const float* __restrict__ logits, 
                                               const float* __restrict__ temperature,
                                               const unsigned long long* __restrict__ seeds,
                                               const unsigned long long* __restrict__ steps, int* __restrict__ out) {
-    __shared__ float best_v[32];
-    __shared__ int best_i[32];
     const float* l = logits + (size_t)blockIdx.x * vocab;
     float t = temperature[blockIdx.x];
     unsigned long long key = seeds[blockIdx.x] * 0x9e3779b97f4a7c15ULL + steps[blockIdx.x];
@@ -57,25 +57,7 @@ extern "C" __global__ void gumbel_sample_rows(const float* __restrict__ logits, 
             float u = (mix32(key ^ ((unsigned long long)i << 20)) + 0.5f) * (1.0f / 4294967296.0f);
             v = v / t - __logf(-__logf(u));
         }
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+        argmax_merge(bv, bi, v, i);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { best_v[warp] = bv; best_i[warp] = bi; }
-    __syncthreads();
-    if (warp == 0) {
-        int warps = (blockDim.x + 31) >> 5;
-        bv = lane < warps ? best_v[lane] : -INFINITY;
-        bi = lane < warps ? best_i[lane] : 0x7fffffff;
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-        }
-        if (lane == 0) out[blockIdx.x] = bi;
-    }
+    block_argmax_store(bv, bi, out + blockIdx.x);
 }
