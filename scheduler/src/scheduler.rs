@@ -20,7 +20,9 @@
 //! waits, so a low priority request is never starved forever.
 //!
 //! A request that finishes generating stays one more step (`Finishing`) to compute its last
-//! sampled token's K/V, so the next turn of the conversation finds the whole reply in cache.
+//! sampled token's K/V, so the next turn of the conversation finds the whole reply in cache; a
+//! waiting request that shares a long prefix with a finishing one is admitted a step later, once
+//! that reply is in the cache.
 
 use std::collections::HashMap;
 
@@ -271,6 +273,22 @@ impl Scheduler {
         out.preempted.push(id);
     }
 
+    fn shares_prefix_with_finishing(&self, id: RequestId) -> bool {
+        let r = &self.requests[&id];
+        self.running.iter().any(|f| {
+            let f = &self.requests[f];
+            matches!(f.status, RequestStatus::Finishing(_))
+                && f.cache_salt == r.cache_salt
+                && f.tokens.first() == r.tokens.first()
+                && f.tokens
+                    .iter()
+                    .zip(&r.tokens)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    > f.num_computed_tokens.min(r.tokens.len() - 1) / 2
+        })
+    }
+
     /// Decide the next step.
     pub fn schedule(&mut self) -> SchedulerOutput {
         self.step += 1;
@@ -350,6 +368,12 @@ impl Scheduler {
         }
         while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
             let id = self.waiting[0];
+            // The next turn of a conversation that arrives while the previous turn is still
+            // finishing waits one step, so that it finds the previous turn's whole reply in
+            // the cache instead of recomputing its tail.
+            if self.shares_prefix_with_finishing(id) {
+                break;
+            }
             let r = self.requests.get_mut(&id).expect("waiting request exists");
             let mut copies = Vec::new();
             let hit = self.kv.begin(

@@ -209,3 +209,25 @@ fn queue_limit_and_duplicate_ids_are_refused() {
         Err(convoy_scheduler::AddError::QueueFull(2))
     ));
 }
+
+#[test]
+fn a_next_turn_arriving_while_the_previous_finishes_waits_one_step_for_the_whole_reply() {
+    let mut s = scheduler(4, 32, 0, 64);
+    s.add(req(1, 6, 2)).unwrap();
+    step(&mut s); // prefill, first token
+    step(&mut s); // second token: 1 is finishing (its last token's K/V not computed yet)
+    let mut turn2 = s.request(1).unwrap().tokens.clone();
+    turn2.extend([55, 56, 57]);
+    s.add(NewRequest {
+        id: 2,
+        prompt: turn2.clone(),
+        max_tokens: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    // Step 3: 1 computes its last token and is released to the cache; 2 waits.
+    assert_eq!(plan(&step(&mut s)), vec![(1, 7, 1, false)]);
+    // Step 4: 2 finds all 8 tokens of turn 1 in the cache (prompt + both generated tokens).
+    let out = step(&mut s);
+    assert_eq!(plan(&out), vec![(2, 8, 3, true)]);
+}
