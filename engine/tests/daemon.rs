@@ -469,3 +469,70 @@ fn sigterm_drains_and_removes_the_socket_and_a_live_socket_is_not_taken_over() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_client_that_stops_reading_is_cancelled_as_slow_consumer_and_extra_connections_are_refused() {
+    // A tiny random-weight model with a long context decodes fast enough to flood a socket.
+    let dir = std::env::temp_dir().join(format!("convoy-slow-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 1000000});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let d = Daemon::start(
+        "slow",
+        &dir,
+        &[
+            "--load-format",
+            "dummy",
+            "--dummy-dtype",
+            "f32",
+            "--max-pending-bytes",
+            "16KiB",
+            "--max-connections",
+            "3",
+        ],
+    );
+    let mut slow = d.client();
+    slow.send(&json!({"op": "generate", "id": "flood", "prompt_ids": [1, 2, 3], "max_tokens": 1000000, "ignore_eos": true})).unwrap();
+    // Do not read while the socket buffer and the 16 KiB queue fill up; others are still served.
+    let mut other = d.client();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_millis(100));
+    loop {
+        let (_, done) = other.generate(&json!({"op": "generate", "id": "meanwhile", "prompt_ids": [5, 6], "max_tokens": 2})).unwrap();
+        assert!(matches!(done, ServerEvent::Done { .. }), "{done:?}");
+        let s = other.stats().unwrap();
+        if s["running"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the slow stream was never cut: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = loop {
+        match slow
+            .recv()
+            .unwrap()
+            .expect("the stream ends with its done event")
+        {
+            ServerEvent::Token { .. } => {}
+            ev => break ev,
+        }
+    };
+    assert!(
+        matches!(last, ServerEvent::Done { ref finish_reason, .. } if finish_reason == "slow_consumer"),
+        "{last:?}"
+    );
+    wait_for_zero_held(&mut other);
+    // Two connections are open; the third is allowed, the fourth refused with an error line.
+    let _third = d.client();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = d.client();
+    match fourth.recv().unwrap() {
+        Some(ServerEvent::Error { code, .. }) => assert_eq!(code, "too_many_connections"),
+        other => panic!("{other:?}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

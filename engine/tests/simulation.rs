@@ -181,3 +181,46 @@ fn two_thousand_random_requests_all_finish_exactly() {
         stats.cache
     );
 }
+
+#[test]
+fn a_deadline_ends_a_request_with_its_final_event() {
+    let kv = KvCacheConfig::new(16, 64);
+    let mut core = EngineCore::new(
+        SchedulerConfig::new(kv),
+        SimRunner::new(CostModel::smollm2_cpu(), 32_000),
+        TextCodec::without_tokenizer(vec![2]),
+        0.0,
+    );
+    let req = |deadline_ms: Option<u64>| EngineRequest {
+        prompt_ids: vec![100; 10],
+        params: SamplingParams {
+            max_tokens: 1000,
+            ..Default::default()
+        },
+        deadline: deadline_ms.map(std::time::Duration::from_millis),
+        ..Default::default()
+    };
+    core.add(1, req(Some(100))).unwrap(); // ~12 simulated steps of 8 ms
+    core.add(2, req(None)).unwrap();
+    let mut ended = None;
+    for _ in 0..100 {
+        for ev in core.step() {
+            if let EventKind::Done(d) = ev.kind {
+                assert_eq!(ev.id, 1);
+                ended = Some(d);
+            }
+        }
+        if ended.is_some() {
+            break;
+        }
+    }
+    let d = ended.expect("the deadline passed");
+    assert_eq!(d.finish_reason, FinishReason::Deadline);
+    assert!(
+        d.timing.total >= std::time::Duration::from_millis(100) && d.usage.completion_tokens > 0
+    );
+    assert!(
+        core.scheduler().request(2).is_some(),
+        "the other request goes on"
+    );
+}
