@@ -90,11 +90,18 @@ fn reference(cfg: &ModelConfig, t: &HashMap<String, Tensor>, tokens: &[u32]) -> 
             let n = rms(x, &an, cfg.rms_norm_eps);
             let mut q = matvec(&wq, &n);
             let mut k = matvec(&wk, &n);
+            let mut v = matvec(&wv, &n);
+            if cfg.architecture.has_qkv_bias() {
+                for (x, b) in [(&mut q, "q"), (&mut k, "k"), (&mut v, "v")] {
+                    let bias = t[&format!("{p}self_attn.{b}_proj.bias")].to_f32();
+                    x.iter_mut().zip(&bias).for_each(|(x, b)| *x += b);
+                }
+            }
             rope(&mut q, hd, pos, &inv_freq);
             rope(&mut k, hd, pos, &inv_freq);
             qs.push(q);
             ks.push(k);
-            vs.push(matvec(&wv, &n));
+            vs.push(v);
         }
         for (pos, x) in xs.iter_mut().enumerate() {
             let mut attn = vec![0f32; cfg.num_heads * hd];
@@ -134,13 +141,22 @@ fn reference(cfg: &ModelConfig, t: &HashMap<String, Tensor>, tokens: &[u32]) -> 
         }
     }
     let norm = t["model.norm.weight"].to_f32();
+    let head = if cfg.tie_word_embeddings {
+        embed
+    } else {
+        mat(t, "lm_head.weight")
+    };
     xs.iter()
-        .map(|x| matvec(&embed, &rms(x, &norm, cfg.rms_norm_eps)))
+        .map(|x| matvec(&head, &rms(x, &norm, cfg.rms_norm_eps)))
         .collect()
 }
 
 fn check(num_heads: usize, num_kv_heads: usize, dtype: DType) {
-    let cfg = config(num_heads, num_kv_heads);
+    check_config(config(num_heads, num_kv_heads), dtype)
+}
+
+fn check_config(cfg: ModelConfig, dtype: DType) {
+    let num_kv_heads = cfg.num_kv_heads;
     let tensors = dummy::tensors(&cfg, dtype, 11);
     let model = LlamaModel::new(LoadedModel {
         name: "dummy".into(),
@@ -209,4 +225,14 @@ fn gqa_four_kv_heads_q4_1() {
 #[test]
 fn mha_q8_0() {
     check(4, 4, DType::Q8_0);
+}
+
+#[test]
+fn qwen2_biases_and_a_separate_output_projection() {
+    let cfg = ModelConfig {
+        architecture: Architecture::Qwen2,
+        tie_word_embeddings: false,
+        ..config(4, 2)
+    };
+    check_config(cfg, DType::Q8_0);
 }
