@@ -110,6 +110,7 @@ fn worker(index: usize) {
     };
     let mut seen = 0;
     let mut idle_since = Instant::now();
+    let mut spins = 0u32;
     loop {
         let epoch = pool.epoch.load(Ordering::Acquire);
         if epoch != seen {
@@ -124,7 +125,9 @@ fn worker(index: usize) {
             }
             pool.active.fetch_sub(1, Ordering::SeqCst);
             idle_since = Instant::now();
-        } else if idle_since.elapsed() < SPIN {
+        } else if spins & 255 != 0 || idle_since.elapsed() < SPIN {
+            // Read the clock only every 256 spins: it is a system call's worth of work.
+            spins = spins.wrapping_add(1);
             std::hint::spin_loop();
         } else {
             pool.parked[index].store(true, Ordering::SeqCst);
