@@ -251,7 +251,15 @@ fn load_gguf(path: &Path, name: String) -> Result<LoadedModel> {
         }
         tensors.insert(hf, t);
     }
-    let tokenizer = Some(tokenizer::from_gguf(&g)?);
+    // A vocabulary convoy cannot rebuild (e.g. SentencePiece) leaves the model usable with
+    // token ids; say so instead of refusing the weights.
+    let tokenizer = match tokenizer::from_gguf(&g) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "no tokenizer: prompts must be given as token ids");
+            None
+        }
+    };
     let chat_template = match g.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
         Some(src) => Some(template(src, tokenizer.as_ref(), &config)?),
         None => None,
