@@ -197,6 +197,10 @@ pub fn spawn_cpu(
     max_queued: usize,
 ) -> EngineHandle {
     let (tx, rx) = channel::<Command>();
+    // Fault injection for the tests of the failure path: panic inside the step with this number.
+    let fault_step = std::env::var("CONVOY_FAULT_PANIC_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let thread = std::thread::Builder::new()
         .name("convoy-engine".into())
         .spawn(move || {
@@ -205,7 +209,7 @@ pub fn spawn_cpu(
             let mut sched = cfg.scheduler_config(model.config.max_position_embeddings);
             sched.max_queued = max_queued;
             let core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
-            run_loop(core, rx)
+            run_loop(core, rx, fault_step)
         })
         .expect("spawn the engine thread");
     EngineHandle {
@@ -254,6 +258,7 @@ fn deliver(
 fn run_loop<R: crate::runner::ModelRunner>(
     mut core: EngineCore<R>,
     rx: Receiver<Command>,
+    fault_step: Option<u64>,
 ) -> Result<(), String> {
     let mut sinks: HashMap<RequestId, EventSink> = HashMap::new();
     loop {
@@ -306,7 +311,13 @@ fn run_loop<R: crate::runner::ModelRunner>(
         if !core.has_work() {
             continue;
         }
-        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| core.step())) {
+        let step_no = core.stats().steps;
+        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if fault_step == Some(step_no) {
+                panic!("fault injected at step {step_no} (CONVOY_FAULT_PANIC_AT_STEP)");
+            }
+            core.step()
+        })) {
             Ok(events) => events,
             Err(p) => {
                 let msg = panic_message(&*p);

@@ -536,3 +536,70 @@ fn a_client_that_stops_reading_is_cancelled_as_slow_consumer_and_extra_connectio
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_engine_panic_reaches_every_client_and_the_daemon_exits_non_zero() {
+    let dir = std::env::temp_dir().join(format!("convoy-daemon-{}-panic", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("convoy.sock");
+    let mut d = Daemon {
+        child: Command::new(env!("CARGO_BIN_EXE_convoy"))
+            .args([
+                "serve",
+                "--model",
+                smollm2().to_str().unwrap(),
+                "--socket",
+                socket.to_str().unwrap(),
+                "--kv-cache-memory",
+                "256MiB",
+            ])
+            .env("CONVOY_FAULT_PANIC_AT_STEP", "5")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        socket,
+    };
+    let t = Instant::now();
+    while Client::connect(&d.socket).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut clients: Vec<Client> = (0..3).map(|_| d.client()).collect();
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&json!({"op": "generate", "id": format!("p{i}"), "prompt": "Tell me a story", "max_tokens": 1000, "ignore_eos": true})).unwrap();
+    }
+    for c in clients.iter_mut() {
+        let mut saw_done_error = false;
+        let mut saw_error_event = false;
+        while let Ok(Some(ev)) = c.recv() {
+            match ev {
+                ServerEvent::Done { finish_reason, .. } => {
+                    saw_done_error = finish_reason == "error"
+                }
+                ServerEvent::Error { code, .. } => saw_error_event = code == "engine_error",
+                _ => {}
+            }
+            if saw_done_error && saw_error_event {
+                break;
+            }
+        }
+        assert!(
+            saw_done_error && saw_error_event,
+            "every client hears of the failure"
+        );
+    }
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the daemon hangs after an engine panic"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(2));
+    assert!(!d.socket.exists(), "socket removed");
+}

@@ -278,7 +278,16 @@ impl Shared {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&sink_id);
-                return sink_out.push(se.to_line(), true);
+                let failed = matches!(&se, ServerEvent::Done { finish_reason, .. } if finish_reason == "error");
+                let delivery = sink_out.push(se.to_line(), true);
+                if failed {
+                    sink_out.send(error_event(
+                        Some(sink_id.clone()),
+                        "engine_error",
+                        "the engine failed; the daemon is stopping",
+                    ));
+                }
+                return delivery;
             }
             sink_out.push(se.to_line(), false)
         });
