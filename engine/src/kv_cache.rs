@@ -1,6 +1,8 @@
-//! Storage behind the KV-cache manager: per layer, K and V arrays of
-//! `[num_blocks][block_size][num_kv_heads][head_dim]` f32 values on the device (for the CPU
-//! backend, RAM), plus a host tier of the same layout.
+//! Storage behind the KV-cache manager: per layer, a V array of
+//! `[num_blocks][block_size][num_kv_heads][head_dim]` f32 values and a K array with each block
+//! transposed, `[num_blocks][num_kv_heads][head_dim][block_size]` (so attention computes scores
+//! along positions), on the device (for the CPU backend, RAM), plus a host tier of the same
+//! layout.
 //!
 //! The manager's block ids index this storage directly; nothing here decides who owns what.
 //! [`KvCache::apply`] executes the manager's copies in order.
@@ -79,13 +81,19 @@ impl KvCache {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Write the K and V rows of packed tokens to their device slots in `layer`.
+    /// Write the K and V rows of packed tokens to their device slots in `layer`. V rows are
+    /// stored as they are; K is stored transposed inside its block (see `KvCache`).
     pub fn write(&mut self, layer: usize, slot_mapping: &[u32], k: &[f32], v: &[f32]) {
         let w = self.token_width();
+        let bs = self.block_size;
         for (i, &slot) in slot_mapping.iter().enumerate() {
             let s = slot as usize * w;
-            self.device.k[layer][s..s + w].copy_from_slice(&k[i * w..(i + 1) * w]);
             self.device.v[layer][s..s + w].copy_from_slice(&v[i * w..(i + 1) * w]);
+            let (block, off) = (slot as usize / bs, slot as usize % bs);
+            let kb = &mut self.device.k[layer][block * bs * w..(block + 1) * bs * w];
+            for (e, &x) in k[i * w..(i + 1) * w].iter().enumerate() {
+                kb[e * bs + off] = x;
+            }
         }
     }
 
@@ -94,52 +102,46 @@ impl KvCache {
         (&self.device.k[layer], &self.device.v[layer])
     }
 
-    /// Execute block copies in order (all layers, K and V).
+    /// Execute block copies in order (all layers, K and V): the first `num_slots` slots of
+    /// each block, whatever the layout (V slots are contiguous; K slots are the first
+    /// `num_slots` values of each of the block's `token_width` rows).
     pub fn apply(&mut self, copies: &[BlockCopy]) {
-        let block = self.block_size * self.token_width();
         let w = self.token_width();
+        let bs = self.block_size;
+        let block = bs * w;
         for c in copies {
-            let n = c.num_slots * w;
             for layer in 0..self.device.k.len() {
                 for kv in 0..2 {
-                    let (src, src_at) = match c.src {
-                        Loc::Device(b) => (
-                            if kv == 0 {
-                                &self.device.k[layer]
-                            } else {
-                                &self.device.v[layer]
-                            },
-                            b as usize * block,
-                        ),
-                        Loc::Host(b) => (
-                            if kv == 0 {
-                                &self.host.k[layer]
-                            } else {
-                                &self.host.v[layer]
-                            },
-                            b as usize * block,
-                        ),
+                    let tier = |t: &Tier, loc: Loc| -> (Vec<f32>, usize) {
+                        let (data, b) = match loc {
+                            Loc::Device(b) => (if kv == 0 { &t.k } else { &t.v }, b),
+                            Loc::Host(b) => (if kv == 0 { &t.k } else { &t.v }, b),
+                        };
+                        let at = b as usize * block;
+                        (data[layer][at..at + block].to_vec(), at)
                     };
-                    let data = src[src_at..src_at + n].to_vec();
-                    let (dst, dst_at) = match c.dst {
-                        Loc::Device(b) => (
-                            if kv == 0 {
-                                &mut self.device.k[layer]
-                            } else {
-                                &mut self.device.v[layer]
-                            },
-                            b as usize * block,
-                        ),
-                        Loc::Host(b) => (
-                            if kv == 0 {
-                                &mut self.host.k[layer]
-                            } else {
-                                &mut self.host.v[layer]
-                            },
-                            b as usize * block,
-                        ),
+                    let (src, _) = match c.src {
+                        Loc::Device(_) => tier(&self.device, c.src),
+                        Loc::Host(_) => tier(&self.host, c.src),
                     };
-                    dst[dst_at..dst_at + n].copy_from_slice(&data);
+                    let (dst_tier, b) = match c.dst {
+                        Loc::Device(b) => (&mut self.device, b),
+                        Loc::Host(b) => (&mut self.host, b),
+                    };
+                    let dst = if kv == 0 {
+                        &mut dst_tier.k[layer]
+                    } else {
+                        &mut dst_tier.v[layer]
+                    };
+                    let at = b as usize * block;
+                    if kv == 1 {
+                        dst[at..at + c.num_slots * w].copy_from_slice(&src[..c.num_slots * w]);
+                    } else {
+                        for row in 0..w {
+                            dst[at + row * bs..at + row * bs + c.num_slots]
+                                .copy_from_slice(&src[row * bs..row * bs + c.num_slots]);
+                        }
+                    }
                 }
             }
         }

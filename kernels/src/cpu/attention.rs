@@ -1,14 +1,18 @@
 //! Paged attention on the CPU: queries of a packed batch against keys and values stored in
 //! fixed-size blocks, found through each sequence's block table.
 //!
-//! Cache layout per layer: `[num_blocks][block_size][num_kv_heads][head_dim]` for K and for V;
-//! token position `p` of a sequence lives in block `block_table[p / block_size]`, slot
-//! `p % block_size`. The work item is one (query token, KV head): the K and V rows of that head
+//! Cache layout per layer: V is `[num_blocks][block_size][num_kv_heads][head_dim]`; K is the same
+//! blocks transposed inside each block, `[num_blocks][num_kv_heads][head_dim][block_size]`, so the
+//! positions of one dimension are contiguous and scores are computed 16 positions at a time
+//! without horizontal reductions. Token position `p` of a sequence lives in block
+//! `block_table[p / block_size]`, slot `p % block_size`.
+//!
+//! The work item is one (query token, KV head): the K and V rows of that head
 //! are loaded once for all query heads that share it (GQA/MQA). Query `i` of a sequence with
 //! `num_queries` new tokens and `context_len` tokens in all sits at position
 //! `context_len - num_queries + i` and attends causally to positions `0..=` that.
 
-use super::ops::{axpy, chunks_mut_par, dot};
+use super::ops::{axpy, chunks_mut_par};
 
 /// One sequence of a packed batch, as attention sees it.
 #[derive(Clone, Copy, Debug)]
@@ -109,7 +113,7 @@ pub fn paged_attention(
             unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
             return;
         }
-        attend_partition_with(&item, &mut scores, part, dot, axpy);
+        attend_partition_scalar(&item, &mut scores, part);
     };
     chunks_mut_par(&mut partials, part_width, 2, |k, part| run(&items[k], part));
     // Combine the partitions of each (row, KV head), in partition order.
@@ -174,40 +178,65 @@ pub(crate) struct Item<'a> {
     pub scale: f32,
 }
 
-/// Visit the cache slots of positions `p0..p1` in order, one division per block.
+/// Visit the positions `p0..p1` as runs inside one block each: `f(j, block, offset, len)`
+/// covers positions `p0 + j .. p0 + j + len`, stored in `block` from slot `offset` on.
 #[inline(always)]
-pub(crate) fn for_each_slot(it: &Item<'_>, mut f: impl FnMut(usize, usize)) {
+pub(crate) fn for_each_run(it: &Item<'_>, mut f: impl FnMut(usize, usize, usize, usize)) {
     let mut j = it.p0;
     while j < it.p1 {
         let off = j % it.block_size;
         let n = (it.block_size - off).min(it.p1 - j);
-        let base = it.block_table[j / it.block_size] as usize * it.block_size + off;
-        for s in 0..n {
-            f(j + s - it.p0, base + s);
-        }
+        f(
+            j - it.p0,
+            it.block_table[j / it.block_size] as usize,
+            off,
+            n,
+        );
         j += n;
     }
 }
 
-/// Scores of every query head of the group against the partition's positions (each K row
-/// loaded once for the whole group), turned into `exp(s - m)` in place; writes `m` and
-/// `l = sum exp(s - m)` as the first two values of each head's `[m, l, o...]` record and zeroes
-/// `o`.
+/// Visit the cache slots of positions `p0..p1` in order, one division per block.
 #[inline(always)]
-pub(crate) fn partition_scores(
-    it: &Item<'_>,
-    scores: &mut [f32],
-    part: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-) {
-    let hd = it.head_dim;
-    let n = it.p1 - it.p0;
-    for_each_slot(it, |j, slot| {
-        let kp = &it.k_cache[slot * it.kv_stride + it.head_offset..][..hd];
-        for g in 0..it.group {
-            scores[g * n + j] = dot(&it.q[g * hd..(g + 1) * hd], kp) * it.scale;
+pub(crate) fn for_each_slot(it: &Item<'_>, mut f: impl FnMut(usize, usize)) {
+    for_each_run(it, |j, block, off, n| {
+        for s in 0..n {
+            f(j + s, block * it.block_size + off + s);
         }
     });
+}
+
+/// Index in the K cache of dimension `d` of the item's KV head at slot `off` of `block`.
+/// K is stored transposed inside each block (`[block][kv_head][head_dim][block_size]`), so the
+/// positions of one dimension are contiguous and a score computation runs along them.
+#[inline(always)]
+pub(crate) fn k_index(it: &Item<'_>, block: usize, off: usize, d: usize) -> usize {
+    (block * it.kv_stride + it.head_offset + d) * it.block_size + off
+}
+
+/// Scaled scores `q_g . k_j` for every query head `g` of the group and position `j` of the
+/// partition (portable version; `simd::x86::scores` is the fast one).
+pub(crate) fn raw_scores(it: &Item<'_>, scores: &mut [f32]) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    for_each_run(it, |j0, block, off, len| {
+        for g in 0..it.group {
+            let q = &it.q[g * hd..(g + 1) * hd];
+            for t in 0..len {
+                let s: f32 = (0..hd)
+                    .map(|d| q[d] * it.k_cache[k_index(it, block, off + t, d)])
+                    .sum();
+                scores[g * n + j0 + t] = s * it.scale;
+            }
+        }
+    });
+}
+
+/// Turn scores into `exp(s - m)` in place per query head and write `m` and
+/// `l = sum exp(s - m)` as the first two values of each head's `[m, l, o...]` record, `o` zeroed.
+pub(crate) fn softmax_stats(it: &Item<'_>, scores: &mut [f32], part: &mut [f32]) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
     for g in 0..it.group {
         let sc = &mut scores[g * n..(g + 1) * n];
         let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -224,18 +253,13 @@ pub(crate) fn partition_scores(
 }
 
 /// For each query head of the group: max score `m`, `l = sum exp(s - m)` and the unnormalised
-/// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K row is
-/// loaded once for the whole group.
-pub(crate) fn attend_partition_with(
-    it: &Item<'_>,
-    scores: &mut [f32],
-    part: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
-    axpy: impl Fn(f32, &[f32], &mut [f32]),
-) {
+/// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K and V
+/// value is read once for the whole group.
+pub(crate) fn attend_partition_scalar(it: &Item<'_>, scores: &mut [f32], part: &mut [f32]) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
-    partition_scores(it, scores, part, dot);
+    raw_scores(it, scores);
+    softmax_stats(it, scores, part);
     for_each_slot(it, |j, slot| {
         let vp = &it.v_cache[slot * it.kv_stride + it.head_offset..][..hd];
         for g in 0..it.group {

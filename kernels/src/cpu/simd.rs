@@ -197,38 +197,68 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Dot product of `hd` floats, `hd % 16 == 0`: no masks.
+    /// Scaled scores of every query head of the group against every position of the
+    /// partition, from the block-transposed K cache: 16 positions per vector, one FMA per
+    /// dimension and query head, each K value loaded once for up to 8 query heads.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn dot16(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = _mm512_setzero_ps();
-        for c in 0..a.len() / 16 {
-            acc = _mm512_fmadd_ps(
-                _mm512_loadu_ps(a.as_ptr().add(c * 16)),
-                _mm512_loadu_ps(b.as_ptr().add(c * 16)),
-                acc,
-            );
-        }
-        _mm512_reduce_add_ps(acc)
+    unsafe fn scores(it: &super::super::attention::Item<'_>, scores: &mut [f32]) {
+        use super::super::attention::{for_each_run, k_index};
+        let hd = it.head_dim;
+        let n = it.p1 - it.p0;
+        let scale = _mm512_set1_ps(it.scale);
+        for_each_run(it, |j0, block, off, len| {
+            let mut c = 0;
+            while c < len {
+                let lanes = (len - c).min(16);
+                let mask: __mmask16 = if lanes == 16 {
+                    0xffff
+                } else {
+                    (1u32 << lanes) as u16 - 1
+                };
+                let mut g0 = 0;
+                while g0 < it.group {
+                    let gs = (it.group - g0).min(8);
+                    let mut acc = [_mm512_setzero_ps(); 8];
+                    for d in 0..hd {
+                        let k = _mm512_maskz_loadu_ps(
+                            mask,
+                            it.k_cache.as_ptr().add(k_index(it, block, off + c, d)),
+                        );
+                        for g in 0..gs {
+                            let q = _mm512_set1_ps(*it.q.get_unchecked((g0 + g) * hd + d));
+                            acc[g] = _mm512_fmadd_ps(q, k, acc[g]);
+                        }
+                    }
+                    for g in 0..gs {
+                        let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
+                        _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(acc[g], scale));
+                    }
+                    g0 += gs;
+                }
+                c += lanes;
+            }
+        });
     }
 
     /// One attention partition with AVX-512 (`head_dim % 16 == 0`, `head_dim <= 256`); the
-    /// contract is `attention::attend_partition_with`'s. The weighted V sum of each query head is
-    /// kept in registers across all positions instead of going through memory.
+    /// contract is `attention::attend_partition_scalar`'s. The weighted V sum of each query head
+    /// is kept in registers across all positions instead of going through memory.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn attend_partition(
         it: &super::super::attention::Item<'_>,
-        scores: &mut [f32],
+        sc_buf: &mut [f32],
         part: &mut [f32],
     ) {
-        use super::super::attention::{for_each_slot, partition_scores};
+        use super::super::attention::{for_each_slot, softmax_stats};
         let hd = it.head_dim;
         let chunks = hd / 16;
         let n = it.p1 - it.p0;
-        partition_scores(it, scores, part, |a, b| dot16(a, b));
+        scores(it, sc_buf);
+        softmax_stats(it, sc_buf, part);
         for g in 0..it.group {
             let mut acc = [_mm512_setzero_ps(); 16];
-            let sc = &scores[g * n..(g + 1) * n];
+            let sc = &sc_buf[g * n..(g + 1) * n];
             for_each_slot(it, |j, slot| {
                 let vp = it
                     .v_cache
