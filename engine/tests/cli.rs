@@ -104,7 +104,7 @@ fn missing_model_is_a_clear_error() {
 fn dummy_model_generates_json_with_the_documented_fields() {
     let d = scratch("dummy");
     write_config(&d, "LlamaForCausalLM");
-    let (code, out, err) = convoy(&[
+    let args = [
         "generate",
         "--model",
         d.to_str().unwrap(),
@@ -121,7 +121,8 @@ fn dummy_model_generates_json_with_the_documented_fields() {
         "0.7",
         "--seed",
         "3",
-    ]);
+    ];
+    let (code, out, err) = convoy(&args);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["prompt_ids"], serde_json::json!([1, 2, 3]));
@@ -130,24 +131,7 @@ fn dummy_model_generates_json_with_the_documented_fields() {
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["text"].is_string());
     // Same seed, same output.
-    let (_, out2, _) = convoy(&[
-        "generate",
-        "--model",
-        d.to_str().unwrap(),
-        "--load-format",
-        "dummy",
-        "--prompt-ids",
-        "1,2,3",
-        "--max-tokens",
-        "5",
-        "--ignore-eos",
-        "--format",
-        "json",
-        "--temperature",
-        "0.7",
-        "--seed",
-        "3",
-    ]);
+    let (_, out2, _) = convoy(&args);
     let v2: serde_json::Value = serde_json::from_str(out2.trim()).unwrap();
     assert_eq!(v["output_ids"], v2["output_ids"]);
 }

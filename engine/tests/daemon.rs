@@ -32,6 +32,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(name: &str, model: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(name, model, extra, &[])
+    }
+
+    fn start_with_env(name: &str, model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let dir = std::env::temp_dir().join(format!("convoy-daemon-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -48,7 +52,8 @@ impl Daemon {
             ])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
+            .envs(env.iter().copied())
             .spawn()
             .expect("start convoy serve");
         let d = Daemon { child, socket };
@@ -539,32 +544,12 @@ fn a_client_that_stops_reading_is_cancelled_as_slow_consumer_and_extra_connectio
 
 #[test]
 fn an_engine_panic_reaches_every_client_and_the_daemon_exits_non_zero() {
-    let dir = std::env::temp_dir().join(format!("convoy-daemon-{}-panic", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("convoy.sock");
-    let mut d = Daemon {
-        child: Command::new(env!("CARGO_BIN_EXE_convoy"))
-            .args([
-                "serve",
-                "--model",
-                smollm2().to_str().unwrap(),
-                "--socket",
-                socket.to_str().unwrap(),
-                "--kv-cache-memory",
-                "256MiB",
-            ])
-            .env("CONVOY_FAULT_PANIC_AT_STEP", "5")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-        socket,
-    };
-    let t = Instant::now();
-    while Client::connect(&d.socket).is_err() {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut d = Daemon::start_with_env(
+        "panic",
+        &smollm2(),
+        &[],
+        &[("CONVOY_FAULT_PANIC_AT_STEP", "5")],
+    );
     let mut clients: Vec<Client> = (0..3).map(|_| d.client()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
         c.send(&json!({"op": "generate", "id": format!("p{i}"), "prompt": "Tell me a story", "max_tokens": 1000, "ignore_eos": true})).unwrap();

@@ -376,6 +376,25 @@ impl KvCacheManager {
         Ok(())
     }
 
+    /// Index block `i` of a sequence as holding `tokens` (all its slots when there are
+    /// `block_size` of them) after the sequence's full blocks; returns its hash.
+    fn index_block(&mut self, state: &SeqState, i: usize, tokens: &[u32]) -> BlockHash {
+        let parent = state.full_hashes.last().copied().unwrap_or(state.root);
+        let key = self.key_tokens(tokens);
+        let hash = chain_hash(parent, &key);
+        let full = tokens.len() == self.cfg.block_size;
+        self.device.register(
+            state.blocks[i],
+            BlockKey {
+                parent,
+                hash,
+                tokens: key,
+                full,
+            },
+        );
+        hash
+    }
+
     /// Index the blocks that `num_computed` computed tokens have filled, so other sequences can
     /// share them. `tokens` are the sequence's tokens (at least `num_computed`).
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32], num_computed: usize) {
@@ -390,18 +409,7 @@ impl KvCacheManager {
             && state.full_hashes.len() < state.blocks.len()
         {
             let i = state.full_hashes.len();
-            let parent = state.full_hashes.last().copied().unwrap_or(state.root);
-            let key = self.key_tokens(&tokens[i * bs..(i + 1) * bs]);
-            let hash = chain_hash(parent, &key);
-            self.device.register(
-                state.blocks[i],
-                BlockKey {
-                    parent,
-                    hash,
-                    tokens: key,
-                    full: true,
-                },
-            );
+            let hash = self.index_block(&state, i, &tokens[i * bs..(i + 1) * bs]);
             state.full_hashes.push(hash);
         }
         self.seqs.insert(seq, state);
@@ -421,18 +429,7 @@ impl KvCacheManager {
             && !num_computed.is_multiple_of(bs)
             && i < state.blocks.len()
         {
-            let parent = state.full_hashes.last().copied().unwrap_or(state.root);
-            let key = self.key_tokens(&tokens[i * bs..num_computed]);
-            let hash = chain_hash(parent, &key);
-            self.device.register(
-                state.blocks[i],
-                BlockKey {
-                    parent,
-                    hash,
-                    tokens: key,
-                    full: false,
-                },
-            );
+            self.index_block(&state, i, &tokens[i * bs..num_computed]);
         }
         for &b in state.blocks.iter().rev() {
             self.device.release(b);

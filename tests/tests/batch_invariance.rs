@@ -4,22 +4,24 @@
 use convoy_engine::{GenerationRequest, Generator, GeneratorConfig, SamplingParams};
 use convoy_tests::{ids, load, smollm2_path, smollm2_reference};
 
+/// The prompts of the transformers reference: completions, chats, then multi-turn turns.
+fn reference_prompts() -> Vec<Vec<u32>> {
+    let reference = smollm2_reference();
+    let completions = reference["completions"].as_array().unwrap();
+    let chats = reference["chats"].as_array().unwrap();
+    let turns = reference["multi_turn"][0]["turns"].as_array().unwrap();
+    completions
+        .iter()
+        .chain(chats)
+        .chain(turns)
+        .map(|c| ids(&c["prompt_ids"]))
+        .collect()
+}
+
 #[test]
 fn eight_prompts_together_equal_each_alone() {
     let (model, codec) = load(&smollm2_path());
-    let reference = smollm2_reference();
-    let mut prompts: Vec<Vec<u32>> = Vec::new();
-    for c in reference["completions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .chain(reference["chats"].as_array().unwrap())
-    {
-        prompts.push(ids(&c["prompt_ids"]));
-    }
-    for turn in reference["multi_turn"][0]["turns"].as_array().unwrap() {
-        prompts.push(ids(&turn["prompt_ids"]));
-    }
+    let mut prompts = reference_prompts();
     prompts.truncate(8);
     assert_eq!(prompts.len(), 8);
     let requests: Vec<GenerationRequest> = prompts
@@ -67,19 +69,7 @@ fn eight_prompts_together_equal_each_alone() {
 #[test]
 fn sixteen_concurrent_requests_with_and_without_preemption_equal_each_alone() {
     let (model, codec) = load(&smollm2_path());
-    let reference = smollm2_reference();
-    let mut prompts: Vec<Vec<u32>> = Vec::new();
-    for c in reference["completions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .chain(reference["chats"].as_array().unwrap())
-    {
-        prompts.push(ids(&c["prompt_ids"]));
-    }
-    for turn in reference["multi_turn"][0]["turns"].as_array().unwrap() {
-        prompts.push(ids(&turn["prompt_ids"]));
-    }
+    let mut prompts = reference_prompts();
     // Variations: every prompt again, cut short, so lengths differ and prefixes are shared.
     let base = prompts.clone();
     for p in base {
