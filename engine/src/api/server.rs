@@ -616,10 +616,15 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         tracing::info!(timeout_s = shared.cfg.drain_timeout.as_secs_f64(), "draining");
         let deadline = Instant::now() + shared.cfg.drain_timeout;
         while Instant::now() < deadline {
-            match shared.engine.stats() {
-                Ok(s) if s.running + s.waiting == 0 => break,
-                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                Err(_) => break,
+            // Ask without blocking the I/O thread: writers keep flushing while we wait.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let asked = shared.engine.stats_with(Box::new(move |s| {
+                let _ = tx.send(s);
+            }));
+            match (asked, rx.await) {
+                (Ok(()), Ok(s)) if s.running + s.waiting == 0 => break,
+                (Ok(()), Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                _ => break,
             }
         }
         engine.shutdown();
