@@ -106,6 +106,8 @@ pub struct EngineStats {
     pub prompt_tokens: u64,
     /// Prompt tokens served from either cache tier.
     pub cached_prompt_tokens: u64,
+    /// Of those, served from the host tier (counted once per request, at admission).
+    pub host_cached_prompt_tokens: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
     /// Requests finished (any reason).
@@ -369,6 +371,7 @@ impl<R: ModelRunner> EngineCore<R> {
             if let Some(hit) = o.prefix_hit {
                 l.hit = hit;
                 self.stats.cached_prompt_tokens += hit.total() as u64;
+                self.stats.host_cached_prompt_tokens += hit.host_tokens as u64;
             }
             l.first_token.get_or_insert(now);
             let mut finished = o.finished;
@@ -380,18 +383,18 @@ impl<R: ModelRunner> EngineCore<R> {
                     l.text.push_str(&delta);
                 }
             }
-            if finished.is_none() {
-                if let Some(pos) = l
-                    .params
-                    .stop
-                    .iter()
-                    .filter_map(|st| l.text.find(st.as_str()))
-                    .min()
-                {
-                    l.text.truncate(pos);
-                    finished = Some(FinishReason::Stop);
-                    self.scheduler.finish(o.id, FinishReason::Stop);
-                }
+            // A stop string wins even when the same token also hit max_tokens or EOS.
+            if let Some(pos) = l
+                .params
+                .stop
+                .iter()
+                .filter_map(|st| l.text.find(st.as_str()))
+                .min()
+            {
+                l.text.truncate(pos);
+                l.emitted = l.emitted.min(pos);
+                finished = Some(FinishReason::Stop);
+                self.scheduler.finish(o.id, FinishReason::Stop);
             }
             // Hold back text that could still become a stop string.
             let hold = if finished.is_some() {

@@ -316,6 +316,11 @@ fn malformed_lines_each_get_their_error_code_and_the_daemon_goes_on() {
             "line_too_long",
         ),
         (long.into_bytes(), "line_too_long"),
+        (
+            b"{\"op\":\"generate\",\"id\":\"a\",\"prompt\":\"x\",\"logprobs\":2,\"stream\":false}"
+                .to_vec(),
+            "invalid_parameter",
+        ),
         (b"{\"op\":\"cancel\"}".to_vec(), "missing_field"),
         (
             b"{\"op\":\"tokenize\",\"text\":[1]}".to_vec(),
@@ -587,4 +592,20 @@ fn an_engine_panic_reaches_every_client_and_the_daemon_exits_non_zero() {
     };
     assert_eq!(status.code(), Some(2));
     assert!(!d.socket.exists(), "socket removed");
+}
+
+#[test]
+fn a_client_that_only_closes_its_sending_side_still_gets_its_stream() {
+    use std::io::{Read, Write};
+    let d = Daemon::start("halfclose", &smollm2(), &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.write_all(b"{\"op\":\"generate\",\"id\":\"h\",\"prompt\":\"The capital of France is\",\"max_tokens\":3,\"ignore_eos\":true}\n").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let last: ServerEvent = serde_json::from_str(all.lines().last().expect("events")).unwrap();
+    assert!(
+        matches!(last, ServerEvent::Done { ref finish_reason, usage, .. } if finish_reason == "length" && usage.completion_tokens == 3),
+        "{all}"
+    );
 }

@@ -16,8 +16,9 @@
 //! prefix is matched again: from the device, from the host tier (swap in, no recompute), or
 //! recomputed for whatever was dropped.
 //!
-//! Aging: a waiting request's effective priority grows by one every `aging_steps` steps it
-//! waits, so a low priority request is never starved forever.
+//! Aging: a request's effective priority grows by one every `aging_steps` steps since it arrived
+//! (kept while it runs and across preemptions), so a low priority request is never starved
+//! forever.
 //!
 //! A request that finishes generating stays one more step (`Finishing`) to compute its last
 //! sampled token's K/V, so the next turn of the conversation finds the whole reply in cache; a
@@ -187,12 +188,11 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Base priority plus one for every `aging_steps` steps since the request arrived. The age
+    /// counts while it runs and survives preemption, so an aged request is not the first victim
+    /// and does not start over each time it is preempted.
     fn effective_priority(&self, r: &Request) -> i64 {
-        let aged = if r.status == RequestStatus::Waiting {
-            (self.step.saturating_sub(r.waiting_since) / self.cfg.aging_steps.max(1)) as i64
-        } else {
-            0
-        };
+        let aged = (self.step.saturating_sub(r.waiting_since) / self.cfg.aging_steps.max(1)) as i64;
         r.priority as i64 + aged
     }
 
@@ -254,7 +254,6 @@ impl Scheduler {
 
     fn preempt(&mut self, id: RequestId, out: &mut SchedulerOutput) {
         self.running.retain(|&r| r != id);
-        let step = self.step;
         let r = self.requests.get_mut(&id).expect("running request exists");
         self.kv.free(id, &r.tokens, r.num_computed_tokens);
         r.in_cache = false;
@@ -268,24 +267,27 @@ impl Scheduler {
         r.status = RequestStatus::Waiting;
         r.num_preemptions += 1;
         self.preemptions += 1;
-        r.waiting_since = step;
         self.waiting.push(id);
         out.preempted.push(id);
     }
 
+    /// Whether `id`'s prompt continues a request that is finishing this step past that
+    /// request's own prompt (i.e. into its reply, whose last K/V is computed only now).
     fn shares_prefix_with_finishing(&self, id: RequestId) -> bool {
+        if !self.cfg.kv.enable_prefix_caching {
+            return false;
+        }
         let r = &self.requests[&id];
         self.running.iter().any(|f| {
             let f = &self.requests[f];
             matches!(f.status, RequestStatus::Finishing(_))
                 && f.cache_salt == r.cache_salt
-                && f.tokens.first() == r.tokens.first()
                 && f.tokens
                     .iter()
                     .zip(&r.tokens)
                     .take_while(|(a, b)| a == b)
                     .count()
-                    > f.num_computed_tokens.min(r.tokens.len() - 1) / 2
+                    > f.prompt_len
         })
     }
 

@@ -275,6 +275,10 @@ fn parse_generate(v: Value) -> Result<ClientMessage, ProtocolError> {
         r.deadline_ms.is_none_or(|d| d > 0),
         "deadline_ms must be positive",
     )?;
+    check_range(
+        r.logprobs.is_none() || r.stream.unwrap_or(true),
+        "logprobs are sent with token events: use stream: true",
+    )?;
     Ok(ClientMessage::Generate(Box::new(GenerateRequest {
         id: r.id,
         prompt,

@@ -57,29 +57,34 @@ pub struct ServeConfig {
 
 #[derive(Default)]
 struct Latencies {
-    ttft_ms: Vec<f64>,
-    total_ms: Vec<f64>,
+    ttft_ms: std::collections::VecDeque<f64>,
+    total_ms: std::collections::VecDeque<f64>,
 }
 
 impl Latencies {
     const KEEP: usize = 10_000;
     fn record(&mut self, t: &TimingOut) {
         if self.ttft_ms.len() == Self::KEEP {
-            self.ttft_ms.remove(0);
-            self.total_ms.remove(0);
+            self.ttft_ms.pop_front();
+            self.total_ms.pop_front();
         }
-        self.ttft_ms.push(t.ttft_ms);
-        self.total_ms.push(t.total_ms);
+        self.ttft_ms.push_back(t.ttft_ms);
+        self.total_ms.push_back(t.total_ms);
     }
 }
 
-fn percentile(v: &[f64], p: f64) -> f64 {
-    if v.is_empty() {
+/// The `p` quantile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
         return 0.0;
     }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[((s.len() - 1) as f64 * p).round() as usize]
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn sorted(v: Vec<f64>) -> Vec<f64> {
+    let mut v = v;
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
 }
 
 struct Shared {
@@ -324,16 +329,22 @@ impl Shared {
         let out = reply_to.clone();
         let uptime = self.started.elapsed().as_secs_f64();
         let connections = self.connections.load(Ordering::Relaxed);
-        let (p50, p90, p99, t50, t99) = {
+        // Copy under the lock (the engine thread records into it), sort outside it.
+        let (ttft, total) = {
             let l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
             (
-                percentile(&l.ttft_ms, 0.5),
-                percentile(&l.ttft_ms, 0.9),
-                percentile(&l.ttft_ms, 0.99),
-                percentile(&l.total_ms, 0.5),
-                percentile(&l.total_ms, 0.99),
+                l.ttft_ms.iter().copied().collect::<Vec<_>>(),
+                l.total_ms.iter().copied().collect::<Vec<_>>(),
             )
         };
+        let (ttft, total) = (sorted(ttft), sorted(total));
+        let (p50, p90, p99, t50, t99) = (
+            percentile(&ttft, 0.5),
+            percentile(&ttft, 0.9),
+            percentile(&ttft, 0.99),
+            percentile(&total, 0.5),
+            percentile(&total, 0.99),
+        );
         let sent = self.engine.stats_with(Box::new(move |s| {
             let e = s.engine;
             let prompt = e.prompt_tokens.max(1) as f64;
@@ -354,8 +365,8 @@ impl Shared {
                     "prompt_tokens": e.prompt_tokens,
                     "cached_prompt_tokens": e.cached_prompt_tokens,
                     "hit_ratio": e.cached_prompt_tokens as f64 / prompt,
-                    "device_hit_ratio": e.cache.device_hit_tokens as f64 / prompt,
-                    "host_hit_ratio": e.cache.host_hit_tokens as f64 / prompt,
+                    "device_hit_ratio": (e.cached_prompt_tokens - e.host_cached_prompt_tokens) as f64 / prompt,
+                    "host_hit_ratio": e.host_cached_prompt_tokens as f64 / prompt,
                     "swapped_out_blocks": e.cache.swapped_out_blocks,
                     "swapped_in_blocks": e.cache.swapped_in_blocks,
                 },
@@ -446,6 +457,14 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) {
     let mut reader = BufReader::with_capacity(2048, read);
     let mut buf = Vec::new();
     loop {
+        // Back-pressure: while this client has not read what it was sent, read nothing more
+        // from it, so replies it keeps asking for cannot pile up in memory.
+        while out.pending.load(Ordering::Relaxed) > out.limit {
+            if out.tx.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let line = match read_line_limited(&mut reader, &mut buf, shared.cfg.max_line_bytes).await {
             Ok(Some(true)) => &buf,
             Ok(Some(false)) => {
@@ -498,7 +517,12 @@ async fn connection(shared: Arc<Shared>, stream: UnixStream) {
             },
         }
     }
-    // Disconnect: cancel everything this connection still has running.
+    // End of input. A client that only closed its sending side (a script piping a request into
+    // the socket) still gets its streams to the end; one that is gone makes the writer fail,
+    // which cancels its requests through their sinks. Whatever is still live is then cancelled.
+    while !live.lock().unwrap_or_else(|e| e.into_inner()).is_empty() && !writer.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let ids: Vec<RequestId> = live
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -526,8 +550,13 @@ fn prepare_socket(cfg: &ServeConfig) -> anyhow::Result<UnixListener> {
             .with_context(|| format!("removing stale socket {}", cfg.socket.display()))?;
         tracing::info!(socket = %cfg.socket.display(), "removed a stale socket");
     }
-    let listener = UnixListener::bind(&cfg.socket)
-        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+    // Create the socket file with no access for others from the start, then set the mode.
+    // SAFETY: umask(2) only swaps the process's file creation mask.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(&cfg.socket);
+    // SAFETY: as above, restoring the mask.
+    unsafe { libc::umask(previous) };
+    let listener = bound.with_context(|| format!("binding {}", cfg.socket.display()))?;
     std::fs::set_permissions(
         &cfg.socket,
         std::fs::Permissions::from_mode(cfg.socket_mode),

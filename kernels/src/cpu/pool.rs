@@ -22,6 +22,8 @@ struct Job {
     n: usize,
     next: AtomicUsize,
     done: AtomicUsize,
+    /// Set when an item panicked; the submitter re-raises once every item is accounted for.
+    panicked: AtomicBool,
 }
 
 struct Pool {
@@ -93,7 +95,11 @@ fn run_items(job: &Job) {
         if i >= job.n {
             break;
         }
-        body(i);
+        // A panicking item still counts as done, so nobody waits for it forever; the submitter
+        // re-raises the panic after the job is unpublished.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(i))).is_err() {
+            job.panicked.store(true, Ordering::SeqCst);
+        }
         count += 1;
     }
     if count > 0 {
@@ -160,6 +166,7 @@ pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
         n,
         next: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
     };
     pool.job
         .store(&job as *const Job as *mut Job, Ordering::Release);
@@ -176,6 +183,9 @@ pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
     pool.job.store(std::ptr::null_mut(), Ordering::SeqCst);
     while pool.active.load(Ordering::SeqCst) != 0 {
         std::hint::spin_loop();
+    }
+    if job.panicked.load(Ordering::SeqCst) {
+        panic!("a kernel work item panicked");
     }
 }
 
@@ -202,5 +212,22 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_panicking_item_is_reported_to_the_caller_and_the_pool_goes_on() {
+        let r = std::panic::catch_unwind(|| {
+            parallel_for(64, &|i| {
+                if i == 37 {
+                    panic!("boom");
+                }
+            })
+        });
+        assert!(r.is_err(), "the panic reaches the caller");
+        let hits = AtomicUsize::new(0);
+        parallel_for(64, &|_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 64);
     }
 }
