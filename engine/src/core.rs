@@ -66,6 +66,9 @@ pub struct Done {
     pub output_ids: Vec<u32>,
     /// All generated text (without a stop string).
     pub text: String,
+    /// The end of `text` that no token event carried yet (text held back while it could still
+    /// become a stop string, when the request ends some other way). Streams send it last.
+    pub unsent_text: String,
     /// Token counts.
     pub usage: Usage,
     /// Latencies.
@@ -280,6 +283,7 @@ impl<R: ModelRunner> EngineCore<R> {
                     total: now - l.arrived,
                 },
                 output_ids: l.output_ids,
+                unsent_text: l.text.get(l.emitted..).unwrap_or_default().to_string(),
                 text: l.text,
             }),
         })

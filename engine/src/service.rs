@@ -329,6 +329,7 @@ fn run_loop<R: crate::runner::ModelRunner>(
                             finish_reason: FinishReason::Error,
                             output_ids: vec![],
                             text: String::new(),
+                            unsent_text: String::new(),
                             usage: Default::default(),
                             timing: Default::default(),
                         }),

@@ -268,6 +268,17 @@ impl Shared {
         let shared = self.clone();
         let sink = Box::new(move |ev: EngineEvent| {
             let done = matches!(ev.kind, EventKind::Done(_));
+            if let EventKind::Done(d) = &ev.kind {
+                if stream && !d.unsent_text.is_empty() {
+                    let tail = ServerEvent::Token {
+                        id: sink_id.clone(),
+                        text: d.unsent_text.clone(),
+                        token_ids: vec![],
+                        logprobs: None,
+                    };
+                    sink_out.push(tail.to_line(), true);
+                }
+            }
             let Some(se) = translate(ev, &sink_id, stream) else {
                 return Delivery::Delivered;
             };
