@@ -47,6 +47,7 @@ pub struct BlockPool {
     head: BlockId,
     tail: BlockId,
     num_free: usize,
+    num_cached: usize,
     full: HashMap<BlockHash, BlockId>,
     children: HashMap<BlockHash, Vec<BlockId>>,
 }
@@ -68,6 +69,7 @@ impl BlockPool {
             head: NIL,
             tail: NIL,
             num_free: 0,
+            num_cached: 0,
             full: HashMap::new(),
             children: HashMap::new(),
         };
@@ -89,7 +91,7 @@ impl BlockPool {
 
     /// Blocks whose contents are indexed.
     pub fn num_cached(&self) -> usize {
-        self.meta.iter().filter(|m| m.key.is_some()).count()
+        self.num_cached
     }
 
     /// Reference count of a block.
@@ -210,12 +212,14 @@ impl BlockPool {
         }
         self.children.entry(key.parent).or_default().push(id);
         self.meta[id as usize].key = Some(key);
+        self.num_cached += 1;
         true
     }
 
     /// Forget a block's contents; returns the key it had.
     pub fn unregister(&mut self, id: BlockId) -> Option<BlockKey> {
         let key = self.meta[id as usize].key.take()?;
+        self.num_cached -= 1;
         if key.full && self.full.get(&key.hash) == Some(&id) {
             self.full.remove(&key.hash);
         }
@@ -302,6 +306,11 @@ impl BlockPool {
                 }
             }
         }
+        assert_eq!(
+            self.num_cached,
+            self.meta.iter().filter(|m| m.key.is_some()).count(),
+            "cached count"
+        );
         for (h, &id) in &self.full {
             assert_eq!(
                 self.meta[id as usize].key.as_ref().map(|k| k.hash),
