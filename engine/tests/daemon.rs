@@ -609,3 +609,41 @@ fn a_client_that_only_closes_its_sending_side_still_gets_its_stream() {
         "{all}"
     );
 }
+
+#[test]
+fn socket_mode_and_group_can_be_widened() {
+    use std::os::unix::fs::MetadataExt;
+    // The group that owns this test's temp dir is one the daemon can give the socket to.
+    let gid = std::fs::metadata(std::env::temp_dir()).unwrap().gid();
+    let d = Daemon::start(
+        "group",
+        &smollm2(),
+        &["--socket-mode", "0660", "--socket-group", &gid.to_string()],
+    );
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
+    // A name that is no group is a clear startup error.
+    let out = Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .args([
+            "serve",
+            "--model",
+            smollm2().to_str().unwrap(),
+            "--socket",
+            "/tmp/convoy-nogroup.sock",
+            "--socket-group",
+            "no-such-group-x",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !Path::new("/tmp/convoy-nogroup.sock").exists(),
+        "no socket left behind"
+    );
+}

@@ -568,13 +568,21 @@ fn prepare_socket(cfg: &ServeConfig) -> anyhow::Result<UnixListener> {
     // SAFETY: as above, restoring the mask.
     unsafe { libc::umask(previous) };
     let listener = bound.with_context(|| format!("binding {}", cfg.socket.display()))?;
-    std::fs::set_permissions(
-        &cfg.socket,
-        std::fs::Permissions::from_mode(cfg.socket_mode),
-    )?;
-    if let Some(group) = &cfg.socket_group {
-        let gid = group_id(group).with_context(|| format!("unknown group {group:?}"))?;
-        std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
+    let access = || -> anyhow::Result<()> {
+        std::fs::set_permissions(
+            &cfg.socket,
+            std::fs::Permissions::from_mode(cfg.socket_mode),
+        )?;
+        if let Some(group) = &cfg.socket_group {
+            let gid = group_id(group).with_context(|| format!("unknown group {group:?}"))?;
+            std::os::unix::fs::chown(&cfg.socket, None, Some(gid))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = access() {
+        // Leave no socket behind that nobody serves.
+        let _ = std::fs::remove_file(&cfg.socket);
+        return Err(e);
     }
     Ok(listener)
 }
