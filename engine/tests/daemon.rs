@@ -57,15 +57,15 @@ impl Daemon {
             .spawn()
             .expect("start convoy serve");
         let d = Daemon { child, socket };
-        let t = Instant::now();
-        while Client::connect(&d.socket).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll("the daemon to come up", 60, || {
+            Client::connect(&d.socket).ok()
+        });
         d
+    }
+
+    /// Wait for the daemon to exit.
+    fn wait_exit(&mut self, what: &str, limit_s: u64) -> std::process::ExitStatus {
+        poll(what, limit_s, || self.child.try_wait().unwrap())
     }
 
     fn client(&self) -> Client {
@@ -75,17 +75,7 @@ impl Daemon {
     fn sigterm(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "the daemon did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit("the daemon to stop", 60)
     }
 }
 
@@ -102,19 +92,27 @@ fn held_blocks(c: &mut Client) -> u64 {
         .unwrap()
 }
 
-fn wait_for_zero_held(c: &mut Client) {
+/// Call `f` every 20 ms until it gives a value; fail after `limit_s` seconds.
+fn poll<T>(what: &str, limit_s: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let t = Instant::now();
     loop {
-        let s = c.stats().unwrap();
-        if s["kv"]["device_blocks_held"].as_u64() == Some(0) && s["running"].as_u64() == Some(0) {
-            return;
+        if let Some(v) = f() {
+            return v;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "blocks still held: {s:?}"
+            t.elapsed() < Duration::from_secs(limit_s),
+            "timed out waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+fn wait_for_zero_held(c: &mut Client) {
+    poll("every KV block to be released", 30, || {
+        let s = c.stats().unwrap();
+        (s["kv"]["device_blocks_held"].as_u64() == Some(0) && s["running"].as_u64() == Some(0))
+            .then_some(())
+    });
 }
 
 #[test]
@@ -467,17 +465,11 @@ fn sigterm_drains_and_removes_the_socket_and_a_live_socket_is_not_taken_over() {
             .unwrap(),
         socket: stale,
     };
-    let t = Instant::now();
-    while !Client::connect(&d2.socket)
-        .map(|mut c| c.stats().is_ok())
-        .unwrap_or(false)
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "the daemon did not replace the stale socket"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll("the daemon to replace the stale socket", 60, || {
+        Client::connect(&d2.socket)
+            .ok()
+            .and_then(|mut c| c.stats().ok())
+    });
 }
 
 #[test]
@@ -579,17 +571,7 @@ fn an_engine_panic_reaches_every_client_and_the_daemon_exits_non_zero() {
             "every client hears of the failure"
         );
     }
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = d.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the daemon hangs after an engine panic"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = d.wait_exit("the daemon to exit after an engine panic", 30);
     assert_eq!(status.code(), Some(2));
     assert!(!d.socket.exists(), "socket removed");
 }

@@ -86,6 +86,9 @@ pub struct Scheduler {
     step: u64,
     next_arrival: u64,
     preemptions: u64,
+    /// The queue head that last failed to get blocks, and how many blocks were free then: it
+    /// is not matched again (repeating the lookups and any swap-in copies) until more are free.
+    blocked_head: Option<(RequestId, usize)>,
 }
 
 impl Scheduler {
@@ -100,6 +103,7 @@ impl Scheduler {
             step: 0,
             next_arrival: 0,
             preemptions: 0,
+            blocked_head: None,
         }
     }
 
@@ -376,6 +380,13 @@ impl Scheduler {
             if self.shares_prefix_with_finishing(id) {
                 break;
             }
+            let free = self.kv.device().num_free();
+            if self
+                .blocked_head
+                .is_some_and(|(head, was_free)| head == id && free <= was_free)
+            {
+                break;
+            }
             let r = self.requests.get_mut(&id).expect("waiting request exists");
             let mut copies = Vec::new();
             let hit = self.kv.begin(
@@ -391,6 +402,7 @@ impl Scheduler {
                 // Not enough blocks now: give back what the match took and wait.
                 self.kv.discard(id);
                 out.copies.extend(copies);
+                self.blocked_head = Some((id, free));
                 break;
             }
             out.copies.extend(copies);
