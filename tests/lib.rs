@@ -12,11 +12,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The shared folder beside the repository (override with `CONVOY_SHARED`).
-pub fn shared_dir() -> PathBuf {
-    std::env::var_os("CONVOY_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared"))
+/// The test fixtures kept in the repository (`tests/fixtures/README.md` says how each was made).
+pub fn fixtures_dir() -> PathBuf {
+    repo_root().join("tests/fixtures")
 }
 
 /// The SmolLM2 GGUF file.
@@ -43,7 +41,7 @@ pub fn load(path: &std::path::Path) -> (LlamaModel, TextCodec) {
 
 /// The transformers reference outputs for SmolLM2.
 pub fn smollm2_reference() -> serde_json::Value {
-    let p = shared_dir().join("reference/smollm2-transformers.json");
+    let p = fixtures_dir().join("smollm2-transformers.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).expect("reference is JSON")
 }

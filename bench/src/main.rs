@@ -425,7 +425,7 @@ fn main() -> Result<()> {
         }
         Cmd::Sched { running, steps } => {
             use convoy_scheduler::{
-                KvCacheConfig, ModelOutput, NewRequest, SampledToken, Scheduler, SchedulerConfig,
+                KvCacheConfig, ModelOutput, NewRequest, Scheduler, SchedulerConfig,
             };
             let mut cfg = SchedulerConfig::new(KvCacheConfig::new(16, running * 256));
             cfg.max_running = running;
@@ -442,13 +442,8 @@ fn main() -> Result<()> {
             }
             let step = |s: &mut Scheduler| {
                 let out = s.schedule();
-                let sampled = out
-                    .scheduled
-                    .iter()
-                    .filter(|r| r.sample)
-                    .map(|r| SampledToken { id: r.id, token: 7 })
-                    .collect();
-                s.update_from_output(&out, &ModelOutput { sampled });
+                s.update_from_output(&out, &ModelOutput::constant(&out, 7))
+                    .expect("the stand-in model answers every sampled request");
                 out.scheduled.len()
             };
             // Warm up: prefill everyone, so every step is a decode of all requests.
@@ -572,7 +567,7 @@ fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
 
 fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Result<()> {
     use convoy_engine::api::client::Client;
-    convoy_engine::api::server::raise_fd_limit();
+    convoy_engine::api::raise_fd_limit();
     let dir = std::env::temp_dir().join(format!("convoy-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("convoy.sock");

@@ -13,8 +13,12 @@ use convoy_scheduler::{
 
 use crate::detokenizer::IncrementalDecoder;
 use crate::runner::{ModelRunner, TokenLogprobs};
-use crate::sampler::{Rng, SamplingParams};
+use crate::sampler::{InvalidParameter, Rng, SamplingParams};
 use crate::tokenizer::TextCodec;
+
+/// Mixed into a request id to decide, reproducibly, whether its prefill is verified
+/// (the ASCII bytes of "verify").
+const VERIFY_SALT: u64 = 0x7665_7269_6679;
 
 /// A request as the engine takes it.
 #[derive(Clone, Debug, Default)]
@@ -31,6 +35,8 @@ pub struct EngineRequest {
     pub logprobs: Option<usize>,
     /// Give up (finish reason `deadline`) this long after arrival.
     pub deadline: Option<Duration>,
+    /// Who sent it (a connection id): the waiting queue is shared fairly between owners.
+    pub owner: u64,
 }
 
 /// Token counts of a finished request.
@@ -139,15 +145,65 @@ struct Live {
     deadline: Option<Duration>,
 }
 
-/// Why a request was refused.
-#[derive(Debug, thiserror::Error)]
+/// Why a request was refused. [`SubmitError::code`] is the protocol's error code: the kind
+/// travels typed from the scheduler to the wire, never through a message's wording.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    /// A parameter is out of range or the prompt is unusable.
-    #[error("{0}")]
-    Invalid(String),
+    /// A sampling parameter is out of range.
+    #[error(transparent)]
+    InvalidParameter(#[from] InvalidParameter),
+    /// A prompt token id is not in the vocabulary.
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange {
+        /// The offending id.
+        token: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
     /// The scheduler refused it.
     #[error(transparent)]
     Refused(#[from] AddError),
+}
+
+impl SubmitError {
+    /// The protocol's error code (docs/protocol.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubmitError::InvalidParameter(_) => "invalid_parameter",
+            SubmitError::TokenOutOfRange { .. } => "token_out_of_range",
+            SubmitError::Refused(e) => e.code(),
+        }
+    }
+}
+
+/// Keeps steps that carry decodes near a target duration: learns the cost of a batched token
+/// from measured steps and turns the target into a token budget for the scheduler.
+#[derive(Clone, Copy, Debug)]
+struct StepPacer {
+    target: Duration,
+    /// Smoothed seconds per batched token (None until a step with enough tokens ran).
+    per_token: Option<f64>,
+}
+
+impl StepPacer {
+    /// Steps with fewer tokens say little about the cost of a token (fixed costs dominate).
+    const MIN_TOKENS: usize = 32;
+
+    fn observe(&mut self, tokens: usize, took: Duration) {
+        if tokens < Self::MIN_TOKENS {
+            return;
+        }
+        let sample = took.as_secs_f64() / tokens as f64;
+        self.per_token = Some(match self.per_token {
+            Some(p) => 0.8 * p + 0.2 * sample,
+            None => sample,
+        });
+    }
+
+    fn budget(&self) -> Option<usize> {
+        self.per_token
+            .map(|p| (self.target.as_secs_f64() / p.max(1e-9)).clamp(1.0, 1e9) as usize)
+    }
 }
 
 /// The engine core over a runner.
@@ -157,8 +213,11 @@ pub struct EngineCore<R: ModelRunner> {
     codec: TextCodec,
     live: HashMap<RequestId, Live>,
     verify_fraction: f64,
+    /// Ids for scratch recomputations of the cache oracle: counting down from the top of the
+    /// id space, far from the ids callers choose (which count up from 0).
     next_scratch: RequestId,
     stats: EngineStats,
+    pacer: Option<StepPacer>,
 }
 
 impl<R: ModelRunner> EngineCore<R> {
@@ -177,6 +236,19 @@ impl<R: ModelRunner> EngineCore<R> {
             verify_fraction,
             next_scratch: RequestId::MAX,
             stats: EngineStats::default(),
+            pacer: None,
+        }
+    }
+
+    /// Size prefill chunks so that a step carrying decodes takes about `target` (learnt from
+    /// measured step times); `None` uses only the scheduler's token limit.
+    pub fn set_step_time_target(&mut self, target: Option<Duration>) {
+        self.pacer = target.map(|target| StepPacer {
+            target,
+            per_token: None,
+        });
+        if self.pacer.is_none() {
+            self.scheduler.set_step_token_budget(None);
         }
     }
 
@@ -221,12 +293,10 @@ impl<R: ModelRunner> EngineCore<R> {
 
     /// Admit a request under a caller-chosen id (unique among live requests).
     pub fn add(&mut self, id: RequestId, req: EngineRequest) -> Result<(), SubmitError> {
-        req.params.validate().map_err(SubmitError::Invalid)?;
+        req.params.validate()?;
         let vocab = self.runner.vocab_size();
-        if let Some(&bad) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(SubmitError::Invalid(format!(
-                "token id {bad} is outside the vocabulary of {vocab}"
-            )));
+        if let Some(&token) = req.prompt_ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(SubmitError::TokenOutOfRange { token, vocab });
         }
         let mut stop = req.params.stop_token_ids.clone();
         if !req.params.ignore_eos {
@@ -239,8 +309,9 @@ impl<R: ModelRunner> EngineCore<R> {
             stop_token_ids: stop,
             priority: req.priority,
             cache_salt: req.cache_salt.clone(),
+            owner: req.owner,
+            sampling: req.params.spec(req.logprobs),
         })?;
-        self.runner.add_request(id, &req.params, req.logprobs);
         self.stats.prompt_tokens += req.prompt_ids.len() as u64;
         let now = self.runner.now();
         self.live.insert(
@@ -264,7 +335,6 @@ impl<R: ModelRunner> EngineCore<R> {
 
     fn done_event(&mut self, id: RequestId, reason: FinishReason) -> Option<EngineEvent> {
         let l = self.live.remove(&id)?;
-        self.runner.remove_request(id);
         self.stats.finished_requests += 1;
         let now = self.runner.now();
         Some(EngineEvent {
@@ -292,13 +362,13 @@ impl<R: ModelRunner> EngineCore<R> {
     /// End a request now (cancel, disconnect, deadline, slow consumer); its blocks are freed
     /// at once. Returns its final event, or `None` if it was not live.
     pub fn abort(&mut self, id: RequestId, reason: FinishReason) -> Option<EngineEvent> {
-        self.scheduler.abort(id, reason);
+        self.scheduler.abort(id);
         self.done_event(id, reason)
     }
 
     fn should_verify(&self, id: RequestId) -> bool {
         self.verify_fraction > 0.0
-            && Rng::new(id ^ 0x7665_7269_6679).uniform() < self.verify_fraction
+            && Rng::new(id ^ VERIFY_SALT).uniform() < self.verify_fraction
     }
 
     fn verify(&mut self, id: RequestId, cached: &[f32]) {
@@ -345,6 +415,7 @@ impl<R: ModelRunner> EngineCore<R> {
             events.extend(self.abort(id, FinishReason::Deadline));
         }
         let out = self.scheduler.schedule();
+        let started = self.runner.now();
         self.stats.steps += 1;
         for &(id, reason) in &out.ended {
             events.extend(self.done_event(id, reason));
@@ -363,10 +434,20 @@ impl<R: ModelRunner> EngineCore<R> {
             }
         }
         let result = self.runner.execute(&out);
+        let now = self.runner.now();
+        if let Some(p) = &mut self.pacer {
+            p.observe(out.num_batched_tokens, now.saturating_sub(started));
+            self.scheduler.set_step_token_budget(p.budget());
+        }
         for (id, logits) in &result.kept_logits {
             self.verify(*id, logits);
         }
-        let outputs = self.scheduler.update_from_output(&out, &result.output);
+        // A runner that answers for the wrong requests would hand tokens to the wrong
+        // conversation: stop the engine (every stream gets an error) rather than go on.
+        let outputs = self
+            .scheduler
+            .update_from_output(&out, &result.output)
+            .unwrap_or_else(|e| panic!("step contract broken: {e}"));
         let now = self.runner.now();
         for o in outputs {
             let Some(l) = self.live.get_mut(&o.id) else {

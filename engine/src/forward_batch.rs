@@ -36,8 +36,12 @@ pub struct ForwardBatch {
 
 impl ForwardBatch {
     /// Append `tokens` of a sequence whose first `num_cached` tokens are already in the cache,
-    /// stored in `block_table` with `block_size` tokens per block. When `want_logits`, the
-    /// sequence's last row is added to `logits_rows`.
+    /// stored in `block_table` with `block_size` tokens per block. When `want_logits` (and
+    /// `tokens` is not empty), the sequence's last row is added to `logits_rows`; returns
+    /// whether it was, so a caller knows which logits row belongs to which sequence.
+    ///
+    /// # Panics
+    /// When `block_table` does not cover `num_cached + tokens.len()` positions.
     pub fn push_seq(
         &mut self,
         tokens: &[u32],
@@ -45,7 +49,13 @@ impl ForwardBatch {
         block_table: &[u32],
         block_size: usize,
         want_logits: bool,
-    ) {
+    ) -> bool {
+        let context_len = num_cached + tokens.len();
+        assert!(
+            block_table.len() * block_size >= context_len,
+            "block table of {} blocks of {block_size} does not cover {context_len} positions",
+            block_table.len()
+        );
         let query_start = self.input_ids.len();
         for (i, &tok) in tokens.iter().enumerate() {
             let pos = num_cached + i;
@@ -55,16 +65,17 @@ impl ForwardBatch {
                 block_table[pos / block_size] * block_size as u32 + (pos % block_size) as u32,
             );
         }
-        let context_len = num_cached + tokens.len();
         self.seqs.push(SeqSlice {
             block_table: block_table[..context_len.div_ceil(block_size)].to_vec(),
             query_start,
             num_queries: tokens.len(),
             context_len,
         });
-        if want_logits && !tokens.is_empty() {
+        let wants = want_logits && !tokens.is_empty();
+        if wants {
             self.logits_rows.push(query_start + tokens.len() - 1);
         }
+        wants
     }
 
     /// Number of packed rows.

@@ -60,7 +60,7 @@ pub enum GenerateError {
         /// Index of the request.
         index: usize,
         /// What is wrong.
-        reason: String,
+        reason: SubmitError,
     },
 }
 
@@ -115,6 +115,7 @@ impl GeneratorConfig {
         cfg.max_running = self.max_running;
         cfg.max_model_len = max_model_len;
         cfg.max_queued = usize::MAX;
+        cfg.max_queued_per_owner = usize::MAX;
         cfg
     }
 }
@@ -181,11 +182,10 @@ impl<'m> Generator<'m> {
                         self.core
                             .abort(base + *j as RequestId, FinishReason::Cancelled);
                     }
-                    let reason = match e {
-                        SubmitError::Invalid(m) => m,
-                        SubmitError::Refused(r) => r.to_string(),
-                    };
-                    return Err(GenerateError::BadRequest { index: i, reason });
+                    return Err(GenerateError::BadRequest {
+                        index: i,
+                        reason: e,
+                    });
                 }
                 next += 1;
             }

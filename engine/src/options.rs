@@ -48,25 +48,14 @@ pub struct ModelArgs {
     pub verify_cache: f64,
 }
 
-/// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096`.
+/// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096` (units as in the `bytesize`
+/// crate: KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024, case-insensitive).
 pub fn parse_bytes(s: &str) -> Result<usize> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().with_context(|| format!("bad size {s:?}"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "kib" => 1024.0,
-        "m" | "mb" => 1e6,
-        "mib" => 1024.0 * 1024.0,
-        "g" | "gb" => 1e9,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => bail!("bad size unit {other:?} in {s:?} (use B, KiB, MiB, GiB, KB, MB, GB)"),
+    let size: bytesize::ByteSize = match s.trim().parse() {
+        Ok(size) => size,
+        Err(why) => bail!("bad size {s:?}: {why} (use e.g. 4096, 100MB, 512MiB or 2GiB)"),
     };
-    Ok((n * mult) as usize)
+    usize::try_from(size.as_u64()).with_context(|| format!("size {s:?} is too large"))
 }
 
 /// Default tokens per block: the power of two that makes one layer's K+V block about 16 KiB,
@@ -205,6 +194,14 @@ mod tests {
         assert_eq!(parse_bytes("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_bytes("100MB").unwrap(), 100_000_000);
         assert!(parse_bytes("12 parsecs").is_err());
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes(" 2 GiB ").unwrap(), 2 << 30);
+        assert_eq!(parse_bytes("8mib").unwrap(), 8 << 20);
+        assert_eq!(parse_bytes("1.5KiB").unwrap(), 1536);
+        for bad in ["", "MiB", "-1GiB", "1.2.3MB", "12 parsecs"] {
+            let msg = parse_bytes(bad).unwrap_err().to_string();
+            assert!(msg.starts_with(&format!("bad size {bad:?}")), "{msg}");
+        }
     }
 
     #[test]

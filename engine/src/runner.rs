@@ -1,18 +1,25 @@
 //! Model runners: execute what the scheduler decided. `ModelRunner::execute(&SchedulerOutput)
 //! -> ModelOutput`, nothing more: the runner never decides.
 //!
+//! The step contract: a runner learns of requests only from the step output
+//! (`new_requests`, `finished_ids`), returns exactly one token per scheduled request with
+//! `sample`, tagged with its id, and fails loudly (panics) when asked to sample a request it
+//! was never told of. The scheduler matches tokens by id and refuses any mismatch.
+//!
 //! [`CpuRunner`] runs the real model on the CPU backend and samples with each request's own
 //! parameters and seeded random stream. The simulation runner lives in `sim.rs`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use convoy_scheduler::{BlockId, ModelOutput, RequestId, SampledToken, SchedulerOutput};
+use convoy_scheduler::{
+    BlockId, ModelOutput, NewRequestData, RequestId, SampledToken, SamplingSpec, SchedulerOutput,
+};
 
 use crate::forward_batch::ForwardBatch;
 use crate::kv_cache::KvCache;
 use crate::model::llama::LlamaModel;
-use crate::sampler::{sample, Rng, SamplingParams};
+use crate::sampler::{sample, Rng};
 
 /// Log-probability of the sampled token and of the most likely alternatives.
 #[derive(Clone, Debug, PartialEq)]
@@ -36,13 +43,10 @@ pub struct StepResult {
 
 /// Executes scheduled steps.
 pub trait ModelRunner {
-    /// Start sampling state for a request.
-    fn add_request(&mut self, id: RequestId, params: &SamplingParams, logprobs: Option<usize>);
-    /// Drop a request's sampling state.
-    fn remove_request(&mut self, id: RequestId);
     /// Keep the logits of `id`'s next sampled row (for cache verification).
     fn keep_logits(&mut self, id: RequestId);
-    /// Run one step.
+    /// Run one step: set up `out.new_requests`, drop `out.finished_ids`, execute the copies and
+    /// the forward pass, sample one token per scheduled request with `sample`.
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult;
     /// Logits of the last position of `tokens` computed from scratch in `blocks` (after
     /// `copies`); `None` when the runner computes nothing.
@@ -58,11 +62,52 @@ pub trait ModelRunner {
     fn vocab_size(&self) -> usize;
 }
 
-struct SamplerState {
-    params: SamplingParams,
+/// A request's draw: its parameters and its own random stream.
+pub struct SamplerState {
+    spec: SamplingSpec,
     rng: Rng,
-    logprobs: Option<usize>,
     keep: bool,
+}
+
+impl SamplerState {
+    /// State for a request announced by the scheduler; a request without a seed gets one from
+    /// the clock and its id.
+    pub fn new(n: &NewRequestData) -> SamplerState {
+        let seed = n.sampling.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ n.id
+        });
+        SamplerState {
+            spec: n.sampling.clone(),
+            rng: Rng::new(seed),
+            keep: false,
+        }
+    }
+}
+
+/// Apply a step's announcements to a runner's per-request states.
+pub fn track_requests<T>(
+    states: &mut HashMap<RequestId, T>,
+    out: &SchedulerOutput,
+    new: impl Fn(&NewRequestData) -> T,
+) {
+    for id in &out.finished_ids {
+        states.remove(id);
+    }
+    for n in &out.new_requests {
+        states.insert(n.id, new(n));
+    }
+}
+
+/// The state of a request the step samples; a request never announced is a broken step
+/// contract, and the engine stops rather than guess.
+pub fn state_of<T>(states: &mut HashMap<RequestId, T>, id: RequestId) -> &mut T {
+    states.get_mut(&id).unwrap_or_else(|| {
+        panic!("step contract: request {id} is sampled but was never announced to the runner")
+    })
 }
 
 /// The real model on the CPU.
@@ -116,29 +161,6 @@ pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
 }
 
 impl ModelRunner for CpuRunner<'_> {
-    fn add_request(&mut self, id: RequestId, params: &SamplingParams, logprobs: Option<usize>) {
-        let seed = params.seed.unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                ^ id
-        });
-        self.samplers.insert(
-            id,
-            SamplerState {
-                params: params.clone(),
-                rng: Rng::new(seed),
-                logprobs,
-                keep: false,
-            },
-        );
-    }
-
-    fn remove_request(&mut self, id: RequestId) {
-        self.samplers.remove(&id);
-    }
-
     fn keep_logits(&mut self, id: RequestId) {
         if let Some(s) = self.samplers.get_mut(&id) {
             s.keep = true;
@@ -146,6 +168,7 @@ impl ModelRunner for CpuRunner<'_> {
     }
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+        track_requests(&mut self.samplers, out, SamplerState::new);
         self.cache.apply(&out.copies);
         let mut result = StepResult::default();
         if out.scheduled.is_empty() {
@@ -153,35 +176,32 @@ impl ModelRunner for CpuRunner<'_> {
         }
         let bs = self.cache.block_size;
         let mut batch = ForwardBatch::default();
+        // The request of each logits row, in row order.
+        let mut row_owner = Vec::new();
         for s in &out.scheduled {
-            batch.push_seq(
+            if batch.push_seq(
                 &s.token_ids,
                 s.num_computed_tokens,
                 &s.block_table,
                 bs,
                 s.sample,
-            );
+            ) {
+                row_owner.push(s.id);
+            }
         }
         let logits = self.model.forward(&batch, &mut self.cache);
         let vocab = self.model.config.vocab_size;
-        for (row, s) in out.scheduled.iter().filter(|s| s.sample).enumerate() {
+        for (row, &id) in row_owner.iter().enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
-            let Some(st) = self.samplers.get_mut(&s.id) else {
-                // Unknown to the sampler (should not happen): greedy keeps the step consistent.
-                result.output.sampled.push(SampledToken {
-                    id: s.id,
-                    token: crate::sampler::argmax(l),
-                });
-                continue;
-            };
-            let token = sample(l, &st.params, &mut st.rng);
-            if let Some(n) = st.logprobs {
-                result.logprobs.insert(s.id, logprobs_of(l, token, n));
+            let st = state_of(&mut self.samplers, id);
+            let token = sample(l, &st.spec, &mut st.rng);
+            if let Some(n) = st.spec.logprobs {
+                result.logprobs.insert(id, logprobs_of(l, token, n));
             }
             if std::mem::take(&mut st.keep) {
-                result.kept_logits.insert(s.id, l.to_vec());
+                result.kept_logits.insert(id, l.to_vec());
             }
-            result.output.sampled.push(SampledToken { id: s.id, token });
+            result.output.sampled.push(SampledToken { id, token });
         }
         result
     }

@@ -1,12 +1,22 @@
-//! Sampling: greedy, temperature, top-k, top-p, seeded; and the stop rules that end a sequence.
+//! Sampling: greedy, temperature, top-k, top-p, seeded. (Stop ids and `max_tokens` are the
+//! scheduler's rules, stop strings the engine core's.)
 //!
 //! The same seed and the same logits give the same token on every run and machine: the random
-//! stream is a fixed SplitMix64 generator, never the operating system's.
+//! stream is a fixed SplitMix64 generator (`rand_xoshiro`), never the operating system's.
 
-use serde::{Deserialize, Serialize};
+use convoy_scheduler::SamplingSpec;
+use rand_core::{RngCore, SeedableRng};
+
+/// `max_tokens` when a request does not say (the socket protocol, HTTP and the CLI agree).
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// A sampling parameter out of range; the message names it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidParameter(pub String);
 
 /// Per-request sampling and stopping parameters.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax); otherwise logits are divided by it.
     pub temperature: f32,
@@ -33,7 +43,7 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: None,
-            max_tokens: 128,
+            max_tokens: DEFAULT_MAX_TOKENS,
             stop_token_ids: Vec::new(),
             stop: Vec::new(),
             ignore_eos: false,
@@ -43,42 +53,53 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     /// Check ranges; the message says which parameter is wrong.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidParameter> {
+        let bad = |m: String| Err(InvalidParameter(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!(
+            return bad(format!(
                 "temperature must be >= 0, got {}",
                 self.temperature
             ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if self.max_tokens == 0 {
-            return Err("max_tokens must be at least 1".into());
+            return bad("max_tokens must be at least 1".into());
         }
         if self.stop.iter().any(|s| s.is_empty()) {
-            return Err("stop strings must not be empty".into());
+            return bad("stop strings must not be empty".into());
         }
         Ok(())
+    }
+
+    /// What the runner needs to draw tokens, with `logprobs` alternatives when asked for.
+    pub fn spec(&self, logprobs: Option<usize>) -> SamplingSpec {
+        SamplingSpec {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            logprobs,
+        }
     }
 }
 
 /// A seeded random stream (SplitMix64).
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(rand_xoshiro::SplitMix64);
 
 impl Rng {
     /// A stream from a seed.
     pub fn new(seed: u64) -> Rng {
-        Rng(seed)
+        Rng(rand_xoshiro::SplitMix64::seed_from_u64(seed))
     }
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
     }
+
     /// Uniform in [0, 1).
     pub fn uniform(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
@@ -97,8 +118,8 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Draw one token from `logits` under `params`, using `rng` unless greedy.
-pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> u32 {
-    if params.temperature <= 0.0 || params.top_k == 1 {
+pub fn sample(logits: &[f32], params: &SamplingSpec, rng: &mut Rng) -> u32 {
+    if params.is_greedy() {
         return argmax(logits);
     }
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
@@ -161,13 +182,13 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seed_repeats() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams {
+        let p = SamplingSpec {
             temperature: 1.0,
             top_k: 1,
             ..Default::default()
         };
         assert_eq!(sample(&logits, &p, &mut Rng::new(1)), argmax(&logits));
-        let p = SamplingParams {
+        let p = SamplingSpec {
             temperature: 0.8,
             top_k: 20,
             top_p: 0.9,
@@ -193,7 +214,7 @@ mod tests {
         // One token has almost all the mass: top_p = 0.5 must always return it.
         let mut logits = vec![0f32; 10];
         logits[7] = 10.0;
-        let p = SamplingParams {
+        let p = SamplingSpec {
             temperature: 1.0,
             top_p: 0.5,
             ..Default::default()

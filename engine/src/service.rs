@@ -1,16 +1,23 @@
 //! The engine thread: one thread owns the model, the KV cache and the scheduler; commands come
-//! in over a channel; every request's events go out through its own sink. Async I/O (the
-//! daemon) lives on the other side of the channel and never blocks this thread: sinks must not
-//! block, and a sink that reports its receiver gone gets its request aborted (disconnect).
+//! in over a crossbeam channel; every request's events go out through its own sink. Async I/O
+//! (the daemon) lives on the other side of the channel and never blocks this thread: sinks must
+//! not block, and a sink that reports its receiver gone gets its request aborted (disconnect).
 //!
-//! A panic inside a step is caught: every live request receives a final `Error` event and the
-//! thread ends, reporting the panic through [`EngineHandle::join`].
+//! Invariants:
+//! - while there is work, pending commands are taken between steps (an abort or a cancel takes
+//!   effect before the next step); with no work the thread sleeps in `select!` until a command
+//!   or shutdown arrives, never polling;
+//! - before each step, requests whose sink reports its client closed are aborted, so a request
+//!   of a connection that is already gone is never scheduled;
+//! - a panic inside a step is caught: every live request receives a final `Error` event and the
+//!   thread ends, reporting the panic through [`EngineHandle::join`].
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
 
 use convoy_scheduler::{FinishReason, RequestId};
 
@@ -19,7 +26,7 @@ use crate::core::{
 };
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
-use crate::runner::CpuRunner;
+use crate::runner::{CpuRunner, ModelRunner};
 use crate::tokenizer::TextCodec;
 
 /// What happened to an event handed to a sink.
@@ -35,10 +42,27 @@ pub enum Delivery {
 }
 
 /// Where a request's events go. Called on the engine thread: it must never block.
-pub type EventSink = Box<dyn FnMut(EngineEvent) -> Delivery + Send>;
+pub trait EventSink: Send {
+    /// Hand an event over.
+    fn send(&mut self, ev: EngineEvent) -> Delivery;
+    /// Whether the client is known to be gone; checked before every step, so the request is
+    /// dropped before it is scheduled (or computed any further).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut(EngineEvent) -> Delivery + Send> EventSink for F {
+    fn send(&mut self, ev: EngineEvent) -> Delivery {
+        self(ev)
+    }
+}
+
+/// A boxed sink.
+pub type BoxedSink = Box<dyn EventSink>;
 
 /// Receives the answer to a submission.
-pub type SubmitReply = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type SubmitReply = Box<dyn FnOnce(Result<(), SubmitError>) + Send>;
 
 /// A snapshot of the engine for `stats`.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -63,11 +87,32 @@ pub struct ServiceStats {
     pub block_size: usize,
 }
 
+/// Limits of the engine thread beyond the generator's configuration.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ServiceConfig {
+    /// Most requests waiting; more are refused with `queue_full`.
+    pub max_queued: usize,
+    /// Most requests one owner (connection) may have waiting.
+    pub max_queued_per_owner: usize,
+    /// Target duration of a step that carries decodes (prefill chunks are sized to it).
+    pub step_time_target: Option<Duration>,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            max_queued: 4096,
+            max_queued_per_owner: 4096,
+            step_time_target: None,
+        }
+    }
+}
+
 enum Command {
     Add {
         id: RequestId,
         req: Box<EngineRequest>,
-        sink: EventSink,
+        sink: BoxedSink,
         reply: SubmitReply,
     },
     Abort {
@@ -77,12 +122,12 @@ enum Command {
     Stats {
         reply: Box<dyn FnOnce(ServiceStats) + Send>,
     },
-    Shutdown,
 }
 
 /// The caller's side of the engine thread.
 pub struct EngineHandle {
     tx: Sender<Command>,
+    shutdown: Sender<()>,
     thread: Option<JoinHandle<Result<(), String>>>,
 }
 
@@ -96,6 +141,7 @@ impl Clone for EngineHandle {
     fn clone(&self) -> EngineHandle {
         EngineHandle {
             tx: self.tx.clone(),
+            shutdown: self.shutdown.clone(),
             thread: None,
         }
     }
@@ -108,7 +154,7 @@ impl EngineHandle {
         &self,
         id: RequestId,
         req: EngineRequest,
-        sink: EventSink,
+        sink: BoxedSink,
         reply: SubmitReply,
     ) -> Result<(), EngineGone> {
         self.tx
@@ -126,9 +172,9 @@ impl EngineHandle {
         &self,
         id: RequestId,
         req: EngineRequest,
-        sink: EventSink,
-    ) -> Result<Result<(), String>, EngineGone> {
-        let (tx, rx) = channel();
+        sink: BoxedSink,
+    ) -> Result<Result<(), SubmitError>, EngineGone> {
+        let (tx, rx) = bounded(1);
         let reply: SubmitReply = Box::new(move |r| {
             let _ = tx.send(r);
         });
@@ -155,16 +201,16 @@ impl EngineHandle {
 
     /// A snapshot of the engine, waiting for it.
     pub fn stats(&self) -> Result<ServiceStats, EngineGone> {
-        let (tx, rx) = channel();
+        let (tx, rx) = bounded(1);
         self.stats_with(Box::new(move |s| {
             let _ = tx.send(s);
         }))?;
         rx.recv().map_err(|_| EngineGone)
     }
 
-    /// Cancel everything and stop the thread.
+    /// Cancel everything and stop the thread (after the commands already sent).
     pub fn shutdown(&self) {
-        let _ = self.tx.send(Command::Shutdown);
+        let _ = self.shutdown.try_send(());
     }
 
     /// Wait for the thread; `Err` carries a panic message.
@@ -194,9 +240,10 @@ pub fn spawn_cpu(
     model: LlamaModel,
     codec: TextCodec,
     cfg: GeneratorConfig,
-    max_queued: usize,
+    service: ServiceConfig,
 ) -> EngineHandle {
-    let (tx, rx) = channel::<Command>();
+    let (tx, rx) = unbounded::<Command>();
+    let (shutdown, shutdown_rx) = bounded::<()>(1);
     // Fault injection for the tests of the failure path: panic inside the step with this number.
     let fault_step = std::env::var("CONVOY_FAULT_PANIC_AT_STEP")
         .ok()
@@ -207,18 +254,25 @@ pub fn spawn_cpu(
             let runner =
                 CpuRunner::new(&model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
             let mut sched = cfg.scheduler_config(model.config.max_position_embeddings);
-            sched.max_queued = max_queued;
-            let core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
-            run_loop(core, rx, fault_step)
+            sched.max_queued = service.max_queued;
+            sched.max_queued_per_owner = service.max_queued_per_owner;
+            let mut core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
+            core.set_step_time_target(service.step_time_target);
+            EngineLoop {
+                core,
+                sinks: HashMap::new(),
+            }
+            .run(rx, shutdown_rx, fault_step)
         })
         .expect("spawn the engine thread");
     EngineHandle {
         tx,
+        shutdown,
         thread: Some(thread),
     }
 }
 
-fn stats_of<R: crate::runner::ModelRunner>(core: &EngineCore<R>) -> ServiceStats {
+fn stats_of<R: ModelRunner>(core: &EngineCore<R>) -> ServiceStats {
     let s = core.scheduler();
     let kv = s.kv();
     ServiceStats {
@@ -234,120 +288,153 @@ fn stats_of<R: crate::runner::ModelRunner>(core: &EngineCore<R>) -> ServiceStats
     }
 }
 
-/// Hand an event to its sink; returns the request to cancel, and why, when the client cannot
-/// take more. A final event always removes the sink.
-fn deliver(
-    sinks: &mut HashMap<RequestId, EventSink>,
-    ev: EngineEvent,
-) -> Option<(RequestId, FinishReason)> {
-    let id = ev.id;
-    let done = matches!(ev.kind, EventKind::Done(_));
-    let status = sinks.get_mut(&id).map(|s| s(ev));
-    if done {
-        sinks.remove(&id);
-        return None;
-    }
-    match status {
-        Some(Delivery::Gone) => Some((id, FinishReason::Cancelled)),
-        Some(Delivery::TooSlow) => Some((id, FinishReason::SlowConsumer)),
-        _ => None,
-    }
+/// What the loop does after a command.
+enum Flow {
+    Continue,
+    Stop,
 }
 
-/// The engine thread's loop.
-fn run_loop<R: crate::runner::ModelRunner>(
-    mut core: EngineCore<R>,
-    rx: Receiver<Command>,
-    fault_step: Option<u64>,
-) -> Result<(), String> {
-    let mut sinks: HashMap<RequestId, EventSink> = HashMap::new();
-    loop {
-        // Take every pending command; block only when there is nothing to compute.
-        let mut commands = Vec::new();
-        if core.has_work() {
-            commands.extend(rx.try_iter());
-        } else {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(c) => {
-                    commands.push(c);
-                    commands.extend(rx.try_iter());
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            }
+struct EngineLoop<R: ModelRunner> {
+    core: EngineCore<R>,
+    sinks: HashMap<RequestId, BoxedSink>,
+}
+
+impl<R: ModelRunner> EngineLoop<R> {
+    /// Hand an event to its sink; returns the request to cancel, and why, when the client
+    /// cannot take more. A final event always removes the sink.
+    fn deliver(&mut self, ev: EngineEvent) -> Option<(RequestId, FinishReason)> {
+        let id = ev.id;
+        let done = matches!(ev.kind, EventKind::Done(_));
+        let status = self.sinks.get_mut(&id).map(|s| s.send(ev));
+        if done {
+            self.sinks.remove(&id);
+            return None;
         }
-        for c in commands {
-            match c {
-                Command::Add {
-                    id,
-                    req,
-                    sink,
-                    reply,
-                } => match core.add(id, *req) {
-                    Ok(()) => {
-                        sinks.insert(id, sink);
-                        reply(Ok(()));
-                    }
-                    Err(SubmitError::Invalid(m)) => reply(Err(m)),
-                    Err(SubmitError::Refused(r)) => reply(Err(r.to_string())),
-                },
-                Command::Abort { id, reason } => {
-                    if let Some(ev) = core.abort(id, reason) {
-                        deliver(&mut sinks, ev);
-                    }
+        match status {
+            Some(Delivery::Gone) => Some((id, FinishReason::Cancelled)),
+            Some(Delivery::TooSlow) => Some((id, FinishReason::SlowConsumer)),
+            _ => None,
+        }
+    }
+
+    /// End a request now and give its final event to its sink.
+    fn abort(&mut self, id: RequestId, reason: FinishReason) {
+        if let Some(ev) = self.core.abort(id, reason) {
+            self.deliver(ev);
+        }
+    }
+
+    fn handle(&mut self, c: Command) -> Flow {
+        match c {
+            Command::Add {
+                id,
+                req,
+                sink,
+                reply,
+            } => match self.core.add(id, *req) {
+                Ok(()) => {
+                    self.sinks.insert(id, sink);
+                    reply(Ok(()));
                 }
-                Command::Stats { reply } => reply(stats_of(&core)),
-                Command::Shutdown => {
-                    let ids: Vec<RequestId> = sinks.keys().copied().collect();
-                    for id in ids {
-                        if let Some(ev) = core.abort(id, FinishReason::Cancelled) {
-                            deliver(&mut sinks, ev);
-                        }
+                Err(e) => reply(Err(e)),
+            },
+            Command::Abort { id, reason } => self.abort(id, reason),
+            Command::Stats { reply } => reply(stats_of(&self.core)),
+        }
+        Flow::Continue
+    }
+
+    fn shut_down(&mut self) {
+        let ids: Vec<RequestId> = self.sinks.keys().copied().collect();
+        for id in ids {
+            self.abort(id, FinishReason::Cancelled);
+        }
+    }
+
+    fn run(
+        mut self,
+        rx: Receiver<Command>,
+        shutdown: Receiver<()>,
+        fault_step: Option<u64>,
+    ) -> Result<(), String> {
+        loop {
+            // With nothing to compute, sleep until a command or shutdown arrives.
+            if !self.core.has_work() {
+                let flow = select! {
+                    recv(rx) -> c => match c {
+                        Ok(c) => self.handle(c),
+                        Err(_) => Flow::Stop,
+                    },
+                    recv(shutdown) -> _ => Flow::Stop,
+                };
+                if let Flow::Stop = flow {
+                    while let Ok(c) = rx.try_recv() {
+                        self.handle(c);
                     }
+                    self.shut_down();
                     return Ok(());
                 }
             }
-        }
-        if !core.has_work() {
-            continue;
-        }
-        let step_no = core.stats().steps;
-        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| {
-            if fault_step == Some(step_no) {
-                panic!("fault injected at step {step_no} (CONVOY_FAULT_PANIC_AT_STEP)");
+            // Everything already sent is applied before the next step.
+            while let Ok(c) = rx.try_recv() {
+                self.handle(c);
             }
-            core.step()
-        })) {
-            Ok(events) => events,
-            Err(p) => {
-                let msg = panic_message(&*p);
-                tracing::error!(panic = %msg, "engine step panicked");
-                for (id, mut sink) in sinks.drain() {
-                    sink(EngineEvent {
-                        id,
-                        kind: EventKind::Done(Done {
-                            finish_reason: FinishReason::Error,
-                            output_ids: vec![],
-                            text: String::new(),
-                            unsent_text: String::new(),
-                            usage: Default::default(),
-                            timing: Default::default(),
-                        }),
-                    });
+            if shutdown.try_recv().is_ok() {
+                self.shut_down();
+                return Ok(());
+            }
+            // Clients known to be gone: drop their requests before they are scheduled.
+            let closed: Vec<RequestId> = self
+                .sinks
+                .iter()
+                .filter(|(_, s)| s.is_closed())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in closed {
+                self.abort(id, FinishReason::Cancelled);
+            }
+            if !self.core.has_work() {
+                continue;
+            }
+            let step_no = self.core.stats().steps;
+            let core = &mut self.core;
+            let events = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                if fault_step == Some(step_no) {
+                    panic!("fault injected at step {step_no} (CONVOY_FAULT_PANIC_AT_STEP)");
                 }
-                return Err(format!("engine step panicked: {msg}"));
+                core.step()
+            })) {
+                Ok(events) => events,
+                Err(p) => {
+                    let msg = panic_message(&*p);
+                    tracing::error!(panic = %msg, "engine step panicked");
+                    for (id, mut sink) in self.sinks.drain() {
+                        sink.send(EngineEvent {
+                            id,
+                            kind: EventKind::Done(Done {
+                                finish_reason: FinishReason::Error,
+                                output_ids: vec![],
+                                text: String::new(),
+                                unsent_text: String::new(),
+                                usage: Default::default(),
+                                timing: Default::default(),
+                            }),
+                        });
+                    }
+                    return Err(format!("engine step panicked: {msg}"));
+                }
+            };
+            let mut cancel = Vec::new();
+            for ev in events {
+                cancel.extend(self.deliver(ev));
             }
-        };
-        let mut cancel = Vec::new();
-        for ev in events {
-            cancel.extend(deliver(&mut sinks, ev));
-        }
-        for (id, reason) in cancel {
-            // The client went away or fell behind: free its blocks now.
-            let last = core.abort(id, reason);
-            if let (Some(ev), Some(mut sink)) = (last, sinks.remove(&id)) {
-                if reason == FinishReason::SlowConsumer {
-                    sink(ev);
+            for (id, reason) in cancel {
+                // The client went away or fell behind: free its blocks now.
+                let last = self.core.abort(id, reason);
+                if let (Some(ev), Some(mut sink)) = (last, self.sinks.remove(&id)) {
+                    if reason == FinishReason::SlowConsumer {
+                        sink.send(ev);
+                    }
                 }
             }
         }

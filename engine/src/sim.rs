@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use convoy_scheduler::{BlockCopy, BlockId, ModelOutput, RequestId, SampledToken, SchedulerOutput};
 
-use crate::runner::{ModelRunner, StepResult};
-use crate::sampler::{Rng, SamplingParams};
+use crate::runner::{state_of, track_requests, ModelRunner, StepResult};
+use crate::sampler::Rng;
 
 /// Cost of one step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -74,24 +74,19 @@ impl SimRunner {
 }
 
 impl ModelRunner for SimRunner {
-    fn add_request(&mut self, id: RequestId, params: &SamplingParams, _logprobs: Option<usize>) {
-        self.rngs.insert(id, Rng::new(params.seed.unwrap_or(id)));
-    }
-
-    fn remove_request(&mut self, id: RequestId) {
-        self.rngs.remove(&id);
-    }
-
     fn keep_logits(&mut self, _id: RequestId) {}
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+        track_requests(&mut self.rngs, out, |n| Rng::new(n.sampling.seed.unwrap_or(n.id)));
         self.clock += self.cost.step_time(out);
         let mut sampled = Vec::new();
+        // Ordinary tokens are drawn above the first few ids (where special tokens usually sit).
+        let first = (self.vocab / 2).min(100) as u32;
         for s in out.scheduled.iter().filter(|s| s.sample) {
-            let rng = self.rngs.entry(s.id).or_insert_with(|| Rng::new(s.id));
+            let rng = state_of(&mut self.rngs, s.id);
             let token = match self.eos {
                 Some((eos, p)) if rng.uniform() < p => eos,
-                _ => 100 + (rng.uniform() * (self.vocab - 100) as f64) as u32,
+                _ => first + (rng.uniform() * (self.vocab as u32 - first) as f64) as u32,
             };
             sampled.push(SampledToken { id: s.id, token });
         }

@@ -1,4 +1,9 @@
 //! Text in and out: the model's tokenizer, chat template and end-of-sequence ids together.
+//!
+//! Control tokens come only from the chat template or from token ids the caller gives: text a
+//! user typed (a `prompt`, a message's content, a `tokenize` text) is encoded as plain text, so
+//! `<|im_end|>` typed into a message is the characters, never the control token. A caller who
+//! means raw control-token text opts in explicitly ([`TextCodec::encode_with_special_tokens`]).
 
 use std::sync::Arc;
 
@@ -20,12 +25,43 @@ pub enum CodecError {
     /// The chat template failed to render.
     #[error("{0}")]
     Template(String),
+    /// A message holds control-token text and the template changes message contents, so the
+    /// contents cannot be kept apart from the template's own control tokens.
+    #[error("message {index} contains control-token text ({token:?}) and the chat template rewrites message contents, so it cannot be encoded as plain text")]
+    UnseparableControlText {
+        /// Index of the message.
+        index: usize,
+        /// The control-token text found.
+        token: String,
+    },
+}
+
+impl CodecError {
+    /// The protocol's error code (docs/protocol.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            CodecError::NoTokenizer => "no_tokenizer",
+            CodecError::NoChatTemplate => "no_chat_template",
+            CodecError::Template(_) => "template_error",
+            CodecError::Encode(_) | CodecError::UnseparableControlText { .. } => "invalid_prompt",
+        }
+    }
+}
+
+/// The tokenizer in its two modes.
+struct Tokenizers {
+    /// Control-token text becomes control tokens (for template output).
+    special: Tokenizer,
+    /// Control-token text stays text (for what users typed).
+    plain: Tokenizer,
+    /// The text of every added (control) token, to spot it inside user text.
+    control_texts: Vec<String>,
 }
 
 /// Tokenizer, chat template and stop ids of one model.
 #[derive(Clone)]
 pub struct TextCodec {
-    tokenizer: Option<Arc<Tokenizer>>,
+    tokenizer: Option<Arc<Tokenizers>>,
     template: Option<Arc<ChatTemplate>>,
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
@@ -33,11 +69,31 @@ pub struct TextCodec {
     pub bos_token_id: Option<u32>,
 }
 
+/// Stands in for message `i`'s content while the template renders, to find where contents go.
+fn content_marker(i: usize) -> String {
+    format!("\u{F8FF}convoy-content-{i}\u{F8FF}")
+}
+
 impl TextCodec {
     /// Take the text parts out of a loaded model (its tensors stay for the model).
     pub fn take_from(model: &mut LoadedModel) -> TextCodec {
         TextCodec {
-            tokenizer: model.tokenizer.take().map(Arc::new),
+            tokenizer: model.tokenizer.take().map(|special| {
+                let mut plain = special.clone();
+                plain.set_encode_special_tokens(true);
+                let mut control_texts: Vec<String> = special
+                    .get_added_tokens_decoder()
+                    .into_values()
+                    .map(|t| t.content)
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                control_texts.sort();
+                Arc::new(Tokenizers {
+                    special,
+                    plain,
+                    control_texts,
+                })
+            }),
             template: model.chat_template.take().map(Arc::new),
             eos_token_ids: model.config.eos_token_ids.clone(),
             bos_token_id: model.config.bos_token_id,
@@ -54,24 +110,49 @@ impl TextCodec {
         }
     }
 
-    /// The tokenizer, if any.
-    pub fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.tokenizer.as_deref()
+    fn tokenizers(&self) -> Result<&Tokenizers, CodecError> {
+        self.tokenizer.as_deref().ok_or(CodecError::NoTokenizer)
     }
 
-    /// Encode plain text, without adding special tokens.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, CodecError> {
-        let tok = self.tokenizer.as_ref().ok_or(CodecError::NoTokenizer)?;
+    /// The tokenizer (control-token text parsed), if any; for decoding.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref().map(|t| &t.special)
+    }
+
+    fn encode_in(tok: &Tokenizer, text: &str) -> Result<Vec<u32>, CodecError> {
         let enc = tok
             .encode(text, false)
             .map_err(|e| CodecError::Encode(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Encode text a user typed: no special tokens added, and control-token text (such as
+    /// `<|im_start|>`) encoded as the characters it is made of.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, CodecError> {
+        Self::encode_in(&self.tokenizers()?.plain, text)
+    }
+
+    /// Encode raw prompt text whose control-token text is meant as control tokens (the opt-in
+    /// `special_tokens` of the protocol; what Hugging Face tokenizers do by default). No
+    /// special tokens are added.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, CodecError> {
+        Self::encode_in(&self.tokenizers()?.special, text)
+    }
+
+    /// The first control-token text inside `text`, if any.
+    fn control_text_in(&self, text: &str) -> Option<&str> {
+        let t = self.tokenizer.as_deref()?;
+        t.control_texts
+            .iter()
+            .find(|c| text.contains(c.as_str()))
+            .map(|c| c.as_str())
+    }
+
     /// Decode ids, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, CodecError> {
-        let tok = self.tokenizer.as_ref().ok_or(CodecError::NoTokenizer)?;
-        tok.decode(ids, true)
+        self.tokenizers()?
+            .special
+            .decode(ids, true)
             .map_err(|e| CodecError::Encode(e.to_string()))
     }
 
@@ -82,8 +163,59 @@ impl TextCodec {
             .map_err(|e| CodecError::Template(e.to_string()))
     }
 
-    /// Render and encode a conversation.
+    /// Render and encode a conversation. The template's own text is encoded with control
+    /// tokens; message contents are plain text. When no content holds control-token text the
+    /// whole rendering is encoded at once (exactly what transformers' `apply_chat_template`
+    /// gives); otherwise the rendering is cut at the contents, which are encoded apart.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, CodecError> {
-        self.encode(&self.render_chat(messages)?)
+        let rendered = self.render_chat(messages)?;
+        let tokenizers = self.tokenizers()?;
+        let Some((index, token)) = messages
+            .iter()
+            .enumerate()
+            .find_map(|(i, m)| self.control_text_in(&m.content).map(|c| (i, c.to_string())))
+        else {
+            return Self::encode_in(&tokenizers.special, &rendered);
+        };
+        // Render again with a marker for each content, then cut the real rendering there.
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), content_marker(i)))
+            .collect();
+        let skeleton = self.render_chat(&marked)?;
+        let mut pieces: Vec<(&str, bool)> = Vec::new(); // (text, is user content)
+        let mut rest = skeleton.as_str();
+        let mut rebuilt = String::new();
+        for (i, m) in messages.iter().enumerate() {
+            let marker = content_marker(i);
+            let Some(at) = rest.find(&marker) else {
+                // The template dropped or rewrote this message: it renders no content to guard.
+                continue;
+            };
+            pieces.push((&rest[..at], false));
+            pieces.push((m.content.as_str(), true));
+            rebuilt.push_str(&rest[..at]);
+            rebuilt.push_str(&m.content);
+            rest = &rest[at + marker.len()..];
+        }
+        pieces.push((rest, false));
+        rebuilt.push_str(rest);
+        if rebuilt != rendered {
+            return Err(CodecError::UnseparableControlText { index, token });
+        }
+        let mut ids = Vec::new();
+        for (text, user) in pieces {
+            if text.is_empty() {
+                continue;
+            }
+            let tok = if user {
+                &tokenizers.plain
+            } else {
+                &tokenizers.special
+            };
+            ids.extend(Self::encode_in(tok, text)?);
+        }
+        Ok(ids)
     }
 }

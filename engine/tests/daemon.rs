@@ -87,9 +87,7 @@ impl Drop for Daemon {
 }
 
 fn held_blocks(c: &mut Client) -> u64 {
-    c.stats().unwrap()["kv"]["device_blocks_held"]
-        .as_u64()
-        .unwrap()
+    c.stats().unwrap().kv.device_blocks_held as u64
 }
 
 /// Call `f` every 20 ms until it gives a value; fail after `limit_s` seconds.
@@ -110,8 +108,7 @@ fn poll<T>(what: &str, limit_s: u64, mut f: impl FnMut() -> Option<T>) -> T {
 fn wait_for_zero_held(c: &mut Client) {
     poll("every KV block to be released", 30, || {
         let s = c.stats().unwrap();
-        (s["kv"]["device_blocks_held"].as_u64() == Some(0) && s["running"].as_u64() == Some(0))
-            .then_some(())
+        (s.kv.device_blocks_held == 0 && s.running == 0).then_some(())
     });
 }
 
@@ -372,7 +369,7 @@ fn malformed_lines_each_get_their_error_code_and_the_daemon_goes_on() {
 
 #[test]
 fn a_thousand_concurrent_streaming_connections() {
-    convoy_engine::api::server::raise_fd_limit();
+    convoy_engine::api::raise_fd_limit();
     let d = Daemon::start("thousand", &model("glassllm"), &["--max-running", "256"]);
     let mut clients: Vec<Client> = (0..1000).map(|_| d.client()).collect();
     for (i, c) in clients.iter_mut().enumerate() {
@@ -401,8 +398,8 @@ fn a_thousand_concurrent_streaming_connections() {
     }
     let mut c = d.client();
     let s = c.stats().unwrap();
-    assert_eq!(s["finished_requests"].as_u64(), Some(1000));
-    assert_eq!(s["kv"]["device_blocks_held"].as_u64(), Some(0));
+    assert_eq!(s.finished_requests, 1000);
+    assert_eq!(s.kv.device_blocks_held, 0);
 }
 
 #[test]
@@ -504,7 +501,7 @@ fn a_client_that_stops_reading_is_cancelled_as_slow_consumer_and_extra_connectio
         let (_, done) = other.generate(&json!({"op": "generate", "id": "meanwhile", "prompt_ids": [5, 6], "max_tokens": 2})).unwrap();
         assert!(matches!(done, ServerEvent::Done { .. }), "{done:?}");
         let s = other.stats().unwrap();
-        if s["running"].as_u64() == Some(0) {
+        if s.running == 0 {
             break;
         }
         assert!(

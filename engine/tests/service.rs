@@ -6,7 +6,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::time::Duration;
 
 use convoy_engine::core::{EngineEvent, EngineRequest, EventKind};
-use convoy_engine::service::{spawn_cpu, Delivery, EngineHandle};
+use convoy_engine::service::{spawn_cpu, Delivery, EngineHandle, ServiceConfig};
 use convoy_engine::{FinishReason, GeneratorConfig, LlamaModel, SamplingParams, TextCodec};
 use convoy_weights::{load_model, LoadFormat};
 
@@ -19,13 +19,17 @@ fn engine(max_queued: usize, max_running: usize) -> EngineHandle {
     let model = LlamaModel::new(loaded).unwrap();
     let mut cfg = GeneratorConfig::new(256, 16);
     cfg.max_running = max_running;
-    spawn_cpu(model, codec, cfg, max_queued)
+    let service = ServiceConfig {
+        max_queued,
+        ..Default::default()
+    };
+    spawn_cpu(model, codec, cfg, service)
 }
 
-fn stream() -> (convoy_engine::service::EventSink, Receiver<EngineEvent>) {
+fn stream() -> (convoy_engine::service::BoxedSink, Receiver<EngineEvent>) {
     let (tx, rx) = channel();
     (
-        Box::new(move |ev| {
+        Box::new(move |ev: EngineEvent| {
             if tx.send(ev).is_ok() {
                 Delivery::Delivered
             } else {
@@ -125,7 +129,8 @@ fn streams_cancels_and_frees_blocks() {
         ..request(4)
     };
     let err = h.submit(12, bad, sink).unwrap().unwrap_err();
-    assert!(err.contains("top_p"), "{err}");
+    assert_eq!(err.code(), "invalid_parameter");
+    assert!(err.to_string().contains("top_p"), "{err}");
     h.shutdown();
     h.join().unwrap();
 }
@@ -145,7 +150,8 @@ fn a_full_queue_refuses_new_work() {
         }
     }
     let e = refused.expect("the queue fills up");
-    assert!(e.contains("queue is full"), "{e}");
+    assert_eq!(e.code(), "queue_full");
+    assert!(e.to_string().contains("queue is full"), "{e}");
     h.shutdown();
     h.join().unwrap();
 }

@@ -5,15 +5,25 @@
 //! matrix multiply, so a 4.5-bit model reads 4.5 bits per weight and still computes exactly the
 //! float32 products of the dequantised weights.
 //!
+//! Safety: every public function is safe for any input: the shapes and indices the unchecked
+//! SIMD loops rely on are checked once per call, and a bad argument is a panic (documented
+//! under `# Panics`) or an error (`try_paged_attention`), never an out-of-bounds access.
+//!
+//! Code paths: AVX-512 where the processor has it, scalar otherwise; `CONVOY_FORCE_SCALAR=1` or
+//! [`with_kernel_path`] forces the scalar code (see [`cpu`]).
+//!
 //! Batch invariance: every output element of every kernel is computed by the same sequence of
 //! floating-point operations whatever the batch size or the tile it falls in, so a sequence's
 //! logits do not depend on what else shares its forward pass.
 
 pub mod cpu;
 
-pub use cpu::attention::{paged_attention, AttentionSeq, AttentionShape};
+pub use cpu::attention::{
+    paged_attention, try_paged_attention, AttentionError, AttentionSeq, AttentionShape,
+};
 pub use cpu::matmul::matmul;
 pub use cpu::matrix::{Matrix, MatrixError, WeightFormat};
 pub use cpu::ops::{add_bias, add_in_place, rms_norm, rope_half_split, silu_mul};
+pub use cpu::{has_avx512, scalar_forced_by_env, simd_active, with_kernel_path, KernelPath};
 
 pub mod cuda;

@@ -4,7 +4,7 @@
 //! - [`block_hash`]: identity of cached blocks (chained hashes, extra keys).
 //! - [`block_pool`]: one tier of blocks, reference counts, the LRU queue, the cache index.
 //! - [`kv_cache_manager`]: prefix matching, allocation, commit, eviction to the host tier.
-//! - [`request`], [`output`]: requests and the named types at each step boundary.
+//! - [`request`], [`sampling`], [`output`]: requests and the named types at each step boundary.
 //! - [`scheduler`]: continuous batching, chunked prefill, preemption, priorities with aging.
 
 pub mod block_hash;
@@ -12,6 +12,7 @@ pub mod block_pool;
 pub mod kv_cache_manager;
 pub mod output;
 pub mod request;
+pub mod sampling;
 pub mod scheduler;
 
 pub use block_hash::{BlockHash, KeyFn};
@@ -19,6 +20,10 @@ pub use block_pool::{BlockId, BlockKey, BlockPool};
 pub use kv_cache_manager::{
     BlockCopy, CacheStats, KvCacheConfig, KvCacheManager, Loc, OutOfBlocks, PrefixMatch, SeqId,
 };
-pub use output::{ModelOutput, RequestOutput, SampledToken, ScheduledRequest, SchedulerOutput};
+pub use output::{
+    ModelOutput, NewRequestData, OutputMismatch, RequestOutput, SampledToken, ScheduledRequest,
+    SchedulerOutput,
+};
 pub use request::{FinishReason, NewRequest, Request, RequestId, RequestStatus};
+pub use sampling::SamplingSpec;
 pub use scheduler::{AddError, Scheduler, SchedulerConfig};

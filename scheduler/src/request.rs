@@ -3,6 +3,7 @@
 //! tokens from `num_computed_tokens` on".
 
 use crate::kv_cache_manager::PrefixMatch;
+use crate::sampling::SamplingSpec;
 
 /// Engine-wide request id.
 pub type RequestId = u64;
@@ -47,8 +48,6 @@ pub enum RequestStatus {
     Running,
     /// Done generating; one more step computes its last token's K/V for the cache.
     Finishing(FinishReason),
-    /// Gone from the scheduler.
-    Finished(FinishReason),
 }
 
 /// What the caller hands to [`crate::Scheduler::add`].
@@ -66,6 +65,10 @@ pub struct NewRequest {
     pub priority: i32,
     /// Requests with different salts never share cached K/V.
     pub cache_salt: Option<String>,
+    /// Who sent it (a connection): the waiting queue is shared fairly between owners.
+    pub owner: u64,
+    /// How the runner draws its tokens.
+    pub sampling: SamplingSpec,
 }
 
 /// A live request.
@@ -95,8 +98,16 @@ pub struct Request {
     pub first_hit: Option<PrefixMatch>,
     /// Times the request was preempted.
     pub num_preemptions: u32,
-    /// Step at which the request last entered the waiting queue.
-    pub waiting_since: u64,
+    /// Scheduler step at which the request arrived (its age, for aging, counts from here).
+    pub arrival_step: u64,
+    /// Who sent it.
+    pub owner: u64,
+    /// Start-time fair-queuing tag among owners (see the scheduler's header).
+    pub fair_tag: u64,
+    /// How the runner draws its tokens.
+    pub sampling: SamplingSpec,
+    /// Whether the runner has been told of it (in a step's `new_requests`).
+    pub(crate) announced: bool,
     /// Whether the KV-cache manager holds a sequence for it.
     pub(crate) in_cache: bool,
 }

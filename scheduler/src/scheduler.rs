@@ -16,6 +16,19 @@
 //! prefix is matched again: from the device, from the host tier (swap in, no recompute), or
 //! recomputed for whatever was dropped.
 //!
+//! Fairness between owners (connections): within an effective priority, the waiting queue is
+//! ordered by a start-time fair-queuing tag (an owner's next request is tagged one after the
+//! later of its previous tag and the tag of the last admitted request), so owners take turns
+//! however many requests each sent; and one owner may hold at most `max_queued_per_owner`
+//! waiting requests, so it cannot fill the queue for everyone else. With one owner the order
+//! is arrival order.
+//!
+//! Steady decodes: running requests that decode get their token before any prefill chunk takes
+//! the rest of the budget, and when the engine sets a per-step token budget
+//! ([`Scheduler::set_step_token_budget`], from a time target), a step that carries decodes
+//! carries at most that many tokens (decodes always go, plus at least `MIN_PREFILL_CHUNK`
+//! prompt tokens so prefills progress), so a long prompt cannot stall other streams.
+//!
 //! Aging: a request's effective priority grows by one every `aging_steps` steps since it arrived
 //! (kept while it runs and across preemptions), so a low priority request is never starved
 //! forever.
@@ -28,8 +41,13 @@
 use std::collections::HashMap;
 
 use crate::kv_cache_manager::{KvCacheConfig, KvCacheManager, OutOfBlocks};
-use crate::output::{ModelOutput, RequestOutput, ScheduledRequest, SchedulerOutput};
+use crate::output::{
+    ModelOutput, NewRequestData, OutputMismatch, RequestOutput, ScheduledRequest, SchedulerOutput,
+};
 use crate::request::{FinishReason, NewRequest, Request, RequestId, RequestStatus};
+
+/// Fewest prompt tokens a step with decodes still gives to prefills under a step budget.
+pub const MIN_PREFILL_CHUNK: usize = 16;
 
 /// Scheduler limits.
 #[derive(Clone, Debug)]
@@ -40,6 +58,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Most requests waiting; more are refused.
     pub max_queued: usize,
+    /// Most requests one owner may have waiting; more of its requests are refused.
+    pub max_queued_per_owner: usize,
     /// Steps of waiting per +1 of effective priority.
     pub aging_steps: u64,
     /// Longest sequence (prompt + output) the model takes.
@@ -55,6 +75,7 @@ impl SchedulerConfig {
             max_batched_tokens: 2048,
             max_running: 256,
             max_queued: 4096,
+            max_queued_per_owner: 4096,
             aging_steps: 64,
             max_model_len: usize::MAX,
             kv,
@@ -62,18 +83,59 @@ impl SchedulerConfig {
     }
 }
 
-/// Why a request was refused.
+/// Why a request was refused. [`AddError::code`] names the kind for the wire.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AddError {
     /// The waiting queue is full.
-    #[error("the queue is full ({0} requests waiting)")]
-    QueueFull(usize),
+    #[error("the queue is full ({waiting} requests waiting)")]
+    QueueFull {
+        /// Requests waiting.
+        waiting: usize,
+    },
+    /// This owner already has its share of the queue.
+    #[error("this connection already has {waiting} requests waiting (at most {limit})")]
+    OwnerQueueFull {
+        /// The owner's requests waiting.
+        waiting: usize,
+        /// The per-owner limit.
+        limit: usize,
+    },
     /// The id is already live.
     #[error("request id {0} is already live")]
     DuplicateId(RequestId),
-    /// The request can never run.
-    #[error("{0}")]
-    Invalid(String),
+    /// The prompt has no tokens.
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    /// The prompt does not fit the model's context.
+    #[error("the prompt has {tokens} tokens; the context holds {limit}")]
+    PromptTooLong {
+        /// Prompt tokens.
+        tokens: usize,
+        /// Longest sequence the model takes.
+        limit: usize,
+    },
+    /// The prompt needs more KV blocks than the whole cache has.
+    #[error("the prompt needs {needed} KV blocks; the cache has {available}")]
+    PromptExceedsCache {
+        /// Blocks the prompt and one generated token need.
+        needed: usize,
+        /// Device blocks in all.
+        available: usize,
+    },
+}
+
+impl AddError {
+    /// The protocol's error code (docs/protocol.md).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AddError::QueueFull { .. } | AddError::OwnerQueueFull { .. } => "queue_full",
+            AddError::DuplicateId(_) => "duplicate_id",
+            AddError::EmptyPrompt => "empty_prompt",
+            AddError::PromptTooLong { .. } | AddError::PromptExceedsCache { .. } => {
+                "prompt_too_long"
+            }
+        }
+    }
 }
 
 /// The scheduler; owns the KV-cache manager.
@@ -89,6 +151,14 @@ pub struct Scheduler {
     /// The queue head that last failed to get blocks, and how many blocks were free then: it
     /// is not matched again (repeating the lookups and any swap-in copies) until more are free.
     blocked_head: Option<(RequestId, usize)>,
+    /// Announced requests that left since the last step (for `SchedulerOutput::finished_ids`).
+    left: Vec<RequestId>,
+    /// Tokens per step while decodes run, when the engine sets a time-based budget.
+    step_token_budget: Option<usize>,
+    /// Fair-queuing clock: the tag of the last admitted request.
+    virtual_time: u64,
+    /// Each owner's last tag (entries at or below `virtual_time` are pruned as redundant).
+    owner_tags: HashMap<u64, u64>,
 }
 
 impl Scheduler {
@@ -104,7 +174,31 @@ impl Scheduler {
             next_arrival: 0,
             preemptions: 0,
             blocked_head: None,
+            left: Vec::new(),
+            step_token_budget: None,
+            virtual_time: 0,
+            owner_tags: HashMap::new(),
         }
+    }
+
+    /// Limit the tokens of a step that carries decodes (`None`: only `max_batched_tokens`).
+    /// The engine derives it from a target step time and the measured cost per token.
+    pub fn set_step_token_budget(&mut self, tokens: Option<usize>) {
+        self.step_token_budget = tokens;
+    }
+
+    /// The per-step budget set by [`Scheduler::set_step_token_budget`].
+    pub fn step_token_budget(&self) -> Option<usize> {
+        self.step_token_budget
+    }
+
+    /// Remove a request from the table, remembering it for the runner if it was announced.
+    fn forget(&mut self, id: RequestId) -> Option<Request> {
+        let r = self.requests.remove(&id)?;
+        if r.announced {
+            self.left.push(id);
+        }
+        Some(r)
     }
 
     /// The KV-cache manager.
@@ -148,27 +242,42 @@ impl Scheduler {
             return Err(AddError::DuplicateId(r.id));
         }
         if r.prompt.is_empty() {
-            return Err(AddError::Invalid("the prompt is empty".into()));
+            return Err(AddError::EmptyPrompt);
         }
         if r.prompt.len() >= self.cfg.max_model_len {
-            return Err(AddError::Invalid(format!(
-                "the prompt has {} tokens; the context holds {}",
-                r.prompt.len(),
-                self.cfg.max_model_len
-            )));
+            return Err(AddError::PromptTooLong {
+                tokens: r.prompt.len(),
+                limit: self.cfg.max_model_len,
+            });
         }
-        let blocks_needed = (r.prompt.len() + 1).div_ceil(self.kv.block_size());
-        if blocks_needed > self.kv.device().num_blocks() {
-            return Err(AddError::Invalid(format!(
-                "the prompt needs {blocks_needed} KV blocks; the cache has {}",
-                self.kv.device().num_blocks()
-            )));
+        let needed = (r.prompt.len() + 1).div_ceil(self.kv.block_size());
+        if needed > self.kv.device().num_blocks() {
+            return Err(AddError::PromptExceedsCache {
+                needed,
+                available: self.kv.device().num_blocks(),
+            });
         }
         if self.waiting.len() >= self.cfg.max_queued {
-            return Err(AddError::QueueFull(self.waiting.len()));
+            return Err(AddError::QueueFull {
+                waiting: self.waiting.len(),
+            });
+        }
+        let of_owner = self
+            .waiting
+            .iter()
+            .filter(|w| self.requests[w].owner == r.owner)
+            .count();
+        if of_owner >= self.cfg.max_queued_per_owner {
+            return Err(AddError::OwnerQueueFull {
+                waiting: of_owner,
+                limit: self.cfg.max_queued_per_owner,
+            });
         }
         let arrival = self.next_arrival;
         self.next_arrival += 1;
+        let last = self.owner_tags.get(&r.owner).copied().unwrap_or(0);
+        let fair_tag = last.max(self.virtual_time) + 1;
+        self.owner_tags.insert(r.owner, fair_tag);
         self.requests.insert(
             r.id,
             Request {
@@ -184,7 +293,11 @@ impl Scheduler {
                 status: RequestStatus::Waiting,
                 first_hit: None,
                 num_preemptions: 0,
-                waiting_since: self.step,
+                arrival_step: self.step,
+                fair_tag,
+                owner: r.owner,
+                sampling: r.sampling,
+                announced: false,
                 in_cache: false,
             },
         );
@@ -196,13 +309,34 @@ impl Scheduler {
     /// counts while it runs and survives preemption, so an aged request is not the first victim
     /// and does not start over each time it is preempted.
     fn effective_priority(&self, r: &Request) -> i64 {
-        let aged = (self.step.saturating_sub(r.waiting_since) / self.cfg.aging_steps.max(1)) as i64;
+        let aged = (self.step.saturating_sub(r.arrival_step) / self.cfg.aging_steps.max(1)) as i64;
         r.priority as i64 + aged
     }
 
     fn sort_key(&self, id: RequestId) -> (i64, u64) {
         let r = &self.requests[&id];
         (-self.effective_priority(r), r.arrival)
+    }
+
+    /// Order the waiting queue: effective priority, then fair-queuing tag, then arrival.
+    fn sort_waiting(&mut self) {
+        let mut waiting = std::mem::take(&mut self.waiting);
+        waiting.sort_by_key(|id| {
+            let r = &self.requests[id];
+            (-self.effective_priority(r), r.fair_tag, r.arrival)
+        });
+        self.waiting = waiting;
+    }
+
+    /// Advance the fair-queuing clock past an admitted request's tag.
+    fn advance_virtual_time(&mut self, tag: u64) {
+        if tag > self.virtual_time {
+            self.virtual_time = tag;
+            if self.owner_tags.len() > 64 {
+                let now = self.virtual_time;
+                self.owner_tags.retain(|_, t| *t > now);
+            }
+        }
     }
 
     /// Blocks for `num_tokens` positions of scratch work under id `id` (e.g. recomputing a
@@ -231,8 +365,8 @@ impl Scheduler {
 
     /// Remove a request at once (cancel, disconnect, deadline): its blocks go back to the pool
     /// now. Returns whether it was live.
-    pub fn abort(&mut self, id: RequestId, reason: FinishReason) -> bool {
-        let Some(mut r) = self.requests.remove(&id) else {
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        let Some(r) = self.forget(id) else {
             return false;
         };
         self.waiting.retain(|&w| w != id);
@@ -240,7 +374,6 @@ impl Scheduler {
         if r.in_cache {
             self.kv.free(id, &r.tokens, r.num_computed_tokens);
         }
-        r.status = RequestStatus::Finished(reason);
         true
     }
 
@@ -251,7 +384,7 @@ impl Scheduler {
             if matches!(r.status, RequestStatus::Running) {
                 r.status = RequestStatus::Finishing(reason);
             } else if r.status == RequestStatus::Waiting {
-                self.abort(id, reason);
+                self.abort(id);
             }
         }
     }
@@ -262,10 +395,9 @@ impl Scheduler {
         self.kv.free(id, &r.tokens, r.num_computed_tokens);
         r.in_cache = false;
         r.num_computed_tokens = 0;
-        if let RequestStatus::Finishing(reason) = r.status {
+        if let RequestStatus::Finishing(_) = r.status {
             // Its output is complete; only the cache entry of its last token is lost.
-            r.status = RequestStatus::Finished(reason);
-            self.requests.remove(&id);
+            self.forget(id);
             return;
         }
         r.status = RequestStatus::Waiting;
@@ -302,10 +434,25 @@ impl Scheduler {
             step: self.step,
             ..Default::default()
         };
-        let mut budget = self.cfg.max_batched_tokens;
         let mut running = std::mem::take(&mut self.running);
         running.sort_by_key(|&id| self.sort_key(id));
         self.running = running;
+        // Running requests that compute exactly one token this step (decodes, and finishing
+        // requests caching their last token): each is owed one token of the budget before any
+        // prefill chunk takes the rest.
+        let mut owed = self
+            .running
+            .iter()
+            .filter(|id| {
+                let r = &self.requests[id];
+                r.tokens.len() - r.num_computed_tokens == 1
+            })
+            .count();
+        let mut budget = self.cfg.max_batched_tokens;
+        if let Some(step_budget) = self.step_token_budget.filter(|_| owed > 0) {
+            budget = budget.min(step_budget.max(owed + MIN_PREFILL_CHUNK));
+        }
+        let full_budget = budget;
 
         // 1. Running requests.
         let mut i = 0;
@@ -314,7 +461,12 @@ impl Scheduler {
             let r = &self.requests[&id];
             let finishing = matches!(r.status, RequestStatus::Finishing(_));
             let left = r.tokens.len() - r.num_computed_tokens;
-            let need = left.min(budget);
+            let need = if left == 1 {
+                owed -= 1;
+                1
+            } else {
+                left.min(budget.saturating_sub(owed))
+            };
             if need == 0 {
                 i += 1;
                 continue;
@@ -328,11 +480,15 @@ impl Scheduler {
                         // Preempt the lowest-priority request not yet scheduled this step.
                         let victim = *self.running.last().expect("non-empty");
                         if self.running.len() - 1 > i {
+                            let v = &self.requests[&victim];
+                            if v.tokens.len() - v.num_computed_tokens == 1 {
+                                owed -= 1;
+                            }
                             self.preempt(victim, &mut out);
                         } else if i == 0 {
                             // Alone and still out of blocks: the cache cannot hold it, ever.
                             self.running.retain(|&x| x != id);
-                            if let Some(r) = self.requests.remove(&id) {
+                            if let Some(r) = self.forget(id) {
                                 self.kv.free(id, &r.tokens, r.num_computed_tokens);
                                 let reason = match r.status {
                                     RequestStatus::Finishing(reason) => reason,
@@ -353,8 +509,16 @@ impl Scheduler {
             if !scheduled {
                 break;
             }
-            let r = &self.requests[&id];
+            let r = self.requests.get_mut(&id).expect("running request exists");
             let sample = !finishing && target == r.tokens.len();
+            if !r.announced {
+                r.announced = true;
+                out.new_requests.push(NewRequestData {
+                    id,
+                    sampling: r.sampling.clone(),
+                });
+            }
+            let r = &self.requests[&id];
             out.scheduled.push(ScheduledRequest {
                 id,
                 num_computed_tokens: r.num_computed_tokens,
@@ -368,9 +532,7 @@ impl Scheduler {
 
         // 2. Waiting requests, head of the queue first.
         if budget > 0 && !self.waiting.is_empty() {
-            let mut waiting = std::mem::take(&mut self.waiting);
-            waiting.sort_by_key(|&id| self.sort_key(id));
-            self.waiting = waiting;
+            self.sort_waiting();
         }
         while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
             let id = self.waiting[0];
@@ -406,11 +568,19 @@ impl Scheduler {
                 break;
             }
             out.copies.extend(copies);
+            let tag = r.fair_tag;
             r.num_computed_tokens = computed;
             r.in_cache = true;
             r.status = RequestStatus::Running;
             if r.first_hit.is_none() {
                 r.first_hit = Some(hit);
+            }
+            if !r.announced {
+                r.announced = true;
+                out.new_requests.push(NewRequestData {
+                    id,
+                    sampling: r.sampling.clone(),
+                });
             }
             let target = computed + need;
             out.scheduled.push(ScheduledRequest {
@@ -423,23 +593,44 @@ impl Scheduler {
             budget -= need;
             self.waiting.remove(0);
             self.running.push(id);
+            self.advance_virtual_time(tag);
         }
-        out.num_batched_tokens = self.cfg.max_batched_tokens - budget;
+        out.num_batched_tokens = full_budget - budget;
+        out.finished_ids = std::mem::take(&mut self.left);
         out
     }
 
     /// Apply a step's results: advance computed counts, cache full blocks, append sampled
-    /// tokens and apply the stop rules.
+    /// tokens and apply the stop rules. Tokens are matched to requests by id; a runner output
+    /// that does not match the step exactly (a missing, extra or doubled token) is refused
+    /// before anything changes.
     pub fn update_from_output(
         &mut self,
         out: &SchedulerOutput,
         model: &ModelOutput,
-    ) -> Vec<RequestOutput> {
-        let mut sampled = model.sampled.iter();
+    ) -> Result<Vec<RequestOutput>, OutputMismatch> {
+        let mut tokens: HashMap<RequestId, u32> = HashMap::with_capacity(model.sampled.len());
+        for t in &model.sampled {
+            if tokens.insert(t.id, t.token).is_some() {
+                return Err(OutputMismatch::Duplicate(t.id));
+            }
+        }
+        for s in &out.scheduled {
+            if s.sample && !tokens.contains_key(&s.id) {
+                return Err(OutputMismatch::Missing(s.id));
+            }
+        }
+        if let Some(t) = model
+            .sampled
+            .iter()
+            .find(|t| !out.scheduled.iter().any(|s| s.sample && s.id == t.id))
+        {
+            return Err(OutputMismatch::Unexpected(t.id));
+        }
         let mut results = Vec::new();
         for s in &out.scheduled {
             let token = if s.sample {
-                sampled.next().map(|t| t.token)
+                tokens.get(&s.id).copied()
             } else {
                 None
             };
@@ -448,11 +639,10 @@ impl Scheduler {
             };
             r.num_computed_tokens = s.num_computed_tokens + s.token_ids.len();
             self.kv.commit(s.id, &r.tokens, r.num_computed_tokens);
-            if let RequestStatus::Finishing(reason) = r.status {
+            if let RequestStatus::Finishing(_) = r.status {
                 if r.num_computed_tokens == r.tokens.len() {
                     self.kv.free(s.id, &r.tokens, r.num_computed_tokens);
-                    r.status = RequestStatus::Finished(reason);
-                    self.requests.remove(&s.id);
+                    self.forget(s.id);
                     self.running.retain(|&x| x != s.id);
                 }
                 continue;
@@ -482,6 +672,6 @@ impl Scheduler {
                 prefix_hit,
             });
         }
-        results
+        Ok(results)
     }
 }

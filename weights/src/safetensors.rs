@@ -1,12 +1,18 @@
 //! Safetensors reader (memory-mapped), for one file or many shards listed in
 //! `model.safetensors.index.json`.
 //!
-//! The header is validated in full before any tensor is read: offsets in order, inside the
-//! file, and byte lengths equal to shape times element size.
+//! Each file is parsed by Hugging Face's `safetensors` crate straight over the memory map, so
+//! nothing is copied until the header has been validated in full: a header length of at most
+//! 100 MB that fits in the file, a JSON table of known element types, byte ranges that tile the
+//! data section in order without gaps or overlaps, each exactly shape times element size, and
+//! a data section that ends where the last tensor does. Any failure is one
+//! [`WeightsError`] naming the file. Only then are the tensors convoy computes with (F32, F16,
+//! BF16) copied out of the map.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use ::safetensors::{Dtype, SafeTensorError, SafeTensors};
 use memmap2::Mmap;
 use serde_json::Value;
 
@@ -15,73 +21,80 @@ use crate::{DType, Result, Tensor, WeightsError};
 /// Read every tensor of one safetensors file.
 pub fn read_file(path: &Path) -> Result<Vec<Tensor>> {
     let file = std::fs::File::open(path).map_err(|e| WeightsError::io(path, e))?;
-    // SAFETY: read-only private map of a file convoy never writes; all slicing below is
-    // checked against the map's length first.
+    // SAFETY: read-only private map of a file convoy never writes. The map outlives every
+    // borrow below: the parsed table and its tensor views borrow it, and each tensor's bytes
+    // are copied out before this function returns.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| WeightsError::io(path, e))?;
-    if map.len() < 8 {
-        return Err(WeightsError::corrupt(
-            path,
-            "shorter than the 8-byte header length",
-        ));
-    }
-    let mut len8 = [0u8; 8];
-    len8.copy_from_slice(&map[..8]);
-    let header_len = u64::from_le_bytes(len8);
-    if header_len > (map.len() - 8) as u64 {
-        return Err(WeightsError::corrupt(
-            path,
-            format!("header length {header_len} exceeds the file (truncated?)"),
-        ));
-    }
-    let data_start = 8 + header_len as usize;
-    let header: Value = serde_json::from_slice(&map[8..data_start])
-        .map_err(|e| WeightsError::corrupt(path, format!("header is not JSON: {e}")))?;
-    let obj = header
-        .as_object()
-        .ok_or_else(|| WeightsError::corrupt(path, "header is not a JSON object"))?;
-    let data_len = map.len() - data_start;
-    let mut tensors = Vec::with_capacity(obj.len());
-    for (name, info) in obj {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype_name = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
-        let dtype = match dtype_name {
-            "F32" => DType::F32,
-            "F16" => DType::F16,
-            "BF16" => DType::BF16,
-            other => {
-                return Err(WeightsError::UnsupportedDType {
-                    dtype: other.to_string(),
-                    tensor: name.clone(),
-                })
-            }
-        };
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| WeightsError::corrupt(path, format!("tensor {name}: bad shape")))?;
-        let offsets: Vec<usize> = info
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .filter(|o: &Vec<usize>| o.len() == 2 && o[0] <= o[1])
-            .ok_or_else(|| {
-                WeightsError::corrupt(path, format!("tensor {name}: bad data_offsets"))
-            })?;
-        if offsets[1] > data_len {
-            return Err(WeightsError::corrupt(
-                path,
-                format!("tensor {name} extends past the end of the file (truncated?)"),
-            ));
-        }
-        let bytes = map[data_start + offsets[0]..data_start + offsets[1]].to_vec();
-        let tensor = Tensor::new(name.clone(), shape, dtype, bytes)
-            .map_err(|e| WeightsError::corrupt(path, e.to_string()))?;
+    let parsed = SafeTensors::deserialize(&map).map_err(|e| header_error(path, map.len(), e))?;
+    let mut views: Vec<_> = parsed.iter().collect();
+    views.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut tensors = Vec::with_capacity(views.len());
+    for (name, view) in views {
+        let dtype = convoy_dtype(view.dtype()).ok_or_else(|| WeightsError::UnsupportedDType {
+            dtype: view.dtype().to_string(),
+            tensor: name.to_string(),
+        })?;
+        let tensor = Tensor::new(
+            name.to_string(),
+            view.shape().to_vec(),
+            dtype,
+            view.data().to_vec(),
+        )
+        .map_err(|e| WeightsError::corrupt(path, e.to_string()))?;
         tensors.push(tensor);
     }
     Ok(tensors)
+}
+
+/// The convoy element type of a safetensors one, for the types convoy computes with.
+fn convoy_dtype(dtype: Dtype) -> Option<DType> {
+    match dtype {
+        Dtype::F32 => Some(DType::F32),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// Turn the crate's reason for rejecting `path` (of `file_len` bytes) into convoy's error.
+fn header_error(path: &Path, file_len: usize, err: SafeTensorError) -> WeightsError {
+    let reason = match err {
+        SafeTensorError::IoError(e) => return WeightsError::io(path, e),
+        SafeTensorError::HeaderTooSmall => {
+            format!("{file_len} bytes, shorter than the 8-byte header length")
+        }
+        SafeTensorError::HeaderTooLarge => {
+            "header length is over the safetensors limit of 100 MB".to_string()
+        }
+        SafeTensorError::InvalidHeaderLength => {
+            format!("header length runs past the end of the {file_len}-byte file")
+        }
+        SafeTensorError::InvalidHeader(e) => format!("header is not UTF-8: {e}"),
+        SafeTensorError::InvalidHeaderDeserialization(e) | SafeTensorError::JsonError(e) => {
+            format!("header is not a valid safetensors tensor table: {e}")
+        }
+        SafeTensorError::InvalidOffset(name) => format!(
+            "tensor {name}: data_offsets overlap another tensor, leave a gap or run backwards"
+        ),
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's data_offsets do not span its shape times its element size".to_string()
+        }
+        SafeTensorError::ValidationOverflow => {
+            "a tensor's shape is too large to size in bytes".to_string()
+        }
+        SafeTensorError::MisalignedSlice => {
+            "a tensor of a sub-byte element type does not end on a byte boundary".to_string()
+        }
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the {file_len}-byte file does not end where the last tensor does \
+             (truncated, or trailing bytes)"
+        ),
+        SafeTensorError::TensorNotFound(name) => format!("tensor {name} is not in the file"),
+        SafeTensorError::InvalidTensorView(dtype, shape, bytes) => {
+            format!("a {dtype} tensor of shape {shape:?} cannot hold {bytes} bytes")
+        }
+    };
+    WeightsError::corrupt(path, reason)
 }
 
 /// The safetensors files of a Hugging Face model directory: the shards named by

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::api::protocol::ServerEvent;
+use crate::api::protocol::{ServerEvent, StatsReport};
 
 /// One connection to the daemon.
 pub struct Client {
@@ -77,7 +77,7 @@ impl Client {
     }
 
     /// Ask for `stats` and return the figures.
-    pub fn stats(&mut self) -> io::Result<serde_json::Map<String, Value>> {
+    pub fn stats(&mut self) -> io::Result<StatsReport> {
         self.send(&serde_json::json!({"op": "stats"}))?;
         loop {
             match self.recv()? {

@@ -120,12 +120,43 @@ enum Command {
         /// Requests that may wait; more are refused (queue_full).
         #[arg(long, default_value_t = 4096)]
         max_queued: usize,
+        /// Requests one connection may have waiting; more of its requests are refused
+        /// (queue_full), so one client cannot fill the queue for the others.
+        #[arg(long, default_value_t = 256)]
+        max_queued_per_connection: usize,
+        /// Target milliseconds of a step that carries decodes: prompt chunks are sized to it
+        /// (from measured step times) so running streams keep a steady pace; 0 turns it off.
+        #[arg(long, default_value_t = 250.0)]
+        step_time_target_ms: f64,
         /// Requests running at once.
         #[arg(long, default_value_t = 256)]
         max_running: usize,
         /// Most tokens in one forward pass.
         #[arg(long, default_value_t = 2048)]
         max_batched_tokens: usize,
+    },
+    /// Render a prompt template: its parts with their tokens, what truncation keeps, and the
+    /// chat the model would see (see docs/prompts.md).
+    Render {
+        /// The template file; the other templates of its directory are loaded for includes.
+        #[arg(long)]
+        template: PathBuf,
+        /// JSON file with the variables (an object); without it the template gets none.
+        #[arg(long)]
+        variables: Option<PathBuf>,
+        /// Most tokens the parts may take, each part tokenized alone (default: no limit).
+        #[arg(long)]
+        token_limit: Option<usize>,
+        /// Round the cut up to a multiple of this many tokens (default 1).
+        #[arg(long, requires = "token_limit")]
+        truncation_step: Option<usize>,
+        /// The model whose tokenizer and chat template to use (default: the SmolLM2 GGUF under
+        /// models/). Loaded only with --model, --token-limit or --format json.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// text (a summary and the chat), json, or yaml (the rendered text before parsing).
+        #[arg(long, default_value = "text")]
+        format: String,
     },
     /// Print the token ids of a text.
     Tokenize {
@@ -284,6 +315,8 @@ fn run(cli: Cli) -> Result<()> {
             max_pending_bytes,
             drain_timeout,
             max_queued,
+            max_queued_per_connection,
+            step_time_target_ms,
             max_running,
             max_batched_tokens,
         } => {
@@ -297,7 +330,10 @@ fn run(cli: Cli) -> Result<()> {
             if !(drain_timeout >= 0.0 && drain_timeout.is_finite()) {
                 bail!("--drain-timeout must be a non-negative number of seconds");
             }
-            convoy_engine::api::server::raise_fd_limit();
+            if !(step_time_target_ms >= 0.0 && step_time_target_ms.is_finite()) {
+                bail!("--step-time-target-ms must be a non-negative number");
+            }
+            convoy_engine::api::raise_fd_limit();
             let loaded = model.load()?;
             let mut cfg = loaded.generator_config();
             cfg.max_running = max_running.max(1);
@@ -314,8 +350,17 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.num_host_blocks
             );
             let codec = loaded.codec.clone();
-            let engine =
-                convoy_engine::service::spawn_cpu(loaded.model, loaded.codec, cfg, max_queued);
+            let engine = convoy_engine::service::spawn_cpu(
+                loaded.model,
+                loaded.codec,
+                cfg,
+                convoy_engine::service::ServiceConfig {
+                    max_queued,
+                    max_queued_per_owner: max_queued_per_connection.max(1),
+                    step_time_target: (step_time_target_ms > 0.0)
+                        .then(|| std::time::Duration::from_secs_f64(step_time_target_ms / 1e3)),
+                },
+            );
             let serve_cfg = convoy_engine::api::server::ServeConfig {
                 socket,
                 socket_mode: mode,
@@ -332,6 +377,21 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Render {
+            template,
+            variables,
+            token_limit,
+            truncation_step,
+            model,
+            format,
+        } => render_template(RenderArgs {
+            template,
+            variables,
+            token_limit,
+            truncation_step,
+            model,
+            format,
+        }),
         Command::Tokenize {
             model,
             text,
@@ -355,4 +415,177 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The options of `convoy render`.
+struct RenderArgs {
+    template: PathBuf,
+    variables: Option<PathBuf>,
+    token_limit: Option<usize>,
+    truncation_step: Option<usize>,
+    model: Option<PathBuf>,
+    format: String,
+}
+
+/// `convoy render`: render a template file against variables, count and truncate its parts
+/// with the model's tokenizer, and print the result (docs/prompts.md).
+fn render_template(args: RenderArgs) -> Result<()> {
+    use convoy_engine::prompt::{build_prompt, Budget, TemplateRef, TemplateSet};
+
+    if !matches!(args.format.as_str(), "text" | "json" | "yaml") {
+        bail!("--format must be text, json or yaml, got {:?}", args.format);
+    }
+    let (set, name) = TemplateSet::load_file(&args.template)?;
+    let variables: serde_json::Value = match &args.variables {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?
+        }
+        None => serde_json::json!({}),
+    };
+    let which = TemplateRef::Named(&name);
+    if args.format == "yaml" {
+        print!("{}", set.render_text(which, &variables)?);
+        return Ok(());
+    }
+    let budget = args
+        .token_limit
+        .map(|limit| Budget::new(limit, args.truncation_step))
+        .transpose()?;
+
+    // Template errors first: they need no model.
+    let parts = set.render(which, &variables)?;
+    let needs_model = args.model.is_some() || budget.is_some() || args.format == "json";
+    let codec = if needs_model {
+        let path = match &args.model {
+            Some(p) => p.clone(),
+            None => {
+                let p = PathBuf::from(convoy_engine::options::DEFAULT_MODEL);
+                if !p.exists() {
+                    bail!(
+                        "no --model given and {} does not exist: run scripts/fetch_models.sh",
+                        convoy_engine::options::DEFAULT_MODEL
+                    );
+                }
+                p
+            }
+        };
+        let mut loaded = convoy_weights::load_model(&path, convoy_weights::LoadFormat::Auto)?;
+        Some(convoy_engine::TextCodec::take_from(&mut loaded))
+    } else {
+        None
+    };
+
+    let prompt = match &codec {
+        Some(c) => build_prompt(&name, parts, budget, |text| {
+            c.encode(text).map(|ids| ids.len())
+        })?,
+        None => build_prompt(&name, parts, None, |_| {
+            Ok::<usize, std::convert::Infallible>(0)
+        })?,
+    };
+    let t = &prompt.truncation;
+
+    if args.format == "json" {
+        let codec = codec.as_ref().context("--format json needs the model")?;
+        let prompt_ids = codec.encode_chat(&prompt.messages)?;
+        let parts: Vec<serde_json::Value> = prompt
+            .parts
+            .iter()
+            .zip(&prompt.part_tokens)
+            .zip(&t.kept)
+            .map(|((p, tokens), kept)| {
+                serde_json::json!({
+                    "name": p.name,
+                    "role": p.role.as_str(),
+                    "truncation_priority": p.truncation_priority,
+                    "tokens": tokens,
+                    "kept": kept,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "template": prompt.template,
+            "parts": parts,
+            "messages": prompt.messages,
+            "part_tokens_before": t.tokens_before,
+            "part_tokens_after": t.tokens_after,
+            "token_limit": budget.map(|b| b.token_limit),
+            "truncation_step": budget.map(|b| b.truncation_step),
+            "cut_target": t.cut_target,
+            "cut": prompt.cut_part_names(),
+            "prompt_ids": prompt_ids,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
+
+    let mut out = String::new();
+    let counted = codec.is_some();
+    out.push_str(&format!(
+        "template {} ({}): {} parts",
+        prompt.template,
+        args.template.display(),
+        prompt.parts.len()
+    ));
+    if counted {
+        out.push_str(&format!(", {} tokens", t.tokens_before));
+    }
+    match budget {
+        Some(b) => out.push_str(&format!(
+            " -> {} (token_limit {}, truncation_step {}: surplus {}, cut {})\n",
+            t.tokens_after, b.token_limit, b.truncation_step, t.surplus, t.cut_target
+        )),
+        None => out.push_str(" (no token limit)\n"),
+    }
+    let width = prompt
+        .parts
+        .iter()
+        .map(|p| p.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out.push_str(&format!(
+        "{:>4}  {:<width$}  {:<9}  {:>8}  {:>6}  kept\n",
+        "#", "name", "role", "priority", "tokens"
+    ));
+    for (i, p) in prompt.parts.iter().enumerate() {
+        let tokens = if counted {
+            prompt.part_tokens[i].to_string()
+        } else {
+            "-".to_string()
+        };
+        out.push_str(&format!(
+            "{:>4}  {:<width$}  {:<9}  {:>8}  {:>6}  {}\n",
+            i,
+            p.name,
+            p.role.as_str(),
+            p.truncation_priority,
+            tokens,
+            if t.kept[i] { "kept" } else { "CUT" }
+        ));
+    }
+    match &codec {
+        Some(c) => {
+            let chat = c.render_chat(&prompt.messages)?;
+            let ids = c.encode(&chat)?;
+            out.push_str(&format!(
+                "--- {} messages, {} tokens after the chat template:\n{chat}\n",
+                prompt.messages.len(),
+                ids.len()
+            ));
+        }
+        None => {
+            out.push_str(&format!(
+                "--- {} messages (pass --model for token counts and the chat template):\n",
+                prompt.messages.len()
+            ));
+            for m in &prompt.messages {
+                out.push_str(&format!("[{}]\n{}\n", m.role, m.content));
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
 }

@@ -13,6 +13,7 @@
 //! `context_len - num_queries + i` and attends causally to positions `0..=` that.
 
 use super::ops::{axpy, chunks_mut_par};
+use super::Avx512;
 
 /// One sequence of a packed batch, as attention sees it.
 #[derive(Clone, Copy, Debug)]
@@ -28,7 +29,7 @@ pub struct AttentionSeq<'a> {
 }
 
 /// Geometry of the cache and heads.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttentionShape {
     /// Query heads.
     pub num_heads: usize,
@@ -40,7 +41,128 @@ pub struct AttentionShape {
     pub block_size: usize,
 }
 
-/// `out` (rows x num_heads x head_dim) = softmax(q k^T * scale) v, causal, per sequence.
+/// Why [`try_paged_attention`] refused its arguments. Nothing is read or written past a check.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AttentionError {
+    /// A dimension of the shape is zero.
+    #[error("num_heads, num_kv_heads, head_dim and block_size must be non-zero: {0:?}")]
+    ZeroDimension(AttentionShape),
+    /// Query heads do not split evenly over the KV heads.
+    #[error("num_heads ({num_heads}) is not a multiple of num_kv_heads ({num_kv_heads})")]
+    HeadsNotGrouped {
+        /// Query heads.
+        num_heads: usize,
+        /// KV heads.
+        num_kv_heads: usize,
+    },
+    /// A row or block size of the shape does not fit in `usize`.
+    #[error("the sizes of {0:?} overflow usize")]
+    Overflow(AttentionShape),
+    /// The output is not a whole number of rows of `num_heads * head_dim` floats.
+    #[error("output of {len} floats is not a whole number of rows of {row} floats")]
+    OutputLength {
+        /// `out.len()`.
+        len: usize,
+        /// `num_heads * head_dim`.
+        row: usize,
+    },
+    /// The query buffer and the output differ in length.
+    #[error("queries ({q_len} floats) and output ({out_len} floats) differ in length")]
+    QueryLength {
+        /// `q.len()`.
+        q_len: usize,
+        /// `out.len()`.
+        out_len: usize,
+    },
+    /// The K and V caches are not the same whole number of blocks.
+    #[error(
+        "K cache ({k_len} floats) and V cache ({v_len} floats) are not the same whole number \
+         of blocks of {block_floats} floats"
+    )]
+    CacheLength {
+        /// `k_cache.len()`.
+        k_len: usize,
+        /// `v_cache.len()`.
+        v_len: usize,
+        /// `block_size * num_kv_heads * head_dim`.
+        block_floats: usize,
+    },
+    /// A sequence's query rows run past the batch.
+    #[error(
+        "sequence {seq}: query rows {query_start}..{query_start}+{num_queries} run past the \
+         {rows} rows of the batch"
+    )]
+    QueryRows {
+        /// Index of the sequence in `seqs`.
+        seq: usize,
+        /// Its `query_start`.
+        query_start: usize,
+        /// Its `num_queries`.
+        num_queries: usize,
+        /// Rows of the batch (`out.len() / (num_heads * head_dim)`).
+        rows: usize,
+    },
+    /// Two sequences claim the same query row.
+    #[error("sequence {seq}: query row {row} already belongs to sequence {other}")]
+    SharedRow {
+        /// Index of the later sequence in `seqs`.
+        seq: usize,
+        /// Index of the earlier one.
+        other: usize,
+        /// The row.
+        row: usize,
+    },
+    /// A sequence has more new tokens than tokens in all.
+    #[error("sequence {seq}: {num_queries} queries exceed its context length {context_len}")]
+    QueriesExceedContext {
+        /// Index of the sequence in `seqs`.
+        seq: usize,
+        /// Its `num_queries`.
+        num_queries: usize,
+        /// Its `context_len`.
+        context_len: usize,
+    },
+    /// A block table has fewer blocks than the context length needs.
+    #[error(
+        "sequence {seq}: block table has {len} blocks, context length {context_len} needs \
+         {needed}"
+    )]
+    BlockTableTooShort {
+        /// Index of the sequence in `seqs`.
+        seq: usize,
+        /// `block_table.len()`.
+        len: usize,
+        /// Its `context_len`.
+        context_len: usize,
+        /// `context_len.div_ceil(block_size)`.
+        needed: usize,
+    },
+    /// A block table names a block the cache does not have.
+    #[error(
+        "sequence {seq}: block table entry {index} is block {block}, out of range for a cache \
+         of {num_blocks} blocks"
+    )]
+    BlockOutOfRange {
+        /// Index of the sequence in `seqs`.
+        seq: usize,
+        /// Position of the entry in the block table.
+        index: usize,
+        /// The block id.
+        block: u32,
+        /// Blocks in the cache (`k_cache.len() / (block_size * num_kv_heads * head_dim)`).
+        num_blocks: usize,
+    },
+}
+
+/// `out` (rows x num_heads x head_dim) = softmax(q k^T * scale) v, causal, per sequence; rows
+/// that no sequence owns are zeroed. See [`try_paged_attention`] for what the arguments must
+/// satisfy.
+///
+/// # Panics
+/// With the [`AttentionError`]'s message, on any argument [`try_paged_attention`] refuses (a
+/// block id outside the cache, a block table shorter than the context, query rows outside
+/// `q` / `out`, inconsistent head counts or buffer lengths). Callers that build their batch
+/// from untrusted input and want to recover call [`try_paged_attention`] instead.
 pub fn paged_attention(
     q: &[f32],
     k_cache: &[f32],
@@ -49,24 +171,203 @@ pub fn paged_attention(
     seqs: &[AttentionSeq<'_>],
     out: &mut [f32],
 ) {
-    let AttentionShape {
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-    } = shape;
-    let group = num_heads / num_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let row = num_heads * head_dim;
-    // (sequence, query index) for each packed row.
-    let mut owner = vec![(usize::MAX, 0usize); out.len() / row];
-    for (s, seq) in seqs.iter().enumerate() {
-        for i in 0..seq.num_queries {
-            owner[seq.query_start + i] = (s, i);
-        }
+    if let Err(e) = try_paged_attention(q, k_cache, v_cache, shape, seqs, out) {
+        panic!("paged_attention: {e}");
     }
-    let kv_stride = num_kv_heads * head_dim;
-    let avx = super::has_avx512() && head_dim % 16 == 0 && head_dim <= 256;
+}
+
+/// [`paged_attention`], with its arguments checked first: on an error nothing is computed and
+/// `out` is left as it was.
+///
+/// The checks, made once per call in `O(seqs + block-table entries + rows)`, are what the inner
+/// loops (AVX-512 ones included, which index without bounds checks) rely on:
+/// - every dimension of `shape` is non-zero and `num_heads % num_kv_heads == 0`;
+/// - `out.len()` is a whole number of rows of `num_heads * head_dim` floats and
+///   `q.len() == out.len()`;
+/// - `k_cache.len() == v_cache.len()`, a whole number `num_blocks` of blocks of
+///   `block_size * num_kv_heads * head_dim` floats;
+/// - for each sequence: `query_start + num_queries <= rows`, no row shared with another
+///   sequence, `num_queries <= context_len`,
+///   `block_table.len() >= context_len.div_ceil(block_size)`, and every entry of
+///   `block_table` is `< num_blocks`.
+pub fn try_paged_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    shape: AttentionShape,
+    seqs: &[AttentionSeq<'_>],
+    out: &mut [f32],
+) -> Result<(), AttentionError> {
+    let layout = Layout::check(q.len(), k_cache.len(), v_cache.len(), shape, out.len())?;
+    let owner = layout.row_owners(seqs)?;
+    attend(
+        q,
+        k_cache,
+        v_cache,
+        &layout,
+        seqs,
+        &owner,
+        out,
+        super::simd(),
+    );
+    Ok(())
+}
+
+/// The geometry of a call, checked against its buffers.
+struct Layout {
+    shape: AttentionShape,
+    /// Query heads per KV head.
+    group: usize,
+    /// Floats of one query / output row: `num_heads * head_dim`.
+    row: usize,
+    /// Rows of the batch.
+    rows: usize,
+    /// Floats of one token's K (or V) in the cache: `num_kv_heads * head_dim`.
+    kv_stride: usize,
+    /// Blocks in each of the K and V caches.
+    num_blocks: usize,
+}
+
+impl Layout {
+    fn check(
+        q_len: usize,
+        k_len: usize,
+        v_len: usize,
+        shape: AttentionShape,
+        out_len: usize,
+    ) -> Result<Layout, AttentionError> {
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+        } = shape;
+        if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || block_size == 0 {
+            return Err(AttentionError::ZeroDimension(shape));
+        }
+        if !num_heads.is_multiple_of(num_kv_heads) {
+            return Err(AttentionError::HeadsNotGrouped {
+                num_heads,
+                num_kv_heads,
+            });
+        }
+        let overflow = || AttentionError::Overflow(shape);
+        let row = num_heads.checked_mul(head_dim).ok_or_else(overflow)?;
+        let kv_stride = num_kv_heads.checked_mul(head_dim).ok_or_else(overflow)?;
+        let block_floats = kv_stride.checked_mul(block_size).ok_or_else(overflow)?;
+        if !out_len.is_multiple_of(row) {
+            return Err(AttentionError::OutputLength { len: out_len, row });
+        }
+        if q_len != out_len {
+            return Err(AttentionError::QueryLength { q_len, out_len });
+        }
+        if k_len != v_len || !k_len.is_multiple_of(block_floats) {
+            return Err(AttentionError::CacheLength {
+                k_len,
+                v_len,
+                block_floats,
+            });
+        }
+        Ok(Layout {
+            shape,
+            group: num_heads / num_kv_heads,
+            row,
+            rows: out_len / row,
+            kv_stride,
+            num_blocks: k_len / block_floats,
+        })
+    }
+
+    /// Check every sequence against the layout; returns (sequence, query index) for each
+    /// row, `(usize::MAX, 0)` for rows no sequence owns.
+    fn row_owners(&self, seqs: &[AttentionSeq<'_>]) -> Result<Vec<(usize, usize)>, AttentionError> {
+        let block_size = self.shape.block_size;
+        let mut owner = vec![(usize::MAX, 0usize); self.rows];
+        for (s, seq) in seqs.iter().enumerate() {
+            let end = seq
+                .query_start
+                .checked_add(seq.num_queries)
+                .filter(|&end| end <= self.rows)
+                .ok_or(AttentionError::QueryRows {
+                    seq: s,
+                    query_start: seq.query_start,
+                    num_queries: seq.num_queries,
+                    rows: self.rows,
+                })?;
+            if seq.num_queries > seq.context_len {
+                return Err(AttentionError::QueriesExceedContext {
+                    seq: s,
+                    num_queries: seq.num_queries,
+                    context_len: seq.context_len,
+                });
+            }
+            let needed = seq.context_len.div_ceil(block_size);
+            if seq.block_table.len() < needed {
+                return Err(AttentionError::BlockTableTooShort {
+                    seq: s,
+                    len: seq.block_table.len(),
+                    context_len: seq.context_len,
+                    needed,
+                });
+            }
+            if let Some((index, &block)) = seq
+                .block_table
+                .iter()
+                .enumerate()
+                .find(|&(_, &b)| b as usize >= self.num_blocks)
+            {
+                return Err(AttentionError::BlockOutOfRange {
+                    seq: s,
+                    index,
+                    block,
+                    num_blocks: self.num_blocks,
+                });
+            }
+            for (i, o) in owner[seq.query_start..end].iter_mut().enumerate() {
+                if o.0 != usize::MAX {
+                    return Err(AttentionError::SharedRow {
+                        seq: s,
+                        other: o.0,
+                        row: seq.query_start + i,
+                    });
+                }
+                *o = (s, i);
+            }
+        }
+        Ok(owner)
+    }
+}
+
+/// The computation, on arguments that passed `Layout::check` and `Layout::row_owners`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    layout: &Layout,
+    seqs: &[AttentionSeq<'_>],
+    owner: &[(usize, usize)],
+    out: &mut [f32],
+    simd: Option<Avx512>,
+) {
+    let &Layout {
+        shape:
+            AttentionShape {
+                num_kv_heads,
+                head_dim,
+                block_size,
+                ..
+            },
+        group,
+        row,
+        kv_stride,
+        ..
+    } = layout;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    // The AVX-512 partition kernel keeps a head's output in 16 registers of 16 floats.
+    let avx = simd.filter(|_| head_dim.is_multiple_of(16) && head_dim <= 256);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx;
     // Work items: (row, KV head, context partition). Partitions depend on the context length
     // only, never on the batch, so results stay batch invariant.
     let mut items = Vec::new();
@@ -108,12 +409,18 @@ pub fn paged_attention(
         };
         let mut scores = vec![0f32; group * (w.p1 - w.p0)];
         #[cfg(target_arch = "x86_64")]
-        if avx {
-            // SAFETY: AVX-512 support and head_dim % 16 == 0 were checked above.
+        if avx.is_some() {
+            // SAFETY: the `Avx512` token proves the processor features; `head_dim % 16 == 0`
+            // and `head_dim <= 256` were checked above. `item` satisfies the `Item` invariants:
+            // the caches are `num_blocks` whole blocks and every block-table entry is below
+            // `num_blocks` (`Layout`), the table covers `context_len >= p1` positions, `kvh <
+            // num_kv_heads` gives `head_offset + head_dim <= kv_stride`, and `item.q` was sliced
+            // to `group * head_dim` floats. `scores` has `group * (p1 - p0)` floats and `part`
+            // is one chunk of `part_width = group * (head_dim + 2)` floats.
             unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
             return;
         }
-        attend_partition_scalar(&item, &mut scores, part);
+        attend_partition_scalar(&item, &mut scores, part, simd);
     };
     chunks_mut_par(&mut partials, part_width, 2, |k, part| run(&items[k], part));
     // Combine the partitions of each (row, KV head), in partition order.
@@ -144,7 +451,7 @@ pub fn paged_attention(
             for p in k..end {
                 let (mp, _, at) = stats(p);
                 let w = (mp - m).exp() / l;
-                axpy(w, &partials[at..at + head_dim], og);
+                axpy(simd, w, &partials[at..at + head_dim], og);
             }
         }
         k = end;
@@ -163,6 +470,16 @@ struct WorkItem {
 }
 
 /// One (query row, KV head, partition `p0..p1`) work item.
+///
+/// Invariants (established by [`try_paged_attention`]'s checks; the safe code here indexes
+/// with bounds checks anyway, the AVX-512 code in `simd` relies on them):
+/// - `block_size`, `head_dim` and `group` are non-zero and `p0 < p1`;
+/// - `k_cache` and `v_cache` each hold `num_blocks * block_size * kv_stride` floats or more,
+///   for some `num_blocks`;
+/// - `block_table` has at least `p1.div_ceil(block_size)` entries and each of them is
+///   `< num_blocks`, so every slot the partition visits is `< num_blocks * block_size`;
+/// - `head_offset + head_dim <= kv_stride`;
+/// - `q.len() >= group * head_dim`.
 pub(crate) struct Item<'a> {
     pub q: &'a [f32],
     pub k_cache: &'a [f32],
@@ -254,8 +571,13 @@ pub(crate) fn softmax_stats(it: &Item<'_>, scores: &mut [f32], part: &mut [f32])
 
 /// For each query head of the group: max score `m`, `l = sum exp(s - m)` and the unnormalised
 /// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K and V
-/// value is read once for the whole group.
-pub(crate) fn attend_partition_scalar(it: &Item<'_>, scores: &mut [f32], part: &mut [f32]) {
+/// value is read once for the whole group. `simd` picks the `axpy` of the V sum.
+pub(crate) fn attend_partition_scalar(
+    it: &Item<'_>,
+    scores: &mut [f32],
+    part: &mut [f32],
+    simd: Option<Avx512>,
+) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
     raw_scores(it, scores);
@@ -264,6 +586,7 @@ pub(crate) fn attend_partition_scalar(it: &Item<'_>, scores: &mut [f32], part: &
         let vp = &it.v_cache[slot * it.kv_stride + it.head_offset..][..hd];
         for g in 0..it.group {
             axpy(
+                simd,
                 scores[g * n + j],
                 vp,
                 &mut part[g * (hd + 2) + 2..(g + 1) * (hd + 2)],

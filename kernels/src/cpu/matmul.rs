@@ -1,23 +1,35 @@
 //! `y = x W^T`: activations `x` (`n x cols`, f32) times a weight [`Matrix`] (`rows x cols`, any
 //! [`WeightFormat`]) into `y` (`n x rows`).
 //!
-//! Work is split over the kernel pool's threads by chunks of weight rows; inside a chunk the kernel walks
-//! token groups of up to 4 and row groups of up to 4 (8 for a single token), so a chunk of
-//! weights stays in cache while every token passes over it. Each output is one dot product
-//! computed identically in every tile shape (see `simd`), so results are batch invariant.
-//! Tiles: 8 rows x 1 token, 4 x (1..4) tokens, 2 x 8 tokens.
+//! Work is split over the kernel pool's threads by chunks of weight rows (multiples of 8);
+//! inside a chunk the AVX-512 kernel walks token groups of 8 (then up to 4 for the rest) and,
+//! for each, row groups of 2 (8-token groups), 8 (single tokens) or 4, so a chunk of weights
+//! stays in cache while every token passes over it. Each output is one dot product computed
+//! identically in every tile shape (see `simd`), so results are batch invariant.
+//! Tiles (rows x tokens): 8 x 1, 4 x (1..=4), 2 x 8, and the smaller ones (2 or 1 rows) that a
+//! chunk's last rows need.
+//!
+//! The scalar path (no AVX-512, or forced, see [`crate::cpu::KernelPath`]) decodes each row once
+//! and sums plain products in column order: it is batch invariant too, and differs from the
+//! AVX-512 path only in summation order (and, for Q4_1, in `d * q + m` being fused there).
 
 use super::matrix::{dequantize_row, Matrix, Storage, WeightFormat};
-use super::SendPtr;
+use super::{Avx512, SendPtr};
 
 /// Multiply `n` activation rows `x` by `w^T` into `y`.
 ///
-/// Panics if `x.len() < n * w.cols()` or `y.len() < n * w.rows()`: shapes are the caller's
-/// invariant, never user input.
+/// # Panics
+/// If `x.len() < n * w.cols()` or `y.len() < n * w.rows()` (also when these products overflow):
+/// shapes are the caller's invariant, never user input.
 pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
+    let fits = |len: usize, per_row: usize| n.checked_mul(per_row).is_some_and(|need| len >= need);
     assert!(
-        x.len() >= n * w.cols && y.len() >= n * w.rows,
-        "matmul shape mismatch"
+        fits(x.len(), w.cols) && fits(y.len(), w.rows),
+        "matmul shape mismatch: {n} rows of x ({} floats) times a {}x{} matrix into {} floats",
+        x.len(),
+        w.rows,
+        w.cols,
+        y.len()
     );
     if n == 0 || w.rows == 0 {
         return;
@@ -28,22 +40,35 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     let chunk = target.div_ceil(8) * 8;
     let n_chunks = w.rows.div_ceil(chunk);
     let yp = SendPtr(y.as_mut_ptr());
-    let avx = super::has_avx512();
+    let simd = super::simd();
     let body = |c: usize| {
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(w.rows);
-        // SAFETY: chunk `c` writes only y[t * rows + r] for r in r0..r1: disjoint between chunks,
-        // and inside the bounds asserted above.
-        unsafe { run_chunk(x, n, w, yp.get(), r0, r1, avx) };
+        // SAFETY: `x` holds `n * cols` floats and `y` `n * rows` (asserted above, and `y` stays
+        // borrowed mutably until `parallel_for` returns); chunk `c` writes only
+        // `y[t * rows + r]` for `r` in `r0..r1`, disjoint from every other chunk's rows.
+        unsafe { run_chunk(x, n, w, yp.get(), r0, r1, simd) };
     };
     super::pool::parallel_for(n_chunks, &body);
 }
 
+/// Rows `r0..r1` of `y = x W^T` for all `n` tokens.
+///
 /// # Safety
-/// `y` must hold `n * w.rows` floats and no other thread may write rows `r0..r1` of it.
-unsafe fn run_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1: usize, avx: bool) {
+/// `x.len() >= n * w.cols`; `r0 <= r1 <= w.rows`; `y` is valid for writes of `n * w.rows`
+/// floats, and while this runs no other thread reads or writes elements `y[t * w.rows + r]`
+/// for `t < n`, `r` in `r0..r1`.
+unsafe fn run_chunk(
+    x: &[f32],
+    n: usize,
+    w: &Matrix,
+    y: *mut f32,
+    r0: usize,
+    r1: usize,
+    simd: Option<Avx512>,
+) {
     #[cfg(target_arch = "x86_64")]
-    if avx {
+    if let Some(token) = simd {
         let mut t0 = 0;
         while t0 < n {
             // Eight tokens per tile when there are that many: each weight block is decoded
@@ -67,19 +92,32 @@ unsafe fn run_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1:
                 } else {
                     1
                 };
-                tile_dispatch(x, t0, t, w, r, rr, y);
+                // SAFETY: `t0 + t <= n` and `r + rr <= r1 <= w.rows`; `x` and `y` are as our
+                // own contract says, and the tile writes only rows `r..r + rr` of `y`, which
+                // are ours.
+                unsafe { tile_dispatch(token, x, t0, t, w, r, rr, y) };
                 r += rr;
             }
             t0 += t;
         }
         return;
     }
-    let _ = avx;
-    scalar_chunk(x, n, w, y, r0, r1);
+    let _ = simd;
+    // SAFETY: forwarded from our own contract.
+    unsafe { scalar_chunk(x, n, w, y, r0, r1) };
 }
 
+/// One tile: rows `r..r + rr` of `w` times tokens `t0..t0 + t` of `x`, into `y`.
+///
+/// # Safety
+/// `(rr, t)` is one of the shapes matched below; `t0 + t` tokens fit in `x`
+/// (`x.len() >= (t0 + t) * w.cols`); `r + rr <= w.rows`; `y` is valid for writes of
+/// `(t0 + t) * w.rows` floats and no other thread accesses `y[(t0 + j) * w.rows + r + i]`
+/// (`j < t`, `i < rr`) meanwhile. (The `Avx512` token covers the processor features.)
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tile_dispatch(
+    _token: Avx512,
     x: &[f32],
     t0: usize,
     t: usize,
@@ -89,35 +127,50 @@ unsafe fn tile_dispatch(
     y: *mut f32,
 ) {
     use super::simd::x86::{tile_blocks, tile_f32, Q40, Q41, Q80};
-    let xp = x.as_ptr().add(t0 * w.cols);
     let cols = w.cols;
+    // SAFETY: `t0 * cols <= x.len()` by our contract, so the offset stays inside `x`.
+    let xp = unsafe { x.as_ptr().add(t0 * cols) };
     macro_rules! go {
         ($R:literal, $T:literal) => {{
             let mut out = [[0f32; $T]; $R];
             match &w.storage {
                 Storage::F32(v) => {
-                    tile_f32::<$R, $T>(v.as_ptr().add(r * cols), cols, xp, cols, cols, &mut out)
+                    // SAFETY: (this call and the three below) the token proves the features;
+                    // the `Matrix` invariant makes the storage `rows` whole rows (`rows * cols`
+                    // floats, or `rows * row_bytes` bytes of `cols / 32` blocks), so rows
+                    // `r..r + $R` are readable from the offset of row `r`; tokens
+                    // `t0..t0 + $T` of `x` are readable from `xp` with stride `cols` (our
+                    // contract).
+                    unsafe {
+                        tile_f32::<$R, $T>(v.as_ptr().add(r * cols), cols, xp, cols, cols, &mut out)
+                    }
                 }
                 Storage::Blocks(b) => {
                     let rb = w.row_bytes();
-                    let wp = b.as_ptr().add(r * rb);
+                    // SAFETY: `r < rows`, so the offset of row `r` is inside the storage.
+                    let wp = unsafe { b.as_ptr().add(r * rb) };
                     match w.format {
-                        WeightFormat::Q4_1 => {
+                        // SAFETY: see the F32 arm.
+                        WeightFormat::Q4_1 => unsafe {
                             tile_blocks::<Q41, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        }
-                        WeightFormat::Q4_0 => {
+                        },
+                        // SAFETY: see the F32 arm.
+                        WeightFormat::Q4_0 => unsafe {
                             tile_blocks::<Q40, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        }
-                        WeightFormat::Q8_0 => {
+                        },
+                        // SAFETY: see the F32 arm.
+                        WeightFormat::Q8_0 => unsafe {
                             tile_blocks::<Q80, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        }
+                        },
                         WeightFormat::F32 => unreachable!("f32 matrices use F32 storage"),
                     }
                 }
             }
             for (i, row) in out.iter().enumerate() {
                 for (j, v) in row.iter().enumerate() {
-                    *y.add((t0 + j) * w.rows + r + i) = *v;
+                    // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
+                    // that our contract gives to this tile alone.
+                    unsafe { *y.add((t0 + j) * w.rows + r + i) = *v };
                 }
             }
         }};
@@ -143,6 +196,11 @@ unsafe fn tile_dispatch(
 }
 
 /// Portable path: decode each row once, then plain dot products.
+///
+/// # Safety
+/// As [`run_chunk`]: `x.len() >= n * w.cols`, `r0 <= r1 <= w.rows`, and `y` is valid for
+/// writes of `n * w.rows` floats of which `y[t * w.rows + r]` (`t < n`, `r` in `r0..r1`) are
+/// accessed by no other thread meanwhile. (`x` and the weights are read with bounds checks.)
 unsafe fn scalar_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1: usize) {
     let cols = w.cols;
     let mut row = vec![0f32; cols];
@@ -158,7 +216,8 @@ unsafe fn scalar_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, 
         for t in 0..n {
             let xr = &x[t * cols..(t + 1) * cols];
             let s: f32 = wr.iter().zip(xr).map(|(a, b)| a * b).sum();
-            *y.add(t * w.rows + r) = s;
+            // SAFETY: `t * rows + r < n * rows`, an element our contract gives to this chunk.
+            unsafe { *y.add(t * w.rows + r) = s };
         }
     }
 }

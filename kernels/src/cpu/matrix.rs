@@ -1,7 +1,9 @@
 //! A weight matrix in its stored encoding, `rows x cols`, row-major, ready for [`crate::matmul`].
 //!
 //! Invariant: for block formats `cols % 32 == 0` and `bytes.len() == rows * row_bytes`; for f32
-//! `data.len() == rows * cols`.
+//! `data.len() == rows * cols` (these products never overflow). The constructors check it and
+//! the fields are private to the crate, so every `Matrix` satisfies it: the AVX-512 matrix
+//! multiply reads the storage through raw pointers on the strength of it.
 
 use half::f16;
 
@@ -58,7 +60,7 @@ pub struct Matrix {
 impl Matrix {
     /// A float32 matrix.
     pub fn from_f32(rows: usize, cols: usize, data: Vec<f32>) -> Result<Matrix, MatrixError> {
-        if data.len() != rows * cols {
+        if rows.checked_mul(cols) != Some(data.len()) {
             return Err(MatrixError {
                 rows,
                 cols,
@@ -93,7 +95,10 @@ impl Matrix {
         if !cols.is_multiple_of(32) {
             return Err(err("columns are not a multiple of 32".into()));
         }
-        if bytes.len() != rows * cols / 32 * format.block_bytes() {
+        let expected = rows
+            .checked_mul(cols / 32)
+            .and_then(|blocks| blocks.checked_mul(format.block_bytes()));
+        if expected != Some(bytes.len()) {
             return Err(err(format!("{} bytes", bytes.len())));
         }
         Ok(Matrix {
@@ -133,14 +138,28 @@ impl Matrix {
 
     /// Stack matrices of one format and width on top of each other (e.g. Q, K and V
     /// projections into one), so one multiply computes all of them. Exact for every format.
+    /// An error when `parts` is empty, differ in format or width, or add up to more rows than
+    /// `usize` counts.
     pub fn concat_rows(parts: &[&Matrix]) -> Result<Matrix, MatrixError> {
-        let first = parts[0];
-        let rows = parts.iter().map(|m| m.rows).sum();
+        let Some(first) = parts.first() else {
+            return Err(MatrixError {
+                rows: 0,
+                cols: 0,
+                format: WeightFormat::F32,
+                reason: "no matrices to stack".into(),
+            });
+        };
+        let rows = parts
+            .iter()
+            .try_fold(0usize, |sum, m| sum.checked_add(m.rows));
         let err = |reason: &str| MatrixError {
-            rows,
+            rows: rows.unwrap_or(usize::MAX),
             cols: first.cols,
             format: first.format,
             reason: reason.into(),
+        };
+        let Some(rows) = rows else {
+            return Err(err("row count overflows usize"));
         };
         if parts
             .iter()
@@ -177,7 +196,17 @@ impl Matrix {
     }
 
     /// Decode row `r` into `out` (`cols` values), e.g. for an embedding lookup.
+    ///
+    /// # Panics
+    /// If `r >= rows` or `out` holds fewer than `cols` values.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        assert!(
+            r < self.rows && out.len() >= self.cols,
+            "row {r} of a {}x{} matrix into {} values",
+            self.rows,
+            self.cols,
+            out.len()
+        );
         let out = &mut out[..self.cols];
         match &self.storage {
             Storage::F32(v) => out.copy_from_slice(&v[r * self.cols..(r + 1) * self.cols]),

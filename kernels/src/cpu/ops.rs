@@ -3,44 +3,56 @@
 //! spread over threads when there are enough of them to pay for it.
 
 use super::pool::parallel_for;
-use super::SendPtr;
+use super::{Avx512, SendPtr};
 
 const PAR_ROWS: usize = 16;
 
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Dot product over the first `min(a.len(), b.len())` elements: AVX-512 with a token, else
+/// scalar (the two differ only in summation order).
+pub(crate) fn dot(simd: Option<Avx512>, a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx512() {
-        // SAFETY: AVX-512 support was just checked.
+    if simd.is_some() {
+        // SAFETY: the `Avx512` token proves the processor features; the slices bound the rest.
         return unsafe { super::simd::x86::dot(a, b) };
     }
+    let _ = simd;
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-pub(crate) fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+/// `y += a * x` over the first `min(x.len(), y.len())` elements: AVX-512 (fused multiply-add)
+/// with a token, else scalar.
+pub(crate) fn axpy(simd: Option<Avx512>, a: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if super::has_avx512() {
-        // SAFETY: AVX-512 support was just checked.
+    if simd.is_some() {
+        // SAFETY: the `Avx512` token proves the processor features; the slices bound the rest.
         return unsafe { super::simd::x86::axpy(a, x, y) };
     }
+    let _ = simd;
     for (y, x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
 }
 
 /// Run `f(i, chunk_i)` over the `width`-sized chunks of `data`, in parallel when there are
-/// at least `min_par` of them.
+/// at least `min_par` of them. A trailing partial chunk is passed too when serial, never in
+/// parallel: callers give a `data` that is a whole number of chunks.
+///
+/// # Panics
+/// If `width == 0`, or if `f` panics.
 pub(crate) fn chunks_mut_par<F: Fn(usize, &mut [f32]) + Sync>(
     data: &mut [f32],
     width: usize,
     min_par: usize,
     f: F,
 ) {
+    assert!(width > 0, "chunks of zero width");
     let n = data.len() / width;
     if n >= min_par {
         let p = SendPtr(data.as_mut_ptr());
         parallel_for(n, &|i| {
-            // SAFETY: chunk i covers [i*width, (i+1)*width) of `data`: in bounds and disjoint
-            // from every other chunk, and `data` is borrowed mutably for the whole call.
+            // SAFETY: `i < n`, so chunk i covers [i*width, (i+1)*width) of `data`: in bounds and
+            // disjoint from every other chunk, and `data` stays borrowed mutably (nothing else
+            // touches it) until `parallel_for` returns, after every item.
             let chunk = unsafe { std::slice::from_raw_parts_mut(p.get().add(i * width), width) };
             f(i, chunk)
         });
@@ -56,11 +68,25 @@ fn rows_mut<F: Fn(usize, &mut [f32]) + Sync>(data: &mut [f32], width: usize, f: 
 }
 
 /// `out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight` for each row of width `weight.len()`.
+///
+/// The mean square is a dot product: AVX-512 and scalar results differ by summation order only.
+///
+/// # Panics
+/// If `weight` is empty, `x.len()` is not a multiple of `weight.len()`, or `out` is shorter
+/// than `x`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && out.len() >= x.len(),
+        "rms_norm: {} inputs, {} weights, {} outputs",
+        x.len(),
+        d,
+        out.len()
+    );
+    let simd = super::simd();
     rows_mut(&mut out[..x.len()], d, |i, o| {
         let xr = &x[i * d..(i + 1) * d];
-        let inv = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+        let inv = 1.0 / (dot(simd, xr, xr) / d as f32 + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(xr).zip(weight) {
             *o = w * (v * inv);
         }
@@ -69,9 +95,27 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 
 /// Rotate each head of each row in place, Hugging Face "rotate_half" layout: element `i` pairs
 /// with `i + head_dim/2`. `cos` and `sin` hold `head_dim/2` values per row.
+///
+/// # Panics
+/// If `head_dim` is zero or odd, `heads` is zero, `x.len()` is not a multiple of
+/// `heads * head_dim`, or `cos` / `sin` hold fewer than `head_dim / 2` values per row of `x`.
 pub fn rope_half_split(x: &mut [f32], head_dim: usize, heads: usize, cos: &[f32], sin: &[f32]) {
     let half = head_dim / 2;
-    rows_mut(x, heads * head_dim, |t, row| {
+    let width = heads.checked_mul(head_dim).unwrap_or(0);
+    assert!(
+        width > 0 && head_dim.is_multiple_of(2) && x.len().is_multiple_of(width),
+        "rope_half_split: {} values, {heads} heads of {head_dim}",
+        x.len()
+    );
+    let rows = x.len() / width;
+    assert!(
+        cos.len() >= rows * half && sin.len() >= rows * half,
+        "rope_half_split: {rows} rows need {} cos and sin values, got {} and {}",
+        rows * half,
+        cos.len(),
+        sin.len()
+    );
+    rows_mut(x, width, |t, row| {
         let c = &cos[t * half..(t + 1) * half];
         let s = &sin[t * half..(t + 1) * half];
         for head in row.chunks_mut(head_dim) {
@@ -86,7 +130,16 @@ pub fn rope_half_split(x: &mut [f32], head_dim: usize, heads: usize, cos: &[f32]
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`.
+///
+/// # Panics
+/// If `up` is shorter than `gate`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert!(
+        up.len() >= gate.len(),
+        "silu_mul: {} gates, {} ups",
+        gate.len(),
+        up.len()
+    );
     let f = |g: &mut f32, u: &f32| {
         let v = *g;
         *g = v / (1.0 + (-v).exp()) * u;
@@ -102,13 +155,18 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     tail.iter_mut().zip(&up[whole..]).for_each(|(g, u)| f(g, u));
 }
 
-/// `acc[i] += x[i]`.
+/// `acc[i] += x[i]` over the first `min(acc.len(), x.len())` elements.
 pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
     acc.iter_mut().zip(x).for_each(|(a, b)| *a += b);
 }
 
-/// Add `bias` to every row of `x` (row width `bias.len()`).
+/// Add `bias` to every row of `x` (row width `bias.len()`; a trailing partial row gets the
+/// first part of `bias`).
+///
+/// # Panics
+/// If `bias` is empty.
 pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    assert!(!bias.is_empty(), "add_bias: empty bias");
     for row in x.chunks_mut(bias.len()) {
         add_in_place(row, bias);
     }

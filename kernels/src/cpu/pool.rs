@@ -6,10 +6,30 @@
 //! counter, and the caller works too and returns when every item is done. Workers spin for a
 //! while after each job, then park until the next one.
 //!
-//! Invariants: one job at a time (submission is serialised by a mutex, so concurrent callers
-//! such as parallel tests simply queue); a job's closure outlives every use of it because the
-//! caller does not return before `done == n` and no worker still holds the job; items are handed out exactly once.
+//! # Unsafe code and its invariants
+//!
+//! A job lives on the submitter's stack and its closure is borrowed for the duration of
+//! [`parallel_for`]; workers reach both through raw pointers (`Pool::job`, `Job::body`, whose
+//! lifetime is erased to `'static`). That is sound because of these invariants:
+//! 1. One job at a time: submission is serialised by a mutex, so concurrent callers such as
+//!    parallel tests simply queue. (A `parallel_for` called from inside a job's item runs its
+//!    items inline on that thread instead: it never waits for the mutex its own job holds.)
+//! 2. A worker increments `active` *before* it loads `Pool::job` and decrements it only after
+//!    its last use of the job; the submitter stores a null `Pool::job` and then waits for
+//!    `active == 0` before it returns. All four are `SeqCst`, so a worker that loaded the
+//!    job's pointer is counted in `active` when the submitter looks: the job and the closure
+//!    outlive every dereference of the pointers.
+//! 3. The submitter also waits for `done == n` first: every item has finished, so nothing the
+//!    closure borrows is used after `parallel_for` returns.
+//! 4. Items are handed out exactly once (`Job::next` is a `fetch_add` counter), and a
+//!    panicking item is caught and still counted, so the waits above always end; the panic is
+//!    re-raised on the submitter once the job is unpublished.
+//!
+//! What the items share beyond the closure's captures (output buffers written through
+//! `SendPtr`) is the callers' business: each caller's `SAFETY` comment says why its
+//! items access disjoint parts.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
@@ -37,6 +57,12 @@ struct Pool {
 }
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Whether this thread is running items of a job (a worker, or a submitter inside its own
+    /// job): a nested `parallel_for` then runs inline.
+    static IN_JOB: Cell<bool> = const { Cell::new(false) };
+}
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 /// How long an idle worker spins before parking.
@@ -86,8 +112,9 @@ fn pool() -> &'static Pool {
 }
 
 fn run_items(job: &Job) {
-    // SAFETY: the submitter keeps the closure alive until `done == n`, and we only get here
-    // while the job is published, before our own items are counted as done.
+    // SAFETY: `job.body` points at the submitter's closure, which outlives the job (invariants
+    // 2 and 3 in the module docs): `job` itself is live, since its submitter still waits for
+    // us, so the closure is too.
     let body = unsafe { &*job.body };
     let mut count = 0;
     loop {
@@ -108,6 +135,7 @@ fn run_items(job: &Job) {
 }
 
 fn worker(index: usize) {
+    IN_JOB.with(|j| j.set(true));
     let pool = loop {
         if let Some(p) = POOL.get() {
             break p;
@@ -124,9 +152,10 @@ fn worker(index: usize) {
             pool.active.fetch_add(1, Ordering::SeqCst);
             let job = pool.job.load(Ordering::SeqCst);
             if !job.is_null() {
-                // SAFETY: the submitter unpublishes the job and then waits for `active` to drop
-                // to zero before the job goes out of scope, and we counted ourselves in before
-                // reading the pointer.
+                // SAFETY: a non-null `job` points at a published job on its submitter's stack;
+                // the submitter unpublishes it and then waits for `active` to drop to zero
+                // before the job goes out of scope, and we counted ourselves in before reading
+                // the pointer (invariant 2), so it stays live until our `fetch_sub` below.
                 run_items(unsafe { &*job });
             }
             pool.active.fetch_sub(1, Ordering::SeqCst);
@@ -147,18 +176,26 @@ fn worker(index: usize) {
 }
 
 /// Run `body(i)` for every `i` in `0..n`, spread over the pool; returns when all are done.
+/// Called from inside another `parallel_for`'s item, it runs its items inline, in order.
+///
+/// # Panics
+/// If an item panics: the other items still run, then the panic is re-raised here (as "a
+/// kernel work item panicked" when the item ran on a worker). Also if the pool's worker
+/// threads cannot be spawned, on the first call.
 pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
     let pool = pool();
     if n == 0 {
         return;
     }
-    if n == 1 || pool.workers.is_empty() {
+    if n == 1 || pool.workers.is_empty() || IN_JOB.with(Cell::get) {
         (0..n).for_each(body);
         return;
     }
     let _guard = pool.submit.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: the lifetime is erased only for the duration of this call: we do not return
-    // until every item has run, and the job is unpublished before returning.
+    // SAFETY: only a raw pointer changes type (same trait object, same layout and vtable, a
+    // longer lifetime parameter); nothing is dereferenced here. The erased lifetime is never
+    // relied on: workers dereference the pointer only while this call waits (invariants 2 and
+    // 3 in the module docs), and the job is unpublished before we return.
     let body_static: *const Body<'static> =
         unsafe { std::mem::transmute::<*const Body<'_>, *const Body<'static>>(body) };
     let job = Job {
@@ -176,7 +213,9 @@ pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
             t.unpark();
         }
     }
+    IN_JOB.with(|j| j.set(true));
     run_items(&job);
+    IN_JOB.with(|j| j.set(false));
     while job.done.load(Ordering::Acquire) < n {
         std::hint::spin_loop();
     }
@@ -212,6 +251,17 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_nested_parallel_for_runs_inline_instead_of_deadlocking() {
+        let hits: Vec<AtomicUsize> = (0..16 * 8).map(|_| AtomicUsize::new(0)).collect();
+        parallel_for(16, &|i| {
+            parallel_for(8, &|j| {
+                hits[i * 8 + j].fetch_add(1, Ordering::Relaxed);
+            });
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
     }
 
     #[test]

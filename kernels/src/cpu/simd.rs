@@ -1,11 +1,17 @@
 //! AVX-512 micro-kernels: a tile of `R` weight rows times `T` activation rows, each output a
-//! dot product over all columns.
+//! dot product over all columns; and the inner loops of paged attention.
 //!
 //! Every output is accumulated the same way (16 lanes, blocks in column order, then one fixed
 //! horizontal reduction), independent of `R`, `T` and of which tile it falls in: this is what
 //! makes the matrix multiply batch invariant. Quantised blocks are decoded in registers.
+//!
+//! Every function here is an `unsafe fn` with two kinds of precondition, spelled out in its
+//! `# Safety` section: the processor features (callers hold a [`super::Avx512`] token), and the
+//! extent of the memory it reads and writes through raw pointers or unchecked indexing (callers
+//! check the bounds once per kernel call, see `matmul` and `attention`). Masked loads and stores
+//! (`_mm512_mask*_ps`) access only the lanes their mask enables, so a partial vector at the end
+//! of a row needs only those lanes in bounds.
 
-#![allow(clippy::missing_safety_doc)]
 // Index loops over the const-generic register arrays read better than iterator chains here.
 #![allow(clippy::needless_range_loop)]
 
@@ -13,16 +19,42 @@
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
+    use super::super::attention::{for_each_run, for_each_slot, k_index, softmax_stats, Item};
+
+    /// Mask enabling the first `min(lanes, 16)` lanes of a vector of 16 floats.
+    #[inline(always)]
+    fn tail_mask(lanes: usize) -> __mmask16 {
+        if lanes >= 16 {
+            0xffff
+        } else {
+            ((1u32 << lanes) - 1) as __mmask16
+        }
+    }
+
     /// Decoding of one 32-element block into two registers of 16 floats.
     pub(crate) trait Block {
+        /// Bytes of one encoded block.
         const BYTES: usize;
+        /// The 32 values of the block at `p`, elements 0..16 and 16..32.
+        ///
+        /// # Safety
+        /// The processor supports AVX-512F, AVX2 and F16C, and `p` is valid for reads of
+        /// `Self::BYTES` bytes (no alignment needed).
         unsafe fn decode(p: *const u8) -> (__m512, __m512);
     }
 
+    /// The two f16 values at `p` and `p + 2`, as f32.
+    ///
+    /// # Safety
+    /// The processor supports F16C, and `p` is valid for reads of 4 bytes (no alignment needed).
     #[inline(always)]
     unsafe fn f16x2(p: *const u8) -> (f32, f32) {
-        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
-        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
+        // SAFETY: the caller guarantees F16C (which implies the SSE2 used here) and 4 readable
+        // bytes at `p`; `read_unaligned` needs no alignment.
+        unsafe {
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps::<1>(v, v)))
+        }
     }
 
     pub(crate) struct Q41;
@@ -30,15 +62,19 @@ pub(crate) mod x86 {
         const BYTES: usize = 20;
         #[inline(always)]
         unsafe fn decode(p: *const u8) -> (__m512, __m512) {
-            let (d, m) = f16x2(p);
-            let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
-            let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
-            let mask = _mm_set1_epi8(0x0f);
-            let lo = _mm_and_si128(qs, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
-            (_mm512_fmadd_ps(lo, d, m), _mm512_fmadd_ps(hi, d, m))
+            // SAFETY: the caller guarantees the features and 20 readable bytes at `p`: the
+            // scale and min are bytes 0..4, the 16 bytes of nibbles are bytes 4..20.
+            unsafe {
+                let (d, m) = f16x2(p);
+                let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
+                let qs = _mm_loadu_si128(p.add(4) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(qs, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
+                let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+                let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+                (_mm512_fmadd_ps(lo, d, m), _mm512_fmadd_ps(hi, d, m))
+            }
         }
     }
 
@@ -47,20 +83,24 @@ pub(crate) mod x86 {
         const BYTES: usize = 18;
         #[inline(always)]
         unsafe fn decode(p: *const u8) -> (__m512, __m512) {
-            let (d, _) = f16x2(p);
-            let d = _mm512_set1_ps(d);
-            let qs = _mm_loadu_si128(p.add(2) as *const __m128i);
-            let mask = _mm_set1_epi8(0x0f);
-            let eight = _mm512_set1_epi32(8);
-            let lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)), eight);
-            let hi = _mm512_sub_epi32(
-                _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask)),
-                eight,
-            );
-            (
-                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
-                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
-            )
+            // SAFETY: the caller guarantees the features and 18 readable bytes at `p`: `f16x2`
+            // reads bytes 0..4 (the scale and the first nibbles), the nibbles are bytes 2..18.
+            unsafe {
+                let (d, _) = f16x2(p);
+                let d = _mm512_set1_ps(d);
+                let qs = _mm_loadu_si128(p.add(2) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let eight = _mm512_set1_epi32(8);
+                let lo = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, mask)), eight);
+                let hi = _mm512_sub_epi32(
+                    _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16::<4>(qs), mask)),
+                    eight,
+                );
+                (
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
+                )
+            }
         }
     }
 
@@ -69,20 +109,31 @@ pub(crate) mod x86 {
         const BYTES: usize = 34;
         #[inline(always)]
         unsafe fn decode(p: *const u8) -> (__m512, __m512) {
-            let (d, _) = f16x2(p);
-            let d = _mm512_set1_ps(d);
-            let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
-            let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q));
-            let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q));
-            (
-                _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
-                _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
-            )
+            // SAFETY: the caller guarantees the features and 34 readable bytes at `p`: `f16x2`
+            // reads bytes 0..4, the 32 quants are bytes 2..34.
+            unsafe {
+                let (d, _) = f16x2(p);
+                let d = _mm512_set1_ps(d);
+                let q = _mm256_loadu_si256(p.add(2) as *const __m256i);
+                let lo = _mm512_cvtepi8_epi32(_mm256_castsi256_si128(q));
+                let hi = _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q));
+                (
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(lo), d),
+                    _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d),
+                )
+            }
         }
     }
 
-    /// `out[r][t] = dot(row r of w, x row t)` for a block-quantised matrix.
-    /// `w` points at the first row, rows `row_bytes` apart; `x` rows are `x_stride` floats apart.
+    /// `out[r][t] = dot(row r of w, x row t)` over the first `cols / 32 * 32` columns of a
+    /// block-quantised matrix. `w` points at the first row, rows `row_bytes` apart; `x` rows
+    /// are `x_stride` floats apart.
+    ///
+    /// # Safety
+    /// - The processor supports AVX-512F, AVX2, FMA and F16C.
+    /// - For every `r < R`, `w + r * row_bytes` is valid for reads of `cols / 32 * B::BYTES`
+    ///   bytes.
+    /// - For every `t < T`, `x + t * x_stride` is valid for reads of `cols / 32 * 32` floats.
     #[target_feature(enable = "avx512f,f16c,avx2,fma")]
     pub(crate) unsafe fn tile_blocks<B: Block, const R: usize, const T: usize>(
         w: *const u8,
@@ -97,14 +148,19 @@ pub(crate) mod x86 {
             let mut wl = [_mm512_setzero_ps(); R];
             let mut wh = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                let (l, h) = B::decode(w.add(r * row_bytes + b * B::BYTES));
+                // SAFETY: block `b < cols / 32` of row `r < R` lies inside the bytes the caller
+                // guarantees readable; the features are enabled on this function.
+                let (l, h) = unsafe { B::decode(w.add(r * row_bytes + b * B::BYTES)) };
                 wl[r] = l;
                 wh[r] = h;
             }
             for t in 0..T {
-                let xp = x.add(t * x_stride + b * 32);
-                let xl = _mm512_loadu_ps(xp);
-                let xh = _mm512_loadu_ps(xp.add(16));
+                // SAFETY: floats `b * 32 .. b * 32 + 32` of row `t < T` of `x` are readable:
+                // `b * 32 + 32 <= cols / 32 * 32`, as the caller guarantees.
+                let (xl, xh) = unsafe {
+                    let xp = x.add(t * x_stride + b * 32);
+                    (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)))
+                };
                 for r in 0..R {
                     acc[r][t] = _mm512_fmadd_ps(wl[r], xl, acc[r][t]);
                     acc[r][t] = _mm512_fmadd_ps(wh[r], xh, acc[r][t]);
@@ -118,7 +174,13 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `out[r][t] = dot(row r of w, x row t)` for an f32 matrix with rows `w_stride` apart.
+    /// `out[r][t] = dot(row r of w, x row t)` over `cols` columns of an f32 matrix with rows
+    /// `w_stride` floats apart; `x` rows are `x_stride` floats apart.
+    ///
+    /// # Safety
+    /// - The processor supports AVX-512F, AVX2 and FMA.
+    /// - For every `r < R`, `w + r * w_stride` is valid for reads of `cols` floats.
+    /// - For every `t < T`, `x + t * x_stride` is valid for reads of `cols` floats.
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn tile_f32<const R: usize, const T: usize>(
         w: *const f32,
@@ -129,20 +191,18 @@ pub(crate) mod x86 {
         out: &mut [[f32; T]; R],
     ) {
         let mut acc = [[_mm512_setzero_ps(); T]; R];
-        let full = cols / 16;
-        let rem = cols % 16;
-        for c in 0..full + (rem > 0) as usize {
-            let mask: __mmask16 = if c < full {
-                0xffff
-            } else {
-                (1u32 << rem) as u16 - 1
-            };
+        for c in 0..cols.div_ceil(16) {
+            let mask = tail_mask(cols - c * 16);
             let mut wv = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                wv[r] = _mm512_maskz_loadu_ps(mask, w.add(r * w_stride + c * 16));
+                // SAFETY: the mask enables lanes `c * 16 .. min(c * 16 + 16, cols)` of row `r`,
+                // which the caller guarantees readable; `c * 16 < cols` keeps the address in
+                // the row.
+                wv[r] = unsafe { _mm512_maskz_loadu_ps(mask, w.add(r * w_stride + c * 16)) };
             }
             for t in 0..T {
-                let xv = _mm512_maskz_loadu_ps(mask, x.add(t * x_stride + c * 16));
+                // SAFETY: as above, for row `t` of `x`.
+                let xv = unsafe { _mm512_maskz_loadu_ps(mask, x.add(t * x_stride + c * 16)) };
                 for r in 0..R {
                     acc[r][t] = _mm512_fmadd_ps(wv[r], xv, acc[r][t]);
                 }
@@ -155,55 +215,65 @@ pub(crate) mod x86 {
         }
     }
 
-    /// Dot product of two f32 slices of equal length, in the same lane order as the tiles.
+    /// Dot product over the first `min(a.len(), b.len())` elements, in the same lane order as
+    /// the tiles.
+    ///
+    /// # Safety
+    /// The processor supports AVX-512F, AVX2 and FMA. (Bounds come from the slices.)
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         let mut acc = _mm512_setzero_ps();
-        let full = n / 16;
-        let rem = n % 16;
-        for c in 0..full + (rem > 0) as usize {
-            let mask: __mmask16 = if c < full {
-                0xffff
-            } else {
-                (1u32 << rem) as u16 - 1
+        for c in 0..n.div_ceil(16) {
+            let mask = tail_mask(n - c * 16);
+            // SAFETY: the mask enables elements `c * 16 .. min(c * 16 + 16, n)`, inside both
+            // slices since `n` is the shorter length.
+            let (av, bv) = unsafe {
+                (
+                    _mm512_maskz_loadu_ps(mask, a.as_ptr().add(c * 16)),
+                    _mm512_maskz_loadu_ps(mask, b.as_ptr().add(c * 16)),
+                )
             };
-            let av = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(c * 16));
-            let bv = _mm512_maskz_loadu_ps(mask, b.as_ptr().add(c * 16));
             acc = _mm512_fmadd_ps(av, bv, acc);
         }
         _mm512_reduce_add_ps(acc)
     }
 
-    /// `y += a * x` over f32 slices.
+    /// `y += a * x` over the first `min(x.len(), y.len())` elements.
+    ///
+    /// # Safety
+    /// The processor supports AVX-512F, AVX2 and FMA. (Bounds come from the slices.)
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         let n = x.len().min(y.len());
         let av = _mm512_set1_ps(a);
-        let full = n / 16;
-        let rem = n % 16;
-        for c in 0..full + (rem > 0) as usize {
-            let mask: __mmask16 = if c < full {
-                0xffff
-            } else {
-                (1u32 << rem) as u16 - 1
-            };
-            let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(c * 16));
-            let yp = y.as_mut_ptr().add(c * 16);
-            let yv = _mm512_maskz_loadu_ps(mask, yp);
-            _mm512_mask_storeu_ps(yp, mask, _mm512_fmadd_ps(av, xv, yv));
+        for c in 0..n.div_ceil(16) {
+            let mask = tail_mask(n - c * 16);
+            // SAFETY: the mask enables elements `c * 16 .. min(c * 16 + 16, n)`, inside both
+            // slices since `n` is the shorter length; `y` is borrowed mutably, so the store
+            // races with nothing.
+            unsafe {
+                let xv = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(c * 16));
+                let yp = y.as_mut_ptr().add(c * 16);
+                let yv = _mm512_maskz_loadu_ps(mask, yp);
+                _mm512_mask_storeu_ps(yp, mask, _mm512_fmadd_ps(av, xv, yv));
+            }
         }
     }
 
     /// Scaled scores of every query head of the group against every position of the
     /// partition, from the block-transposed K cache: 16 positions per vector, one FMA per
-    /// dimension and query head, each K value loaded once for up to 8 query heads.
+    /// dimension and query head, each K value loaded once for up to 8 query heads (larger
+    /// groups take several passes of 8).
+    ///
+    /// # Safety
+    /// The processor supports AVX-512F, AVX2 and FMA; `it` satisfies the invariants listed on
+    /// [`Item`]; and `scores.len() >= it.group * (it.p1 - it.p0)`.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores(it: &super::super::attention::Item<'_>, scores: &mut [f32]) {
-        use super::super::attention::{for_each_run, k_index};
+    unsafe fn scores(it: &Item<'_>, scores: &mut [f32]) {
         let hd = it.head_dim;
         let n = it.p1 - it.p0;
         let scale = _mm512_set1_ps(it.scale);
@@ -211,28 +281,37 @@ pub(crate) mod x86 {
             let mut c = 0;
             while c < len {
                 let lanes = (len - c).min(16);
-                let mask: __mmask16 = if lanes == 16 {
-                    0xffff
-                } else {
-                    (1u32 << lanes) as u16 - 1
-                };
+                let mask = tail_mask(lanes);
                 let mut g0 = 0;
                 while g0 < it.group {
                     let gs = (it.group - g0).min(8);
                     let mut acc = [_mm512_setzero_ps(); 8];
                     for d in 0..hd {
-                        let k = _mm512_maskz_loadu_ps(
-                            mask,
-                            it.k_cache.as_ptr().add(k_index(it, block, off + c, d)),
-                        );
+                        // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
+                        // `k_index(.., off + c, d)` starts a run of `block_size - off - c`
+                        // positions of one K row inside `k_cache`; the mask enables
+                        // `lanes <= len - c` of them, and `off + len <= block_size`.
+                        let k = unsafe {
+                            _mm512_maskz_loadu_ps(
+                                mask,
+                                it.k_cache.as_ptr().add(k_index(it, block, off + c, d)),
+                            )
+                        };
                         for g in 0..gs {
-                            let q = _mm512_set1_ps(*it.q.get_unchecked((g0 + g) * hd + d));
-                            acc[g] = _mm512_fmadd_ps(q, k, acc[g]);
+                            // SAFETY: `(g0 + g) * hd + d < group * head_dim <= q.len()` (Item
+                            // invariant), since `g0 + g < group` and `d < hd`.
+                            let q = unsafe { *it.q.get_unchecked((g0 + g) * hd + d) };
+                            acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[g]);
                         }
                     }
                     for g in 0..gs {
-                        let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
-                        _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(acc[g], scale));
+                        // SAFETY: lanes `(g0 + g) * n + j0 + c ..+ lanes` lie inside the
+                        // `group * n` scores the caller provides: `j0 + c + lanes <= j0 + len
+                        // <= n` as `for_each_run` covers `0..n`; `scores` is borrowed mutably.
+                        unsafe {
+                            let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
+                            _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(acc[g], scale));
+                        }
                     }
                     g0 += gs;
                 }
@@ -241,37 +320,53 @@ pub(crate) mod x86 {
         });
     }
 
-    /// One attention partition with AVX-512 (`head_dim % 16 == 0`, `head_dim <= 256`); the
-    /// contract is `attention::attend_partition_scalar`'s. The weighted V sum of each query head
-    /// is kept in registers across all positions instead of going through memory.
+    /// One attention partition with AVX-512; the contract is
+    /// `attention::attend_partition_scalar`'s. The weighted V sum of each query head is kept in
+    /// registers (up to 16 vectors, so `head_dim <= 256`) across all positions instead of going
+    /// through memory.
+    ///
+    /// # Safety
+    /// - The processor supports AVX-512F, AVX2 and FMA.
+    /// - `it` satisfies the invariants listed on [`Item`].
+    /// - `it.head_dim % 16 == 0` and `it.head_dim <= 256`.
+    /// - `sc_buf.len() >= it.group * (it.p1 - it.p0)` and
+    ///   `part.len() >= it.group * (it.head_dim + 2)`.
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(crate) unsafe fn attend_partition(
-        it: &super::super::attention::Item<'_>,
-        sc_buf: &mut [f32],
-        part: &mut [f32],
-    ) {
-        use super::super::attention::{for_each_slot, softmax_stats};
+    pub(crate) unsafe fn attend_partition(it: &Item<'_>, sc_buf: &mut [f32], part: &mut [f32]) {
         let hd = it.head_dim;
         let chunks = hd / 16;
         let n = it.p1 - it.p0;
-        scores(it, sc_buf);
+        // SAFETY: the features, `it` and the length of `sc_buf` are as `scores` requires, by
+        // this function's own contract.
+        unsafe { scores(it, sc_buf) };
         softmax_stats(it, sc_buf, part);
         for g in 0..it.group {
             let mut acc = [_mm512_setzero_ps(); 16];
             let sc = &sc_buf[g * n..(g + 1) * n];
             for_each_slot(it, |j, slot| {
-                let vp = it
-                    .v_cache
-                    .as_ptr()
-                    .add(slot * it.kv_stride + it.head_offset);
-                let w = _mm512_set1_ps(*sc.get_unchecked(j));
-                for c in 0..chunks {
-                    acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(c * 16)), acc[c]);
+                // SAFETY: `slot < num_blocks * block_size` (Item invariant: `for_each_slot`
+                // yields slots of blocks in range) and `head_offset + hd <= kv_stride`, so
+                // floats `slot * kv_stride + head_offset ..+ hd` are inside `v_cache`, and
+                // `chunks * 16 == hd`; `j < n == sc.len()`.
+                unsafe {
+                    let vp = it
+                        .v_cache
+                        .as_ptr()
+                        .add(slot * it.kv_stride + it.head_offset);
+                    let w = _mm512_set1_ps(*sc.get_unchecked(j));
+                    for c in 0..chunks {
+                        acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(c * 16)), acc[c]);
+                    }
                 }
             });
-            let out = part.as_mut_ptr().add(g * (hd + 2) + 2);
-            for c in 0..chunks {
-                _mm512_storeu_ps(out.add(c * 16), acc[c]);
+            // SAFETY: `chunks <= 16 == acc.len()`; the record of head `g` is floats
+            // `g * (hd + 2) ..(g + 1) * (hd + 2)` of `part`, inside it as the caller guarantees,
+            // and its last `hd` floats are written here; `part` is borrowed mutably.
+            unsafe {
+                let out = part.as_mut_ptr().add(g * (hd + 2) + 2);
+                for c in 0..chunks {
+                    _mm512_storeu_ps(out.add(c * 16), acc[c]);
+                }
             }
         }
     }

@@ -3,8 +3,14 @@
 //!
 //! The library is looked up as `$CONVOY_NVRTC_LIB` if set, else `libnvrtc.so.13`,
 //! `libnvrtc.so.12`, `libnvrtc.so` on the loader's path.
+//!
+//! Trust boundary: the functions are called with the C signatures of nvrtc.h (CUDA 12 and 13),
+//! which nothing at run time can verify; a library under one of those names (or named by
+//! `CONVOY_NVRTC_LIB`) must be NVRTC. Handles are never closed, so the function pointers stay
+//! valid for the life of the process. Texts NVRTC returns are read from buffers of the size it
+//! reported, up to the first NUL or the end of the buffer, whichever comes first.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 
 /// Why compilation could not happen or failed.
 #[derive(Debug, thiserror::Error)]
@@ -170,30 +176,34 @@ pub fn compile_ptx(source: &str, name: &str, arch: &str) -> Result<String, Nvrtc
     // SAFETY: `prog` was created above; the option array outlives the call.
     let r = unsafe { (api.compile)(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };
     let result = if r != 0 {
-        let mut n = 0usize;
-        // SAFETY: valid program and out-pointer; the buffer is sized from NVRTC's answer.
-        let log = unsafe {
-            (api.log_size)(prog, &mut n);
-            let mut buf = vec![0 as c_char; n.max(1)];
-            (api.log)(prog, buf.as_mut_ptr());
-            CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned()
-        };
         Err(NvrtcError::Failed {
             call: "nvrtcCompileProgram",
             code: r,
-            log,
+            log: program_text(prog, api.log_size, api.log),
         })
     } else {
-        let mut n = 0usize;
-        // SAFETY: as above.
-        unsafe {
-            (api.ptx_size)(prog, &mut n);
-            let mut buf = vec![0 as c_char; n.max(1)];
-            (api.ptx)(prog, buf.as_mut_ptr());
-            Ok(CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned())
-        }
+        Ok(program_text(prog, api.ptx_size, api.ptx))
     };
     // SAFETY: destroys the program created above, once.
     unsafe { (api.destroy)(&mut prog) };
     result
+}
+
+/// A live program's log or PTX: `size` reports its bytes (final NUL included), `text` writes
+/// them. Empty if NVRTC reports an error.
+fn program_text(prog: Program, size: SizeFn, text: TextFn) -> String {
+    let mut n = 0usize;
+    // SAFETY: `prog` is a live program (created and not yet destroyed by `compile_ptx`) and
+    // `n` a valid out-pointer, as nvrtcGet*Size takes them.
+    if unsafe { size(prog, &mut n) } != 0 || n == 0 {
+        return String::new();
+    }
+    let mut buf = vec![0u8; n];
+    // SAFETY: the same live program; NVRTC writes the `n` bytes it just reported, and `buf`
+    // holds `n` bytes.
+    if unsafe { text(prog, buf.as_mut_ptr() as *mut c_char) } != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }

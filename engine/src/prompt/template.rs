@@ -1,0 +1,766 @@
+//! Named prompt templates: Jinja sources loaded from a directory, rendered with `minijinja`
+//! against a request's variables, whose output is the YAML list of parts.
+//!
+//! Naming: every regular file directly in the directory (not in subdirectories, not hidden)
+//! whose name ends in `.yaml.j2`, `.yml.j2` or `.j2` is a template, named by its file name
+//! without that ending: `group_chat.yaml.j2` is `group_chat`. `{% include %}`, `{% import %}`
+//! and `{% from ... import %}` use the same names. Two files with one name are refused.
+//! Templates are strict: an undefined variable is an error (test with `is defined` or give a
+//! `default`). Blocks trim their newline (`trim_blocks`) and leading spaces (`lstrip_blocks`),
+//! and a template's last newline is kept, so an included template's lines stay lines.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use minijinja::value::ValueKind;
+use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
+
+use super::error::{PromptError, SourceLine};
+use super::parts::{parse_parts, Part};
+use super::{build_prompt, Budget, Prompt};
+
+/// File name endings of templates, tried in this order.
+pub const TEMPLATE_SUFFIXES: [&str; 3] = [".yaml.j2", ".yml.j2", ".j2"];
+
+/// The name inline templates go by in errors.
+pub const INLINE_TEMPLATE_NAME: &str = "inline";
+
+/// Most minijinja instructions one render may run: a runaway loop in a template is an error,
+/// not a hung request.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
+/// The template name a file name gives, or `None` when the file is not a template.
+pub fn template_name(file_name: &str) -> Option<&str> {
+    if file_name.starts_with('.') {
+        return None;
+    }
+    TEMPLATE_SUFFIXES
+        .iter()
+        .find_map(|s| file_name.strip_suffix(s))
+        .filter(|n| !n.is_empty())
+}
+
+/// Which template a request renders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateRef<'a> {
+    /// One of the set, by name.
+    Named(&'a str),
+    /// Jinja source given with the request; it may include and import the set's templates.
+    Inline(&'a str),
+}
+
+impl TemplateRef<'_> {
+    /// The name errors use: the template's, or [`INLINE_TEMPLATE_NAME`].
+    pub fn name(&self) -> &str {
+        match self {
+            TemplateRef::Named(n) => n,
+            TemplateRef::Inline(_) => INLINE_TEMPLATE_NAME,
+        }
+    }
+}
+
+/// Quote a text as a YAML double-quoted scalar, escaping what YAML would otherwise read:
+/// quotes, backslashes, line breaks, tabs and every non-printable character. The result is one
+/// line, safe wherever a YAML value goes.
+pub fn yaml_quote(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c < ' '
+                || ('\u{7f}'..='\u{9f}').contains(&c)
+                || matches!(
+                    c,
+                    '\u{2028}' | '\u{2029}' | '\u{feff}' | '\u{fffe}' | '\u{ffff}'
+                ) =>
+            {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The `yaml_escape` filter: a string, number or boolean as a YAML double-quoted scalar.
+fn yaml_escape(value: Value) -> Result<String, minijinja::Error> {
+    match value.kind() {
+        ValueKind::String => Ok(yaml_quote(value.as_str().unwrap_or_default())),
+        ValueKind::Number => Ok(yaml_quote(&value.to_string())),
+        ValueKind::Bool => Ok(yaml_quote(if value.is_true() { "true" } else { "false" })),
+        ValueKind::Undefined => Err(minijinja::Error::new(
+            ErrorKind::UndefinedError,
+            "yaml_escape got an undefined value",
+        )),
+        ValueKind::None => Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            "yaml_escape got none; give a string or use default(\"\")",
+        )),
+        other => Err(minijinja::Error::new(
+            ErrorKind::InvalidOperation,
+            format!("yaml_escape takes a string, number or boolean, got {other}"),
+        )),
+    }
+}
+
+fn new_env() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_auto_escape_callback(|_| AutoEscape::None);
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(true);
+    env.set_debug(true);
+    env.set_fuel(Some(RENDER_FUEL));
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("yaml_escape", yaml_escape);
+    env
+}
+
+/// The innermost minijinja error of a chain (an include's error wraps the included one's).
+fn innermost(e: &minijinja::Error) -> &minijinja::Error {
+    let mut cur = e;
+    while let Some(next) =
+        std::error::Error::source(cur).and_then(|s| s.downcast_ref::<minijinja::Error>())
+    {
+        cur = next;
+    }
+    cur
+}
+
+fn describe(template: &str, e: &minijinja::Error) -> (SourceLine, String) {
+    let inner = innermost(e);
+    let mut message = match inner.detail() {
+        Some(d) => format!("{}: {d}", inner.kind()),
+        None => inner.kind().to_string(),
+    };
+    if let (Some(src), Some(line)) = (inner.template_source(), inner.line()) {
+        if let Some(text) = src.lines().nth(line - 1).filter(|t| !t.trim().is_empty()) {
+            message.push_str(&format!(" (in `{}`)", text.trim()));
+        }
+    }
+    let at = SourceLine {
+        template: inner.name().unwrap_or(template).to_string(),
+        line: inner.line(),
+    };
+    (at, message)
+}
+
+fn syntax_error(template: &str, e: &minijinja::Error) -> PromptError {
+    let (at, message) = describe(template, e);
+    PromptError::Syntax {
+        template: template.to_string(),
+        at,
+        message,
+    }
+}
+
+fn render_error(template: &str, e: &minijinja::Error) -> PromptError {
+    let (at, message) = describe(template, e);
+    if e.kind() == ErrorKind::SyntaxError || innermost(e).kind() == ErrorKind::SyntaxError {
+        return PromptError::Syntax {
+            template: template.to_string(),
+            at,
+            message,
+        };
+    }
+    PromptError::Render {
+        template: template.to_string(),
+        at,
+        message,
+    }
+}
+
+/// A set of named templates that can include and import one another.
+pub struct TemplateSet {
+    env: Environment<'static>,
+    names: Vec<String>,
+    dir: Option<PathBuf>,
+}
+
+impl fmt::Debug for TemplateSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TemplateSet")
+            .field("names", &self.names)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for TemplateSet {
+    fn default() -> Self {
+        TemplateSet::new()
+    }
+}
+
+impl TemplateSet {
+    /// An empty set (inline templates only).
+    pub fn new() -> TemplateSet {
+        TemplateSet {
+            env: new_env(),
+            names: Vec::new(),
+            dir: None,
+        }
+    }
+
+    /// Load every template in `dir` (see the module docs for the naming). Every template is
+    /// compiled, so a syntax error anywhere fails the whole load.
+    pub fn load_dir(dir: &Path) -> Result<TemplateSet, PromptError> {
+        let load_err = |path: &Path, e: &dyn fmt::Display| PromptError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| load_err(dir, &e))? {
+            let entry = entry.map_err(|e| load_err(dir, &e))?;
+            let path = entry.path();
+            let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if template_name(&file_name).is_some() && path.is_file() {
+                files.push((file_name, path));
+            }
+        }
+        files.sort();
+        let mut set = TemplateSet::new();
+        set.dir = Some(dir.to_path_buf());
+        let mut owners: Vec<(String, String)> = Vec::new();
+        for (file_name, path) in files {
+            let name = template_name(&file_name).unwrap_or(&file_name).to_string();
+            if let Some((_, other)) = owners.iter().find(|(n, _)| *n == name) {
+                return Err(load_err(
+                    dir,
+                    &format!("{other} and {file_name} both define the template {name:?}"),
+                ));
+            }
+            let source = std::fs::read_to_string(&path).map_err(|e| load_err(&path, &e))?;
+            set.add(&name, &source)?;
+            owners.push((name, file_name));
+        }
+        Ok(set)
+    }
+
+    /// Load the template in `file`, returning the set and the template's name. The other
+    /// templates of its directory are loaded when it includes or imports them (so one broken
+    /// sibling does not stop the rest). A file whose name has no template ending is named by its
+    /// whole file name.
+    pub fn load_file(file: &Path) -> Result<(TemplateSet, String), PromptError> {
+        let load_err = |e: &dyn fmt::Display| PromptError::Load {
+            path: file.to_path_buf(),
+            message: e.to_string(),
+        };
+        let file_name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| load_err(&"not a file name"))?
+            .to_string();
+        if !file.is_file() {
+            return Err(load_err(&"no such file"));
+        }
+        let source = std::fs::read_to_string(file).map_err(|e| load_err(&e))?;
+        let dir = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = template_name(&file_name).unwrap_or(&file_name).to_string();
+        let mut set = TemplateSet::new();
+        let lookup_dir = dir.clone();
+        set.env.set_loader(move |wanted: &str| {
+            if wanted.contains(['/', '\\']) {
+                return Ok(None);
+            }
+            for suffix in TEMPLATE_SUFFIXES {
+                let path = lookup_dir.join(format!("{wanted}{suffix}"));
+                if template_name(&format!("{wanted}{suffix}")) == Some(wanted) && path.is_file() {
+                    return std::fs::read_to_string(&path).map(Some).map_err(|e| {
+                        minijinja::Error::new(
+                            ErrorKind::TemplateNotFound,
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    });
+                }
+            }
+            Ok(None)
+        });
+        set.dir = Some(dir);
+        set.add(&name, &source)?;
+        Ok((set, name))
+    }
+
+    /// Add (or replace) a template from source.
+    pub fn add(&mut self, name: &str, source: &str) -> Result<(), PromptError> {
+        self.env
+            .add_template_owned(name.to_string(), source.to_string())
+            .map_err(|e| syntax_error(name, &e))?;
+        if !self.contains(name) {
+            self.names.push(name.to_string());
+            self.names.sort();
+        }
+        Ok(())
+    }
+
+    /// The names of the templates, sorted.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Whether a template of that name is loaded.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    /// The directory the set was loaded from, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    /// Render a template to its text (the YAML list of parts, before parsing). `variables`
+    /// must be a JSON object (or null for none).
+    pub fn render_text(
+        &self,
+        which: TemplateRef<'_>,
+        variables: &serde_json::Value,
+    ) -> Result<String, PromptError> {
+        if !(variables.is_object() || variables.is_null()) {
+            return Err(PromptError::InvalidParameter {
+                message: "variables must be a JSON object".to_string(),
+            });
+        }
+        let ctx = Value::from_serialize(variables);
+        let name = which.name();
+        match which {
+            TemplateRef::Named(n) => {
+                if !self.contains(n) {
+                    return Err(PromptError::UnknownTemplate {
+                        name: n.to_string(),
+                        known: self.names.clone(),
+                    });
+                }
+                let t = self.env.get_template(n).map_err(|e| syntax_error(n, &e))?;
+                t.render(ctx).map_err(|e| render_error(n, &e))
+            }
+            TemplateRef::Inline(source) => {
+                let t = self
+                    .env
+                    .template_from_named_str(INLINE_TEMPLATE_NAME, source)
+                    .map_err(|e| syntax_error(name, &e))?;
+                t.render(ctx).map_err(|e| render_error(name, &e))
+            }
+        }
+    }
+
+    /// Render a template and parse its parts.
+    pub fn render(
+        &self,
+        which: TemplateRef<'_>,
+        variables: &serde_json::Value,
+    ) -> Result<Vec<Part>, PromptError> {
+        let text = self.render_text(which, variables)?;
+        parse_parts(which.name(), &text)
+    }
+
+    /// Render, count each part's tokens with `count_tokens`, truncate to `budget` (none: keep
+    /// everything) and build the chat messages. See [`build_prompt`].
+    pub fn prompt<E, F>(
+        &self,
+        which: TemplateRef<'_>,
+        variables: &serde_json::Value,
+        budget: Option<Budget>,
+        count_tokens: F,
+    ) -> Result<Prompt, PromptError>
+    where
+        E: fmt::Display,
+        F: Fn(&str) -> Result<usize, E>,
+    {
+        let parts = self.render(which, variables)?;
+        build_prompt(which.name(), parts, budget, count_tokens)
+    }
+}
+
+/// The daemon's templates: a [`TemplateSet`] loaded from a directory, reloaded on demand
+/// (SIGHUP). A failed reload keeps the set in use.
+#[derive(Debug)]
+pub struct TemplateRegistry {
+    dir: PathBuf,
+    current: RwLock<Arc<TemplateSet>>,
+}
+
+impl TemplateRegistry {
+    /// Load the templates of `dir`.
+    pub fn load(dir: &Path) -> Result<TemplateRegistry, PromptError> {
+        let set = TemplateSet::load_dir(dir)?;
+        Ok(TemplateRegistry {
+            dir: dir.to_path_buf(),
+            current: RwLock::new(Arc::new(set)),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The set in use; requests hold it while they render, unaffected by reloads.
+    pub fn current(&self) -> Arc<TemplateSet> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Load the directory again. On success the new set replaces the old and its size is
+    /// returned; on error the old set stays and the error says why (for the caller to log).
+    pub fn reload(&self) -> Result<usize, PromptError> {
+        let set = TemplateSet::load_dir(&self.dir)?;
+        let n = set.names().len();
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::prompt::parts::Role;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("convoy-prompt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn set(templates: &[(&str, &str)]) -> TemplateSet {
+        let mut s = TemplateSet::new();
+        for (n, src) in templates {
+            s.add(n, src).unwrap();
+        }
+        s
+    }
+
+    #[test]
+    fn names_come_from_file_names() {
+        assert_eq!(template_name("group_chat.yaml.j2"), Some("group_chat"));
+        assert_eq!(template_name("a.yml.j2"), Some("a"));
+        assert_eq!(template_name("_macros.j2"), Some("_macros"));
+        assert_eq!(template_name("notes.yaml"), None);
+        assert_eq!(template_name(".hidden.j2"), None);
+        assert_eq!(template_name(".j2"), None);
+    }
+
+    #[test]
+    fn yaml_quote_round_trips_through_the_parser() {
+        let texts = [
+            "",
+            "plain",
+            "key: value # not a comment",
+            "- not a list",
+            "\"quoted\" and 'single'",
+            "back\\slash \\n literal",
+            "line one\nline two\r\n\ttab",
+            "  leading and trailing  ",
+            "null",
+            "true",
+            "42",
+            "{{ not jinja }} {% either %}",
+            "émoji 🎭 and 中文",
+            "bell \u{7} nul \u{0} del \u{7f} nel \u{85} ls \u{2028} bom \u{feff}",
+            "*alias &anchor !tag %directive @at `tick` | > ---",
+        ];
+        for t in texts {
+            let yaml = format!("- name: x\n  content: {}\n", yaml_quote(t));
+            let parts = parse_parts("t", &yaml).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+            assert_eq!(parts[0].content, t);
+            assert!(!yaml_quote(t).contains('\n'));
+        }
+    }
+
+    #[test]
+    fn renders_parts_with_loops_conditionals_macros_and_includes() {
+        let s = set(&[
+            (
+                "_macros",
+                "{% macro part(name, content, role='user', priority=0) %}\n- name: {{ name | yaml_escape }}\n  role: {{ role }}\n  truncation_priority: {{ priority }}\n  content: {{ content | yaml_escape }}\n{% endmacro %}\n",
+            ),
+            ("_head", "- name: head\n  role: system\n  content: {{ persona | yaml_escape }}\n"),
+            (
+                "chat",
+                "{% import '_macros' as m %}\n{% include '_head' %}\n{% for msg in history %}\n{{ m.part('h' ~ loop.index, msg.text, msg.role, 1) }}\n{% endfor %}\n{% if note is defined %}\n{{ m.part('note', note) }}\n{% endif %}\n",
+            ),
+        ]);
+        let vars = json!({"persona": "Ann: \"kind\"", "history": [
+            {"role": "user", "text": "hi: there"}, {"role": "assistant", "text": "hello\nyou"}]});
+        let parts = s.render(TemplateRef::Named("chat"), &vars).unwrap();
+        let got: Vec<(&str, Role, u32, &str)> = parts
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.role,
+                    p.truncation_priority,
+                    p.content.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("head", Role::System, 0, "Ann: \"kind\""),
+                ("h1", Role::User, 1, "hi: there"),
+                ("h2", Role::Assistant, 1, "hello\nyou"),
+            ]
+        );
+        let mut vars = vars;
+        vars["note"] = json!(12);
+        let parts = s.render(TemplateRef::Named("chat"), &vars).unwrap();
+        assert_eq!(parts.last().unwrap().content, "12");
+        // Inline templates see the set.
+        let parts = s
+            .render(
+                TemplateRef::Inline("{% import '_macros' as m %}{{ m.part('only', 'x') }}"),
+                &json!({}),
+            )
+            .unwrap();
+        assert_eq!(parts[0].name, "only");
+    }
+
+    #[test]
+    fn unknown_template_and_bad_variables() {
+        let s = set(&[("a", "- name: a\n  content: x\n")]);
+        let e = s.render(TemplateRef::Named("b"), &json!({})).unwrap_err();
+        assert_eq!(e.code(), "unknown_template");
+        assert_eq!(e.to_string(), "unknown template \"b\" (loaded: a)");
+        let e = s.render(TemplateRef::Named("a"), &json!([1])).unwrap_err();
+        assert_eq!(e.code(), "invalid_parameter");
+        assert!(s
+            .render(TemplateRef::Named("a"), &serde_json::Value::Null)
+            .is_ok());
+    }
+
+    #[test]
+    fn jinja_syntax_error_names_template_and_line() {
+        let mut s = TemplateSet::new();
+        let e = s
+            .add(
+                "broken",
+                "- name: a\n  content: x\n{% for m in history %}\n- oops\n",
+            )
+            .unwrap_err();
+        assert_eq!(e.code(), "template_error");
+        assert!(matches!(e, PromptError::Syntax { .. }), "{e:?}");
+        assert_eq!(e.template(), Some("broken"));
+        assert!(e.line().is_some(), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("template \"broken\": syntax error at \"broken\" line"),
+            "{msg}"
+        );
+        // Inline.
+        let e = s
+            .render(
+                TemplateRef::Inline("- name: a\n  content: {{ x }\n"),
+                &json!({"x": 1}),
+            )
+            .unwrap_err();
+        assert!(matches!(e, PromptError::Syntax { .. }), "{e:?}");
+        assert_eq!(e.template(), Some("inline"));
+        assert_eq!(e.line(), Some(2));
+    }
+
+    #[test]
+    fn undefined_variable_is_an_error_with_its_line() {
+        let s = set(&[
+            (
+                "scene",
+                "- name: scene\n  content: {{ scene.title | yaml_escape }}\n",
+            ),
+            (
+                "chat",
+                "- name: intro\n  content: {{ intro | yaml_escape }}\n{% include 'scene' %}\n",
+            ),
+        ]);
+        let e = s
+            .render(TemplateRef::Named("chat"), &json!({"scene": {}}))
+            .unwrap_err();
+        assert_eq!(e.code(), "template_error");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("template \"chat\": rendering failed at \"chat\" line 2: undefined value"),
+            "{msg}"
+        );
+        assert!(msg.contains("intro"), "{msg}");
+        // In an included template: the line is the included one's.
+        let e = s
+            .render(
+                TemplateRef::Named("chat"),
+                &json!({"intro": "hi", "scene": {}}),
+            )
+            .unwrap_err();
+        match &e {
+            PromptError::Render { template, at, .. } => {
+                assert_eq!(template, "chat");
+                assert_eq!(at.template, "scene");
+                assert_eq!(at.line, Some(2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_yaml_and_bad_parts_from_a_template_name_it() {
+        let s = set(&[
+            ("badyaml", "- name: a\n  content: {{ text }}\n"),
+            (
+                "nocontent",
+                "- name: a\n  content: x\n- name: {{ n }}\n  role: user\n",
+            ),
+            (
+                "badprio",
+                "- name: a\n  truncation_priority: {{ p }}\n  content: x\n",
+            ),
+        ]);
+        // Unescaped text with a colon and a line break: not the YAML the author meant.
+        let e = s
+            .render(TemplateRef::Named("badyaml"), &json!({"text": "a: b\n- c"}))
+            .unwrap_err();
+        assert_eq!(e.code(), "template_error");
+        assert!(matches!(e, PromptError::Yaml { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("template \"badyaml\""), "{e}");
+        assert!(e.line().is_some());
+
+        let e = s
+            .render(TemplateRef::Named("nocontent"), &json!({"n": "second"}))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "template \"nocontent\": part #1 \"second\" at rendered line 3: the part has no content"
+        );
+
+        let e = s
+            .render(TemplateRef::Named("badprio"), &json!({"p": "high"}))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "template \"badprio\": part #0 \"a\" at rendered line 2: truncation_priority must be a non-negative integer, got high"
+        );
+        assert_eq!(
+            s.render(TemplateRef::Named("badprio"), &json!({"p": 3}))
+                .unwrap()[0]
+                .truncation_priority,
+            3
+        );
+    }
+
+    #[test]
+    fn yaml_escape_refuses_lists_and_none() {
+        let s = set(&[("t", "- name: a\n  content: {{ v | yaml_escape }}\n")]);
+        for v in [json!([1]), json!(null), json!({"a": 1})] {
+            let e = s
+                .render(TemplateRef::Named("t"), &json!({ "v": v }))
+                .unwrap_err();
+            assert!(matches!(e, PromptError::Render { .. }), "{e:?}");
+            assert!(e.to_string().contains("yaml_escape"), "{e}");
+        }
+        let p = s
+            .render(TemplateRef::Named("t"), &json!({"v": true}))
+            .unwrap();
+        assert_eq!(p[0].content, "true");
+    }
+
+    #[test]
+    fn runaway_loops_run_out_of_fuel() {
+        let s = TemplateSet::new();
+        let e = s
+            .render(
+                TemplateRef::Inline(
+                    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                ),
+                &json!({}),
+            )
+            .unwrap_err();
+        assert!(matches!(e, PromptError::Render { .. }), "{e:?}");
+        assert!(e.to_string().contains("fuel"), "{e}");
+    }
+
+    #[test]
+    fn load_dir_naming_duplicates_and_reload() {
+        let d = scratch("load");
+        std::fs::write(d.join("one.yaml.j2"), "{% include '_part' %}").unwrap();
+        std::fs::write(
+            d.join("_part.j2"),
+            "- name: p\n  content: {{ x | yaml_escape }}\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("readme.md"), "not a template").unwrap();
+        let reg = TemplateRegistry::load(&d).unwrap();
+        let s = reg.current();
+        assert_eq!(s.names(), ["_part".to_string(), "one".to_string()]);
+        assert_eq!(
+            s.render(TemplateRef::Named("one"), &json!({"x": "y"}))
+                .unwrap()[0]
+                .content,
+            "y"
+        );
+        // A bad reload keeps the old set.
+        std::fs::write(d.join("two.j2"), "{% if %}").unwrap();
+        let e = reg.reload().unwrap_err();
+        assert!(
+            matches!(&e, PromptError::Syntax { template, .. } if template == "two"),
+            "{e:?}"
+        );
+        assert_eq!(reg.current().names().len(), 2);
+        // A good one replaces it.
+        std::fs::write(d.join("two.j2"), "- name: t\n  content: two\n").unwrap();
+        assert_eq!(reg.reload().unwrap(), 3);
+        assert!(reg.current().contains("two"));
+        // The set a request holds is not affected.
+        assert!(!s.contains("two"));
+        // Two files, one name.
+        std::fs::write(d.join("two.yaml.j2"), "- name: t\n  content: two\n").unwrap();
+        let e = reg.reload().unwrap_err();
+        assert!(
+            e.to_string().contains("both define the template \"two\""),
+            "{e}"
+        );
+        // A missing directory.
+        let e = TemplateSet::load_dir(&d.join("nope")).unwrap_err();
+        assert!(matches!(e, PromptError::Load { .. }), "{e:?}");
+        // load_file takes the file's template and loads what it includes, on demand: a broken
+        // sibling does not matter, a broken include names itself.
+        std::fs::write(d.join("two.j2"), "{% if %}").unwrap();
+        let (s, name) = TemplateSet::load_file(&d.join("one.yaml.j2")).unwrap();
+        assert_eq!(name, "one");
+        assert_eq!(s.names(), ["one".to_string()]);
+        assert_eq!(
+            s.render(TemplateRef::Named("one"), &json!({"x": "z"}))
+                .unwrap()[0]
+                .content,
+            "z"
+        );
+        std::fs::write(
+            d.join("_part.j2"),
+            "- name: p\n  content: {{ x | yaml_escape }\n",
+        )
+        .unwrap();
+        let (s, _) = TemplateSet::load_file(&d.join("one.yaml.j2")).unwrap();
+        let e = s
+            .render(TemplateRef::Named("one"), &json!({"x": "z"}))
+            .unwrap_err();
+        assert!(
+            matches!(&e, PromptError::Syntax { at, .. } if at.template == "_part" && at.line == Some(2)),
+            "{e:?}"
+        );
+        let e = TemplateSet::load_file(&d.join("nope.j2")).unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
