@@ -632,8 +632,10 @@ fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Resu
         drop(open);
         Ok(())
     })();
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     result

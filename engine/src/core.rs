@@ -178,7 +178,7 @@ impl SubmitError {
 
 /// Keeps steps that carry decodes near a target duration: learns the cost of a batched token
 /// from measured steps and turns the target into a token budget for the scheduler.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct StepPacer {
     target: Duration,
     /// Smoothed seconds per batched token (None until a step with enough tokens ran).
@@ -200,9 +200,14 @@ impl StepPacer {
         });
     }
 
-    fn budget(&self) -> Option<usize> {
-        self.per_token
-            .map(|p| (self.target.as_secs_f64() / p.max(1e-9)).clamp(1.0, 1e9) as usize)
+    /// Tokens per step before any step was measured: small enough not to stall decodes on
+    /// a slow device, large enough to measure the cost of a token from.
+    const FIRST_BUDGET: usize = 256;
+
+    fn budget(&self) -> usize {
+        self.per_token.map_or(Self::FIRST_BUDGET, |p| {
+            (self.target.as_secs_f64() / p.max(1e-9)).clamp(1.0, 1e9) as usize
+        })
     }
 }
 
@@ -247,9 +252,8 @@ impl<R: ModelRunner> EngineCore<R> {
             target,
             per_token: None,
         });
-        if self.pacer.is_none() {
-            self.scheduler.set_step_token_budget(None);
-        }
+        self.scheduler
+            .set_step_token_budget(self.pacer.as_ref().map(StepPacer::budget));
     }
 
     /// The scheduler (read-only).
@@ -367,8 +371,7 @@ impl<R: ModelRunner> EngineCore<R> {
     }
 
     fn should_verify(&self, id: RequestId) -> bool {
-        self.verify_fraction > 0.0
-            && Rng::new(id ^ VERIFY_SALT).uniform() < self.verify_fraction
+        self.verify_fraction > 0.0 && Rng::new(id ^ VERIFY_SALT).uniform() < self.verify_fraction
     }
 
     fn verify(&mut self, id: RequestId, cached: &[f32]) {
@@ -437,7 +440,7 @@ impl<R: ModelRunner> EngineCore<R> {
         let now = self.runner.now();
         if let Some(p) = &mut self.pacer {
             p.observe(out.num_batched_tokens, now.saturating_sub(started));
-            self.scheduler.set_step_token_budget(p.budget());
+            self.scheduler.set_step_token_budget(Some(p.budget()));
         }
         for (id, logits) in &result.kept_logits {
             self.verify(*id, logits);
@@ -511,5 +514,30 @@ impl<R: ModelRunner> EngineCore<R> {
             }
         }
         events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pacer_turns_a_target_step_time_into_a_token_budget() {
+        let mut p = StepPacer {
+            target: Duration::from_millis(200),
+            per_token: None,
+        };
+        assert_eq!(p.budget(), StepPacer::FIRST_BUDGET);
+        // Short steps say nothing about a token's cost.
+        p.observe(4, Duration::from_millis(50));
+        assert_eq!(p.per_token, None);
+        // 256 tokens in 1.28 s: 5 ms a token, so 40 tokens fit in 200 ms.
+        p.observe(256, Duration::from_millis(1280));
+        assert_eq!(p.budget(), 40);
+        // The estimate moves a fifth of the way towards each new measurement.
+        p.observe(100, Duration::from_millis(100));
+        let per_token = 0.8 * 0.005 + 0.2 * 0.001;
+        assert!((p.per_token.unwrap() - per_token).abs() < 1e-12);
+        assert_eq!(p.budget(), (0.2 / per_token) as usize);
     }
 }

@@ -46,6 +46,9 @@ pub struct ModelArgs {
     /// Share of cache-hit prefills to recompute without the cache and compare (0..=1).
     #[arg(long, default_value_t = 0.0)]
     pub verify_cache: f64,
+    /// A Jinja chat template file to use instead of the model's own.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096` (units as in the `bytesize`
@@ -142,7 +145,14 @@ impl ModelArgs {
         let path = self.model_path()?;
         let mut loaded = load_model(&path, format)?;
         let model_id = loaded.name.clone();
-        let codec = TextCodec::take_from(&mut loaded);
+        let mut codec = TextCodec::take_from(&mut loaded);
+        if let Some(file) = &self.chat_template {
+            let source = std::fs::read_to_string(file)
+                .with_context(|| format!("reading --chat-template {}", file.display()))?;
+            codec
+                .set_chat_template(&source)
+                .with_context(|| format!("--chat-template {}", file.display()))?;
+        }
         let model = LlamaModel::new(loaded)?;
         let cfg = &model.config;
         let block_size = match self.block_size {

@@ -77,7 +77,9 @@ impl ModelRunner for SimRunner {
     fn keep_logits(&mut self, _id: RequestId) {}
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
-        track_requests(&mut self.rngs, out, |n| Rng::new(n.sampling.seed.unwrap_or(n.id)));
+        track_requests(&mut self.rngs, out, |n| {
+            Rng::new(n.sampling.seed.unwrap_or(n.id))
+        });
         self.clock += self.cost.step_time(out);
         let mut sampled = Vec::new();
         // Ordinary tokens are drawn above the first few ids (where special tokens usually sit).

@@ -100,6 +100,21 @@ impl TextCodec {
         }
     }
 
+    /// Use `source` as the chat template instead of the model's own (`--chat-template`). The
+    /// template may insert `bos_token` and `eos_token`: the texts of the model's ids.
+    pub fn set_chat_template(&mut self, source: &str) -> Result<(), CodecError> {
+        let text_of = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer().and_then(|t| t.id_to_token(i)))
+                .unwrap_or_default()
+        };
+        let bos = text_of(self.bos_token_id);
+        let eos = text_of(self.eos_token_ids.first().copied());
+        let t = ChatTemplate::new(source, &bos, &eos)
+            .map_err(|e| CodecError::Template(e.to_string()))?;
+        self.template = Some(Arc::new(t));
+        Ok(())
+    }
+
     /// A codec with no tokenizer or template (token ids only), for simulations and dummy models.
     pub fn without_tokenizer(eos_token_ids: Vec<u32>) -> TextCodec {
         TextCodec {

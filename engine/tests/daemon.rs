@@ -1,116 +1,16 @@
 //! End to end: the real `convoy serve` binary, talked to over its Unix socket.
 
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use convoy_engine::api::client::Client;
 use convoy_engine::api::protocol::ServerEvent;
 use serde_json::json;
-
-fn model(name: &str) -> PathBuf {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../models")
-        .join(name);
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/fetch_models.sh",
-        p.display()
-    );
-    p
-}
-
-fn smollm2() -> PathBuf {
-    model("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-}
-
-impl Daemon {
-    fn start(name: &str, model: &Path, extra: &[&str]) -> Daemon {
-        Daemon::start_with_env(name, model, extra, &[])
-    }
-
-    fn start_with_env(name: &str, model: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!("convoy-daemon-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("convoy.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_convoy"))
-            .args([
-                "serve",
-                "--model",
-                model.to_str().unwrap(),
-                "--socket",
-                socket.to_str().unwrap(),
-                "--kv-cache-memory",
-                "256MiB",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .envs(env.iter().copied())
-            .spawn()
-            .expect("start convoy serve");
-        let d = Daemon { child, socket };
-        poll("the daemon to come up", 60, || {
-            Client::connect(&d.socket).ok()
-        });
-        d
-    }
-
-    /// Wait for the daemon to exit.
-    fn wait_exit(&mut self, what: &str, limit_s: u64) -> std::process::ExitStatus {
-        poll(what, limit_s, || self.child.try_wait().unwrap())
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(&self.socket).unwrap()
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.wait_exit("the daemon to stop", 60)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn held_blocks(c: &mut Client) -> u64 {
-    c.stats().unwrap().kv.device_blocks_held as u64
-}
-
-/// Call `f` every 20 ms until it gives a value; fail after `limit_s` seconds.
-fn poll<T>(what: &str, limit_s: u64, mut f: impl FnMut() -> Option<T>) -> T {
-    let t = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(limit_s),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_for_zero_held(c: &mut Client) {
-    poll("every KV block to be released", 30, || {
-        let s = c.stats().unwrap();
-        (s.kv.device_blocks_held == 0 && s.running == 0).then_some(())
-    });
-}
+use support::{held_blocks, model, poll, smollm2, wait_for_zero_held, Daemon};
 
 #[test]
 fn streamed_multi_turn_chat_reports_cached_tokens_and_socket_is_private() {

@@ -13,17 +13,11 @@ use convoy_engine::sim::{CostModel, SimRunner};
 use convoy_engine::{FinishReason, SamplingParams, TextCodec};
 use convoy_scheduler::{KvCacheConfig, SchedulerConfig};
 
-struct Rng(u64);
+/// The engine's seeded stream, drawing below a bound.
+struct Rng(convoy_engine::sampler::Rng);
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0 >> 33
-    }
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.next_u64() % n
     }
 }
 
@@ -49,7 +43,7 @@ fn two_thousand_random_requests_all_finish_exactly() {
         TextCodec::without_tokenizer(vec![2]),
         0.0,
     );
-    let mut rng = Rng(2026);
+    let mut rng = Rng(convoy_engine::sampler::Rng::new(2026));
     let n = 2000u64;
     let mut asked: HashMap<u64, usize> = HashMap::new();
     let mut arrived_step: HashMap<u64, u64> = HashMap::new();

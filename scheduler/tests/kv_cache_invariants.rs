@@ -14,14 +14,15 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use convoy_scheduler::block_hash::{chain_hash, root_hash};
 use convoy_scheduler::{BlockCopy, BlockHash, KvCacheConfig, KvCacheManager, Loc};
 
-struct Rng(u64);
+use rand_core::{RngCore, SeedableRng};
+
+struct Rng(rand_xoshiro::SplitMix64);
 impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(rand_xoshiro::SplitMix64::seed_from_u64(seed))
+    }
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
@@ -136,7 +137,7 @@ impl Sim {
 }
 
 fn run(seed: u64, ops: usize, bs: usize, device: usize, host: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut cfg = KvCacheConfig::new(bs, device);
     cfg.num_host_blocks = host;
     let mut sim = Sim {

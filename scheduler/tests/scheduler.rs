@@ -239,7 +239,9 @@ fn tokens_are_matched_by_id_whatever_the_runner_order() {
         SampledToken { id: 2, token: 22 },
         SampledToken { id: 1, token: 11 },
     ];
-    let outs = s.update_from_output(&out, &ModelOutput { sampled }).unwrap();
+    let outs = s
+        .update_from_output(&out, &ModelOutput { sampled })
+        .unwrap();
     assert_eq!(s.request(1).unwrap().output(), &[11]);
     assert_eq!(s.request(2).unwrap().output(), &[22]);
     assert_eq!(outs.len(), 2);

@@ -9,15 +9,12 @@ use half::{bf16, f16};
 
 use crate::{DType, ModelConfig, Tensor};
 
-struct SplitMix(u64);
+/// The seeded stream (SplitMix64, the same generator as the engine's sampler).
+struct SplitMix(rand_xoshiro::SplitMix64);
 
 impl SplitMix {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        rand_core::RngCore::next_u64(&mut self.0)
     }
     /// Uniform in [-1, 1).
     fn unit(&mut self) -> f32 {
@@ -61,7 +58,9 @@ fn random_bytes(rng: &mut SplitMix, dtype: DType, n: usize, scale: f32) -> Vec<u
 /// All tensors of a Llama-shaped model with random values; norms are ones.
 /// Quantised `dtype`s apply to matrices whose rows are whole blocks; the rest are f32.
 pub fn tensors(cfg: &ModelConfig, dtype: DType, seed: u64) -> HashMap<String, Tensor> {
-    let mut rng = SplitMix(seed ^ 0x636f_6e76_6f79);
+    let mut rng = SplitMix(rand_core::SeedableRng::seed_from_u64(
+        seed ^ 0x636f_6e76_6f79,
+    ));
     let mut out = HashMap::new();
     let matrix = |rng: &mut SplitMix,
                   name: String,

@@ -13,7 +13,7 @@
 //!   only closed its sending side keeps its streams to the end.
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,6 +135,8 @@ struct Connection {
     id: u64,
     out: Outbox,
     live: LiveMap,
+    /// A duplicate of the client's socket, to ask whether the peer hung up.
+    peer: Option<OwnedFd>,
 }
 
 impl Connection {
@@ -166,7 +168,8 @@ impl Connection {
         let ids = match encoded {
             Ok(Ok(ids)) => ids,
             Ok(Err(e)) => {
-                self.out.send(ServerEvent::from_error(e.with_id(Some(g.id))));
+                self.out
+                    .send(ServerEvent::from_error(e.with_id(Some(g.id))));
                 return;
             }
             Err(_) => {
@@ -178,7 +181,7 @@ impl Connection {
                 return;
             }
         };
-        if self.out.is_closed() {
+        if self.gone() {
             return; // the client left while its prompt was encoded
         }
         let rid = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +201,12 @@ impl Connection {
                 reply_out.send(submit_error(&client_id, &e));
             }
         });
-        if self.shared.engine.submit_with(rid, req, sink, reply).is_err() {
+        if self
+            .shared
+            .engine
+            .submit_with(rid, req, sink, reply)
+            .is_err()
+        {
             self.out
                 .send(error_event(None, "engine_error", "the engine has stopped"));
         }
@@ -278,6 +286,14 @@ impl Connection {
         }
     }
 
+    /// Whether the client is gone (marks the queue closed when it just found out).
+    fn gone(&self) -> bool {
+        if !self.out.is_closed() && self.peer.as_ref().is_some_and(peer_hung_up) {
+            self.out.closed.store(true, Ordering::Relaxed);
+        }
+        self.out.is_closed()
+    }
+
     /// Cancel every live request of the connection.
     fn abort_all(&self) {
         let ids: Vec<RequestId> = self.live.lock().values().copied().collect();
@@ -289,6 +305,7 @@ impl Connection {
 
 /// Serve one client until it leaves.
 pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) {
+    let peer = stream.as_fd().try_clone_to_owned().ok();
     let (read, mut write) = stream.into_split();
     let (tx, mut rx) = unbounded_channel::<String>();
     let pending = Arc::new(AtomicUsize::new(0));
@@ -315,6 +332,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
         id,
         out,
         live: Arc::new(Mutex::new(HashMap::new())),
+        peer,
     };
     let mut reader = BufReader::with_capacity(2048, read);
     let mut buf = Vec::new();
@@ -337,8 +355,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
     // End of input. A client that closed both directions is gone: its requests are dropped now
     // (the engine skips them before scheduling). One that only closed its sending side still
     // gets its streams to the end, unless a write fails, which also marks it gone.
-    if peer_hung_up(reader.get_ref().as_ref()) {
-        conn.out.closed.store(true, Ordering::Relaxed);
+    if conn.gone() {
         conn.abort_all();
     }
     while !conn.live.lock().is_empty() && !writer.is_finished() && !conn.out.is_closed() {

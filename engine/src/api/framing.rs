@@ -49,7 +49,11 @@ pub async fn read_line_limited<R: tokio::io::AsyncBufRead + Unpin>(
         match found {
             Some(i) => {
                 r.consume(i + 1);
-                return Ok(if too_long { Line::TooLong } else { Line::Complete });
+                return Ok(if too_long {
+                    Line::TooLong
+                } else {
+                    Line::Complete
+                });
             }
             None => {
                 let n = available.len();

@@ -190,7 +190,11 @@ const BARE_FIELDS: &[(&str, bool)] = &[("op", true)];
 const MESSAGE_FIELDS: &[(&str, bool)] = &[("role", true), ("content", true)];
 
 /// Refuse fields `obj` should not have and report required ones it lacks (`at` names where).
-fn check_fields(obj: &Map<String, Value>, fields: &[(&str, bool)], at: &str) -> Result<(), ProtocolError> {
+fn check_fields(
+    obj: &Map<String, Value>,
+    fields: &[(&str, bool)],
+    at: &str,
+) -> Result<(), ProtocolError> {
     if let Some(k) = obj.keys().find(|k| !fields.iter().any(|(f, _)| f == k)) {
         return Err(ProtocolError::new(
             "unknown_field",

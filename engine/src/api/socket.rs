@@ -156,13 +156,19 @@ mod tests {
         std::os::unix::fs::symlink(&file, &link).unwrap();
         let err = bind_socket(&link, 0o600, None).unwrap_err().to_string();
         assert!(err.contains("symbolic link"), "{err}");
-        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         let sub = d.join("dir");
         fs::create_dir(&sub).unwrap();
         assert!(bind_socket(&sub, 0o600, None).is_err());
         assert!(sub.is_dir());
         // Nothing staged is left behind.
-        let left: Vec<_> = fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let left: Vec<_> = fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(left.len(), 3, "{left:?}");
         fs::remove_dir_all(&d).unwrap();
     }

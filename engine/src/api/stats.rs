@@ -10,8 +10,8 @@ use parking_lot::Mutex;
 
 use crate::api::protocol::{CacheReport, KvReport, LatencyReport, StatsReport};
 use crate::core::Done;
-use convoy_scheduler::FinishReason;
 use crate::service::ServiceStats;
+use convoy_scheduler::FinishReason;
 
 /// Largest recorded value, in microseconds (one hour).
 const MAX_MICROS: u64 = 3_600_000_000;

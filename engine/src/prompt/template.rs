@@ -448,6 +448,13 @@ mod tests {
     }
 
     #[test]
+    fn sets_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync>() {}
+        shared::<TemplateSet>();
+        shared::<TemplateRegistry>();
+    }
+
+    #[test]
     fn names_come_from_file_names() {
         assert_eq!(template_name("group_chat.yaml.j2"), Some("group_chat"));
         assert_eq!(template_name("a.yml.j2"), Some("a"));

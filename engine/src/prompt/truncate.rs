@@ -144,7 +144,7 @@ pub fn truncate(parts: &[PartSize], budget: Budget) -> Result<Truncation, Prompt
         .filter(|b| b.priority > 0)
         .collect();
     // Stable sort: document order is kept among equal priorities.
-    order.sort_by(|a, b| b.priority.cmp(&a.priority));
+    order.sort_by_key(|b| std::cmp::Reverse(b.priority));
 
     let mut remaining = t.cut_target;
     for block in order {
@@ -157,12 +157,13 @@ pub fn truncate(parts: &[PartSize], budget: Budget) -> Result<Truncation, Prompt
             continue;
         }
         let mut removed = 0usize;
-        for i in block.start..block.end {
+        let block_parts = parts[block.start..block.end].iter();
+        for (kept, part) in t.kept[block.start..block.end].iter_mut().zip(block_parts) {
             if removed >= remaining {
                 break;
             }
-            t.kept[i] = false;
-            removed += parts[i].tokens;
+            *kept = false;
+            removed += part.tokens;
         }
         remaining = 0;
     }
