@@ -9,7 +9,7 @@
 //! [`CpuRunner`] runs the real model on the CPU backend and samples with each request's own
 //! parameters and seeded random stream. The simulation runner lives in `sim.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use convoy_scheduler::{
@@ -43,7 +43,8 @@ pub struct StepResult {
 
 /// Executes scheduled steps.
 pub trait ModelRunner {
-    /// Keep the logits of `id`'s next sampled row (for cache verification).
+    /// Keep the logits of `id`'s row in the next step (for cache verification); called before
+    /// `execute`, possibly for a request that step announces.
     fn keep_logits(&mut self, id: RequestId);
     /// Run one step: set up `out.new_requests`, drop `out.finished_ids`, execute the copies and
     /// the forward pass, sample one token per scheduled request with `sample`.
@@ -66,7 +67,6 @@ pub trait ModelRunner {
 pub struct SamplerState {
     spec: SamplingSpec,
     rng: Rng,
-    keep: bool,
 }
 
 impl SamplerState {
@@ -83,7 +83,6 @@ impl SamplerState {
         SamplerState {
             spec: n.sampling.clone(),
             rng: Rng::new(seed),
-            keep: false,
         }
     }
 }
@@ -115,6 +114,8 @@ pub struct CpuRunner<'m> {
     model: &'m LlamaModel,
     cache: KvCache,
     samplers: HashMap<RequestId, SamplerState>,
+    /// Requests whose next sampled logits row is kept (cache verification).
+    keep: HashSet<RequestId>,
     started: Instant,
 }
 
@@ -130,6 +131,7 @@ impl<'m> CpuRunner<'m> {
             model,
             cache: model.new_tiered_kv_cache(num_blocks, num_host_blocks, block_size),
             samplers: HashMap::new(),
+            keep: HashSet::new(),
             started: Instant::now(),
         }
     }
@@ -162,9 +164,8 @@ pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
 
 impl ModelRunner for CpuRunner<'_> {
     fn keep_logits(&mut self, id: RequestId) {
-        if let Some(s) = self.samplers.get_mut(&id) {
-            s.keep = true;
-        }
+        // Possibly before the step that announces the request: kept apart from its state.
+        self.keep.insert(id);
     }
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
@@ -198,11 +199,13 @@ impl ModelRunner for CpuRunner<'_> {
             if let Some(n) = st.spec.logprobs {
                 result.logprobs.insert(id, logprobs_of(l, token, n));
             }
-            if std::mem::take(&mut st.keep) {
+            if self.keep.remove(&id) {
                 result.kept_logits.insert(id, l.to_vec());
             }
             result.output.sampled.push(SampledToken { id, token });
         }
+        // A mark for a request this step did not sample is for this step only.
+        self.keep.clear();
         result
     }
 

@@ -76,6 +76,8 @@ struct RequestSink {
     client_id: String,
     stream: bool,
     shared: Arc<Shared>,
+    /// For a templated prompt, the parts truncation cut (reported in `done`).
+    truncated_parts: Option<Vec<String>>,
 }
 
 impl EventSink for RequestSink {
@@ -99,9 +101,15 @@ impl EventSink for RequestSink {
         self.shared.latencies.record(d);
         self.live.lock().remove(&self.client_id);
         let failed = d.finish_reason == FinishReason::Error;
-        let Some(se) = wire_event(ev, &self.client_id, self.stream) else {
+        let Some(mut se) = wire_event(ev, &self.client_id, self.stream) else {
             return Delivery::Delivered;
         };
+        if let ServerEvent::Done {
+            truncated_parts, ..
+        } = &mut se
+        {
+            *truncated_parts = self.truncated_parts.take();
+        }
         let delivery = self.out.push(se.to_line(), true);
         if failed {
             self.out.send(error_event(
@@ -159,14 +167,15 @@ impl Connection {
         }
         // Tokenising and rendering can take seconds for a huge prompt: off the I/O thread.
         let codec = self.shared.codec.clone();
+        let templates = self.shared.templates.as_ref().map(|t| t.current());
         let max_context = self.shared.cfg.max_context;
         let (prompt, special) = (g.prompt.clone(), g.special_tokens);
         let encoded = tokio::task::spawn_blocking(move || {
-            encode_prompt(&codec, &prompt, special, max_context)
+            encode_prompt(&codec, templates.as_deref(), &prompt, special, max_context)
         })
         .await;
-        let ids = match encoded {
-            Ok(Ok(ids)) => ids,
+        let encoded = match encoded {
+            Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 self.out
                     .send(ServerEvent::from_error(e.with_id(Some(g.id))));
@@ -186,13 +195,14 @@ impl Connection {
         }
         let rid = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.live.lock().insert(g.id.clone(), rid);
-        let req = engine_request(&g, ids, self.id);
+        let req = engine_request(&g, encoded.ids, self.id);
         let sink = Box::new(RequestSink {
             out: self.out.clone(),
             live: self.live.clone(),
             client_id: g.id.clone(),
             stream: g.stream,
             shared: self.shared.clone(),
+            truncated_parts: encoded.truncated_parts,
         });
         let (reply_out, reply_live, client_id) = (self.out.clone(), self.live.clone(), g.id);
         let reply = Box::new(move |r: Result<(), crate::core::SubmitError>| {

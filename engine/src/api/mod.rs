@@ -11,6 +11,8 @@
 pub mod client;
 mod connection;
 mod framing;
+pub mod http;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 mod socket;

@@ -49,6 +49,31 @@ pub enum Prompt {
     Ids(Vec<u32>),
     /// A conversation, rendered with the model's chat template.
     Messages(Vec<ChatMessage>),
+    /// A prompt template rendered against variables, truncated by part priorities, then
+    /// rendered with the model's chat template (docs/prompts.md).
+    Template(TemplatePrompt),
+}
+
+/// Which prompt template a request uses.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TemplateSource {
+    /// One of the daemon's `--templates`, by name.
+    Named(String),
+    /// The template's text, given in the request (`template_yaml`).
+    Inline(String),
+}
+
+/// A templated prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TemplatePrompt {
+    /// The template.
+    pub source: TemplateSource,
+    /// What the template is rendered against (an object).
+    pub variables: Value,
+    /// Most tokens the parts may hold (none: nothing is cut).
+    pub token_limit: Option<usize>,
+    /// Cuts are rounded up to a multiple of this (default 1).
+    pub truncation_step: Option<usize>,
 }
 
 /// A `generate` line.
@@ -129,6 +154,11 @@ struct RawGenerate {
     prompt: Option<String>,
     prompt_ids: Option<Vec<u32>>,
     messages: Option<Vec<ChatMessage>>,
+    template: Option<String>,
+    template_yaml: Option<String>,
+    variables: Option<Value>,
+    token_limit: Option<usize>,
+    truncation_step: Option<usize>,
     #[serde(default)]
     special_tokens: bool,
     max_tokens: Option<usize>,
@@ -169,6 +199,11 @@ const GENERATE_FIELDS: &[(&str, bool)] = &[
     ("prompt", false),
     ("prompt_ids", false),
     ("messages", false),
+    ("template", false),
+    ("template_yaml", false),
+    ("variables", false),
+    ("token_limit", false),
+    ("truncation_step", false),
     ("special_tokens", false),
     ("max_tokens", false),
     ("temperature", false),
@@ -392,27 +427,75 @@ fn parse_generate(v: Value) -> Result<ClientMessage, ProtocolError> {
             "id must be 1 to 256 bytes",
         ));
     }
-    let prompt = match (r.prompt, r.prompt_ids, r.messages) {
-        (Some(p), None, None) => Prompt::Text(p),
-        (None, Some(ids), None) => Prompt::Ids(ids),
-        (None, None, Some(m)) => Prompt::Messages(m),
-        (None, None, None) => {
-            return Err(ProtocolError::new(
-                "missing_prompt",
-                "give one of prompt, prompt_ids or messages",
-            ))
-        }
-        _ => {
-            return Err(ProtocolError::new(
-                "conflicting_prompt",
-                "give only one of prompt, prompt_ids or messages",
-            ))
-        }
+    let given = [
+        r.prompt.is_some(),
+        r.prompt_ids.is_some(),
+        r.messages.is_some(),
+        r.template.is_some(),
+        r.template_yaml.is_some(),
+    ]
+    .iter()
+    .filter(|g| **g)
+    .count();
+    if given > 1 {
+        return Err(ProtocolError::new(
+            "conflicting_prompt",
+            "give only one of prompt, prompt_ids, messages, template or template_yaml",
+        ));
+    }
+    let templated = r.template.is_some() || r.template_yaml.is_some();
+    check_range(
+        templated
+            || (r.variables.is_none() && r.token_limit.is_none() && r.truncation_step.is_none()),
+        "variables, token_limit and truncation_step go with template or template_yaml",
+    )?;
+    check_range(
+        r.truncation_step.is_none() || r.token_limit.is_some(),
+        "truncation_step needs token_limit",
+    )?;
+    check_range(
+        r.token_limit.is_none_or(|l| l > 0) && r.truncation_step.is_none_or(|s| s > 0),
+        "token_limit and truncation_step must be positive",
+    )?;
+    check_range(
+        r.variables.as_ref().is_none_or(Value::is_object),
+        "variables must be an object",
+    )?;
+    let template = |source| {
+        Prompt::Template(TemplatePrompt {
+            source,
+            variables: r
+                .variables
+                .clone()
+                .unwrap_or_else(|| Value::Object(Map::new())),
+            token_limit: r.token_limit,
+            truncation_step: r.truncation_step,
+        })
+    };
+    let prompt = if let Some(p) = r.prompt {
+        Prompt::Text(p)
+    } else if let Some(ids) = r.prompt_ids {
+        Prompt::Ids(ids)
+    } else if let Some(m) = r.messages {
+        Prompt::Messages(m)
+    } else if let Some(name) = r.template.clone() {
+        template(TemplateSource::Named(name))
+    } else if let Some(text) = r.template_yaml.clone() {
+        template(TemplateSource::Inline(text))
+    } else {
+        return Err(ProtocolError::new(
+            "missing_prompt",
+            "give one of prompt, prompt_ids, messages, template or template_yaml",
+        ));
     };
     let empty = match &prompt {
         Prompt::Text(t) => t.is_empty(),
         Prompt::Ids(i) => i.is_empty(),
         Prompt::Messages(m) => m.is_empty(),
+        Prompt::Template(TemplatePrompt {
+            source: TemplateSource::Named(t) | TemplateSource::Inline(t),
+            ..
+        }) => t.is_empty(),
     };
     if empty {
         return Err(ProtocolError::new("empty_prompt", "the prompt is empty"));
@@ -633,6 +716,9 @@ pub enum ServerEvent {
         usage: UsageOut,
         /// Latencies.
         timing: TimingOut,
+        /// For a templated prompt: the names of the parts truncation cut, in document order.
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        truncated_parts: Option<Vec<String>>,
     },
     /// A refused line or request.
     Error {

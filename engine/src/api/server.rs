@@ -19,6 +19,7 @@ use crate::api::connection::serve_connection;
 use crate::api::socket::bind_socket;
 use crate::api::stats::Latencies;
 use crate::api::translate::error_event;
+use crate::prompt::TemplateRegistry;
 use crate::service::EngineHandle;
 use crate::tokenizer::TextCodec;
 
@@ -41,6 +42,10 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Longest context of the model, to refuse prompts that cannot fit.
     pub max_context: usize,
+    /// Prompt templates (`--templates DIR`), reloaded on SIGHUP.
+    pub templates: Option<PathBuf>,
+    /// The OpenAI-compatible HTTP listeners and `/metrics` (none by default).
+    pub http: crate::api::http::HttpConfig,
 }
 
 /// What every connection shares.
@@ -56,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     pub(crate) started: Instant,
     pub(crate) latencies: Latencies,
+    /// The prompt templates, when the daemon has a `--templates` directory.
+    pub(crate) templates: Option<Arc<TemplateRegistry>>,
 }
 
 /// Run the daemon until a signal (exit code 0) or an engine failure (non-zero).
@@ -65,6 +72,15 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let templates = match &cfg.templates {
+            Some(dir) => {
+                let registry = TemplateRegistry::load(dir)
+                    .map_err(|e| anyhow::anyhow!("--templates {}: {e}", dir.display()))?;
+                tracing::info!(templates = registry.current().names().len(), dir = %dir.display(), "templates loaded");
+                Some(Arc::new(registry))
+            }
+            None => None,
+        };
         let listener = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
         let socket = cfg.socket.clone();
         let shared = Arc::new(Shared {
@@ -76,11 +92,20 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             draining: AtomicBool::new(false),
             started: Instant::now(),
             latencies: Latencies::default(),
+            templates,
         });
+        let http = match crate::api::http::start(shared.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(e);
+            }
+        };
         tracing::info!(socket = %socket.display(), "ready");
         eprintln!("convoy: ready on {}", socket.display());
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut next_connection = 0u64;
         let failed = loop {
@@ -100,6 +125,17 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
                     next_connection += 1;
                     tokio::spawn(serve_connection(shared.clone(), stream, next_connection));
                 }
+                _ = sighup.recv() => {
+                    if let Some(registry) = shared.templates.clone() {
+                        // Reading and compiling templates is file I/O: off the I/O thread.
+                        let reloaded = tokio::task::spawn_blocking(move || registry.reload()).await;
+                        match reloaded {
+                            Ok(Ok(n)) => tracing::info!(templates = n, "templates reloaded"),
+                            Ok(Err(e)) => tracing::error!(error = %e, "template reload failed; keeping the previous templates"),
+                            Err(e) => tracing::error!(error = %e, "template reload failed; keeping the previous templates"),
+                        }
+                    }
+                }
                 _ = sigterm.recv() => break false,
                 _ = sigint.recv() => break false,
                 _ = tick.tick() => {
@@ -116,6 +152,9 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             eprintln!("convoy: engine failed: {reason}");
             tokio::time::sleep(Duration::from_millis(200)).await;
             let _ = std::fs::remove_file(&socket);
+            if let Some(h) = http {
+                h.finish(Instant::now()).await;
+            }
             return Ok(2);
         }
         // Drain: no new work, let running requests finish, then cancel the rest.
@@ -140,6 +179,9 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         let flush_until = Instant::now() + Duration::from_secs(2);
         while shared.connections.load(Ordering::Relaxed) > 0 && Instant::now() < flush_until {
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if let Some(h) = http {
+            h.finish(flush_until).await;
         }
         let _ = std::fs::remove_file(&socket);
         tracing::info!("stopped");

@@ -30,6 +30,8 @@ struct Histograms {
 /// the I/O thread (reading).
 pub struct Latencies {
     inner: Mutex<Histograms>,
+    /// The same requests in Prometheus histograms and counters (`/metrics`).
+    pub(crate) metrics: crate::api::metrics::RequestMetrics,
 }
 
 impl Default for Latencies {
@@ -40,6 +42,7 @@ impl Default for Latencies {
                 tpot: histogram(),
                 total: histogram(),
             }),
+            metrics: Default::default(),
         }
     }
 }
@@ -52,6 +55,7 @@ impl Latencies {
     /// Record a finished request. Requests that produced no token (refused by a deadline
     /// before running, cancelled in the queue, failed) count only in the end-to-end figure.
     pub fn record(&self, d: &Done) {
+        self.metrics.record(d);
         let mut h = self.inner.lock();
         h.total.saturating_record(micros(d.timing.total));
         let n = d.usage.completion_tokens;

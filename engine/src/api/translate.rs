@@ -6,28 +6,89 @@
 use std::time::Duration;
 
 use crate::api::protocol::{
-    GenerateRequest, LogprobOut, Prompt, ProtocolError, ServerEvent, TimingOut, UsageOut,
+    GenerateRequest, LogprobOut, Prompt, ProtocolError, ServerEvent, TemplatePrompt,
+    TemplateSource, TimingOut, UsageOut,
 };
 use crate::core::{EngineEvent, EngineRequest, EventKind, SubmitError};
+use crate::prompt::{Budget, TemplateRef, TemplateSet};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextCodec;
+
+/// An encoded prompt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedPrompt {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// For a templated prompt, the parts truncation cut.
+    pub truncated_parts: Option<Vec<String>>,
+}
+
+fn codec_error(e: crate::tokenizer::CodecError) -> ProtocolError {
+    ProtocolError::new(e.code(), e.to_string())
+}
+
+/// Render, truncate and encode a templated prompt. Named templates come from `templates`;
+/// an inline one may include them.
+fn encode_template(
+    codec: &TextCodec,
+    templates: Option<&TemplateSet>,
+    t: &TemplatePrompt,
+) -> Result<EncodedPrompt, ProtocolError> {
+    let empty = TemplateSet::new();
+    let set = templates.unwrap_or(&empty);
+    let which = match &t.source {
+        TemplateSource::Named(name) => {
+            if templates.is_none() {
+                return Err(ProtocolError::new(
+                    "unknown_template",
+                    format!("no template {name:?}: the daemon was started without --templates"),
+                ));
+            }
+            TemplateRef::Named(name)
+        }
+        TemplateSource::Inline(text) => TemplateRef::Inline(text),
+    };
+    let prompt_error = |e: crate::prompt::PromptError| ProtocolError::new(e.code(), e.to_string());
+    let budget = t
+        .token_limit
+        .map(|limit| Budget::new(limit, t.truncation_step))
+        .transpose()
+        .map_err(prompt_error)?;
+    let prompt = set
+        .prompt(which, &t.variables, budget, |text| {
+            codec.encode(text).map(|ids| ids.len())
+        })
+        .map_err(prompt_error)?;
+    Ok(EncodedPrompt {
+        ids: codec.encode_chat(&prompt.messages).map_err(codec_error)?,
+        truncated_parts: Some(prompt.cut_part_names()),
+    })
+}
 
 /// The prompt's token ids, checked against the model's context.
 pub fn encode_prompt(
     codec: &TextCodec,
+    templates: Option<&TemplateSet>,
     prompt: &Prompt,
     special_tokens: bool,
     max_context: usize,
-) -> Result<Vec<u32>, ProtocolError> {
-    let codec_error = |e: crate::tokenizer::CodecError| ProtocolError::new(e.code(), e.to_string());
-    let ids = match prompt {
-        Prompt::Ids(ids) => ids.clone(),
-        Prompt::Text(t) if special_tokens => {
-            codec.encode_with_special_tokens(t).map_err(codec_error)?
-        }
-        Prompt::Text(t) => codec.encode(t).map_err(codec_error)?,
-        Prompt::Messages(m) => codec.encode_chat(m).map_err(codec_error)?,
+) -> Result<EncodedPrompt, ProtocolError> {
+    let encoded = match prompt {
+        Prompt::Template(t) => encode_template(codec, templates, t)?,
+        other => EncodedPrompt {
+            ids: match other {
+                Prompt::Ids(ids) => ids.clone(),
+                Prompt::Text(t) if special_tokens => {
+                    codec.encode_with_special_tokens(t).map_err(codec_error)?
+                }
+                Prompt::Text(t) => codec.encode(t).map_err(codec_error)?,
+                Prompt::Messages(m) => codec.encode_chat(m).map_err(codec_error)?,
+                Prompt::Template(_) => unreachable!("handled above"),
+            },
+            truncated_parts: None,
+        },
     };
+    let ids = &encoded.ids;
     if ids.is_empty() {
         return Err(ProtocolError::new(
             "empty_prompt",
@@ -43,7 +104,7 @@ pub fn encode_prompt(
             ),
         ));
     }
-    Ok(ids)
+    Ok(encoded)
 }
 
 /// The engine request for a parsed `generate` line whose prompt is `prompt_ids`.
@@ -120,6 +181,7 @@ pub fn wire_event(ev: EngineEvent, client_id: &str, stream: bool) -> Option<Serv
                 ttft_ms: ms(d.timing.ttft),
                 total_ms: ms(d.timing.total),
             },
+            truncated_parts: None,
         }),
     }
 }

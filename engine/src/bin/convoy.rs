@@ -24,7 +24,7 @@ struct Cli {
 #[derive(clap::Args, Clone, Debug)]
 struct SamplingArgs {
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = convoy_engine::sampler::DEFAULT_MAX_TOKENS)]
     max_tokens: usize,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -128,12 +128,19 @@ enum Command {
         /// (from measured step times) so running streams keep a steady pace; 0 turns it off.
         #[arg(long, default_value_t = 250.0)]
         step_time_target_ms: f64,
+        /// A directory of prompt templates (`*.yaml.j2`) that `generate` may name with
+        /// `template`; reloaded on SIGHUP (a bad reload keeps the old set). See docs/prompts.md.
+        #[arg(long)]
+        templates: Option<PathBuf>,
         /// Requests running at once.
         #[arg(long, default_value_t = 256)]
         max_running: usize,
         /// Most tokens in one forward pass.
         #[arg(long, default_value_t = 2048)]
         max_batched_tokens: usize,
+        /// The OpenAI-compatible HTTP API and Prometheus metrics (docs/http.md).
+        #[command(flatten)]
+        http: convoy_engine::api::http::HttpArgs,
     },
     /// Render a prompt template: its parts with their tokens, what truncation keeps, and the
     /// chat the model would see (see docs/prompts.md).
@@ -317,8 +324,10 @@ fn run(cli: Cli) -> Result<()> {
             max_queued,
             max_queued_per_connection,
             step_time_target_ms,
+            templates,
             max_running,
             max_batched_tokens,
+            http,
         } => {
             let socket = socket.unwrap_or_else(|| {
                 std::env::var_os("XDG_RUNTIME_DIR")
@@ -333,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
             if !(step_time_target_ms >= 0.0 && step_time_target_ms.is_finite()) {
                 bail!("--step-time-target-ms must be a non-negative number");
             }
+            let http = http.config(&model.model_path()?)?;
             convoy_engine::api::raise_fd_limit();
             let loaded = model.load()?;
             let mut cfg = loaded.generator_config();
@@ -370,6 +380,8 @@ fn run(cli: Cli) -> Result<()> {
                 max_pending_bytes: convoy_engine::options::parse_bytes(&max_pending_bytes)?,
                 drain_timeout: std::time::Duration::from_secs_f64(drain_timeout),
                 max_context,
+                templates,
+                http,
             };
             let code = convoy_engine::api::server::serve(engine, codec, serve_cfg)?;
             if code != 0 {

@@ -11,7 +11,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use minijinja::value::ValueKind;
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior, Value};
@@ -389,7 +389,7 @@ impl TemplateSet {
 #[derive(Debug)]
 pub struct TemplateRegistry {
     dir: PathBuf,
-    current: RwLock<Arc<TemplateSet>>,
+    current: parking_lot::RwLock<Arc<TemplateSet>>,
 }
 
 impl TemplateRegistry {
@@ -398,7 +398,7 @@ impl TemplateRegistry {
         let set = TemplateSet::load_dir(dir)?;
         Ok(TemplateRegistry {
             dir: dir.to_path_buf(),
-            current: RwLock::new(Arc::new(set)),
+            current: parking_lot::RwLock::new(Arc::new(set)),
         })
     }
 
@@ -409,10 +409,7 @@ impl TemplateRegistry {
 
     /// The set in use; requests hold it while they render, unaffected by reloads.
     pub fn current(&self) -> Arc<TemplateSet> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().clone()
     }
 
     /// Load the directory again. On success the new set replaces the old and its size is
@@ -420,7 +417,7 @@ impl TemplateRegistry {
     pub fn reload(&self) -> Result<usize, PromptError> {
         let set = TemplateSet::load_dir(&self.dir)?;
         let n = set.names().len();
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        *self.current.write() = Arc::new(set);
         Ok(n)
     }
 }

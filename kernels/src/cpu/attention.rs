@@ -539,11 +539,18 @@ pub(crate) fn raw_scores(it: &Item<'_>, scores: &mut [f32]) {
     for_each_run(it, |j0, block, off, len| {
         for g in 0..it.group {
             let q = &it.q[g * hd..(g + 1) * hd];
-            for t in 0..len {
-                let s: f32 = (0..hd)
-                    .map(|d| q[d] * it.k_cache[k_index(it, block, off + t, d)])
-                    .sum();
-                scores[g * n + j0 + t] = s * it.scale;
+            // K is transposed inside a block, so the run's positions are contiguous for each
+            // dimension: accumulate along positions (each score still sums over d in order).
+            let out = &mut scores[g * n + j0..g * n + j0 + len];
+            out.fill(0.0);
+            for (d, &qd) in q.iter().enumerate() {
+                let k = &it.k_cache[k_index(it, block, off, d)..][..len];
+                for (o, &kv) in out.iter_mut().zip(k) {
+                    *o += qd * kv;
+                }
+            }
+            for o in out.iter_mut() {
+                *o *= it.scale;
             }
         }
     });

@@ -215,7 +215,7 @@ unsafe fn scalar_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, 
         };
         for t in 0..n {
             let xr = &x[t * cols..(t + 1) * cols];
-            let s: f32 = wr.iter().zip(xr).map(|(a, b)| a * b).sum();
+            let s = super::ops::dot_lanes(wr, xr);
             // SAFETY: `t * rows + r < n * rows`, an element our contract gives to this chunk.
             unsafe { *y.add(t * w.rows + r) = s };
         }

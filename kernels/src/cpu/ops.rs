@@ -16,7 +16,38 @@ pub(crate) fn dot(simd: Option<Avx512>, a: &[f32], b: &[f32]) -> f32 {
         return unsafe { super::simd::x86::dot(a, b) };
     }
     let _ = simd;
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    dot_lanes(a, b)
+}
+
+/// Portable dot product in 16 independent lanes (element `i` goes to lane `i % 16`), the lanes
+/// summed pairwise in a fixed order, then the tail: the same order for every call of a given
+/// length, so results stay batch invariant, and the compiler can keep the lanes in vector
+/// registers.
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let (mut ca, mut cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..LANES {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut width = LANES / 2;
+    while width > 0 {
+        for j in 0..width {
+            acc[j] += acc[j + width];
+        }
+        width /= 2;
+    }
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc[0] + tail
 }
 
 /// `y += a * x` over the first `min(x.len(), y.len())` elements: AVX-512 (fused multiply-add)
