@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
-cargo build --release --manifest-path fuzz/Cargo.toml
+# The fuzz crate shares the workspace's target directory (and, with fuzz/Cargo.lock kept in step
+# with Cargo.lock, its compiled dependencies).
+CARGO_TARGET_DIR=target cargo build --release --manifest-path fuzz/Cargo.toml
 bash scripts/fetch_models.sh
 python3 -m pip install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc==13.0.88" 2>&1 | grep -v "running pip as the 'root' user" || true
 nvrtc_lib="$(python3 -c 'import nvidia, os; print(next(os.path.join(p, "cu13", "lib") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13", "lib"))))')"

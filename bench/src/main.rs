@@ -553,16 +553,18 @@ fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
     use convoy_engine::api::client::Client;
     use convoy_engine::api::protocol::ServerEvent;
     let mut c = Client::connect(socket)?;
-    let mut v = Vec::new();
+    // Microseconds, 3 significant digits: the daemon's own latency histograms' precision.
+    let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     for i in 0..samples {
         let (_, done) = c.generate(&serde_json::json!({"op": "generate", "id": format!("probe{i}"), "prompt_ids": [504, 3575, 282, 4649, 314, 1000 + i], "max_tokens": 1}))?;
         match done {
-            ServerEvent::Done { timing, .. } => v.push(timing.ttft_ms),
+            ServerEvent::Done { timing, .. } => {
+                h.saturating_record((timing.ttft_ms * 1e3).round().max(1.0) as u64)
+            }
             other => bail!("probe failed: {other:?}"),
         }
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[v.len() / 2])
+    Ok(h.value_at_quantile(0.5) as f64 / 1e3)
 }
 
 fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Result<()> {

@@ -371,7 +371,10 @@ fn chat_and_completions_stream_report_usage_and_a_hang_up_frees_blocks() {
         .collect();
     assert_eq!(streamed, text);
     let finish = &chunks[chunks.len() - 2];
-    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        finish["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"],
+        "{events:?}"
+    );
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"]["completion_tokens"], 12);

@@ -67,7 +67,9 @@ fn wait_done(rx: &Receiver<EngineEvent>) -> (Vec<EngineEvent>, convoy_engine::co
 #[test]
 fn streams_cancels_and_frees_blocks() {
     let h = engine(64, 256);
-    // Three concurrent streams; the greedy continuation of the first reference prompt.
+    // Three concurrent streams; the greedy continuation of the first reference prompt. The ids
+    // are transformers' own: tests/fixtures/smollm2-transformers.json, completions[0]
+    // ("The capital of France is"), the first 8 of `output_ids`.
     let rxs: Vec<Receiver<EngineEvent>> = (0..3)
         .map(|i| {
             let (sink, rx) = stream();

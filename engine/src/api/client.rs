@@ -28,6 +28,12 @@ impl Client {
         })
     }
 
+    /// Give up waiting for an event after `limit` (`recv` then fails with `WouldBlock` or
+    /// `TimedOut`) instead of waiting forever; tests use it so a hang fails.
+    pub fn set_read_timeout(&mut self, limit: Option<std::time::Duration>) -> io::Result<()> {
+        self.reader.get_ref().set_read_timeout(limit)
+    }
+
     /// Send one JSON object as a line.
     pub fn send(&mut self, v: &Value) -> io::Result<()> {
         let mut line = serde_json::to_vec(v).map_err(invalid)?;

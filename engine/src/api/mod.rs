@@ -6,7 +6,8 @@
 //! limits), `framing` (reading bounded lines), `translate` (wire requests to engine requests,
 //! prompt encoding, engine events to wire events), `stats` (latency histograms and the `stats`
 //! answer), `connection` (one client's loop, its outbound queue and live requests) and `server`
-//! (accepting, signals, drain).
+//! (accepting, signals, drain). Beside the socket, `http` is the OpenAI-compatible HTTP face
+//! (docs/http.md) and `metrics` the Prometheus exposition (docs/metrics.md).
 
 pub mod client;
 mod connection;

@@ -140,7 +140,7 @@ enum Command {
         max_batched_tokens: usize,
         /// The OpenAI-compatible HTTP API and Prometheus metrics (docs/http.md).
         #[command(flatten)]
-        http: convoy_engine::api::http::HttpArgs,
+        http: Box<convoy_engine::api::http::HttpArgs>,
     },
     /// Render a prompt template: its parts with their tokens, what truncation keeps, and the
     /// chat the model would see (see docs/prompts.md).

@@ -73,8 +73,11 @@ impl Daemon {
         poll(what, limit_s, || self.child.try_wait().unwrap())
     }
 
+    /// A connection whose reads fail after two minutes without an event (a hang fails the test).
     pub fn client(&self) -> Client {
-        Client::connect(&self.socket).unwrap()
+        let mut c = Client::connect(&self.socket).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        c
     }
 
     pub fn sigterm(&mut self) -> std::process::ExitStatus {

@@ -195,13 +195,43 @@ unsafe fn tile_dispatch(
     }
 }
 
-/// Portable path: decode each row once, then plain dot products.
+/// Portable path: decode each row once, then dot products in fixed lanes
+/// ([`super::ops::dot_lanes`]). On a processor with AVX2 and FMA the same code is compiled for
+/// those features (the compiler keeps the lanes in vector registers; it never fuses a multiply
+/// and an add, so the results are bit for bit the portable ones).
 ///
 /// # Safety
 /// As [`run_chunk`]: `x.len() >= n * w.cols`, `r0 <= r1 <= w.rows`, and `y` is valid for
 /// writes of `n * w.rows` floats of which `y[t * w.rows + r]` (`t < n`, `r` in `r0..r1`) are
 /// accessed by no other thread meanwhile. (`x` and the weights are read with bounds checks.)
 unsafe fn scalar_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the processor has the features the function is compiled for; the rest of
+        // the contract is ours, passed on unchanged.
+        return unsafe { portable_chunk_avx2(x, n, w, y, r0, r1) };
+    }
+    // SAFETY: our contract, passed on unchanged.
+    unsafe { portable_chunk(x, n, w, y, r0, r1) }
+}
+
+/// [`portable_chunk`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA, and the contract of [`scalar_chunk`] holds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn portable_chunk_avx2(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1: usize) {
+    // SAFETY: the contract of `scalar_chunk`, passed on unchanged.
+    unsafe { portable_chunk(x, n, w, y, r0, r1) }
+}
+
+/// The portable chunk itself (inlined into each compiled variant).
+///
+/// # Safety
+/// As [`scalar_chunk`].
+#[inline(always)]
+unsafe fn portable_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1: usize) {
     let cols = w.cols;
     let mut row = vec![0f32; cols];
     for r in r0..r1 {

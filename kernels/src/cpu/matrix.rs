@@ -223,6 +223,7 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 }
 
 /// Scalar decoding of one row of blocks; the reference the SIMD kernels are tested against.
+#[inline(always)]
 pub(crate) fn dequantize_row(format: WeightFormat, bytes: &[u8], out: &mut [f32]) {
     let bb = format.block_bytes();
     for (blk, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {

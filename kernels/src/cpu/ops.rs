@@ -23,6 +23,7 @@ pub(crate) fn dot(simd: Option<Avx512>, a: &[f32], b: &[f32]) -> f32 {
 /// summed pairwise in a fixed order, then the tail: the same order for every call of a given
 /// length, so results stay batch invariant, and the compiler can keep the lanes in vector
 /// registers.
+#[inline(always)]
 pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let n = a.len().min(b.len());

@@ -31,7 +31,9 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
+
+use parking_lot::Mutex;
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -191,7 +193,7 @@ pub fn parallel_for(n: usize, body: &(dyn Fn(usize) + Sync)) {
         (0..n).for_each(body);
         return;
     }
-    let _guard = pool.submit.lock().unwrap_or_else(|e| e.into_inner());
+    let _guard = pool.submit.lock();
     // SAFETY: only a raw pointer changes type (same trait object, same layout and vtable, a
     // longer lifetime parameter); nothing is dereferenced here. The erased lifetime is never
     // relied on: workers dereference the pointer only while this call waits (invariants 2 and

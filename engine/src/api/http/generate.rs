@@ -72,10 +72,12 @@ impl EventSink for HttpSink {
             return Delivery::TooSlow;
         }
         self.pending.fetch_add(n, Ordering::Relaxed);
-        match self.tx.send(ev) {
-            Ok(()) => Delivery::Delivered,
-            Err(_) => Delivery::Gone,
-        }
+        // A failed send means the client left. Not `Gone`: the engine drops the final event of
+        // a request cancelled that way, and it would go unrecorded in the latencies and
+        // metrics. `is_closed` reports the same client before the next step, and the request
+        // is aborted then, with its final event delivered here.
+        let _ = self.tx.send(ev);
+        Delivery::Delivered
     }
 
     fn is_closed(&self) -> bool {

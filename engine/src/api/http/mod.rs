@@ -359,7 +359,7 @@ async fn drive<I>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes.max(MIN_HEADER_BYTES))
+        .max_header_size(cfg.max_header_bytes)
         .keep_alive(keep_alive && !*drain.borrow());
     let mut conn = builder.serve_connection(TokioIo::new(io), svc);
     // A connection accepted during the drain serves one request (keep-alive off above); one
