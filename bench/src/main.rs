@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod daemon;
+mod truncation;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use convoy_engine::options::ModelArgs;
@@ -71,6 +74,28 @@ enum Cmd {
         /// Steps to time.
         #[arg(long, default_value_t = 2000)]
         steps: usize,
+    },
+    /// A long chat through the daemon with a prompt template whose history overflows the
+    /// token limit, once per truncation step: the later-turn prefix-cache hit ratio of each.
+    Truncation {
+        /// The convoy binary.
+        #[arg(long, default_value = "target/release/convoy")]
+        convoy: PathBuf,
+        /// Model for the daemon (a directory without a chat template gets a plain ChatML one).
+        #[arg(long, default_value = "models/glassllm")]
+        model: PathBuf,
+        /// Turns of the chat.
+        #[arg(long, default_value_t = 40)]
+        turns: usize,
+        /// Most tokens the template's parts may hold.
+        #[arg(long, default_value_t = 300)]
+        token_limit: usize,
+        /// Truncation steps to compare.
+        #[arg(long, value_delimiter = ',', default_value = "1,64")]
+        steps: Vec<usize>,
+        /// Tokens of each reply.
+        #[arg(long, default_value_t = 12)]
+        max_tokens: usize,
     },
     /// Many idle connections to a real daemon: memory per connection, and the time to first
     /// token of a new request with them open versus on an idle daemon.
@@ -468,6 +493,32 @@ fn main() -> Result<()> {
             connections,
             samples,
         } => load(&convoy, &model, connections, samples)?,
+        Cmd::Truncation {
+            convoy,
+            model,
+            turns,
+            token_limit,
+            steps,
+            max_tokens,
+        } => {
+            let runs = truncation::run(&convoy, &model, turns, token_limit, &steps, max_tokens)?;
+            println!(
+                "{turns}-turn chat through the daemon, template `character`, token_limit {token_limit}, model {}",
+                model.display()
+            );
+            println!(" step  turns cut  cut changed  turn 2+ prompt tokens  cached  hit ratio");
+            for r in runs {
+                println!(
+                    "{:>5}  {:>9}  {:>11}  {:>21}  {:>6}  {:>9.3}",
+                    r.step,
+                    r.truncated_turns,
+                    r.cut_changes,
+                    r.prompt_tokens,
+                    r.cached_tokens,
+                    r.cached_tokens as f64 / r.prompt_tokens.max(1) as f64
+                );
+            }
+        }
         Cmd::GpuKernels { arch } => {
             use convoy_kernels::cuda::{full_source, nvrtc, SOURCES};
             let (major, minor) = nvrtc::version()?;
@@ -568,33 +619,16 @@ fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
 }
 
 fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Result<()> {
-    use convoy_engine::api::client::Client;
     convoy_engine::api::raise_fd_limit();
-    let dir = std::env::temp_dir().join(format!("convoy-load-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("convoy.sock");
-    let mut child = Command::new(convoy)
-        .args([
-            "serve",
-            "--model",
-            &model.to_string_lossy(),
-            "--socket",
-            &socket.to_string_lossy(),
-            "--max-connections",
-            &(connections + 100).to_string(),
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", convoy.display()))?;
+    let d = daemon::Spawned::start(
+        convoy,
+        model,
+        "load",
+        &["--max-connections".into(), (connections + 100).to_string()],
+    )?;
+    let (socket, child) = (&d.socket, &d.child);
     let result = (|| -> Result<()> {
-        let t = Instant::now();
-        while Client::connect(&socket).is_err() {
-            if t.elapsed().as_secs() > 60 {
-                bail!("the daemon did not start");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        median_ttft(&socket, 3)?; // warm up
+        median_ttft(socket, 3)?; // warm up
         let idle_ttft = median_ttft(&socket, samples)?;
         let rss_before = rss_kib(child.id())?;
         // One file descriptor per connection (the blocking client clones its stream).
@@ -634,11 +668,5 @@ fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Resu
         drop(open);
         Ok(())
     })();
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
     result
 }

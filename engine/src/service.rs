@@ -429,13 +429,10 @@ impl<R: ModelRunner> EngineLoop<R> {
                 cancel.extend(self.deliver(ev));
             }
             for (id, reason) in cancel {
-                // The client went away or fell behind: free its blocks now.
-                let last = self.core.abort(id, reason);
-                if let (Some(ev), Some(mut sink)) = (last, self.sinks.remove(&id)) {
-                    if reason == FinishReason::SlowConsumer {
-                        sink.send(ev);
-                    }
-                }
+                // The client went away or fell behind: free its blocks now. The final event
+                // still goes to the sink (a slow client reads it; for a gone one the sink only
+                // records the request's end).
+                self.abort(id, reason);
             }
         }
     }

@@ -134,6 +134,10 @@ fn queue_full_per_connection_prompt_too_long_for_the_cache_and_blank_or_duplicat
     for i in 0..3 {
         a.send(&json!({"op":"generate","id":format!("q{i}"),"prompt_ids":[5,6,7],"max_tokens":100_000,"ignore_eos":true}))
             .unwrap();
+        if i == 0 {
+            // q0 runs before the others arrive.
+            assert!(matches!(a.recv().unwrap(), Some(ServerEvent::Token { .. })));
+        }
     }
     // q0 runs, q1 and q2 wait: q3 is this connection's third waiting request.
     let mut seen_error = None;

@@ -76,6 +76,17 @@ pub struct OpenAiRequest {
     pub model: Option<String>,
     /// Chat: the conversation.
     pub messages: Option<Vec<MessageIn>>,
+    /// Chat, instead of `messages` (a convoy extension, e.g. the openai client's `extra_body`):
+    /// a prompt template of `--templates` by name (docs/prompts.md).
+    pub template: Option<String>,
+    /// Chat: a prompt template's text, instead of `messages`.
+    pub template_yaml: Option<String>,
+    /// With a template: what it is rendered against.
+    pub variables: Option<Value>,
+    /// With a template: most tokens its parts may hold.
+    pub token_limit: Option<u64>,
+    /// With a template: cuts are rounded up to a multiple of this.
+    pub truncation_step: Option<u64>,
     /// Completions: a string, `[string]`, `[int]` or `[[int]]` (one prompt).
     pub prompt: Option<Value>,
     /// Most tokens to generate (older name).
@@ -275,10 +286,27 @@ pub fn parse_request(
                     "prompt",
                 ));
             }
-            let Some(messages) = r.messages else {
-                return Err(
-                    ApiError::new("missing_field", "messages is required").param("messages")
-                );
+            let templated = r.template.is_some() || r.template_yaml.is_some();
+            for (name, v) in [
+                ("template", r.template.clone().map(Value::from)),
+                ("template_yaml", r.template_yaml.clone().map(Value::from)),
+                ("variables", r.variables.clone()),
+                ("token_limit", r.token_limit.map(Value::from)),
+                ("truncation_step", r.truncation_step.map(Value::from)),
+            ] {
+                if let Some(v) = v {
+                    g.insert(name.into(), v);
+                }
+            }
+            let messages = match r.messages {
+                Some(m) => m,
+                // The socket's checks refuse a template beside messages, or neither.
+                None if templated => Vec::new(),
+                None => {
+                    return Err(
+                        ApiError::new("missing_field", "messages is required").param("messages")
+                    )
+                }
             };
             let mut out = Vec::with_capacity(messages.len());
             for (i, m) in messages.into_iter().enumerate() {
@@ -289,7 +317,9 @@ pub fn parse_request(
                 };
                 out.push(json!({"role": role, "content": message_text(i, m.content)?}));
             }
-            g.insert("messages".into(), Value::Array(out));
+            if !(templated && out.is_empty()) {
+                g.insert("messages".into(), Value::Array(out));
+            }
             let on = match &r.logprobs {
                 None | Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
@@ -471,6 +501,28 @@ mod tests {
 
     fn chat(body: Value) -> Result<Parsed, ApiError> {
         parse_request(Endpoint::Chat, body.to_string().as_bytes(), "m", 4096)
+    }
+
+    #[test]
+    fn a_chat_may_name_a_prompt_template_instead_of_messages() {
+        let p = chat(
+            json!({"template": "character", "variables": {"message": "hi"},
+            "token_limit": 300, "truncation_step": 64}),
+        )
+        .unwrap();
+        let Prompt::Template(t) = &p.generate.prompt else {
+            panic!("{:?}", p.generate.prompt)
+        };
+        assert_eq!(
+            t.source,
+            crate::api::protocol::TemplateSource::Named("character".into())
+        );
+        assert_eq!((t.token_limit, t.truncation_step), (Some(300), Some(64)));
+        assert_eq!(t.variables, json!({"message": "hi"}));
+        let e = chat(json!({"template": "character",
+            "messages": [{"role": "user", "content": "x"}]}))
+        .unwrap_err();
+        assert_eq!(e.code, "conflicting_prompt");
     }
 
     #[test]
