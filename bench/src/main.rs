@@ -629,14 +629,14 @@ fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Resu
     let (socket, child) = (&d.socket, &d.child);
     let result = (|| -> Result<()> {
         median_ttft(socket, 3)?; // warm up
-        let idle_ttft = median_ttft(&socket, samples)?;
+        let idle_ttft = median_ttft(socket, samples)?;
         let rss_before = rss_kib(child.id())?;
         // One file descriptor per connection (the blocking client clones its stream).
         use std::io::{Read, Write};
         let mut open = Vec::with_capacity(connections);
         let t = Instant::now();
         for _ in 0..connections {
-            open.push(std::os::unix::net::UnixStream::connect(&socket)?);
+            open.push(std::os::unix::net::UnixStream::connect(socket)?);
         }
         // Make sure every connection is accepted and served once, then leave them idle.
         for c in open.iter_mut() {
@@ -659,7 +659,7 @@ fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Resu
         let opened = t.elapsed().as_secs_f64();
         std::thread::sleep(std::time::Duration::from_millis(500));
         let rss_after = rss_kib(child.id())?;
-        let busy_ttft = median_ttft(&socket, samples)?;
+        let busy_ttft = median_ttft(socket, samples)?;
         let per_conn = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / connections as f64;
         println!("daemon: {} with {}", convoy.display(), model.display());
         println!("{connections} idle connections opened and answered in {opened:.2} s");
