@@ -144,27 +144,7 @@ enum Command {
     },
     /// Render a prompt template: its parts with their tokens, what truncation keeps, and the
     /// chat the model would see (see docs/prompts.md).
-    Render {
-        /// The template file; the other templates of its directory are loaded for includes.
-        #[arg(long)]
-        template: PathBuf,
-        /// JSON file with the variables (an object); without it the template gets none.
-        #[arg(long)]
-        variables: Option<PathBuf>,
-        /// Most tokens the parts may take, each part tokenized alone (default: no limit).
-        #[arg(long)]
-        token_limit: Option<usize>,
-        /// Round the cut up to a multiple of this many tokens (default 1).
-        #[arg(long, requires = "token_limit")]
-        truncation_step: Option<usize>,
-        /// The model whose tokenizer and chat template to use (default: the SmolLM2 GGUF under
-        /// models/). Loaded only with --model, --token-limit or --format json.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// text (a summary and the chat), json, or yaml (the rendered text before parsing).
-        #[arg(long, default_value = "text")]
-        format: String,
-    },
+    Render(RenderArgs),
     /// Print the token ids of a text.
     Tokenize {
         #[command(flatten)]
@@ -389,21 +369,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Render {
-            template,
-            variables,
-            token_limit,
-            truncation_step,
-            model,
-            format,
-        } => render_template(RenderArgs {
-            template,
-            variables,
-            token_limit,
-            truncation_step,
-            model,
-            format,
-        }),
+        Command::Render(args) => render_template(args),
         Command::Tokenize {
             model,
             text,
@@ -430,12 +396,26 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 /// The options of `convoy render`.
+#[derive(clap::Args, Debug)]
 struct RenderArgs {
+    /// The template file; the other templates of its directory are loaded for includes.
+    #[arg(long)]
     template: PathBuf,
+    /// JSON file with the variables (an object); without it the template gets none.
+    #[arg(long)]
     variables: Option<PathBuf>,
+    /// Most tokens the parts may take, each part tokenized alone (default: no limit).
+    #[arg(long)]
     token_limit: Option<usize>,
+    /// Round the cut up to a multiple of this many tokens (default 1).
+    #[arg(long, requires = "token_limit")]
     truncation_step: Option<usize>,
+    /// The model whose tokenizer and chat template to use (default: the SmolLM2 GGUF under
+    /// models/). Loaded only with --model, --token-limit or --format json.
+    #[arg(long)]
     model: Option<PathBuf>,
+    /// text (a summary and the chat), json, or yaml (the rendered text before parsing).
+    #[arg(long, default_value = "text")]
     format: String,
 }
 
