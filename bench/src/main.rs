@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+mod calibrate;
 mod daemon;
+mod run;
 mod truncation;
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +29,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Drive a daemon (or any OpenAI-compatible server) with a workload and report latency,
+    /// throughput, goodput and the cache's effect (docs/benchmarks.md, docs/workloads.md).
+    Run(Box<run::RunArgs>),
+    /// Measure step times of the engine on this machine into a profile that `convoy plan`
+    /// loads (docs/planning.md).
+    Calibrate(calibrate::CalibrateArgs),
     /// Prefill and decode throughput of the CPU forward pass.
     Cpu {
         #[command(flatten)]
@@ -320,6 +328,8 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, p: usize, n: usize) -> 
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Run(args) => run::main(*args)?,
+        Cmd::Calibrate(args) => calibrate::main(args)?,
         Cmd::Cpu {
             model,
             batch,

@@ -15,6 +15,7 @@ pub mod sampler;
 pub mod service;
 pub mod sim;
 pub mod tokenizer;
+pub mod workload;
 
 pub use convoy_scheduler::FinishReason;
 pub use core::{EngineCore, EngineEvent, EngineRequest, EngineStats, EventKind};

@@ -1,0 +1,310 @@
+//! The report of `convoy-bench run`: what is printed and what is written as JSON. The JSON's
+//! schema is docs/bench-report.schema.json (a test validates a real report against it);
+//! every field is documented there and here. Times are milliseconds, rates per second.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// Version tag of the JSON layout.
+pub const SCHEMA: &str = "convoy-bench-run/1";
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// Always [`SCHEMA`].
+    pub schema: &'static str,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_unix_s: u64,
+    /// The command line.
+    pub command: Vec<String>,
+    /// The machine that ran the load generator.
+    pub machine: Machine,
+    /// Where requests went.
+    pub target: TargetInfo,
+    /// The workload spec as played (after command-line overrides).
+    pub workload: serde_json::Value,
+    /// The service-level objectives that goodput counts.
+    pub slo: Slo,
+    /// One entry per offered load (one for a single run, several for `--sweep`).
+    pub runs: Vec<RunResult>,
+}
+
+/// The load generator's machine.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// CPU model name.
+    pub cpu: String,
+    /// Logical CPUs.
+    pub cpus: usize,
+}
+
+/// Where requests went.
+#[derive(Clone, Debug, Serialize)]
+pub struct TargetInfo {
+    /// `socket` or `openai`.
+    pub kind: String,
+    /// Socket path or base URL.
+    pub address: String,
+    /// Whether `--spawn` started the daemon.
+    pub spawned: bool,
+}
+
+/// Service-level objectives: a request is "good" when it meets every one given.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Slo {
+    /// Time to first token, at most (ms).
+    pub ttft_ms: Option<f64>,
+    /// Time per output token after the first, at most (ms).
+    pub tpot_ms: Option<f64>,
+    /// End-to-end latency, at most (ms).
+    pub e2e_ms: Option<f64>,
+}
+
+impl Slo {
+    /// Whether a request with these latencies meets every objective.
+    pub fn met(&self, ttft_ms: f64, tpot_ms: Option<f64>, e2e_ms: f64) -> bool {
+        self.ttft_ms.is_none_or(|l| ttft_ms <= l)
+            && self.e2e_ms.is_none_or(|l| e2e_ms <= l)
+            && self.tpot_ms.is_none_or(|l| tpot_ms.is_none_or(|t| t <= l))
+    }
+}
+
+/// The offered load of one run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Offered {
+    /// `poisson`, `gamma`, `closed` or `trace`.
+    pub process: String,
+    /// New conversations per second (open processes).
+    pub conversations_per_s: Option<f64>,
+    /// Messages (requests) per second offered: conversations/s times mean turns.
+    pub messages_per_s: Option<f64>,
+    /// Gap coefficient of variation (gamma).
+    pub cv: Option<f64>,
+    /// Conversations alive at once (closed loop).
+    pub concurrency: Option<usize>,
+    /// Seed of this run's draws.
+    pub seed: u64,
+}
+
+/// Percentiles of one latency (ms); all zero when `count` is 0.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// Requests of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Requests {
+    /// Completed.
+    pub completed: u64,
+    /// Failed, by code.
+    pub failed: u64,
+    /// Failures by code (server error codes, `http_<status>`, `disconnected`, `io`, ...).
+    pub errors: BTreeMap<String, u64>,
+    /// Conversations started.
+    pub conversations_started: u64,
+}
+
+/// Throughput of a run over its whole duration.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Throughput {
+    /// Completed requests per second.
+    pub requests_per_s: f64,
+    /// Generated tokens per second.
+    pub output_tokens_per_s: f64,
+    /// Prompt tokens per second.
+    pub prompt_tokens_per_s: f64,
+}
+
+/// Latencies of a run.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Time to first token.
+    pub ttft: Percentiles,
+    /// Time per output token after the first (per request).
+    pub tpot: Percentiles,
+    /// Gaps between successive token events.
+    pub itl: Percentiles,
+    /// Send to the end.
+    pub e2e: Percentiles,
+}
+
+/// Requests meeting every SLO.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Goodput {
+    /// Good requests per second.
+    pub requests_per_s: f64,
+    /// Good requests over completed ones.
+    pub fraction: f64,
+}
+
+/// The prefix cache's effect, from the servers' usage reports.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Cache {
+    /// Prompt tokens of completed requests.
+    pub prompt_tokens: u64,
+    /// Of those, served from the device tier.
+    pub cached_tokens: u64,
+    /// Of those, served from the host tier.
+    pub host_cached_tokens: u64,
+    /// Both tiers over prompt tokens.
+    pub hit_ratio: f64,
+    /// The same over turns 2 and later (the turns a chat cache is for).
+    pub later_turn_hit_ratio: f64,
+}
+
+/// Figures of one turn index of the conversations.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TurnFigures {
+    /// 1-based turn index.
+    pub turn: usize,
+    /// Completed requests.
+    pub requests: u64,
+    /// Time to first token.
+    pub ttft: Percentiles,
+    /// End to end.
+    pub e2e: Percentiles,
+    /// Mean prompt tokens.
+    pub mean_prompt_tokens: f64,
+    /// Cached over prompt tokens.
+    pub hit_ratio: f64,
+}
+
+/// What the server said about itself while the run went (convoy's socket `stats`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Server {
+    /// Samples taken.
+    pub samples: u64,
+    /// Mean of `kv.device_usage`.
+    pub kv_usage_mean: f64,
+    /// Largest `kv.device_usage`.
+    pub kv_usage_max: f64,
+    /// Preemptions during the run.
+    pub preemptions: u64,
+    /// Most requests running at once.
+    pub max_running: usize,
+    /// Most requests waiting at once.
+    pub max_waiting: usize,
+}
+
+/// One offered load's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunResult {
+    /// The load.
+    pub offered: Offered,
+    /// Seconds from the first send to the last end.
+    pub duration_s: f64,
+    /// Counts.
+    pub requests: Requests,
+    /// Throughput.
+    pub throughput: Throughput,
+    /// Latencies.
+    pub latency_ms: Latency,
+    /// Goodput under the report's SLOs.
+    pub goodput: Goodput,
+    /// Cache effect.
+    pub cache: Cache,
+    /// Per turn index.
+    pub by_turn: Vec<TurnFigures>,
+    /// Server samples (socket target only; null otherwise).
+    pub server: Option<Server>,
+}
+
+/// The run as a table (one line per offered load), then per-turn figures of each.
+pub fn print_tables(report: &Report) {
+    println!(
+        "{:>9} {:>7} {:>6} {:>5} {:>7} {:>8} {:>27} {:>13} {:>13} {:>15} {:>9} {:>6}",
+        "conv/s",
+        "msg/s",
+        "done",
+        "fail",
+        "req/s",
+        "out t/s",
+        "TTFT ms p50/p90/p99/max",
+        "TPOT p50/p99",
+        "ITL p50/p99",
+        "E2E ms p50/p99",
+        "goodput",
+        "hit2+"
+    );
+    for r in &report.runs {
+        let l = &r.latency_ms;
+        let load = match (r.offered.conversations_per_s, r.offered.concurrency) {
+            (Some(c), _) => format!("{c:.3}"),
+            (None, Some(n)) => format!("closed {n}"),
+            _ => "trace".into(),
+        };
+        println!(
+            "{:>9} {:>7} {:>6} {:>5} {:>7.3} {:>8.1} {:>27} {:>13} {:>13} {:>15} {:>9.3} {:>5.1}%",
+            load,
+            r.offered
+                .messages_per_s
+                .map_or("-".into(), |m| format!("{m:.3}")),
+            r.requests.completed,
+            r.requests.failed,
+            r.throughput.requests_per_s,
+            r.throughput.output_tokens_per_s,
+            format!(
+                "{:.0}/{:.0}/{:.0}/{:.0}",
+                l.ttft.p50, l.ttft.p90, l.ttft.p99, l.ttft.max
+            ),
+            format!("{:.1}/{:.1}", l.tpot.p50, l.tpot.p99),
+            format!("{:.1}/{:.1}", l.itl.p50, l.itl.p99),
+            format!("{:.0}/{:.0}", l.e2e.p50, l.e2e.p99),
+            r.goodput.requests_per_s,
+            100.0 * r.cache.later_turn_hit_ratio,
+        );
+    }
+    for r in &report.runs {
+        println!();
+        println!(
+            "load {}: hit ratio {:.1}% (device {} + host {} of {} prompt tokens); errors {:?}",
+            r.offered.conversations_per_s.map_or_else(
+                || format!("{:?}", r.offered.concurrency),
+                |c| format!("{c:.3} conv/s")
+            ),
+            100.0 * r.cache.hit_ratio,
+            r.cache.cached_tokens,
+            r.cache.host_cached_tokens,
+            r.cache.prompt_tokens,
+            r.requests.errors
+        );
+        if let Some(s) = &r.server {
+            println!(
+                "server: kv usage mean {:.1}% max {:.1}%, preemptions {}, max running {}, max waiting {}",
+                100.0 * s.kv_usage_mean,
+                100.0 * s.kv_usage_max,
+                s.preemptions,
+                s.max_running,
+                s.max_waiting
+            );
+        }
+        println!(
+            "{:>5} {:>6} {:>12} {:>19} {:>15} {:>7}",
+            "turn", "done", "prompt tok", "TTFT ms p50/p99", "E2E ms p50/p99", "hit"
+        );
+        for t in &r.by_turn {
+            println!(
+                "{:>5} {:>6} {:>12.0} {:>19} {:>15} {:>6.1}%",
+                t.turn,
+                t.requests,
+                t.mean_prompt_tokens,
+                format!("{:.0}/{:.0}", t.ttft.p50, t.ttft.p99),
+                format!("{:.0}/{:.0}", t.e2e.p50, t.e2e.p99),
+                100.0 * t.hit_ratio
+            );
+        }
+    }
+}
