@@ -6,6 +6,7 @@
 #     pinned to CUDA 13.0 so the PTX also loads on a CUDA 13.0 driver) so every CUDA kernel is
 #     compiled in the tests;
 #     and the official `openai` and `prometheus-client` Python packages (the HTTP tests use them);
+#     and Debian's HAProxy (the fleet test, engine/tests/fleet_haproxy.rs), its config checked;
 #  4. every test of the workspace, optimised.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +24,13 @@ export CONVOY_REQUIRE_NVRTC=1
 # The official OpenAI client and Prometheus' parser, for the HTTP face's Python test.
 python3 -m pip install --quiet --disable-pip-version-check "openai==3.57.0" "prometheus-client==0.26.0" 2>&1 | grep -v "running pip as the 'root' user" || true
 export CONVOY_REQUIRE_OPENAI=1
+# The fleet recipe (docs/deploy.md): HAProxy for the fleet test, its config checked in both modes.
+if ! command -v haproxy >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq haproxy >/dev/null
+fi
+CONVOY_REPLICA_1=127.0.0.1:8001 haproxy -c -q -f deploy/haproxy.cfg
+CONVOY_REPLICA_1=127.0.0.1:8001 CONVOY_BALANCE=roundrobin haproxy -c -q -f deploy/haproxy.cfg
+bash -n scripts/fleet.sh
+export CONVOY_REQUIRE_HAPROXY=1
 cargo test --release --workspace

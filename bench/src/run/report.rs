@@ -222,6 +222,15 @@ pub struct RunResult {
     pub server: Option<Server>,
 }
 
+/// How a run's load is named in the tables.
+fn load_label(o: &Offered) -> String {
+    match (o.conversations_per_s, o.concurrency) {
+        (Some(c), _) => format!("{c:.3}"),
+        (None, Some(n)) => format!("closed {n}"),
+        _ => "trace".into(),
+    }
+}
+
 /// The run as a table (one line per offered load), then per-turn figures of each.
 pub fn print_tables(report: &Report) {
     println!(
@@ -241,11 +250,7 @@ pub fn print_tables(report: &Report) {
     );
     for r in &report.runs {
         let l = &r.latency_ms;
-        let load = match (r.offered.conversations_per_s, r.offered.concurrency) {
-            (Some(c), _) => format!("{c:.3}"),
-            (None, Some(n)) => format!("closed {n}"),
-            _ => "trace".into(),
-        };
+        let load = load_label(&r.offered);
         println!(
             "{:>9} {:>7} {:>6} {:>5} {:>7.3} {:>8.1} {:>27} {:>13} {:>13} {:>15} {:>9.3} {:>5.1}%",
             load,
@@ -271,10 +276,7 @@ pub fn print_tables(report: &Report) {
         println!();
         println!(
             "load {}: hit ratio {:.1}% (device {} + host {} of {} prompt tokens); errors {:?}",
-            r.offered.conversations_per_s.map_or_else(
-                || format!("{:?}", r.offered.concurrency),
-                |c| format!("{c:.3} conv/s")
-            ),
+            load_label(&r.offered),
             100.0 * r.cache.hit_ratio,
             r.cache.cached_tokens,
             r.cache.host_cached_tokens,
