@@ -23,7 +23,8 @@
 # threads per replica, 1), KV_MEMORY (device KV cache per replica, 4MiB), BLOCK_SIZE (8),
 # CONVS (conversations, 36), TURNS (4), MAX_TOKENS (reply length, 6), SEED (1),
 # BASE_PORT (replica i listens on BASE_PORT+i, 18100), LB_PORT (18180), STATS_PORT (18184),
-# PHASES ("single sticky roundrobin kill"), CONVOY_BIN (target/release/convoy), KEEP=1
+# PHASES ("single sticky roundrobin kill"; add "bench" to drive the sticky fleet with
+# `convoy-bench run --target openai` too), CONVOY_BIN (target/release/convoy), KEEP=1
 # keeps the work directory (logs, JSON reports).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -192,11 +193,23 @@ for phase in $PHASES; do
             drive kill "$REPLICAS" --kill-pid "${PID[r1]}" --kill-replica r1 \
                 --kill-after "$((CONVS * TURNS * 2 / 5))"
             ;;
+        bench)
+            # The project's load generator through the same sticky fleet (the smoke chat
+            # workload, closed loop), its own table printed; not part of the pass/fail checks.
+            start_fleet bench "$REPLICAS" "$KV_MEMORY" sticky
+            "${CONVOY_BENCH_BIN:-target/release/convoy-bench}" run --target openai \
+                --url "http://127.0.0.1:$LB_PORT" --workload bench/workloads/smoke.toml \
+                --conversations "$CONVS" --duration-s 120 --no-progress --report "$work/bench.json" >&2
+            stop_fleet
+            continue
+            ;;
         *) echo "error: unknown phase $phase" >&2; exit 1 ;;
     esac
     stop_fleet
     reports+=("$work/$phase.json")
 done
 
-echo
-python3 scripts/fleet_driver.py summarize "${reports[@]}"
+if ((${#reports[@]})); then
+    echo
+    python3 scripts/fleet_driver.py summarize "${reports[@]}"
+fi

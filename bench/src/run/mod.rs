@@ -57,8 +57,8 @@ pub struct RunArgs {
     /// Bearer token for the openai target (default: $OPENAI_API_KEY when set).
     #[arg(long)]
     pub api_key: Option<String>,
-    /// The `model` field of OpenAI requests.
-    #[arg(long, default_value = "convoy")]
+    /// The `model` field of OpenAI requests (default: the first model the server lists).
+    #[arg(long, default_value = "")]
     pub model_name: String,
     /// Start `convoy serve` for the run (stopped at the end); daemon flags go after `--`.
     #[arg(long)]
@@ -191,7 +191,7 @@ pub fn main(args: RunArgs) -> Result<()> {
         Arc::new(Workload::new(spec.clone()).map_err(|e| anyhow::anyhow!("{e} [{}]", e.code()))?);
     // The daemon, when we start it; kept alive until the end of the run.
     let mut _spawned = None;
-    let (target, address) = match args.target {
+    let (mut target, address) = match args.target {
         TargetKind::Socket => {
             let socket = if args.spawn {
                 let model = args.model.as_ref().context("--spawn needs --model")?;
@@ -241,7 +241,15 @@ pub fn main(args: RunArgs) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(target.probe())?;
+    // A spawned daemon answers once it is up; give it the time to load its model.
+    let deadline = Instant::now() + Duration::from_secs(if args.spawn { 120 } else { 0 });
+    loop {
+        match rt.block_on(target.probe()) {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 
     let slo = Slo {
         ttft_ms: args.slo_ttft_ms,

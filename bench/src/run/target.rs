@@ -92,7 +92,7 @@ pub struct OpenAiTarget {
     pub url: String,
     /// Bearer token.
     pub api_key: Option<String>,
-    /// The `model` field.
+    /// The `model` field (empty: the first model `/v1/models` lists, found by `probe`).
     pub model: String,
     client: HttpClient<HttpConnector, Full<Bytes>>,
 }
@@ -124,11 +124,12 @@ pub struct Session {
 }
 
 impl Target {
-    /// Check that the server answers, with a clear error when it does not.
-    pub async fn probe(&self) -> anyhow::Result<()> {
+    /// Check that the server answers, with a clear error when it does not; an OpenAI target
+    /// without a model name takes the first one the server lists.
+    pub async fn probe(&mut self) -> anyhow::Result<()> {
         match self {
             Target::Socket(path) => {
-                let mut s = UnixStream::connect(path).await.map_err(|e| {
+                let mut s = UnixStream::connect(&*path).await.map_err(|e| {
                     anyhow::anyhow!("cannot connect to the daemon at {}: {e}", path.display())
                 })?;
                 s.write_all(b"{\"op\":\"health\"}\n").await?;
@@ -143,14 +144,35 @@ impl Target {
                 }
             }
             Target::OpenAi(t) => {
-                let req = hyper::Request::get(format!("{}/v1/models", t.url))
-                    .body(Full::new(Bytes::new()))?;
+                let mut req = hyper::Request::get(format!("{}/v1/models", t.url));
+                if let Some(k) = &t.api_key {
+                    req = req.header("authorization", format!("Bearer {k}"));
+                }
+                let req = req.body(Full::new(Bytes::new()))?;
                 let resp = tokio::time::timeout(Duration::from_secs(10), t.client.request(req))
                     .await
                     .map_err(|_| anyhow::anyhow!("{} did not answer in 10 s", t.url))?
                     .map_err(|e| anyhow::anyhow!("cannot reach {}: {e}", t.url))?;
-                if !resp.status().is_success() && resp.status() != hyper::StatusCode::UNAUTHORIZED {
-                    anyhow::bail!("GET {}/v1/models answered {}", t.url, resp.status());
+                let status = resp.status();
+                let body = resp.into_body().collect().await?.to_bytes();
+                if !status.is_success() {
+                    anyhow::bail!(
+                        "GET {}/v1/models answered {status}: {}",
+                        t.url,
+                        String::from_utf8_lossy(&body)
+                            .chars()
+                            .take(200)
+                            .collect::<String>()
+                    );
+                }
+                if t.model.is_empty() {
+                    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    t.model = v["data"][0]["id"]
+                        .as_str()
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("{}/v1/models lists no model: give --model-name", t.url)
+                        })?
+                        .to_string();
                 }
                 Ok(())
             }
