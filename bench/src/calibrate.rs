@@ -1,12 +1,248 @@
-//! `convoy-bench calibrate` (being written).
+//! `convoy-bench calibrate`: measure step times of the real CPU forward pass on this machine at
+//! a grid of batch shapes (prompt chunks at several context lengths, decode batches at several
+//! sizes and contexts, and a mixed step), fit the simulator's linear cost model to them by
+//! least squares on relative error, print the fit's error per shape, and write a profile that
+//! `convoy plan --profile` loads (docs/planning.md).
+//!
+//! The profile carries the model's shape, the KV memory the daemon would size from the same
+//! `--kv-cache-memory`/`--host-cache-memory`/`--block-size` flags, and `convoy serve`'s
+//! scheduler defaults, so the planner can model one daemon exactly as it starts.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use convoy_engine::options::{parse_bytes, ModelArgs};
+use convoy_engine::plan::profile::{
+    fit_linear, KvMemory, ModelShape, Profile, ReplicaDefaults, PROFILE_FORMAT,
+};
+use convoy_engine::sim::{CostModel, StepShape};
+use convoy_engine::{ForwardBatch, LlamaModel};
 
 /// Arguments of `convoy-bench calibrate`.
 #[derive(clap::Args)]
-pub struct CalibrateArgs {}
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Write the profile here.
+    #[arg(long, default_value = "profile.json")]
+    out: PathBuf,
+    /// Timings per shape; the median is kept.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32")]
+    decode_batch: Vec<usize>,
+    /// Context lengths (tokens already cached).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
+    context: Vec<usize>,
+    /// Prompt chunk sizes.
+    #[arg(long, value_delimiter = ',', default_value = "32,128,384")]
+    prefill: Vec<usize>,
+}
+
+/// One measured step: its shape and its median time.
+struct Sample {
+    label: String,
+    shape: StepShape,
+    seconds: f64,
+}
+
+/// The features of the linear model: 1, prompt tokens, decoding sequences, context tokens
+/// read, attention pairs.
+fn features(s: &StepShape) -> Vec<f64> {
+    vec![
+        1.0,
+        s.prefill_tokens as f64,
+        s.decode_seqs as f64,
+        s.kv_tokens as f64,
+        s.attention_pairs as f64,
+    ]
+}
+
+/// Time a step of sequences `(new tokens, cached tokens)`, each sampling its last row.
+fn time_step(
+    model: &LlamaModel,
+    cache: &mut convoy_engine::KvCache,
+    num_blocks: usize,
+    block_size: usize,
+    seqs: &[(usize, usize)],
+    reps: usize,
+) -> Option<(StepShape, f64)> {
+    let vocab = model.config.vocab_size as u32;
+    let mut next_block = 0u32;
+    let mut fb = ForwardBatch::default();
+    let mut shape = StepShape::default();
+    for (i, &(n, c)) in seqs.iter().enumerate() {
+        let blocks = (n + c).div_ceil(block_size) as u32;
+        if (next_block + blocks) as usize > num_blocks {
+            return None;
+        }
+        let table: Vec<u32> = (next_block..next_block + blocks).collect();
+        next_block += blocks;
+        let tokens: Vec<u32> = (0..n)
+            .map(|t| ((t * 7919 + i * 104_729 + 13) as u32) % vocab)
+            .collect();
+        fb.push_seq(&tokens, c, &table, block_size, true);
+        if n == 1 {
+            shape.decode_seqs += 1;
+        } else {
+            shape.prefill_tokens += n;
+        }
+        shape.kv_tokens += c + n;
+        shape.attention_pairs += (n * c + n * (n + 1) / 2) as u64;
+        shape.sampled += 1;
+    }
+    let mut times: Vec<f64> = (0..reps.max(1) + 1)
+        .map(|_| {
+            let t = Instant::now();
+            std::hint::black_box(model.forward(&fb, cache));
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.remove(0); // the first run warms caches and the thread pool
+    times.sort_by(f64::total_cmp);
+    Some((shape, times[times.len() / 2]))
+}
 
 /// Run the calibration.
-pub fn main(_args: CalibrateArgs) -> Result<()> {
-    anyhow::bail!("not built yet")
+pub fn main(args: CalibrateArgs) -> Result<()> {
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let cfg = &model.config;
+    let block_size = loaded.block_size;
+    let num_blocks = loaded.num_blocks;
+    let mut cache = model.new_kv_cache(num_blocks, block_size);
+    let path = args.model.model_path()?;
+    let name = path
+        .file_stem()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    println!(
+        "calibrating {} on {} threads: {} KV blocks of {} tokens, median of {} per shape",
+        path.display(),
+        convoy_kernels::cpu::pool::num_threads(),
+        num_blocks,
+        block_size,
+        args.reps
+    );
+    let mut shapes: Vec<(String, Vec<(usize, usize)>)> = Vec::new();
+    for &c in std::iter::once(&0).chain(&args.context) {
+        for &n in &args.prefill {
+            shapes.push((format!("prefill {n} at context {c}"), vec![(n, c)]));
+        }
+    }
+    for &c in &args.context {
+        for &b in &args.decode_batch {
+            shapes.push((format!("decode x{b} at context {c}"), vec![(1, c); b]));
+        }
+    }
+    let b = args.decode_batch.iter().copied().max().unwrap_or(8).min(16);
+    let c = args.context.first().copied().unwrap_or(128);
+    let n = args.prefill.get(1).copied().unwrap_or(128);
+    let mut mixed = vec![(1, c); b];
+    mixed.push((n, c));
+    shapes.push((
+        format!("mixed: decode x{b} + prefill {n} at context {c}"),
+        mixed,
+    ));
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for (label, seqs) in shapes {
+        match time_step(model, &mut cache, num_blocks, block_size, &seqs, args.reps) {
+            Some((shape, seconds)) => samples.push(Sample {
+                label,
+                shape,
+                seconds,
+            }),
+            None => println!("  skipped {label}: does not fit {num_blocks} KV blocks"),
+        }
+    }
+    if samples.len() < 4 {
+        bail!(
+            "only {} shapes fit the KV cache; give a larger --kv-cache-memory",
+            samples.len()
+        );
+    }
+    let rows: Vec<(Vec<f64>, f64)> = samples
+        .iter()
+        .map(|s| (features(&s.shape), s.seconds))
+        .collect();
+    let Some((c, quality)) = fit_linear(&rows) else {
+        bail!("the least-squares fit is singular (too few distinct shapes)");
+    };
+    let kv_per_token =
+        convoy_engine::KvCache::block_bytes(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim);
+    let cost = CostModel {
+        fixed_s: c[0],
+        prefill_token_s: c[1],
+        decode_token_s: c[2],
+        kv_token_s: c[3],
+        attention_pair_s: c[4],
+        // Swaps are memory copies on the CPU backend: ~10 GB/s.
+        copy_token_s: kv_per_token as f64 / 10e9,
+        roofline: None,
+    };
+    println!(
+        "{:<46} {:>12} {:>12} {:>8}",
+        "shape", "measured ms", "model ms", "error"
+    );
+    for s in &samples {
+        let p = cost.time(&s.shape);
+        println!(
+            "{:<46} {:>12.2} {:>12.2} {:>7.1}%",
+            s.label,
+            s.seconds * 1e3,
+            p * 1e3,
+            100.0 * (p - s.seconds) / s.seconds
+        );
+    }
+    println!(
+        "fit: step = {:.3} ms + {:.1} us x prompt token + {:.1} us x decoding sequence + {:.2} ns x context token + {:.2} ns x attention pair",
+        c[0] * 1e3,
+        c[1] * 1e6,
+        c[2] * 1e6,
+        c[3] * 1e9,
+        c[4] * 1e9
+    );
+    println!(
+        "fit error over {} shapes: rms {:.1}%, max {:.1}%  ({:.1} s of measuring)",
+        quality.samples,
+        100.0 * quality.rms_relative_error,
+        100.0 * quality.max_relative_error,
+        started.elapsed().as_secs_f64()
+    );
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let threads = convoy_kernels::cpu::pool::num_threads();
+    let profile = Profile {
+        format: PROFILE_FORMAT.into(),
+        name: format!("{name} on {cpu} ({threads} threads)"),
+        source: "calibrate".into(),
+        model: ModelShape::from_config(&name, cfg),
+        memory: KvMemory {
+            kv_cache_bytes: parse_bytes(&args.model.kv_cache_memory)? as u64,
+            host_cache_bytes: parse_bytes(&args.model.host_cache_memory)? as u64,
+            block_size,
+            kv_bytes_per_token: kv_per_token as u64,
+        },
+        defaults: ReplicaDefaults::default(),
+        cost,
+        fit: Some(quality),
+        notes: format!(
+            "convoy-bench calibrate: forward pass only (scheduler and sampling not timed), median of {} runs per shape",
+            args.reps
+        ),
+    };
+    if let Err(e) = profile.validate() {
+        bail!("the fitted profile is not valid: {e}");
+    }
+    profile.save(&args.out)?;
+    println!("wrote {}", args.out.display());
+    Ok(())
 }

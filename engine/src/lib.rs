@@ -9,6 +9,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod options;
+pub mod plan;
 pub mod prompt;
 pub mod runner;
 pub mod sampler;

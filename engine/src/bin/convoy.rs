@@ -145,6 +145,9 @@ enum Command {
     /// Render a prompt template: its parts with their tokens, what truncation keeps, and the
     /// chat the model would see (see docs/prompts.md).
     Render(RenderArgs),
+    /// Capacity planning on the simulation backend: the fewest GPUs that meet latency SLOs
+    /// for a workload, the latencies of a given fleet, and the curve between (docs/planning.md).
+    Plan(Box<convoy_engine::plan::cli::PlanArgs>),
     /// Print the token ids of a text.
     Tokenize {
         #[command(flatten)]
@@ -370,6 +373,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Render(args) => render_template(args),
+        Command::Plan(args) => convoy_engine::plan::cli::run(*args),
         Command::Tokenize {
             model,
             text,
