@@ -124,6 +124,9 @@ pub struct PlanArgs {
     /// Write the curve as CSV.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Draw the curve (latencies against GPUs, SLOs as lines) as SVG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
     /// Print one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -474,6 +477,26 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         std::fs::write(path, csv).map_err(|e| {
             PlanError::invalid("--csv", format!("cannot write {}: {e}", path.display()))
         })?;
+    }
+    if let Some(path) = &args.plot {
+        let lines: Vec<(&str, f64)> = [
+            ("TTFT p50", slo.ttft_p50_ms),
+            ("TTFT p99", slo.ttft_p99_ms),
+            ("E2E p99", slo.e2e_p99_ms),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| (n, v)))
+        .collect();
+        super::plot::write_curve_svg(
+            path,
+            &planner
+                .messages_per_s
+                .map_or("convoy plan".to_string(), |r| {
+                    format!("convoy plan: {r:.0} messages/s")
+                }),
+            &curve,
+            &lines,
+        )?;
     }
     if args.json {
         println!("{doc}");

@@ -14,6 +14,7 @@
 
 pub mod cli;
 pub mod fleet;
+pub mod plot;
 pub mod profile;
 pub mod search;
 
