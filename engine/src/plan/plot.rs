@@ -9,6 +9,9 @@ use plotters::prelude::*;
 use super::fleet::FleetReport;
 use super::PlanError;
 
+/// One latency of a fleet report.
+type Metric = fn(&FleetReport) -> f64;
+
 /// Write the curve (`(report, meets)` per fleet size) to `path`. `slo_lines` are drawn as
 /// dashed horizontal lines with their names.
 pub fn write_curve_svg(
@@ -29,7 +32,7 @@ fn draw(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut pts: Vec<&FleetReport> = curve.iter().map(|(r, _)| r).collect();
     pts.sort_by_key(|r| r.gpus);
-    let series: [(&str, fn(&FleetReport) -> f64); 3] = [
+    let series: [(&str, Metric); 3] = [
         ("TTFT p50", |r| r.ttft_p50_ms),
         ("TTFT p99", |r| r.ttft_p99_ms),
         ("E2E p99", |r| r.e2e_p99_ms),
