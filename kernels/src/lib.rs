@@ -9,8 +9,9 @@
 //! SIMD loops rely on are checked once per call, and a bad argument is a panic (documented
 //! under `# Panics`) or an error (`try_paged_attention`), never an out-of-bounds access.
 //!
-//! Code paths: AVX-512 where the processor has it, scalar otherwise; `CONVOY_FORCE_SCALAR=1` or
-//! [`with_kernel_path`] forces the scalar code (see [`cpu`]).
+//! Code paths: AVX-512 where the processor has it, else AVX2 + FMA where it has those, scalar
+//! otherwise; `CONVOY_FORCE_SCALAR=1`, `CONVOY_KERNEL_PATH=avx512|avx2|portable` or
+//! [`with_kernel_path`] limit the choice (see [`cpu`]).
 //!
 //! Batch invariance: every output element of every kernel is computed by the same sequence of
 //! floating-point operations whatever the batch size or the tile it falls in, so a sequence's
@@ -24,6 +25,9 @@ pub use cpu::attention::{
 pub use cpu::matmul::matmul;
 pub use cpu::matrix::{Matrix, MatrixError, WeightFormat};
 pub use cpu::ops::{add_bias, add_in_place, rms_norm, rope_half_split, silu_mul};
-pub use cpu::{has_avx512, scalar_forced_by_env, simd_active, with_kernel_path, KernelPath};
+pub use cpu::{
+    active_kernel_path, has_avx2, has_avx512, kernel_path_from_env, scalar_forced_by_env,
+    simd_active, with_kernel_path, KernelPath,
+};
 
 pub mod cuda;

@@ -1,25 +1,28 @@
-//! The AVX-512 kernels against the scalar ones, side by side in one process: `with_kernel_path`
-//! picks the path per calling thread, so these tests race with nothing.
+//! Every kernel path the processor has (AVX-512, AVX2 + FMA, portable scalar), side by side in
+//! one process: `with_kernel_path` picks the path per calling thread, so these tests race with
+//! nothing.
 //!
 //! What equality holds between the paths:
 //! - rope, SiLU gate, residual and bias adds have no SIMD code: bit-identical.
-//! - matmul, rms_norm and paged attention differ in summation order only (16 lanes plus a fixed
-//!   horizontal reduction, fused multiply-adds, against one sequential sum; for Q4_1 the
-//!   decode `d * q + m` is fused too). Each path is checked against an f64 reference within
-//!   the standard rounding bound of its sums (`n` terms: `n * EPSILON * sum |terms|`), and the
-//!   paths against each other within the sum of their two bounds. Actual differences are a few
-//!   ulps; a real bug (a wrong row, head or position) is orders of magnitude larger.
+//! - matmul, rms_norm and paged attention differ in summation order only (16 or 8 lanes plus a
+//!   fixed horizontal reduction, fused multiply-adds, against one sequential sum; for Q4_1 the
+//!   decode `d * q + m` is fused too on the SIMD paths). Each path is checked against an f64
+//!   reference within the standard rounding bound of its sums (`n` terms:
+//!   `n * EPSILON * sum |terms|`), and the paths against the scalar one within the sum of their
+//!   two bounds. Actual differences are a few ulps; a real bug (a wrong row, head or position)
+//!   is orders of magnitude larger.
 //! - Each path on its own is batch invariant: bit-identical outputs whatever else shares the
-//!   batch.
+//!   batch, and whatever the number of pool threads (checked in child processes, since the
+//!   pool's size is fixed when it starts).
 //!
-//! On a processor without AVX-512 (or with `CONVOY_FORCE_SCALAR` set) both runs are scalar and
-//! the comparisons hold trivially; the tests say so on stderr.
+//! Paths the processor lacks (or that `CONVOY_FORCE_SCALAR` / `CONVOY_KERNEL_PATH` rule out)
+//! are skipped; the tests say on stderr which ones ran.
 
 use convoy_kernels::{
-    has_avx512, matmul, paged_attention, rms_norm, scalar_forced_by_env, simd_active,
-    with_kernel_path, AttentionSeq, AttentionShape, KernelPath, Matrix, WeightFormat,
+    active_kernel_path, has_avx2, has_avx512, kernel_path_from_env, matmul, paged_attention,
+    rms_norm, scalar_forced_by_env, simd_active, with_kernel_path, AttentionSeq, AttentionShape,
+    KernelPath, Matrix, WeightFormat,
 };
-
 struct Lcg(u64);
 
 impl Lcg {
@@ -45,70 +48,177 @@ impl Lcg {
     }
 }
 
-/// `f` on the default path (AVX-512 where available) and on the scalar path.
-fn both<R>(f: impl Fn() -> R) -> (R, R) {
-    (
-        with_kernel_path(KernelPath::Auto, &f),
-        with_kernel_path(KernelPath::Scalar, &f),
-    )
+/// The distinct paths this process can run (the scalar one first), each as the `KernelPath`
+/// that selects it.
+fn paths() -> Vec<KernelPath> {
+    let mut out = Vec::new();
+    for p in [KernelPath::Scalar, KernelPath::Avx2, KernelPath::Avx512] {
+        let active = with_kernel_path(p, active_kernel_path);
+        if !out.contains(&active) {
+            out.push(active);
+        }
+    }
+    out
+}
+
+/// `f` on every path of [`paths`]: `(path, result)`, the scalar one first.
+fn every_path<R>(f: impl Fn() -> R) -> Vec<(KernelPath, R)> {
+    paths()
+        .into_iter()
+        .map(|p| (p, with_kernel_path(p, &f)))
+        .collect()
 }
 
 fn say_which_paths(test: &str) {
-    let simd = with_kernel_path(KernelPath::Auto, simd_active);
-    eprintln!(
-        "{test}: comparing {} against scalar",
-        if simd {
-            "AVX-512"
-        } else {
-            "scalar (no AVX-512 here, or CONVOY_FORCE_SCALAR set)"
-        }
-    );
+    eprintln!("{test}: running the paths {:?}", paths());
+}
+
+/// The path `Auto` resolves to here, from the processor and the environment alone.
+fn expected_default() -> KernelPath {
+    let ceiling = if scalar_forced_by_env() {
+        KernelPath::Scalar
+    } else {
+        kernel_path_from_env()
+    };
+    let rank = |p: KernelPath| match p {
+        KernelPath::Scalar => 0,
+        KernelPath::Avx2 => 1,
+        KernelPath::Avx512 | KernelPath::Auto => 2,
+    };
+    if has_avx512() && rank(ceiling) >= 2 {
+        KernelPath::Avx512
+    } else if has_avx2() && rank(ceiling) >= 1 {
+        KernelPath::Avx2
+    } else {
+        KernelPath::Scalar
+    }
 }
 
 #[test]
 fn the_kernel_path_switch_is_scoped_to_the_calling_thread() {
-    let auto = has_avx512() && !scalar_forced_by_env();
-    assert_eq!(simd_active(), auto);
+    let auto = expected_default();
+    assert_eq!(active_kernel_path(), auto);
+    assert_eq!(simd_active(), auto != KernelPath::Scalar);
     with_kernel_path(KernelPath::Scalar, || {
         assert!(!simd_active());
+        assert_eq!(active_kernel_path(), KernelPath::Scalar);
         // Another thread keeps the default.
-        assert_eq!(std::thread::spawn(simd_active).join().unwrap(), auto);
+        assert_eq!(std::thread::spawn(active_kernel_path).join().unwrap(), auto);
         // A nested scope overrides, and restores on the way out.
-        with_kernel_path(KernelPath::Auto, || assert_eq!(simd_active(), auto));
+        with_kernel_path(KernelPath::Auto, || assert_eq!(active_kernel_path(), auto));
+        // Avx2 is a ceiling: never above the default, AVX2 itself where the processor has it.
+        let avx2 = with_kernel_path(KernelPath::Avx2, active_kernel_path);
+        let want = if auto == KernelPath::Scalar {
+            KernelPath::Scalar
+        } else {
+            KernelPath::Avx2
+        };
+        assert_eq!(avx2, want);
+        assert_eq!(
+            with_kernel_path(KernelPath::Avx512, active_kernel_path),
+            auto
+        );
         assert!(!simd_active());
     });
-    assert_eq!(simd_active(), auto);
+    assert_eq!(active_kernel_path(), auto);
     // Restored after a panic too.
     let r = std::panic::catch_unwind(|| with_kernel_path(KernelPath::Scalar, || panic!("inside")));
     assert!(r.is_err());
-    assert_eq!(simd_active(), auto);
+    assert_eq!(active_kernel_path(), auto);
 }
 
-/// The child half of the test below: runs in a process started with `CONVOY_FORCE_SCALAR=1`.
+#[test]
+fn kernel_path_names_parse() {
+    for (s, p) in [
+        ("auto", KernelPath::Auto),
+        ("AVX512", KernelPath::Avx512),
+        ("avx2", KernelPath::Avx2),
+        ("portable", KernelPath::Scalar),
+        ("scalar", KernelPath::Scalar),
+    ] {
+        assert_eq!(KernelPath::parse(s), Some(p), "{s}");
+    }
+    assert_eq!(KernelPath::parse("sse9"), None);
+}
+
+/// The child half of the tests below: runs in a process started with an environment to test.
 const CHILD: &str = "CONVOY_KERNELS_TEST_CHILD";
+
+/// Run the test `name` of this binary alone in a child process with `env` set, and assert it
+/// passed; returns its stdout.
+fn run_child(name: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([name, "--exact", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .env_remove("CONVOY_FORCE_SCALAR")
+        .env_remove("CONVOY_KERNEL_PATH");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child run {env:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
 
 #[test]
 fn convoy_force_scalar_env_turns_simd_off_for_the_whole_process() {
     if std::env::var_os(CHILD).is_some() {
         assert!(scalar_forced_by_env());
         assert!(!simd_active());
-        assert!(!with_kernel_path(KernelPath::Auto, simd_active));
+        for p in [KernelPath::Auto, KernelPath::Avx2, KernelPath::Avx512] {
+            assert_eq!(with_kernel_path(p, active_kernel_path), KernelPath::Scalar);
+        }
         assert!(!std::thread::spawn(simd_active).join().unwrap());
         return;
     }
     let name = "convoy_force_scalar_env_turns_simd_off_for_the_whole_process";
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--test-threads=1"])
-        .env("CONVOY_FORCE_SCALAR", "1")
-        .env(CHILD, "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_child(name, &[("CONVOY_FORCE_SCALAR", "1")]);
+    // It wins over CONVOY_KERNEL_PATH.
+    run_child(
+        name,
+        &[
+            ("CONVOY_FORCE_SCALAR", "1"),
+            ("CONVOY_KERNEL_PATH", "avx512"),
+        ],
     );
+}
+
+#[test]
+fn convoy_kernel_path_env_caps_the_path_of_the_whole_process() {
+    if let Some(cap) = std::env::var_os("CONVOY_KERNELS_TEST_CAP") {
+        let cap = KernelPath::parse(cap.to_str().unwrap()).unwrap();
+        assert_eq!(kernel_path_from_env(), cap);
+        let want = match cap {
+            KernelPath::Scalar => KernelPath::Scalar,
+            KernelPath::Avx2 if has_avx2() => KernelPath::Avx2,
+            KernelPath::Avx2 => KernelPath::Scalar,
+            _ => unreachable!(),
+        };
+        for p in [KernelPath::Auto, KernelPath::Avx2, KernelPath::Avx512] {
+            assert_eq!(with_kernel_path(p, active_kernel_path), want, "{p:?}");
+        }
+        assert_eq!(std::thread::spawn(active_kernel_path).join().unwrap(), want);
+        assert_eq!(
+            with_kernel_path(KernelPath::Scalar, active_kernel_path),
+            KernelPath::Scalar
+        );
+        return;
+    }
+    let name = "convoy_kernel_path_env_caps_the_path_of_the_whole_process";
+    for cap in ["portable", "avx2"] {
+        run_child(
+            name,
+            &[
+                ("CONVOY_KERNEL_PATH", cap),
+                ("CONVOY_KERNELS_TEST_CAP", cap),
+            ],
+        );
+    }
 }
 
 fn random_matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) -> Matrix {
@@ -130,72 +240,103 @@ fn random_matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) 
     Matrix::from_blocks(format, rows, cols, bytes).unwrap()
 }
 
-#[test]
-fn matmul_simd_and_scalar_agree_for_every_format_and_tile_shape() {
-    say_which_paths("matmul");
-    let mut rng = Lcg(11);
+/// The formats and shapes the matmul tests run: block counts of 1 to 8 per row, row counts
+/// that leave every kind of remainder in the tiles (8, 4, 2 and 1 rows), f32 rows with masked
+/// tails of 5 and 3 columns.
+fn matmul_cases(rng: &mut Lcg) -> Vec<Matrix> {
+    let mut out = Vec::new();
     for format in [
         WeightFormat::F32,
         WeightFormat::Q8_0,
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
     ] {
-        for (rows, cols) in [(37, 64), (96, 160), (13, 32), (130, 256)] {
-            // f32 rows that are not a whole number of vectors exercise the masked tail.
-            let cols = if format == WeightFormat::F32 {
-                cols + 5
-            } else {
-                cols
+        for (rows, cols) in [(37, 64), (96, 160), (13, 32), (130, 256), (15, 96)] {
+            let cols = match format {
+                WeightFormat::F32 if rows == 15 => cols + 3,
+                WeightFormat::F32 => cols + 5,
+                _ => cols,
             };
-            let w = random_matrix(format, rows, cols, &mut rng);
-            let mut wrow = vec![0f32; cols];
-            // 8 and 17 tokens take the 8-token tiles, the others the 4-token ones.
-            for n in [1, 2, 3, 5, 8, 17] {
-                let x = rng.vec(n * cols);
-                let run = |x: &[f32], n: usize| {
-                    let mut y = vec![0f32; n * rows];
-                    matmul(x, n, &w, &mut y);
-                    y
-                };
-                let (simd, scalar) = both(|| run(&x, n));
-                for r in 0..rows {
-                    w.row_to_f32(r, &mut wrow);
-                    for t in 0..n {
-                        let xt = &x[t * cols..(t + 1) * cols];
-                        let exact: f64 = wrow
-                            .iter()
-                            .zip(xt)
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum();
-                        // Summation bound plus, for Q4_1, one rounding of `d * q + m` per
-                        // weight (|d * q| + |m| <= |w| + 2 |m| <= |w| + 0.25).
-                        let mag: f64 = wrow
-                            .iter()
-                            .zip(xt)
-                            .map(|(&a, &b)| (a.abs() as f64 + 0.25) * b.abs() as f64)
-                            .sum();
-                        let tol = (cols + 4) as f64 * f32::EPSILON as f64 * mag;
-                        let (a, b) = (simd[t * rows + r] as f64, scalar[t * rows + r] as f64);
-                        let ctx = format!("{format:?} {rows}x{cols} n={n} t={t} r={r}");
-                        assert!((a - exact).abs() <= tol, "{ctx}: SIMD {a} vs exact {exact}");
-                        assert!(
-                            (b - exact).abs() <= tol,
-                            "{ctx}: scalar {b} vs exact {exact}"
-                        );
-                        assert!((a - b).abs() <= tol, "{ctx}: SIMD {a} vs scalar {b}");
+            out.push(random_matrix(format, rows, cols, rng));
+        }
+    }
+    out
+}
+
+/// `y = x w^T` for `n` tokens of `x`.
+fn run_matmul(w: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * w.rows()];
+    matmul(&x[..n * w.cols()], n, w, &mut y);
+    y
+}
+
+#[test]
+fn matmul_every_path_matches_f64_for_every_format_and_tile_shape_and_is_batch_invariant() {
+    say_which_paths("matmul");
+    let mut rng = Lcg(11);
+    const MAX_TOKENS: usize = 17;
+    for w in matmul_cases(&mut rng) {
+        let (rows, cols, format) = (w.rows(), w.cols(), w.format());
+        let x = rng.vec(MAX_TOKENS * cols);
+        // The exact products and the rounding bound of each output.
+        let mut wrow = vec![0f32; cols];
+        let mut exact = vec![(0f64, 0f64); MAX_TOKENS * rows];
+        for r in 0..rows {
+            w.row_to_f32(r, &mut wrow);
+            for t in 0..MAX_TOKENS {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let e: f64 = wrow
+                    .iter()
+                    .zip(xt)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                // Summation bound plus, for Q4_1, one rounding of `d * q + m` per weight
+                // (|d * q| + |m| <= |w| + 2 |m| <= |w| + 0.25).
+                let mag: f64 = wrow
+                    .iter()
+                    .zip(xt)
+                    .map(|(&a, &b)| (a.abs() as f64 + 0.25) * b.abs() as f64)
+                    .sum();
+                exact[t * rows + r] = (e, (cols + 4) as f64 * f32::EPSILON as f64 * mag);
+            }
+        }
+        // Each token alone, on each path.
+        let singles = every_path(|| {
+            (0..MAX_TOKENS)
+                .map(|t| run_matmul(&w, &x[t * cols..], 1))
+                .collect::<Vec<_>>()
+        });
+        // Batches of 1..=9 take every tile shape of every path (8-token tiles and the 4-token
+        // ones of AVX-512, 1..=4-token ones of AVX2); 12 and 17 take several tiles in a row.
+        for n in (1..=9).chain([12, MAX_TOKENS]) {
+            let batch = every_path(|| run_matmul(&w, &x, n));
+            let scalar = &batch[0].1;
+            for ((path, y), (_, alone)) in batch.iter().zip(&singles) {
+                for t in 0..n {
+                    let ctx = format!("{path:?} {format:?} {rows}x{cols} n={n} t={t}");
+                    for r in 0..rows {
+                        let (e, tol) = exact[t * rows + r];
+                        let (a, b) = (y[t * rows + r] as f64, scalar[t * rows + r] as f64);
+                        assert!((a - e).abs() <= tol, "{ctx} r={r}: {a} vs exact {e}");
+                        assert!((a - b).abs() <= 2.0 * tol, "{ctx} r={r}: {a} vs scalar {b}");
                     }
-                }
-                // Each path is batch invariant on its own.
-                for t in [0, n / 2, n - 1] {
-                    let xt = &x[t * cols..(t + 1) * cols];
-                    let (simd1, scalar1) = both(|| run(xt, 1));
-                    let ctx = format!("{format:?} {rows}x{cols} n={n} t={t}");
-                    assert_eq!(simd1, simd[t * rows..(t + 1) * rows], "SIMD {ctx}");
-                    assert_eq!(scalar1, scalar[t * rows..(t + 1) * rows], "scalar {ctx}");
+                    // Batch invariance: bit-identical to the token alone.
+                    assert_eq!(
+                        alone[t],
+                        y[t * rows..(t + 1) * rows],
+                        "{ctx}: alone vs batch"
+                    );
                 }
             }
         }
     }
+}
+
+/// `rms_norm` of `x` (rows of `weight.len()`).
+fn run_rms_norm(x: &[f32], weight: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    rms_norm(x, weight, 1e-5, &mut out);
+    out
 }
 
 #[test]
@@ -207,22 +348,23 @@ fn rms_norm_and_the_other_ops_agree_between_paths() {
         for rows in [3, 40] {
             let x = rng.vec(rows * d);
             let weight = rng.vec(d);
-            let run = |x: &[f32]| {
-                let mut out = vec![0f32; x.len()];
-                rms_norm(x, &weight, 1e-5, &mut out);
-                out
-            };
-            let (simd, scalar) = both(|| run(&x));
-            for (i, (&a, &b)) in simd.iter().zip(&scalar).enumerate() {
-                // Both mean squares are sums of `d` positive terms: relative error below
-                // d * EPSILON / 2 each; the square root halves it, a few roundings follow.
-                let tol = (d + 8) as f32 * f32::EPSILON * b.abs();
-                assert!((a - b).abs() <= tol, "d={d} i={i}: SIMD {a} vs scalar {b}");
-            }
-            for t in [0, rows - 1] {
-                let (simd1, scalar1) = both(|| run(&x[t * d..(t + 1) * d]));
-                assert_eq!(simd1, simd[t * d..(t + 1) * d], "SIMD d={d} t={t}");
-                assert_eq!(scalar1, scalar[t * d..(t + 1) * d], "scalar d={d} t={t}");
+            let all = every_path(|| run_rms_norm(&x, &weight));
+            let scalar = &all[0].1;
+            for (path, y) in &all {
+                for (i, (&a, &b)) in y.iter().zip(scalar).enumerate() {
+                    // Both mean squares are sums of `d` positive terms: relative error below
+                    // d * EPSILON / 2 each; the square root halves it, a few roundings follow.
+                    let tol = (d + 8) as f32 * f32::EPSILON * b.abs();
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{path:?} d={d} i={i}: {a} vs scalar {b}"
+                    );
+                }
+                for t in [0, rows / 2, rows - 1] {
+                    let alone =
+                        with_kernel_path(*path, || run_rms_norm(&x[t * d..(t + 1) * d], &weight));
+                    assert_eq!(alone, y[t * d..(t + 1) * d], "{path:?} d={d} t={t}");
+                }
             }
         }
     }
@@ -233,7 +375,7 @@ fn rms_norm_and_the_other_ops_agree_between_paths() {
     let sin = rng.vec(rows * hd / 2);
     let up = rng.vec(x.len());
     let bias = rng.vec(heads * hd);
-    let (simd, scalar) = both(|| {
+    let all = every_path(|| {
         let mut y = x.clone();
         convoy_kernels::rope_half_split(&mut y, hd, heads, &cos, &sin);
         convoy_kernels::silu_mul(&mut y, &up);
@@ -241,7 +383,9 @@ fn rms_norm_and_the_other_ops_agree_between_paths() {
         convoy_kernels::add_in_place(&mut y, &x);
         y
     });
-    assert_eq!(simd, scalar);
+    for (path, y) in &all {
+        assert_eq!(y, &all[0].1, "{path:?}");
+    }
 }
 
 /// One sequence of an attention test: where its queries sit and what it has cached.
@@ -400,31 +544,52 @@ impl Case {
     }
 }
 
+/// (query heads, KV heads, head_dim, block_size) of the attention tests.
+///
+/// AVX-512 kernel (head_dim a multiple of 16, at most 256): groups 1, 4, 8, 12 and 16, groups
+/// above 8 in passes of 8. AVX2 kernel (head_dim a multiple of 8): the same, groups above 4 in
+/// passes of 4, plus head_dim 24 and 40 (3 and 5 vectors) and 136 (64 + 64 + 8 dimensions of
+/// the V sum). head_dim 12 runs the scalar partition code on every path (with the path's
+/// `axpy`).
+const ATTENTION_SHAPES: [(usize, usize, usize, usize); 11] = [
+    (4, 4, 64, 16),
+    (8, 2, 64, 16),
+    (8, 1, 32, 16),
+    (12, 1, 64, 16),
+    (24, 2, 64, 8),
+    (16, 1, 128, 16),
+    (32, 2, 64, 16),
+    (12, 1, 24, 5),
+    (6, 3, 40, 16),
+    (2, 1, 136, 16),
+    (4, 2, 12, 4),
+];
+
+fn attention_shape(
+    (num_heads, num_kv_heads, head_dim, block_size): (usize, usize, usize, usize),
+) -> AttentionShape {
+    AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+    }
+}
+
 #[test]
-fn paged_attention_simd_and_scalar_agree_including_gqa_groups_above_8() {
+fn paged_attention_every_path_matches_f64_including_gqa_groups_above_8() {
     say_which_paths("paged_attention");
     let mut rng = Lcg(3);
-    // (query heads, KV heads, head_dim, block_size): groups 1, 4, 8, 12 and 16 on the AVX-512
-    // kernel (head_dim a multiple of 16, at most 256), which takes groups above 8 in passes of
-    // 8; head_dim 24 runs the scalar partition code on both paths.
-    for (num_heads, num_kv_heads, head_dim, block_size) in [
-        (4, 4, 64, 16),
-        (8, 2, 64, 16),
-        (8, 1, 32, 16),
-        (12, 1, 64, 16),
-        (24, 2, 64, 8),
-        (16, 1, 128, 16),
-        (32, 2, 64, 16),
-        (12, 1, 24, 5),
-    ] {
-        let shape = AttentionShape {
+    for dims in ATTENTION_SHAPES {
+        let shape = attention_shape(dims);
+        let AttentionShape {
             num_heads,
-            num_kv_heads,
             head_dim,
-            block_size,
-        };
+            ..
+        } = shape;
         let case = Case::new(shape, &mut rng);
-        let (simd, scalar) = both(|| case.run());
+        let all = every_path(|| case.run());
+        let scalar = &all[0].1;
         let exact = case.reference();
         // q, k, v in [-1, 1): a score sums head_dim products of magnitude <= 1 and is scaled
         // by 1/sqrt(head_dim), so each path's score is within
@@ -433,26 +598,87 @@ fn paged_attention_simd_and_scalar_agree_including_gqa_groups_above_8() {
         // 1) over a partition of at most 256 positions adds 2 * (256 + 16) * EPSILON.
         let delta = (head_dim + 2) as f64 * f32::EPSILON as f64 * (head_dim as f64).sqrt();
         let tol = 2.0 * delta + 2.0 * 272.0 * f32::EPSILON as f64;
-        for (i, ((&a, &b), &e)) in simd.iter().zip(&scalar).zip(&exact).enumerate() {
-            let (a, b) = (a as f64, b as f64);
-            let ctx = format!("{shape:?} element {i} (row {})", i / (num_heads * head_dim));
-            assert!((a - e).abs() <= tol, "{ctx}: SIMD {a} vs exact {e}");
-            assert!((b - e).abs() <= tol, "{ctx}: scalar {b} vs exact {e}");
-            assert!((a - b).abs() <= 2.0 * tol, "{ctx}: SIMD {a} vs scalar {b}");
-        }
-        // Each path is batch invariant on its own: every sequence alone gives the same bits.
         let row = num_heads * head_dim;
-        for (s, seq) in case.seqs.iter().enumerate() {
-            let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
-            let (simd1, scalar1) = both(|| case.run_alone(s));
-            assert_eq!(
-                simd1,
-                simd[rows.clone()],
-                "SIMD {shape:?} sequence {s} alone"
-            );
-            assert_eq!(scalar1, scalar[rows], "scalar {shape:?} sequence {s} alone");
+        for (path, y) in &all {
+            for (i, ((&a, &b), &e)) in y.iter().zip(scalar).zip(&exact).enumerate() {
+                let (a, b) = (a as f64, b as f64);
+                let ctx = format!("{path:?} {shape:?} element {i} (row {})", i / row);
+                assert!((a - e).abs() <= tol, "{ctx}: {a} vs exact {e}");
+                assert!((a - b).abs() <= 2.0 * tol, "{ctx}: {a} vs scalar {b}");
+            }
+            // Each path is batch invariant on its own: every sequence alone gives the same bits.
+            for (s, seq) in case.seqs.iter().enumerate() {
+                let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
+                let alone = with_kernel_path(*path, || case.run_alone(s));
+                assert_eq!(alone, y[rows], "{path:?} {shape:?} sequence {s} alone");
+            }
+            assert_eq!(case.rows * row, y.len());
         }
-        assert_eq!(case.rows * row, simd.len());
         assert!(case.num_blocks > 0);
+    }
+}
+
+/// FNV-1a over the bits of some floats.
+fn digest(h: &mut u64, v: &[f32]) {
+    for x in v {
+        for b in x.to_bits().to_le_bytes() {
+            *h = (*h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+}
+
+#[test]
+fn outputs_do_not_depend_on_the_number_of_pool_threads() {
+    if let Some(threads) = std::env::var_os("CONVOY_KERNELS_TEST_THREADS") {
+        // The child: a pool of `threads`, every kernel on every path, digests on stdout.
+        let threads: usize = threads.to_str().unwrap().parse().unwrap();
+        assert!(convoy_kernels::cpu::pool::set_num_threads(threads));
+        assert_eq!(convoy_kernels::cpu::pool::num_threads(), threads);
+        let mut rng = Lcg(23);
+        let mats = matmul_cases(&mut rng);
+        let xs: Vec<Vec<f32>> = mats.iter().map(|w| rng.vec(17 * w.cols())).collect();
+        let cases: Vec<Case> = ATTENTION_SHAPES
+            .iter()
+            .map(|&d| Case::new(attention_shape(d), &mut rng))
+            .collect();
+        let norm_x = rng.vec(40 * 576);
+        let norm_w = rng.vec(576);
+        for path in paths() {
+            let mut h = 0xcbf29ce484222325u64;
+            with_kernel_path(path, || {
+                for (w, x) in mats.iter().zip(&xs) {
+                    for n in [1, 3, 4, 9, 17] {
+                        digest(&mut h, &run_matmul(w, x, n));
+                    }
+                }
+                for case in &cases {
+                    digest(&mut h, &case.run());
+                }
+                digest(&mut h, &run_rms_norm(&norm_x, &norm_w));
+            });
+            println!("DIGEST {path:?} {h:016x}");
+        }
+        return;
+    }
+    let name = "outputs_do_not_depend_on_the_number_of_pool_threads";
+    let digests: Vec<(usize, Vec<String>)> = [1, 2, 3, 5]
+        .into_iter()
+        .map(|threads| {
+            let out = run_child(
+                name,
+                &[("CONVOY_KERNELS_TEST_THREADS", &threads.to_string())],
+            );
+            // (libtest prints the test's name on the line of its first output.)
+            let lines = out
+                .lines()
+                .filter_map(|l| l.find("DIGEST ").map(|i| l[i..].to_string()))
+                .collect();
+            (threads, lines)
+        })
+        .collect();
+    eprintln!("pool threads: digests {digests:?}");
+    assert_eq!(digests[0].1.len(), paths().len(), "one digest per path");
+    for (threads, d) in &digests {
+        assert_eq!(d, &digests[0].1, "{threads} threads vs 1");
     }
 }

@@ -13,7 +13,7 @@
 //! `context_len - num_queries + i` and attends causally to positions `0..=` that.
 
 use super::ops::{axpy, chunks_mut_par};
-use super::Avx512;
+use super::Isa;
 
 /// One sequence of a packed batch, as attention sees it.
 #[derive(Clone, Copy, Debug)]
@@ -348,7 +348,7 @@ fn attend(
     seqs: &[AttentionSeq<'_>],
     owner: &[(usize, usize)],
     out: &mut [f32],
-    simd: Option<Avx512>,
+    simd: Isa,
 ) {
     let &Layout {
         shape:
@@ -364,10 +364,16 @@ fn attend(
         ..
     } = layout;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    // The AVX-512 partition kernel keeps a head's output in 16 registers of 16 floats.
-    let avx = simd.filter(|_| head_dim.is_multiple_of(16) && head_dim <= 256);
+    // The AVX-512 partition kernel keeps a head's output in 16 registers of 16 floats; the AVX2
+    // one works on whole vectors of 8. Other head sizes take the scalar partition code (with
+    // the path's `axpy`).
+    let (avx512, avx2) = match simd {
+        Isa::Avx512(t) if head_dim.is_multiple_of(16) && head_dim <= 256 => (Some(t), None),
+        Isa::Avx2(t) if head_dim.is_multiple_of(8) => (None, Some(t)),
+        _ => (None, None),
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = avx;
+    let _ = (avx512, avx2);
     // Work items: (row, KV head, context partition). Partitions depend on the context length
     // only, never on the batch, so results stay batch invariant.
     let mut items = Vec::new();
@@ -409,7 +415,19 @@ fn attend(
         };
         let mut scores = vec![0f32; group * (w.p1 - w.p0)];
         #[cfg(target_arch = "x86_64")]
-        if avx.is_some() {
+        if avx2.is_some() {
+            // SAFETY: the `Avx2` token proves the processor features; `head_dim % 8 == 0` was
+            // checked above. `item` satisfies the `Item` invariants: the caches are
+            // `num_blocks` whole blocks and every block-table entry is below `num_blocks`
+            // (`Layout`), the table covers `context_len >= p1` positions, `kvh < num_kv_heads`
+            // gives `head_offset + head_dim <= kv_stride`, and `item.q` was sliced to
+            // `group * head_dim` floats. `scores` has `group * (p1 - p0)` floats and `part` is
+            // one chunk of `part_width = group * (head_dim + 2)` floats.
+            unsafe { super::avx2::attend_partition(&item, &mut scores, part) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if avx512.is_some() {
             // SAFETY: the `Avx512` token proves the processor features; `head_dim % 16 == 0`
             // and `head_dim <= 256` were checked above. `item` satisfies the `Item` invariants:
             // the caches are `num_blocks` whole blocks and every block-table entry is below
@@ -583,7 +601,7 @@ pub(crate) fn attend_partition_scalar(
     it: &Item<'_>,
     scores: &mut [f32],
     part: &mut [f32],
-    simd: Option<Avx512>,
+    simd: Isa,
 ) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;

@@ -2,19 +2,26 @@
 //! [`WeightFormat`]) into `y` (`n x rows`).
 //!
 //! Work is split over the kernel pool's threads by chunks of weight rows (multiples of 8);
-//! inside a chunk the AVX-512 kernel walks token groups of 8 (then up to 4 for the rest) and,
-//! for each, row groups of 2 (8-token groups), 8 (single tokens) or 4, so a chunk of weights
-//! stays in cache while every token passes over it. Each output is one dot product computed
-//! identically in every tile shape (see `simd`), so results are batch invariant.
-//! Tiles (rows x tokens): 8 x 1, 4 x (1..=4), 2 x 8, and the smaller ones (2 or 1 rows) that a
-//! chunk's last rows need.
+//! inside a chunk the SIMD kernels walk token groups and, for each, tiles of rows, so a chunk of
+//! weights stays in cache while every token passes over it, and each quantised block is decoded
+//! in registers once per tile, for all the tile's tokens. Each output is one dot product
+//! computed identically in every tile shape (see `simd` and `avx2`), so results are batch
+//! invariant.
+//! - AVX-512 (`simd`): token groups of 8 (then up to 4 for the rest); tiles (rows x tokens)
+//!   8 x 1, 4 x (1..=4), 2 x 8, and the smaller ones (2 or 1 rows) that a chunk's last rows
+//!   need.
+//! - AVX2 + FMA (`avx2`, 16 vector registers): token groups of 8 while the 8 activation rows
+//!   fit in L1 (`cols <= 768`), else of up to 4; tiles 4 x (1..=2), 2 x (3..=4), 1 x 8, and the
+//!   smaller ones (2 or 1 rows) that a chunk's last rows need.
 //!
-//! The scalar path (no AVX-512, or forced, see [`crate::cpu::KernelPath`]) decodes each row once
-//! and sums plain products in column order: it is batch invariant too, and differs from the
-//! AVX-512 path only in summation order (and, for Q4_1, in `d * q + m` being fused there).
+//! The scalar path (no SIMD, or forced, see [`crate::cpu::KernelPath`]) decodes each row once
+//! and sums plain products in fixed lanes: it is batch invariant too, and differs from the SIMD
+//! paths only in summation order (and, for Q4_1, in `d * q + m` being fused there).
 
 use super::matrix::{dequantize_row, Matrix, Storage, WeightFormat};
-use super::{Avx512, SendPtr};
+#[cfg(target_arch = "x86_64")]
+use super::{Avx2, Avx512};
+use super::{Isa, SendPtr};
 
 /// Multiply `n` activation rows `x` by `w^T` into `y`.
 ///
@@ -58,17 +65,49 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
 /// `x.len() >= n * w.cols`; `r0 <= r1 <= w.rows`; `y` is valid for writes of `n * w.rows`
 /// floats, and while this runs no other thread reads or writes elements `y[t * w.rows + r]`
 /// for `t < n`, `r` in `r0..r1`.
-unsafe fn run_chunk(
-    x: &[f32],
-    n: usize,
-    w: &Matrix,
-    y: *mut f32,
-    r0: usize,
-    r1: usize,
-    simd: Option<Avx512>,
-) {
+unsafe fn run_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1: usize, simd: Isa) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(token) = simd {
+    if let Isa::Avx2(token) = simd {
+        let cols = w.cols;
+        let mut t0 = 0;
+        while t0 < n {
+            // Up to eight tokens per tile: each weight block is decoded once (into registers)
+            // for all of them. The rows per tile keep `rows x tokens <= 8` accumulators, with
+            // the decoding, in the 16 vector registers. Eight-token tiles take one row at a
+            // time and read the eight activation rows once per weight row, so they are used
+            // only while those rows fit in the L1 cache (`cols <= 768`).
+            let t = if n - t0 >= 8 && cols <= 768 {
+                8
+            } else {
+                (n - t0).min(4)
+            };
+            let mut r = r0;
+            while r < r1 {
+                let left = r1 - r;
+                let most = match t {
+                    1 | 2 => 4,
+                    8 => 1,
+                    _ => 2,
+                };
+                let rr = if left >= most {
+                    most
+                } else if left >= 2 {
+                    2
+                } else {
+                    1
+                };
+                // SAFETY: `t0 + t <= n` and `r + rr <= r1 <= w.rows`; `x` and `y` are as our
+                // own contract says, and the tile writes only rows `r..r + rr` of `y`, which
+                // are ours.
+                unsafe { tile_dispatch_avx2(token, x, t0, t, w, r, rr, y) };
+                r += rr;
+            }
+            t0 += t;
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Isa::Avx512(token) = simd {
         let mut t0 = 0;
         while t0 < n {
             // Eight tokens per tile when there are that many: each weight block is decoded
@@ -192,6 +231,91 @@ unsafe fn tile_dispatch(
         (2, 8) => go!(2, 8),
         (1, 8) => go!(1, 8),
         _ => unreachable!("tile shapes are chosen above"),
+    }
+}
+
+/// One AVX2 tile: rows `r..r + rr` of `w` times tokens `t0..t0 + t` of `x`, into `y`.
+///
+/// # Safety
+/// As [`tile_dispatch`]: `(rr, t)` is one of the shapes matched below; `t0 + t` tokens fit in
+/// `x`; `r + rr <= w.rows`; `y` is valid for writes of `(t0 + t) * w.rows` floats and no other
+/// thread accesses `y[(t0 + j) * w.rows + r + i]` (`j < t`, `i < rr`) meanwhile. (The `Avx2`
+/// token covers the processor features.)
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dispatch_avx2(
+    _token: Avx2,
+    x: &[f32],
+    t0: usize,
+    t: usize,
+    w: &Matrix,
+    r: usize,
+    rr: usize,
+    y: *mut f32,
+) {
+    use super::avx2::{tile_blocks, tile_f32, Q40, Q41, Q80};
+    let cols = w.cols;
+    // SAFETY: `t0 * cols <= x.len()` by our contract, so the offset stays inside `x`.
+    let xp = unsafe { x.as_ptr().add(t0 * cols) };
+    macro_rules! go {
+        ($R:literal, $T:literal) => {{
+            let mut out = [[0f32; $T]; $R];
+            match &w.storage {
+                Storage::F32(v) => {
+                    // SAFETY: (this call and the three below) the token proves the features;
+                    // the `Matrix` invariant makes the storage `rows` whole rows (`rows * cols`
+                    // floats, or `rows * row_bytes` bytes of `cols / 32` blocks), so rows
+                    // `r..r + $R` are readable from the offset of row `r`; tokens
+                    // `t0..t0 + $T` of `x` are readable from `xp` with stride `cols` (our
+                    // contract).
+                    unsafe {
+                        tile_f32::<$R, $T>(v.as_ptr().add(r * cols), cols, xp, cols, cols, &mut out)
+                    }
+                }
+                Storage::Blocks(b) => {
+                    let rb = w.row_bytes();
+                    // SAFETY: `r < rows`, so the offset of row `r` is inside the storage.
+                    let wp = unsafe { b.as_ptr().add(r * rb) };
+                    match w.format {
+                        // SAFETY: see the F32 arm.
+                        WeightFormat::Q4_1 => unsafe {
+                            tile_blocks::<Q41, $R, $T>(wp, rb, xp, cols, cols, &mut out)
+                        },
+                        // SAFETY: see the F32 arm.
+                        WeightFormat::Q4_0 => unsafe {
+                            tile_blocks::<Q40, $R, $T>(wp, rb, xp, cols, cols, &mut out)
+                        },
+                        // SAFETY: see the F32 arm.
+                        WeightFormat::Q8_0 => unsafe {
+                            tile_blocks::<Q80, $R, $T>(wp, rb, xp, cols, cols, &mut out)
+                        },
+                        WeightFormat::F32 => unreachable!("f32 matrices use F32 storage"),
+                    }
+                }
+            }
+            for (i, row) in out.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
+                    // that our contract gives to this tile alone.
+                    unsafe { *y.add((t0 + j) * w.rows + r + i) = *v };
+                }
+            }
+        }};
+    }
+    match (rr, t) {
+        (8, 1) => go!(8, 1),
+        (4, 1) => go!(4, 1),
+        (2, 1) => go!(2, 1),
+        (1, 1) => go!(1, 1),
+        (4, 2) => go!(4, 2),
+        (2, 2) => go!(2, 2),
+        (1, 2) => go!(1, 2),
+        (2, 3) => go!(2, 3),
+        (1, 3) => go!(1, 3),
+        (2, 4) => go!(2, 4),
+        (1, 4) => go!(1, 4),
+        (1, 8) => go!(1, 8),
+        _ => unreachable!("tile shapes are chosen in run_chunk"),
     }
 }
 

@@ -1,31 +1,42 @@
-//! CPU kernels: AVX-512 where the processor has it (detected at run time), portable scalar
-//! code everywhere else. Threads come from the spinning kernel pool (`pool`).
+//! CPU kernels in three sets, chosen at run time: AVX-512 (`simd`), AVX2 + FMA (`avx2`), and
+//! portable scalar code everywhere else. Threads come from the spinning kernel pool (`pool`).
 //!
 //! # Choosing the code path
 //!
-//! Each public kernel decides once per call, on the calling thread, whether it runs its AVX-512
-//! or its scalar code, and carries that decision into every work item it hands to the pool. It
-//! takes the scalar code when any of these holds:
-//! - the processor lacks one of AVX-512F, AVX2, FMA, F16C ([`has_avx512`]);
-//! - the environment variable `CONVOY_FORCE_SCALAR` is set to anything but `""` or `"0"` when
-//!   the first kernel runs (read once; [`scalar_forced_by_env`]);
-//! - the calling thread is inside `with_kernel_path(KernelPath::Scalar, ..)`
-//!   ([`with_kernel_path`]).
+//! Each public kernel decides once per call, on the calling thread, which set it runs, and
+//! carries that decision into every work item it hands to the pool. The paths are ranked
+//! portable < AVX2 < AVX-512; a kernel runs the highest one that is at most each of:
+//! - what the processor has: AVX-512 needs AVX-512F, AVX2, FMA and F16C ([`has_avx512`]), AVX2
+//!   needs AVX2, FMA and F16C ([`has_avx2`]);
+//! - the process-wide ceiling of the environment (read once, when the first kernel runs):
+//!   `CONVOY_FORCE_SCALAR` set to anything but `""` or `"0"` means portable
+//!   ([`scalar_forced_by_env`]); otherwise `CONVOY_KERNEL_PATH=avx512|avx2|portable|auto`
+//!   ([`kernel_path_from_env`]; `scalar` is accepted for `portable`);
+//! - the calling thread's choice, `with_kernel_path(KernelPath::.., ..)` ([`with_kernel_path`],
+//!   `Auto` by default, which is no limit).
 //!
-//! The last one is per thread, so a test can compute the same kernel both ways side by side
-//! without affecting tests that run concurrently on other threads.
+//! The last one is per thread, so a test can compute the same kernel on every path side by side
+//! without affecting tests that run concurrently on other threads. [`active_kernel_path`] says
+//! which path a kernel called now would run.
+//!
+//! Every path is batch invariant on its own (each output element is computed by the same
+//! sequence of floating-point operations whatever the batch, tile or thread count); the paths
+//! differ from each other in summation order (and fused multiply-adds) only.
 //!
 //! # Unsafe code
 //!
-//! The SIMD kernels (`simd`) are `unsafe fn`s: they need the processor features, and they index
-//! with raw pointers. The features are proven by an `Avx512` token, which only
-//! `Avx512::detect` creates; the indices are proven by checks that each public kernel makes
-//! once per call, before any work item starts (see each kernel's `# Panics` or error type).
+//! The SIMD kernels (`simd`, `avx2`) are `unsafe fn`s: they need the processor features, and
+//! they index with raw pointers. The features are proven by an `Avx512` or `Avx2` token, which
+//! only `Avx512::detect` / `Avx2::detect` create; the indices are proven by checks that each
+//! public kernel makes once per call, before any work item starts (see each kernel's `# Panics`
+//! or error type).
 
 use std::cell::Cell;
 use std::sync::OnceLock;
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod matmul;
 pub mod matrix;
 pub mod ops;
@@ -56,13 +67,24 @@ impl SendPtr {
 }
 
 /// Whether the processor has every feature the AVX-512 kernels use: AVX-512F, AVX2, FMA and
-/// F16C. (Whether the kernels use them also depends on [`KernelPath`] and
-/// `CONVOY_FORCE_SCALAR`; see [`simd_active`].)
+/// F16C. (Whether the kernels use them also depends on [`KernelPath`] and the environment; see
+/// [`active_kernel_path`].)
 pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx2")
+        std::arch::is_x86_feature_detected!("avx512f") && has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the processor has every feature the AVX2 kernels use: AVX2, FMA and F16C.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
     }
@@ -87,24 +109,66 @@ impl Avx512 {
     }
 }
 
-/// Which code the CPU kernels called from a thread run.
+/// Proof that the running processor has AVX2, FMA and F16C: the only way to get one is
+/// [`Avx2::detect`], which checks them. An `unsafe fn` of `avx2` that needs these features may
+/// be called wherever a token is at hand.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx2 {
+    _detected: (),
+}
+
+impl Avx2 {
+    /// A token if the processor has the features, else `None`.
+    pub(crate) fn detect() -> Option<Avx2> {
+        has_avx2().then_some(Avx2 { _detected: () })
+    }
+}
+
+/// Which code the CPU kernels called from a thread run: an upper limit, lowered further by what
+/// the processor has and by the environment (see the module docs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KernelPath {
-    /// AVX-512 where the processor has it and `CONVOY_FORCE_SCALAR` is not set; scalar
-    /// otherwise.
+    /// No limit: the best path the processor and the environment allow.
     #[default]
     Auto,
     /// The portable scalar code, whatever the processor.
     Scalar,
+    /// At most the AVX2 + FMA kernels (portable code where the processor lacks them).
+    Avx2,
+    /// At most the AVX-512 kernels: the same as `Auto`, named for symmetry.
+    Avx512,
+}
+
+impl KernelPath {
+    /// Rank for the "at most" comparison: portable < AVX2 < AVX-512.
+    fn rank(self) -> u8 {
+        match self {
+            KernelPath::Scalar => 0,
+            KernelPath::Avx2 => 1,
+            KernelPath::Avx512 | KernelPath::Auto => 2,
+        }
+    }
+
+    /// Parse a `CONVOY_KERNEL_PATH` value: `auto`, `avx512`, `avx2`, `portable` or `scalar`
+    /// (ASCII case ignored).
+    pub fn parse(s: &str) -> Option<KernelPath> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Some(KernelPath::Auto),
+            "avx512" | "avx-512" => Some(KernelPath::Avx512),
+            "avx2" => Some(KernelPath::Avx2),
+            "portable" | "scalar" => Some(KernelPath::Scalar),
+            _ => None,
+        }
+    }
 }
 
 thread_local! {
     static PATH: Cell<KernelPath> = const { Cell::new(KernelPath::Auto) };
 }
 
-/// Run `f` with every kernel that `f` calls from this thread on `path`; the previous choice is
-/// restored afterwards, also if `f` panics. Other threads are unaffected, so tests can compare
-/// the SIMD and scalar results of one kernel side by side while other tests run.
+/// Run `f` with every kernel that `f` calls from this thread on at most `path`; the previous
+/// choice is restored afterwards, also if `f` panics. Other threads are unaffected, so tests can
+/// compare the results of one kernel on every path side by side while other tests run.
 ///
 /// `KernelPath::Auto` inside a `Scalar` scope switches SIMD back on (where available).
 pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
@@ -127,15 +191,68 @@ pub fn scalar_forced_by_env() -> bool {
     })
 }
 
-/// Whether a kernel called from this thread now would run its AVX-512 code.
-pub fn simd_active() -> bool {
-    simd().is_some()
+/// The process-wide ceiling set by the environment: `Scalar` when `CONVOY_FORCE_SCALAR` is set
+/// (see [`scalar_forced_by_env`]), else the value of `CONVOY_KERNEL_PATH` (`Auto` when unset;
+/// an unknown value is reported on stderr once and ignored). Read once.
+pub fn kernel_path_from_env() -> KernelPath {
+    static PATH_ENV: OnceLock<KernelPath> = OnceLock::new();
+    if scalar_forced_by_env() {
+        return KernelPath::Scalar;
+    }
+    *PATH_ENV.get_or_init(|| match std::env::var("CONVOY_KERNEL_PATH") {
+        Err(_) => KernelPath::Auto,
+        Ok(v) => KernelPath::parse(&v).unwrap_or_else(|| {
+            eprintln!(
+                "convoy-kernels: ignoring CONVOY_KERNEL_PATH={v:?} \
+                 (expected auto, avx512, avx2 or portable)"
+            );
+            KernelPath::Auto
+        }),
+    })
 }
 
-/// The path decision of a kernel called now from this thread: a token when it runs AVX-512.
-pub(crate) fn simd() -> Option<Avx512> {
-    if scalar_forced_by_env() || PATH.with(Cell::get) == KernelPath::Scalar {
-        return None;
+/// The path a kernel called now from this thread runs: `Avx512`, `Avx2` or `Scalar` (never
+/// `Auto`).
+pub fn active_kernel_path() -> KernelPath {
+    match simd() {
+        Isa::Avx512(_) => KernelPath::Avx512,
+        Isa::Avx2(_) => KernelPath::Avx2,
+        Isa::Portable => KernelPath::Scalar,
     }
-    Avx512::detect()
+}
+
+/// Whether a kernel called from this thread now would run SIMD code (AVX-512 or AVX2) rather
+/// than the portable code.
+pub fn simd_active() -> bool {
+    !matches!(simd(), Isa::Portable)
+}
+
+/// The path decision of a kernel, with the token proving the features of its SIMD path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Isa {
+    /// The AVX-512 kernels (`simd`).
+    Avx512(Avx512),
+    /// The AVX2 + FMA kernels (`avx2`).
+    Avx2(Avx2),
+    /// The portable code.
+    Portable,
+}
+
+/// The path decision of a kernel called now from this thread.
+pub(crate) fn simd() -> Isa {
+    let limit = PATH
+        .with(Cell::get)
+        .rank()
+        .min(kernel_path_from_env().rank());
+    if limit >= 2 {
+        if let Some(t) = Avx512::detect() {
+            return Isa::Avx512(t);
+        }
+    }
+    if limit >= 1 {
+        if let Some(t) = Avx2::detect() {
+            return Isa::Avx2(t);
+        }
+    }
+    Isa::Portable
 }

@@ -3,17 +3,20 @@
 //! spread over threads when there are enough of them to pay for it.
 
 use super::pool::parallel_for;
-use super::{Avx512, SendPtr};
+use super::{Isa, SendPtr};
 
 const PAR_ROWS: usize = 16;
 
-/// Dot product over the first `min(a.len(), b.len())` elements: AVX-512 with a token, else
-/// scalar (the two differ only in summation order).
-pub(crate) fn dot(simd: Option<Avx512>, a: &[f32], b: &[f32]) -> f32 {
+/// Dot product over the first `min(a.len(), b.len())` elements: AVX-512 or AVX2 with a token,
+/// else scalar (the three differ only in summation order).
+pub(crate) fn dot(simd: Isa, a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if simd.is_some() {
+    match simd {
         // SAFETY: the `Avx512` token proves the processor features; the slices bound the rest.
-        return unsafe { super::simd::x86::dot(a, b) };
+        Isa::Avx512(_) => return unsafe { super::simd::x86::dot(a, b) },
+        // SAFETY: the `Avx2` token proves the processor features; the slices bound the rest.
+        Isa::Avx2(_) => return unsafe { super::avx2::dot(a, b) },
+        Isa::Portable => {}
     }
     let _ = simd;
     dot_lanes(a, b)
@@ -51,13 +54,16 @@ pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     acc[0] + tail
 }
 
-/// `y += a * x` over the first `min(x.len(), y.len())` elements: AVX-512 (fused multiply-add)
-/// with a token, else scalar.
-pub(crate) fn axpy(simd: Option<Avx512>, a: f32, x: &[f32], y: &mut [f32]) {
+/// `y += a * x` over the first `min(x.len(), y.len())` elements: AVX-512 or AVX2 (fused
+/// multiply-add) with a token, else scalar.
+pub(crate) fn axpy(simd: Isa, a: f32, x: &[f32], y: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd.is_some() {
+    match simd {
         // SAFETY: the `Avx512` token proves the processor features; the slices bound the rest.
-        return unsafe { super::simd::x86::axpy(a, x, y) };
+        Isa::Avx512(_) => return unsafe { super::simd::x86::axpy(a, x, y) },
+        // SAFETY: the `Avx2` token proves the processor features; the slices bound the rest.
+        Isa::Avx2(_) => return unsafe { super::avx2::axpy(a, x, y) },
+        Isa::Portable => {}
     }
     let _ = simd;
     for (y, x) in y.iter_mut().zip(x) {
@@ -101,7 +107,8 @@ fn rows_mut<F: Fn(usize, &mut [f32]) + Sync>(data: &mut [f32], width: usize, f: 
 
 /// `out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight` for each row of width `weight.len()`.
 ///
-/// The mean square is a dot product: AVX-512 and scalar results differ by summation order only.
+/// The mean square is a dot product: AVX-512, AVX2 and scalar results differ by summation order
+/// only.
 ///
 /// # Panics
 /// If `weight` is empty, `x.len()` is not a multiple of `weight.len()`, or `out` is shorter

@@ -1,0 +1,497 @@
+//! AVX2 + FMA micro-kernels, for processors without AVX-512: a tile of `R` weight rows times `T`
+//! activation rows for every weight format, the inner loops of paged attention, and the dot
+//! product and `axpy` of the per-row ops.
+//!
+//! # Invariants
+//!
+//! - Batch invariance. Every matrix-multiply output is one dot product accumulated the same way
+//!   whatever `R`, `T` or the tile it falls in: one 8-lane accumulator, fed in column order
+//!   (blocks in order, and inside a block the four 8-column parts in order, one fused
+//!   multiply-add each), then one fixed horizontal reduction ([`hsum`]). The tile shape only
+//!   decides how many accumulators are live at once and how often a decoded block is reused,
+//!   never the operations of one output. Likewise an attention score is one chain of fused
+//!   multiply-adds over the head dimensions in order (8 positions per vector, whichever lanes),
+//!   and an output of the V sum one chain over the partition's positions in order.
+//! - Precision. Quantised blocks are decoded straight into registers, exactly as
+//!   `matrix::dequantize_row` does (`d * q` for Q8_0, `d * (q - 8)` for Q4_0), except Q4_1,
+//!   whose `d * q + m` is one fused multiply-add (as on the AVX-512 path). Activations stay
+//!   float32; this path differs from the others only in summation order and fusing.
+//! - Safety. Every function here is an `unsafe fn` with two kinds of precondition, spelled out
+//!   in its `# Safety` section: the processor features (callers hold a [`super::Avx2`] token,
+//!   which proves AVX2, FMA and F16C), and the extent of the memory it reads and writes through
+//!   raw pointers or unchecked indexing (callers check the bounds once per kernel call, see
+//!   `matmul` and `attention`). Masked loads and stores (`_mm256_mask{load,store}_ps`) access
+//!   only the lanes their mask enables (masked-off lanes never fault), so a partial vector at
+//!   the end of a row needs only those lanes in bounds.
+
+// Index loops over the const-generic register arrays read better than iterator chains here.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::attention::{for_each_run, for_each_slot, k_index, softmax_stats, Item};
+
+/// Mask enabling the first `min(lanes, 8)` lanes of a vector of 8 floats (for
+/// `_mm256_maskload_ps` / `_mm256_maskstore_ps`: a lane is enabled by its top bit).
+///
+/// # Safety
+/// The processor supports AVX2.
+#[inline(always)]
+unsafe fn tail_mask(lanes: usize) -> __m256i {
+    let l = lanes.min(8) as i32;
+    // SAFETY: AVX2 is all these need, and the caller guarantees it.
+    unsafe {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(l),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+}
+
+/// Sum of the 8 lanes in one fixed order: halves, then pairs, then the last two.
+///
+/// # Safety
+/// The processor supports AVX.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: AVX/SSE register operations only, which the caller guarantees.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps::<1>(s, s));
+        _mm_cvtss_f32(s)
+    }
+}
+
+/// The two f16 values at `p` and `p + 2`, as f32, each broadcast to 8 lanes.
+///
+/// # Safety
+/// The processor supports AVX2 and F16C, and `p` is valid for reads of 4 bytes (no alignment
+/// needed).
+#[inline(always)]
+unsafe fn f16x2(p: *const u8) -> (__m256, __m256) {
+    // SAFETY: the caller guarantees the features and 4 readable bytes at `p`;
+    // `read_unaligned` needs no alignment.
+    unsafe {
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)));
+        (
+            _mm256_broadcastss_ps(v),
+            _mm256_broadcastss_ps(_mm_shuffle_ps::<1>(v, v)),
+        )
+    }
+}
+
+/// Decoding of one 32-element block in four parts of 8 floats, straight into registers.
+pub(crate) trait Block {
+    /// Bytes of one encoded block.
+    const BYTES: usize;
+    /// What a block's parts are decoded from: its address and its scale(s), broadcast.
+    type Head: Copy;
+    /// Read the scale(s) of the block at `p`.
+    ///
+    /// # Safety
+    /// The processor supports AVX2, FMA and F16C, and `p` is valid for reads of `Self::BYTES`
+    /// bytes (no alignment needed).
+    unsafe fn head(p: *const u8) -> Self::Head;
+    /// Elements `8 * k .. 8 * k + 8` of the block (`k < 4`).
+    ///
+    /// # Safety
+    /// As [`Block::head`], for the `p` that gave `h`; and `k < 4`.
+    unsafe fn part(h: Self::Head, k: usize) -> __m256;
+}
+
+/// 8 bytes at `p` (no alignment needed), zero-extended to 8 lanes of i32.
+///
+/// # Safety
+/// The processor supports AVX2, and `p` is valid for reads of 8 bytes.
+#[inline(always)]
+unsafe fn u8x8(p: *const u8) -> __m256i {
+    // SAFETY: `_mm_loadl_epi64` reads exactly 8 bytes, unaligned; the caller guarantees them
+    // and AVX2.
+    unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i)) }
+}
+
+/// The nibbles of part `k` of a Q4 block whose 16 bytes of nibbles start at `qs`: parts 0 and
+/// 1 are the low nibbles of bytes 0..8 and 8..16 (elements 0..16), parts 2 and 3 the high
+/// nibbles of the same bytes (elements 16..32).
+///
+/// # Safety
+/// The processor supports AVX2, `qs` is valid for reads of 16 bytes, and `k < 4`.
+#[inline(always)]
+unsafe fn nibbles(qs: *const u8, k: usize) -> __m256i {
+    // SAFETY: `(k & 1) * 8 + 8 <= 16` bytes from `qs` are read, as the caller guarantees.
+    unsafe {
+        let b = u8x8(qs.add((k & 1) * 8));
+        if k < 2 {
+            _mm256_and_si256(b, _mm256_set1_epi32(0x0f))
+        } else {
+            _mm256_srli_epi32::<4>(b)
+        }
+    }
+}
+
+pub(crate) struct Q41;
+impl Block for Q41 {
+    const BYTES: usize = 20;
+    type Head = (*const u8, __m256, __m256);
+    #[inline(always)]
+    unsafe fn head(p: *const u8) -> Self::Head {
+        // SAFETY: the scale and the min are bytes 0..4 of the 20 the caller guarantees.
+        let (d, m) = unsafe { f16x2(p) };
+        (p, d, m)
+    }
+    #[inline(always)]
+    unsafe fn part((p, d, m): Self::Head, k: usize) -> __m256 {
+        // SAFETY: the nibbles are bytes 4..20 of the block the caller guarantees; `k < 4`.
+        unsafe { _mm256_fmadd_ps(_mm256_cvtepi32_ps(nibbles(p.add(4), k)), d, m) }
+    }
+}
+
+pub(crate) struct Q40;
+impl Block for Q40 {
+    const BYTES: usize = 18;
+    type Head = (*const u8, __m256);
+    #[inline(always)]
+    unsafe fn head(p: *const u8) -> Self::Head {
+        // SAFETY: `f16x2` reads bytes 0..4 (the scale and the first nibbles) of the 18 the
+        // caller guarantees.
+        let (d, _) = unsafe { f16x2(p) };
+        (p, d)
+    }
+    #[inline(always)]
+    unsafe fn part((p, d): Self::Head, k: usize) -> __m256 {
+        // SAFETY: the nibbles are bytes 2..18 of the block the caller guarantees; `k < 4`.
+        unsafe {
+            let q = _mm256_sub_epi32(nibbles(p.add(2), k), _mm256_set1_epi32(8));
+            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+        }
+    }
+}
+
+pub(crate) struct Q80;
+impl Block for Q80 {
+    const BYTES: usize = 34;
+    type Head = (*const u8, __m256);
+    #[inline(always)]
+    unsafe fn head(p: *const u8) -> Self::Head {
+        // SAFETY: `f16x2` reads bytes 0..4 of the 34 the caller guarantees.
+        let (d, _) = unsafe { f16x2(p) };
+        (p, d)
+    }
+    #[inline(always)]
+    unsafe fn part((p, d): Self::Head, k: usize) -> __m256 {
+        // SAFETY: the quants of part `k < 4` are bytes `2 + 8k .. 10 + 8k <= 34` of the block
+        // the caller guarantees.
+        unsafe {
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(2 + 8 * k) as *const __m128i));
+            _mm256_mul_ps(_mm256_cvtepi32_ps(q), d)
+        }
+    }
+}
+
+/// `out[r][t] = dot(row r of w, x row t)` over the first `cols / 32 * 32` columns of a
+/// block-quantised matrix. `w` points at the first row, rows `row_bytes` apart; `x` rows are
+/// `x_stride` floats apart.
+///
+/// # Safety
+/// - The processor supports AVX2, FMA and F16C.
+/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `cols / 32 * B::BYTES` bytes.
+/// - For every `t < T`, `x + t * x_stride` is valid for reads of `cols / 32 * 32` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_blocks<B: Block, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const f32,
+    x_stride: usize,
+    cols: usize,
+    out: &mut [[f32; T]; R],
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..cols / 32 {
+        for r in 0..R {
+            // SAFETY: block `b < cols / 32` of row `r < R` lies inside the bytes the caller
+            // guarantees readable; the features are enabled on this function.
+            let h = unsafe { B::head(w.add(r * row_bytes + b * B::BYTES)) };
+            for k in 0..4 {
+                // SAFETY: as above, and `k < 4`.
+                let wk = unsafe { B::part(h, k) };
+                for t in 0..T {
+                    // SAFETY: floats `b * 32 + 8k ..+ 8` of row `t < T` of `x` are readable:
+                    // `b * 32 + 32 <= cols / 32 * 32`, as the caller guarantees.
+                    let xv = unsafe { _mm256_loadu_ps(x.add(t * x_stride + b * 32 + k * 8)) };
+                    acc[r][t] = _mm256_fmadd_ps(wk, xv, acc[r][t]);
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            // SAFETY: the features are enabled on this function.
+            out[r][t] = unsafe { hsum(acc[r][t]) };
+        }
+    }
+}
+
+/// `out[r][t] = dot(row r of w, x row t)` over `cols` columns of an f32 matrix with rows
+/// `w_stride` floats apart; `x` rows are `x_stride` floats apart.
+///
+/// # Safety
+/// - The processor supports AVX2 and FMA.
+/// - For every `r < R`, `w + r * w_stride` is valid for reads of `cols` floats.
+/// - For every `t < T`, `x + t * x_stride` is valid for reads of `cols` floats.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn tile_f32<const R: usize, const T: usize>(
+    w: *const f32,
+    w_stride: usize,
+    x: *const f32,
+    x_stride: usize,
+    cols: usize,
+    out: &mut [[f32; T]; R],
+) {
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let whole = cols / 8;
+    for c in 0..whole {
+        for r in 0..R {
+            // SAFETY: floats `c * 8 ..+ 8 <= cols` of row `r` are readable (caller).
+            let wv = unsafe { _mm256_loadu_ps(w.add(r * w_stride + c * 8)) };
+            for t in 0..T {
+                // SAFETY: as above, for row `t` of `x`.
+                let xv = unsafe { _mm256_loadu_ps(x.add(t * x_stride + c * 8)) };
+                acc[r][t] = _mm256_fmadd_ps(wv, xv, acc[r][t]);
+            }
+        }
+    }
+    if cols > whole * 8 {
+        // SAFETY: AVX2 is enabled on this function.
+        let mask = unsafe { tail_mask(cols - whole * 8) };
+        for r in 0..R {
+            // SAFETY: the mask enables lanes `whole * 8 .. cols` of row `r`, which the caller
+            // guarantees readable; masked-off lanes are not accessed.
+            let wv = unsafe { _mm256_maskload_ps(w.add(r * w_stride + whole * 8), mask) };
+            for t in 0..T {
+                // SAFETY: as above, for row `t` of `x`.
+                let xv = unsafe { _mm256_maskload_ps(x.add(t * x_stride + whole * 8), mask) };
+                acc[r][t] = _mm256_fmadd_ps(wv, xv, acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            // SAFETY: the features are enabled on this function.
+            out[r][t] = unsafe { hsum(acc[r][t]) };
+        }
+    }
+}
+
+/// Dot product over the first `min(a.len(), b.len())` elements: one 8-lane accumulator, a
+/// masked last vector, then [`hsum`].
+///
+/// # Safety
+/// The processor supports AVX2 and FMA. (Bounds come from the slices.)
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = _mm256_setzero_ps();
+    let whole = n / 8;
+    for c in 0..whole {
+        // SAFETY: elements `c * 8 ..+ 8 <= n` are inside both slices.
+        let (av, bv) = unsafe {
+            (
+                _mm256_loadu_ps(a.as_ptr().add(c * 8)),
+                _mm256_loadu_ps(b.as_ptr().add(c * 8)),
+            )
+        };
+        acc = _mm256_fmadd_ps(av, bv, acc);
+    }
+    if n > whole * 8 {
+        // SAFETY: the mask enables elements `whole * 8 .. n`, inside both slices; masked-off
+        // lanes are not accessed.
+        let (av, bv) = unsafe {
+            let mask = tail_mask(n - whole * 8);
+            (
+                _mm256_maskload_ps(a.as_ptr().add(whole * 8), mask),
+                _mm256_maskload_ps(b.as_ptr().add(whole * 8), mask),
+            )
+        };
+        acc = _mm256_fmadd_ps(av, bv, acc);
+    }
+    // SAFETY: the features are enabled on this function.
+    unsafe { hsum(acc) }
+}
+
+/// `y += a * x` over the first `min(x.len(), y.len())` elements (fused multiply-adds).
+///
+/// # Safety
+/// The processor supports AVX2 and FMA. (Bounds come from the slices.)
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let av = _mm256_set1_ps(a);
+    let whole = n / 8;
+    for c in 0..whole {
+        // SAFETY: elements `c * 8 ..+ 8 <= n` are inside both slices; `y` is borrowed
+        // mutably, so the store races with nothing.
+        unsafe {
+            let yp = y.as_mut_ptr().add(c * 8);
+            let xv = _mm256_loadu_ps(x.as_ptr().add(c * 8));
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(av, xv, _mm256_loadu_ps(yp)));
+        }
+    }
+    if n > whole * 8 {
+        // SAFETY: the mask enables elements `whole * 8 .. n`, inside both slices; masked-off
+        // lanes are neither read nor written.
+        unsafe {
+            let mask = tail_mask(n - whole * 8);
+            let yp = y.as_mut_ptr().add(whole * 8);
+            let xv = _mm256_maskload_ps(x.as_ptr().add(whole * 8), mask);
+            let yv = _mm256_maskload_ps(yp, mask);
+            _mm256_maskstore_ps(yp, mask, _mm256_fmadd_ps(av, xv, yv));
+        }
+    }
+}
+
+/// Scaled scores of every query head of the group against every position of the partition,
+/// from the block-transposed K cache: 16 positions (two vectors) per pass, one fused
+/// multiply-add per dimension, query head and vector, each K value loaded once for up to 4
+/// query heads (larger groups take several passes of 4).
+///
+/// # Safety
+/// The processor supports AVX2 and FMA; `it` satisfies the invariants listed on [`Item`]; and
+/// `scores.len() >= it.group * (it.p1 - it.p0)`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores(it: &Item<'_>, scores: &mut [f32]) {
+    const HEADS: usize = 4;
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    let scale = _mm256_set1_ps(it.scale);
+    for_each_run(it, |j0, block, off, len| {
+        let mut c = 0;
+        while c < len {
+            let lanes = (len - c).min(16);
+            // SAFETY: AVX2 is enabled on this function. (A mask may enable no lane at all:
+            // masked loads and stores then access nothing.)
+            let (m0, m1) = unsafe { (tail_mask(lanes), tail_mask(lanes.saturating_sub(8))) };
+            let mut g0 = 0;
+            while g0 < it.group {
+                let gs = (it.group - g0).min(HEADS);
+                let mut acc = [[_mm256_setzero_ps(); 2]; HEADS];
+                for d in 0..hd {
+                    // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
+                    // `k_index(.., off + c, d)` starts a run of `block_size - off - c`
+                    // positions of one K row inside `k_cache`; the masks enable
+                    // `lanes <= len - c` of them, and `off + len <= block_size`.
+                    let (k0, k1) = unsafe {
+                        let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, d));
+                        (
+                            _mm256_maskload_ps(kp, m0),
+                            _mm256_maskload_ps(kp.add(8), m1),
+                        )
+                    };
+                    for g in 0..gs {
+                        // SAFETY: `(g0 + g) * hd + d < group * head_dim <= q.len()` (Item
+                        // invariant), since `g0 + g < group` and `d < hd`.
+                        let q = _mm256_set1_ps(unsafe { *it.q.get_unchecked((g0 + g) * hd + d) });
+                        acc[g][0] = _mm256_fmadd_ps(q, k0, acc[g][0]);
+                        acc[g][1] = _mm256_fmadd_ps(q, k1, acc[g][1]);
+                    }
+                }
+                for g in 0..gs {
+                    // SAFETY: lanes `(g0 + g) * n + j0 + c ..+ lanes` lie inside the
+                    // `group * n` scores the caller provides: `j0 + c + lanes <= j0 + len <= n`
+                    // as `for_each_run` covers `0..n`; the masks enable exactly those lanes;
+                    // `scores` is borrowed mutably.
+                    unsafe {
+                        let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
+                        _mm256_maskstore_ps(out, m0, _mm256_mul_ps(acc[g][0], scale));
+                        _mm256_maskstore_ps(out.add(8), m1, _mm256_mul_ps(acc[g][1], scale));
+                    }
+                }
+                g0 += gs;
+            }
+            c += lanes;
+        }
+    });
+}
+
+/// Dimensions `d0 .. d0 + 8 * C` of the unnormalised `sum_j sc[j] v_j` of one query head over
+/// the partition, kept in `C` registers across all positions, stored at `out`.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA; `it` satisfies the invariants listed on [`Item`];
+/// `d0 + 8 * C <= it.head_dim`; `sc.len() >= it.p1 - it.p0`; `out` is valid for writes of
+/// `8 * C` floats that nothing else accesses meanwhile.
+#[inline(always)]
+unsafe fn vsum<const C: usize>(it: &Item<'_>, sc: &[f32], d0: usize, out: *mut f32) {
+    // SAFETY: AVX only.
+    let mut acc = [unsafe { _mm256_setzero_ps() }; C];
+    for_each_slot(it, |j, slot| {
+        // SAFETY: `slot < num_blocks * block_size` (Item invariant: `for_each_slot` yields
+        // slots of blocks in range) and `head_offset + d0 + 8 * C <= head_offset + hd <=
+        // kv_stride`, so floats `slot * kv_stride + head_offset + d0 ..+ 8 * C` are inside
+        // `v_cache`; `j < p1 - p0 <= sc.len()`.
+        unsafe {
+            let vp = it
+                .v_cache
+                .as_ptr()
+                .add(slot * it.kv_stride + it.head_offset + d0);
+            let w = _mm256_set1_ps(*sc.get_unchecked(j));
+            for c in 0..C {
+                acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), acc[c]);
+            }
+        }
+    });
+    for c in 0..C {
+        // SAFETY: `c * 8 + 8 <= 8 * C` floats from `out`, writable (caller).
+        unsafe { _mm256_storeu_ps(out.add(c * 8), acc[c]) };
+    }
+}
+
+/// One attention partition with AVX2; the contract is `attention::attend_partition_scalar`'s.
+/// The weighted V sum of each query head is kept in registers, 64 dimensions (8 vectors) at a
+/// time, across all positions.
+///
+/// # Safety
+/// - The processor supports AVX2 and FMA.
+/// - `it` satisfies the invariants listed on [`Item`].
+/// - `it.head_dim % 8 == 0`.
+/// - `sc_buf.len() >= it.group * (it.p1 - it.p0)` and
+///   `part.len() >= it.group * (it.head_dim + 2)`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn attend_partition(it: &Item<'_>, sc_buf: &mut [f32], part: &mut [f32]) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    // SAFETY: the features, `it` and the length of `sc_buf` are as `scores` requires, by this
+    // function's own contract.
+    unsafe { scores(it, sc_buf) };
+    softmax_stats(it, sc_buf, part);
+    for g in 0..it.group {
+        let sc = &sc_buf[g * n..(g + 1) * n];
+        // The record of head `g` is floats `g * (hd + 2) ..(g + 1) * (hd + 2)` of `part`
+        // (inside it, as the caller guarantees); its last `hd` floats are the V sum.
+        let out = &mut part[g * (hd + 2) + 2..(g + 1) * (hd + 2)];
+        let mut d0 = 0;
+        while d0 < hd {
+            let o = out[d0..].as_mut_ptr();
+            // SAFETY: (every arm) the features and `it` are the caller's; `hd % 8 == 0`, so
+            // the arm's `8 * C` equals `min(64, hd - d0)` and `d0 + 8 * C <= hd`;
+            // `sc.len() == n`; `o` points at `out[d0..]`, which has `hd - d0 >= 8 * C` floats
+            // and is borrowed mutably here.
+            unsafe {
+                match (hd - d0) / 8 {
+                    1 => vsum::<1>(it, sc, d0, o),
+                    2 => vsum::<2>(it, sc, d0, o),
+                    3 => vsum::<3>(it, sc, d0, o),
+                    4 => vsum::<4>(it, sc, d0, o),
+                    5 => vsum::<5>(it, sc, d0, o),
+                    6 => vsum::<6>(it, sc, d0, o),
+                    7 => vsum::<7>(it, sc, d0, o),
+                    _ => vsum::<8>(it, sc, d0, o),
+                }
+            }
+            d0 += 64;
+        }
+    }
+}
