@@ -211,14 +211,7 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         100.0 * quality.max_relative_error,
         started.elapsed().as_secs_f64()
     );
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
+    let cpu = crate::cpu_name();
     let threads = convoy_kernels::cpu::pool::num_threads();
     let profile = Profile {
         format: PROFILE_FORMAT.into(),

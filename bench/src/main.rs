@@ -340,14 +340,7 @@ fn main() -> Result<()> {
         } => {
             let loaded = model.load()?;
             let threads = convoy_kernels::cpu::pool::num_threads();
-            let cpu = std::fs::read_to_string("/proc/cpuinfo")
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find(|l| l.starts_with("model name"))
-                        .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-                })
-                .unwrap_or_else(|| "unknown CPU".into());
+            let cpu = cpu_name();
             println!(
                 "model: {}  threads: {threads}  cpu: {cpu}  block size: {}",
                 model.model_path()?.display(),
@@ -598,6 +591,18 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The processor's model name, for reports ("unknown CPU" where /proc/cpuinfo has none).
+pub(crate) fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {

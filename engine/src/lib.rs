@@ -2,6 +2,7 @@
 //! detokenisation and batched generation, plus the `convoy` binary.
 
 pub mod api;
+pub mod chart;
 pub mod core;
 pub mod detokenizer;
 pub mod forward_batch;

@@ -184,8 +184,10 @@ fn queue_full_per_connection_prompt_too_long_for_the_cache_and_blank_or_duplicat
 fn a_generate_during_the_drain_is_refused_with_shutting_down() {
     let mut d = Daemon::start("drain", &smollm2(), &["--drain-timeout", "30"]);
     let mut a = d.client();
+    // Long enough (minutes, even with fast kernels) that the drain is still waiting on it
+    // when the test asks; the test cancels it at the end.
     a.send(
-        &json!({"op":"generate","id":"long","prompt_ids":[5,6],"max_tokens":300,"ignore_eos":true}),
+        &json!({"op":"generate","id":"long","prompt_ids":[5,6],"max_tokens":8000,"ignore_eos":true}),
     )
     .unwrap();
     assert!(matches!(a.recv().unwrap(), Some(ServerEvent::Token { .. })));

@@ -8,117 +8,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use support::http::{free_addr, raw_request, read_response, request, Resp};
 use support::{model, poll, Daemon};
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn raw_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
-/// Read a whole response (`connection: close`), de-chunking the body.
-fn read_response(r: impl Read) -> Resp {
-    let mut r = BufReader::new(r);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_else(|| panic!("no status line: {line:?}"))
-        .parse()
-        .unwrap();
-    let mut headers = Vec::new();
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let (k, v) = l.split_once(':').unwrap();
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let mut body = Vec::new();
-    if chunked {
-        loop {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            let n = usize::from_str_radix(line.trim(), 16)
-                .unwrap_or_else(|_| panic!("bad chunk size {line:?}"));
-            let mut chunk = vec![0; n + 2];
-            r.read_exact(&mut chunk).unwrap();
-            if n == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..n]);
-        }
-    } else {
-        r.read_to_end(&mut body).unwrap();
-    }
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Resp {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(&raw_request(method, path, headers, body))
-        .unwrap();
-    read_response(s)
-}
 
 fn get(addr: SocketAddr, path: &str) -> Resp {
     request(addr, "GET", path, &[], b"")
@@ -255,7 +153,8 @@ impl Haproxy {
 
     /// A completion through HAProxy; returns the replica that answered.
     fn send(&self, session: Option<&str>, user: Option<&str>) -> String {
-        let headers: Vec<(&str, &str)> = session.map(|s| ("x-session-id", s)).into_iter().collect();
+        let mut headers = vec![("content-type", "application/json")];
+        headers.extend(session.map(|s| ("x-session-id", s)));
         let r = request(
             self.front,
             "POST",
@@ -361,7 +260,7 @@ fn sticky_routing_and_drain_behind_haproxy() {
             s.write_all(&raw_request(
                 "POST",
                 "/v1/completions",
-                &[],
+                &[("content-type", "application/json")],
                 body.to_string().as_bytes(),
             ))
             .unwrap();

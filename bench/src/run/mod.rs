@@ -127,17 +127,6 @@ pub enum ArrivalArg {
     Closed,
 }
 
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
 /// Apply the command line's overrides to the spec and check the result.
 fn effective_spec(args: &RunArgs) -> Result<WorkloadSpec> {
     let mut spec =
@@ -273,8 +262,12 @@ pub fn main(args: RunArgs) -> Result<()> {
         if let Some(r) = rate {
             run_spec.arrival.rate = *r;
         }
-        let run_workload =
-            Arc::new(Workload::new(run_spec.clone()).map_err(|e| anyhow::anyhow!("{e}"))?);
+        // The first run of a plain run plays the workload prepared (and checked) above.
+        let run_workload = if run_spec == *workload.spec() {
+            workload.clone()
+        } else {
+            Arc::new(Workload::new(run_spec.clone()).map_err(|e| anyhow::anyhow!("{e}"))?)
+        };
         let process = ArrivalProcess::from(&run_spec.arrival);
         let mean_turns = run_workload.mean_turns();
         let offered = match (is_trace, process) {
@@ -361,7 +354,7 @@ pub fn main(args: RunArgs) -> Result<()> {
         started_unix_s,
         command: std::env::args().collect(),
         machine: Machine {
-            cpu: cpu_name(),
+            cpu: crate::cpu_name(),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         },
         target: TargetInfo {

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use convoy_engine::api::client::Client;
 
+pub mod http;
+
 pub fn model(name: &str) -> PathBuf {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models")

@@ -146,6 +146,64 @@ unsafe fn run_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1:
     unsafe { scalar_chunk(x, n, w, y, r0, r1) };
 }
 
+/// The body of one `$R x $T` tile, shared by the AVX-512 and AVX2 dispatchers: the
+/// `tile_f32` / `tile_blocks` of the ISA module the call site imports as `isa`, into `y`.
+/// Expands inside an `unsafe fn` whose contract is [`tile_dispatch`]'s, with `x` (through
+/// `xp`, the offset of token `t0`), `w`, `r`, `t0`, `cols` and `y` as there.
+#[cfg(target_arch = "x86_64")]
+macro_rules! run_tile {
+    ($R:literal, $T:literal, $w:ident, $xp:ident, $r:ident, $t0:ident, $cols:ident, $y:ident) => {{
+        let mut out = [[0f32; $T]; $R];
+        match &$w.storage {
+            Storage::F32(v) => {
+                // SAFETY: (this call and the three below) the token proves the features;
+                // the `Matrix` invariant makes the storage `rows` whole rows (`rows * cols`
+                // floats, or `rows * row_bytes` bytes of `cols / 32` blocks), so rows
+                // `r..r + $R` are readable from the offset of row `r`; tokens
+                // `t0..t0 + $T` of `x` are readable from `xp` with stride `cols` (our
+                // contract).
+                unsafe {
+                    isa::tile_f32::<$R, $T>(
+                        v.as_ptr().add($r * $cols),
+                        $cols,
+                        $xp,
+                        $cols,
+                        $cols,
+                        &mut out,
+                    )
+                }
+            }
+            Storage::Blocks(b) => {
+                let rb = $w.row_bytes();
+                // SAFETY: `r < rows`, so the offset of row `r` is inside the storage.
+                let wp = unsafe { b.as_ptr().add($r * rb) };
+                match $w.format {
+                    // SAFETY: see the F32 arm.
+                    WeightFormat::Q4_1 => unsafe {
+                        isa::tile_blocks::<isa::Q41, $R, $T>(wp, rb, $xp, $cols, $cols, &mut out)
+                    },
+                    // SAFETY: see the F32 arm.
+                    WeightFormat::Q4_0 => unsafe {
+                        isa::tile_blocks::<isa::Q40, $R, $T>(wp, rb, $xp, $cols, $cols, &mut out)
+                    },
+                    // SAFETY: see the F32 arm.
+                    WeightFormat::Q8_0 => unsafe {
+                        isa::tile_blocks::<isa::Q80, $R, $T>(wp, rb, $xp, $cols, $cols, &mut out)
+                    },
+                    WeightFormat::F32 => unreachable!("f32 matrices use F32 storage"),
+                }
+            }
+        }
+        for (i, row) in out.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
+                // that our contract gives to this tile alone.
+                unsafe { *$y.add(($t0 + j) * $w.rows + $r + i) = *v };
+            }
+        }
+    }};
+}
+
 /// One tile: rows `r..r + rr` of `w` times tokens `t0..t0 + t` of `x`, into `y`.
 ///
 /// # Safety
@@ -165,54 +223,14 @@ unsafe fn tile_dispatch(
     rr: usize,
     y: *mut f32,
 ) {
-    use super::simd::x86::{tile_blocks, tile_f32, Q40, Q41, Q80};
+    use super::simd::x86 as isa;
     let cols = w.cols;
     // SAFETY: `t0 * cols <= x.len()` by our contract, so the offset stays inside `x`.
     let xp = unsafe { x.as_ptr().add(t0 * cols) };
     macro_rules! go {
-        ($R:literal, $T:literal) => {{
-            let mut out = [[0f32; $T]; $R];
-            match &w.storage {
-                Storage::F32(v) => {
-                    // SAFETY: (this call and the three below) the token proves the features;
-                    // the `Matrix` invariant makes the storage `rows` whole rows (`rows * cols`
-                    // floats, or `rows * row_bytes` bytes of `cols / 32` blocks), so rows
-                    // `r..r + $R` are readable from the offset of row `r`; tokens
-                    // `t0..t0 + $T` of `x` are readable from `xp` with stride `cols` (our
-                    // contract).
-                    unsafe {
-                        tile_f32::<$R, $T>(v.as_ptr().add(r * cols), cols, xp, cols, cols, &mut out)
-                    }
-                }
-                Storage::Blocks(b) => {
-                    let rb = w.row_bytes();
-                    // SAFETY: `r < rows`, so the offset of row `r` is inside the storage.
-                    let wp = unsafe { b.as_ptr().add(r * rb) };
-                    match w.format {
-                        // SAFETY: see the F32 arm.
-                        WeightFormat::Q4_1 => unsafe {
-                            tile_blocks::<Q41, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        },
-                        // SAFETY: see the F32 arm.
-                        WeightFormat::Q4_0 => unsafe {
-                            tile_blocks::<Q40, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        },
-                        // SAFETY: see the F32 arm.
-                        WeightFormat::Q8_0 => unsafe {
-                            tile_blocks::<Q80, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        },
-                        WeightFormat::F32 => unreachable!("f32 matrices use F32 storage"),
-                    }
-                }
-            }
-            for (i, row) in out.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
-                    // that our contract gives to this tile alone.
-                    unsafe { *y.add((t0 + j) * w.rows + r + i) = *v };
-                }
-            }
-        }};
+        ($R:literal, $T:literal) => {
+            run_tile!($R, $T, w, xp, r, t0, cols, y)
+        };
     }
     match (rr, t) {
         (8, 1) => go!(8, 1),
@@ -253,54 +271,14 @@ unsafe fn tile_dispatch_avx2(
     rr: usize,
     y: *mut f32,
 ) {
-    use super::avx2::{tile_blocks, tile_f32, Q40, Q41, Q80};
+    use super::avx2 as isa;
     let cols = w.cols;
     // SAFETY: `t0 * cols <= x.len()` by our contract, so the offset stays inside `x`.
     let xp = unsafe { x.as_ptr().add(t0 * cols) };
     macro_rules! go {
-        ($R:literal, $T:literal) => {{
-            let mut out = [[0f32; $T]; $R];
-            match &w.storage {
-                Storage::F32(v) => {
-                    // SAFETY: (this call and the three below) the token proves the features;
-                    // the `Matrix` invariant makes the storage `rows` whole rows (`rows * cols`
-                    // floats, or `rows * row_bytes` bytes of `cols / 32` blocks), so rows
-                    // `r..r + $R` are readable from the offset of row `r`; tokens
-                    // `t0..t0 + $T` of `x` are readable from `xp` with stride `cols` (our
-                    // contract).
-                    unsafe {
-                        tile_f32::<$R, $T>(v.as_ptr().add(r * cols), cols, xp, cols, cols, &mut out)
-                    }
-                }
-                Storage::Blocks(b) => {
-                    let rb = w.row_bytes();
-                    // SAFETY: `r < rows`, so the offset of row `r` is inside the storage.
-                    let wp = unsafe { b.as_ptr().add(r * rb) };
-                    match w.format {
-                        // SAFETY: see the F32 arm.
-                        WeightFormat::Q4_1 => unsafe {
-                            tile_blocks::<Q41, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        },
-                        // SAFETY: see the F32 arm.
-                        WeightFormat::Q4_0 => unsafe {
-                            tile_blocks::<Q40, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        },
-                        // SAFETY: see the F32 arm.
-                        WeightFormat::Q8_0 => unsafe {
-                            tile_blocks::<Q80, $R, $T>(wp, rb, xp, cols, cols, &mut out)
-                        },
-                        WeightFormat::F32 => unreachable!("f32 matrices use F32 storage"),
-                    }
-                }
-            }
-            for (i, row) in out.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
-                    // that our contract gives to this tile alone.
-                    unsafe { *y.add((t0 + j) * w.rows + r + i) = *v };
-                }
-            }
-        }};
+        ($R:literal, $T:literal) => {
+            run_tile!($R, $T, w, xp, r, t0, cols, y)
+        };
     }
     match (rr, t) {
         (8, 1) => go!(8, 1),
