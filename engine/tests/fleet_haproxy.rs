@@ -252,6 +252,7 @@ fn sticky_routing_and_drain_behind_haproxy() {
 
     // (c) Drain: queue streams on r0 directly, SIGTERM it; while it finishes them, its
     // /health says 503 and every new request, its own conversations' included, goes to r1.
+    let r0_finished = finished(addrs[0]);
     let streams: Vec<TcpStream> = (0..64)
         .map(|_| {
             let mut s = TcpStream::connect(addrs[0]).unwrap();
@@ -267,12 +268,20 @@ fn sticky_routing_and_drain_behind_haproxy() {
             s
         })
         .collect();
-    poll("r0 to queue the streams", 10, || {
+    // SIGTERM only once r0 has admitted all 64 (a stream it has not read yet would be refused
+    // as shutting_down) and at least 10 still wait.
+    poll("r0 to admit the streams", 10, || {
         let m = get(addrs[0], "/metrics").text();
-        m.lines()
-            .find(|l| l.starts_with("convoy:num_requests_waiting{"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .filter(|w| *w >= 10.0)
+        let gauge = |name: &str| {
+            m.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let waiting = gauge("convoy:num_requests_waiting{");
+        let admitted =
+            gauge("convoy:num_requests_running{") + waiting + finished(addrs[0]) - r0_finished;
+        (admitted >= 64.0 && waiting >= 10.0).then_some(())
     });
     {
         use nix::sys::signal::{kill, Signal};
