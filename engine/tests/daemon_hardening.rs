@@ -192,6 +192,13 @@ fn a_generate_during_the_drain_is_refused_with_shutting_down() {
     .unwrap();
     assert!(matches!(a.recv().unwrap(), Some(ServerEvent::Token { .. })));
     let mut b = d.client();
+    // One round trip first: `connect` returns once the kernel queues the connection, and
+    // one still queued when SIGTERM closes the listener is reset, never served.
+    b.send(&json!({"op":"health"})).unwrap();
+    assert!(matches!(
+        b.recv().unwrap(),
+        Some(ServerEvent::Health { .. })
+    ));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(d.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

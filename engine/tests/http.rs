@@ -354,9 +354,10 @@ fn chat_and_completions_stream_report_usage_and_a_hang_up_frees_blocks() {
     assert_eq!(value("convoy:num_requests_running{"), 0.0);
 
     // Drain: a stream in flight goes on to its end, /health says 503 and new work is refused.
+    // The stream is long enough (seconds even with fast kernels) that the drain is still
+    // waiting on it while the test asks.
     let mut s = TcpStream::connect(addr).unwrap();
-    let body =
-        json!({"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true, "stream": true});
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true, "stream": true});
     s.write_all(&raw_request(
         "POST",
         "/v1/completions",
