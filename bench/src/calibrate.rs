@@ -39,6 +39,11 @@ pub struct CalibrateArgs {
     /// Prompt chunk sizes.
     #[arg(long, value_delimiter = ',', default_value = "32,128,384")]
     prefill: Vec<usize>,
+    /// Fit the steps a daemon logged under real traffic (`convoy serve --step-log FILE`)
+    /// instead of timing a grid of synthetic shapes: their whole step time (forward pass,
+    /// sampling, detokenising, events) is what the planner then predicts. Repeatable.
+    #[arg(long)]
+    from_steps: Vec<PathBuf>,
 }
 
 /// One measured step: its shape and its median time.
@@ -105,26 +110,14 @@ fn time_step(
     Some((shape, times[times.len() / 2]))
 }
 
-/// Run the calibration.
-pub fn main(args: CalibrateArgs) -> Result<()> {
-    let loaded = args.model.load()?;
-    let model = &loaded.model;
-    let cfg = &model.config;
-    let block_size = loaded.block_size;
-    let num_blocks = loaded.num_blocks;
-    let mut cache = model.new_kv_cache(num_blocks, block_size);
-    let path = args.model.model_path()?;
-    let name = path
-        .file_stem()
-        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-    println!(
-        "calibrating {} on {} threads: {} KV blocks of {} tokens, median of {} per shape",
-        path.display(),
-        convoy_kernels::cpu::pool::num_threads(),
-        num_blocks,
-        block_size,
-        args.reps
-    );
+/// Time the forward pass at a grid of synthetic shapes.
+fn time_grid(
+    args: &CalibrateArgs,
+    model: &LlamaModel,
+    cache: &mut convoy_engine::KvCache,
+    num_blocks: usize,
+    block_size: usize,
+) -> Vec<Sample> {
     let mut shapes: Vec<(String, Vec<(usize, usize)>)> = Vec::new();
     for &c in std::iter::once(&0).chain(&args.context) {
         for &n in &args.prefill {
@@ -145,10 +138,9 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         format!("mixed: decode x{b} + prefill {n} at context {c}"),
         mixed,
     ));
-    let started = Instant::now();
     let mut samples = Vec::new();
     for (label, seqs) in shapes {
-        match time_step(model, &mut cache, num_blocks, block_size, &seqs, args.reps) {
+        match time_step(model, cache, num_blocks, block_size, &seqs, args.reps) {
             Some((shape, seconds)) => samples.push(Sample {
                 label,
                 shape,
@@ -157,6 +149,74 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
             None => println!("  skipped {label}: does not fit {num_blocks} KV blocks"),
         }
     }
+    samples
+}
+
+/// The steps of daemon step logs, each a sample of its whole step time.
+fn logged_steps(paths: &[PathBuf]) -> Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for path in paths {
+        for r in convoy_engine::step_log::read_step_log(path)? {
+            let shape = r.shape();
+            let label = if shape.prefill_tokens > 0 {
+                "steps with a prompt chunk"
+            } else {
+                "decode-only steps"
+            };
+            samples.push(Sample {
+                label: label.into(),
+                shape,
+                seconds: r.step_s,
+            });
+        }
+    }
+    if samples.is_empty() {
+        bail!("the step logs hold no steps");
+    }
+    Ok(samples)
+}
+
+/// Run the calibration.
+pub fn main(args: CalibrateArgs) -> Result<()> {
+    let loaded = args.model.load()?;
+    let model = &loaded.model;
+    let cfg = &model.config;
+    let block_size = loaded.block_size;
+    let num_blocks = loaded.num_blocks;
+    let mut cache = model.new_kv_cache(num_blocks, block_size);
+    let path = args.model.model_path()?;
+    let name = path
+        .file_stem()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    println!(
+        "calibrating {} on {} threads: {} KV blocks of {} tokens, median of {} per shape",
+        path.display(),
+        convoy_kernels::cpu::pool::num_threads(),
+        num_blocks,
+        block_size,
+        args.reps
+    );
+    let started = Instant::now();
+    let (samples, source_note) = if args.from_steps.is_empty() {
+        let samples = time_grid(&args, model, &mut cache, num_blocks, block_size);
+        let note = format!(
+            "convoy-bench calibrate: forward pass only (scheduler and sampling not timed), median of {} runs per shape",
+            args.reps
+        );
+        (samples, note)
+    } else {
+        let samples = logged_steps(&args.from_steps)?;
+        let note = format!(
+            "convoy-bench calibrate --from-steps: whole engine steps of a daemon under traffic ({} steps from {})",
+            samples.len(),
+            args.from_steps
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        (samples, note)
+    };
     if samples.len() < 4 {
         bail!(
             "only {} shapes fit the KV cache; give a larger --kv-cache-memory",
@@ -182,18 +242,32 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         copy_token_s: kv_per_token as f64 / 10e9,
         roofline: None,
     };
-    println!(
-        "{:<46} {:>12} {:>12} {:>8}",
-        "shape", "measured ms", "model ms", "error"
-    );
+    // One row per label (a grid shape, or a kind of logged step): mean times and the error
+    // of their total.
+    let mut groups: Vec<(&str, usize, f64, f64)> = Vec::new();
     for s in &samples {
         let p = cost.time(&s.shape);
+        match groups.iter_mut().find(|g| g.0 == s.label) {
+            Some(g) => {
+                g.1 += 1;
+                g.2 += s.seconds;
+                g.3 += p;
+            }
+            None => groups.push((&s.label, 1, s.seconds, p)),
+        }
+    }
+    println!(
+        "{:<46} {:>6} {:>12} {:>12} {:>8}",
+        "shape", "steps", "measured ms", "model ms", "error"
+    );
+    for (label, n, measured, predicted) in groups {
         println!(
-            "{:<46} {:>12.2} {:>12.2} {:>7.1}%",
-            s.label,
-            s.seconds * 1e3,
-            p * 1e3,
-            100.0 * (p - s.seconds) / s.seconds
+            "{:<46} {:>6} {:>12.2} {:>12.2} {:>7.1}%",
+            label,
+            n,
+            measured * 1e3 / n as f64,
+            predicted * 1e3 / n as f64,
+            100.0 * (predicted - measured) / measured
         );
     }
     println!(
@@ -227,10 +301,7 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         defaults: ReplicaDefaults::default(),
         cost,
         fit: Some(quality),
-        notes: format!(
-            "convoy-bench calibrate: forward pass only (scheduler and sampling not timed), median of {} runs per shape",
-            args.reps
-        ),
+        notes: source_note,
     };
     if let Err(e) = profile.validate() {
         bail!("the fitted profile is not valid: {e}");

@@ -29,7 +29,7 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn spawn_run(dir: &Path, name: &str) -> serde_json::Value {
+fn spawn_run(dir: &Path, name: &str, daemon_flags: &[&str]) -> serde_json::Value {
     let report = dir.join(format!("{name}.json"));
     let plots = dir.join(format!("{name}-plots"));
     let out = bench()
@@ -49,6 +49,7 @@ fn spawn_run(dir: &Path, name: &str) -> serde_json::Value {
         .arg("--plot-dir")
         .arg(&plots)
         .args(["--", "--chat-template", "bench/workloads/compact.jinja"])
+        .args(daemon_flags)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
@@ -82,7 +83,8 @@ fn spawned_run_reports_validate_and_repeat() {
     )
     .unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap();
-    let a = spawn_run(&dir, "a");
+    let steps = dir.join("steps.jsonl");
+    let a = spawn_run(&dir, "a", &["--step-log", steps.to_str().unwrap()]);
     let errors: Vec<String> = validator.iter_errors(&a).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "schema errors: {errors:#?}");
     let run = &a["runs"][0];
@@ -98,7 +100,7 @@ fn spawned_run_reports_validate_and_repeat() {
         "{run:#}"
     );
     // The same seed, a fresh daemon: the same requests, so the same prompt lengths per turn.
-    let b = spawn_run(&dir, "b");
+    let b = spawn_run(&dir, "b", &[]);
     let prompts = |r: &serde_json::Value| -> Vec<f64> {
         r["runs"][0]["by_turn"]
             .as_array()
@@ -112,6 +114,41 @@ fn spawned_run_reports_validate_and_repeat() {
         a["runs"][0]["cache"]["prompt_tokens"],
         b["runs"][0]["cache"]["prompt_tokens"]
     );
+    // The daemon logged its steps; a profile fitted from them loads in the planner.
+    let lines = std::fs::read_to_string(&steps).unwrap();
+    let logged: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(logged.len() >= 18, "{} steps", logged.len());
+    let prefilled: u64 = logged
+        .iter()
+        .map(|s| s["prefill_tokens"].as_u64().unwrap())
+        .sum();
+    let decoded: u64 = logged
+        .iter()
+        .map(|s| s["decode_seqs"].as_u64().unwrap())
+        .sum();
+    // 18 replies of 4 tokens: the first of each comes from a prompt step, the other 3 from
+    // one-token steps (a prompt whose last chunk is one token counts as a decode too).
+    assert!((18 * 3..=18 * 4).contains(&decoded), "{decoded}: {lines}");
+    assert!(prefilled > 0);
+    assert!(logged
+        .iter()
+        .all(|s| s["execute_s"].as_f64().unwrap() <= s["step_s"].as_f64().unwrap()));
+    let profile = dir.join("profile.json");
+    let out = bench()
+        .args(["calibrate", "--model", "models/glassllm", "--from-steps"])
+        .arg(&steps)
+        .arg("--out")
+        .arg(&profile)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("decode-only steps"), "{}", text(&out));
+    let p = convoy_engine::plan::profile::Profile::load(&profile).unwrap();
+    assert!(p.notes.contains("--from-steps"), "{}", p.notes);
+    assert!(p.cost.fixed_s + p.cost.decode_token_s > 0.0, "{:?}", p.cost);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

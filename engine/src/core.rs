@@ -14,6 +14,8 @@ use convoy_scheduler::{
 use crate::detokenizer::IncrementalDecoder;
 use crate::runner::{ModelRunner, TokenLogprobs};
 use crate::sampler::{InvalidParameter, Rng, SamplingParams};
+use crate::sim::StepShape;
+use crate::step_log::{StepLog, StepRecord};
 use crate::tokenizer::TextCodec;
 
 /// Mixed into a request id to decide, reproducibly, whether its prefill is verified
@@ -223,6 +225,7 @@ pub struct EngineCore<R: ModelRunner> {
     next_scratch: RequestId,
     stats: EngineStats,
     pacer: Option<StepPacer>,
+    step_log: Option<StepLog>,
 }
 
 impl<R: ModelRunner> EngineCore<R> {
@@ -242,7 +245,13 @@ impl<R: ModelRunner> EngineCore<R> {
             next_scratch: RequestId::MAX,
             stats: EngineStats::default(),
             pacer: None,
+            step_log: None,
         }
+    }
+
+    /// Log every step's shape and times to `log` (`convoy serve --step-log`).
+    pub fn set_step_log(&mut self, log: Option<StepLog>) {
+        self.step_log = log;
     }
 
     /// Size prefill chunks so that a step carrying decodes takes about `target` (learnt from
@@ -408,6 +417,7 @@ impl<R: ModelRunner> EngineCore<R> {
     pub fn step(&mut self) -> Vec<EngineEvent> {
         let mut events = Vec::new();
         let now = self.runner.now();
+        let step_started = now;
         let expired: Vec<RequestId> = self
             .live
             .iter()
@@ -438,8 +448,9 @@ impl<R: ModelRunner> EngineCore<R> {
         }
         let result = self.runner.execute(&out);
         let now = self.runner.now();
+        let executed = now.saturating_sub(started);
         if let Some(p) = &mut self.pacer {
-            p.observe(out.num_batched_tokens, now.saturating_sub(started));
+            p.observe(out.num_batched_tokens, executed);
             self.scheduler.set_step_token_budget(Some(p.budget()));
         }
         for (id, logits) in &result.kept_logits {
@@ -511,6 +522,17 @@ impl<R: ModelRunner> EngineCore<R> {
             });
             if let Some(reason) = finished {
                 events.extend(self.done_event(o.id, reason));
+            }
+        }
+        if let Some(log) = &mut self.step_log {
+            if !out.scheduled.is_empty() {
+                let total = self.runner.now().saturating_sub(step_started);
+                log.write(&StepRecord::new(
+                    started.as_secs_f64(),
+                    &StepShape::of(&out),
+                    executed.as_secs_f64(),
+                    total.as_secs_f64(),
+                ));
             }
         }
         events

@@ -16,6 +16,7 @@ pub mod runner;
 pub mod sampler;
 pub mod service;
 pub mod sim;
+pub mod step_log;
 pub mod tokenizer;
 pub mod workload;
 

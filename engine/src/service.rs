@@ -27,6 +27,7 @@ use crate::core::{
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
 use crate::runner::{CpuRunner, ModelRunner};
+use crate::step_log::StepLog;
 use crate::tokenizer::TextCodec;
 
 /// What happened to an event handed to a sink.
@@ -88,7 +89,7 @@ pub struct ServiceStats {
 }
 
 /// Limits of the engine thread beyond the generator's configuration.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Debug)]
 pub struct ServiceConfig {
     /// Most requests waiting; more are refused with `queue_full`.
     pub max_queued: usize,
@@ -96,6 +97,8 @@ pub struct ServiceConfig {
     pub max_queued_per_owner: usize,
     /// Target duration of a step that carries decodes (prefill chunks are sized to it).
     pub step_time_target: Option<Duration>,
+    /// Log every step's shape and times here (`convoy serve --step-log`).
+    pub step_log: Option<StepLog>,
 }
 
 impl Default for ServiceConfig {
@@ -104,6 +107,7 @@ impl Default for ServiceConfig {
             max_queued: 4096,
             max_queued_per_owner: 4096,
             step_time_target: None,
+            step_log: None,
         }
     }
 }
@@ -258,6 +262,7 @@ pub fn spawn_cpu(
             sched.max_queued_per_owner = service.max_queued_per_owner;
             let mut core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
             core.set_step_time_target(service.step_time_target);
+            core.set_step_log(service.step_log);
             EngineLoop {
                 core,
                 sinks: HashMap::new(),

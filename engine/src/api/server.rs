@@ -81,7 +81,6 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             }
             None => None,
         };
-        let listener = bind_socket(&cfg.socket, cfg.socket_mode, cfg.socket_group.as_deref())?;
         let socket = cfg.socket.clone();
         let shared = Arc::new(Shared {
             engine: engine.clone(),
@@ -94,10 +93,19 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             latencies: Latencies::default(),
             templates,
         });
-        let http = match crate::api::http::start(shared.clone()).await {
-            Ok(h) => h,
+        // The HTTP listeners bind first: clients take a connectable socket to mean the whole
+        // daemon is up.
+        let http = crate::api::http::start(shared.clone()).await?;
+        let listener = match bind_socket(
+            &shared.cfg.socket,
+            shared.cfg.socket_mode,
+            shared.cfg.socket_group.as_deref(),
+        ) {
+            Ok(l) => l,
             Err(e) => {
-                let _ = std::fs::remove_file(&socket);
+                if let Some(h) = http {
+                    h.finish(Instant::now()).await;
+                }
                 return Err(e);
             }
         };

@@ -128,6 +128,10 @@ enum Command {
         /// (from measured step times) so running streams keep a steady pace; 0 turns it off.
         #[arg(long, default_value_t = 250.0)]
         step_time_target_ms: f64,
+        /// Write one JSON line per engine step (its shape and times) to this file, for
+        /// `convoy-bench calibrate --from-steps` (docs/planning.md).
+        #[arg(long)]
+        step_log: Option<PathBuf>,
         /// A directory of prompt templates (`*.yaml.j2`) that `generate` may name with
         /// `template`; reloaded on SIGHUP (a bad reload keeps the old set). See docs/prompts.md.
         #[arg(long)]
@@ -307,6 +311,7 @@ fn run(cli: Cli) -> Result<()> {
             max_queued,
             max_queued_per_connection,
             step_time_target_ms,
+            step_log,
             templates,
             max_running,
             max_batched_tokens,
@@ -326,6 +331,9 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--step-time-target-ms must be a non-negative number");
             }
             let http = http.config(&model.model_path()?)?;
+            let step_log = step_log
+                .map(|p| convoy_engine::step_log::StepLog::create(&p))
+                .transpose()?;
             convoy_engine::api::raise_fd_limit();
             let loaded = model.load()?;
             let mut cfg = loaded.generator_config();
@@ -352,6 +360,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_queued_per_owner: max_queued_per_connection.max(1),
                     step_time_target: (step_time_target_ms > 0.0)
                         .then(|| std::time::Duration::from_secs_f64(step_time_target_ms / 1e3)),
+                    step_log,
                 },
             );
             let serve_cfg = convoy_engine::api::server::ServeConfig {
