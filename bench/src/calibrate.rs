@@ -44,6 +44,10 @@ pub struct CalibrateArgs {
     /// sampling, detokenising, events) is what the planner then predicts. Repeatable.
     #[arg(long)]
     from_steps: Vec<PathBuf>,
+    /// Take the per-request edge (TTFT minus the engine's own, median) from this
+    /// `convoy-bench run` report of a socket target; the planner adds it to every request.
+    #[arg(long)]
+    edge_from: Option<PathBuf>,
 }
 
 /// One measured step: its shape and its median time.
@@ -176,6 +180,27 @@ fn logged_steps(paths: &[PathBuf]) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
+/// The median edge (ms in the report) of a `convoy-bench run` report's runs, in seconds.
+fn edge_of(report: &std::path::Path) -> Result<f64> {
+    let text = std::fs::read_to_string(report)
+        .map_err(|e| anyhow::anyhow!("--edge-from {}: {e}", report.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--edge-from {}: {e}", report.display()))?;
+    let edges: Vec<f64> = v["runs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["latency_ms"]["edge"]["p50"].as_f64())
+        .collect();
+    if edges.is_empty() {
+        bail!(
+            "--edge-from {}: no run has latency_ms.edge (a socket target's report is needed)",
+            report.display()
+        );
+    }
+    Ok(edges.iter().sum::<f64>() / edges.len() as f64 / 1e3)
+}
+
 /// Run the calibration.
 pub fn main(args: CalibrateArgs) -> Result<()> {
     let loaded = args.model.load()?;
@@ -241,6 +266,10 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         // Swaps are memory copies on the CPU backend: ~10 GB/s.
         copy_token_s: kv_per_token as f64 / 10e9,
         roofline: None,
+        request_edge_s: match &args.edge_from {
+            Some(report) => edge_of(report)?,
+            None => 0.0,
+        },
     };
     // One row per label (a grid shape, or a kind of logged step): mean times and the error
     // of their total.
@@ -307,6 +336,15 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         bail!("the fitted profile is not valid: {e}");
     }
     profile.save(&args.out)?;
+    if cost.request_edge_s > 0.0 {
+        println!(
+            "request edge: {:.1} ms per request (from {})",
+            cost.request_edge_s * 1e3,
+            args.edge_from
+                .as_ref()
+                .map_or(String::new(), |p| p.display().to_string())
+        );
+    }
     println!("wrote {}", args.out.display());
     Ok(())
 }

@@ -93,6 +93,13 @@ fn spawned_run_reports_validate_and_repeat() {
     assert_eq!(run["requests"]["failed"], 0);
     assert_eq!(run["by_turn"].as_array().unwrap().len(), 3);
     assert!(run["latency_ms"]["ttft"]["p50"].as_f64().unwrap() > 0.0);
+    // The daemon's own TTFT comes with every request, and never exceeds the client's.
+    assert_eq!(run["latency_ms"]["engine_ttft"]["count"], 18);
+    assert_eq!(run["latency_ms"]["edge"]["count"], 18);
+    assert!(
+        run["latency_ms"]["engine_ttft"]["max"].as_f64().unwrap()
+            <= run["latency_ms"]["ttft"]["max"].as_f64().unwrap() + 1.0
+    );
     assert_eq!(run["goodput"]["fraction"], 1.0);
     // Later turns re-send the history: the cache serves most of it.
     assert!(

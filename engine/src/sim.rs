@@ -129,6 +129,11 @@ pub struct CostModel {
     /// A roofline term added to the linear ones (GPU profiles).
     #[serde(default)]
     pub roofline: Option<Roofline>,
+    /// Per request, seconds spent outside engine steps: from the client's send to the engine
+    /// seeing the request (framing, templating, tokenising) plus the first token's way back.
+    /// Not part of any step; the fleet simulation delays each request's arrival by it.
+    #[serde(default)]
+    pub request_edge_s: f64,
 }
 
 impl CostModel {
@@ -143,6 +148,7 @@ impl CostModel {
             attention_pair_s: 0.0,
             copy_token_s: 0.0,
             roofline: None,
+            request_edge_s: 0.0,
         }
     }
 

@@ -42,6 +42,7 @@ fn profile() -> Profile {
             attention_pair_s: 0.0,
             copy_token_s: 0.0,
             roofline: None,
+            request_edge_s: 0.0,
         },
         fit: None,
         notes: String::new(),

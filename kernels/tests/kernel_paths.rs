@@ -407,11 +407,13 @@ struct Case {
 }
 
 impl Case {
-    /// A decode past one 256-position partition, a chunked prefill on a cached prefix and a
-    /// prefill from scratch, on blocks scattered over the cache.
+    /// A decode past one 256-position partition, a chunked prefill on a cached prefix, a
+    /// chunk whose rows end on both sides of a partition boundary (positions 491..530: the
+    /// first rows see two partitions, the last three) and a prefill from scratch, on blocks
+    /// scattered over the cache.
     fn new(shape: AttentionShape, rng: &mut Lcg) -> Case {
         let bs = shape.block_size;
-        let specs = [(300usize, 1usize), (40, 7), (5, 5)];
+        let specs = [(300usize, 1usize), (40, 7), (530, 40), (5, 5)];
         let needed: usize = specs.iter().map(|&(ctx, _)| ctx.div_ceil(bs)).sum();
         let num_blocks = needed + 3;
         // A random permutation of the blocks, dealt out in order.

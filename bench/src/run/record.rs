@@ -49,6 +49,8 @@ pub struct Recorder {
     tpot: Histogram<u64>,
     itl: Histogram<u64>,
     e2e: Histogram<u64>,
+    engine_ttft: Histogram<u64>,
+    edge: Histogram<u64>,
     turns: Vec<TurnStats>,
     requests: Requests,
     good: u64,
@@ -69,6 +71,8 @@ impl Recorder {
             tpot: histogram(),
             itl: histogram(),
             e2e: histogram(),
+            engine_ttft: histogram(),
+            edge: histogram(),
             turns: Vec::new(),
             requests: Requests::default(),
             good: 0,
@@ -95,6 +99,10 @@ impl Recorder {
         self.requests.completed += 1;
         record(&mut self.ttft, o.ttft);
         record(&mut self.e2e, o.e2e);
+        if let Some(engine) = o.engine_ttft {
+            record(&mut self.engine_ttft, engine);
+            record(&mut self.edge, o.ttft.saturating_sub(engine));
+        }
         for &g in &o.itl {
             record(&mut self.itl, g);
         }
@@ -175,6 +183,8 @@ impl Recorder {
                 tpot: percentiles(&self.tpot),
                 itl: percentiles(&self.itl),
                 e2e: percentiles(&self.e2e),
+                engine_ttft: (!self.engine_ttft.is_empty()).then(|| percentiles(&self.engine_ttft)),
+                edge: (!self.edge.is_empty()).then(|| percentiles(&self.edge)),
             },
             goodput: Goodput {
                 requests_per_s: self.good as f64 / secs,

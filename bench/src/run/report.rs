@@ -139,6 +139,13 @@ pub struct Latency {
     pub itl: Percentiles,
     /// Send to the end.
     pub e2e: Percentiles,
+    /// The daemon's own arrival-to-first-token, from its `done` events (socket target only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_ttft: Option<Percentiles>,
+    /// Per request, TTFT minus the daemon's own: the time outside the engine (the request's
+    /// framing, templating and tokenising, and the first token's way back), socket target only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge: Option<Percentiles>,
 }
 
 /// Requests meeting every SLO.
@@ -291,6 +298,12 @@ pub fn print_tables(report: &Report) {
                 s.preemptions,
                 s.max_running,
                 s.max_waiting
+            );
+        }
+        if let (Some(e), Some(edge)) = (&r.latency_ms.engine_ttft, &r.latency_ms.edge) {
+            println!(
+                "engine TTFT ms p50/p99 {:.0}/{:.0}; edge (TTFT minus the engine's) p50/p99 {:.0}/{:.0}",
+                e.p50, e.p99, edge.p50, edge.p99
             );
         }
         println!(

@@ -41,6 +41,9 @@ pub struct TurnRequest {
 pub struct TurnOutcome {
     /// Send to first token.
     pub ttft: Duration,
+    /// The server's own arrival-to-first-token (convoy's socket reports it in `done`): what
+    /// is left of `ttft` is the edge (framing, templating, tokenising, delivery).
+    pub engine_ttft: Option<Duration>,
     /// Gaps between successive token events.
     pub itl: Vec<Duration>,
     /// Send to the end.
@@ -257,9 +260,12 @@ async fn send_socket(
                     id,
                     finish_reason,
                     usage,
+                    timing,
                     ..
                 } if id == req.id => {
                     out.e2e = sent.elapsed();
+                    out.engine_ttft = (timing.ttft_ms.is_finite() && timing.ttft_ms >= 0.0)
+                        .then(|| Duration::from_secs_f64(timing.ttft_ms / 1e3));
                     if last.is_none() {
                         out.ttft = out.e2e;
                     }

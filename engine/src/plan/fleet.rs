@@ -7,7 +7,9 @@
 //! steps (a replica with work steps at its own clock; a step's cost moves that clock). The next
 //! event is the earliest of the three; sends at the same instant as a step go first, so a
 //! request that reaches a replica while it is busy waits for the next step, as in the daemon.
-//! Latencies are measured from the send, not from when the engine noticed the request.
+//! Latencies are measured from the send, not from when the engine noticed the request: a send
+//! reaches its replica the cost model's `request_edge_s` later (the daemon's framing,
+//! templating and tokenising, and the first token's way back).
 //!
 //! A turn's prompt is what the daemon would see: ChatML-style framing (5 template tokens per
 //! message, 3 for the assistant header), the persona's ids (the same in every conversation that
@@ -789,9 +791,12 @@ impl<'a> Group<'a> {
         }
     }
 
+    /// Queue a send at `t`: it reaches the engine `request_edge_s` later.
     fn push_send(&mut self, t: f64, conv: u64, turn: usize) {
         self.seq += 1;
-        self.sends.push(Reverse((nanos(t), self.seq, conv, turn)));
+        let arrive = t + self.cfg.cost.request_edge_s;
+        self.sends
+            .push(Reverse((nanos(arrive), self.seq, conv, turn)));
     }
 
     /// Route a send: the local replica index, or `None` when it lands on an unsimulated one.
@@ -850,7 +855,9 @@ impl<'a> Group<'a> {
         }
     }
 
-    fn send(&mut self, t: f64, conv: u64, turn: usize) {
+    /// A request reaches the engine at `arrive` (sent `request_edge_s` earlier).
+    fn send(&mut self, arrive: f64, conv: u64, turn: usize) {
+        let t = arrive - self.cfg.cost.request_edge_s;
         if t >= self.end_s {
             self.convs.remove(&conv);
             return;
@@ -887,7 +894,7 @@ impl<'a> Group<'a> {
             ..Default::default()
         };
         let clock = &self.clocks[local];
-        clock.advance_to(Duration::from_secs_f64(t));
+        clock.advance_to(Duration::from_secs_f64(arrive));
         if measured {
             self.s.sent += 1;
         }

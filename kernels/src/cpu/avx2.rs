@@ -29,7 +29,7 @@
 
 use std::arch::x86_64::*;
 
-use super::attention::{for_each_run, for_each_slot, k_index, softmax_stats, Item};
+use super::attention::{for_each_run, for_each_slot, k_index, Item};
 
 /// Mask enabling the first `min(lanes, 8)` lanes of a vector of 8 floats (for
 /// `_mm256_maskload_ps` / `_mm256_maskstore_ps`: a lane is enabled by its top bit).
@@ -354,8 +354,9 @@ pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// Scaled scores of every query head of the group against every position of the partition,
 /// from the block-transposed K cache: 16 positions (two vectors) per pass, one fused
-/// multiply-add per dimension, query head and vector, each K value loaded once for up to 4
-/// query heads (larger groups take several passes of 4).
+/// multiply-add per dimension, query head and vector, each K value loaded once for up to 3
+/// query heads (larger groups take several passes of 3). Every score is one chain of fused
+/// multiply-adds over the dimensions in order, whatever lanes it falls in.
 ///
 /// # Safety
 /// The processor supports AVX2 and FMA; `it` satisfies the invariants listed on [`Item`]; and
@@ -363,89 +364,230 @@ pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scores(it: &Item<'_>, scores: &mut [f32]) {
-    const HEADS: usize = 4;
+    let mut g0 = 0;
+    while g0 < it.group {
+        let gs = (it.group - g0).min(3);
+        // SAFETY: (every arm) the features, `it` and `scores` are this function's contract;
+        // `g0 + gs <= group`.
+        unsafe {
+            match gs {
+                1 => score_heads::<1>(it, scores, g0),
+                2 => score_heads::<2>(it, scores, g0),
+                _ => score_heads::<3>(it, scores, g0),
+            }
+        }
+        g0 += gs;
+    }
+}
+
+/// The scores of query heads `g0 .. g0 + H` (see [`scores`]): `H x 2` accumulators, which a
+/// constant `H` keeps in registers (with the two masks, two K vectors and a query broadcast:
+/// 11 of the 16 vector registers for `H = 3`).
+///
+/// # Safety
+/// As [`scores`], and `g0 + H <= it.group`.
+#[inline(always)]
+unsafe fn score_heads<const H: usize>(it: &Item<'_>, scores: &mut [f32], g0: usize) {
+    // Positions are contiguous only inside a block (16 slots by default): two vectors.
+    const VECS: usize = 2;
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
-    let scale = _mm256_set1_ps(it.scale);
+    // SAFETY: AVX only.
+    let scale = unsafe { _mm256_set1_ps(it.scale) };
     for_each_run(it, |j0, block, off, len| {
         let mut c = 0;
         while c < len {
-            let lanes = (len - c).min(16);
-            // SAFETY: AVX2 is enabled on this function. (A mask may enable no lane at all:
-            // masked loads and stores then access nothing.)
-            let (m0, m1) = unsafe { (tail_mask(lanes), tail_mask(lanes.saturating_sub(8))) };
-            let mut g0 = 0;
-            while g0 < it.group {
-                let gs = (it.group - g0).min(HEADS);
-                let mut acc = [[_mm256_setzero_ps(); 2]; HEADS];
-                for d in 0..hd {
-                    // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
-                    // `k_index(.., off + c, d)` starts a run of `block_size - off - c`
-                    // positions of one K row inside `k_cache`; the masks enable
-                    // `lanes <= len - c` of them, and `off + len <= block_size`.
-                    let (k0, k1) = unsafe {
-                        let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, d));
-                        (
-                            _mm256_maskload_ps(kp, m0),
-                            _mm256_maskload_ps(kp.add(8), m1),
-                        )
+            let lanes = (len - c).min(8 * VECS);
+            // SAFETY: AVX2 (the caller's). A mask may enable no lane at all: masked loads
+            // and stores then access nothing. (All lanes on for a whole run of 16.)
+            let masks: [__m256i; VECS] =
+                std::array::from_fn(|v| unsafe { tail_mask(lanes.saturating_sub(8 * v)) });
+            let full = lanes == 8 * VECS;
+            // SAFETY: AVX only.
+            let mut acc = [[unsafe { _mm256_setzero_ps() }; VECS]; H];
+            for d in 0..hd {
+                // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
+                // `k_index(.., off + c, d)` starts a run of `block_size - off - c` positions of
+                // one K row inside `k_cache`; the masks enable `lanes <= len - c` of them, and
+                // `off + len <= block_size`. `(g0 + g) * hd + d < group * head_dim <= q.len()`
+                // (Item invariant), since `g0 + g < group` and `d < hd`.
+                unsafe {
+                    let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, d));
+                    // A whole run takes plain loads (masked ones are slower on some cores).
+                    let k: [__m256; VECS] = if full {
+                        std::array::from_fn(|v| _mm256_loadu_ps(kp.add(8 * v)))
+                    } else {
+                        std::array::from_fn(|v| _mm256_maskload_ps(kp.add(8 * v), masks[v]))
                     };
-                    for g in 0..gs {
-                        // SAFETY: `(g0 + g) * hd + d < group * head_dim <= q.len()` (Item
-                        // invariant), since `g0 + g < group` and `d < hd`.
-                        let q = _mm256_set1_ps(unsafe { *it.q.get_unchecked((g0 + g) * hd + d) });
-                        acc[g][0] = _mm256_fmadd_ps(q, k0, acc[g][0]);
-                        acc[g][1] = _mm256_fmadd_ps(q, k1, acc[g][1]);
+                    for g in 0..H {
+                        let q = _mm256_set1_ps(*it.q.get_unchecked((g0 + g) * hd + d));
+                        for v in 0..VECS {
+                            acc[g][v] = _mm256_fmadd_ps(q, k[v], acc[g][v]);
+                        }
                     }
                 }
-                for g in 0..gs {
-                    // SAFETY: lanes `(g0 + g) * n + j0 + c ..+ lanes` lie inside the
-                    // `group * n` scores the caller provides: `j0 + c + lanes <= j0 + len <= n`
-                    // as `for_each_run` covers `0..n`; the masks enable exactly those lanes;
-                    // `scores` is borrowed mutably.
-                    unsafe {
-                        let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
-                        _mm256_maskstore_ps(out, m0, _mm256_mul_ps(acc[g][0], scale));
-                        _mm256_maskstore_ps(out.add(8), m1, _mm256_mul_ps(acc[g][1], scale));
+            }
+            for g in 0..H {
+                // SAFETY: lanes `(g0 + g) * n + j0 + c ..+ lanes` lie inside the `group * n`
+                // scores the caller provides: `j0 + c + lanes <= j0 + len <= n` as
+                // `for_each_run` covers `0..n`; the masks enable exactly those lanes; `scores`
+                // is borrowed mutably.
+                unsafe {
+                    let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
+                    for v in 0..VECS {
+                        _mm256_maskstore_ps(
+                            out.add(8 * v),
+                            masks[v],
+                            _mm256_mul_ps(acc[g][v], scale),
+                        );
                     }
                 }
-                g0 += gs;
             }
             c += lanes;
         }
     });
 }
 
-/// Dimensions `d0 .. d0 + 8 * C` of the unnormalised `sum_j sc[j] v_j` of one query head over
-/// the partition, kept in `C` registers across all positions, stored at `out`.
+/// Dimensions `d0 .. d0 + 8 * C` of the unnormalised `sum_j sc[j] v_j` of query heads
+/// `g0 .. g0 + H` over the partition, kept in `H x C` registers across all positions (each V
+/// vector is loaded once for the `H` heads), stored at `part`'s records of those heads. Every
+/// output is one chain of fused multiply-adds over the positions in order, whatever `H` and
+/// `C`.
 ///
 /// # Safety
 /// The processor supports AVX2 and FMA; `it` satisfies the invariants listed on [`Item`];
-/// `d0 + 8 * C <= it.head_dim`; `sc.len() >= it.p1 - it.p0`; `out` is valid for writes of
-/// `8 * C` floats that nothing else accesses meanwhile.
+/// `g0 + H <= it.group`; `d0 + 8 * C <= it.head_dim`; `sc.len() >= it.group * (it.p1 -
+/// it.p0)`; `part` is valid for writes of `it.group * (it.head_dim + 2)` floats that nothing
+/// else accesses meanwhile.
 #[inline(always)]
-unsafe fn vsum<const C: usize>(it: &Item<'_>, sc: &[f32], d0: usize, out: *mut f32) {
+unsafe fn vsum<const H: usize, const C: usize>(
+    it: &Item<'_>,
+    sc: &[f32],
+    g0: usize,
+    d0: usize,
+    part: *mut f32,
+) {
+    let n = it.p1 - it.p0;
+    let hd = it.head_dim;
     // SAFETY: AVX only.
-    let mut acc = [unsafe { _mm256_setzero_ps() }; C];
+    let mut acc = [[unsafe { _mm256_setzero_ps() }; C]; H];
     for_each_slot(it, |j, slot| {
         // SAFETY: `slot < num_blocks * block_size` (Item invariant: `for_each_slot` yields
         // slots of blocks in range) and `head_offset + d0 + 8 * C <= head_offset + hd <=
         // kv_stride`, so floats `slot * kv_stride + head_offset + d0 ..+ 8 * C` are inside
-        // `v_cache`; `j < p1 - p0 <= sc.len()`.
+        // `v_cache`; `(g0 + h) * n + j < group * n <= sc.len()` as `j < n`.
         unsafe {
             let vp = it
                 .v_cache
                 .as_ptr()
                 .add(slot * it.kv_stride + it.head_offset + d0);
-            let w = _mm256_set1_ps(*sc.get_unchecked(j));
+            // The weights of the H heads, then one V vector at a time: H x C accumulators +
+            // H weights + 1 vector = 16 registers for H = 3, C = 4.
+            let w: [__m256; H] =
+                std::array::from_fn(|h| _mm256_set1_ps(*sc.get_unchecked((g0 + h) * n + j)));
             for c in 0..C {
-                acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vp.add(c * 8)), acc[c]);
+                let v = _mm256_loadu_ps(vp.add(c * 8));
+                for h in 0..H {
+                    acc[h][c] = _mm256_fmadd_ps(w[h], v, acc[h][c]);
+                }
             }
         }
     });
-    for c in 0..C {
-        // SAFETY: `c * 8 + 8 <= 8 * C` floats from `out`, writable (caller).
-        unsafe { _mm256_storeu_ps(out.add(c * 8), acc[c]) };
+    for h in 0..H {
+        for c in 0..C {
+            // SAFETY: head `g0 + h`'s record is floats `(g0 + h) * (hd + 2) ..+ hd + 2` of
+            // `part`; its V sum starts at offset 2, and `d0 + c * 8 + 8 <= hd`.
+            unsafe { _mm256_storeu_ps(part.add((g0 + h) * (hd + 2) + 2 + d0 + c * 8), acc[h][c]) };
+        }
+    }
+}
+
+/// `e^x` in each lane, within 2 ulp of the correctly rounded result for `x` in
+/// `[-87.3, 88.7]`; lanes below that give 0 (the softmax only takes `e^(s - max)`, so its
+/// arguments are `<= 0`). Range reduction `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 split
+/// in two parts so `r` is exact to float precision), a degree-6 polynomial for `e^r`
+/// (Cephes' `expf` coefficients), then `2^n` put into the exponent bits.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register operations of AVX2 and FMA only, which the caller guarantees.
+    unsafe {
+        let lo = _mm256_set1_ps(-87.336_55);
+        let hi = _mm256_set1_ps(88.722_83);
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+        let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // 2^n: n + 127 in the exponent field (n is in [-126, 128] after the clamp; 2^128
+        // overflows to infinity as expf does).
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let scaled = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+        _mm256_andnot_ps(underflow, scaled)
+    }
+}
+
+/// For each query head of the group: the partition's max score `m`, `l = sum exp(s - m)`,
+/// and the scores replaced by `exp(s - m)`; writes `[m, l, 0...]` to the head's record in
+/// `part`. Same contract as `attention::softmax_stats`, with [`exp8`] for the exponentials and
+/// the sum kept in 8 lanes (one fixed order per partition: results depend on the partition's
+/// scores only).
+///
+/// # Safety
+/// The processor supports AVX2 and FMA; `scores.len() >= it.group * (it.p1 - it.p0)` and
+/// `part.len() >= it.group * (it.head_dim + 2)`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_stats8(it: &Item<'_>, scores: &mut [f32], part: &mut [f32]) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    let whole = n / 8;
+    for g in 0..it.group {
+        let sc = &mut scores[g * n..(g + 1) * n];
+        let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mv = _mm256_set1_ps(m);
+        let mut acc = _mm256_setzero_ps();
+        for c in 0..whole {
+            // SAFETY: `c * 8 + 8 <= n == sc.len()`; `sc` is borrowed mutably.
+            unsafe {
+                let p = sc.as_mut_ptr().add(c * 8);
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+                _mm256_storeu_ps(p, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+        }
+        if n > whole * 8 {
+            // SAFETY: the mask enables lanes `whole * 8 .. n` only, inside `sc`; masked-off
+            // lanes are neither read nor written, and are zeroed before the sum.
+            unsafe {
+                let mask = tail_mask(n - whole * 8);
+                let p = sc.as_mut_ptr().add(whole * 8);
+                let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p, mask), mv));
+                let e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+                _mm256_maskstore_ps(p, mask, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+        }
+        let head = &mut part[g * (hd + 2)..(g + 1) * (hd + 2)];
+        head[0] = m;
+        // SAFETY: AVX is enabled on this function.
+        head[1] = unsafe { hsum(acc) };
+        head[2..].fill(0.0);
     }
 }
 
@@ -462,36 +604,99 @@ unsafe fn vsum<const C: usize>(it: &Item<'_>, sc: &[f32], d0: usize, out: *mut f
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn attend_partition(it: &Item<'_>, sc_buf: &mut [f32], part: &mut [f32]) {
     let hd = it.head_dim;
-    let n = it.p1 - it.p0;
     // SAFETY: the features, `it` and the length of `sc_buf` are as `scores` requires, by this
     // function's own contract.
     unsafe { scores(it, sc_buf) };
-    softmax_stats(it, sc_buf, part);
-    for g in 0..it.group {
-        let sc = &sc_buf[g * n..(g + 1) * n];
-        // The record of head `g` is floats `g * (hd + 2) ..(g + 1) * (hd + 2)` of `part`
-        // (inside it, as the caller guarantees); its last `hd` floats are the V sum.
-        let out = &mut part[g * (hd + 2) + 2..(g + 1) * (hd + 2)];
+    // SAFETY: the features and the lengths of `sc_buf` and `part` are this function's own
+    // contract.
+    unsafe { softmax_stats8(it, sc_buf, part) };
+    // Heads in groups of up to 3 and dimensions 32 at a time: 12 accumulators, and each V
+    // vector loaded once per group of heads.
+    let pp = part.as_mut_ptr();
+    let mut g0 = 0;
+    while g0 < it.group {
+        let heads = (it.group - g0).min(3);
         let mut d0 = 0;
         while d0 < hd {
-            let o = out[d0..].as_mut_ptr();
-            // SAFETY: (every arm) the features and `it` are the caller's; `hd % 8 == 0`, so
-            // the arm's `8 * C` equals `min(64, hd - d0)` and `d0 + 8 * C <= hd`;
-            // `sc.len() == n`; `o` points at `out[d0..]`, which has `hd - d0 >= 8 * C` floats
-            // and is borrowed mutably here.
+            let vecs = ((hd - d0) / 8).min(4);
+            // SAFETY: (every arm) the features and `it` are the caller's; `g0 + heads <=
+            // group`; `hd % 8 == 0`, so `d0 + 8 * vecs <= hd`; `sc_buf` holds `group * n`
+            // scores and `part` `group * (hd + 2)` floats (this function's contract), and
+            // `part` is borrowed mutably here.
             unsafe {
-                match (hd - d0) / 8 {
-                    1 => vsum::<1>(it, sc, d0, o),
-                    2 => vsum::<2>(it, sc, d0, o),
-                    3 => vsum::<3>(it, sc, d0, o),
-                    4 => vsum::<4>(it, sc, d0, o),
-                    5 => vsum::<5>(it, sc, d0, o),
-                    6 => vsum::<6>(it, sc, d0, o),
-                    7 => vsum::<7>(it, sc, d0, o),
-                    _ => vsum::<8>(it, sc, d0, o),
+                match (heads, vecs) {
+                    (1, 1) => vsum::<1, 1>(it, sc_buf, g0, d0, pp),
+                    (1, 2) => vsum::<1, 2>(it, sc_buf, g0, d0, pp),
+                    (1, 3) => vsum::<1, 3>(it, sc_buf, g0, d0, pp),
+                    (1, _) => vsum::<1, 4>(it, sc_buf, g0, d0, pp),
+                    (2, 1) => vsum::<2, 1>(it, sc_buf, g0, d0, pp),
+                    (2, 2) => vsum::<2, 2>(it, sc_buf, g0, d0, pp),
+                    (2, 3) => vsum::<2, 3>(it, sc_buf, g0, d0, pp),
+                    (2, _) => vsum::<2, 4>(it, sc_buf, g0, d0, pp),
+                    (_, 1) => vsum::<3, 1>(it, sc_buf, g0, d0, pp),
+                    (_, 2) => vsum::<3, 2>(it, sc_buf, g0, d0, pp),
+                    (_, 3) => vsum::<3, 3>(it, sc_buf, g0, d0, pp),
+                    (_, _) => vsum::<3, 4>(it, sc_buf, g0, d0, pp),
                 }
             }
-            d0 += 64;
+            d0 += 8 * vecs;
         }
+        g0 += heads;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distance in units in the last place between two positive floats.
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp8_is_within_2_ulp_of_the_rounded_exponential_and_underflows_to_zero() {
+        if super::super::Avx2::detect().is_none() {
+            eprintln!("no AVX2 here: nothing to check");
+            return;
+        }
+        let mut worst = 0;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let xs = [
+                x,
+                x * 0.5,
+                x * 0.25,
+                x * 0.125,
+                x * 1e-2,
+                x * 1e-4,
+                x * 1e-7,
+                0.0,
+            ];
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected above; `got` holds 8 floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = (x as f64).exp() as f32;
+                worst = worst.max(ulps(g, want));
+                assert!(ulps(g, want) <= 2, "exp({x}) = {g}, want {want}");
+            }
+            x += 0.0137;
+        }
+        eprintln!("exp8: worst error {worst} ulp");
+        let xs = [
+            -88.0f32,
+            -100.0,
+            -1e30,
+            f32::NEG_INFINITY,
+            -87.5,
+            -90.0,
+            -200.0,
+            -1e4,
+        ];
+        let mut got = [1f32; 8];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+        assert_eq!(got, [0.0; 8], "below -87.34 the softmax weight is 0");
     }
 }
