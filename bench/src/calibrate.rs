@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use convoy_engine::options::{parse_bytes, ModelArgs};
 use convoy_engine::plan::profile::{
-    fit_linear, KvMemory, ModelShape, Profile, ReplicaDefaults, PROFILE_FORMAT,
+    fit_linear, KvMemory, ModelShape, Profile, ReplicaDefaults, TextCounts, PROFILE_FORMAT,
 };
 use convoy_engine::sim::{CostModel, StepShape};
 use convoy_engine::{ForwardBatch, LlamaModel};
@@ -180,6 +180,36 @@ fn logged_steps(paths: &[PathBuf]) -> Result<Vec<Sample>> {
     Ok(samples)
 }
 
+/// How the model's tokenizer counts `convoy-bench run`'s synthetic text: tokens per word over
+/// a few long texts, and what the `[conversation.turn] ` tag of a user message adds (the
+/// workload's own format, `workload::conversation`). Nominal counts without a tokenizer.
+fn text_counts(codec: &convoy_engine::TextCodec) -> TextCounts {
+    use convoy_engine::workload::synthetic_text;
+    let count = |t: &str| codec.encode(t).map(|ids| ids.len());
+    let mut words = 0usize;
+    let mut tokens = 0usize;
+    let mut tag = 0usize;
+    let mut tags = 0usize;
+    for seed in 1..=4u64 {
+        let text = synthetic_text(seed, 1000);
+        let (Ok(n), Ok(short)) = (count(&text), count(&synthetic_text(seed, 20))) else {
+            return TextCounts::default();
+        };
+        words += 1000;
+        tokens += n;
+        for (i, t) in [(seed * 37, 0), (seed * 1234, 3), (seed, 11)] {
+            if let Ok(tagged) = count(&format!("[{i}.{t}] {}", synthetic_text(seed, 20))) {
+                tag += tagged.saturating_sub(short);
+                tags += 1;
+            }
+        }
+    }
+    TextCounts {
+        tokens_per_word: tokens as f64 / words as f64,
+        user_tag_tokens: tag as f64 / tags.max(1) as f64,
+    }
+}
+
 /// The median edge (ms in the report) of a `convoy-bench run` report's runs, in seconds.
 fn edge_of(report: &std::path::Path) -> Result<f64> {
     let text = std::fs::read_to_string(report)
@@ -314,6 +344,11 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         100.0 * quality.max_relative_error,
         started.elapsed().as_secs_f64()
     );
+    let text = text_counts(&loaded.codec);
+    println!(
+        "synthetic text: {:.3} tokens per word, {:.1} tokens per user-message tag",
+        text.tokens_per_word, text.user_tag_tokens
+    );
     let cpu = crate::cpu_name();
     let threads = convoy_kernels::cpu::pool::num_threads();
     let profile = Profile {
@@ -327,6 +362,7 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
             block_size,
             kv_bytes_per_token: kv_per_token as u64,
         },
+        text,
         defaults: ReplicaDefaults::default(),
         cost,
         fit: Some(quality),

@@ -29,6 +29,7 @@ fn profile() -> Profile {
             block_size: 16,
             kv_bytes_per_token: 1024,
         },
+        text: Default::default(),
         defaults: ReplicaDefaults {
             max_running: 32,
             max_batched_tokens: 1024,

@@ -103,6 +103,11 @@ pub struct PlanArgs {
     /// Turn prefix caching off.
     #[arg(long)]
     pub no_prefix_caching: bool,
+    /// Write the simulated replica's steps (shape and modelled time, one JSON line each, the
+    /// format of `convoy serve --step-log`) to this file, to compare with the daemon's.
+    /// Needs `--gpus 1` and no search (no SLO).
+    #[arg(long)]
+    pub step_log: Option<std::path::PathBuf>,
     /// Replicas simulated in the engine when the fleet is larger.
     #[arg(long, default_value_t = 2)]
     pub sample_replicas: usize,
@@ -274,8 +279,15 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         window_s: args.window_s,
         step_time_target: (target > 0.0).then(|| Duration::from_secs_f64(target / 1e3)),
         prefix_caching: !args.no_prefix_caching,
+        step_log: args.step_log.clone(),
         ..PlanOptions::default()
     };
+    if args.step_log.is_some() && args.gpus != Some(1) {
+        return Err(PlanError::invalid(
+            "--step-log",
+            "logs one simulated replica: give --gpus 1",
+        ));
+    }
     let mut rate = args.rate;
     let started = std::time::Instant::now();
     let mut planner = Planner::new(spec, None, profile, opts.clone())?;

@@ -49,6 +49,8 @@ use crate::sim::{sim_reply_ids, CostModel, SimClock, SimRunner};
 use crate::tokenizer::TextCodec;
 use crate::workload::{Arrivals, Conversation, Workload};
 
+use super::profile::TextCounts;
+
 /// How requests are spread over replicas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -153,6 +155,9 @@ pub struct FleetConfig {
     /// Expected (TTFT, TPOT) in seconds, for turns that are not simulated until simulated
     /// ones say better.
     pub latency_hint: (f64, f64),
+    /// Log the steps of a one-replica fleet here (the daemon's `--step-log` format, with
+    /// modelled times); ignored for larger fleets.
+    pub step_log: Option<std::path::PathBuf>,
 }
 
 /// What a fleet run measured (fleet-wide figures scaled from the simulated share).
@@ -296,16 +301,19 @@ type PersonaIds = HashMap<(u64, u32), Arc<Vec<u32>>>;
 pub struct ConversationBook {
     workload: Arc<Workload>,
     vocab: u32,
+    text: TextCounts,
     chunks: Vec<OnceLock<Vec<ConvSlot>>>,
     personas: std::sync::Mutex<PersonaIds>,
 }
 
 impl ConversationBook {
-    /// A book over a workload, for a model with this vocabulary.
-    pub fn new(workload: Arc<Workload>, vocab: usize) -> ConversationBook {
+    /// A book over a workload, for a model with this vocabulary whose tokenizer counts the
+    /// workload's synthetic text as `text` says.
+    pub fn new(workload: Arc<Workload>, vocab: usize, text: TextCounts) -> ConversationBook {
         ConversationBook {
             workload,
             vocab: vocab as u32,
+            text,
             chunks: (0..1 << 16).map(|_| OnceLock::new()).collect(),
             personas: Default::default(),
         }
@@ -405,14 +413,15 @@ impl ConversationBook {
         let mut ids = Vec::new();
         if let Some((seed, n)) = c.system {
             ids.extend([IM_START, ROLE_SYSTEM, NL]);
-            ids.extend_from_slice(&self.persona(seed, n));
+            ids.extend_from_slice(&self.persona(seed, self.text.tokens(n)));
             ids.extend([IM_END, NL]);
         }
         for (j, t) in c.turns[..=turn].iter().enumerate() {
             ids.extend([IM_START, ROLE_USER, NL]);
+            let tag = self.text.user_tag_tokens.round() as usize;
             ids.extend(synthetic_ids(
                 t.user_seed,
-                t.user_tokens as usize,
+                self.text.tokens(t.user_tokens) as usize + tag,
                 FIRST_TEXT_ID,
                 self.vocab,
             ));
@@ -643,6 +652,12 @@ impl<'a> Group<'a> {
             clocks.push(runner.clock());
             let mut core = EngineCore::new(sc, runner, TextCodec::without_tokenizer(vec![2]), 0.0);
             core.set_step_time_target(r.step_time_target);
+            if let (Some(path), 1) = (&cfg.step_log, plan.replicas.len()) {
+                match crate::step_log::StepLog::create(path) {
+                    Ok(log) => core.set_step_log(Some(log)),
+                    Err(e) => tracing::error!(error = %e, "no simulated step log"),
+                }
+            }
             cores.push(core);
         }
         let (ttft, tpot) = cfg.latency_hint;

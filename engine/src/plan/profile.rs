@@ -171,6 +171,34 @@ impl GpuSpec {
     }
 }
 
+/// How many tokens the model's tokenizer makes of the synthetic text `convoy-bench run` sends
+/// (`workload::synthetic_text`), so the simulated prompts are as long as the real ones. A
+/// workload spec counts text in words; defaults (1 token per word, no tag) are the spec's
+/// nominal counts.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextCounts {
+    /// Tokens per word of synthetic text (punctuation included).
+    pub tokens_per_word: f64,
+    /// Tokens of the `[conversation.turn] ` tag in front of each user message.
+    pub user_tag_tokens: f64,
+}
+
+impl Default for TextCounts {
+    fn default() -> TextCounts {
+        TextCounts {
+            tokens_per_word: 1.0,
+            user_tag_tokens: 0.0,
+        }
+    }
+}
+
+impl TextCounts {
+    /// Tokens of `words` words of synthetic text.
+    pub fn tokens(&self, words: u32) -> u32 {
+        (words as f64 * self.tokens_per_word).round() as u32
+    }
+}
+
 /// Memory of one replica's KV cache.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvMemory {
@@ -242,6 +270,9 @@ pub struct Profile {
     pub model: ModelShape,
     /// The KV cache.
     pub memory: KvMemory,
+    /// How the model's tokenizer counts the load generator's synthetic text.
+    #[serde(default)]
+    pub text: TextCounts,
     /// Scheduler defaults.
     #[serde(default)]
     pub defaults: ReplicaDefaults,
@@ -339,6 +370,7 @@ impl Profile {
                 block_size: o.block_size,
                 kv_bytes_per_token: kv_per_token as u64,
             },
+            text: Default::default(),
             defaults: ReplicaDefaults {
                 max_running: 256,
                 max_batched_tokens: 8192,
@@ -424,6 +456,16 @@ impl Profile {
             if !(r.bandwidth > 0.0 && r.flops > 0.0) {
                 return Err("cost.roofline: bandwidth and flops must be > 0".into());
             }
+        }
+        let t = &self.text;
+        if !(t.tokens_per_word.is_finite()
+            && (0.1..=20.0).contains(&t.tokens_per_word)
+            && t.user_tag_tokens.is_finite()
+            && (0.0..=1000.0).contains(&t.user_tag_tokens))
+        {
+            return Err(
+                "text: tokens_per_word must be in 0.1..=20 and user_tag_tokens in 0..=1000".into(),
+            );
         }
         if self.model.vocab < 200 || self.model.max_model_len == 0 {
             return Err("model: vocab must be >= 200 and max_model_len > 0".into());

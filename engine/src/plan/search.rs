@@ -142,6 +142,8 @@ pub struct PlanOptions {
     /// Relative resolution of the fewest-GPUs answer (0.02: stop bisecting when the bracket
     /// is within 2%, or 1 GPU).
     pub resolution: f64,
+    /// Log the steps of a one-replica fleet here (`convoy plan --step-log`).
+    pub step_log: Option<std::path::PathBuf>,
 }
 
 impl Default for PlanOptions {
@@ -158,6 +160,7 @@ impl Default for PlanOptions {
             cache_warmup_s: None,
             step_time_target: None,
             prefix_caching: true,
+            step_log: None,
             overload_wait_s: 60.0,
             resolution: 0.02,
         }
@@ -223,7 +226,11 @@ impl Planner {
         let trace = spec.kind == WorkloadKind::Trace;
         let arrival = spec.arrival.clone();
         let workload = Arc::new(Workload::new(spec)?);
-        let book = Arc::new(ConversationBook::new(workload, profile.model.vocab));
+        let book = Arc::new(ConversationBook::new(
+            workload,
+            profile.model.vocab,
+            profile.text,
+        ));
         let summary = summarize(&book, 2000);
         // The mean of the drawn conversations (the spec's own mean_turns() rounds).
         let mean_turns = summary.mean_turns;
@@ -397,6 +404,11 @@ impl Planner {
             overload_wait_s: self.opts.overload_wait_s,
             early_stop: early,
             latency_hint: hint,
+            step_log: if n == 1 {
+                self.opts.step_log.clone()
+            } else {
+                None
+            },
         }
     }
 
