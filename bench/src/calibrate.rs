@@ -243,13 +243,17 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
     let name = path
         .file_stem()
         .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    let how = if args.from_steps.is_empty() {
+        format!("median of {} per shape", args.reps)
+    } else {
+        "from logged daemon steps".to_string()
+    };
     println!(
-        "calibrating {} on {} threads: {} KV blocks of {} tokens, median of {} per shape",
+        "calibrating {} on {} threads: {} KV blocks of {} tokens, {how}",
         path.display(),
         convoy_kernels::cpu::pool::num_threads(),
         num_blocks,
         block_size,
-        args.reps
     );
     let started = Instant::now();
     let (samples, source_note) = if args.from_steps.is_empty() {

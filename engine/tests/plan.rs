@@ -4,7 +4,8 @@
 //! clearly higher prefix-cache hit ratio, and needs fewer GPUs, than round-robin for the same
 //! SLOs; simulating a sample of replicas agrees with simulating all of them (within the
 //! tolerances stated at `SAMPLED_TOLERANCE`); SLOs no fleet meets give the typed error; the same
-//! seed gives the same answer; bad inputs give their codes.
+//! seed gives the same answer; bad inputs give their codes; a profile's text counts lengthen
+//! the simulated prompts and its per-request edge delays every request.
 
 use std::path::Path;
 
@@ -267,4 +268,83 @@ fn same_seed_same_answer() {
         (f.gpus, r)
     };
     assert_eq!(run(), run());
+}
+
+/// One replica at a light load, logging its simulated steps; returns the report and the
+/// prompt tokens the replica computed.
+fn one_replica(p: Profile, log: &Path) -> (convoy_engine::plan::FleetReport, usize) {
+    let o = PlanOptions {
+        step_log: Some(log.to_path_buf()),
+        ..opts(Router::Sticky)
+    };
+    let mut planner = Planner::new(spec(), Some(2.0), p, o).unwrap();
+    let r = planner.evaluate(1, grid()[0]);
+    let steps = convoy_engine::step_log::read_step_log(log).unwrap();
+    assert!(!steps.is_empty());
+    // Modelled times: a step's time is its cost, nothing outside the runner.
+    assert!(steps
+        .iter()
+        .all(|s| s.step_s == s.execute_s && s.step_s > 0.0));
+    (r, steps.iter().map(|s| s.prefill_tokens).sum())
+}
+
+#[test]
+fn text_counts_lengthen_the_prompts_and_the_edge_delays_every_request() {
+    let dir = std::env::temp_dir().join(format!("convoy-plan-text-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (base, base_tokens) = one_replica(profile(), &dir.join("a.jsonl"));
+    // A tokenizer that makes 1.5 tokens of a word and 6 of each user-message tag: every
+    // persona and user message is longer, so the replica computes more prompt tokens.
+    let mut wordy = profile();
+    wordy.text.tokens_per_word = 1.5;
+    wordy.text.user_tag_tokens = 6.0;
+    let (_, wordy_tokens) = one_replica(wordy, &dir.join("b.jsonl"));
+    eprintln!("prompt tokens computed: {base_tokens} nominal, {wordy_tokens} with 1.5 per word");
+    assert!(
+        wordy_tokens as f64 > 1.3 * base_tokens as f64,
+        "{wordy_tokens} vs {base_tokens}"
+    );
+    // 200 ms of edge per request: at a light load every latency moves by about that much.
+    let mut edged = profile();
+    edged.cost.request_edge_s = 0.2;
+    let (late, _) = one_replica(edged, &dir.join("c.jsonl"));
+    let shift = late.ttft_p50_ms - base.ttft_p50_ms;
+    eprintln!(
+        "TTFT p50 {:.1} ms without edge, {:.1} ms with 200 ms",
+        base.ttft_p50_ms, late.ttft_p50_ms
+    );
+    assert!(
+        (150.0..=260.0).contains(&shift),
+        "TTFT p50 moved {shift:.1} ms"
+    );
+    // A profile whose text counts are out of range is refused.
+    let mut bad = profile();
+    bad.text.tokens_per_word = 0.0;
+    let e = Planner::new(spec(), Some(2.0), bad, opts(Router::Sticky))
+        .err()
+        .expect("refused");
+    assert_eq!(e.code(), "profile_invalid");
+    // The CLI logs one replica only.
+    let saved = dir.join("profile.json");
+    profile().save(&saved).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .args([
+            "plan",
+            "--workload",
+            "bench/workloads/chat.toml",
+            "--profile",
+        ])
+        .arg(&saved)
+        .args(["--slo-ttft-p99-ms", "1000", "--step-log"])
+        .arg(dir.join("x.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--step-log") && err.contains("invalid_argument"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
