@@ -161,7 +161,7 @@ fn logged_steps(paths: &[PathBuf]) -> Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for path in paths {
         for r in convoy_engine::step_log::read_step_log(path)? {
-            let shape = r.shape();
+            let shape = r.shape;
             let label = if shape.prefill_tokens > 0 {
                 "steps with a prompt chunk"
             } else {

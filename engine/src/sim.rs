@@ -26,7 +26,7 @@ use crate::runner::{state_of, track_requests, ModelRunner, StepResult};
 use crate::sampler::Rng;
 
 /// What one step holds, as far as its cost is concerned.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepShape {
     /// Tokens of prompt chunks (sequences with more than one new token, or one that does not
     /// sample).

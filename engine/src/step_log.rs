@@ -16,23 +16,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::sim::StepShape;
 
-/// One logged step.
+/// One logged step: a JSON object with the shape's fields (`prefill_tokens`, `decode_seqs`,
+/// `kv_tokens`, `attention_pairs`, `sampled`, `copied_slots`) beside the times.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepRecord {
     /// When the step started, seconds on the runner's clock.
     pub at_s: f64,
-    /// Tokens of prompt chunks.
-    pub prefill_tokens: usize,
-    /// Sequences decoding one token.
-    pub decode_seqs: usize,
-    /// Context read by attention (sum of sequence lengths after the step).
-    pub kv_tokens: usize,
-    /// Attention (query, key) pairs.
-    pub attention_pairs: u64,
-    /// Rows sampled.
-    pub sampled: usize,
-    /// Slots copied between blocks or tiers.
-    pub copied_slots: usize,
+    /// What the step held.
+    #[serde(flatten)]
+    pub shape: StepShape,
     /// Seconds in the runner (forward pass and sampling).
     pub execute_s: f64,
     /// Seconds of the whole step on the engine thread.
@@ -40,28 +32,11 @@ pub struct StepRecord {
 }
 
 impl StepRecord {
-    /// The step's shape.
-    pub fn shape(&self) -> StepShape {
-        StepShape {
-            prefill_tokens: self.prefill_tokens,
-            decode_seqs: self.decode_seqs,
-            kv_tokens: self.kv_tokens,
-            attention_pairs: self.attention_pairs,
-            sampled: self.sampled,
-            copied_slots: self.copied_slots,
-        }
-    }
-
-    /// A record of a step of this shape.
+    /// A record of a step of this shape (`step_s` is at least `execute_s`).
     pub fn new(at_s: f64, shape: &StepShape, execute_s: f64, step_s: f64) -> StepRecord {
         StepRecord {
             at_s,
-            prefill_tokens: shape.prefill_tokens,
-            decode_seqs: shape.decode_seqs,
-            kv_tokens: shape.kv_tokens,
-            attention_pairs: shape.attention_pairs,
-            sampled: shape.sampled,
-            copied_slots: shape.copied_slots,
+            shape: *shape,
             execute_s,
             step_s: step_s.max(execute_s),
         }
@@ -203,7 +178,7 @@ mod tests {
         }
         let back = read_step_log(&path).unwrap();
         assert_eq!(back.len(), 2);
-        assert_eq!(back[0].shape(), shape);
+        assert_eq!(back[0].shape, shape);
         assert_eq!((back[0].execute_s, back[0].step_s), (0.02, 0.025));
         assert_eq!(back[1].step_s, 0.03);
         std::fs::write(&path, "{\"at_s\":1}\n").unwrap();

@@ -285,7 +285,7 @@ fn one_replica(p: Profile, log: &Path) -> (convoy_engine::plan::FleetReport, usi
     assert!(steps
         .iter()
         .all(|s| s.step_s == s.execute_s && s.step_s > 0.0));
-    (r, steps.iter().map(|s| s.prefill_tokens).sum())
+    (r, steps.iter().map(|s| s.shape.prefill_tokens).sum())
 }
 
 #[test]
