@@ -6,11 +6,11 @@
 # p50 (within 20%) and TTFT p99 (within 30%). Exit status 1 when a figure is outside its
 # tolerance. Results: docs/benchmarks.md.
 #
-# The calibration run uses its own seed and a rate between the two loads, so the checked runs
+# The calibration runs use their own seeds and rates between the two loads, so the checked runs
 # are not the data the profile was fitted on: `convoy serve --step-log` records every step's
 # shape and time under traffic, `convoy-bench calibrate --from-steps` fits the cost model to
 # them, and `--edge-from` takes the per-request time outside the engine (TTFT minus the
-# daemon's own) from the calibration run's report.
+# daemon's own) from the first calibration run's report.
 #
 #   bash bench/check_planner.sh
 #   LIGHT=0.1 HEAVY=0.3 DURATION=180 bash bench/check_planner.sh
@@ -24,19 +24,27 @@ workload="${WORKLOAD:-bench/workloads/chat.toml}"
 light="${LIGHT:-0.1}"
 heavy="${HEAVY:-0.3}"
 duration="${DURATION:-180}"
-cal_rate="${CAL_RATE:-$(python3 -c "print(round(($light + $heavy) / 2, 4))")}"
+# Two calibration runs between the loads (a quarter and three quarters of the way), so the
+# fit sees the small and the larger batches of both.
+cal_rates="${CAL_RATES:-$(python3 -c "l, h = $light, $heavy; print(f'{round(l + (h - l) / 4, 4)} {round(l + 3 * (h - l) / 4, 4)}')")}"
 cal_seed="${CAL_SEED:-1000}"
 out="${OUT:-bench/planner-out}"
 mkdir -p "$out"
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
 echo "machine: $cpu, $(nproc) CPUs; model $model; workload $workload; loads $light and $heavy conv/s, $duration s each"
 if [ ! -f "$out/profile.json" ] || [ "${RECALIBRATE:-0}" = 1 ]; then
-  echo "calibration run: $cal_rate conv/s, seed $cal_seed, $duration s"
-  ./target/release/convoy-bench run --spawn --model "$model" --workload "$workload" \
-    --rate "$cal_rate" --seed "$cal_seed" --duration-s "$duration" --no-progress \
-    --report "$out/calibration-run.json" -- --step-log "$out/steps.jsonl" >"$out/calibration-run.txt"
-  ./target/release/convoy-bench calibrate --model "$model" --from-steps "$out/steps.jsonl" \
-    --edge-from "$out/calibration-run.json" --out "$out/profile.json" | tee "$out/calibration.txt"
+  logs=()
+  k=0
+  for cal_rate in $cal_rates; do
+    echo "calibration run: $cal_rate conv/s, seed $((cal_seed + k)), $duration s"
+    ./target/release/convoy-bench run --spawn --model "$model" --workload "$workload" \
+      --rate "$cal_rate" --seed "$((cal_seed + k))" --duration-s "$duration" --no-progress \
+      --report "$out/calibration-run-$k.json" -- --step-log "$out/steps-$k.jsonl" >"$out/calibration-run-$k.txt"
+    logs+=(--from-steps "$out/steps-$k.jsonl")
+    k=$((k + 1))
+  done
+  ./target/release/convoy-bench calibrate --model "$model" "${logs[@]}" \
+    --edge-from "$out/calibration-run-0.json" --out "$out/profile.json" | tee "$out/calibration.txt"
 fi
 for rate in "$light" "$heavy"; do
   ./target/release/convoy-bench run --spawn --model "$model" --workload "$workload" \
