@@ -416,9 +416,9 @@ impl ConversationBook {
             ids.extend_from_slice(&self.persona(seed, self.text.tokens(n)));
             ids.extend([IM_END, NL]);
         }
+        let tag = self.text.user_tag_tokens.round() as usize;
         for (j, t) in c.turns[..=turn].iter().enumerate() {
             ids.extend([IM_START, ROLE_USER, NL]);
-            let tag = self.text.user_tag_tokens.round() as usize;
             ids.extend(synthetic_ids(
                 t.user_seed,
                 self.text.tokens(t.user_tokens) as usize + tag,

@@ -199,10 +199,17 @@ pub fn try_paged_attention(
     out: &mut [f32],
 ) -> Result<(), AttentionError> {
     let layout = Layout::check(q.len(), k_cache.len(), v_cache.len(), shape, out.len())?;
-    // Checks that the sequences' rows are in range and disjoint (the owners are not needed
-    // beyond that: `attend` walks the sequences).
-    layout.row_owners(seqs)?;
-    attend(q, k_cache, v_cache, &layout, seqs, out, super::simd());
+    let owner = layout.row_owners(seqs)?;
+    attend(
+        q,
+        k_cache,
+        v_cache,
+        &layout,
+        seqs,
+        &owner,
+        out,
+        super::simd(),
+    );
     Ok(())
 }
 
@@ -339,6 +346,7 @@ fn attend(
     v_cache: &[f32],
     layout: &Layout,
     seqs: &[AttentionSeq<'_>],
+    owner: &[(usize, usize)],
     out: &mut [f32],
     simd: Isa,
 ) {
@@ -366,30 +374,24 @@ fn attend(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (avx512, avx2);
-    // Work items: (row, KV head, context partition), ordered by sequence, KV head and partition
-    // with the rows innermost, so consecutive items read the same K/V partition while it is
-    // still in cache (every row of a prompt chunk attends to the same context). Partitions
-    // depend on the context length only, never on the batch or on the order of the items, so
-    // results stay batch invariant.
+    // Work items: (row, KV head, context partition). Partitions depend on the context length
+    // only, never on the batch, so results stay batch invariant.
     let mut items = Vec::new();
-    for (s, seq) in seqs.iter().enumerate() {
-        if seq.num_queries == 0 {
+    for (t, &(s, i)) in owner.iter().enumerate() {
+        if s == usize::MAX {
             continue;
         }
-        // Query `i` attends to `first_ctx + i` positions.
-        let first_ctx = seq.context_len - seq.num_queries + 1;
+        let seq = &seqs[s];
+        let ctx = seq.context_len - seq.num_queries + i + 1;
         for kvh in 0..num_kv_heads {
-            for p0 in (0..seq.context_len).step_by(PARTITION) {
-                for i in p0.saturating_sub(first_ctx - 1)..seq.num_queries {
-                    let ctx = first_ctx + i;
-                    items.push(WorkItem {
-                        row: seq.query_start + i,
-                        seq: s,
-                        kvh,
-                        p0,
-                        p1: (p0 + PARTITION).min(ctx),
-                    });
-                }
+            for p0 in (0..ctx).step_by(PARTITION) {
+                items.push(WorkItem {
+                    row: t,
+                    seq: s,
+                    kvh,
+                    p0,
+                    p1: (p0 + PARTITION).min(ctx),
+                });
             }
         }
     }
@@ -440,23 +442,18 @@ fn attend(
     };
     chunks_mut_par(&mut partials, part_width, 2, |k, part| run(&items[k], part));
     // Combine the partitions of each (row, KV head), in partition order.
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_unstable_by_key(|&k| (items[k].row, items[k].kvh, items[k].p0));
     out.fill(0.0);
     let mut k = 0;
-    while k < order.len() {
-        let first = &items[order[k]];
+    while k < items.len() {
+        let first = &items[k];
         let mut end = k + 1;
-        while end < order.len()
-            && items[order[end]].row == first.row
-            && items[order[end]].kvh == first.kvh
-        {
+        while end < items.len() && items[end].row == first.row && items[end].kvh == first.kvh {
             end += 1;
         }
         let o = &mut out[first.row * row + first.kvh * group * head_dim..][..group * head_dim];
         for g in 0..group {
             let stats = |p: usize| {
-                let base = order[p] * part_width + g * (head_dim + 2);
+                let base = p * part_width + g * (head_dim + 2);
                 (partials[base], partials[base + 1], base + 2)
             };
             let m = (k..end)
