@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use convoy_engine::{LlamaModel, TextCodec};
-use convoy_weights::{load_model, LoadFormat};
+use convoy_weights::{load_model, ChatMessage, LoadFormat};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -67,4 +67,99 @@ pub fn comparable_steps(margins: Option<&serde_json::Value>, len: usize) -> usiz
             .min(len),
         None => len,
     }
+}
+
+/// One prompt of the transformers reference with what transformers generated for it.
+pub struct Case {
+    /// Which case, for messages.
+    pub name: String,
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<u32>,
+    /// transformers' greedy continuation.
+    pub output_ids: Vec<u32>,
+    /// Top-1 minus top-2 logit at each step, where recorded.
+    pub margins: Option<serde_json::Value>,
+    /// Top-5 ids and logits of the first steps, where recorded.
+    pub top5: Option<serde_json::Value>,
+}
+
+/// A JSON array of `{role, content}` as chat messages.
+pub fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
+    serde_json::from_value(v.clone()).expect("messages")
+}
+
+/// Every case of the reference (completions, chats, multi-turn turns), with convoy's own
+/// tokenisation and chat rendering checked on the way.
+pub fn reference_cases(codec: &TextCodec, reference: &serde_json::Value) -> Vec<Case> {
+    let mut out = Vec::new();
+    for (i, c) in reference["completions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let prompt_ids = ids(&c["prompt_ids"]);
+        assert_eq!(
+            codec.encode(c["prompt"].as_str().unwrap()).unwrap(),
+            prompt_ids,
+            "completion {i} prompt ids"
+        );
+        out.push(Case {
+            name: format!("completion {i}"),
+            prompt_ids,
+            output_ids: ids(&c["output_ids"]),
+            margins: c.get("top1_top2_margins").cloned(),
+            top5: c.get("top5_first_steps").cloned(),
+        });
+    }
+    for (i, c) in reference["chats"].as_array().unwrap().iter().enumerate() {
+        let msgs = messages(&c["messages"]);
+        assert_eq!(
+            codec.render_chat(&msgs).unwrap(),
+            c["rendered_prompt"].as_str().unwrap(),
+            "chat {i} rendering"
+        );
+        let prompt_ids = ids(&c["prompt_ids"]);
+        assert_eq!(
+            codec.encode_chat(&msgs).unwrap(),
+            prompt_ids,
+            "chat {i} prompt ids"
+        );
+        out.push(Case {
+            name: format!("chat {i}"),
+            prompt_ids,
+            output_ids: ids(&c["output_ids"]),
+            margins: c.get("top1_top2_margins").cloned(),
+            top5: c.get("top5_first_steps").cloned(),
+        });
+    }
+    for (i, conv) in reference["multi_turn"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let mut msgs = vec![ChatMessage::new("system", conv["system"].as_str().unwrap())];
+        for (t, turn) in conv["turns"].as_array().unwrap().iter().enumerate() {
+            msgs.push(ChatMessage::new("user", turn["user"].as_str().unwrap()));
+            let prompt_ids = ids(&turn["prompt_ids"]);
+            assert_eq!(
+                codec.encode_chat(&msgs).unwrap(),
+                prompt_ids,
+                "multi-turn {i} turn {t} prompt ids"
+            );
+            out.push(Case {
+                name: format!("multi-turn {i} turn {t}"),
+                prompt_ids,
+                output_ids: ids(&turn["output_ids"]),
+                margins: turn.get("top1_top2_margins").cloned(),
+                top5: turn.get("top5_first_steps").cloned(),
+            });
+            msgs.push(ChatMessage::new(
+                "assistant",
+                turn["reply"].as_str().unwrap(),
+            ));
+        }
+    }
+    out
 }

@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand};
 use convoy_engine::options::ModelArgs;
 use convoy_engine::sampler::argmax;
 use convoy_engine::{ForwardBatch, LlamaModel};
+use convoy_kernels::Precision;
 
 #[derive(Parser)]
 #[command(name = "convoy-bench", about = "convoy benchmarks")]
@@ -54,6 +55,10 @@ enum Cmd {
         /// Path of llama.cpp's llama-bench (bench/build_llama_cpp.sh builds it) to run as the peer.
         #[arg(long)]
         llama_bench: Option<PathBuf>,
+        /// Measure each of these precisions in turn (e.g. `exact,fast`), in this one run;
+        /// default: the one --precision chose.
+        #[arg(long, value_delimiter = ',')]
+        precisions: Vec<String>,
     },
     /// Aggregate decode throughput through the engine (scheduler, runner, sampler,
     /// detokeniser) at several concurrencies, against the compute bound of this machine's
@@ -337,8 +342,20 @@ fn main() -> Result<()> {
             gen_len,
             reps,
             llama_bench: peer,
+            precisions,
         } => {
-            let loaded = model.load()?;
+            let mut loaded = model.load()?;
+            let precisions = if precisions.is_empty() {
+                vec![loaded.model.precision()]
+            } else {
+                precisions
+                    .iter()
+                    .map(|p| {
+                        Precision::parse(p)
+                            .with_context(|| format!("--precisions: {p:?} is not exact or fast"))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
             let threads = convoy_kernels::cpu::pool::num_threads();
             let cpu = cpu_name();
             println!(
@@ -350,38 +367,50 @@ fn main() -> Result<()> {
                 "prompt {prompt_len} tokens, decode {gen_len} tokens per sequence, best of {reps}"
             );
             println!(
-                "{:>6} {:>14} {:>14}",
-                "batch", "prefill tok/s", "decode tok/s"
+                "{:>9} {:>6} {:>14} {:>14}",
+                "precision", "batch", "prefill tok/s", "decode tok/s"
             );
-            let mut single = None;
-            for &b in &batch {
-                let mut best = Figures {
-                    prefill_tps: 0.0,
-                    decode_tps: 0.0,
-                };
-                for _ in 0..reps {
-                    let f = measure(&loaded.model, b, prompt_len, gen_len, loaded.block_size);
-                    best.prefill_tps = best.prefill_tps.max(f.prefill_tps);
-                    best.decode_tps = best.decode_tps.max(f.decode_tps);
-                }
-                println!(
-                    "{b:>6} {:>14.1} {:>14.1}",
-                    best.prefill_tps, best.decode_tps
-                );
-                if b == 1 {
-                    single = Some(best);
+            // Each precision's figures by batch size, to set against llama.cpp's below.
+            let mut rows: Vec<(Precision, usize, Figures)> = Vec::new();
+            for &precision in &precisions {
+                loaded.model.set_precision(precision);
+                for &b in &batch {
+                    let mut best = Figures {
+                        prefill_tps: 0.0,
+                        decode_tps: 0.0,
+                    };
+                    for _ in 0..reps {
+                        let f = measure(&loaded.model, b, prompt_len, gen_len, loaded.block_size);
+                        best.prefill_tps = best.prefill_tps.max(f.prefill_tps);
+                        best.decode_tps = best.decode_tps.max(f.decode_tps);
+                    }
+                    println!(
+                        "{:>9} {b:>6} {:>14.1} {:>14.1}",
+                        precision.as_str(),
+                        best.prefill_tps,
+                        best.decode_tps
+                    );
+                    rows.push((precision, b, best));
                 }
             }
             if let Some(bin) = peer {
                 let (pp, tg) =
                     llama_bench(&bin, &model.model_path()?, threads, prompt_len, gen_len)?;
                 println!("llama.cpp llama-bench -t {threads}: pp{prompt_len} {pp:.1} tok/s, tg{gen_len} {tg:.1} tok/s");
-                if let Some(s) = single {
-                    println!(
-                        "convoy / llama.cpp at batch 1: prefill {:.2}x, decode {:.2}x",
-                        s.prefill_tps / pp.max(1e-9),
-                        s.decode_tps / tg.max(1e-9)
-                    );
+                for (precision, b, f) in &rows {
+                    let p = precision.as_str();
+                    if *b == 1 {
+                        println!(
+                            "convoy ({p}) / llama.cpp at batch 1: prefill {:.2}x, decode {:.2}x",
+                            f.prefill_tps / pp.max(1e-9),
+                            f.decode_tps / tg.max(1e-9)
+                        );
+                    } else {
+                        println!(
+                            "convoy ({p}) decode of {b} sequences / llama.cpp tg{gen_len}: {:.2}x",
+                            f.decode_tps / tg.max(1e-9)
+                        );
+                    }
                 }
             }
         }

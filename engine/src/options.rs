@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use convoy_kernels::Precision;
 use convoy_weights::{load_model, DType, LoadFormat};
 
 use crate::model::llama::LlamaModel;
@@ -49,6 +50,11 @@ pub struct ModelArgs {
     /// A Jinja chat template file to use instead of the model's own.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// Arithmetic of the matrix multiplies: `exact` (float32 activations; matches transformers
+    /// up to summation order) or `fast` (8-bit activations, integer dot products; measured
+    /// error, see docs/benchmarks.md).
+    #[arg(long, default_value = "exact")]
+    pub precision: String,
 }
 
 /// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096` (units as in the `bytesize`
@@ -123,6 +129,12 @@ impl ModelArgs {
             "cuda" => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
             other => bail!("--device must be cpu, cuda or auto, got {other:?}"),
         }
+        let precision = Precision::parse(&self.precision).with_context(|| {
+            format!(
+                "--precision must be exact or fast, got {:?}",
+                self.precision
+            )
+        })?;
         if let Some(t) = self.threads {
             // Takes effect only before the first parallel loop; later calls keep the first size.
             convoy_kernels::cpu::pool::set_num_threads(t.max(1));
@@ -153,7 +165,8 @@ impl ModelArgs {
                 .set_chat_template(&source)
                 .with_context(|| format!("--chat-template {}", file.display()))?;
         }
-        let model = LlamaModel::new(loaded)?;
+        let mut model = LlamaModel::new(loaded)?;
+        model.set_precision(precision);
         let cfg = &model.config;
         let block_size = match self.block_size {
             Some(0) => bail!("--block-size must be at least 1"),

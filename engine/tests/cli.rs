@@ -137,6 +137,41 @@ fn dummy_model_generates_json_with_the_documented_fields() {
 }
 
 #[test]
+fn the_fast_precision_runs_from_the_command_line_and_a_bad_one_is_a_clear_error() {
+    let d = scratch("precision");
+    write_config(&d, "LlamaForCausalLM");
+    let model = d.to_str().unwrap();
+    let run = |precision: &str| {
+        convoy(&[
+            "generate",
+            "--model",
+            model,
+            "--load-format",
+            "dummy",
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--format",
+            "json",
+            "--precision",
+            precision,
+        ])
+    };
+    let (code, out, err) = run("fast");
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 4);
+    let (code, _, err) = run("int4");
+    one_error_line(
+        code,
+        &err,
+        "--precision must be exact or fast, got \"int4\"",
+    );
+}
+
+#[test]
 fn tokenize_prints_ids_as_json() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");

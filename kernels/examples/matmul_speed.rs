@@ -1,40 +1,49 @@
-//! Quick throughput probe of the quantised matmul: GB/s of weights read at n tokens.
-//! `cargo run --release -p convoy-kernels --example matmul_speed`
-use convoy_kernels::{matmul, Matrix, WeightFormat};
+//! Matrix multiply speed of the two precisions side by side on a SmolLM2-shaped Q4_1 / Q8_0
+//! matrix: `cargo run --release -p convoy-kernels --example matmul_speed`.
+
 use std::time::Instant;
 
+use convoy_kernels::{matmul_with, Matrix, Precision, QuantizedRows, WeightFormat};
+
+fn random_blocks(format: WeightFormat, rows: usize, cols: usize, seed: &mut u64) -> Matrix {
+    let mut bytes = Vec::with_capacity(rows * cols / 32 * format.block_bytes());
+    for _ in 0..rows * cols / 32 {
+        bytes.extend(half::f16::from_f32(0.02).to_le_bytes());
+        for _ in 2..format.block_bytes() {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            bytes.push((*seed >> 56) as u8);
+        }
+    }
+    Matrix::from_blocks(format, rows, cols, bytes).expect("sizes match")
+}
+
 fn main() {
-    for (rows, cols, label) in [
-        (1536usize, 576usize, "in-cache 1536x576"),
-        (49152, 576, "streaming 49152x576"),
+    let mut seed = 1u64;
+    for (name, format, rows, cols) in [
+        ("gate_up 3072x576 Q4_1", WeightFormat::Q4_1, 3072, 576),
+        ("down 576x1536 Q4_1", WeightFormat::Q4_1, 576, 1536),
+        ("lm_head 49152x576 Q8_0", WeightFormat::Q8_0, 49152, 576),
     ] {
-        for format in [WeightFormat::Q4_1, WeightFormat::Q8_0] {
-            let nb = rows * cols / 32;
-            let mut bytes = vec![0u8; nb * format.block_bytes()];
-            for (i, b) in bytes.iter_mut().enumerate() {
-                *b = (i * 7 % 251) as u8;
-            }
-            for blk in bytes.chunks_mut(format.block_bytes()) {
-                blk[0] = 0;
-                blk[1] = 0x20;
-            }
-            let w = Matrix::from_blocks(format, rows, cols, bytes).unwrap();
-            for n in [1usize, 4, 16] {
-                let x: Vec<f32> = (0..n * cols).map(|i| (i % 13) as f32 * 0.1).collect();
-                let mut y = vec![0f32; n * rows];
-                let reps = (200_000_000 / w.size_bytes()).max(3);
-                matmul(&x, n, &w, &mut y);
+        let w = random_blocks(format, rows, cols, &mut seed);
+        for n in [1usize, 16, 128] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+                .collect();
+            let mut y = vec![0f32; n * rows];
+            let mut scratch = QuantizedRows::default();
+            let mut line = format!("{name:>24} n={n:>3}:");
+            for p in [Precision::Exact, Precision::Fast] {
+                let reps = (2_000_000_000 / (rows * cols * n)).clamp(3, 2000);
+                matmul_with(p, &x, n, &w, &mut y, &mut scratch);
                 let t = Instant::now();
                 for _ in 0..reps {
-                    matmul(&x, n, &w, &mut y);
+                    matmul_with(p, &x, n, &w, &mut y, &mut scratch);
                 }
                 let s = t.elapsed().as_secs_f64() / reps as f64;
-                println!(
-                    "{label} {format:?} n={n}: {:.2} GB/s weights, {:.1} GFLOP/s",
-                    w.size_bytes() as f64 / s / 1e9,
-                    2.0 * (rows * cols * n) as f64 / s / 1e9
-                );
+                let gmacs = (rows * cols * n) as f64 / s / 1e9;
+                line += &format!("  {} {:>8.1} us ({gmacs:>5.1} GMAC/s)", p.as_str(), s * 1e6);
             }
+            println!("{line}");
         }
     }
 }

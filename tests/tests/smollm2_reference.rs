@@ -3,95 +3,7 @@
 //! the top-5 logits of the first steps.
 
 use convoy_engine::{ForwardBatch, GenerationRequest, Generator, GeneratorConfig, SamplingParams};
-use convoy_tests::{comparable_steps, ids, load, smollm2_path, smollm2_reference};
-use convoy_weights::ChatMessage;
-
-struct Case {
-    name: String,
-    prompt_ids: Vec<u32>,
-    output_ids: Vec<u32>,
-    margins: Option<serde_json::Value>,
-    top5: Option<serde_json::Value>,
-}
-
-fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
-    serde_json::from_value(v.clone()).expect("messages")
-}
-
-/// Every case of the reference, with convoy's own tokenisation checked on the way.
-fn cases(codec: &convoy_engine::TextCodec, reference: &serde_json::Value) -> Vec<Case> {
-    let mut out = Vec::new();
-    for (i, c) in reference["completions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
-        let prompt_ids = ids(&c["prompt_ids"]);
-        assert_eq!(
-            codec.encode(c["prompt"].as_str().unwrap()).unwrap(),
-            prompt_ids,
-            "completion {i} prompt ids"
-        );
-        out.push(Case {
-            name: format!("completion {i}"),
-            prompt_ids,
-            output_ids: ids(&c["output_ids"]),
-            margins: c.get("top1_top2_margins").cloned(),
-            top5: c.get("top5_first_steps").cloned(),
-        });
-    }
-    for (i, c) in reference["chats"].as_array().unwrap().iter().enumerate() {
-        let msgs = messages(&c["messages"]);
-        assert_eq!(
-            codec.render_chat(&msgs).unwrap(),
-            c["rendered_prompt"].as_str().unwrap(),
-            "chat {i} rendering"
-        );
-        let prompt_ids = ids(&c["prompt_ids"]);
-        assert_eq!(
-            codec.encode_chat(&msgs).unwrap(),
-            prompt_ids,
-            "chat {i} prompt ids"
-        );
-        out.push(Case {
-            name: format!("chat {i}"),
-            prompt_ids,
-            output_ids: ids(&c["output_ids"]),
-            margins: c.get("top1_top2_margins").cloned(),
-            top5: c.get("top5_first_steps").cloned(),
-        });
-    }
-    for (i, conv) in reference["multi_turn"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
-        let mut msgs = vec![ChatMessage::new("system", conv["system"].as_str().unwrap())];
-        for (t, turn) in conv["turns"].as_array().unwrap().iter().enumerate() {
-            msgs.push(ChatMessage::new("user", turn["user"].as_str().unwrap()));
-            let prompt_ids = ids(&turn["prompt_ids"]);
-            assert_eq!(
-                codec.encode_chat(&msgs).unwrap(),
-                prompt_ids,
-                "multi-turn {i} turn {t} prompt ids"
-            );
-            out.push(Case {
-                name: format!("multi-turn {i} turn {t}"),
-                prompt_ids,
-                output_ids: ids(&turn["output_ids"]),
-                margins: turn.get("top1_top2_margins").cloned(),
-                top5: turn.get("top5_first_steps").cloned(),
-            });
-            msgs.push(ChatMessage::new(
-                "assistant",
-                turn["reply"].as_str().unwrap(),
-            ));
-        }
-    }
-    out
-}
+use convoy_tests::{comparable_steps, ids, load, reference_cases, smollm2_path, smollm2_reference};
 
 #[test]
 fn tokenizer_cases_match_exactly() {
@@ -131,7 +43,7 @@ fn tokenizer_cases_match_exactly() {
 fn greedy_outputs_match_transformers_token_for_token() {
     let (model, codec) = load(&smollm2_path());
     let reference = smollm2_reference();
-    let cases = cases(&codec, &reference);
+    let cases = reference_cases(&codec, &reference);
     assert!(
         cases.len() >= 8,
         "expected completions, chats and turns, got {}",
@@ -171,7 +83,7 @@ fn greedy_outputs_match_transformers_token_for_token() {
 fn top5_logits_of_first_steps_agree_within_1e3_relative() {
     let (model, codec) = load(&smollm2_path());
     let reference = smollm2_reference();
-    let cases = cases(&codec, &reference);
+    let cases = reference_cases(&codec, &reference);
     let bs = 16;
     let mut checked = 0;
     for case in cases.iter().filter(|c| c.top5.is_some()) {

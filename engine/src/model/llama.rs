@@ -3,11 +3,14 @@
 //! Per layer: RMSNorm, one fused QKV multiply (+ biases for Qwen2), half-split RoPE, K/V written
 //! to the cache by slot mapping, paged attention, output projection, residual; RMSNorm, one
 //! fused gate/up multiply, SiLU gate, down projection, residual. Logits are computed only for
-//! `ForwardBatch::logits_rows`. Weights stay in their stored format (f32 or GGML blocks).
+//! `ForwardBatch::logits_rows`. Weights stay in their stored format (f32 or GGML blocks); the
+//! matrix multiplies run in the model's [`Precision`] (exact float32 activations, or fast 8-bit ones).
 
 use std::collections::HashMap;
 
-use convoy_kernels::{self as k, AttentionSeq, AttentionShape, Matrix, WeightFormat};
+use convoy_kernels::{
+    self as k, AttentionSeq, AttentionShape, Matrix, Precision, QuantizedRows, WeightFormat,
+};
 use convoy_weights::{DType, LoadedModel, ModelConfig, Tensor};
 
 use crate::forward_batch::ForwardBatch;
@@ -42,6 +45,7 @@ pub struct LlamaModel {
     norm: Vec<f32>,
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
+    precision: Precision,
 }
 
 fn take(tensors: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
@@ -159,7 +163,19 @@ impl LlamaModel {
             norm,
             layers,
             inv_freq,
+            precision: Precision::Exact,
         })
+    }
+
+    /// The arithmetic of the matrix multiplies (see [`Precision`]): `Exact` unless set.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Choose the arithmetic of the matrix multiplies. Set it before the model computes any
+    /// K/V that a cache keeps: cached K/V of one precision must not be reused in the other.
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
     }
 
     /// Bytes of weights read by one forward pass.
@@ -248,9 +264,11 @@ impl LlamaModel {
         let mut proj = vec![0f32; n * h];
         let mut gate_up = vec![0f32; n * 2 * inter];
         let mut act = vec![0f32; n * inter];
+        let mut xq = QuantizedRows::default();
+        let p = self.precision;
         for (l, layer) in self.layers.iter().enumerate() {
             k::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut normed);
-            k::matmul(&normed, n, &layer.qkv, &mut qkv);
+            k::matmul_with(p, &normed, n, &layer.qkv, &mut qkv, &mut xq);
             if let Some(b) = &layer.qkv_bias {
                 k::add_bias(&mut qkv, b);
             }
@@ -265,18 +283,18 @@ impl LlamaModel {
             cache.write(l, &batch.slot_mapping, &kk, &v);
             let (kc, vc) = cache.layer(l);
             k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn);
-            k::matmul(&attn, n, &layer.o, &mut proj);
+            k::matmul_with(p, &attn, n, &layer.o, &mut proj, &mut xq);
             k::add_in_place(&mut x, &proj);
 
             k::rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut normed);
-            k::matmul(&normed, n, &layer.gate_up, &mut gate_up);
+            k::matmul_with(p, &normed, n, &layer.gate_up, &mut gate_up, &mut xq);
             for t in 0..n {
                 let row = &mut gate_up[t * 2 * inter..(t + 1) * 2 * inter];
                 let (g, u) = row.split_at_mut(inter);
                 k::silu_mul(g, u);
                 act[t * inter..(t + 1) * inter].copy_from_slice(g);
             }
-            k::matmul(&act, n, &layer.down, &mut proj);
+            k::matmul_with(p, &act, n, &layer.down, &mut proj, &mut xq);
             k::add_in_place(&mut x, &proj);
         }
 
@@ -289,7 +307,7 @@ impl LlamaModel {
         k::rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut last_normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; m * cfg.vocab_size];
-        k::matmul(&last_normed, m, head, &mut logits);
+        k::matmul_with(p, &last_normed, m, head, &mut logits, &mut xq);
         logits
     }
 }

@@ -5,6 +5,8 @@
 //! the fields are private to the crate, so every `Matrix` satisfies it: the AVX-512 matrix
 //! multiply reads the storage through raw pointers on the strength of it.
 
+use std::sync::OnceLock;
+
 use half::f16;
 
 /// How a matrix's elements are stored.
@@ -55,6 +57,10 @@ pub struct Matrix {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) storage: Storage,
+    /// The Q4 formats' block offsets as float32, `rows x cols / 32` (`m` for Q4_1, `-8 d` for
+    /// Q4_0): built the first time the fast precision multiplies this matrix (see
+    /// [`Matrix::block_offsets`]), never for the exact one.
+    pub(crate) offsets: OnceLock<Option<Box<Matrix>>>,
 }
 
 impl Matrix {
@@ -73,6 +79,7 @@ impl Matrix {
             rows,
             cols,
             storage: Storage::F32(data),
+            offsets: OnceLock::new(),
         })
     }
 
@@ -106,6 +113,7 @@ impl Matrix {
             rows,
             cols,
             storage: Storage::Blocks(bytes),
+            offsets: OnceLock::new(),
         })
     }
 
@@ -130,6 +138,32 @@ impl Matrix {
             Storage::F32(v) => v.len() * 4,
             Storage::Blocks(b) => b.len(),
         }
+    }
+
+    /// The block offsets of a Q4_0 or Q4_1 matrix as a float32 matrix of `rows x cols / 32`
+    /// (the value of element `j` of block `b` is `d_b * q_j + offset_b`), computed on the first
+    /// call and kept; `None` for the other formats. The fast precision multiplies them by the
+    /// activations' block sums.
+    pub(crate) fn block_offsets(&self) -> Option<&Matrix> {
+        self.offsets
+            .get_or_init(|| {
+                let Storage::Blocks(bytes) = &self.storage else {
+                    return None;
+                };
+                let offset: fn(&[u8]) -> f32 = match self.format {
+                    WeightFormat::Q4_1 => |blk| f16_at(blk, 2),
+                    WeightFormat::Q4_0 => |blk| -8.0 * f16_at(blk, 0),
+                    WeightFormat::Q8_0 | WeightFormat::F32 => return None,
+                };
+                let data: Vec<f32> = bytes
+                    .chunks_exact(self.format.block_bytes())
+                    .map(offset)
+                    .collect();
+                let m = Matrix::from_f32(self.rows, self.cols / 32, data)
+                    .expect("one offset per block: rows * cols / 32 values");
+                Some(Box::new(m))
+            })
+            .as_deref()
     }
 
     pub(crate) fn row_bytes(&self) -> usize {
@@ -192,6 +226,7 @@ impl Matrix {
             rows,
             cols: first.cols,
             storage,
+            offsets: OnceLock::new(),
         })
     }
 

@@ -37,10 +37,14 @@ use std::sync::OnceLock;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_int8;
 pub mod matmul;
+pub mod matmul_int8;
 pub mod matrix;
 pub mod ops;
 pub mod pool;
+pub mod quantized_rows;
 mod simd;
 
 /// A raw pointer to an output buffer that pool workers write in disjoint parts.

@@ -1,0 +1,207 @@
+//! AVX2 micro-kernels of the fast precision: a tile of `R` block-quantised weight rows times
+//! `T` activation rows quantised to 8 bits ([`super::quantized_rows`]), multiplied as bytes.
+//!
+//! One weight block of 32 is 32 bytes in a register: nibbles `0..=15` for Q4_0 and Q4_1, signed
+//! bytes for Q8_0. `vpmaddubsw` multiplies unsigned bytes by signed bytes and adds neighbouring
+//! pairs into 16 bits; `vpmaddwd` by ones adds neighbouring pairs again, giving 8 lanes of 32-bit
+//! sums, lane `j` over elements `4j..4j+4`. Signed Q8_0 weights go through the sign trick:
+//! `|w|` times `x` with `w`'s sign. No step can overflow: a pair is at most
+//! `2 * 128 * 127 = 32512 < 2^15` (activations never reach -128, see `QuantizedRows`).
+//!
+//! # Invariants
+//!
+//! - Batch invariance. An output is one 8-lane float accumulator, fed once per block in block
+//!   order (`acc = fma(float(lanes), d_w * d_x, acc)`), then [`hsum`]. The tile shape decides
+//!   only how many outputs are live at once. The Q4 formats' offset terms follow as one dot
+//!   product of the row's offsets and the activations' block sums.
+//! - Precision. The integer sums are exact; only the scales and the float sums round.
+//! - Safety: as in `avx2`; callers hold an `Avx2` token and check the bounds once per call.
+
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::{dot, hsum, prefetch_ahead};
+
+/// Decoding of one weight block for the byte dot product.
+pub(crate) trait IntBlock {
+    /// Bytes of one encoded block.
+    const BYTES: usize;
+    /// Whether the quants are signed bytes (the sign trick is needed) rather than nibbles.
+    const SIGNED: bool;
+    /// Whether the format has block offsets (`value = d * q + offset`, see
+    /// `Matrix::block_offsets`).
+    const HAS_OFFSET: bool;
+    /// The 32 quants of the block at `p`, in element order.
+    ///
+    /// # Safety
+    /// The processor supports AVX2, and `p` is valid for reads of `Self::BYTES` bytes.
+    unsafe fn quants(p: *const u8) -> __m256i;
+    /// The scale `d` of the block at `p` (`value = d * q`, plus the offset the caller adds for
+    /// the Q4 formats), broadcast to 8 lanes.
+    ///
+    /// # Safety
+    /// As [`IntBlock::quants`], and the processor supports F16C.
+    unsafe fn scale(p: *const u8) -> __m256;
+}
+
+/// The f16 value at `p` as f32, broadcast to 8 lanes.
+///
+/// # Safety
+/// The processor supports AVX2 and F16C, and `p` is valid for reads of 2 bytes.
+#[inline(always)]
+unsafe fn f16_broadcast(p: *const u8) -> __m256 {
+    // SAFETY: 2 readable bytes at `p` (caller), read unaligned; the features are the caller's.
+    unsafe {
+        let h = std::ptr::read_unaligned(p as *const u16);
+        _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+}
+
+/// The 32 nibbles of the 16 bytes at `qs` in element order: low nibbles (elements 0..16), then
+/// high nibbles (16..32).
+///
+/// # Safety
+/// The processor supports AVX2, and `qs` is valid for reads of 16 bytes.
+#[inline(always)]
+unsafe fn nibbles32(qs: *const u8) -> __m256i {
+    // SAFETY: `_mm_loadu_si128` reads the 16 bytes the caller guarantees, unaligned.
+    unsafe {
+        let lo = _mm_loadu_si128(qs as *const __m128i);
+        let hi = _mm_srli_epi16::<4>(lo);
+        _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0f))
+    }
+}
+
+pub(crate) struct Q41;
+impl IntBlock for Q41 {
+    const BYTES: usize = 20;
+    const SIGNED: bool = false;
+    const HAS_OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        // SAFETY: the nibbles are bytes 4..20 of the block (caller).
+        unsafe { nibbles32(p.add(4)) }
+    }
+    #[inline(always)]
+    unsafe fn scale(p: *const u8) -> __m256 {
+        // SAFETY: the scale is bytes 0..2 (caller).
+        unsafe { f16_broadcast(p) }
+    }
+}
+
+pub(crate) struct Q40;
+impl IntBlock for Q40 {
+    const BYTES: usize = 18;
+    const SIGNED: bool = false;
+    const HAS_OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        // SAFETY: the nibbles are bytes 2..18 of the block (caller).
+        unsafe { nibbles32(p.add(2)) }
+    }
+    #[inline(always)]
+    unsafe fn scale(p: *const u8) -> __m256 {
+        // SAFETY: the scale is bytes 0..2 (caller).
+        unsafe { f16_broadcast(p) }
+    }
+}
+
+pub(crate) struct Q80;
+impl IntBlock for Q80 {
+    const BYTES: usize = 34;
+    const SIGNED: bool = true;
+    const HAS_OFFSET: bool = false;
+    #[inline(always)]
+    unsafe fn quants(p: *const u8) -> __m256i {
+        // SAFETY: the quants are bytes 2..34 of the block (caller).
+        unsafe { _mm256_loadu_si256(p.add(2) as *const __m256i) }
+    }
+    #[inline(always)]
+    unsafe fn scale(p: *const u8) -> __m256 {
+        // SAFETY: the scale is bytes 0..2 (caller).
+        unsafe { f16_broadcast(p) }
+    }
+}
+
+/// `out[r][t]` = row `r` of the weights times activation row `t`, over `blocks` blocks:
+/// `hsum(Σ_b d_w * d_x * Σ q_w q_x) + Σ_b offset_b * s_b` (the second sum only for formats
+/// with offsets, as one [`dot`](super::avx2::dot) of the row's offsets and the activations'
+/// block sums).
+///
+/// Weight row `r` starts at `w + r * row_bytes` and its offsets at `off + r * blocks`;
+/// activation row `t` has its quants at `xq + t * blocks * 32` and its block scales and sums at
+/// `xd + t * blocks` and `xs + t * blocks`.
+///
+/// # Safety
+/// - The processor supports AVX2, FMA and F16C.
+/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes,
+///   and (if `B::HAS_OFFSET`) `off + r * blocks` for reads of `blocks` floats.
+/// - For every `t < T`, `xq + t * blocks * 32` is valid for reads of `blocks * 32` bytes, and
+///   `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn tile_int8<B: IntBlock, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    off: *const f32,
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    blocks: usize,
+    out: &mut [[f32; T]; R],
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    for b in 0..blocks {
+        for r in 0..R {
+            // SAFETY: block `b < blocks` of row `r < R` is readable (caller); the features
+            // are enabled on this function.
+            let (wq, dw) = unsafe {
+                let p = w.add(r * row_bytes + b * B::BYTES);
+                prefetch_ahead(p);
+                (B::quants(p), B::scale(p))
+            };
+            let wa = if B::SIGNED {
+                _mm256_sign_epi8(wq, wq)
+            } else {
+                wq
+            };
+            for t in 0..T {
+                let at = t * blocks + b;
+                // SAFETY: block `b` of activation row `t < T` and its scale are readable
+                // (caller).
+                let (xv, dx) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.add(at * 32) as *const __m256i),
+                        _mm256_broadcast_ss(&*xd.add(at)),
+                    )
+                };
+                let xv = if B::SIGNED {
+                    _mm256_sign_epi8(xv, wq)
+                } else {
+                    xv
+                };
+                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
+                acc[r][t] =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_mul_ps(dw, dx), acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        for t in 0..T {
+            // SAFETY: the features are enabled on this function.
+            out[r][t] = unsafe { hsum(acc[r][t]) };
+            if B::HAS_OFFSET {
+                // SAFETY: `blocks` offsets of row `r` and sums of row `t` are readable
+                // (caller); the features are enabled on this function.
+                out[r][t] += unsafe {
+                    dot(
+                        std::slice::from_raw_parts(off.add(r * blocks), blocks),
+                        std::slice::from_raw_parts(xs.add(t * blocks), blocks),
+                    )
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! The fast precision's matrix multiply: activations quantised per token to 8 bits
+//! ([`QuantizedRows`]) times block-quantised weights, as integer dot products per block.
+//!
+//! [`Precision::Exact`] (the default) is [`super::matmul::matmul`]: float32 activations times
+//! the dequantised weights, bit-exact float32 products. [`Precision::Fast`] trades that for
+//! speed, as llama.cpp does on CPUs: each block of 32 activations becomes 32 signed bytes and a
+//! scale, and a block's dot product is summed in integers. Its error against float32 is
+//! measured in `docs/benchmarks.md` and tested in `tests/tests/fast_precision.rs`.
+//!
+//! # Invariants
+//!
+//! - Batch invariant, like the exact precision: a row is quantised on its own, and each output
+//!   is computed by the same operations whatever the tile or the thread (see `avx2_int8`).
+//! - Float32 weight matrices have no integer form: the fast precision multiplies them exactly.
+//! - Paths: AVX2 (also on AVX-512 machines, which have it) or portable scalar code; they differ
+//!   in the order the float sums are taken, never in the integer sums.
+
+use super::matmul::matmul;
+use super::matrix::{Matrix, Storage, WeightFormat};
+use super::quantized_rows::QuantizedRows;
+#[cfg(target_arch = "x86_64")]
+use super::Avx2;
+use super::{Isa, SendPtr};
+
+/// Which arithmetic the matrix multiplies of a model use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Precision {
+    /// Float32 activations times the exactly dequantised weights: matches a float32 reference
+    /// (transformers) up to summation order.
+    #[default]
+    Exact,
+    /// Activations quantised per token to 8 bits per block of 32, integer dot products: faster,
+    /// with a small, measured error against float32.
+    Fast,
+}
+
+impl Precision {
+    /// Parse `exact` or `fast` (ASCII case ignored).
+    pub fn parse(s: &str) -> Option<Precision> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "exact" => Some(Precision::Exact),
+            "fast" => Some(Precision::Fast),
+            _ => None,
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Exact => "exact",
+            Precision::Fast => "fast",
+        }
+    }
+}
+
+/// `y = x W^T` in the given precision (see [`Precision`]); `scratch` holds the quantised
+/// activations of the fast precision between calls, so no call allocates once it has grown.
+///
+/// # Panics
+/// As [`matmul`]: if `x.len() < n * w.cols()` or `y.len() < n * w.rows()`.
+pub fn matmul_with(
+    precision: Precision,
+    x: &[f32],
+    n: usize,
+    w: &Matrix,
+    y: &mut [f32],
+    scratch: &mut QuantizedRows,
+) {
+    if precision == Precision::Exact || w.format == WeightFormat::F32 {
+        return matmul(x, n, w, y);
+    }
+    // `quantize` checks `x` holds `n * cols` values; `matmul_quantized` checks `y`.
+    scratch.quantize(x, n, w.cols);
+    matmul_quantized(scratch, w, y);
+}
+
+/// `y = x W^T` for activations already quantised (`x.rows()` rows of `w.cols()` columns) and a
+/// block-quantised `w`; a float32 `w` is multiplied exactly with the activations decoded.
+///
+/// # Panics
+/// If `x.cols() != w.cols()` or `y.len() < x.rows() * w.rows()` (also when that overflows).
+pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
+    let n = x.rows;
+    assert!(
+        x.cols == w.cols && n.checked_mul(w.rows).is_some_and(|need| y.len() >= need),
+        "matmul shape mismatch: {n} quantised rows of {} columns times a {}x{} matrix into {} \
+         floats",
+        x.cols,
+        w.rows,
+        w.cols,
+        y.len()
+    );
+    if n == 0 || w.rows == 0 {
+        return;
+    }
+    if w.format == WeightFormat::F32 {
+        let decoded: Vec<f32> = (0..n).flat_map(|r| x.row_to_f32(r)).collect();
+        return matmul(&decoded, n, w, y);
+    }
+    let threads = super::pool::num_threads();
+    let target = (w.rows / (threads * 4)).max(8);
+    let chunk = target.div_ceil(8) * 8;
+    let n_chunks = w.rows.div_ceil(chunk);
+    let yp = SendPtr(y.as_mut_ptr());
+    let simd = super::simd();
+    // The Q4 formats' offsets as float32 (built on the first call, before any work item).
+    let offsets = w.block_offsets().map(|m| match &m.storage {
+        Storage::F32(v) => v.as_slice(),
+        Storage::Blocks(_) => unreachable!("offsets are float32"),
+    });
+    let body = |c: usize| {
+        let r0 = c * chunk;
+        let r1 = (r0 + chunk).min(w.rows);
+        // SAFETY: `x` is a valid `QuantizedRows` of `n` rows of `w.cols` columns (its
+        // invariant, and the assert above), `y` holds `n * rows` floats (asserted, and stays
+        // borrowed mutably until `parallel_for` returns); chunk `c` writes only
+        // `y[t * rows + r]` for `r` in `r0..r1`, disjoint from every other chunk's rows.
+        unsafe { run_chunk(x, w, offsets, yp.get(), r0, r1, simd) };
+    };
+    super::pool::parallel_for(n_chunks, &body);
+}
+
+/// Rows `r0..r1` of the product for all of `x`'s rows; `offsets` are `w`'s block offsets
+/// (`rows x cols / 32`, row-major) for the formats that have them.
+///
+/// # Safety
+/// `x.cols == w.cols`, `w` is block-quantised, `offsets` is `w.block_offsets()`'s data,
+/// `r0 <= r1 <= w.rows`; `y` is valid for writes
+/// of `x.rows * w.rows` floats, and while this runs no other thread accesses
+/// `y[t * w.rows + r]` for `r` in `r0..r1`.
+unsafe fn run_chunk(
+    x: &QuantizedRows,
+    w: &Matrix,
+    offsets: Option<&[f32]>,
+    y: *mut f32,
+    r0: usize,
+    r1: usize,
+    simd: Isa,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if !matches!(simd, Isa::Portable) {
+        if let Some(token) = Avx2::detect() {
+            let n = x.rows;
+            let mut t0 = 0;
+            while t0 < n {
+                // Eight tokens per tile when there are as many (their bytes fit in L1 at any
+                // width), one weight row at a time; fewer tokens take more rows.
+                let t = if n - t0 >= 8 { 8 } else { (n - t0).min(4) };
+                let mut r = r0;
+                while r < r1 {
+                    let left = r1 - r;
+                    let most = match t {
+                        1 => 4,
+                        8 => 1,
+                        _ => 2,
+                    };
+                    let rr = if left >= most {
+                        most
+                    } else if left >= 2 {
+                        2
+                    } else {
+                        1
+                    };
+                    // SAFETY: `t0 + t <= n`, `r + rr <= r1 <= w.rows`; the rest is our own
+                    // contract, and the tile writes only rows `r..r + rr` of `y`, ours.
+                    unsafe { tile_dispatch_avx2(token, x, t0, t, w, offsets, r, rr, y) };
+                    r += rr;
+                }
+                t0 += t;
+            }
+            return;
+        }
+    }
+    let _ = simd;
+    // SAFETY: forwarded from our own contract.
+    unsafe { portable_chunk(x, w, offsets, y, r0, r1) }
+}
+
+/// One AVX2 tile: rows `r..r + rr` of `w` times quantised rows `t0..t0 + t` of `x`, into `y`.
+///
+/// # Safety
+/// `(rr, t)` is one of the shapes matched below; `t0 + t <= x.rows`; `r + rr <= w.rows`;
+/// `x.cols == w.cols`, `w` is block-quantised and `offsets` its block offsets (when its format
+/// has them); `y` is valid for writes of
+/// `(t0 + t) * w.rows` floats and no other thread accesses `y[(t0 + j) * w.rows + r + i]`
+/// (`j < t`, `i < rr`) meanwhile. (The token covers the processor features.)
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dispatch_avx2(
+    _token: Avx2,
+    x: &QuantizedRows,
+    t0: usize,
+    t: usize,
+    w: &Matrix,
+    offsets: Option<&[f32]>,
+    r: usize,
+    rr: usize,
+    y: *mut f32,
+) {
+    use super::avx2_int8 as isa;
+    let Storage::Blocks(bytes) = &w.storage else {
+        unreachable!("float32 matrices are multiplied exactly")
+    };
+    let blocks = w.cols / 32;
+    let rb = w.row_bytes();
+    // SAFETY: `r < rows` and `t0 < x.rows` (our contract), so every offset stays inside its
+    // buffer; `QuantizedRows` holds `rows * cols` quants and `rows * cols / 32` scales and sums.
+    let (wp, xq, xd, xs) = unsafe {
+        (
+            bytes.as_ptr().add(r * rb),
+            x.q.as_ptr().add(t0 * w.cols),
+            x.d.as_ptr().add(t0 * blocks),
+            x.s.as_ptr().add(t0 * blocks),
+        )
+    };
+    let off = match offsets {
+        // SAFETY: the offsets hold `rows * blocks` floats and `r < rows`.
+        Some(o) => unsafe { o.as_ptr().add(r * blocks) },
+        None => std::ptr::null(),
+    };
+    macro_rules! go {
+        ($R:literal, $T:literal) => {{
+            let mut out = [[0f32; $T]; $R];
+            // The token proves the features; the `Matrix` invariant makes rows `r..r + $R`
+            // whole rows of `blocks` blocks from `wp` (and of `blocks` offsets from `off` for
+            // the Q4 formats, whose offsets our contract passes), and the `QuantizedRows`
+            // invariant makes tokens `t0..t0 + $T` whole rows from `xq`, `xd` and `xs` (our
+            // contract bounds both).
+            match w.format {
+                // SAFETY: as said above.
+                WeightFormat::Q4_1 => unsafe {
+                    isa::tile_int8::<isa::Q41, $R, $T>(wp, rb, off, xq, xd, xs, blocks, &mut out)
+                },
+                // SAFETY: as said above.
+                WeightFormat::Q4_0 => unsafe {
+                    isa::tile_int8::<isa::Q40, $R, $T>(wp, rb, off, xq, xd, xs, blocks, &mut out)
+                },
+                // SAFETY: as said above (Q8_0 has no offsets; `off` is not read).
+                WeightFormat::Q8_0 => unsafe {
+                    isa::tile_int8::<isa::Q80, $R, $T>(wp, rb, off, xq, xd, xs, blocks, &mut out)
+                },
+                WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
+            }
+            for (i, row) in out.iter().enumerate() {
+                for (j, v) in row.iter().enumerate() {
+                    // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
+                    // our contract gives to this tile alone.
+                    unsafe { *y.add((t0 + j) * w.rows + r + i) = *v };
+                }
+            }
+        }};
+    }
+    match (rr, t) {
+        (4, 1) => go!(4, 1),
+        (2, 1) => go!(2, 1),
+        (1, 1) => go!(1, 1),
+        (2, 2) => go!(2, 2),
+        (1, 2) => go!(1, 2),
+        (2, 3) => go!(2, 3),
+        (1, 3) => go!(1, 3),
+        (2, 4) => go!(2, 4),
+        (1, 4) => go!(1, 4),
+        (1, 8) => go!(1, 8),
+        _ => unreachable!("tile shapes are chosen in run_chunk"),
+    }
+}
+
+/// One weight block as integers: its 32 quants in element order and its scale (`value =
+/// d * q`, plus the Q4 formats' offset, added separately); the scalar reference of the AVX2
+/// decoding.
+fn int_block(format: WeightFormat, blk: &[u8], q: &mut [i32; 32]) -> f32 {
+    let f16 = |at: usize| half::f16::from_le_bytes([blk[at], blk[at + 1]]).to_f32();
+    let nibbles = |q: &mut [i32; 32], qs: &[u8]| {
+        for j in 0..16 {
+            q[j] = (qs[j] & 0x0f) as i32;
+            q[j + 16] = (qs[j] >> 4) as i32;
+        }
+    };
+    match format {
+        WeightFormat::Q8_0 => {
+            for (q, &b) in q.iter_mut().zip(&blk[2..34]) {
+                *q = b as i8 as i32;
+            }
+            f16(0)
+        }
+        WeightFormat::Q4_0 => {
+            nibbles(q, &blk[2..18]);
+            f16(0)
+        }
+        WeightFormat::Q4_1 => {
+            nibbles(q, &blk[4..20]);
+            f16(0)
+        }
+        WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
+    }
+}
+
+/// Portable path: per output, `Σ_blocks (d_w * d_x) * Σ q_w q_x` in block order, then plus
+/// `Σ_blocks offset * s_x` in block order for the formats with offsets.
+///
+/// # Safety
+/// As [`run_chunk`] (every read is bounds-checked; only the writes to `y` are raw).
+unsafe fn portable_chunk(
+    x: &QuantizedRows,
+    w: &Matrix,
+    offsets: Option<&[f32]>,
+    y: *mut f32,
+    r0: usize,
+    r1: usize,
+) {
+    let Storage::Blocks(bytes) = &w.storage else {
+        unreachable!("float32 matrices are multiplied exactly")
+    };
+    let n = x.rows;
+    let blocks = w.cols / 32;
+    let rb = w.row_bytes();
+    let bb = w.format.block_bytes();
+    let mut acc = vec![0f32; n];
+    let mut q = [0i32; 32];
+    for r in r0..r1 {
+        acc.fill(0.0);
+        for (b, blk) in bytes[r * rb..(r + 1) * rb].chunks_exact(bb).enumerate() {
+            let d = int_block(w.format, blk, &mut q);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let at = t * blocks + b;
+                let xq = &x.q[at * 32..at * 32 + 32];
+                let dot: i32 = q.iter().zip(xq).map(|(&a, &b)| a * b as i32).sum();
+                *acc += (d * x.d[at]) * dot as f32;
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            let extra: f32 = offsets.map_or(0.0, |o| {
+                let s = &x.s[t * blocks..(t + 1) * blocks];
+                let mut sum = 0f32;
+                for (a, b) in o[r * blocks..(r + 1) * blocks].iter().zip(s) {
+                    sum += a * b;
+                }
+                sum
+            });
+            // SAFETY: `t * rows + r < n * rows`, an element our contract gives to this chunk.
+            unsafe { *y.add(t * w.rows + r) = acc + extra };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::{with_kernel_path, KernelPath};
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            self.0
+        }
+        fn float(&mut self) -> f32 {
+            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    fn random_matrix(format: WeightFormat, rows: usize, cols: usize, rng: &mut Lcg) -> Matrix {
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            bytes.extend(half::f16::from_f32(0.01 + rng.float().abs() * 0.05).to_le_bytes());
+            let mut rest = format.block_bytes() - 2;
+            if format == WeightFormat::Q4_1 {
+                bytes.extend(half::f16::from_f32(rng.float() * 0.1).to_le_bytes());
+                rest -= 2;
+            }
+            for _ in 0..rest {
+                // Q8_0 quants include -128, which GGML never writes but a file may hold.
+                bytes.push((rng.next_u64() >> 56) as u8);
+            }
+        }
+        Matrix::from_blocks(format, rows, cols, bytes).unwrap()
+    }
+
+    /// The exact product of the dequantised weights and the *quantised* activations, in f64.
+    fn reference(x: &QuantizedRows, w: &Matrix) -> Vec<f64> {
+        let mut out = vec![0f64; x.rows * w.rows];
+        let mut row = vec![0f32; w.cols];
+        for r in 0..w.rows {
+            w.row_to_f32(r, &mut row);
+            for t in 0..x.rows {
+                let xr = x.row_to_f32(t);
+                out[t * w.rows + r] = row
+                    .iter()
+                    .zip(&xr)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_path_matches_the_f64_product_and_is_batch_invariant() {
+        let mut rng = Lcg(11);
+        for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1] {
+            for (rows, cols) in [(37, 64), (96, 160), (13, 32)] {
+                let w = random_matrix(format, rows, cols, &mut rng);
+                for n in [1, 2, 3, 5, 9, 12] {
+                    let x: Vec<f32> = (0..n * cols).map(|_| rng.float() * 3.0).collect();
+                    let mut xq = QuantizedRows::default();
+                    xq.quantize(&x, n, cols);
+                    let want = reference(&xq, &w);
+                    for path in [KernelPath::Auto, KernelPath::Scalar] {
+                        with_kernel_path(path, || {
+                            let mut y = vec![0f32; n * rows];
+                            matmul_quantized(&xq, &w, &mut y);
+                            for (a, b) in y.iter().zip(&want) {
+                                assert!(
+                                    (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                    "{format:?} {path:?} {a} vs {b}"
+                                );
+                            }
+                            // Each token alone, through the public entry, gives bit-identical
+                            // outputs.
+                            let mut scratch = QuantizedRows::default();
+                            for t in 0..n {
+                                let mut y1 = vec![0f32; rows];
+                                matmul_with(
+                                    Precision::Fast,
+                                    &x[t * cols..(t + 1) * cols],
+                                    1,
+                                    &w,
+                                    &mut y1,
+                                    &mut scratch,
+                                );
+                                assert_eq!(
+                                    &y[t * rows..(t + 1) * rows],
+                                    &y1[..],
+                                    "{format:?} {path:?} n={n} t={t}"
+                                );
+                            }
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_stays_close_to_exact_and_exact_is_untouched() {
+        let mut rng = Lcg(5);
+        let (rows, cols, n) = (64, 576, 4);
+        let w = random_matrix(WeightFormat::Q4_1, rows, cols, &mut rng);
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.float()).collect();
+        let mut exact = vec![0f32; n * rows];
+        matmul(&x, n, &w, &mut exact);
+        let mut scratch = QuantizedRows::default();
+        let mut same = vec![0f32; n * rows];
+        matmul_with(Precision::Exact, &x, n, &w, &mut same, &mut scratch);
+        assert_eq!(exact, same, "the exact precision is the float32 multiply");
+        let mut fast = vec![0f32; n * rows];
+        matmul_with(Precision::Fast, &x, n, &w, &mut fast, &mut scratch);
+        // 8-bit activations: an error of about 0.4% of the output's scale.
+        let scale = exact.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = exact
+            .iter()
+            .zip(&fast)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst > 0.0 && worst < 0.02 * scale, "{worst} of {scale}");
+        // A float32 matrix is multiplied exactly in the fast precision too.
+        let wf =
+            Matrix::from_f32(rows, cols, (0..rows * cols).map(|_| rng.float()).collect()).unwrap();
+        let (mut a, mut b) = (vec![0f32; n * rows], vec![0f32; n * rows]);
+        matmul(&x, n, &wf, &mut a);
+        matmul_with(Precision::Fast, &x, n, &wf, &mut b, &mut scratch);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn precision_names_round_trip() {
+        for p in [Precision::Exact, Precision::Fast] {
+            assert_eq!(Precision::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Precision::parse(" FAST "), Some(Precision::Fast));
+        assert_eq!(Precision::parse("int8"), None);
+        assert_eq!(Precision::default(), Precision::Exact);
+    }
+}

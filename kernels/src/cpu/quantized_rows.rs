@@ -1,0 +1,175 @@
+//! Activation rows quantised to 8 bits for the integer matrix multiply of the fast precision
+//! ([`super::matmul_int8`]).
+//!
+//! Each row (token) is cut into blocks of 32 columns, and each block is stored as 32 signed
+//! bytes `q` in `-127..=127` with one float scale `d = max|x| / 127`, so `x ≈ d * q` (GGML's
+//! Q8_1 scheme). The block also keeps `s = d * Σq`, which the Q4 formats' offset term needs.
+//!
+//! # Invariants
+//!
+//! - A row's quantisation depends on that row alone (never on the batch): the fast precision
+//!   stays batch invariant because of it.
+//! - `q.len() == rows * cols`, `d.len() == s.len() == rows * cols / 32`, `cols % 32 == 0`, and
+//!   every `q` lies in `-127..=127` (never -128, so the sign trick of the AVX2 kernel cannot
+//!   overflow). The fields are private to the crate, so every value satisfies this.
+
+/// `rows` activation rows of `cols` columns, each block of 32 quantised to signed bytes.
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedRows {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// Quantised values, row-major.
+    pub(crate) q: Vec<i8>,
+    /// One scale per block, `rows * cols / 32`, row-major.
+    pub(crate) d: Vec<f32>,
+    /// `d * Σq` per block.
+    pub(crate) s: Vec<f32>,
+}
+
+impl QuantizedRows {
+    /// Quantise the first `rows * cols` values of `x` (`rows` rows of `cols`), reusing this
+    /// value's buffers.
+    ///
+    /// # Panics
+    /// If `cols` is not a multiple of 32 or `x` holds fewer than `rows * cols` values (shapes
+    /// are the caller's invariant, never user input).
+    pub fn quantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        assert!(
+            cols.is_multiple_of(32) && rows.checked_mul(cols).is_some_and(|n| x.len() >= n),
+            "quantising {rows} rows of {cols} columns from {} values",
+            x.len()
+        );
+        let blocks = rows * cols / 32;
+        self.rows = rows;
+        self.cols = cols;
+        self.q.resize(rows * cols, 0);
+        self.d.resize(blocks, 0.0);
+        self.s.resize(blocks, 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2() {
+            // SAFETY: the processor has AVX2 and FMA (checked just now).
+            return unsafe { self.fill_avx2(&x[..rows * cols]) };
+        }
+        self.fill(&x[..rows * cols]);
+    }
+
+    /// [`QuantizedRows::fill`] compiled for AVX2 (rounding is then one instruction rather than
+    /// a library call; the results are the same bits, as Rust never fuses float operations).
+    ///
+    /// # Safety
+    /// The processor supports AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fill_avx2(&mut self, x: &[f32]) {
+        self.fill(x)
+    }
+
+    /// Quantise `x` block by block into the buffers (already sized for it).
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
+        for (b, (xs, qs)) in x
+            .chunks_exact(32)
+            .zip(self.q.chunks_exact_mut(32))
+            .enumerate()
+        {
+            let (d, sum) = quantize_block(xs, qs);
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` decoded back to floats (`d * q`), for tests and error measurements.
+    ///
+    /// # Panics
+    /// If `r >= rows`.
+    pub fn row_to_f32(&self, r: usize) -> Vec<f32> {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        let per_row = self.cols / 32;
+        self.q[r * self.cols..(r + 1) * self.cols]
+            .chunks_exact(32)
+            .enumerate()
+            .flat_map(|(b, qs)| {
+                let d = self.d[r * per_row + b];
+                qs.iter().map(move |&q| d * q as f32)
+            })
+            .collect()
+    }
+}
+
+/// One block: `q = round(x / d)` (ties to even) with `d = max|x| / 127` (all zero when the block is). Returns
+/// `(d, Σq)`. A NaN or infinite input gives some finite bytes (Rust's float-to-int casts
+/// saturate), never undefined behaviour; the model's outputs are then meaningless anyway.
+#[inline(always)]
+fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(xs) {
+        let r = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *q = r;
+        sum += r as i32;
+    }
+    (d, sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantised_rows_round_trip_within_half_a_step_and_keep_their_sums() {
+        let cols = 64;
+        let x: Vec<f32> = (0..3 * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let mut q = QuantizedRows::default();
+        q.quantize(&x, 3, cols);
+        for r in 0..3 {
+            let back = q.row_to_f32(r);
+            for (b, (got, want)) in back
+                .chunks(32)
+                .zip(x[r * cols..(r + 1) * cols].chunks(32))
+                .enumerate()
+            {
+                let d = q.d[r * 2 + b];
+                let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!((d * 127.0 - amax).abs() <= 1e-6 * amax);
+                for (g, w) in got.iter().zip(want) {
+                    assert!((g - w).abs() <= 0.5 * d * 1.0001, "{g} vs {w}");
+                }
+                let sum: i32 = q.q[(r * 2 + b) * 32..(r * 2 + b + 1) * 32]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum();
+                assert_eq!(q.s[r * 2 + b], d * sum as f32);
+            }
+        }
+        // A zero block stays zero; the extremes map to ±127, never -128.
+        let mut z = vec![0f32; 32];
+        z[3] = -2.0;
+        z[4] = 2.0;
+        q.quantize(&z, 1, 32);
+        assert_eq!(q.q[3], -127);
+        assert_eq!(q.q[4], 127);
+        q.quantize(&[0.0; 32], 1, 32);
+        assert!(q.q.iter().all(|&v| v == 0) && q.d[0] == 0.0);
+        // Row 1 alone quantises exactly as in the batch (batch invariance).
+        let mut all = QuantizedRows::default();
+        all.quantize(&x, 3, cols);
+        let mut one = QuantizedRows::default();
+        one.quantize(&x[cols..2 * cols], 1, cols);
+        assert_eq!(&all.q[cols..2 * cols], &one.q[..]);
+        assert_eq!(&all.d[2..4], &one.d[..]);
+    }
+}
