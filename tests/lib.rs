@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use convoy_engine::{LlamaModel, TextCodec};
+use convoy_engine::{ForwardBatch, LlamaModel, TextCodec};
 use convoy_weights::{load_model, ChatMessage, LoadFormat};
 
 /// The repository root.
@@ -160,6 +160,29 @@ pub fn reference_cases(codec: &TextCodec, reference: &serde_json::Value) -> Vec<
                 turn["reply"].as_str().unwrap(),
             ));
         }
+    }
+    out
+}
+
+/// convoy's logits at each step the reference recorded top-5 logits for: the prompt, then the
+/// reference's own tokens fed back one step at a time, through a fresh paged cache of blocks of
+/// 16. One full vocabulary row per recorded step (none when the case recorded none).
+pub fn first_steps_logits(model: &LlamaModel, case: &Case) -> Vec<Vec<f32>> {
+    let Some(steps) = case.top5.as_ref().and_then(|t| t.as_array()) else {
+        return Vec::new();
+    };
+    let bs = 16;
+    let mut cache = model.new_kv_cache(64, bs);
+    let table: Vec<u32> = (0..64).collect();
+    let mut computed = 0;
+    let mut tokens = case.prompt_ids.clone();
+    let mut out = Vec::with_capacity(steps.len());
+    for s in 0..steps.len() {
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&tokens[computed..], computed, &table, bs, true);
+        out.push(model.forward(&batch, &mut cache));
+        computed = tokens.len();
+        tokens.push(case.output_ids[s]);
     }
     out
 }

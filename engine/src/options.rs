@@ -194,6 +194,15 @@ impl ModelArgs {
                 self.verify_cache
             );
         }
+        tracing::info!(
+            model = %path.display(),
+            precision = precision.as_str(),
+            kernels = ?convoy_kernels::active_kernel_path(),
+            threads = convoy_kernels::cpu::pool::num_threads(),
+            kv_blocks = num_blocks,
+            block_size,
+            "model loaded"
+        );
         Ok(Loaded {
             model,
             codec,

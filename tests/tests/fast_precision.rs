@@ -7,11 +7,12 @@
 //!   the figures printed (docs/benchmarks.md quotes them) and bounded.
 
 use convoy_engine::{
-    ForwardBatch, GenerationRequest, Generator, GeneratorConfig, LlamaModel, SamplingParams,
-    TextCodec,
+    GenerationRequest, Generator, GeneratorConfig, LlamaModel, SamplingParams, TextCodec,
 };
 use convoy_kernels::Precision;
-use convoy_tests::{ids, load, reference_cases, smollm2_path, smollm2_reference};
+use convoy_tests::{
+    first_steps_logits, ids, load, reference_cases, smollm2_path, smollm2_reference,
+};
 use convoy_weights::ChatMessage;
 
 fn fast_model() -> (LlamaModel, TextCodec) {
@@ -151,19 +152,10 @@ fn agreement_with_the_float32_reference_is_measured_and_close() {
         cases.len()
     );
 
-    let bs = 16;
     let (mut worst, mut sum, mut count, mut top1_same, mut top1_total) = (0f32, 0f64, 0, 0, 0);
     for case in cases.iter().filter(|c| c.top5.is_some()) {
         let steps = case.top5.as_ref().unwrap().as_array().unwrap();
-        let mut cache = model.new_kv_cache(64, bs);
-        let table: Vec<u32> = (0..64).collect();
-        let mut computed = 0;
-        let mut tokens = case.prompt_ids.clone();
-        for (s, step) in steps.iter().enumerate() {
-            let mut batch = ForwardBatch::default();
-            batch.push_seq(&tokens[computed..], computed, &table, bs, true);
-            let logits = model.forward(&batch, &mut cache);
-            computed = tokens.len();
+        for (step, logits) in steps.iter().zip(first_steps_logits(&model, case)) {
             let top_ids = ids(&step["ids"]);
             for (id, want) in top_ids.iter().zip(step["logits"].as_array().unwrap()) {
                 let err = (logits[*id as usize] - want.as_f64().unwrap() as f32).abs();
@@ -176,7 +168,6 @@ fn agreement_with_the_float32_reference_is_measured_and_close() {
                 .unwrap() as u32;
             top1_same += usize::from(argmax == top_ids[0]);
             top1_total += 1;
-            tokens.push(case.output_ids[s]);
         }
     }
     let mean = sum / count as f64;

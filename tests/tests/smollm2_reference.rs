@@ -2,8 +2,11 @@
 //! chat template, greedy continuations of completions, chats and multi-turn conversations, and
 //! the top-5 logits of the first steps.
 
-use convoy_engine::{ForwardBatch, GenerationRequest, Generator, GeneratorConfig, SamplingParams};
-use convoy_tests::{comparable_steps, ids, load, reference_cases, smollm2_path, smollm2_reference};
+use convoy_engine::{GenerationRequest, Generator, GeneratorConfig, SamplingParams};
+use convoy_tests::{
+    comparable_steps, first_steps_logits, ids, load, reference_cases, smollm2_path,
+    smollm2_reference,
+};
 
 #[test]
 fn tokenizer_cases_match_exactly() {
@@ -84,19 +87,14 @@ fn top5_logits_of_first_steps_agree_within_1e3_relative() {
     let (model, codec) = load(&smollm2_path());
     let reference = smollm2_reference();
     let cases = reference_cases(&codec, &reference);
-    let bs = 16;
     let mut checked = 0;
     for case in cases.iter().filter(|c| c.top5.is_some()) {
         let steps = case.top5.as_ref().unwrap().as_array().unwrap();
-        let mut cache = model.new_kv_cache(64, bs);
-        let table: Vec<u32> = (0..64).collect();
-        let mut computed = 0;
-        let mut tokens = case.prompt_ids.clone();
-        for (s, step) in steps.iter().enumerate() {
-            let mut batch = ForwardBatch::default();
-            batch.push_seq(&tokens[computed..], computed, &table, bs, true);
-            let logits = model.forward(&batch, &mut cache);
-            computed = tokens.len();
+        for (s, (step, logits)) in steps
+            .iter()
+            .zip(first_steps_logits(&model, case))
+            .enumerate()
+        {
             for (id, want) in ids(&step["ids"])
                 .iter()
                 .zip(step["logits"].as_array().unwrap())
@@ -110,7 +108,6 @@ fn top5_logits_of_first_steps_agree_within_1e3_relative() {
                 );
                 checked += 1;
             }
-            tokens.push(case.output_ids[s]);
         }
     }
     assert!(checked >= 5 * 8 * 7, "checked only {checked} logits");

@@ -41,11 +41,7 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
     if n == 0 || w.rows == 0 {
         return;
     }
-    let threads = super::pool::num_threads();
-    // Enough chunks to balance the threads, each a multiple of 8 rows.
-    let target = (w.rows / (threads * 4)).max(8);
-    let chunk = target.div_ceil(8) * 8;
-    let n_chunks = w.rows.div_ceil(chunk);
+    let (chunk, n_chunks) = row_chunks(w.rows);
     let yp = SendPtr(y.as_mut_ptr());
     let simd = super::simd();
     let body = |c: usize| {
@@ -57,6 +53,28 @@ pub fn matmul(x: &[f32], n: usize, w: &Matrix, y: &mut [f32]) {
         unsafe { run_chunk(x, n, w, yp.get(), r0, r1, simd) };
     };
     super::pool::parallel_for(n_chunks, &body);
+}
+
+/// How the weight rows are split over the pool: `(rows per chunk, chunks)`, enough chunks to
+/// balance the threads (four per thread), each a multiple of 8 rows. Depends on the matrix and
+/// the thread count only, never on the batch.
+pub(crate) fn row_chunks(rows: usize) -> (usize, usize) {
+    let threads = super::pool::num_threads();
+    let target = (rows / (threads * 4)).max(8);
+    let chunk = target.div_ceil(8) * 8;
+    (chunk, rows.div_ceil(chunk))
+}
+
+/// Rows of the next tile: `most` while that many are `left`, else 2, else 1 (the tile shapes
+/// every kernel set has).
+pub(crate) fn tile_rows(left: usize, most: usize) -> usize {
+    if left >= most {
+        most
+    } else if left >= 2 {
+        2
+    } else {
+        1
+    }
 }
 
 /// Rows `r0..r1` of `y = x W^T` for all `n` tokens.
@@ -89,13 +107,7 @@ unsafe fn run_chunk(x: &[f32], n: usize, w: &Matrix, y: *mut f32, r0: usize, r1:
                     8 => 1,
                     _ => 2,
                 };
-                let rr = if left >= most {
-                    most
-                } else if left >= 2 {
-                    2
-                } else {
-                    1
-                };
+                let rr = tile_rows(left, most);
                 // SAFETY: `t0 + t <= n` and `r + rr <= r1 <= w.rows`; `x` and `y` are as our
                 // own contract says, and the tile writes only rows `r..r + rr` of `y`, which
                 // are ours.

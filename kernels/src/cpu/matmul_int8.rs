@@ -15,7 +15,7 @@
 //! - Paths: AVX2 (also on AVX-512 machines, which have it) or portable scalar code; they differ
 //!   in the order the float sums are taken, never in the integer sums.
 
-use super::matmul::matmul;
+use super::matmul::{matmul, row_chunks, tile_rows};
 use super::matrix::{Matrix, Storage, WeightFormat};
 use super::quantized_rows::QuantizedRows;
 #[cfg(target_arch = "x86_64")]
@@ -97,10 +97,7 @@ pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
         let decoded: Vec<f32> = (0..n).flat_map(|r| x.row_to_f32(r)).collect();
         return matmul(&decoded, n, w, y);
     }
-    let threads = super::pool::num_threads();
-    let target = (w.rows / (threads * 4)).max(8);
-    let chunk = target.div_ceil(8) * 8;
-    let n_chunks = w.rows.div_ceil(chunk);
+    let (chunk, n_chunks) = row_chunks(w.rows);
     let yp = SendPtr(y.as_mut_ptr());
     let simd = super::simd();
     // The Q4 formats' offsets as float32 (built on the first call, before any work item).
@@ -154,13 +151,7 @@ unsafe fn run_chunk(
                         8 => 1,
                         _ => 2,
                     };
-                    let rr = if left >= most {
-                        most
-                    } else if left >= 2 {
-                        2
-                    } else {
-                        1
-                    };
+                    let rr = tile_rows(left, most);
                     // SAFETY: `t0 + t <= n`, `r + rr <= r1 <= w.rows`; the rest is our own
                     // contract, and the tile writes only rows `r..r + rr` of `y`, ours.
                     unsafe { tile_dispatch_avx2(token, x, t0, t, w, offsets, r, rr, y) };
