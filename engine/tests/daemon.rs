@@ -297,9 +297,10 @@ fn a_thousand_concurrent_streaming_connections() {
         }
     }
     let mut c = d.client();
-    let s = c.stats().unwrap();
-    assert_eq!(s.finished_requests, 1000);
-    assert_eq!(s.kv.device_blocks_held, 0);
+    assert_eq!(c.stats().unwrap().finished_requests, 1000);
+    // A request still holds its blocks for the one step after its `done` that computes the
+    // K/V of its last token (so the reply is cached): wait for that step.
+    wait_for_zero_held(&mut c);
 }
 
 #[test]
