@@ -97,6 +97,9 @@ pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
         let decoded: Vec<f32> = (0..n).flat_map(|r| x.row_to_f32(r)).collect();
         return matmul(&decoded, n, w, y);
     }
+    let Storage::Blocks(bytes) = &w.storage else {
+        unreachable!("float32 matrices were multiplied above")
+    };
     let (chunk, n_chunks) = row_chunks(w.rows);
     let yp = SendPtr(y.as_mut_ptr());
     let simd = super::simd();
@@ -112,22 +115,25 @@ pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
         // invariant, and the assert above), `y` holds `n * rows` floats (asserted, and stays
         // borrowed mutably until `parallel_for` returns); chunk `c` writes only
         // `y[t * rows + r]` for `r` in `r0..r1`, disjoint from every other chunk's rows.
-        unsafe { run_chunk(x, w, offsets, yp.get(), r0, r1, simd) };
+        unsafe { run_chunk(x, w, bytes, offsets, yp.get(), r0, r1, simd) };
     };
     super::pool::parallel_for(n_chunks, &body);
 }
 
-/// Rows `r0..r1` of the product for all of `x`'s rows; `offsets` are `w`'s block offsets
-/// (`rows x cols / 32`, row-major) for the formats that have them.
+/// Rows `r0..r1` of the product for all of `x`'s rows; `bytes` are `w`'s blocks and `offsets`
+/// its block offsets (`rows x cols / 32`, row-major) for the formats that have them.
 ///
 /// # Safety
-/// `x.cols == w.cols`, `w` is block-quantised, `offsets` is `w.block_offsets()`'s data,
+/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`, `offsets` is
+/// `w.block_offsets()`'s data,
 /// `r0 <= r1 <= w.rows`; `y` is valid for writes
 /// of `x.rows * w.rows` floats, and while this runs no other thread accesses
 /// `y[t * w.rows + r]` for `r` in `r0..r1`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn run_chunk(
     x: &QuantizedRows,
     w: &Matrix,
+    bytes: &[u8],
     offsets: Option<&[f32]>,
     y: *mut f32,
     r0: usize,
@@ -154,7 +160,7 @@ unsafe fn run_chunk(
                     let rr = tile_rows(left, most);
                     // SAFETY: `t0 + t <= n`, `r + rr <= r1 <= w.rows`; the rest is our own
                     // contract, and the tile writes only rows `r..r + rr` of `y`, ours.
-                    unsafe { tile_dispatch_avx2(token, x, t0, t, w, offsets, r, rr, y) };
+                    unsafe { tile_dispatch_avx2(token, x, t0, t, w, bytes, offsets, r, rr, y) };
                     r += rr;
                 }
                 t0 += t;
@@ -164,15 +170,15 @@ unsafe fn run_chunk(
     }
     let _ = simd;
     // SAFETY: forwarded from our own contract.
-    unsafe { portable_chunk(x, w, offsets, y, r0, r1) }
+    unsafe { portable_chunk(x, w, bytes, offsets, y, r0, r1) }
 }
 
 /// One AVX2 tile: rows `r..r + rr` of `w` times quantised rows `t0..t0 + t` of `x`, into `y`.
 ///
 /// # Safety
 /// `(rr, t)` is one of the shapes matched below; `t0 + t <= x.rows`; `r + rr <= w.rows`;
-/// `x.cols == w.cols`, `w` is block-quantised and `offsets` its block offsets (when its format
-/// has them); `y` is valid for writes of
+/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes` and `offsets` its block
+/// offsets (when its format has them); `y` is valid for writes of
 /// `(t0 + t) * w.rows` floats and no other thread accesses `y[(t0 + j) * w.rows + r + i]`
 /// (`j < t`, `i < rr`) meanwhile. (The token covers the processor features.)
 #[cfg(target_arch = "x86_64")]
@@ -183,15 +189,13 @@ unsafe fn tile_dispatch_avx2(
     t0: usize,
     t: usize,
     w: &Matrix,
+    bytes: &[u8],
     offsets: Option<&[f32]>,
     r: usize,
     rr: usize,
     y: *mut f32,
 ) {
     use super::avx2_int8 as isa;
-    let Storage::Blocks(bytes) = &w.storage else {
-        unreachable!("float32 matrices are multiplied exactly")
-    };
     let blocks = w.cols / 32;
     let rb = w.row_bytes();
     // SAFETY: `r < rows` and `t0 < x.rows` (our contract), so every offset stays inside its
@@ -274,12 +278,9 @@ fn int_block(format: WeightFormat, blk: &[u8], q: &mut [i32; 32]) -> f32 {
             }
             f16(0)
         }
-        WeightFormat::Q4_0 => {
-            nibbles(q, &blk[2..18]);
-            f16(0)
-        }
-        WeightFormat::Q4_1 => {
-            nibbles(q, &blk[4..20]);
+        // The nibbles follow the scale (Q4_0) or the scale and the offset (Q4_1).
+        WeightFormat::Q4_0 | WeightFormat::Q4_1 => {
+            nibbles(q, &blk[blk.len() - 16..]);
             f16(0)
         }
         WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
@@ -294,14 +295,12 @@ fn int_block(format: WeightFormat, blk: &[u8], q: &mut [i32; 32]) -> f32 {
 unsafe fn portable_chunk(
     x: &QuantizedRows,
     w: &Matrix,
+    bytes: &[u8],
     offsets: Option<&[f32]>,
     y: *mut f32,
     r0: usize,
     r1: usize,
 ) {
-    let Storage::Blocks(bytes) = &w.storage else {
-        unreachable!("float32 matrices are multiplied exactly")
-    };
     let n = x.rows;
     let blocks = w.cols / 32;
     let rb = w.row_bytes();
