@@ -2,8 +2,8 @@
 //! of 16 tokens) on the active kernel path: a prompt chunk of `chunk` tokens on `context`
 //! cached ones, and a decode step of `decode` sequences at that context; the median of `reps`
 //! runs, in nanoseconds per (query, key) pair and query head. `cargo run --release -p
-//! convoy-kernels --example attention_speed -- [context] [chunk] [decode] [reps]` (defaults
-//! 1024 128 4 30).
+//! convoy-kernels --example attention_speed -- [context] [chunk] [decode] [reps] [threads]`
+//! (defaults 1024 128 4 30, and every core).
 
 use std::time::Instant;
 
@@ -13,6 +13,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut arg = |default: usize| args.next().and_then(|s| s.parse().ok()).unwrap_or(default);
     let (context, chunk, decode, reps) = (arg(1024), arg(128), arg(4), arg(30));
+    let threads = arg(0);
+    if threads > 0 {
+        convoy_kernels::cpu::pool::set_num_threads(threads);
+    }
     let shape = AttentionShape {
         num_heads: 9,
         num_kv_heads: 3,

@@ -496,6 +496,30 @@ impl Case {
         out
     }
 
+    /// Query `i` of sequence `s` alone: one query row on the context it sees (as if it were
+    /// decoded on its own after the earlier positions were cached).
+    fn run_one_row(&self, s: usize, i: usize) -> Vec<f32> {
+        let row = self.shape.num_heads * self.shape.head_dim;
+        let seq = &self.seqs[s];
+        let at = (seq.query_start + i) * row;
+        let one = [AttentionSeq {
+            block_table: &seq.table,
+            query_start: 0,
+            num_queries: 1,
+            context_len: seq.context_len - seq.num_queries + i + 1,
+        }];
+        let mut out = vec![f32::NAN; row];
+        paged_attention(
+            &self.q[at..at + row],
+            &self.k,
+            &self.v,
+            self.shape,
+            &one,
+            &mut out,
+        );
+        out
+    }
+
     /// Softmax attention in f64, straight from the definition and the cache layout.
     fn reference(&self) -> Vec<f64> {
         let AttentionShape {
@@ -613,6 +637,17 @@ fn paged_attention_every_path_matches_f64_including_gqa_groups_above_8() {
                 let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
                 let alone = with_kernel_path(*path, || case.run_alone(s));
                 assert_eq!(alone, y[rows], "{path:?} {shape:?} sequence {s} alone");
+                // And every row of a chunk (computed in tiles of several rows) is the row
+                // computed alone, as a decode step on the cached positions before it would.
+                for i in 0..seq.num_queries {
+                    let one = with_kernel_path(*path, || case.run_one_row(s, i));
+                    let at = (seq.query_start + i) * row;
+                    assert_eq!(
+                        one,
+                        y[at..at + row],
+                        "{path:?} {shape:?} sequence {s} row {i}"
+                    );
+                }
             }
             assert_eq!(case.rows * row, y.len());
         }

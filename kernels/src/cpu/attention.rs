@@ -7,13 +7,25 @@
 //! without horizontal reductions. Token position `p` of a sequence lives in block
 //! `block_table[p / block_size]`, slot `p % block_size`.
 //!
-//! The work item is one (query token, KV head): the K and V rows of that head
-//! are loaded once for all query heads that share it (GQA/MQA). Query `i` of a sequence with
-//! `num_queries` new tokens and `context_len` tokens in all sits at position
-//! `context_len - num_queries + i` and attends causally to positions `0..=` that.
+//! Query `i` of a sequence with `num_queries` new tokens and `context_len` tokens in all sits at
+//! position `context_len - num_queries + i` and attends causally to positions `0..=` that.
+//!
+//! The work item is (tile of up to `TILE_ROWS` (4) consecutive query rows of one sequence, KV
+//! head, partition of `PARTITION` (256) context positions): each K and V value it loads serves every
+//! query head of the tile that shares the KV head (GQA/MQA). Each item writes, per row and query
+//! head, the partition's max score, softmax sum and unnormalised V sum; a second parallel pass
+//! combines a row's partitions in order.
+//!
+//! Invariant (batch invariance, and cached equals recomputed): a row's output depends on its
+//! query, its context length and the cache only. Partition boundaries are multiples of
+//! `PARTITION`, whatever the batch, and every kernel computes a row of a tile with the same
+//! operations as the row alone (a decode step): the tile only shares loads.
 
-use super::ops::{axpy, chunks_mut_par};
-use super::Isa;
+use std::cell::Cell;
+
+use super::ops::axpy;
+use super::pool::parallel_for;
+use super::{Isa, SendPtr};
 
 /// One sequence of a packed batch, as attention sees it.
 #[derive(Clone, Copy, Debug)]
@@ -199,17 +211,8 @@ pub fn try_paged_attention(
     out: &mut [f32],
 ) -> Result<(), AttentionError> {
     let layout = Layout::check(q.len(), k_cache.len(), v_cache.len(), shape, out.len())?;
-    let owner = layout.row_owners(seqs)?;
-    attend(
-        q,
-        k_cache,
-        v_cache,
-        &layout,
-        seqs,
-        &owner,
-        out,
-        super::simd(),
-    );
+    layout.check_rows(seqs)?;
+    attend(q, k_cache, v_cache, &layout, seqs, out, super::simd());
     Ok(())
 }
 
@@ -278,11 +281,11 @@ impl Layout {
         })
     }
 
-    /// Check every sequence against the layout; returns (sequence, query index) for each
-    /// row, `(usize::MAX, 0)` for rows no sequence owns.
-    fn row_owners(&self, seqs: &[AttentionSeq<'_>]) -> Result<Vec<(usize, usize)>, AttentionError> {
+    /// Check every sequence against the layout, and that no two of them claim the same row.
+    fn check_rows(&self, seqs: &[AttentionSeq<'_>]) -> Result<(), AttentionError> {
         let block_size = self.shape.block_size;
-        let mut owner = vec![(usize::MAX, 0usize); self.rows];
+        // The sequence owning each row, `usize::MAX` for none yet.
+        let mut owner = vec![usize::MAX; self.rows];
         for (s, seq) in seqs.iter().enumerate() {
             let end = seq
                 .query_start
@@ -324,29 +327,27 @@ impl Layout {
                 });
             }
             for (i, o) in owner[seq.query_start..end].iter_mut().enumerate() {
-                if o.0 != usize::MAX {
+                if *o != usize::MAX {
                     return Err(AttentionError::SharedRow {
                         seq: s,
-                        other: o.0,
+                        other: *o,
                         row: seq.query_start + i,
                     });
                 }
-                *o = (s, i);
+                *o = s;
             }
         }
-        Ok(owner)
+        Ok(())
     }
 }
 
-/// The computation, on arguments that passed `Layout::check` and `Layout::row_owners`.
-#[allow(clippy::too_many_arguments)]
+/// The computation, on arguments that passed `Layout::check` and `Layout::check_rows`.
 fn attend(
     q: &[f32],
     k_cache: &[f32],
     v_cache: &[f32],
     layout: &Layout,
     seqs: &[AttentionSeq<'_>],
-    owner: &[(usize, usize)],
     out: &mut [f32],
     simd: Isa,
 ) {
@@ -374,33 +375,68 @@ fn attend(
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (avx512, avx2);
-    // Work items: (row, KV head, context partition). Partitions depend on the context length
-    // only, never on the batch, so results stay batch invariant.
+    // Work items: (tile of up to TILE_ROWS consecutive query rows of one sequence, KV head,
+    // context partition); an item holds the rows of its tile that reach into its partition (a
+    // suffix of the tile). Partitions depend on each row's context length only, never on the
+    // batch or the tile, and every kernel computes a row's records exactly as it would alone,
+    // so results stay batch invariant.
+    let part_width = group * (head_dim + 2);
     let mut items = Vec::new();
-    for (t, &(s, i)) in owner.iter().enumerate() {
-        if s == usize::MAX {
-            continue;
+    // Floats of the records of the items so far.
+    let mut floats = 0;
+    // The order the items run in: the tiles of one sequence, KV head and partition one after
+    // the other, so that a core reuses the partition's K and V from its L2 cache across tiles
+    // (a long prompt's K and V do not fit in L2). `items` itself stays in (tile, KV head,
+    // partition) order for the combine.
+    let mut order = Vec::new();
+    for (s, seq) in seqs.iter().enumerate() {
+        // Context length (positions attended to) of the sequence's first query.
+        let first_ctx = seq.context_len + 1 - seq.num_queries;
+        // (index of the tile's first item, partitions of the tile) for each tile.
+        let mut tiles = Vec::new();
+        for i0 in (0..seq.num_queries).step_by(TILE_ROWS) {
+            let n = (seq.num_queries - i0).min(TILE_ROWS);
+            let tile_ctx = first_ctx + i0;
+            let partitions = (tile_ctx + n - 1).div_ceil(PARTITION);
+            tiles.push((items.len(), partitions));
+            for kvh in 0..num_kv_heads {
+                for p in 0..partitions {
+                    let p0 = p * PARTITION;
+                    // Rows whose context ends at or before p0 are not in this partition.
+                    let skip = (p0 + 1).saturating_sub(tile_ctx);
+                    items.push(WorkItem {
+                        seq: s,
+                        row: seq.query_start + i0 + skip,
+                        rows: n - skip,
+                        ctx: tile_ctx + skip,
+                        kvh,
+                        p0,
+                        at: floats,
+                    });
+                    floats += (n - skip) * part_width;
+                }
+            }
         }
-        let seq = &seqs[s];
-        let ctx = seq.context_len - seq.num_queries + i + 1;
+        let most = tiles.iter().map(|t| t.1).max().unwrap_or(0);
         for kvh in 0..num_kv_heads {
-            for p0 in (0..ctx).step_by(PARTITION) {
-                items.push(WorkItem {
-                    row: t,
-                    seq: s,
-                    kvh,
-                    p0,
-                    p1: (p0 + PARTITION).min(ctx),
-                });
+            for p in 0..most {
+                for &(first, partitions) in &tiles {
+                    if p < partitions {
+                        order.push(first + kvh * partitions + p);
+                    }
+                }
             }
         }
     }
-    let part_width = group * (head_dim + 2);
-    let mut partials = vec![0f32; items.len() * part_width];
+    // Every record is written before it is read: the buffer of an earlier call is reused as it
+    // is (a fresh one of this size would cost page faults on every call).
+    let mut partials = PARTIALS.take();
+    partials.resize(floats, 0.0);
     let run = |w: &WorkItem, part: &mut [f32]| {
-        let item = Item {
-            q: &q[w.row * row + w.kvh * group * head_dim
-                ..w.row * row + (w.kvh + 1) * group * head_dim],
+        let ends: [usize; TILE_ROWS] = std::array::from_fn(|r| w.end(r));
+        let heads = w.kvh * group * head_dim..(w.kvh + 1) * group * head_dim;
+        let single = |r: usize| Item {
+            q: &q[(w.row + r) * row..][heads.clone()],
             k_cache,
             v_cache,
             block_table: seqs[w.seq].block_table,
@@ -410,81 +446,169 @@ fn attend(
             head_dim,
             group,
             p0: w.p0,
-            p1: w.p1,
+            p1: ends[r],
             scale,
         };
-        let mut scores = vec![0f32; group * (w.p1 - w.p0)];
         #[cfg(target_arch = "x86_64")]
         if avx2.is_some() {
-            // SAFETY: the `Avx2` token proves the processor features; `head_dim % 8 == 0` was
-            // checked above. `item` satisfies the `Item` invariants: the caches are
-            // `num_blocks` whole blocks and every block-table entry is below `num_blocks`
-            // (`Layout`), the table covers `context_len >= p1` positions, `kvh < num_kv_heads`
-            // gives `head_offset + head_dim <= kv_stride`, and `item.q` was sliced to
-            // `group * head_dim` floats. `scores` has `group * (p1 - p0)` floats and `part` is
-            // one chunk of `part_width = group * (head_dim + 2)` floats.
-            unsafe { super::avx2::attend_partition(&item, &mut scores, part) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if avx512.is_some() {
-            // SAFETY: the `Avx512` token proves the processor features; `head_dim % 16 == 0`
-            // and `head_dim <= 256` were checked above. `item` satisfies the `Item` invariants:
-            // the caches are `num_blocks` whole blocks and every block-table entry is below
-            // `num_blocks` (`Layout`), the table covers `context_len >= p1` positions, `kvh <
-            // num_kv_heads` gives `head_offset + head_dim <= kv_stride`, and `item.q` was sliced
-            // to `group * head_dim` floats. `scores` has `group * (p1 - p0)` floats and `part`
-            // is one chunk of `part_width = group * (head_dim + 2)` floats.
-            unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
-            return;
-        }
-        attend_partition_scalar(&item, &mut scores, part, simd);
-    };
-    chunks_mut_par(&mut partials, part_width, 2, |k, part| run(&items[k], part));
-    // Combine the partitions of each (row, KV head), in partition order.
-    out.fill(0.0);
-    let mut k = 0;
-    while k < items.len() {
-        let first = &items[k];
-        let mut end = k + 1;
-        while end < items.len() && items[end].row == first.row && items[end].kvh == first.kvh {
-            end += 1;
-        }
-        let o = &mut out[first.row * row + first.kvh * group * head_dim..][..group * head_dim];
-        for g in 0..group {
-            let stats = |p: usize| {
-                let base = p * part_width + g * (head_dim + 2);
-                (partials[base], partials[base + 1], base + 2)
+            let tile = Item {
+                q: &q[w.row * row + heads.start..(w.row + w.rows - 1) * row + heads.end],
+                p1: ends[w.rows - 1],
+                ..single(0)
             };
-            let m = (k..end)
-                .map(|p| stats(p).0)
-                .fold(f32::NEG_INFINITY, f32::max);
-            let l: f32 = (k..end)
-                .map(|p| {
-                    let (mp, lp, _) = stats(p);
-                    (mp - m).exp() * lp
-                })
-                .sum();
-            let og = &mut o[g * head_dim..(g + 1) * head_dim];
-            for p in k..end {
-                let (mp, _, at) = stats(p);
-                let w = (mp - m).exp() / l;
-                axpy(simd, w, &partials[at..at + head_dim], og);
+            let rows = TileRows {
+                rows: w.rows,
+                q_stride: row,
+                ends,
+            };
+            let mut scores = vec![0f32; w.rows * group * (tile.p1 - tile.p0)];
+            // SAFETY: the `Avx2` token proves the processor features; `head_dim % 8 == 0` was
+            // checked above. `tile` satisfies the `Item` invariants: the caches are
+            // `num_blocks` whole blocks and every block-table entry is below `num_blocks`
+            // (`Layout`), the table covers the sequence's `context_len >= p1` positions, `kvh <
+            // num_kv_heads` gives `head_offset + head_dim <= kv_stride`. `rows` satisfies the
+            // `TileRows` invariants: `1 <= w.rows <= TILE_ROWS`, each end is in
+            // `p0 + 1 ..= p1` (`WorkItem::end`, rows of the item reach past `p0`, the last
+            // row's end is the largest), and `tile.q` spans `(rows - 1) * row + group *
+            // head_dim` floats. `scores` has `rows * group * (p1 - p0)` floats and `part` the
+            // item's `rows * group * (head_dim + 2)` floats.
+            unsafe { super::avx2_attention::attend_tile(&tile, &rows, &mut scores, part) };
+            return;
+        }
+        for r in 0..w.rows {
+            let item = single(r);
+            let part = &mut part[r * part_width..(r + 1) * part_width];
+            let mut scores = vec![0f32; group * (item.p1 - item.p0)];
+            #[cfg(target_arch = "x86_64")]
+            if avx512.is_some() {
+                // SAFETY: the `Avx512` token proves the processor features; `head_dim % 16 ==
+                // 0` and `head_dim <= 256` were checked above. `item` satisfies the `Item`
+                // invariants: the caches are `num_blocks` whole blocks and every block-table
+                // entry is below `num_blocks` (`Layout`), the table covers `context_len >= p1`
+                // positions, `kvh < num_kv_heads` gives `head_offset + head_dim <= kv_stride`,
+                // and `item.q` was sliced to `group * head_dim` floats. `scores` has `group *
+                // (p1 - p0)` floats and `part` is one record of `part_width = group *
+                // (head_dim + 2)` floats.
+                unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
+                continue;
+            }
+            attend_partition_scalar(&item, &mut scores, part, simd);
+        }
+    };
+    let records = SendPtr(partials.as_mut_ptr());
+    parallel_for(order.len(), &|e| {
+        let w = &items[order[e]];
+        // SAFETY: `order` is a permutation of the item indices (each item is pushed once,
+        // under one (KV head, partition, tile)), and the items' records `at ..+ rows *
+        // part_width` tile `0..floats`, so this item's are inside `partials` and no other item
+        // touches them; `partials` stays borrowed mutably (nothing else accesses it) until
+        // `parallel_for` returns.
+        let part =
+            unsafe { std::slice::from_raw_parts_mut(records.get().add(w.at), w.rows * part_width) };
+        run(w, part)
+    });
+    // Combine the partitions of each (row, KV head), in partition order, one (tile, KV head)
+    // per work item. Its items are consecutive, in partition order, the first one at `p0 ==
+    // 0` holding every row of the tile; a row is in a prefix of them.
+    out.fill(0.0);
+    let mut groups = Vec::new();
+    for (k, w) in items.iter().enumerate() {
+        if w.p0 == 0 {
+            groups.push(k..k + 1);
+        } else if let Some(g) = groups.last_mut() {
+            g.end = k + 1;
+        }
+    }
+    let done = &partials;
+    let outputs = SendPtr(out.as_mut_ptr());
+    parallel_for(groups.len(), &|i| {
+        let group_items = &items[groups[i].clone()];
+        let first = &group_items[0];
+        for t in first.row..first.row + first.rows {
+            // SAFETY: row `t` of the tile and the KV head's query heads: floats `t * row +
+            // kvh * group * head_dim ..+ group * head_dim`, inside `out` (`t < rows`, checked
+            // by `Layout::check_rows`); no other (tile, KV head) writes them, and `out` stays
+            // borrowed mutably until `parallel_for` returns.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(
+                    outputs.get().add(t * row + first.kvh * group * head_dim),
+                    group * head_dim,
+                )
+            };
+            // Row t's records of head g, in partition order: (m, l, start of the V sum).
+            let records = |g: usize| {
+                group_items
+                    .iter()
+                    .take_while(move |w| w.row <= t)
+                    .map(move |w| {
+                        let at = w.at + (t - w.row) * part_width + g * (head_dim + 2);
+                        (done[at], done[at + 1], at + 2)
+                    })
+            };
+            for (g, og) in o.chunks_exact_mut(head_dim).enumerate() {
+                let m = records(g).map(|r| r.0).fold(f32::NEG_INFINITY, f32::max);
+                let l: f32 = records(g).map(|(mp, lp, _)| (mp - m).exp() * lp).sum();
+                for (mp, _, at) in records(g) {
+                    let w = (mp - m).exp() / l;
+                    axpy(simd, w, &done[at..at + head_dim], og);
+                }
             }
         }
-        k = end;
-    }
+    });
+    PARTIALS.set(partials);
+}
+
+thread_local! {
+    /// The partition records of the last call on this thread, kept for the next one.
+    static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Context positions per work item.
 const PARTITION: usize = 256;
 
+/// Query rows per work item (consecutive rows of one sequence): each K and V value an item
+/// loads serves `TILE_ROWS * group` query heads.
+pub(crate) const TILE_ROWS: usize = 4;
+
+/// A tile of `rows` consecutive query rows of one sequence, one KV head, one partition.
 struct WorkItem {
-    row: usize,
     seq: usize,
+    /// Batch row of the first query of the item.
+    row: usize,
+    /// Query rows in the item, `1..=TILE_ROWS`.
+    rows: usize,
+    /// Context length of the first row (the next rows see one more position each).
+    ctx: usize,
     kvh: usize,
     p0: usize,
-    p1: usize,
+    /// Offset of the item's records (`rows * group * (head_dim + 2)` floats) in the partials.
+    at: usize,
+}
+
+impl WorkItem {
+    /// End of row `r`'s positions in the partition (`p0 + 1 ..= p0 + PARTITION` for a row of
+    /// the item); 0 past the item's rows.
+    fn end(&self, r: usize) -> usize {
+        if r < self.rows {
+            (self.ctx + r).min(self.p0 + PARTITION)
+        } else {
+            0
+        }
+    }
+}
+
+/// The query rows of a tile, for the AVX2 tile kernel: the tile's [`Item`] has `q` from the
+/// first row's first query head of the group on, and `p1` the largest end.
+///
+/// Invariants: `1 <= rows <= TILE_ROWS`; `p0 < ends[r] <= p1` for `r < rows`; and
+/// `q.len() >= (rows - 1) * q_stride + group * head_dim`.
+pub(crate) struct TileRows {
+    /// Rows in the tile.
+    pub rows: usize,
+    /// Floats from one row's queries to the next's.
+    pub q_stride: usize,
+    /// End of each row's positions (its own `p1`).
+    pub ends: [usize; TILE_ROWS],
 }
 
 /// One (query row, KV head, partition `p0..p1`) work item.
@@ -498,6 +622,7 @@ struct WorkItem {
 ///   `< num_blocks`, so every slot the partition visits is `< num_blocks * block_size`;
 /// - `head_offset + head_dim <= kv_stride`;
 /// - `q.len() >= group * head_dim`.
+#[derive(Clone, Copy)]
 pub(crate) struct Item<'a> {
     pub q: &'a [f32],
     pub k_cache: &'a [f32],

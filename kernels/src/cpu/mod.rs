@@ -38,6 +38,8 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_attention;
+#[cfg(target_arch = "x86_64")]
 mod avx2_int8;
 pub mod matmul;
 pub mod matmul_int8;

@@ -1,0 +1,478 @@
+//! Paged attention's inner loops with AVX2 + FMA: one work item is a tile of up to
+//! [`TILE_ROWS`] consecutive query rows of one sequence, against one KV head's positions
+//! `p0..p1` of one partition (see `attention`).
+//!
+//! A tile's query heads are its "vectors" `v = r * group + g` (row `r`, head `g` of the KV
+//! head's group); vector `v`'s scores are `scores[v * n ..]` (`n = p1 - p0`) and its record
+//! (`[m, l, o...]`, `head_dim + 2` floats) is `part[v * (head_dim + 2) ..]`.
+//!
+//! # Invariants
+//!
+//! - Same bits as a row alone. A score is one chain of fused multiply-adds over the head
+//!   dimensions in order (then one multiply by the scale), the softmax of a vector takes its own
+//!   row's positions only (`ends[r]`), and an output of the V sum is one chain of fused
+//!   multiply-adds over the row's positions in order, kept in the record between runs of
+//!   positions (a store and a load change no bits). The tile only decides how many vectors
+//!   share each K and V load: up to 6 vectors at once, in registers.
+//! - Locality. The K and V of a run (one cache block of the KV head) are loaded from memory
+//!   once per tile and reused from L1 by every group of vectors, so a tile of `R` rows reads
+//!   the partition's K and V once instead of `R` times. A 4096-token prompt's K and V do not
+//!   fit in L2; attention one row at a time is bound by reading them.
+
+// Index loops over the const-generic register arrays read better than iterator chains here.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::attention::{for_each_run, k_index, Item, TileRows};
+use super::avx2::{hsum, tail_mask};
+
+/// Vectors (query heads of the tile) that share one K or V load: 6 x 2 accumulators, with the
+/// two K (or V) vectors and a broadcast, take 15 of the 16 vector registers.
+const SHARE: usize = 6;
+
+/// One tile: scores, softmax statistics and the unnormalised V sum of every row, written as the
+/// rows' records; the contract of `attention::attend_partition_scalar`, for each row.
+///
+/// # Safety
+/// - The processor supports AVX2 and FMA.
+/// - `it` satisfies the invariants listed on [`Item`], with `it.q` covering the tile's rows and
+///   `it.p1` the largest end; `rows` satisfies the invariants listed on [`TileRows`].
+/// - `it.head_dim % 8 == 0`.
+/// - `sc_buf.len() >= rows.rows * it.group * (it.p1 - it.p0)` and
+///   `part.len() >= rows.rows * it.group * (it.head_dim + 2)`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn attend_tile(
+    it: &Item<'_>,
+    rows: &TileRows,
+    sc_buf: &mut [f32],
+    part: &mut [f32],
+) {
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    let vecs = rows.rows * it.group;
+    // SAFETY: the features, `it`, `rows` and the length of `sc_buf` are this function's
+    // contract.
+    unsafe { scores(it, rows, sc_buf) };
+    for v in 0..vecs {
+        let len = rows.ends[v / it.group] - it.p0;
+        softmax_stats(
+            &mut sc_buf[v * n..v * n + len],
+            &mut part[v * (hd + 2)..(v + 1) * (hd + 2)],
+        );
+    }
+    // Positions every row sees with the whole tile; then each row's own tail alone.
+    let common = rows.ends[..rows.rows]
+        .iter()
+        .copied()
+        .min()
+        .unwrap_or(it.p0);
+    let pp = part.as_mut_ptr();
+    // SAFETY: (both calls) the features and `it` are the caller's; `0..vecs` and the rows'
+    // vectors are vectors of the tile; `it.p0 <= common <= ends[r] <= it.p1`; `sc_buf` holds
+    // `vecs * n` scores and `part` `vecs * (hd + 2)` floats, borrowed mutably here.
+    unsafe {
+        v_sum(it, sc_buf, 0..vecs, it.p0..common, pp);
+        for r in 0..rows.rows {
+            if rows.ends[r] > common {
+                let own = r * it.group..(r + 1) * it.group;
+                v_sum(it, sc_buf, own, common..rows.ends[r], pp);
+            }
+        }
+    }
+}
+
+/// Scaled scores of every vector of the tile against every position `p0..p1`, from the
+/// block-transposed K cache: per run of positions, 16 (two vectors) at a time, up to [`SHARE`]
+/// vectors per pass over the head dimensions, each a chain of fused multiply-adds over the
+/// dimensions in order.
+///
+/// # Safety
+/// As [`attend_tile`] (without the condition on `part`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores(it: &Item<'_>, rows: &TileRows, scores: &mut [f32]) {
+    let vecs = rows.rows * it.group;
+    for_each_run(it, |j0, block, off, len| {
+        let mut v0 = 0;
+        while v0 < vecs {
+            let h = (vecs - v0).min(SHARE);
+            // SAFETY: (every arm) the features, `it`, `rows` and `scores` are this function's
+            // contract; `v0 + h <= vecs`; the run is inside `p0..p1` (`for_each_run`).
+            unsafe {
+                match h {
+                    1 => score_run::<1>(it, rows, scores, v0, j0, block, off, len),
+                    2 => score_run::<2>(it, rows, scores, v0, j0, block, off, len),
+                    3 => score_run::<3>(it, rows, scores, v0, j0, block, off, len),
+                    4 => score_run::<4>(it, rows, scores, v0, j0, block, off, len),
+                    5 => score_run::<5>(it, rows, scores, v0, j0, block, off, len),
+                    _ => score_run::<6>(it, rows, scores, v0, j0, block, off, len),
+                }
+            }
+            v0 += h;
+        }
+    });
+}
+
+/// Scores of vectors `v0 .. v0 + H` at the run's positions `j0 .. j0 + len` (relative to
+/// `p0`), stored in `block` from slot `off` on: `H x 2` accumulators per 16 positions.
+///
+/// # Safety
+/// As [`scores`]; `v0 + H <= rows.rows * it.group`; and the run is one that
+/// `for_each_run(it, ..)` yields.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn score_run<const H: usize>(
+    it: &Item<'_>,
+    rows: &TileRows,
+    scores: &mut [f32],
+    v0: usize,
+    j0: usize,
+    block: usize,
+    off: usize,
+    len: usize,
+) {
+    const VECS: usize = 2;
+    let hd = it.head_dim;
+    let n = it.p1 - it.p0;
+    let q_at: [usize; H] = std::array::from_fn(|h| {
+        let v = v0 + h;
+        (v / it.group) * rows.q_stride + (v % it.group) * hd
+    });
+    // SAFETY: AVX only.
+    let scale = unsafe { _mm256_set1_ps(it.scale) };
+    let mut c = 0;
+    while c < len {
+        let lanes = (len - c).min(8 * VECS);
+        // SAFETY: AVX2 (the caller's). A mask may enable no lane at all: masked loads and
+        // stores then access nothing. (All lanes on for a whole run of 16.)
+        let masks: [__m256i; VECS] =
+            std::array::from_fn(|v| unsafe { tail_mask(lanes.saturating_sub(8 * v)) });
+        let full = lanes == 8 * VECS;
+        // SAFETY: AVX only.
+        let mut acc = [[unsafe { _mm256_setzero_ps() }; VECS]; H];
+        for d in 0..hd {
+            // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
+            // `k_index(.., off + c, d)` starts a run of `block_size - off - c` positions of one
+            // K row inside `k_cache`; the masks enable `lanes <= len - c` of them, and
+            // `off + len <= block_size`. Vector `v < rows * group` is row `r = v / group <
+            // rows` and head `g = v % group`, so `q_at + d < (rows - 1) * q_stride + group *
+            // head_dim <= q.len()` (TileRows invariant).
+            unsafe {
+                let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, d));
+                // A whole run takes plain loads (masked ones are slower on some cores).
+                let k: [__m256; VECS] = if full {
+                    std::array::from_fn(|v| _mm256_loadu_ps(kp.add(8 * v)))
+                } else {
+                    std::array::from_fn(|v| _mm256_maskload_ps(kp.add(8 * v), masks[v]))
+                };
+                for h in 0..H {
+                    let q = _mm256_set1_ps(*it.q.get_unchecked(q_at[h] + d));
+                    for v in 0..VECS {
+                        acc[h][v] = _mm256_fmadd_ps(q, k[v], acc[h][v]);
+                    }
+                }
+            }
+        }
+        for h in 0..H {
+            // SAFETY: lanes `(v0 + h) * n + j0 + c ..+ lanes` lie inside the `rows * group * n`
+            // scores the caller provides: `j0 + c + lanes <= j0 + len <= n` as the run is
+            // inside `p0..p1`; the masks enable exactly those lanes (all of them when `full`);
+            // `scores` is borrowed mutably.
+            unsafe {
+                let out = scores.as_mut_ptr().add((v0 + h) * n + j0 + c);
+                for v in 0..VECS {
+                    let s = _mm256_mul_ps(acc[h][v], scale);
+                    // Masked stores are slow on AMD cores: plain ones for a whole run.
+                    if full {
+                        _mm256_storeu_ps(out.add(8 * v), s);
+                    } else {
+                        _mm256_maskstore_ps(out.add(8 * v), masks[v], s);
+                    }
+                }
+            }
+        }
+        c += lanes;
+    }
+}
+
+/// Adds to the V sums of `vectors` (in their records in `part`) the positions `range` of the
+/// partition, weighted by `sc`: per run of positions, 16 dimensions and up to [`SHARE`] vectors
+/// at a time, the accumulators loaded from and stored back to the records, so each output stays
+/// one chain of fused multiply-adds over the positions in order.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA; `it` satisfies the invariants listed on [`Item`];
+/// `it.head_dim % 8 == 0`; `vectors.end <= sc.len() / (it.p1 - it.p0)`;
+/// `it.p0 <= range.start <= range.end <= it.p1`; `part` is valid for reads and writes of
+/// `vectors.end * (it.head_dim + 2)` floats that nothing else accesses meanwhile.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn v_sum(
+    it: &Item<'_>,
+    sc: &[f32],
+    vectors: std::ops::Range<usize>,
+    range: std::ops::Range<usize>,
+    part: *mut f32,
+) {
+    if range.is_empty() {
+        return;
+    }
+    let n = it.p1 - it.p0;
+    let hd = it.head_dim;
+    let sub = Item {
+        p0: range.start,
+        p1: range.end,
+        ..*it
+    };
+    // Offset of the sub-range's positions in the scores.
+    let skip = range.start - it.p0;
+    for_each_run(&sub, |j0, block, off, len| {
+        let mut v0 = vectors.start;
+        while v0 < vectors.end {
+            let h = (vectors.end - v0).min(SHARE);
+            let mut d0 = 0;
+            while d0 < hd {
+                let wide = hd - d0 >= 16;
+                let at = Run {
+                    j: skip + j0,
+                    slot: block * it.block_size + off,
+                    len,
+                    v0,
+                    d0,
+                };
+                // SAFETY: (every arm) the features and `it` are the caller's; `v0 + h <=
+                // vectors.end`; `d0 + 16 <= hd` for two vectors and `d0 + 8 <= hd` for one
+                // (`hd % 8 == 0`); the run's slots are `len` consecutive slots of one block in
+                // range (`for_each_run` on `sub`, which satisfies the `Item` invariants as a
+                // sub-range of `it`), at positions `skip + j0 ..+ len <= n` of the scores.
+                unsafe {
+                    match (h, wide) {
+                        (1, true) => v_run::<1, 2>(it, sc, n, &at, part),
+                        (2, true) => v_run::<2, 2>(it, sc, n, &at, part),
+                        (3, true) => v_run::<3, 2>(it, sc, n, &at, part),
+                        (4, true) => v_run::<4, 2>(it, sc, n, &at, part),
+                        (5, true) => v_run::<5, 2>(it, sc, n, &at, part),
+                        (_, true) => v_run::<6, 2>(it, sc, n, &at, part),
+                        (1, false) => v_run::<1, 1>(it, sc, n, &at, part),
+                        (2, false) => v_run::<2, 1>(it, sc, n, &at, part),
+                        (3, false) => v_run::<3, 1>(it, sc, n, &at, part),
+                        (4, false) => v_run::<4, 1>(it, sc, n, &at, part),
+                        (5, false) => v_run::<5, 1>(it, sc, n, &at, part),
+                        (_, false) => v_run::<6, 1>(it, sc, n, &at, part),
+                    }
+                }
+                d0 += if wide { 16 } else { 8 };
+            }
+            v0 += h;
+        }
+    });
+}
+
+/// Where one [`v_run`] works: positions `j .. j + len` of the scores, stored in the
+/// consecutive cache slots `slot ..`, for vectors `v0 ..` and dimensions `d0 ..`.
+struct Run {
+    j: usize,
+    slot: usize,
+    len: usize,
+    v0: usize,
+    d0: usize,
+}
+
+/// Dimensions `d0 .. d0 + 8 * C` of the V sums of vectors `v0 .. v0 + H` over one run:
+/// `H x C` accumulators, loaded from the records and stored back.
+///
+/// # Safety
+/// As [`v_sum`], for the run `at` it describes: `at.slot + at.len` slots inside the V cache,
+/// `at.j + at.len <= n`, `at.v0 + H` vectors and `at.d0 + 8 * C <= head_dim`.
+#[inline(always)]
+unsafe fn v_run<const H: usize, const C: usize>(
+    it: &Item<'_>,
+    sc: &[f32],
+    n: usize,
+    at: &Run,
+    part: *mut f32,
+) {
+    let hd = it.head_dim;
+    let o_at = |h: usize, c: usize| (at.v0 + h) * (hd + 2) + 2 + at.d0 + c * 8;
+    let mut acc: [[__m256; C]; H] = std::array::from_fn(|h| {
+        std::array::from_fn(|c| {
+            // SAFETY: record `v0 + h` is floats `(v0 + h) * (hd + 2) ..+ hd + 2` of `part`,
+            // its V sum starts at offset 2, and `d0 + 8 * C <= hd` (the caller's).
+            unsafe { _mm256_loadu_ps(part.add(o_at(h, c))) }
+        })
+    });
+    for s in 0..at.len {
+        // SAFETY: slot `at.slot + s` is inside the V cache and `head_offset + d0 + 8 * C <=
+        // head_offset + hd <= kv_stride` (Item invariant), so floats `(slot) * kv_stride +
+        // head_offset + d0 ..+ 8 * C` are inside `v_cache`; `(v0 + h) * n + j + s <
+        // vectors.end * n <= sc.len()` as `j + s < n` (the caller's).
+        unsafe {
+            let vp = it
+                .v_cache
+                .as_ptr()
+                .add((at.slot + s) * it.kv_stride + it.head_offset + at.d0);
+            let v: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(vp.add(c * 8)));
+            for h in 0..H {
+                let w = _mm256_set1_ps(*sc.get_unchecked((at.v0 + h) * n + at.j + s));
+                for c in 0..C {
+                    acc[h][c] = _mm256_fmadd_ps(w, v[c], acc[h][c]);
+                }
+            }
+        }
+    }
+    for h in 0..H {
+        for c in 0..C {
+            // SAFETY: as the loads above; `part` is not otherwise accessed meanwhile.
+            unsafe { _mm256_storeu_ps(part.add(o_at(h, c)), acc[h][c]) };
+        }
+    }
+}
+
+/// `e^x` in each lane, within 2 ulp of the correctly rounded result for `x` in
+/// `[-87.3, 88.7]`; lanes below that give 0 (the softmax only takes `e^(s - max)`, so its
+/// arguments are `<= 0`). Range reduction `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 split
+/// in two parts so `r` is exact to float precision), a degree-6 polynomial for `e^r`
+/// (Cephes' `expf` coefficients), then `2^n` put into the exponent bits.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register operations of AVX2 and FMA only, which the caller guarantees.
+    unsafe {
+        let lo = _mm256_set1_ps(-87.336_55);
+        let hi = _mm256_set1_ps(88.722_83);
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+        let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // 2^n: n + 127 in the exponent field (n is in [-126, 128] after the clamp; 2^128
+        // overflows to infinity as expf does).
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let scaled = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+        _mm256_andnot_ps(underflow, scaled)
+    }
+}
+
+/// One vector's softmax over its positions: the max score `m`, `l = sum exp(s - m)`, and the
+/// scores replaced by `exp(s - m)`; writes `[m, l, 0...]` to its record. The contract of
+/// `attention::softmax_stats` for one head, with [`exp8`] for the exponentials and the sum kept
+/// in 8 lanes (one fixed order: results depend on these scores only).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn softmax_stats(sc: &mut [f32], record: &mut [f32]) {
+    let n = sc.len();
+    let whole = n / 8;
+    // The max in 8 lanes (the max is exact, so the order does not matter).
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in 0..whole {
+        // SAFETY: `c * 8 + 8 <= n == sc.len()`.
+        mv = _mm256_max_ps(mv, unsafe { _mm256_loadu_ps(sc.as_ptr().add(c * 8)) });
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds 8 floats.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), mv) };
+    let m = lanes
+        .iter()
+        .chain(&sc[whole * 8..])
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mv = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    for c in 0..whole {
+        // SAFETY: `c * 8 + 8 <= n == sc.len()`; `sc` is borrowed mutably.
+        unsafe {
+            let p = sc.as_mut_ptr().add(c * 8);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), mv));
+            _mm256_storeu_ps(p, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+    }
+    if n > whole * 8 {
+        // SAFETY: the mask enables lanes `whole * 8 .. n` only, inside `sc`; masked-off lanes
+        // are neither read nor written, and are zeroed before the sum.
+        unsafe {
+            let mask = tail_mask(n - whole * 8);
+            let p = sc.as_mut_ptr().add(whole * 8);
+            let e = exp8(_mm256_sub_ps(_mm256_maskload_ps(p, mask), mv));
+            let e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
+            _mm256_maskstore_ps(p, mask, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+    }
+    record[0] = m;
+    // SAFETY: AVX is enabled on this function.
+    record[1] = unsafe { hsum(acc) };
+    record[2..].fill(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distance in units in the last place between two positive floats.
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp8_is_within_2_ulp_of_the_rounded_exponential_and_underflows_to_zero() {
+        if super::super::Avx2::detect().is_none() {
+            eprintln!("no AVX2 here: nothing to check");
+            return;
+        }
+        let mut worst = 0;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let xs = [
+                x,
+                x * 0.5,
+                x * 0.25,
+                x * 0.125,
+                x * 1e-2,
+                x * 1e-4,
+                x * 1e-7,
+                0.0,
+            ];
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected above; `got` holds 8 floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = (x as f64).exp() as f32;
+                worst = worst.max(ulps(g, want));
+                assert!(ulps(g, want) <= 2, "exp({x}) = {g}, want {want}");
+            }
+            x += 0.0137;
+        }
+        eprintln!("exp8: worst error {worst} ulp");
+        let xs = [
+            -88.0f32,
+            -100.0,
+            -1e30,
+            f32::NEG_INFINITY,
+            -87.5,
+            -90.0,
+            -200.0,
+            -1e4,
+        ];
+        let mut got = [1f32; 8];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+        assert_eq!(got, [0.0; 8], "below -87.34 the softmax weight is 0");
+    }
+}
