@@ -1,5 +1,8 @@
 //! Matrix multiply speed of the two precisions side by side on a SmolLM2-shaped Q4_1 / Q8_0
-//! matrix: `cargo run --release -p convoy-kernels --example matmul_speed`.
+//! matrix: `cargo run --release -p convoy-kernels --example matmul_speed`. The last lines take
+//! one token through 48 different copies of a matrix in turn (more bytes than the caches
+//! hold), as a batch-1 decode step does through the layers: that is bound by reading the
+//! weights from memory, reported in GB/s.
 
 use std::time::Instant;
 
@@ -45,5 +48,36 @@ fn main() {
             }
             println!("{line}");
         }
+    }
+    // Batch-1 decode streams every layer's weights from memory once per token.
+    for (name, format, rows, cols) in [
+        ("gate_up 3072x576 Q4_1", WeightFormat::Q4_1, 3072, 576),
+        ("down 576x1536 Q4_1", WeightFormat::Q4_1, 576, 1536),
+    ] {
+        let copies: Vec<Matrix> = (0..48)
+            .map(|_| random_blocks(format, rows, cols, &mut seed))
+            .collect();
+        let bytes = rows * cols / 32 * format.block_bytes();
+        let x: Vec<f32> = (0..cols).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
+        let mut y = vec![0f32; rows];
+        let mut scratch = QuantizedRows::default();
+        let mut line = format!("{name:>24} x48 from memory, n=1:");
+        for p in [Precision::Exact, Precision::Fast] {
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for w in &copies {
+                    matmul_with(p, &x, 1, w, &mut y, &mut scratch);
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let gbs = (bytes * copies.len()) as f64 / best / 1e9;
+            line += &format!(
+                "  {} {:>6.1} us each ({gbs:>5.1} GB/s)",
+                p.as_str(),
+                best * 1e6 / 48.0
+            );
+        }
+        println!("{line}");
     }
 }
