@@ -555,8 +555,15 @@ fn attend(
             }
         }
     });
-    PARTIALS.set(partials);
+    // A huge buffer (a long chunk on a long context) is not worth keeping: its call's
+    // attention costs far more than the page faults of a fresh one.
+    if partials.len() <= KEEP_PARTIALS {
+        PARTIALS.set(partials);
+    }
 }
+
+/// The largest partition buffer (floats) kept for the next call: 64 MiB.
+const KEEP_PARTIALS: usize = 16 << 20;
 
 thread_local! {
     /// The partition records of the last call on this thread, kept for the next one.
