@@ -83,6 +83,20 @@ pub struct Case {
     pub top5: Option<serde_json::Value>,
 }
 
+impl Case {
+    /// The case `name` of `prompt_ids`, with the outputs, margins and top-5 logits of the
+    /// reference's record `r`.
+    fn from_record(name: String, prompt_ids: Vec<u32>, r: &serde_json::Value) -> Case {
+        Case {
+            name,
+            prompt_ids,
+            output_ids: ids(&r["output_ids"]),
+            margins: r.get("top1_top2_margins").cloned(),
+            top5: r.get("top5_first_steps").cloned(),
+        }
+    }
+}
+
 /// A JSON array of `{role, content}` as chat messages.
 pub fn messages(v: &serde_json::Value) -> Vec<ChatMessage> {
     serde_json::from_value(v.clone()).expect("messages")
@@ -104,13 +118,7 @@ pub fn reference_cases(codec: &TextCodec, reference: &serde_json::Value) -> Vec<
             prompt_ids,
             "completion {i} prompt ids"
         );
-        out.push(Case {
-            name: format!("completion {i}"),
-            prompt_ids,
-            output_ids: ids(&c["output_ids"]),
-            margins: c.get("top1_top2_margins").cloned(),
-            top5: c.get("top5_first_steps").cloned(),
-        });
+        out.push(Case::from_record(format!("completion {i}"), prompt_ids, c));
     }
     for (i, c) in reference["chats"].as_array().unwrap().iter().enumerate() {
         let msgs = messages(&c["messages"]);
@@ -125,13 +133,7 @@ pub fn reference_cases(codec: &TextCodec, reference: &serde_json::Value) -> Vec<
             prompt_ids,
             "chat {i} prompt ids"
         );
-        out.push(Case {
-            name: format!("chat {i}"),
-            prompt_ids,
-            output_ids: ids(&c["output_ids"]),
-            margins: c.get("top1_top2_margins").cloned(),
-            top5: c.get("top5_first_steps").cloned(),
-        });
+        out.push(Case::from_record(format!("chat {i}"), prompt_ids, c));
     }
     for (i, conv) in reference["multi_turn"]
         .as_array()
@@ -148,13 +150,11 @@ pub fn reference_cases(codec: &TextCodec, reference: &serde_json::Value) -> Vec<
                 prompt_ids,
                 "multi-turn {i} turn {t} prompt ids"
             );
-            out.push(Case {
-                name: format!("multi-turn {i} turn {t}"),
+            out.push(Case::from_record(
+                format!("multi-turn {i} turn {t}"),
                 prompt_ids,
-                output_ids: ids(&turn["output_ids"]),
-                margins: turn.get("top1_top2_margins").cloned(),
-                top5: turn.get("top5_first_steps").cloned(),
-            });
+                turn,
+            ));
             msgs.push(ChatMessage::new(
                 "assistant",
                 turn["reply"].as_str().unwrap(),

@@ -389,11 +389,12 @@ fn attend(
     // (a long prompt's K and V do not fit in L2). `items` itself stays in (tile, KV head,
     // partition) order for the combine.
     let mut order = Vec::new();
+    // (index of the tile's first item, partitions of the tile) for each tile of a sequence.
+    let mut tiles = Vec::new();
     for (s, seq) in seqs.iter().enumerate() {
         // Context length (positions attended to) of the sequence's first query.
         let first_ctx = seq.context_len + 1 - seq.num_queries;
-        // (index of the tile's first item, partitions of the tile) for each tile.
-        let mut tiles = Vec::new();
+        tiles.clear();
         for i0 in (0..seq.num_queries).step_by(TILE_ROWS) {
             let n = (seq.num_queries - i0).min(TILE_ROWS);
             let tile_ctx = first_ctx + i0;

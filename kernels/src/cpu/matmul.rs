@@ -65,6 +65,27 @@ pub(crate) fn row_chunks(rows: usize) -> (usize, usize) {
     (chunk, rows.div_ceil(chunk))
 }
 
+/// Write a tile's outputs: `out[i][j]` (weight row `r + i`, token `t0 + j`) to
+/// `y[(t0 + j) * rows + r + i]`.
+///
+/// # Safety
+/// `y` is valid for writes of `(t0 + T) * rows` floats, `r + R <= rows`, and no other thread
+/// accesses those `R x T` elements meanwhile.
+pub(crate) unsafe fn store_tile<const R: usize, const T: usize>(
+    out: &[[f32; T]; R],
+    y: *mut f32,
+    rows: usize,
+    t0: usize,
+    r: usize,
+) {
+    for (i, row) in out.iter().enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            // SAFETY: `(t0 + j) * rows + r + i < (t0 + T) * rows` (the contract).
+            unsafe { *y.add((t0 + j) * rows + r + i) = v };
+        }
+    }
+}
+
 /// Rows of the next tile: `most` while that many are `left`, else 2, else 1 (the tile shapes
 /// every kernel set has).
 pub(crate) fn tile_rows(left: usize, most: usize) -> usize {
@@ -206,13 +227,8 @@ macro_rules! run_tile {
                 }
             }
         }
-        for (i, row) in out.iter().enumerate() {
-            for (j, v) in row.iter().enumerate() {
-                // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
-                // that our contract gives to this tile alone.
-                unsafe { *$y.add(($t0 + j) * $w.rows + $r + i) = *v };
-            }
-        }
+        // SAFETY: the tile's outputs are elements of `y` our contract gives to this tile alone.
+        unsafe { store_tile(&out, $y, $w.rows, $t0, $r) };
     }};
 }
 

@@ -236,13 +236,9 @@ unsafe fn tile_dispatch_avx2(
                 },
                 WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
             }
-            for (i, row) in out.iter().enumerate() {
-                for (j, v) in row.iter().enumerate() {
-                    // SAFETY: `(t0 + j) * rows + r + i < (t0 + t) * rows`, an element of `y`
-                    // our contract gives to this tile alone.
-                    unsafe { *y.add((t0 + j) * w.rows + r + i) = *v };
-                }
-            }
+            // SAFETY: the tile's outputs are elements of `y` our contract gives to this tile
+            // alone.
+            unsafe { super::matmul::store_tile(&out, y, w.rows, t0, r) };
         }};
     }
     match (rr, t) {
