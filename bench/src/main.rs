@@ -293,22 +293,35 @@ fn measure(
     }
 }
 
-fn llama_bench(bin: &Path, model: &Path, threads: usize, p: usize, n: usize) -> Result<(f64, f64)> {
+/// One llama-bench result: prompt tokens, generated tokens, depth (tokens already in the
+/// context), tokens per second.
+struct PeerResult {
+    n_prompt: u64,
+    n_gen: u64,
+    n_depth: u64,
+    tps: f64,
+}
+
+/// Run llama-bench (JSON output, 3 repetitions) with `extra` arguments.
+fn llama_bench(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    extra: &[String],
+) -> Result<Vec<PeerResult>> {
+    let mut args = vec![
+        "-m".to_string(),
+        model.to_string_lossy().into_owned(),
+        "-t".to_string(),
+        threads.to_string(),
+        "-o".to_string(),
+        "json".to_string(),
+        "-r".to_string(),
+        "3".to_string(),
+    ];
+    args.extend_from_slice(extra);
     let out = Command::new(bin)
-        .args([
-            "-m",
-            &model.to_string_lossy(),
-            "-t",
-            &threads.to_string(),
-            "-p",
-            &p.to_string(),
-            "-n",
-            &n.to_string(),
-            "-o",
-            "json",
-            "-r",
-            "3",
-        ])
+        .args(&args)
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
     if !out.status.success() {
@@ -318,17 +331,63 @@ fn llama_bench(bin: &Path, model: &Path, threads: usize, p: usize, n: usize) -> 
         );
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("llama-bench JSON")?;
-    let mut pp = 0.0;
-    let mut tg = 0.0;
-    for r in v.as_array().into_iter().flatten() {
-        let ts = r["avg_ts"].as_f64().unwrap_or(0.0);
-        if r["n_prompt"].as_u64().unwrap_or(0) > 0 {
-            pp = ts;
-        } else {
-            tg = ts;
-        }
-    }
-    Ok((pp, tg))
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| PeerResult {
+            n_prompt: r["n_prompt"].as_u64().unwrap_or(0),
+            n_gen: r["n_gen"].as_u64().unwrap_or(0),
+            n_depth: r["n_depth"].as_u64().unwrap_or(0),
+            tps: r["avg_ts"].as_f64().unwrap_or(0.0),
+        })
+        .collect())
+}
+
+/// llama.cpp's figures to compare `convoy-bench cpu` with: `pp<prompt>`, `tg<gen>` from an
+/// empty context (llama-bench's usual test, the one the targets name) and `tg<gen>` at depth
+/// `<prompt>` (after a prompt as long as convoy's, like for like).
+fn llama_peer(
+    bin: &Path,
+    model: &Path,
+    threads: usize,
+    prompt: usize,
+    gen: usize,
+) -> Result<(f64, f64, f64)> {
+    let plain = llama_bench(
+        bin,
+        model,
+        threads,
+        &[
+            "-p".into(),
+            prompt.to_string(),
+            "-n".into(),
+            gen.to_string(),
+        ],
+    )?;
+    let deep = llama_bench(
+        bin,
+        model,
+        threads,
+        &[
+            "-p".into(),
+            "0".into(),
+            "-n".into(),
+            gen.to_string(),
+            "-d".into(),
+            prompt.to_string(),
+        ],
+    )?;
+    let find = |rs: &[PeerResult], prompt: bool, depth: u64| {
+        rs.iter()
+            .find(|r| (r.n_prompt > 0) == prompt && (prompt || r.n_gen > 0) && r.n_depth == depth)
+            .map(|r| r.tps)
+            .ok_or_else(|| anyhow::anyhow!("llama-bench printed no result for that test"))
+    };
+    Ok((
+        find(&plain, true, 0)?,
+        find(&plain, false, 0)?,
+        find(&deep, false, prompt as u64)?,
+    ))
 }
 
 fn main() -> Result<()> {
@@ -394,22 +453,22 @@ fn main() -> Result<()> {
                 }
             }
             if let Some(bin) = peer {
-                let (pp, tg) =
-                    llama_bench(&bin, &model.model_path()?, threads, prompt_len, gen_len)?;
-                // llama-bench's tg test decodes from an empty context, convoy's decode follows
-                // its prompt: like for like only while the prompt is short.
+                let (pp, tg, tg_deep) =
+                    llama_peer(&bin, &model.model_path()?, threads, prompt_len, gen_len)?;
                 println!(
                     "llama.cpp llama-bench -t {threads}: pp{prompt_len} {pp:.1} tok/s, tg{gen_len} \
-                     {tg:.1} tok/s (tg from an empty context; convoy decodes after its \
-                     {prompt_len}-token prompt)"
+                     {tg:.1} tok/s from an empty context, tg{gen_len} {tg_deep:.1} tok/s at depth \
+                     {prompt_len} (convoy decodes after its {prompt_len}-token prompt)"
                 );
                 for (precision, b, f) in &rows {
                     let p = precision.as_str();
                     if *b == 1 {
                         println!(
-                            "convoy ({p}) / llama.cpp at batch 1: prefill {:.2}x, decode {:.2}x",
+                            "convoy ({p}) / llama.cpp at batch 1: prefill {:.2}x, decode {:.2}x \
+                             (against tg{gen_len} at depth {prompt_len}: {:.2}x)",
                             f.prefill_tps / pp.max(1e-9),
-                            f.decode_tps / tg.max(1e-9)
+                            f.decode_tps / tg.max(1e-9),
+                            f.decode_tps / tg_deep.max(1e-9)
                         );
                     } else {
                         println!(

@@ -13,7 +13,8 @@
 //! - Batch invariance. An output is one 8-lane float accumulator, fed once per block in block
 //!   order (`acc = fma(float(lanes), d_w * d_x, acc)`), then [`hsum`]. The tile shape decides
 //!   only how many outputs are live at once. The Q4 formats' offset terms follow as one dot
-//!   product of the row's offsets and the activations' block sums.
+//!   product of the row's block offsets (read from the block headers, see [`block_offsets`])
+//!   and the activations' block sums, in a second 8-lane accumulator.
 //! - Precision. The integer sums are exact; only the scales and the float sums round.
 //! - Safety: as in `avx2`; callers hold an `Avx2` token and check the bounds once per call.
 
@@ -21,7 +22,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{dot, hsum, prefetch_ahead};
+use super::avx2::{hsum, prefetch_ahead, tail_mask};
 
 /// Decoding of one weight block for the byte dot product.
 pub(crate) trait IntBlock {
@@ -43,6 +44,80 @@ pub(crate) trait IntBlock {
     /// # Safety
     /// As [`IntBlock::quants`], and the processor supports F16C.
     unsafe fn scale(p: *const u8) -> __m256;
+    /// Where a block's offset is derived from: the byte of the f16 it reads (Q4_1's minimum,
+    /// Q4_0's scale) and the factor it takes (1 and -8). Unused without `HAS_OFFSET`.
+    const OFFSET_AT: usize = 0;
+    /// See [`IntBlock::OFFSET_AT`].
+    const OFFSET_TIMES: f32 = 1.0;
+}
+
+/// The offsets of blocks `0..lanes` (`1 <= lanes <= 8`) of the blocks from `p` (`B::BYTES` apart)
+/// in lanes `0..lanes`, `+0.0` in the others: exactly `matrix::block_offset` of each block.
+/// They are read from the block headers the tile has just streamed, so the offsets cost no
+/// memory traffic of their own.
+///
+/// # Safety
+/// The processor supports AVX2 and F16C, `B::HAS_OFFSET`, `1 <= lanes <= 8`, and the first
+/// `lanes` blocks from `p` are readable.
+#[inline(always)]
+unsafe fn block_offsets<B: IntBlock>(p: *const u8, lanes: usize) -> __m256 {
+    // The f16 of block `i`, inserted into lane `i` (a register insert: going through a
+    // buffer in memory would stall on store forwarding).
+    macro_rules! insert {
+        ($h:ident, $i:literal) => {
+            // SAFETY: block `$i < lanes` is readable (caller), and its f16 lies inside it; the
+            // features are the caller's.
+            unsafe {
+                let v = std::ptr::read_unaligned(p.add($i * B::BYTES + B::OFFSET_AT) as *const u16);
+                _mm_insert_epi16::<$i>($h, v as i32)
+            }
+        };
+    }
+    // SAFETY: SSE2 (caller).
+    let mut h = unsafe { _mm_setzero_si128() };
+    if lanes == 8 {
+        h = insert!(h, 0);
+        h = insert!(h, 1);
+        h = insert!(h, 2);
+        h = insert!(h, 3);
+        h = insert!(h, 4);
+        h = insert!(h, 5);
+        h = insert!(h, 6);
+        h = insert!(h, 7);
+    } else {
+        // Lanes past `lanes` stay zero (lane 7 never is a partial vector's).
+        h = insert!(h, 0);
+        if lanes > 1 {
+            h = insert!(h, 1);
+        }
+        if lanes > 2 {
+            h = insert!(h, 2);
+        }
+        if lanes > 3 {
+            h = insert!(h, 3);
+        }
+        if lanes > 4 {
+            h = insert!(h, 4);
+        }
+        if lanes > 5 {
+            h = insert!(h, 5);
+        }
+        if lanes > 6 {
+            h = insert!(h, 6);
+        }
+    }
+    // SAFETY: AVX2 and F16C (caller). The product can be -0.0 in a lane past `lanes`; the mask
+    // makes those lanes +0.0, as a masked load would.
+    unsafe {
+        let mut v = _mm256_cvtph_ps(h);
+        if B::OFFSET_TIMES != 1.0 {
+            v = _mm256_mul_ps(v, _mm256_set1_ps(B::OFFSET_TIMES));
+        }
+        if lanes < 8 {
+            v = _mm256_and_ps(v, _mm256_castsi256_ps(tail_mask(lanes)));
+        }
+        v
+    }
 }
 
 /// The f16 value at `p` as f32, broadcast to 8 lanes.
@@ -78,6 +153,7 @@ impl IntBlock for Q41 {
     const BYTES: usize = 20;
     const SIGNED: bool = false;
     const HAS_OFFSET: bool = true;
+    const OFFSET_AT: usize = 2;
     #[inline(always)]
     unsafe fn quants(p: *const u8) -> __m256i {
         // SAFETY: the nibbles are bytes 4..20 of the block (caller).
@@ -95,6 +171,7 @@ impl IntBlock for Q40 {
     const BYTES: usize = 18;
     const SIGNED: bool = false;
     const HAS_OFFSET: bool = true;
+    const OFFSET_TIMES: f32 = -8.0;
     #[inline(always)]
     unsafe fn quants(p: *const u8) -> __m256i {
         // SAFETY: the nibbles are bytes 2..18 of the block (caller).
@@ -125,26 +202,23 @@ impl IntBlock for Q80 {
 }
 
 /// `out[r][t]` = row `r` of the weights times activation row `t`, over `blocks` blocks:
-/// `hsum(Σ_b d_w * d_x * Σ q_w q_x) + Σ_b offset_b * s_b` (the second sum only for formats
-/// with offsets, as one [`dot`](super::avx2::dot) of the row's offsets and the activations'
-/// block sums).
+/// `hsum(Σ_b d_w * d_x * Σ q_w q_x) + hsum(Σ_b offset_b * s_b)` (the second sum only for
+/// formats with offsets: 8 blocks per vector, in block order, then the last `blocks % 8` in
+/// a vector whose other lanes are zero).
 ///
-/// Weight row `r` starts at `w + r * row_bytes` and its offsets at `off + r * blocks`;
-/// activation row `t` has its quants at `xq + t * blocks * 32` and its block scales and sums at
-/// `xd + t * blocks` and `xs + t * blocks`.
+/// Weight row `r` starts at `w + r * row_bytes`; activation row `t` has its quants at
+/// `xq + t * blocks * 32` and its block scales and sums at `xd + t * blocks` and
+/// `xs + t * blocks`.
 ///
 /// # Safety
 /// - The processor supports AVX2, FMA and F16C.
-/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes,
-///   and (if `B::HAS_OFFSET`) `off + r * blocks` for reads of `blocks` floats.
+/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes.
 /// - For every `t < T`, `xq + t * blocks * 32` is valid for reads of `blocks * 32` bytes, and
 ///   `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn tile_int8<B: IntBlock, const R: usize, const T: usize>(
     w: *const u8,
     row_bytes: usize,
-    off: *const f32,
     xq: *const i8,
     xd: *const f32,
     xs: *const f32,
@@ -192,15 +266,41 @@ pub(crate) unsafe fn tile_int8<B: IntBlock, const R: usize, const T: usize>(
         for t in 0..T {
             // SAFETY: the features are enabled on this function.
             out[r][t] = unsafe { hsum(acc[r][t]) };
-            if B::HAS_OFFSET {
-                // SAFETY: `blocks` offsets of row `r` and sums of row `t` are readable
+        }
+    }
+    if B::HAS_OFFSET {
+        // `Σ_b offset_b * s_b` per output, the offsets decoded from the block headers (8
+        // blocks a vector) once for all of the tile's tokens.
+        let mut sums = [[_mm256_setzero_ps(); T]; R];
+        let mut b = 0;
+        while b < blocks {
+            let lanes = (blocks - b).min(8);
+            // SAFETY: AVX2 is enabled on this function.
+            let mask = unsafe { tail_mask(lanes) };
+            for r in 0..R {
+                // SAFETY: blocks `b..b + lanes <= blocks` of row `r < R` are readable
                 // (caller); the features are enabled on this function.
-                out[r][t] += unsafe {
-                    dot(
-                        std::slice::from_raw_parts(off.add(r * blocks), blocks),
-                        std::slice::from_raw_parts(xs.add(t * blocks), blocks),
-                    )
-                };
+                let o = unsafe { block_offsets::<B>(w.add(r * row_bytes + b * B::BYTES), lanes) };
+                for t in 0..T {
+                    // SAFETY: sums `b..b + lanes <= blocks` of row `t < T` are readable
+                    // (caller); a masked load touches only the enabled lanes.
+                    let s = unsafe {
+                        let at = xs.add(t * blocks + b);
+                        if lanes == 8 {
+                            _mm256_loadu_ps(at)
+                        } else {
+                            _mm256_maskload_ps(at, mask)
+                        }
+                    };
+                    sums[r][t] = _mm256_fmadd_ps(o, s, sums[r][t]);
+                }
+            }
+            b += lanes;
+        }
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: the features are enabled on this function.
+                out[r][t] += unsafe { hsum(sums[r][t]) };
             }
         }
     }

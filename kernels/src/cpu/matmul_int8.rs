@@ -16,7 +16,7 @@
 //!   in the order the float sums are taken, never in the integer sums.
 
 use super::matmul::{matmul, row_chunks, tile_rows};
-use super::matrix::{Matrix, Storage, WeightFormat};
+use super::matrix::{block_offset, Matrix, Storage, WeightFormat};
 use super::quantized_rows::QuantizedRows;
 #[cfg(target_arch = "x86_64")]
 use super::Avx2;
@@ -103,11 +103,6 @@ pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
     let (chunk, n_chunks) = row_chunks(w.rows);
     let yp = SendPtr(y.as_mut_ptr());
     let simd = super::simd();
-    // The Q4 formats' offsets as float32 (built on the first call, before any work item).
-    let offsets = w.block_offsets().map(|m| match &m.storage {
-        Storage::F32(v) => v.as_slice(),
-        Storage::Blocks(_) => unreachable!("offsets are float32"),
-    });
     let body = |c: usize| {
         let r0 = c * chunk;
         let r1 = (r0 + chunk).min(w.rows);
@@ -115,18 +110,15 @@ pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
         // invariant, and the assert above), `y` holds `n * rows` floats (asserted, and stays
         // borrowed mutably until `parallel_for` returns); chunk `c` writes only
         // `y[t * rows + r]` for `r` in `r0..r1`, disjoint from every other chunk's rows.
-        unsafe { run_chunk(x, w, bytes, offsets, yp.get(), r0, r1, simd) };
+        unsafe { run_chunk(x, w, bytes, yp.get(), r0, r1, simd) };
     };
     super::pool::parallel_for(n_chunks, &body);
 }
 
-/// Rows `r0..r1` of the product for all of `x`'s rows; `bytes` are `w`'s blocks and `offsets`
-/// its block offsets (`rows x cols / 32`, row-major) for the formats that have them.
+/// Rows `r0..r1` of the product for all of `x`'s rows; `bytes` are `w`'s blocks.
 ///
 /// # Safety
-/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`, `offsets` is
-/// `w.block_offsets()`'s data,
-/// `r0 <= r1 <= w.rows`; `y` is valid for writes
+/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`, `r0 <= r1 <= w.rows`; `y` is valid for writes
 /// of `x.rows * w.rows` floats, and while this runs no other thread accesses
 /// `y[t * w.rows + r]` for `r` in `r0..r1`.
 #[allow(clippy::too_many_arguments)]
@@ -134,7 +126,6 @@ unsafe fn run_chunk(
     x: &QuantizedRows,
     w: &Matrix,
     bytes: &[u8],
-    offsets: Option<&[f32]>,
     y: *mut f32,
     r0: usize,
     r1: usize,
@@ -160,7 +151,7 @@ unsafe fn run_chunk(
                     let rr = tile_rows(left, most);
                     // SAFETY: `t0 + t <= n`, `r + rr <= r1 <= w.rows`; the rest is our own
                     // contract, and the tile writes only rows `r..r + rr` of `y`, ours.
-                    unsafe { tile_dispatch_avx2(token, x, t0, t, w, bytes, offsets, r, rr, y) };
+                    unsafe { tile_dispatch_avx2(token, x, t0, t, w, bytes, r, rr, y) };
                     r += rr;
                 }
                 t0 += t;
@@ -170,15 +161,14 @@ unsafe fn run_chunk(
     }
     let _ = simd;
     // SAFETY: forwarded from our own contract.
-    unsafe { portable_chunk(x, w, bytes, offsets, y, r0, r1) }
+    unsafe { portable_chunk(x, w, bytes, y, r0, r1) }
 }
 
 /// One AVX2 tile: rows `r..r + rr` of `w` times quantised rows `t0..t0 + t` of `x`, into `y`.
 ///
 /// # Safety
 /// `(rr, t)` is one of the shapes matched below; `t0 + t <= x.rows`; `r + rr <= w.rows`;
-/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes` and `offsets` its block
-/// offsets (when its format has them); `y` is valid for writes of
+/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`; `y` is valid for writes of
 /// `(t0 + t) * w.rows` floats and no other thread accesses `y[(t0 + j) * w.rows + r + i]`
 /// (`j < t`, `i < rr`) meanwhile. (The token covers the processor features.)
 #[cfg(target_arch = "x86_64")]
@@ -190,7 +180,6 @@ unsafe fn tile_dispatch_avx2(
     t: usize,
     w: &Matrix,
     bytes: &[u8],
-    offsets: Option<&[f32]>,
     r: usize,
     rr: usize,
     y: *mut f32,
@@ -208,31 +197,25 @@ unsafe fn tile_dispatch_avx2(
             x.s.as_ptr().add(t0 * blocks),
         )
     };
-    let off = match offsets {
-        // SAFETY: the offsets hold `rows * blocks` floats and `r < rows`.
-        Some(o) => unsafe { o.as_ptr().add(r * blocks) },
-        None => std::ptr::null(),
-    };
     macro_rules! go {
         ($R:literal, $T:literal) => {{
             let mut out = [[0f32; $T]; $R];
             // The token proves the features; the `Matrix` invariant makes rows `r..r + $R`
-            // whole rows of `blocks` blocks from `wp` (and of `blocks` offsets from `off` for
-            // the Q4 formats, whose offsets our contract passes), and the `QuantizedRows`
+            // whole rows of `blocks` blocks from `wp`, and the `QuantizedRows`
             // invariant makes tokens `t0..t0 + $T` whole rows from `xq`, `xd` and `xs` (our
             // contract bounds both).
             match w.format {
                 // SAFETY: as said above.
                 WeightFormat::Q4_1 => unsafe {
-                    isa::tile_int8::<isa::Q41, $R, $T>(wp, rb, off, xq, xd, xs, blocks, &mut out)
+                    isa::tile_int8::<isa::Q41, $R, $T>(wp, rb, xq, xd, xs, blocks, &mut out)
                 },
                 // SAFETY: as said above.
                 WeightFormat::Q4_0 => unsafe {
-                    isa::tile_int8::<isa::Q40, $R, $T>(wp, rb, off, xq, xd, xs, blocks, &mut out)
+                    isa::tile_int8::<isa::Q40, $R, $T>(wp, rb, xq, xd, xs, blocks, &mut out)
                 },
-                // SAFETY: as said above (Q8_0 has no offsets; `off` is not read).
+                // SAFETY: as said above.
                 WeightFormat::Q8_0 => unsafe {
-                    isa::tile_int8::<isa::Q80, $R, $T>(wp, rb, off, xq, xd, xs, blocks, &mut out)
+                    isa::tile_int8::<isa::Q80, $R, $T>(wp, rb, xq, xd, xs, blocks, &mut out)
                 },
                 WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
             }
@@ -292,7 +275,6 @@ unsafe fn portable_chunk(
     x: &QuantizedRows,
     w: &Matrix,
     bytes: &[u8],
-    offsets: Option<&[f32]>,
     y: *mut f32,
     r0: usize,
     r1: usize,
@@ -315,14 +297,13 @@ unsafe fn portable_chunk(
             }
         }
         for (t, acc) in acc.iter().enumerate() {
-            let extra: f32 = offsets.map_or(0.0, |o| {
-                let s = &x.s[t * blocks..(t + 1) * blocks];
-                let mut sum = 0f32;
-                for (a, b) in o[r * blocks..(r + 1) * blocks].iter().zip(s) {
-                    sum += a * b;
+            let s = &x.s[t * blocks..(t + 1) * blocks];
+            let mut extra = 0f32;
+            for (blk, s) in bytes[r * rb..(r + 1) * rb].chunks_exact(bb).zip(s) {
+                if let Some(offset) = block_offset(w.format, blk) {
+                    extra += offset * s;
                 }
-                sum
-            });
+            }
             // SAFETY: `t * rows + r < n * rows`, an element our contract gives to this chunk.
             unsafe { *y.add(t * w.rows + r) = acc + extra };
         }
@@ -387,7 +368,9 @@ mod tests {
     fn every_path_matches_the_f64_product_and_is_batch_invariant() {
         let mut rng = Lcg(11);
         for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1] {
-            for (rows, cols) in [(37, 64), (96, 160), (13, 32)] {
+            // 1, 2 and 5 blocks a row (offsets in one partial vector), 8 (one whole vector) and
+            // 18 (two whole vectors and a partial one).
+            for (rows, cols) in [(37, 64), (96, 160), (13, 32), (8, 256), (21, 576)] {
                 let w = random_matrix(format, rows, cols, &mut rng);
                 for n in [1, 2, 3, 5, 9, 12] {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.float() * 3.0).collect();

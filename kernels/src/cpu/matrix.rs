@@ -5,8 +5,6 @@
 //! the fields are private to the crate, so every `Matrix` satisfies it: the AVX-512 matrix
 //! multiply reads the storage through raw pointers on the strength of it.
 
-use std::sync::OnceLock;
-
 use half::f16;
 
 /// How a matrix's elements are stored.
@@ -57,10 +55,6 @@ pub struct Matrix {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
     pub(crate) storage: Storage,
-    /// The Q4 formats' block offsets as float32, `rows x cols / 32` (`m` for Q4_1, `-8 d` for
-    /// Q4_0): built the first time the fast precision multiplies this matrix (see
-    /// [`Matrix::block_offsets`]), never for the exact one.
-    pub(crate) offsets: OnceLock<Option<Box<Matrix>>>,
 }
 
 impl Matrix {
@@ -79,7 +73,6 @@ impl Matrix {
             rows,
             cols,
             storage: Storage::F32(data),
-            offsets: OnceLock::new(),
         })
     }
 
@@ -113,7 +106,6 @@ impl Matrix {
             rows,
             cols,
             storage: Storage::Blocks(bytes),
-            offsets: OnceLock::new(),
         })
     }
 
@@ -138,32 +130,6 @@ impl Matrix {
             Storage::F32(v) => v.len() * 4,
             Storage::Blocks(b) => b.len(),
         }
-    }
-
-    /// The block offsets of a Q4_0 or Q4_1 matrix as a float32 matrix of `rows x cols / 32`
-    /// (the value of element `j` of block `b` is `d_b * q_j + offset_b`), computed on the first
-    /// call and kept; `None` for the other formats. The fast precision multiplies them by the
-    /// activations' block sums.
-    pub(crate) fn block_offsets(&self) -> Option<&Matrix> {
-        self.offsets
-            .get_or_init(|| {
-                let Storage::Blocks(bytes) = &self.storage else {
-                    return None;
-                };
-                let offset: fn(&[u8]) -> f32 = match self.format {
-                    WeightFormat::Q4_1 => |blk| f16_at(blk, 2),
-                    WeightFormat::Q4_0 => |blk| -8.0 * f16_at(blk, 0),
-                    WeightFormat::Q8_0 | WeightFormat::F32 => return None,
-                };
-                let data: Vec<f32> = bytes
-                    .chunks_exact(self.format.block_bytes())
-                    .map(offset)
-                    .collect();
-                let m = Matrix::from_f32(self.rows, self.cols / 32, data)
-                    .expect("one offset per block: rows * cols / 32 values");
-                Some(Box::new(m))
-            })
-            .as_deref()
     }
 
     pub(crate) fn row_bytes(&self) -> usize {
@@ -226,7 +192,6 @@ impl Matrix {
             rows,
             cols: first.cols,
             storage,
-            offsets: OnceLock::new(),
         })
     }
 
@@ -250,6 +215,20 @@ impl Matrix {
                 dequantize_row(self.format, &b[r * rb..(r + 1) * rb], out);
             }
         }
+    }
+}
+
+/// The offset of one encoded block of a Q4 format, in `value = d * q + offset` (`q` the
+/// unsigned nibble): Q4_1's stored minimum, `-8 d` for Q4_0; `None` for Q8_0 and F32, which
+/// have none. The fast precision multiplies it by the activations' block sums.
+///
+/// # Panics
+/// If `blk` is shorter than the format's header.
+pub(crate) fn block_offset(format: WeightFormat, blk: &[u8]) -> Option<f32> {
+    match format {
+        WeightFormat::Q4_1 => Some(f16_at(blk, 2)),
+        WeightFormat::Q4_0 => Some(-8.0 * f16_at(blk, 0)),
+        WeightFormat::Q8_0 | WeightFormat::F32 => None,
     }
 }
 
