@@ -4,6 +4,8 @@
 
 use std::path::PathBuf;
 
+pub mod guarantees;
+
 use convoy_engine::{ForwardBatch, LlamaModel, TextCodec};
 use convoy_weights::{load_model, ChatMessage, LoadFormat};
 

@@ -289,8 +289,13 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
     let Some((c, quality)) = fit_linear(&rows) else {
         bail!("the least-squares fit is singular (too few distinct shapes)");
     };
-    let kv_per_token =
-        convoy_engine::KvCache::block_bytes(cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim);
+    let kv_per_token = convoy_engine::KvCache::block_bytes(
+        cfg.num_layers,
+        1,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        model.kv_cache_dtype(),
+    );
     let cost = CostModel {
         fixed_s: c[0],
         prefill_token_s: c[1],

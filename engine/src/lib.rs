@@ -24,7 +24,7 @@ pub use convoy_scheduler::FinishReason;
 pub use core::{EngineCore, EngineEvent, EngineRequest, EngineStats, EventKind};
 pub use forward_batch::{ForwardBatch, SeqSlice};
 pub use generate::{GenerationRequest, GenerationResult, Generator, GeneratorConfig};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvCacheDtype, KvLayer, UnknownKvCacheDtype};
 pub use model::llama::LlamaModel;
 pub use sampler::SamplingParams;
 pub use tokenizer::TextCodec;

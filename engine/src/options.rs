@@ -55,6 +55,11 @@ pub struct ModelArgs {
     /// error, see docs/benchmarks.md).
     #[arg(long, default_value = "exact")]
     pub precision: String,
+    /// Element type of the KV cache: `f32` (K/V exactly as computed) or `f16` (half the
+    /// memory and half the bytes attention reads, each value rounded to 11 significant bits;
+    /// see docs/kv_cache.md).
+    #[arg(long, default_value = "f32")]
+    pub kv_cache_dtype: String,
 }
 
 /// Parse a byte size such as `512MiB`, `2GiB`, `100MB` or `4096` (units as in the `bytesize`
@@ -165,8 +170,11 @@ impl ModelArgs {
                 .set_chat_template(&source)
                 .with_context(|| format!("--chat-template {}", file.display()))?;
         }
+        let kv_cache_dtype = crate::kv_cache::KvCacheDtype::parse(&self.kv_cache_dtype)
+            .context("--kv-cache-dtype")?;
         let mut model = LlamaModel::new(loaded)?;
         model.set_precision(precision);
+        model.set_kv_cache_dtype(kv_cache_dtype);
         let cfg = &model.config;
         let block_size = match self.block_size {
             Some(0) => bail!("--block-size must be at least 1"),
@@ -179,6 +187,7 @@ impl ModelArgs {
             block_size,
             cfg.num_kv_heads,
             cfg.head_dim,
+            kv_cache_dtype,
         );
         let num_blocks = budget / per_block;
         if num_blocks == 0 {
@@ -197,6 +206,7 @@ impl ModelArgs {
         tracing::info!(
             model = %path.display(),
             precision = precision.as_str(),
+            kv_cache_dtype = kv_cache_dtype.as_str(),
             kernels = ?convoy_kernels::active_kernel_path(),
             threads = convoy_kernels::cpu::pool::num_threads(),
             kv_blocks = num_blocks,

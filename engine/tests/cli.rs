@@ -172,6 +172,41 @@ fn the_fast_precision_runs_from_the_command_line_and_a_bad_one_is_a_clear_error(
 }
 
 #[test]
+fn an_f16_kv_cache_runs_from_the_command_line_and_a_bad_dtype_is_a_clear_error() {
+    let d = scratch("kv_dtype");
+    write_config(&d, "LlamaForCausalLM");
+    let model = d.to_str().unwrap();
+    let run = |dtype: &str| {
+        convoy(&[
+            "generate",
+            "--model",
+            model,
+            "--load-format",
+            "dummy",
+            "--prompt-ids",
+            "1,2,3",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--format",
+            "json",
+            "--kv-cache-dtype",
+            dtype,
+        ])
+    };
+    let (code, out, err) = run("f16");
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 4);
+    let (code, _, err) = run("bf16");
+    one_error_line(
+        code,
+        &err,
+        "--kv-cache-dtype: unknown KV cache dtype \"bf16\": use f32 or f16",
+    );
+}
+
+#[test]
 fn tokenize_prints_ids_as_json() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");

@@ -23,6 +23,7 @@ use convoy_kernels::{
     rms_norm, scalar_forced_by_env, simd_active, with_kernel_path, AttentionSeq, AttentionShape,
     KernelPath, Matrix, WeightFormat,
 };
+use half::f16;
 struct Lcg(u64);
 
 impl Lcg {
@@ -389,6 +390,7 @@ fn rms_norm_and_the_other_ops_agree_between_paths() {
 }
 
 /// One sequence of an attention test: where its queries sit and what it has cached.
+#[derive(Clone)]
 struct Seq {
     table: Vec<u32>,
     query_start: usize,
@@ -652,6 +654,59 @@ fn paged_attention_every_path_matches_f64_including_gqa_groups_above_8() {
             assert_eq!(case.rows * row, y.len());
         }
         assert!(case.num_blocks > 0);
+    }
+}
+
+#[test]
+fn paged_attention_on_an_f16_cache_is_f32_attention_on_the_rounded_values() {
+    say_which_paths("paged_attention (f16 cache)");
+    let mut rng = Lcg(31);
+    for dims in ATTENTION_SHAPES {
+        let shape = attention_shape(dims);
+        let case = Case::new(shape, &mut rng);
+        let (k16, v16): (Vec<f16>, Vec<f16>) = (
+            case.k.iter().map(|&x| f16::from_f32(x)).collect(),
+            case.v.iter().map(|&x| f16::from_f32(x)).collect(),
+        );
+        let rounded = Case {
+            k: k16.iter().map(|x| x.to_f32()).collect(),
+            v: v16.iter().map(|x| x.to_f32()).collect(),
+            q: case.q.clone(),
+            seqs: case.seqs.clone(),
+            ..case
+        };
+        let run16 = |seqs: &[AttentionSeq<'_>], q: &[f32]| {
+            let mut out = vec![f32::NAN; q.len()];
+            paged_attention(q, &k16, &v16, shape, seqs, &mut out);
+            out
+        };
+        let row = shape.num_heads * shape.head_dim;
+        for (path, y) in every_path(|| run16(&rounded.attention_seqs(), &rounded.q)) {
+            // An f16 cache is read by the AVX2 kernel on AVX-512 processors (the AVX-512 one
+            // reads f32 only): compare with f32 on the path that reads it the same way.
+            let same_kernel = if path == KernelPath::Avx512 {
+                KernelPath::Avx2
+            } else {
+                path
+            };
+            let want = with_kernel_path(same_kernel, || rounded.run());
+            assert_eq!(
+                y, want,
+                "{path:?} {shape:?}: f16 cache vs f32 rounded values"
+            );
+            // So it is batch invariant too: each sequence alone gives the same bits.
+            for (s, seq) in rounded.seqs.iter().enumerate() {
+                let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
+                let alone = [AttentionSeq {
+                    block_table: &seq.table,
+                    query_start: 0,
+                    num_queries: seq.num_queries,
+                    context_len: seq.context_len,
+                }];
+                let got = with_kernel_path(path, || run16(&alone, &rounded.q[rows.clone()]));
+                assert_eq!(got, y[rows], "{path:?} {shape:?} sequence {s} alone (f16)");
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use convoy_kernels::{
 use convoy_weights::{DType, LoadedModel, ModelConfig, Tensor};
 
 use crate::forward_batch::ForwardBatch;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvCacheDtype, KvLayer};
 
 /// Why a model could not be built from loaded tensors.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +46,7 @@ pub struct LlamaModel {
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
     precision: Precision,
+    kv_cache_dtype: KvCacheDtype,
 }
 
 fn take(tensors: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
@@ -164,6 +165,7 @@ impl LlamaModel {
             layers,
             inv_freq,
             precision: Precision::Exact,
+            kv_cache_dtype: KvCacheDtype::F32,
         })
     }
 
@@ -176,6 +178,18 @@ impl LlamaModel {
     /// K/V that a cache keeps: cached K/V of one precision must not be reused in the other.
     pub fn set_precision(&mut self, precision: Precision) {
         self.precision = precision;
+    }
+
+    /// The element type of the KV caches this model makes (see [`KvCacheDtype`]): `F32`
+    /// unless set.
+    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
+        self.kv_cache_dtype
+    }
+
+    /// Choose the element type of the KV caches [`LlamaModel::new_kv_cache`] and
+    /// [`LlamaModel::new_tiered_kv_cache`] make from now on.
+    pub fn set_kv_cache_dtype(&mut self, dtype: KvCacheDtype) {
+        self.kv_cache_dtype = dtype;
     }
 
     /// Bytes of weights read by one forward pass.
@@ -210,6 +224,7 @@ impl LlamaModel {
             block_size,
             c.num_kv_heads,
             c.head_dim,
+            self.kv_cache_dtype,
         )
     }
 
@@ -281,8 +296,14 @@ impl LlamaModel {
             k::rope_half_split(&mut q, hd, cfg.num_heads, &cos, &sin);
             k::rope_half_split(&mut kk, hd, cfg.num_kv_heads, &cos, &sin);
             cache.write(l, &batch.slot_mapping, &kk, &v);
-            let (kc, vc) = cache.layer(l);
-            k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn);
+            match cache.layer(l) {
+                KvLayer::F32 { k: kc, v: vc } => {
+                    k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
+                }
+                KvLayer::F16 { k: kc, v: vc } => {
+                    k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
+                }
+            }
             k::matmul_with(p, &attn, n, &layer.o, &mut proj, &mut xq);
             k::add_in_place(&mut x, &proj);
 

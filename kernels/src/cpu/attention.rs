@@ -23,6 +23,7 @@
 
 use std::cell::Cell;
 
+use super::kv_elem::KvElem;
 use super::ops::axpy;
 use super::pool::parallel_for;
 use super::{Isa, SendPtr};
@@ -175,10 +176,10 @@ pub enum AttentionError {
 /// block id outside the cache, a block table shorter than the context, query rows outside
 /// `q` / `out`, inconsistent head counts or buffer lengths). Callers that build their batch
 /// from untrusted input and want to recover call [`try_paged_attention`] instead.
-pub fn paged_attention(
+pub fn paged_attention<E: KvElem>(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     shape: AttentionShape,
     seqs: &[AttentionSeq<'_>],
     out: &mut [f32],
@@ -202,10 +203,10 @@ pub fn paged_attention(
 ///   sequence, `num_queries <= context_len`,
 ///   `block_table.len() >= context_len.div_ceil(block_size)`, and every entry of
 ///   `block_table` is `< num_blocks`.
-pub fn try_paged_attention(
+pub fn try_paged_attention<E: KvElem>(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     shape: AttentionShape,
     seqs: &[AttentionSeq<'_>],
     out: &mut [f32],
@@ -342,10 +343,10 @@ impl Layout {
 }
 
 /// The computation, on arguments that passed `Layout::check` and `Layout::check_rows`.
-fn attend(
+fn attend<E: KvElem>(
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: &[E],
+    v_cache: &[E],
     layout: &Layout,
     seqs: &[AttentionSeq<'_>],
     out: &mut [f32],
@@ -368,8 +369,17 @@ fn attend(
     // The AVX-512 partition kernel keeps a head's output in 16 registers of 16 floats; the AVX2
     // one works on whole vectors of 8. Other head sizes take the scalar partition code (with
     // the path's `axpy`).
+    // The AVX-512 kernel reads f32 caches only; an f16 cache takes the AVX2 one there (every
+    // AVX-512 processor has AVX2, FMA and F16C).
+    let f32_caches = E::as_f32(k_cache).zip(E::as_f32(v_cache));
     let (avx512, avx2) = match simd {
-        Isa::Avx512(t) if head_dim.is_multiple_of(16) && head_dim <= 256 => (Some(t), None),
+        Isa::Avx512(t)
+            if head_dim.is_multiple_of(16) && head_dim <= 256 && f32_caches.is_some() =>
+        {
+            (Some(t), None)
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(_) if head_dim.is_multiple_of(8) => (None, super::Avx2::detect()),
         Isa::Avx2(t) if head_dim.is_multiple_of(8) => (None, Some(t)),
         _ => (None, None),
     };
@@ -481,15 +491,29 @@ fn attend(
             let part = &mut part[r * part_width..(r + 1) * part_width];
             let mut scores = vec![0f32; group * (item.p1 - item.p0)];
             #[cfg(target_arch = "x86_64")]
-            if avx512.is_some() {
+            if let (Some(_), Some((k_f32, v_f32))) = (avx512, f32_caches) {
+                let item = Item {
+                    q: item.q,
+                    k_cache: k_f32,
+                    v_cache: v_f32,
+                    block_table: item.block_table,
+                    block_size,
+                    kv_stride,
+                    head_offset: item.head_offset,
+                    head_dim,
+                    group,
+                    p0: item.p0,
+                    p1: item.p1,
+                    scale,
+                };
                 // SAFETY: the `Avx512` token proves the processor features; `head_dim % 16 ==
                 // 0` and `head_dim <= 256` were checked above. `item` satisfies the `Item`
                 // invariants: the caches are `num_blocks` whole blocks and every block-table
                 // entry is below `num_blocks` (`Layout`), the table covers `context_len >= p1`
                 // positions, `kvh < num_kv_heads` gives `head_offset + head_dim <= kv_stride`,
-                // and `item.q` was sliced to `group * head_dim` floats. `scores` has `group *
-                // (p1 - p0)` floats and `part` is one record of `part_width = group *
-                // (head_dim + 2)` floats.
+                // and `item.q` was sliced to `group * head_dim` floats (the f32 caches are the
+                // same slices as the checked ones). `scores` has `group * (p1 - p0)` floats
+                // and `part` is one record of `part_width = group * (head_dim + 2)` floats.
                 unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
                 continue;
             }
@@ -631,10 +655,10 @@ pub(crate) struct TileRows {
 /// - `head_offset + head_dim <= kv_stride`;
 /// - `q.len() >= group * head_dim`.
 #[derive(Clone, Copy)]
-pub(crate) struct Item<'a> {
+pub(crate) struct Item<'a, E: KvElem = f32> {
     pub q: &'a [f32],
-    pub k_cache: &'a [f32],
-    pub v_cache: &'a [f32],
+    pub k_cache: &'a [E],
+    pub v_cache: &'a [E],
     pub block_table: &'a [u32],
     pub block_size: usize,
     pub kv_stride: usize,
@@ -649,7 +673,10 @@ pub(crate) struct Item<'a> {
 /// Visit the positions `p0..p1` as runs inside one block each: `f(j, block, offset, len)`
 /// covers positions `p0 + j .. p0 + j + len`, stored in `block` from slot `offset` on.
 #[inline(always)]
-pub(crate) fn for_each_run(it: &Item<'_>, mut f: impl FnMut(usize, usize, usize, usize)) {
+pub(crate) fn for_each_run<E: KvElem>(
+    it: &Item<'_, E>,
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
     let mut j = it.p0;
     while j < it.p1 {
         let off = j % it.block_size;
@@ -666,7 +693,7 @@ pub(crate) fn for_each_run(it: &Item<'_>, mut f: impl FnMut(usize, usize, usize,
 
 /// Visit the cache slots of positions `p0..p1` in order, one division per block.
 #[inline(always)]
-pub(crate) fn for_each_slot(it: &Item<'_>, mut f: impl FnMut(usize, usize)) {
+pub(crate) fn for_each_slot<E: KvElem>(it: &Item<'_, E>, mut f: impl FnMut(usize, usize)) {
     for_each_run(it, |j, block, off, n| {
         for s in 0..n {
             f(j + s, block * it.block_size + off + s);
@@ -678,13 +705,13 @@ pub(crate) fn for_each_slot(it: &Item<'_>, mut f: impl FnMut(usize, usize)) {
 /// K is stored transposed inside each block (`[block][kv_head][head_dim][block_size]`), so the
 /// positions of one dimension are contiguous and a score computation runs along them.
 #[inline(always)]
-pub(crate) fn k_index(it: &Item<'_>, block: usize, off: usize, d: usize) -> usize {
+pub(crate) fn k_index<E: KvElem>(it: &Item<'_, E>, block: usize, off: usize, d: usize) -> usize {
     (block * it.kv_stride + it.head_offset + d) * it.block_size + off
 }
 
 /// Scaled scores `q_g . k_j` for every query head `g` of the group and position `j` of the
 /// partition (portable version; `simd::x86::scores` is the fast one).
-pub(crate) fn raw_scores(it: &Item<'_>, scores: &mut [f32]) {
+pub(crate) fn raw_scores<E: KvElem>(it: &Item<'_, E>, scores: &mut [f32]) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
     for_each_run(it, |j0, block, off, len| {
@@ -697,7 +724,7 @@ pub(crate) fn raw_scores(it: &Item<'_>, scores: &mut [f32]) {
             for (d, &qd) in q.iter().enumerate() {
                 let k = &it.k_cache[k_index(it, block, off, d)..][..len];
                 for (o, &kv) in out.iter_mut().zip(k) {
-                    *o += qd * kv;
+                    *o += qd * kv.to_f32();
                 }
             }
             for o in out.iter_mut() {
@@ -709,7 +736,7 @@ pub(crate) fn raw_scores(it: &Item<'_>, scores: &mut [f32]) {
 
 /// Turn scores into `exp(s - m)` in place per query head and write `m` and
 /// `l = sum exp(s - m)` as the first two values of each head's `[m, l, o...]` record, `o` zeroed.
-pub(crate) fn softmax_stats(it: &Item<'_>, scores: &mut [f32], part: &mut [f32]) {
+pub(crate) fn softmax_stats<E: KvElem>(it: &Item<'_, E>, scores: &mut [f32], part: &mut [f32]) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
     for g in 0..it.group {
@@ -730,8 +757,8 @@ pub(crate) fn softmax_stats(it: &Item<'_>, scores: &mut [f32], part: &mut [f32])
 /// For each query head of the group: max score `m`, `l = sum exp(s - m)` and the unnormalised
 /// `sum exp(s - m) v` over the partition, written as `[m, l, o...]` per head. Each K and V
 /// value is read once for the whole group. `simd` picks the `axpy` of the V sum.
-pub(crate) fn attend_partition_scalar(
-    it: &Item<'_>,
+pub(crate) fn attend_partition_scalar<E: KvElem>(
+    it: &Item<'_, E>,
     scores: &mut [f32],
     part: &mut [f32],
     simd: Isa,
@@ -740,8 +767,26 @@ pub(crate) fn attend_partition_scalar(
     let n = it.p1 - it.p0;
     raw_scores(it, scores);
     softmax_stats(it, scores, part);
+    // A V row converted to f32 when the cache holds another type.
+    let mut converted = vec![
+        0f32;
+        if E::as_f32(it.v_cache).is_some() {
+            0
+        } else {
+            hd
+        }
+    ];
     for_each_slot(it, |j, slot| {
-        let vp = &it.v_cache[slot * it.kv_stride + it.head_offset..][..hd];
+        let stored = &it.v_cache[slot * it.kv_stride + it.head_offset..][..hd];
+        let vp = match E::as_f32(stored) {
+            Some(v) => v,
+            None => {
+                for (c, &e) in converted.iter_mut().zip(stored) {
+                    *c = e.to_f32();
+                }
+                &converted[..]
+            }
+        };
         for g in 0..it.group {
             axpy(
                 simd,

@@ -26,6 +26,7 @@ use std::arch::x86_64::*;
 
 use super::attention::{for_each_run, k_index, Item, TileRows};
 use super::avx2::{hsum, tail_mask};
+use super::kv_elem::KvElem;
 
 /// Vectors (query heads of the tile) that share one K or V load: 6 x 2 accumulators, with the
 /// two K (or V) vectors and a broadcast, take 15 of the 16 vector registers.
@@ -35,15 +36,15 @@ const SHARE: usize = 6;
 /// rows' records; the contract of `attention::attend_partition_scalar`, for each row.
 ///
 /// # Safety
-/// - The processor supports AVX2 and FMA.
+/// - The processor supports AVX2, FMA and F16C.
 /// - `it` satisfies the invariants listed on [`Item`], with `it.q` covering the tile's rows and
 ///   `it.p1` the largest end; `rows` satisfies the invariants listed on [`TileRows`].
 /// - `it.head_dim % 8 == 0`.
 /// - `sc_buf.len() >= rows.rows * it.group * (it.p1 - it.p0)` and
 ///   `part.len() >= rows.rows * it.group * (it.head_dim + 2)`.
-#[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn attend_tile(
-    it: &Item<'_>,
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn attend_tile<E: KvElem>(
+    it: &Item<'_, E>,
     rows: &TileRows,
     sc_buf: &mut [f32],
     part: &mut [f32],
@@ -90,8 +91,8 @@ pub(crate) unsafe fn attend_tile(
 /// # Safety
 /// As [`attend_tile`] (without the condition on `part`).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores(it: &Item<'_>, rows: &TileRows, scores: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores<E: KvElem>(it: &Item<'_, E>, rows: &TileRows, scores: &mut [f32]) {
     let vecs = rows.rows * it.group;
     for_each_run(it, |j0, block, off, len| {
         let mut v0 = 0;
@@ -101,12 +102,12 @@ unsafe fn scores(it: &Item<'_>, rows: &TileRows, scores: &mut [f32]) {
             // contract; `v0 + h <= vecs`; the run is inside `p0..p1` (`for_each_run`).
             unsafe {
                 match h {
-                    1 => score_run::<1>(it, rows, scores, v0, j0, block, off, len),
-                    2 => score_run::<2>(it, rows, scores, v0, j0, block, off, len),
-                    3 => score_run::<3>(it, rows, scores, v0, j0, block, off, len),
-                    4 => score_run::<4>(it, rows, scores, v0, j0, block, off, len),
-                    5 => score_run::<5>(it, rows, scores, v0, j0, block, off, len),
-                    _ => score_run::<6>(it, rows, scores, v0, j0, block, off, len),
+                    1 => score_run::<E, 1>(it, rows, scores, v0, j0, block, off, len),
+                    2 => score_run::<E, 2>(it, rows, scores, v0, j0, block, off, len),
+                    3 => score_run::<E, 3>(it, rows, scores, v0, j0, block, off, len),
+                    4 => score_run::<E, 4>(it, rows, scores, v0, j0, block, off, len),
+                    5 => score_run::<E, 5>(it, rows, scores, v0, j0, block, off, len),
+                    _ => score_run::<E, 6>(it, rows, scores, v0, j0, block, off, len),
                 }
             }
             v0 += h;
@@ -122,8 +123,8 @@ unsafe fn scores(it: &Item<'_>, rows: &TileRows, scores: &mut [f32]) {
 /// `for_each_run(it, ..)` yields.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn score_run<const H: usize>(
-    it: &Item<'_>,
+unsafe fn score_run<E: KvElem, const H: usize>(
+    it: &Item<'_, E>,
     rows: &TileRows,
     scores: &mut [f32],
     v0: usize,
@@ -162,9 +163,11 @@ unsafe fn score_run<const H: usize>(
                 let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, d));
                 // A whole run takes plain loads (masked ones are slower on some cores).
                 let k: [__m256; VECS] = if full {
-                    std::array::from_fn(|v| _mm256_loadu_ps(kp.add(8 * v)))
+                    std::array::from_fn(|v| E::load8(kp.add(8 * v)))
                 } else {
-                    std::array::from_fn(|v| _mm256_maskload_ps(kp.add(8 * v), masks[v]))
+                    std::array::from_fn(|v| {
+                        E::load_partial(kp.add(8 * v), lanes.saturating_sub(8 * v))
+                    })
                 };
                 for h in 0..H {
                     let q = _mm256_set1_ps(*it.q.get_unchecked(q_at[h] + d));
@@ -202,14 +205,14 @@ unsafe fn score_run<const H: usize>(
 /// one chain of fused multiply-adds over the positions in order.
 ///
 /// # Safety
-/// The processor supports AVX2 and FMA; `it` satisfies the invariants listed on [`Item`];
+/// The processor supports AVX2, FMA and F16C; `it` satisfies the invariants listed on [`Item`];
 /// `it.head_dim % 8 == 0`; `vectors.end <= sc.len() / (it.p1 - it.p0)`;
 /// `it.p0 <= range.start <= range.end <= it.p1`; `part` is valid for reads and writes of
 /// `vectors.end * (it.head_dim + 2)` floats that nothing else accesses meanwhile.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn v_sum(
-    it: &Item<'_>,
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn v_sum<E: KvElem>(
+    it: &Item<'_, E>,
     sc: &[f32],
     vectors: std::ops::Range<usize>,
     range: std::ops::Range<usize>,
@@ -248,18 +251,18 @@ unsafe fn v_sum(
                 // sub-range of `it`), at positions `skip + j0 ..+ len <= n` of the scores.
                 unsafe {
                     match (h, wide) {
-                        (1, true) => v_run::<1, 2>(it, sc, n, &at, part),
-                        (2, true) => v_run::<2, 2>(it, sc, n, &at, part),
-                        (3, true) => v_run::<3, 2>(it, sc, n, &at, part),
-                        (4, true) => v_run::<4, 2>(it, sc, n, &at, part),
-                        (5, true) => v_run::<5, 2>(it, sc, n, &at, part),
-                        (_, true) => v_run::<6, 2>(it, sc, n, &at, part),
-                        (1, false) => v_run::<1, 1>(it, sc, n, &at, part),
-                        (2, false) => v_run::<2, 1>(it, sc, n, &at, part),
-                        (3, false) => v_run::<3, 1>(it, sc, n, &at, part),
-                        (4, false) => v_run::<4, 1>(it, sc, n, &at, part),
-                        (5, false) => v_run::<5, 1>(it, sc, n, &at, part),
-                        (_, false) => v_run::<6, 1>(it, sc, n, &at, part),
+                        (1, true) => v_run::<E, 1, 2>(it, sc, n, &at, part),
+                        (2, true) => v_run::<E, 2, 2>(it, sc, n, &at, part),
+                        (3, true) => v_run::<E, 3, 2>(it, sc, n, &at, part),
+                        (4, true) => v_run::<E, 4, 2>(it, sc, n, &at, part),
+                        (5, true) => v_run::<E, 5, 2>(it, sc, n, &at, part),
+                        (_, true) => v_run::<E, 6, 2>(it, sc, n, &at, part),
+                        (1, false) => v_run::<E, 1, 1>(it, sc, n, &at, part),
+                        (2, false) => v_run::<E, 2, 1>(it, sc, n, &at, part),
+                        (3, false) => v_run::<E, 3, 1>(it, sc, n, &at, part),
+                        (4, false) => v_run::<E, 4, 1>(it, sc, n, &at, part),
+                        (5, false) => v_run::<E, 5, 1>(it, sc, n, &at, part),
+                        (_, false) => v_run::<E, 6, 1>(it, sc, n, &at, part),
                     }
                 }
                 d0 += if wide { 16 } else { 8 };
@@ -286,8 +289,8 @@ struct Run {
 /// As [`v_sum`], for the run `at` it describes: `at.slot + at.len` slots inside the V cache,
 /// `at.j + at.len <= n`, `at.v0 + H` vectors and `at.d0 + 8 * C <= head_dim`.
 #[inline(always)]
-unsafe fn v_run<const H: usize, const C: usize>(
-    it: &Item<'_>,
+unsafe fn v_run<E: KvElem, const H: usize, const C: usize>(
+    it: &Item<'_, E>,
     sc: &[f32],
     n: usize,
     at: &Run,
@@ -312,7 +315,7 @@ unsafe fn v_run<const H: usize, const C: usize>(
                 .v_cache
                 .as_ptr()
                 .add((at.slot + s) * it.kv_stride + it.head_offset + at.d0);
-            let v: [__m256; C] = std::array::from_fn(|c| _mm256_loadu_ps(vp.add(c * 8)));
+            let v: [__m256; C] = std::array::from_fn(|c| E::load8(vp.add(c * 8)));
             for h in 0..H {
                 let w = _mm256_set1_ps(*sc.get_unchecked((at.v0 + h) * n + at.j + s));
                 for c in 0..C {

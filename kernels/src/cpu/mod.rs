@@ -41,6 +41,7 @@ mod avx2;
 mod avx2_attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2_int8;
+pub mod kv_elem;
 pub mod matmul;
 pub mod matmul_int8;
 pub mod matrix;

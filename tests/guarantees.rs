@@ -1,0 +1,195 @@
+//! Checks of convoy's two guarantees and of agreement with the float32 reference, for any
+//! model settings (precision, KV cache element type): the test files for each setting call
+//! these and bound the figures.
+
+use convoy_engine::{
+    GenerationRequest, Generator, GeneratorConfig, LlamaModel, SamplingParams, TextCodec,
+};
+use convoy_weights::ChatMessage;
+
+use crate::{first_steps_logits, ids, reference_cases, smollm2_reference};
+
+/// A greedy request for `max_tokens` tokens arriving at `arrival_step`.
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize, arrival_step: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt_ids: prompt,
+        params: SamplingParams {
+            max_tokens,
+            ..Default::default()
+        },
+        arrival_step,
+        ..Default::default()
+    }
+}
+
+/// Batch invariance: twelve requests (the reference prompts, then halves of them: lengths
+/// differ and prefixes are shared) run together, chunked next to each other's decodes, give
+/// exactly what each gives alone.
+pub fn assert_together_equals_alone(model: &LlamaModel, codec: &TextCodec) {
+    let reference = smollm2_reference();
+    let mut prompts: Vec<Vec<u32>> = reference_cases(codec, &reference)
+        .into_iter()
+        .map(|c| c.prompt_ids)
+        .collect();
+    let halves: Vec<Vec<u32>> = prompts.iter().map(|p| p[..p.len() / 2].to_vec()).collect();
+    prompts.extend(halves);
+    prompts.truncate(12);
+    assert_eq!(prompts.len(), 12);
+    let requests: Vec<GenerationRequest> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| greedy(p.clone(), 20, i * 2))
+        .collect();
+    // No prefix caching: each run alone recomputes everything. Together: at most 24 tokens a
+    // step, so prompts are chunked next to other requests' decodes.
+    let mut cfg = GeneratorConfig::new(1024, 16);
+    cfg.enable_prefix_caching = false;
+    cfg.max_batched_tokens = 24;
+    let together = Generator::new(model, codec.clone(), cfg.clone())
+        .run(&requests, |_, _| {})
+        .unwrap();
+    cfg.max_batched_tokens = 2048;
+    let mut alone = Generator::new(model, codec.clone(), cfg);
+    for (i, r) in requests.iter().enumerate() {
+        let one = alone
+            .run(&[greedy(r.prompt_ids.clone(), 20, 0)], |_, _| {})
+            .unwrap();
+        assert_eq!(together[i].output_ids, one[0].output_ids, "request {i}");
+    }
+}
+
+/// Cached equals recomputed: the reference's multi-turn conversations, each turn continued
+/// with convoy's own reply, served with prefix caching (and the run-time oracle recomputing
+/// every cache-hit prefill) and without it, with blocks of each of `block_sizes` tokens.
+pub fn assert_cached_equals_recomputed(
+    model: &LlamaModel,
+    codec: &TextCodec,
+    block_sizes: &[usize],
+) {
+    let reference = smollm2_reference();
+    for &bs in block_sizes {
+        let mut on = GeneratorConfig::new(4096 / bs + 8, bs);
+        on.verify_fraction = 1.0;
+        let mut off = on.clone();
+        off.enable_prefix_caching = false;
+        off.verify_fraction = 0.0;
+        let mut cached = Generator::new(model, codec.clone(), on);
+        let mut fresh = Generator::new(model, codec.clone(), off);
+        let mut served = 0;
+        for conv in reference["multi_turn"].as_array().unwrap() {
+            let mut msgs = vec![ChatMessage::new("system", conv["system"].as_str().unwrap())];
+            for (t, turn) in conv["turns"].as_array().unwrap().iter().enumerate() {
+                msgs.push(ChatMessage::new("user", turn["user"].as_str().unwrap()));
+                let prompt = codec.encode_chat(&msgs).unwrap();
+                let a = cached
+                    .run(&[greedy(prompt.clone(), 24, 0)], |_, _| {})
+                    .unwrap()
+                    .remove(0);
+                let b = fresh
+                    .run(&[greedy(prompt, 24, 0)], |_, _| {})
+                    .unwrap()
+                    .remove(0);
+                assert_eq!(a.output_ids, b.output_ids, "block size {bs}");
+                assert_eq!(b.cached_tokens, 0);
+                if t > 0 {
+                    // The system prompt and the earlier turns at least.
+                    assert!(a.cached_tokens > 30, "block size {bs}, turn {t}: {a:?}");
+                }
+                served += a.cached_tokens;
+                // The conversation goes on with convoy's own reply, as a chat product would.
+                msgs.push(ChatMessage::new("assistant", &a.text));
+            }
+        }
+        let stats = cached.stats();
+        assert!(served > 300, "block size {bs}: only {served} tokens cached");
+        assert!(stats.verified_prefills >= 3, "block size {bs}: {stats:?}");
+        assert_eq!(stats.cache_divergence_total, 0, "block size {bs}");
+    }
+}
+
+/// How close a model setting stays to the transformers float32 reference.
+#[derive(Clone, Debug, Default)]
+pub struct Agreement {
+    /// Cases whose greedy output is the reference's token for token.
+    pub identical: usize,
+    /// Cases compared.
+    pub cases: usize,
+    /// Greedy steps before each case's first differing token, summed.
+    pub same_steps: usize,
+    /// Greedy steps of the reference, summed.
+    pub total_steps: usize,
+    /// The reference's top-1/top-2 margin where a case first differs.
+    pub margins_at_divergence: Vec<f64>,
+    /// Top-5 logits of the first steps compared.
+    pub count: usize,
+    /// Their largest absolute error.
+    pub worst: f32,
+    /// Their mean absolute error.
+    pub mean: f64,
+    /// First steps whose top-1 token is the reference's.
+    pub top1_same: usize,
+    /// First steps compared for the top-1 token.
+    pub top1_total: usize,
+}
+
+/// Measure [`Agreement`] against the reference (greedy tokens of every case, and the top-5
+/// logits of the first steps of the cases that have them), printing the figures under `label`
+/// (docs/benchmarks.md quotes them).
+pub fn measure_agreement(model: &LlamaModel, codec: &TextCodec, label: &str) -> Agreement {
+    let reference = smollm2_reference();
+    let cases = reference_cases(codec, &reference);
+    let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    let requests: Vec<GenerationRequest> = cases
+        .iter()
+        .map(|c| greedy(c.prompt_ids.clone(), max_new, 0))
+        .collect();
+    let mut g = Generator::new(model, codec.clone(), GeneratorConfig::new(2048, 16));
+    let results = g.run(&requests, |_, _| {}).unwrap();
+    let mut a = Agreement {
+        cases: cases.len(),
+        ..Agreement::default()
+    };
+    for (case, r) in cases.iter().zip(&results) {
+        let n = case.output_ids.len().min(r.output_ids.len());
+        let first_diff = (0..n)
+            .find(|&i| case.output_ids[i] != r.output_ids[i])
+            .unwrap_or(n);
+        a.same_steps += first_diff;
+        a.total_steps += case.output_ids.len();
+        if first_diff == case.output_ids.len() {
+            a.identical += 1;
+        } else if let Some(m) = case.margins.as_ref().and_then(|m| m.get(first_diff)) {
+            a.margins_at_divergence.push(m.as_f64().unwrap());
+        }
+    }
+    eprintln!(
+        "{label}, greedy: {} of {} cases token for token; {} of {} steps before the first \
+         difference; reference top-1/top-2 margins where they first differ: {:?}",
+        a.identical, a.cases, a.same_steps, a.total_steps, a.margins_at_divergence
+    );
+    let mut sum = 0f64;
+    for case in cases.iter().filter(|c| c.top5.is_some()) {
+        let steps = case.top5.as_ref().unwrap().as_array().unwrap();
+        for (step, logits) in steps.iter().zip(first_steps_logits(model, case)) {
+            let top_ids = ids(&step["ids"]);
+            for (id, want) in top_ids.iter().zip(step["logits"].as_array().unwrap()) {
+                let err = (logits[*id as usize] - want.as_f64().unwrap() as f32).abs();
+                a.worst = a.worst.max(err);
+                sum += err as f64;
+                a.count += 1;
+            }
+            let argmax = (0..logits.len())
+                .max_by(|&x, &y| logits[x].total_cmp(&logits[y]))
+                .unwrap() as u32;
+            a.top1_same += usize::from(argmax == top_ids[0]);
+            a.top1_total += 1;
+        }
+    }
+    a.mean = sum / a.count.max(1) as f64;
+    eprintln!(
+        "{label}, top-5 logits of the first steps: {} compared, largest absolute error {:.4}, \
+         mean {:.4}; top-1 the same at {} of {} steps",
+        a.count, a.worst, a.mean, a.top1_same, a.top1_total
+    );
+    a
+}
