@@ -7,6 +7,7 @@
 #   bash bench/peer_chat.sh                         # SmolLM2 Q4_1, rates from $RATES
 #   RATES=0.02,0.05 DURATION=120 bash bench/peer_chat.sh
 #   PRECISION=fast bash bench/peer_chat.sh          # convoy in its fast precision
+#   KV_CACHE_DTYPE=f16 bash bench/peer_chat.sh      # convoy with an f16 KV cache
 #
 # Needs: target/release/{convoy,convoy-bench} (cargo build --release) and llama-server
 # (bench/build_llama_cpp.sh builds it from the llama-cpp-python sdist).
@@ -22,6 +23,7 @@ slots="${SLOTS:-16}"
 ctx_per_slot="${CTX_PER_SLOT:-4096}"
 out="${OUT:-bench/peer-out}"
 precision="${PRECISION:-exact}"   # convoy's --precision: exact or fast
+kv_dtype="${KV_CACHE_DTYPE:-f32}" # convoy's --kv-cache-dtype: f32 or f16
 bin="$(bash bench/build_llama_cpp.sh)"
 mkdir -p "$out"
 pids=()
@@ -47,10 +49,11 @@ echo "machine: $cpu, $(nproc) CPUs; model $model; $threads threads; $slots slots
 
 port=$(free_port)
 ./target/release/convoy serve --model "$model" --threads "$threads" --max-running "$slots" \
-  --precision "$precision" --socket "$out/convoy.sock" --http "127.0.0.1:$port" 2>"$out/convoy.log" &
+  --precision "$precision" --kv-cache-dtype "$kv_dtype" --socket "$out/convoy.sock" \
+  --http "127.0.0.1:$port" 2>"$out/convoy.log" &
 pids+=($!)
 wait_http "http://127.0.0.1:$port"
-echo; echo "== convoy (convoy serve --threads $threads --max-running $slots --precision $precision)"
+echo; echo "== convoy (convoy serve --threads $threads --max-running $slots --precision $precision --kv-cache-dtype $kv_dtype)"
 run_bench convoy "http://127.0.0.1:$port"
 cleanup; pids=()
 

@@ -138,45 +138,35 @@ fn dummy_model_generates_json_with_the_documented_fields() {
 
 #[test]
 fn the_fast_precision_runs_from_the_command_line_and_a_bad_one_is_a_clear_error() {
-    let d = scratch("precision");
-    write_config(&d, "LlamaForCausalLM");
-    let model = d.to_str().unwrap();
-    let run = |precision: &str| {
-        convoy(&[
-            "generate",
-            "--model",
-            model,
-            "--load-format",
-            "dummy",
-            "--prompt-ids",
-            "1,2,3",
-            "--max-tokens",
-            "4",
-            "--ignore-eos",
-            "--format",
-            "json",
-            "--precision",
-            precision,
-        ])
-    };
-    let (code, out, err) = run("fast");
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(v["output_ids"].as_array().unwrap().len(), 4);
-    let (code, _, err) = run("int4");
-    one_error_line(
-        code,
-        &err,
-        "--precision must be exact or fast, got \"int4\"",
-    );
+    generate_with_option_runs_and_refuses("precision", "--precision", "fast", "int4", |err| {
+        one_error_line(1, err, "--precision must be exact or fast, got \"int4\"")
+    });
 }
 
 #[test]
 fn an_f16_kv_cache_runs_from_the_command_line_and_a_bad_dtype_is_a_clear_error() {
-    let d = scratch("kv_dtype");
+    generate_with_option_runs_and_refuses("kv_dtype", "--kv-cache-dtype", "f16", "bf16", |err| {
+        one_error_line(
+            1,
+            err,
+            "--kv-cache-dtype: unknown KV cache dtype \"bf16\": use f32 or f16",
+        )
+    });
+}
+
+/// `convoy generate` on a dummy model with `option good` generates 4 tokens; with `option
+/// bad` it exits 1 and `check_error` gets its stderr.
+fn generate_with_option_runs_and_refuses(
+    scratch_name: &str,
+    option: &str,
+    good: &str,
+    bad: &str,
+    check_error: impl Fn(&str),
+) {
+    let d = scratch(scratch_name);
     write_config(&d, "LlamaForCausalLM");
     let model = d.to_str().unwrap();
-    let run = |dtype: &str| {
+    let run = |value: &str| {
         convoy(&[
             "generate",
             "--model",
@@ -190,20 +180,17 @@ fn an_f16_kv_cache_runs_from_the_command_line_and_a_bad_dtype_is_a_clear_error()
             "--ignore-eos",
             "--format",
             "json",
-            "--kv-cache-dtype",
-            dtype,
+            option,
+            value,
         ])
     };
-    let (code, out, err) = run("f16");
+    let (code, out, err) = run(good);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["output_ids"].as_array().unwrap().len(), 4);
-    let (code, _, err) = run("bf16");
-    one_error_line(
-        code,
-        &err,
-        "--kv-cache-dtype: unknown KV cache dtype \"bf16\": use f32 or f16",
-    );
+    let (code, _, err) = run(bad);
+    assert_eq!(code, 1, "exit code; stderr: {err}");
+    check_error(&err);
 }
 
 #[test]

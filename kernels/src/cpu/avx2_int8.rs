@@ -75,36 +75,28 @@ unsafe fn block_offsets<B: IntBlock>(p: *const u8, lanes: usize) -> __m256 {
     }
     // SAFETY: SSE2 (caller).
     let mut h = unsafe { _mm_setzero_si128() };
-    if lanes == 8 {
-        h = insert!(h, 0);
+    // Lanes past `lanes` stay zero.
+    h = insert!(h, 0);
+    if lanes > 1 {
         h = insert!(h, 1);
+    }
+    if lanes > 2 {
         h = insert!(h, 2);
+    }
+    if lanes > 3 {
         h = insert!(h, 3);
+    }
+    if lanes > 4 {
         h = insert!(h, 4);
+    }
+    if lanes > 5 {
         h = insert!(h, 5);
+    }
+    if lanes > 6 {
         h = insert!(h, 6);
+    }
+    if lanes > 7 {
         h = insert!(h, 7);
-    } else {
-        // Lanes past `lanes` stay zero (lane 7 never is a partial vector's).
-        h = insert!(h, 0);
-        if lanes > 1 {
-            h = insert!(h, 1);
-        }
-        if lanes > 2 {
-            h = insert!(h, 2);
-        }
-        if lanes > 3 {
-            h = insert!(h, 3);
-        }
-        if lanes > 4 {
-            h = insert!(h, 4);
-        }
-        if lanes > 5 {
-            h = insert!(h, 5);
-        }
-        if lanes > 6 {
-            h = insert!(h, 6);
-        }
     }
     // SAFETY: AVX2 and F16C (caller). The product can be -0.0 in a lane past `lanes`; the mask
     // makes those lanes +0.0, as a masked load would.
