@@ -418,9 +418,10 @@ fn main() -> Result<()> {
             let threads = convoy_kernels::cpu::pool::num_threads();
             let cpu = cpu_name();
             println!(
-                "model: {}  threads: {threads}  cpu: {cpu}  block size: {}",
+                "model: {}  threads: {threads}  cpu: {cpu}  block size: {}  kv cache: {}",
                 model.model_path()?.display(),
-                loaded.block_size
+                loaded.block_size,
+                loaded.model.kv_cache_dtype().as_str()
             );
             println!(
                 "prompt {prompt_len} tokens, decode {gen_len} tokens per sequence, best of {reps}"

@@ -17,7 +17,8 @@
 //! combines a row's partitions in order.
 //!
 //! Invariant (batch invariance, and cached equals recomputed): a row's output depends on its
-//! query, its context length and the cache only. Partition boundaries are multiples of
+//! query, its context length and the cache only (whatever the cache's element type: see
+//! `kv_elem`). Partition boundaries are multiples of
 //! `PARTITION`, whatever the batch, and every kernel computes a row of a tile with the same
 //! operations as the row alone (a decode step): the tile only shares loads.
 
@@ -168,7 +169,9 @@ pub enum AttentionError {
 }
 
 /// `out` (rows x num_heads x head_dim) = softmax(q k^T * scale) v, causal, per sequence; rows
-/// that no sequence owns are zeroed. See [`try_paged_attention`] for what the arguments must
+/// that no sequence owns are zeroed. The caches hold `f32` or `f16` values ([`KvElem`]); an
+/// `f16` value is converted as it is loaded, so the result is the `f32` computation on the
+/// stored values. See [`try_paged_attention`] for what the arguments must
 /// satisfy.
 ///
 /// # Panics
@@ -379,7 +382,9 @@ fn attend<E: KvElem>(
             (Some(t), None)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512(_) if head_dim.is_multiple_of(8) => (None, super::Avx2::detect()),
+        Isa::Avx512(_) if head_dim.is_multiple_of(8) && f32_caches.is_none() => {
+            (None, super::Avx2::detect())
+        }
         Isa::Avx2(t) if head_dim.is_multiple_of(8) => (None, Some(t)),
         _ => (None, None),
     };

@@ -14,6 +14,9 @@
 //!   multiply-adds over the row's positions in order, kept in the record between runs of
 //!   positions (a store and a load change no bits). The tile only decides how many vectors
 //!   share each K and V load: up to 6 vectors at once, in registers.
+//! - Element type. The caches hold `f32` or `f16` ([`KvElem`]); a value is converted to `f32`
+//!   as it is loaded and everything after is the same, so an `f16` cache gives exactly the
+//!   `f32` results on its (rounded) values.
 //! - Locality. The K and V of a run (one cache block of the KV head) are loaded from memory
 //!   once per tile and reused from L1 by every group of vectors, so a tile of `R` rows reads
 //!   the partition's K and V once instead of `R` times. A 4096-token prompt's K and V do not
@@ -155,8 +158,8 @@ unsafe fn score_run<E: KvElem, const H: usize>(
         for d in 0..hd {
             // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
             // `k_index(.., off + c, d)` starts a run of `block_size - off - c` positions of one
-            // K row inside `k_cache`; the masks enable `lanes <= len - c` of them, and
-            // `off + len <= block_size`. Vector `v < rows * group` is row `r = v / group <
+            // K row inside `k_cache`; the loads read `lanes <= len - c` of them (a partial
+            // load only its first `lanes - 8 v`), and `off + len <= block_size`. Vector `v < rows * group` is row `r = v / group <
             // rows` and head `g = v % group`, so `q_at + d < (rows - 1) * q_stride + group *
             // head_dim <= q.len()` (TileRows invariant).
             unsafe {
