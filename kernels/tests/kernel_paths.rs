@@ -21,7 +21,7 @@
 use convoy_kernels::{
     active_kernel_path, has_avx2, has_avx512, kernel_path_from_env, matmul, paged_attention,
     rms_norm, scalar_forced_by_env, simd_active, with_kernel_path, AttentionSeq, AttentionShape,
-    KernelPath, Matrix, WeightFormat,
+    KernelPath, KvElem, Matrix, WeightFormat,
 };
 use half::f16;
 struct Lcg(u64);
@@ -390,7 +390,6 @@ fn rms_norm_and_the_other_ops_agree_between_paths() {
 }
 
 /// One sequence of an attention test: where its queries sit and what it has cached.
-#[derive(Clone)]
 struct Seq {
     table: Vec<u32>,
     query_start: usize,
@@ -463,20 +462,23 @@ impl Case {
     }
 
     fn run(&self) -> Vec<f32> {
+        self.run_on(&self.k, &self.v)
+    }
+
+    /// The batch on caches `k` and `v` (of `self.k`'s and `self.v`'s shape) instead of its own.
+    fn run_on<E: KvElem>(&self, k: &[E], v: &[E]) -> Vec<f32> {
         let mut out = vec![f32::NAN; self.q.len()];
-        paged_attention(
-            &self.q,
-            &self.k,
-            &self.v,
-            self.shape,
-            &self.attention_seqs(),
-            &mut out,
-        );
+        paged_attention(&self.q, k, v, self.shape, &self.attention_seqs(), &mut out);
         out
     }
 
     /// Sequence `s` alone, in a batch of its own rows.
     fn run_alone(&self, s: usize) -> Vec<f32> {
+        self.run_alone_on(s, &self.k, &self.v)
+    }
+
+    /// [`Case::run_alone`] on caches `k` and `v` instead of its own.
+    fn run_alone_on<E: KvElem>(&self, s: usize, k: &[E], v: &[E]) -> Vec<f32> {
         let row = self.shape.num_heads * self.shape.head_dim;
         let seq = &self.seqs[s];
         let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
@@ -487,14 +489,7 @@ impl Case {
             context_len: seq.context_len,
         }];
         let mut out = vec![f32::NAN; rows.len()];
-        paged_attention(
-            &self.q[rows],
-            &self.k,
-            &self.v,
-            self.shape,
-            &alone,
-            &mut out,
-        );
+        paged_attention(&self.q[rows], k, v, self.shape, &alone, &mut out);
         out
     }
 
@@ -671,17 +666,9 @@ fn paged_attention_on_an_f16_cache_is_f32_attention_on_the_rounded_values() {
         let rounded = Case {
             k: k16.iter().map(|x| x.to_f32()).collect(),
             v: v16.iter().map(|x| x.to_f32()).collect(),
-            q: case.q.clone(),
-            seqs: case.seqs.clone(),
             ..case
         };
-        let run16 = |seqs: &[AttentionSeq<'_>], q: &[f32]| {
-            let mut out = vec![f32::NAN; q.len()];
-            paged_attention(q, &k16, &v16, shape, seqs, &mut out);
-            out
-        };
-        let row = shape.num_heads * shape.head_dim;
-        for (path, y) in every_path(|| run16(&rounded.attention_seqs(), &rounded.q)) {
+        for (path, y) in every_path(|| rounded.run_on(&k16, &v16)) {
             // An f16 cache is read by the AVX2 kernel on AVX-512 processors (the AVX-512 one
             // reads f32 only): compare with f32 on the path that reads it the same way.
             let same_kernel = if path == KernelPath::Avx512 {
@@ -695,16 +682,14 @@ fn paged_attention_on_an_f16_cache_is_f32_attention_on_the_rounded_values() {
                 "{path:?} {shape:?}: f16 cache vs f32 rounded values"
             );
             // So it is batch invariant too: each sequence alone gives the same bits.
+            let row = shape.num_heads * shape.head_dim;
             for (s, seq) in rounded.seqs.iter().enumerate() {
                 let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
-                let alone = [AttentionSeq {
-                    block_table: &seq.table,
-                    query_start: 0,
-                    num_queries: seq.num_queries,
-                    context_len: seq.context_len,
-                }];
-                let got = with_kernel_path(path, || run16(&alone, &rounded.q[rows.clone()]));
-                assert_eq!(got, y[rows], "{path:?} {shape:?} sequence {s} alone (f16)");
+                let alone = with_kernel_path(path, || rounded.run_alone_on(s, &k16, &v16));
+                assert_eq!(
+                    alone, y[rows],
+                    "{path:?} {shape:?} sequence {s} alone (f16)"
+                );
             }
         }
     }

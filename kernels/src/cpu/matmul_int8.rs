@@ -118,10 +118,9 @@ pub fn matmul_quantized(x: &QuantizedRows, w: &Matrix, y: &mut [f32]) {
 /// Rows `r0..r1` of the product for all of `x`'s rows; `bytes` are `w`'s blocks.
 ///
 /// # Safety
-/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`, `r0 <= r1 <= w.rows`; `y` is valid for writes
-/// of `x.rows * w.rows` floats, and while this runs no other thread accesses
-/// `y[t * w.rows + r]` for `r` in `r0..r1`.
-#[allow(clippy::too_many_arguments)]
+/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`, `r0 <= r1 <= w.rows`; `y`
+/// is valid for writes of `x.rows * w.rows` floats, and while this runs no other thread
+/// accesses `y[t * w.rows + r]` for `r` in `r0..r1`.
 unsafe fn run_chunk(
     x: &QuantizedRows,
     w: &Matrix,
