@@ -1,28 +1,36 @@
-//! AVX2 micro-kernels of the fast precision: a tile of `R` block-quantised weight rows times
-//! `T` activation rows quantised to 8 bits ([`super::quantized_rows`]), multiplied as bytes.
+//! AVX2 micro-kernels of the fast precision: block-quantised weight rows times activation rows
+//! quantised to 8 bits ([`super::quantized_rows`]), multiplied as bytes, four outputs to a
+//! vector.
 //!
 //! One weight block of 32 is 32 bytes in a register: nibbles `0..=15` for Q4_0 and Q4_1, signed
 //! bytes for Q8_0. `vpmaddubsw` multiplies unsigned bytes by signed bytes and adds neighbouring
-//! pairs into 16 bits; `vpmaddwd` by ones adds neighbouring pairs again, giving 8 lanes of 32-bit
-//! sums, lane `j` over elements `4j..4j+4`. Signed Q8_0 weights go through the sign trick:
-//! `|w|` times `x` with `w`'s sign. No step can overflow: a pair is at most
-//! `2 * 128 * 127 = 32512 < 2^15` (activations never reach -128, see `QuantizedRows`).
+//! pairs into 16 bits; `vpmaddwd` by ones adds neighbouring pairs again into 32 bits. Signed
+//! Q8_0 weights go through the sign trick: `|w|` times `x` with `w`'s sign. No step can
+//! overflow: a Q8_0 pair is at most `2 * 128 * 127 = 32512 < 2^15` (activations never reach
+//! -128, see `QuantizedRows`), a nibble pair at most `2 * 15 * 127 = 3810`, so four nibble
+//! pairs still add in 16 bits.
 //!
 //! # Invariants
 //!
-//! - Batch invariance. An output is one 8-lane float accumulator, fed once per block in block
-//!   order (`acc = fma(float(lanes), d_w * d_x, acc)`), then [`hsum`]. The tile shape decides
-//!   only how many outputs are live at once. The Q4 formats' offset terms follow as one dot
-//!   product of the row's block offsets (read from the block headers, see [`block_offsets`])
-//!   and the activations' block sums, in a second 8-lane accumulator.
-//! - Precision. The integer sums are exact; only the scales and the float sums round.
+//! - One arithmetic per output, whatever the kernel. Each output has two float accumulators,
+//!   `lo` (elements `0..16` of every block) and `hi` (`16..32`), which sit in lanes `i` and
+//!   `4 + i` of a vector holding four outputs. Block by block, in order:
+//!   `lo = fma(float(Σ_{j<16} q_w q_x), d_w * d_x, lo)`, then for the Q4 formats
+//!   `lo = fma(offset, s_x, lo)` (`value = d_w * q + offset`, `s_x = d_x * Σ q_x`), and
+//!   `hi = fma(float(Σ_{16<=j<32} q_w q_x), d_w * d_x, hi)`, then `hi = fma(offset, +0, hi)`.
+//!   The output is `lo + hi`. The integer sums are exact; only the scales and the float sums
+//!   round.
+//! - Batch invariance follows: [`tile_token_quads`] puts four tokens of one weight row in the
+//!   lanes and [`tile_row_quads`] four weight rows of one token, and each lane does the
+//!   operations above, so a token's outputs are the same bits whichever kernel, tile or thread
+//!   computed them (and the portable code in `matmul_int8` does them one lane at a time).
 //! - Safety: as in `avx2`; callers hold an `Avx2` token and check the bounds once per call.
 
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum, prefetch_ahead, tail_mask};
+use super::avx2::prefetch_ahead;
 
 /// Decoding of one weight block for the byte dot product.
 pub(crate) trait IntBlock {
@@ -31,70 +39,69 @@ pub(crate) trait IntBlock {
     /// Whether the quants are signed bytes (the sign trick is needed) rather than nibbles.
     const SIGNED: bool;
     /// Whether the format has block offsets (`value = d * q + offset`, see
-    /// `Matrix::block_offsets`).
+    /// `matrix::block_offset`).
     const HAS_OFFSET: bool;
-    /// The 32 quants of the block at `p`, in element order.
-    ///
-    /// # Safety
-    /// The processor supports AVX2, and `p` is valid for reads of `Self::BYTES` bytes.
-    unsafe fn quants(p: *const u8) -> __m256i;
-    /// The scale `d` of the block at `p` (`value = d * q`, plus the offset the caller adds for
-    /// the Q4 formats), broadcast to 8 lanes.
-    ///
-    /// # Safety
-    /// As [`IntBlock::quants`], and the processor supports F16C.
-    unsafe fn scale(p: *const u8) -> __m256;
     /// Where a block's offset is derived from: the byte of the f16 it reads (Q4_1's minimum,
     /// Q4_0's scale) and the factor it takes (1 and -8). Unused without `HAS_OFFSET`.
     const OFFSET_AT: usize = 0;
     /// See [`IntBlock::OFFSET_AT`].
     const OFFSET_TIMES: f32 = 1.0;
+    /// The 32 quants of the block at `p`, in element order.
+    ///
+    /// # Safety
+    /// The processor supports AVX2, and `p` is valid for reads of `Self::BYTES` bytes.
+    unsafe fn quants(p: *const u8) -> __m256i;
+    /// The scale `d` of the block at `p` (`value = d * q`, plus the Q4 formats' offset),
+    /// broadcast to 8 lanes.
+    ///
+    /// # Safety
+    /// As [`IntBlock::quants`], and the processor supports F16C.
+    unsafe fn scale(p: *const u8) -> __m256;
 }
 
-/// The offsets of blocks `0..lanes` (`1 <= lanes <= 8`) of the blocks from `p` (`B::BYTES` apart)
-/// in lanes `0..lanes`, `+0.0` in the others: exactly `matrix::block_offset` of each block.
-/// They are read from the block headers the tile has just streamed, so the offsets cost no
-/// memory traffic of their own.
+/// The offset of the block at `p` whose scale is `d` (as [`IntBlock::scale`] returns it),
+/// broadcast: exactly `matrix::block_offset`.
 ///
 /// # Safety
-/// The processor supports AVX2 and F16C, `B::HAS_OFFSET`, `1 <= lanes <= 8`, and the first
-/// `lanes` blocks from `p` are readable.
+/// The processor supports AVX2 and F16C, `B::HAS_OFFSET`, and `p` is a readable block of `B`.
 #[inline(always)]
-unsafe fn block_offsets<B: IntBlock>(p: *const u8, lanes: usize) -> __m256 {
-    // The f16 of block `i` into lane `i` for `i < lanes` (lanes past `lanes` stay zero), one
-    // register insert each: an `_mm_set_epi16` of the values, or a buffer in memory (which
-    // stalls on store forwarding), made the fast precision's batch-1 tiles a quarter to a third
-    // slower in cache.
-    macro_rules! insert_lanes {
-        ($h:ident, $($i:literal)*) => {
-            $(
-                if $i < lanes {
-                    // SAFETY: block `$i < lanes` is readable (caller), and its f16 lies inside
-                    // it; the features are the caller's.
-                    $h = unsafe {
-                        let v = std::ptr::read_unaligned(
-                            p.add($i * B::BYTES + B::OFFSET_AT) as *const u16,
-                        );
-                        _mm_insert_epi16::<$i>($h, v as i32)
-                    };
-                }
-            )*
-        };
-    }
-    // SAFETY: SSE2 (caller).
-    let mut h = unsafe { _mm_setzero_si128() };
-    insert_lanes!(h, 0 1 2 3 4 5 6 7);
-    // SAFETY: AVX2 and F16C (caller). The product can be -0.0 in a lane past `lanes`; the mask
-    // makes those lanes +0.0, as a masked load would.
+unsafe fn offset<B: IntBlock>(p: *const u8, d: __m256) -> __m256 {
+    // SAFETY: the offset's f16 lies inside the block (caller); the features are the caller's.
     unsafe {
-        let mut v = _mm256_cvtph_ps(h);
-        if B::OFFSET_TIMES != 1.0 {
-            v = _mm256_mul_ps(v, _mm256_set1_ps(B::OFFSET_TIMES));
+        let v = if B::OFFSET_AT == 0 {
+            d
+        } else {
+            f16_broadcast(p.add(B::OFFSET_AT))
+        };
+        if B::OFFSET_TIMES == 1.0 {
+            v
+        } else {
+            _mm256_mul_ps(v, _mm256_set1_ps(B::OFFSET_TIMES))
         }
-        if lanes < 8 {
-            v = _mm256_and_ps(v, _mm256_castsi256_ps(tail_mask(lanes)));
+    }
+}
+
+/// The f16 values at `p[i] + at` for `i < 4`, as f32, in lanes `i` and `4 + i`.
+///
+/// # Safety
+/// The processor supports AVX2 and F16C, and every `p[i] + at` is valid for reads of 2 bytes.
+#[inline(always)]
+unsafe fn f16_quad_twice(p: [*const u8; 4], at: usize) -> __m256 {
+    // SAFETY: each f16 is readable (caller), read unaligned, one register insert each (a
+    // buffer in memory stalls on store forwarding); the features are the caller's.
+    unsafe {
+        let mut h = _mm_setzero_si128();
+        macro_rules! insert_lanes {
+            ($($i:literal)*) => {
+                $(
+                    let v = std::ptr::read_unaligned(p[$i].add(at) as *const u16);
+                    h = _mm_insert_epi16::<$i>(h, v as i32);
+                )*
+            };
         }
-        v
+        insert_lanes!(0 1 2 3);
+        let v = _mm_cvtph_ps(h);
+        _mm256_set_m128(v, v)
     }
 }
 
@@ -179,107 +186,269 @@ impl IntBlock for Q80 {
     }
 }
 
-/// `out[r][t]` = row `r` of the weights times activation row `t`, over `blocks` blocks:
-/// `hsum(Σ_b d_w * d_x * Σ q_w q_x) + hsum(Σ_b offset_b * s_b)` (the second sum only for
-/// formats with offsets: 8 blocks per vector, in block order, then the last `blocks % 8` in
-/// a vector whose other lanes are zero).
+/// The integer dot products of four (weight block, activation block) pairs, split in halves:
+/// lane `i` is pair `i`'s sum over elements `0..16`, lane `4 + i` over `16..32`.
 ///
-/// Weight row `r` starts at `w + r * row_bytes`; activation row `t` has its quants at
-/// `xq + t * blocks * 32` and its block scales and sums at `xd + t * blocks` and
-/// `xs + t * blocks`.
+/// The nibble formats add in 16 bits as far as they can: two `vphaddw` rounds (sums of 8
+/// elements, at most 15240) stay below `2^15`, and one `vpmaddwd` by ones finishes in 32 bits.
+/// Q8_0 goes to 32 bits first and adds with `vphaddd`. Both are exact.
+///
+/// # Safety
+/// The processor supports AVX2; the activations lie in `-127..=127`.
+#[inline(always)]
+unsafe fn quad_sums<B: IntBlock>(w: [__m256i; 4], x: __m256i) -> __m256i {
+    // SAFETY: register operations of AVX2 (caller).
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        // No closures or array maps here: they would be compiled without the caller's
+        // target features and turn every intrinsic into a call.
+        let mut m = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            m[k] = if B::SIGNED {
+                _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(w[k], w[k]), _mm256_sign_epi8(x, w[k])),
+                    ones,
+                )
+            } else {
+                _mm256_maddubs_epi16(w[k], x)
+            };
+        }
+        if B::SIGNED {
+            _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]))
+        } else {
+            let h = _mm256_hadd_epi16(_mm256_hadd_epi16(m[0], m[1]), _mm256_hadd_epi16(m[2], m[3]));
+            _mm256_madd_epi16(h, ones)
+        }
+    }
+}
+
+/// The same sums as [`quad_sums`] for one weight block and four tokens' activations laid out
+/// as `QuantizedRows::q4` interleaves them (`x[k]` holds elements `4k..4k + 4` and
+/// `16 + 4k..16 + 4k + 4` of the four tokens). `wk[k]` is the weight block spread to match
+/// (`vpshufd` of dword `k` in each half), `wa[k]` its absolute values for Q8_0 (else the same).
+/// Each vector's 32-bit lanes then belong to one token and half, so no horizontal adds are
+/// needed: four `vpmaddubsw` and a `vpmaddwd` for the nibble formats.
+///
+/// # Safety
+/// The processor supports AVX2; the activations lie in `-127..=127`.
+#[inline(always)]
+unsafe fn interleaved_sums<B: IntBlock>(
+    wk: &[__m256i; 4],
+    wa: &[__m256i; 4],
+    x: [__m256i; 4],
+) -> __m256i {
+    // SAFETY: register operations of AVX2 (caller).
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let mut m = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            m[k] = if B::SIGNED {
+                // Pairs reach 32512: to 32 bits before adding.
+                _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(wa[k], _mm256_sign_epi8(x[k], wk[k])),
+                    ones,
+                )
+            } else {
+                _mm256_maddubs_epi16(wk[k], x[k])
+            };
+        }
+        if B::SIGNED {
+            _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]))
+        } else {
+            // Pairs are at most 3810: four of them add in 16 bits.
+            _mm256_madd_epi16(
+                _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3])),
+                ones,
+            )
+        }
+    }
+}
+
+/// Lanes `i` and `4 + i` of `v` added, for `i < 4`: each output's `lo + hi`.
+///
+/// # Safety
+/// The processor supports AVX.
+#[inline(always)]
+unsafe fn fold_halves(v: __m256) -> [f32; 4] {
+    // SAFETY: register operations of AVX (caller); `__m128` and `[f32; 4]` have the same size
+    // and every bit pattern is valid for both.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        std::mem::transmute::<__m128, [f32; 4]>(s)
+    }
+}
+
+/// `out[r][g][i]` = weight row `r` times token `4g + i`, four tokens in the lanes of each
+/// accumulator (see the module's invariants). The activations come interleaved
+/// (`QuantizedRows::q4`) and the weight block is spread to match with one in-lane shuffle per
+/// vector, shared by all of the groups: a group of four tokens then costs about what one
+/// token costs in [`tile_row_quads`].
+///
+/// Weight row `r` starts at `w + r * row_bytes`; group `g`'s interleaved quants are at
+/// `xq4 + g * blocks * 128`, its scales at `xd4 + g * blocks * 4` and its block sums at
+/// `xs8 + g * blocks * 8` (`QuantizedRows::d4` and `s8`).
 ///
 /// # Safety
 /// - The processor supports AVX2, FMA and F16C.
-/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes.
-/// - For every `t < T`, `xq + t * blocks * 32` is valid for reads of `blocks * 32` bytes, and
-///   `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
+/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes;
+///   for every `g < G`, `xq4 + g * blocks * 128` for reads of `blocks * 128` bytes of
+///   activations in `-127..=127`, `xd4 + g * blocks * 4` for reads of `blocks * 4` floats and
+///   `xs8 + g * blocks * 8` of `blocks * 8`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile_int8<B: IntBlock, const R: usize, const T: usize>(
+pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usize>(
     w: *const u8,
     row_bytes: usize,
-    xq: *const i8,
-    xd: *const f32,
-    xs: *const f32,
+    xq4: *const i8,
+    xd4: *const f32,
+    xs8: *const f32,
     blocks: usize,
-    out: &mut [[f32; T]; R],
+    out: &mut [[[f32; 4]; G]; R],
 ) {
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); T]; R];
+    let mut acc = [[_mm256_setzero_ps(); G]; R];
     for b in 0..blocks {
         for r in 0..R {
             // SAFETY: block `b < blocks` of row `r < R` is readable (caller); the features
             // are enabled on this function.
-            let (wq, dw) = unsafe {
+            let (p, wq, dw) = unsafe {
                 let p = w.add(r * row_bytes + b * B::BYTES);
                 prefetch_ahead(p);
-                (B::quants(p), B::scale(p))
+                (p, B::quants(p), B::scale(p))
             };
-            let wa = if B::SIGNED {
-                _mm256_sign_epi8(wq, wq)
+            // Vector `k`: the block's elements `4k..4k + 4` in every lane of the low half,
+            // `16 + 4k..` in the high half, as the activations are interleaved.
+            let wk = [
+                _mm256_shuffle_epi32::<0x00>(wq),
+                _mm256_shuffle_epi32::<0x55>(wq),
+                _mm256_shuffle_epi32::<0xaa>(wq),
+                _mm256_shuffle_epi32::<0xff>(wq),
+            ];
+            let mut wa = wk;
+            if B::SIGNED {
+                for v in &mut wa {
+                    *v = _mm256_sign_epi8(*v, *v);
+                }
+            }
+            let o = if B::HAS_OFFSET {
+                // SAFETY: as above, for a format with offsets.
+                unsafe { offset::<B>(p, dw) }
             } else {
-                wq
+                _mm256_setzero_ps()
             };
-            for t in 0..T {
-                let at = t * blocks + b;
-                // SAFETY: block `b` of activation row `t < T` and its scale are readable
-                // (caller).
-                let (xv, dx) = unsafe {
+            for g in 0..G {
+                let at = g * blocks + b;
+                // SAFETY: block `b` of group `g < G`, its four scales and its eight sums are
+                // readable (caller).
+                let (x, dx, sx) = unsafe {
+                    let p = xq4.add(at * 128) as *const __m256i;
                     (
-                        _mm256_loadu_si256(xq.add(at * 32) as *const __m256i),
-                        _mm256_broadcast_ss(&*xd.add(at)),
+                        [
+                            _mm256_loadu_si256(p),
+                            _mm256_loadu_si256(p.add(1)),
+                            _mm256_loadu_si256(p.add(2)),
+                            _mm256_loadu_si256(p.add(3)),
+                        ],
+                        _mm256_broadcast_ps(&*(xd4.add(at * 4) as *const __m128)),
+                        _mm256_loadu_ps(xs8.add(at * 8)),
                     )
                 };
-                let xv = if B::SIGNED {
-                    _mm256_sign_epi8(xv, wq)
-                } else {
-                    xv
-                };
-                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
-                acc[r][t] =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), _mm256_mul_ps(dw, dx), acc[r][t]);
+                // SAFETY: AVX2; activations in range (caller).
+                let sums = unsafe { interleaved_sums::<B>(&wk, &wa, x) };
+                let mut a =
+                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[r][g]);
+                if B::HAS_OFFSET {
+                    // `sx` is zero in the high half.
+                    a = _mm256_fmadd_ps(o, sx, a);
+                }
+                acc[r][g] = a;
             }
         }
     }
     for r in 0..R {
-        for t in 0..T {
+        for g in 0..G {
             // SAFETY: the features are enabled on this function.
-            out[r][t] = unsafe { hsum(acc[r][t]) };
+            out[r][g] = unsafe { fold_halves(acc[r][g]) };
         }
     }
-    if B::HAS_OFFSET {
-        // `Σ_b offset_b * s_b` per output, the offsets decoded from the block headers (8
-        // blocks a vector) once for all of the tile's tokens.
-        let mut sums = [[_mm256_setzero_ps(); T]; R];
-        let mut b = 0;
-        while b < blocks {
-            let lanes = (blocks - b).min(8);
-            // SAFETY: AVX2 is enabled on this function.
-            let mask = unsafe { tail_mask(lanes) };
-            for r in 0..R {
-                // SAFETY: blocks `b..b + lanes <= blocks` of row `r < R` are readable
-                // (caller); the features are enabled on this function.
-                let o = unsafe { block_offsets::<B>(w.add(r * row_bytes + b * B::BYTES), lanes) };
-                for t in 0..T {
-                    // SAFETY: sums `b..b + lanes <= blocks` of row `t < T` are readable
-                    // (caller); a masked load touches only the enabled lanes.
-                    let s = unsafe {
-                        let at = xs.add(t * blocks + b);
-                        if lanes == 8 {
-                            _mm256_loadu_ps(at)
-                        } else {
-                            _mm256_maskload_ps(at, mask)
-                        }
-                    };
-                    sums[r][t] = _mm256_fmadd_ps(o, s, sums[r][t]);
+}
+
+/// `out[t][i]` = weight row `w[i]` times token `t`, with the four rows in the lanes of each
+/// accumulator instead of four tokens (see the module's invariants): the shape for fewer than
+/// four tokens, and so for batch-1 decode.
+///
+/// Token `t`'s quants are at `xq + t * blocks * 32`, its scales at `xd + t * blocks` and its
+/// block sums at `xs + t * blocks`.
+///
+/// # Safety
+/// - The processor supports AVX2, FMA and F16C.
+/// - Every `w[i]` is valid for reads of `blocks * B::BYTES` bytes; for every `t < T`,
+///   `xq + t * blocks * 32` for reads of `blocks * 32` bytes of activations in `-127..=127`,
+///   and `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
+    w: [*const u8; 4],
+    xq: *const i8,
+    xd: *const f32,
+    xs: *const f32,
+    blocks: usize,
+    out: &mut [[f32; 4]; T],
+) {
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        // SAFETY: block `b < blocks` of each row is readable (caller); the features are
+        // enabled on this function.
+        let (wq, dw, o) = unsafe {
+            let p = [
+                w[0].add(b * B::BYTES),
+                w[1].add(b * B::BYTES),
+                w[2].add(b * B::BYTES),
+                w[3].add(b * B::BYTES),
+            ];
+            for p in p {
+                prefetch_ahead(p);
+            }
+            let dw = f16_quad_twice(p, 0);
+            let o = if !B::HAS_OFFSET {
+                _mm256_setzero_ps()
+            } else if B::OFFSET_AT == 0 {
+                _mm256_mul_ps(dw, _mm256_set1_ps(B::OFFSET_TIMES))
+            } else {
+                let o = f16_quad_twice(p, B::OFFSET_AT);
+                if B::OFFSET_TIMES == 1.0 {
+                    o
+                } else {
+                    _mm256_mul_ps(o, _mm256_set1_ps(B::OFFSET_TIMES))
                 }
+            };
+            let wq = [
+                B::quants(p[0]),
+                B::quants(p[1]),
+                B::quants(p[2]),
+                B::quants(p[3]),
+            ];
+            (wq, dw, o)
+        };
+        for t in 0..T {
+            let at = t * blocks + b;
+            // SAFETY: block `b` of token `t < T`, its scale and its sum are readable (caller).
+            let (x, dx, sx) = unsafe {
+                (
+                    _mm256_loadu_si256(xq.add(at * 32) as *const __m256i),
+                    _mm256_broadcast_ss(&*xd.add(at)),
+                    _mm256_broadcast_ss(&*xs.add(at)),
+                )
+            };
+            // SAFETY: AVX2; activations in range (caller).
+            let sums = unsafe { quad_sums::<B>(wq, x) };
+            let mut a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[t]);
+            if B::HAS_OFFSET {
+                // The sum in the low half only, as `tile_token_quads` has it.
+                a = _mm256_fmadd_ps(o, _mm256_blend_ps::<0x0f>(_mm256_setzero_ps(), sx), a);
             }
-            b += lanes;
+            acc[t] = a;
         }
-        for r in 0..R {
-            for t in 0..T {
-                // SAFETY: the features are enabled on this function.
-                out[r][t] += unsafe { hsum(sums[r][t]) };
-            }
-        }
+    }
+    for t in 0..T {
+        // SAFETY: the features are enabled on this function.
+        out[t] = unsafe { fold_halves(acc[t]) };
     }
 }

@@ -10,11 +10,14 @@
 //! # Invariants
 //!
 //! - Batch invariant, like the exact precision: a row is quantised on its own, and each output
-//!   is computed by the same operations whatever the tile or the thread (see `avx2_int8`).
+//!   is computed by the same operations whatever the tile or the thread (see `avx2_int8`:
+//!   each block's integer sums over its two halves, scaled and accumulated in two floats).
 //! - Float32 weight matrices have no integer form: the fast precision multiplies them exactly.
-//! - Paths: AVX2 (also on AVX-512 machines, which have it) or portable scalar code; they differ
-//!   in the order the float sums are taken, never in the integer sums.
+//! - Paths: AVX2 (also on AVX-512 machines, which have it) or portable scalar code, which does
+//!   the AVX2 kernels' operations one lane at a time: the two give the same bits.
 
+#[cfg(target_arch = "x86_64")]
+use super::avx2_int8 as isa;
 use super::matmul::{matmul, row_chunks, tile_rows};
 use super::matrix::{block_offset, Matrix, Storage, WeightFormat};
 use super::quantized_rows::QuantizedRows;
@@ -133,29 +136,8 @@ unsafe fn run_chunk(
     #[cfg(target_arch = "x86_64")]
     if !matches!(simd, Isa::Portable) {
         if let Some(token) = Avx2::detect() {
-            let n = x.rows;
-            let mut t0 = 0;
-            while t0 < n {
-                // Eight tokens per tile when there are as many (their bytes fit in L1 at any
-                // width), one weight row at a time; fewer tokens take more rows.
-                let t = if n - t0 >= 8 { 8 } else { (n - t0).min(4) };
-                let mut r = r0;
-                while r < r1 {
-                    let left = r1 - r;
-                    let most = match t {
-                        1 => 4,
-                        8 => 1,
-                        _ => 2,
-                    };
-                    let rr = tile_rows(left, most);
-                    // SAFETY: `t0 + t <= n`, `r + rr <= r1 <= w.rows`; the rest is our own
-                    // contract, and the tile writes only rows `r..r + rr` of `y`, ours.
-                    unsafe { tile_dispatch_avx2(token, x, t0, t, w, bytes, r, rr, y) };
-                    r += rr;
-                }
-                t0 += t;
-            }
-            return;
+            // SAFETY: forwarded from our own contract; the token proves the features.
+            return unsafe { avx2_chunk(token, x, w, bytes, y, r0, r1) };
         }
     }
     let _ = simd;
@@ -163,78 +145,152 @@ unsafe fn run_chunk(
     unsafe { portable_chunk(x, w, bytes, y, r0, r1) }
 }
 
-/// One AVX2 tile: rows `r..r + rr` of `w` times quantised rows `t0..t0 + t` of `x`, into `y`.
+/// Rows `r0..r1` of the product on the AVX2 path: whole groups of four tokens with the
+/// tokens in the lanes ([`isa::tile_token_quads`]), sixteen at a time while there are as many,
+/// then eight, then four; the last `n % 4` tokens with four weight rows in the lanes
+/// ([`isa::tile_row_quads`]). Both do the same operations for each output, so a token's
+/// outputs do not depend on which of them it went through (batch invariance).
 ///
 /// # Safety
-/// `(rr, t)` is one of the shapes matched below; `t0 + t <= x.rows`; `r + rr <= w.rows`;
-/// `x.cols == w.cols`, `w` is block-quantised with storage `bytes`; `y` is valid for writes of
-/// `(t0 + t) * w.rows` floats and no other thread accesses `y[(t0 + j) * w.rows + r + i]`
-/// (`j < t`, `i < rr`) meanwhile. (The token covers the processor features.)
+/// As [`run_chunk`], and the token proves the processor's features.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_dispatch_avx2(
+unsafe fn avx2_chunk(
     _token: Avx2,
     x: &QuantizedRows,
-    t0: usize,
-    t: usize,
     w: &Matrix,
     bytes: &[u8],
-    r: usize,
-    rr: usize,
     y: *mut f32,
+    r0: usize,
+    r1: usize,
 ) {
-    use super::avx2_int8 as isa;
+    match w.format {
+        // SAFETY: forwarded; the format names the block type of `bytes`.
+        WeightFormat::Q4_1 => unsafe { avx2_chunk_of::<isa::Q41>(x, w, bytes, y, r0, r1) },
+        // SAFETY: as above.
+        WeightFormat::Q4_0 => unsafe { avx2_chunk_of::<isa::Q40>(x, w, bytes, y, r0, r1) },
+        // SAFETY: as above.
+        WeightFormat::Q8_0 => unsafe { avx2_chunk_of::<isa::Q80>(x, w, bytes, y, r0, r1) },
+        WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
+    }
+}
+
+/// [`avx2_chunk`] for the block type `B` of `w`.
+///
+/// # Safety
+/// As [`run_chunk`], `w`'s blocks are `B`'s, and the processor supports AVX2, FMA and F16C.
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx2_chunk_of<B: isa::IntBlock>(
+    x: &QuantizedRows,
+    w: &Matrix,
+    bytes: &[u8],
+    y: *mut f32,
+    r0: usize,
+    r1: usize,
+) {
+    let n = x.rows;
     let blocks = w.cols / 32;
     let rb = w.row_bytes();
-    // SAFETY: `r < rows` and `t0 < x.rows` (our contract), so every offset stays inside its
-    // buffer; `QuantizedRows` holds `rows * cols` quants and `rows * cols / 32` scales and sums.
-    let (wp, xq, xd, xs) = unsafe {
-        (
-            bytes.as_ptr().add(r * rb),
-            x.q.as_ptr().add(t0 * w.cols),
-            x.d.as_ptr().add(t0 * blocks),
-            x.s.as_ptr().add(t0 * blocks),
-        )
-    };
-    macro_rules! go {
-        ($R:literal, $T:literal) => {{
-            let mut out = [[0f32; $T]; $R];
-            // The token proves the features; the `Matrix` invariant makes rows `r..r + $R`
-            // whole rows of `blocks` blocks from `wp`, and the `QuantizedRows`
-            // invariant makes tokens `t0..t0 + $T` whole rows from `xq`, `xd` and `xs` (our
-            // contract bounds both).
-            match w.format {
-                // SAFETY: as said above.
-                WeightFormat::Q4_1 => unsafe {
-                    isa::tile_int8::<isa::Q41, $R, $T>(wp, rb, xq, xd, xs, blocks, &mut out)
-                },
-                // SAFETY: as said above.
-                WeightFormat::Q4_0 => unsafe {
-                    isa::tile_int8::<isa::Q40, $R, $T>(wp, rb, xq, xd, xs, blocks, &mut out)
-                },
-                // SAFETY: as said above.
-                WeightFormat::Q8_0 => unsafe {
-                    isa::tile_int8::<isa::Q80, $R, $T>(wp, rb, xq, xd, xs, blocks, &mut out)
-                },
-                WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
+    let rows = w.rows;
+    // Every pointer below is to a row `< r1 <= w.rows` of `bytes` or to a token `< n` (a group
+    // `< n / 4`) of `x`: whole rows of their buffers by the `Matrix` and `QuantizedRows`
+    // invariants, with `x.cols == w.cols` (our contract).
+    let row = |r: usize| bytes[r * rb..].as_ptr();
+    let full = n / 4 * 4;
+    let mut t0 = 0;
+    while t0 < full {
+        let groups = match full - t0 {
+            16.. => 4,
+            8.. => 2,
+            _ => 1,
+        };
+        let g0 = t0 / 4;
+        let (xq4, xd4, xs8) = (
+            x.q4[g0 * blocks * 128..].as_ptr(),
+            x.d4[g0 * blocks * 4..].as_ptr(),
+            x.s8[g0 * blocks * 8..].as_ptr(),
+        );
+        let mut r = r0;
+        while r < r1 {
+            // Several groups take one row at a time (the four spread weight vectors and one
+            // accumulator per group fill the registers), as does Q8_0 (which also keeps the
+            // weights' absolute values); a single group takes up to four rows.
+            let rr = if B::SIGNED || groups > 1 {
+                1
+            } else {
+                tile_rows(r1 - r, 4)
+            };
+            macro_rules! go {
+                ($R:literal, $G:literal) => {{
+                    let mut out = [[[0f32; 4]; $G]; $R];
+                    // SAFETY: rows `r..r + $R <= r1` and groups `g0..g0 + $G <= n / 4` (see
+                    // above); the features are our contract's.
+                    unsafe {
+                        isa::tile_token_quads::<B, $R, $G>(
+                            row(r),
+                            rb,
+                            xq4,
+                            xd4,
+                            xs8,
+                            blocks,
+                            &mut out,
+                        )
+                    };
+                    for (i, out) in out.iter().enumerate() {
+                        for (j, &v) in out.iter().flatten().enumerate() {
+                            // SAFETY: row `r + i` is in `r0..r1`, ours (contract); token
+                            // `t0 + j < n`.
+                            unsafe { *y.add((t0 + j) * rows + r + i) = v };
+                        }
+                    }
+                }};
             }
-            // SAFETY: the tile's outputs are elements of `y` our contract gives to this tile
-            // alone.
-            unsafe { super::matmul::store_tile(&out, y, w.rows, t0, r) };
-        }};
+            match (rr, groups) {
+                (4, 1) => go!(4, 1),
+                (2, 1) => go!(2, 1),
+                (1, 1) => go!(1, 1),
+                (1, 2) => go!(1, 2),
+                (1, 4) => go!(1, 4),
+                _ => unreachable!("tile shapes are chosen just above"),
+            }
+            r += rr;
+        }
+        t0 += 4 * groups;
     }
-    match (rr, t) {
-        (4, 1) => go!(4, 1),
-        (2, 1) => go!(2, 1),
-        (1, 1) => go!(1, 1),
-        (2, 2) => go!(2, 2),
-        (1, 2) => go!(1, 2),
-        (2, 3) => go!(2, 3),
-        (1, 3) => go!(1, 3),
-        (2, 4) => go!(2, 4),
-        (1, 4) => go!(1, 4),
-        (1, 8) => go!(1, 8),
-        _ => unreachable!("tile shapes are chosen in run_chunk"),
+    // The last `n % 4` tokens, four weight rows at a time (a last quad short of rows repeats
+    // its last row in the spare lanes and discards them).
+    let left = n - full;
+    if left == 0 {
+        return;
+    }
+    let (xq, xd, xs) = (
+        x.q[full * w.cols..].as_ptr(),
+        x.d[full * blocks..].as_ptr(),
+        x.s[full * blocks..].as_ptr(),
+    );
+    let mut r = r0;
+    while r < r1 {
+        let real = (r1 - r).min(4);
+        let ws: [*const u8; 4] = std::array::from_fn(|i| row(r + i.min(real - 1)));
+        macro_rules! go {
+            ($T:literal) => {{
+                let mut out = [[0f32; 4]; $T];
+                // SAFETY: whole rows `< r1` and tokens `full..n` (see above); the features
+                // are our contract's.
+                unsafe { isa::tile_row_quads::<B, $T>(ws, xq, xd, xs, blocks, &mut out) };
+                for (t, out) in out.iter().enumerate() {
+                    for (i, &v) in out.iter().enumerate().take(real) {
+                        // SAFETY: row `r + i < r1` is ours (contract); token `full + t < n`.
+                        unsafe { *y.add((full + t) * rows + r + i) = v };
+                    }
+                }
+            }};
+        }
+        match left {
+            1 => go!(1),
+            2 => go!(2),
+            _ => go!(3),
+        }
+        r += real;
     }
 }
 
@@ -265,8 +321,10 @@ fn int_block(format: WeightFormat, blk: &[u8], q: &mut [i32; 32]) -> f32 {
     }
 }
 
-/// Portable path: per output, `Σ_blocks (d_w * d_x) * Σ q_w q_x` in block order, then plus
-/// `Σ_blocks offset * s_x` in block order for the formats with offsets.
+/// Portable path: the AVX2 kernels' operations one lane at a time (see `avx2_int8`), so it
+/// gives the same bits. Per output and block, in order: `lo = fma(float(Σ_{j<16} q_w q_x),
+/// d_w * d_x, lo)`, then `lo = fma(offset, s_x, lo)` for the formats with offsets; `hi` the
+/// same over elements `16..32`, with `fma(offset, 0, hi)`. The output is `lo + hi`.
 ///
 /// # Safety
 /// As [`run_chunk`] (every read is bounds-checked; only the writes to `y` are raw).
@@ -282,29 +340,36 @@ unsafe fn portable_chunk(
     let blocks = w.cols / 32;
     let rb = w.row_bytes();
     let bb = w.format.block_bytes();
-    let mut acc = vec![0f32; n];
+    let mut halves = vec![[0f32; 2]; n];
     let mut q = [0i32; 32];
     for r in r0..r1 {
-        acc.fill(0.0);
+        halves.fill([0.0; 2]);
         for (b, blk) in bytes[r * rb..(r + 1) * rb].chunks_exact(bb).enumerate() {
             let d = int_block(w.format, blk, &mut q);
-            for (t, acc) in acc.iter_mut().enumerate() {
+            let offset = block_offset(w.format, blk);
+            for (t, [lo, hi]) in halves.iter_mut().enumerate() {
                 let at = t * blocks + b;
                 let xq = &x.q[at * 32..at * 32 + 32];
-                let dot: i32 = q.iter().zip(xq).map(|(&a, &b)| a * b as i32).sum();
-                *acc += (d * x.d[at]) * dot as f32;
-            }
-        }
-        for (t, acc) in acc.iter().enumerate() {
-            let s = &x.s[t * blocks..(t + 1) * blocks];
-            let mut extra = 0f32;
-            for (blk, s) in bytes[r * rb..(r + 1) * rb].chunks_exact(bb).zip(s) {
-                if let Some(offset) = block_offset(w.format, blk) {
-                    extra += offset * s;
+                let dot = |from: usize| -> f32 {
+                    let sum: i32 = q[from..from + 16]
+                        .iter()
+                        .zip(&xq[from..from + 16])
+                        .map(|(&a, &b)| a * b as i32)
+                        .sum();
+                    sum as f32
+                };
+                let scale = d * x.d[at];
+                *lo = dot(0).mul_add(scale, *lo);
+                *hi = dot(16).mul_add(scale, *hi);
+                if let Some(o) = offset {
+                    *lo = o.mul_add(x.s[at], *lo);
+                    *hi = o.mul_add(0.0, *hi);
                 }
             }
+        }
+        for (t, [lo, hi]) in halves.iter().enumerate() {
             // SAFETY: `t * rows + r < n * rows`, an element our contract gives to this chunk.
-            unsafe { *y.add(t * w.rows + r) = acc + extra };
+            unsafe { *y.add(t * w.rows + r) = lo + hi };
         }
     }
 }
@@ -364,18 +429,22 @@ mod tests {
     }
 
     #[test]
-    fn every_path_matches_the_f64_product_and_is_batch_invariant() {
+    fn every_path_matches_the_f64_product_gives_the_same_bits_and_is_batch_invariant() {
         let mut rng = Lcg(11);
         for format in [WeightFormat::Q8_0, WeightFormat::Q4_0, WeightFormat::Q4_1] {
             // 1, 2 and 5 blocks a row (offsets in one partial vector), 8 (one whole vector) and
-            // 18 (two whole vectors and a partial one).
+            // 18 (two whole vectors and a partial one); row counts that leave 1, 2 or 3 rows
+            // over from the four-row tiles.
             for (rows, cols) in [(37, 64), (96, 160), (13, 32), (8, 256), (21, 576)] {
                 let w = random_matrix(format, rows, cols, &mut rng);
-                for n in [1, 2, 3, 5, 9, 12] {
+                // Token counts through every tile: 1-3 tokens (rows in the lanes), one, two and
+                // four groups of four (tokens in the lanes), and groups with 1-3 left over.
+                for n in [1, 2, 3, 4, 5, 8, 9, 12, 16, 19, 23, 30] {
                     let x: Vec<f32> = (0..n * cols).map(|_| rng.float() * 3.0).collect();
                     let mut xq = QuantizedRows::default();
                     xq.quantize(&x, n, cols);
                     let want = reference(&xq, &w);
+                    let mut by_path = Vec::new();
                     for path in [KernelPath::Auto, KernelPath::Scalar] {
                         with_kernel_path(path, || {
                             let mut y = vec![0f32; n * rows];
@@ -405,8 +474,11 @@ mod tests {
                                     "{format:?} {path:?} n={n} t={t}"
                                 );
                             }
+                            by_path.push(y);
                         });
                     }
+                    // The SIMD kernels and the portable code do the same operations.
+                    assert_eq!(by_path[0], by_path[1], "{format:?} {rows}x{cols} n={n}");
                 }
             }
         }

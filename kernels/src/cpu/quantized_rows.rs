@@ -24,6 +24,20 @@ pub struct QuantizedRows {
     pub(crate) d: Vec<f32>,
     /// `d * Σq` per block.
     pub(crate) s: Vec<f32>,
+    /// The scales again, by groups of four rows: block `b` of rows `4g..4g + 4` at
+    /// `d4[(g * blocks_per_row + b) * 4..][..4]`, zero for rows past `rows`. The integer
+    /// kernel with the tokens in the lanes reads the four in one load
+    /// (`avx2_int8::tile_token_quads`).
+    pub(crate) d4: Vec<f32>,
+    /// The sums `s` again, by groups of four rows as `d4`, each four followed by four zeros:
+    /// block `b` of rows `4g..4g + 4` at `s8[(g * blocks_per_row + b) * 8..][..4]`.
+    pub(crate) s8: Vec<f32>,
+    /// The quants again, interleaved by groups of four rows for the integer kernel with the
+    /// tokens in the lanes (`avx2_int8::tile_token_quads`): block `b` of rows `4g..4g + 4`
+    /// is 128 bytes at `q4[(g * blocks_per_row + b) * 128..]`, four vectors of 32; vector `k`
+    /// holds elements `4k..4k + 4` of rows `4g..4g + 4` in its first 16 bytes and elements
+    /// `16 + 4k..16 + 4k + 4` in its last 16. Zero for rows past `rows`.
+    pub(crate) q4: Vec<i8>,
 }
 
 impl QuantizedRows {
@@ -48,9 +62,37 @@ impl QuantizedRows {
         #[cfg(target_arch = "x86_64")]
         if super::has_avx2() {
             // SAFETY: the processor has AVX2 and FMA (checked just now).
-            return unsafe { self.fill_avx2(&x[..rows * cols]) };
+            unsafe { self.fill_avx2(&x[..rows * cols]) };
+        } else {
+            self.fill(&x[..rows * cols]);
         }
-        self.fill(&x[..rows * cols]);
+        self.fill_groups();
+    }
+
+    /// Copy the quants, scales and sums into `q4`, `d4` and `s8`, by groups of four rows.
+    fn fill_groups(&mut self) {
+        let per_row = self.cols / 32;
+        let groups = self.rows.div_ceil(4);
+        self.d4.clear();
+        self.d4.resize(groups * per_row * 4, 0.0);
+        self.s8.clear();
+        self.s8.resize(groups * per_row * 8, 0.0);
+        self.q4.clear();
+        self.q4.resize(groups * per_row * 128, 0);
+        for t in 0..self.rows {
+            let (g, i) = (t / 4, t % 4);
+            for b in 0..per_row {
+                let at = t * per_row + b;
+                self.d4[(g * per_row + b) * 4 + i] = self.d[at];
+                self.s8[(g * per_row + b) * 8 + i] = self.s[at];
+                let src = &self.q[at * 32..at * 32 + 32];
+                let dst = &mut self.q4[(g * per_row + b) * 128..][..128];
+                for (c, four) in src.chunks_exact(4).enumerate() {
+                    let (k, half) = (c % 4, c / 4);
+                    dst[k * 32 + half * 16 + i * 4..][..4].copy_from_slice(four);
+                }
+            }
+        }
     }
 
     /// [`QuantizedRows::fill`] compiled for AVX2 (rounding is then one instruction rather than
