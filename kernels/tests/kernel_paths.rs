@@ -387,6 +387,30 @@ fn rms_norm_and_the_other_ops_agree_between_paths() {
     for (path, y) in &all {
         assert_eq!(y, &all[0].1, "{path:?}");
     }
+    // The SiLU gate's exponential is vector code with a scalar twin of the same operations:
+    // still the same bits on every path, over its clamps (|v| past 87) and a tail of 5.
+    let gate: Vec<f32> = (0..8197).map(|i| (i as f32 - 4098.0) * 0.05).collect();
+    let up = rng.vec(gate.len());
+    let all = every_path(|| {
+        let mut y = gate.clone();
+        convoy_kernels::silu_mul(&mut y, &up);
+        y
+    });
+    for (path, y) in &all {
+        let same = y
+            .iter()
+            .zip(&all[0].1)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{path:?}: silu_mul differs from the scalar path");
+    }
+    // And it is SiLU: against f64 within a few float roundings.
+    for ((&g, &u), &y) in gate.iter().zip(&up).zip(&all[0].1) {
+        let want = g as f64 / (1.0 + (-g as f64).exp()) * u as f64;
+        assert!(
+            (y as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+            "silu({g}) * {u} = {y}, want {want}"
+        );
+    }
 }
 
 /// One sequence of an attention test: where its queries sit and what it has cached.

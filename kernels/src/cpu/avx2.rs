@@ -369,3 +369,160 @@ pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
         }
     }
 }
+
+/// `e^x` in each lane, within 2 ulp of the correctly rounded result for `x` in
+/// `[-87.3, 88.7]`; lanes below that give 0 (the softmax only takes `e^(s - max)`, so its
+/// arguments are `<= 0`). Range reduction `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 split
+/// in two parts so `r` is exact to float precision), a degree-6 polynomial for `e^r`
+/// (Cephes' `expf` coefficients), then `2^n` put into the exponent bits. `ops::exp_lanewise`
+/// does the same operations on one float, and so gives the same bits.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA.
+#[inline(always)]
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register operations of AVX2 and FMA only, which the caller guarantees.
+    unsafe {
+        let lo = _mm256_set1_ps(-87.336_55);
+        let hi = _mm256_set1_ps(88.722_83);
+        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
+        let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // 2^n: n + 127 in the exponent field (n is in [-126, 128] after the clamp; 2^128
+        // overflows to infinity as expf does).
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        let scaled = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
+        _mm256_andnot_ps(underflow, scaled)
+    }
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` for `i < min(gate.len(), up.len())`, as
+/// `ops::silu_one` computes each (`v / (1 + e^-v) * u` with [`exp8`]), eight at a time.
+///
+/// # Safety
+/// The processor supports AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let whole = n / 8 * 8;
+    let sign = _mm256_set1_ps(-0.0);
+    let one = _mm256_set1_ps(1.0);
+    for c in (0..whole).step_by(8) {
+        // SAFETY: elements `c..c + 8 <= n` are inside both slices; `gate` is borrowed mutably,
+        // so the store races with nothing; the features are enabled on this function.
+        unsafe {
+            let gp = gate.as_mut_ptr().add(c);
+            let v = _mm256_loadu_ps(gp);
+            let e = exp8(_mm256_xor_ps(v, sign));
+            let g = _mm256_div_ps(v, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(gp, _mm256_mul_ps(g, _mm256_loadu_ps(up.as_ptr().add(c))));
+        }
+    }
+    for (g, &u) in gate[whole..n].iter_mut().zip(&up[whole..n]) {
+        *g = super::ops::silu_one(*g, u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Distance in units in the last place between two positive floats.
+    fn ulps(a: f32, b: f32) -> u32 {
+        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+    }
+
+    #[test]
+    fn exp8_is_within_2_ulp_of_the_rounded_exponential_and_underflows_to_zero() {
+        if super::super::Avx2::detect().is_none() {
+            eprintln!("no AVX2 here: nothing to check");
+            return;
+        }
+        let mut worst = 0;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let xs = [
+                x,
+                x * 0.5,
+                x * 0.25,
+                x * 0.125,
+                x * 1e-2,
+                x * 1e-4,
+                x * 1e-7,
+                0.0,
+            ];
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected above; `got` holds 8 floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (&x, &g) in xs.iter().zip(&got) {
+                let want = (x as f64).exp() as f32;
+                worst = worst.max(ulps(g, want));
+                assert!(ulps(g, want) <= 2, "exp({x}) = {g}, want {want}");
+            }
+            x += 0.0137;
+        }
+        eprintln!("exp8: worst error {worst} ulp");
+        let xs = [
+            -88.0f32,
+            -100.0,
+            -1e30,
+            f32::NEG_INFINITY,
+            -87.5,
+            -90.0,
+            -200.0,
+            -1e4,
+        ];
+        let mut got = [1f32; 8];
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+        assert_eq!(got, [0.0; 8], "below -87.34 the softmax weight is 0");
+    }
+
+    #[test]
+    fn exp8_and_its_scalar_twin_give_the_same_bits() {
+        if super::super::Avx2::detect().is_none() {
+            eprintln!("no AVX2 here: nothing to check");
+            return;
+        }
+        let mut xs: Vec<f32> = (-2000..2000).map(|i| i as f32 * 0.0491).collect();
+        xs.extend([
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+            -87.34,
+            -87.33,
+            88.72,
+            88.73,
+            1e30,
+            -1e30,
+            0.0,
+            -0.0,
+            1e-30,
+        ]);
+        xs.resize(xs.len().div_ceil(8) * 8, 1.0);
+        for x in xs.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected above; `got` and `x` hold 8 floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr()))) };
+            for (&x, &g) in x.iter().zip(&got) {
+                let want = super::super::ops::exp_lanewise(x);
+                assert_eq!(g.to_bits(), want.to_bits(), "exp({x}): {g} vs {want}");
+            }
+        }
+    }
+}

@@ -28,7 +28,7 @@
 use std::arch::x86_64::*;
 
 use super::attention::{for_each_run, k_index, Item, TileRows};
-use super::avx2::{hsum, tail_mask};
+use super::avx2::{exp8, hsum, tail_mask};
 use super::kv_elem::KvElem;
 
 /// Vectors (query heads of the tile) that share one K or V load: 6 x 2 accumulators, with the
@@ -335,46 +335,6 @@ unsafe fn v_run<E: KvElem, const H: usize, const C: usize>(
     }
 }
 
-/// `e^x` in each lane, within 2 ulp of the correctly rounded result for `x` in
-/// `[-87.3, 88.7]`; lanes below that give 0 (the softmax only takes `e^(s - max)`, so its
-/// arguments are `<= 0`). Range reduction `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 split
-/// in two parts so `r` is exact to float precision), a degree-6 polynomial for `e^r`
-/// (Cephes' `expf` coefficients), then `2^n` put into the exponent bits.
-///
-/// # Safety
-/// The processor supports AVX2 and FMA.
-#[inline(always)]
-unsafe fn exp8(x: __m256) -> __m256 {
-    // SAFETY: register operations of AVX2 and FMA only, which the caller guarantees.
-    unsafe {
-        let lo = _mm256_set1_ps(-87.336_55);
-        let hi = _mm256_set1_ps(88.722_83);
-        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
-        let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
-        let r2 = _mm256_mul_ps(r, r);
-        let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        // 2^n: n + 127 in the exponent field (n is in [-126, 128] after the clamp; 2^128
-        // overflows to infinity as expf does).
-        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        let scaled = _mm256_mul_ps(e, _mm256_castsi256_ps(bits));
-        _mm256_andnot_ps(underflow, scaled)
-    }
-}
-
 /// One vector's softmax over its positions: the max score `m`, `l = sum exp(s - m)`, and the
 /// scores replaced by `exp(s - m)`; writes `[m, l, 0...]` to its record. The contract of
 /// `attention::softmax_stats` for one head, with [`exp8`] for the exponentials and the sum kept
@@ -425,60 +385,4 @@ fn softmax_stats(sc: &mut [f32], record: &mut [f32]) {
     // SAFETY: AVX is enabled on this function.
     record[1] = unsafe { hsum(acc) };
     record[2..].fill(0.0);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Distance in units in the last place between two positive floats.
-    fn ulps(a: f32, b: f32) -> u32 {
-        (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
-    }
-
-    #[test]
-    fn exp8_is_within_2_ulp_of_the_rounded_exponential_and_underflows_to_zero() {
-        if super::super::Avx2::detect().is_none() {
-            eprintln!("no AVX2 here: nothing to check");
-            return;
-        }
-        let mut worst = 0;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let xs = [
-                x,
-                x * 0.5,
-                x * 0.25,
-                x * 0.125,
-                x * 1e-2,
-                x * 1e-4,
-                x * 1e-7,
-                0.0,
-            ];
-            let mut got = [0f32; 8];
-            // SAFETY: AVX2 and FMA were detected above; `got` holds 8 floats.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
-            for (&x, &g) in xs.iter().zip(&got) {
-                let want = (x as f64).exp() as f32;
-                worst = worst.max(ulps(g, want));
-                assert!(ulps(g, want) <= 2, "exp({x}) = {g}, want {want}");
-            }
-            x += 0.0137;
-        }
-        eprintln!("exp8: worst error {worst} ulp");
-        let xs = [
-            -88.0f32,
-            -100.0,
-            -1e30,
-            f32::NEG_INFINITY,
-            -87.5,
-            -90.0,
-            -200.0,
-            -1e4,
-        ];
-        let mut got = [1f32; 8];
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_ps(got.as_mut_ptr(), exp8(_mm256_loadu_ps(xs.as_ptr()))) };
-        assert_eq!(got, [0.0; 8], "below -87.34 the softmax weight is 0");
-    }
 }

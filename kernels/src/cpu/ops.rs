@@ -179,19 +179,58 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
         gate.len(),
         up.len()
     );
-    let f = |g: &mut f32, u: &f32| {
-        let v = *g;
-        *g = v / (1.0 + (-v).exp()) * u;
-    };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = super::Avx2::detect().filter(|_| !matches!(super::simd(), Isa::Portable));
     const CHUNK: usize = 4096;
+    let run = |g: &mut [f32], u: &[f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2.is_some() {
+            // SAFETY: the token proves AVX2 and FMA.
+            return unsafe { super::avx2::silu_mul(g, u) };
+        }
+        g.iter_mut().zip(u).for_each(|(g, &u)| *g = silu_one(*g, u));
+    };
     let whole = gate.len() / CHUNK * CHUNK;
     let (head, tail) = gate.split_at_mut(whole);
-    chunks_mut_par(head, CHUNK, 4, |i, g| {
-        g.iter_mut()
-            .zip(&up[i * CHUNK..])
-            .for_each(|(g, u)| f(g, u))
-    });
-    tail.iter_mut().zip(&up[whole..]).for_each(|(g, u)| f(g, u));
+    chunks_mut_par(head, CHUNK, 4, |i, g| run(g, &up[i * CHUNK..]));
+    run(tail, &up[whole..]);
+}
+
+/// `silu(v) * u = v / (1 + e^-v) * u`, with [`exp_lanewise`]: one element of [`silu_mul`], the
+/// same bits on every path.
+#[inline(always)]
+pub(crate) fn silu_one(v: f32, u: f32) -> f32 {
+    v / (1.0 + exp_lanewise(-v)) * u
+}
+
+/// `e^x` by the operations `avx2::exp8` does in each lane (the same bits; within 2 ulp of the
+/// rounded exponential on `[-87.3, 88.7]`, 0 below, infinity above): the clamp, `n =
+/// round(x log2 e)`, `r = x - n ln 2` in two parts, Cephes' degree-6 polynomial, `2^n` in the
+/// exponent bits. A library `exp` rounds differently, and the vector code cannot call it.
+#[inline(always)]
+pub(crate) fn exp_lanewise(x: f32) -> f32 {
+    const LO: f32 = -87.336_55;
+    const HI: f32 = 88.722_83;
+    let underflow = x < LO;
+    // `max` then `min` as `vmaxps` / `vminps` with the bound second: a NaN becomes `LO`.
+    let x = if x > LO { x } else { LO };
+    let x = if x < HI { x } else { HI };
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(0.693_359_4, x);
+    let r = (-n).mul_add(-2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let e = p.mul_add(r * r, r) + 1.0;
+    let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if underflow {
+        0.0
+    } else {
+        scaled
+    }
 }
 
 /// `acc[i] += x[i]` over the first `min(acc.len(), x.len())` elements.
