@@ -186,6 +186,28 @@ impl IntBlock for Q80 {
     }
 }
 
+/// The products of a weight vector `w` (`abs` its absolute values for Q8_0, else `w` again)
+/// and an activation vector, added in neighbouring pairs by `vpmaddubsw`: left in 16 bits for
+/// the nibble formats, added again into 32 bits for Q8_0 (whose pairs reach 32512, so they
+/// cannot be added further in 16 bits), `x` taking `w`'s signs.
+///
+/// # Safety
+/// The processor supports AVX2; the activations lie in `-127..=127`.
+#[inline(always)]
+unsafe fn products<B: IntBlock>(w: __m256i, abs: __m256i, x: __m256i) -> __m256i {
+    // SAFETY: register operations of AVX2 (caller).
+    unsafe {
+        if B::SIGNED {
+            _mm256_madd_epi16(
+                _mm256_maddubs_epi16(abs, _mm256_sign_epi8(x, w)),
+                _mm256_set1_epi16(1),
+            )
+        } else {
+            _mm256_maddubs_epi16(w, x)
+        }
+    }
+}
+
 /// The integer dot products of four (weight block, activation block) pairs, split in halves:
 /// lane `i` is pair `i`'s sum over elements `0..16`, lane `4 + i` over `16..32`.
 ///
@@ -204,14 +226,12 @@ unsafe fn quad_sums<B: IntBlock>(w: [__m256i; 4], x: __m256i) -> __m256i {
         // target features and turn every intrinsic into a call.
         let mut m = [_mm256_setzero_si256(); 4];
         for k in 0..4 {
-            m[k] = if B::SIGNED {
-                _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(_mm256_sign_epi8(w[k], w[k]), _mm256_sign_epi8(x, w[k])),
-                    ones,
-                )
+            let abs = if B::SIGNED {
+                _mm256_sign_epi8(w[k], w[k])
             } else {
-                _mm256_maddubs_epi16(w[k], x)
+                w[k]
             };
+            m[k] = products::<B>(w[k], abs, x);
         }
         if B::SIGNED {
             _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]))
@@ -242,15 +262,7 @@ unsafe fn interleaved_sums<B: IntBlock>(
         let ones = _mm256_set1_epi16(1);
         let mut m = [_mm256_setzero_si256(); 4];
         for k in 0..4 {
-            m[k] = if B::SIGNED {
-                // Pairs reach 32512: to 32 bits before adding.
-                _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(wa[k], _mm256_sign_epi8(x[k], wk[k])),
-                    ones,
-                )
-            } else {
-                _mm256_maddubs_epi16(wk[k], x[k])
-            };
+            m[k] = products::<B>(wk[k], wa[k], x[k]);
         }
         if B::SIGNED {
             _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]))
