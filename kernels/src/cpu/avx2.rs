@@ -371,11 +371,13 @@ pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 }
 
 /// `e^x` in each lane, within 2 ulp of the correctly rounded result for `x` in
-/// `[-87.3, 88.7]`; lanes below that give 0 (the softmax only takes `e^(s - max)`, so its
-/// arguments are `<= 0`). Range reduction `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 split
-/// in two parts so `r` is exact to float precision), a degree-6 polynomial for `e^r`
-/// (Cephes' `expf` coefficients), then `2^n` put into the exponent bits. `ops::exp_lanewise`
-/// does the same operations on one float, and so gives the same bits.
+/// `[-87.3, 88.37]`; lanes below that give 0 and lanes above infinity (from about 88.38, where
+/// `n` reaches 128, a little before `expf` overflows at 88.72: softmax arguments are `<= 0`,
+/// and SiLU's `v / (1 + e^-v)` is then `-0.0` instead of about `-3e-37`). Range reduction
+/// `x = n ln 2 + r` with `|r| <= ln 2 / 2` (ln 2 split in two parts so `r` is exact to float
+/// precision), a degree-6 polynomial for `e^r` (Cephes' `expf` coefficients), then `2^n` put
+/// into the exponent bits. `ops::exp_lanewise` does the same operations on one float, and so
+/// gives the same bits.
 ///
 /// # Safety
 /// The processor supports AVX2 and FMA.
@@ -401,7 +403,7 @@ pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
         let r2 = _mm256_mul_ps(r, r);
         let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         // 2^n: n + 127 in the exponent field (n is in [-126, 128] after the clamp; 2^128
-        // overflows to infinity as expf does).
+        // is the bit pattern of infinity).
         let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
@@ -454,8 +456,9 @@ mod tests {
             return;
         }
         let mut worst = 0;
+        // SiLU takes positive arguments too: up to 88.3 (infinity from about 88.38).
         let mut x = -87.0f32;
-        while x <= 0.0 {
+        while x <= 88.3 {
             let xs = [
                 x,
                 x * 0.5,

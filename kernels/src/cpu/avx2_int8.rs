@@ -359,7 +359,11 @@ pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usiz
                             _mm256_loadu_si256(p.add(2)),
                             _mm256_loadu_si256(p.add(3)),
                         ],
-                        _mm256_broadcast_ps(&*(xd4.add(at * 4) as *const __m128)),
+                        {
+                            // An unaligned load: `d4` is only 4-byte aligned.
+                            let d = _mm_loadu_ps(xd4.add(at * 4));
+                            _mm256_set_m128(d, d)
+                        },
                         _mm256_loadu_ps(xs8.add(at * 8)),
                     )
                 };

@@ -204,7 +204,7 @@ pub(crate) fn silu_one(v: f32, u: f32) -> f32 {
 }
 
 /// `e^x` by the operations `avx2::exp8` does in each lane (the same bits; within 2 ulp of the
-/// rounded exponential on `[-87.3, 88.7]`, 0 below, infinity above): the clamp, `n =
+/// rounded exponential on `[-87.3, 88.37]`, 0 below, infinity from about 88.38): the clamp, `n =
 /// round(x log2 e)`, `r = x - n ln 2` in two parts, Cephes' degree-6 polynomial, `2^n` in the
 /// exponent bits. A library `exp` rounds differently, and the vector code cannot call it.
 #[inline(always)]

@@ -11,7 +11,10 @@
 //!   stays batch invariant because of it.
 //! - `q.len() == rows * cols`, `d.len() == s.len() == rows * cols / 32`, `cols % 32 == 0`, and
 //!   every `q` lies in `-127..=127` (never -128, so the sign trick of the AVX2 kernel cannot
-//!   overflow). The fields are private to the crate, so every value satisfies this.
+//!   overflow). The copies by whole groups of four rows hold `q4.len() == rows / 4 * cols * 4`,
+//!   `d4.len() == rows / 4 * (cols / 32) * 4` and `s8.len() == rows / 4 * (cols / 32) * 8`
+//!   (the last `rows % 4` rows have none: the kernel that reads them takes whole groups only).
+//!   The fields are private to the crate, so every value satisfies this.
 
 /// `rows` activation rows of `cols` columns, each block of 32 quantised to signed bytes.
 #[derive(Clone, Debug, Default)]
@@ -24,19 +27,17 @@ pub struct QuantizedRows {
     pub(crate) d: Vec<f32>,
     /// `d * Σq` per block.
     pub(crate) s: Vec<f32>,
-    /// The scales again, by groups of four rows: block `b` of rows `4g..4g + 4` at
-    /// `d4[(g * blocks_per_row + b) * 4..][..4]`, zero for rows past `rows`. The integer
-    /// kernel with the tokens in the lanes reads the four in one load
-    /// (`avx2_int8::tile_token_quads`).
+    /// The scales again, by whole groups of four rows: block `b` of rows `4g..4g + 4` at
+    /// `d4[(g * blocks_per_row + b) * 4..][..4]`. The integer kernel with the tokens in the
+    /// lanes reads the four in one load (`avx2_int8::tile_token_quads`).
     pub(crate) d4: Vec<f32>,
-    /// The sums `s` again, by groups of four rows as `d4`, each four followed by four zeros:
-    /// block `b` of rows `4g..4g + 4` at `s8[(g * blocks_per_row + b) * 8..][..4]`.
+    /// The sums `s` again, by whole groups of four rows as `d4`, each four followed by four
+    /// zeros: block `b` of rows `4g..4g + 4` at `s8[(g * blocks_per_row + b) * 8..][..4]`.
     pub(crate) s8: Vec<f32>,
-    /// The quants again, interleaved by groups of four rows for the integer kernel with the
-    /// tokens in the lanes (`avx2_int8::tile_token_quads`): block `b` of rows `4g..4g + 4`
-    /// is 128 bytes at `q4[(g * blocks_per_row + b) * 128..]`, four vectors of 32; vector `k`
-    /// holds elements `4k..4k + 4` of rows `4g..4g + 4` in its first 16 bytes and elements
-    /// `16 + 4k..16 + 4k + 4` in its last 16. Zero for rows past `rows`.
+    /// The quants again, interleaved by whole groups of four rows for the same kernel: block
+    /// `b` of rows `4g..4g + 4` is 128 bytes at `q4[(g * blocks_per_row + b) * 128..]`, four
+    /// vectors of 32; vector `k` holds elements `4k..4k + 4` of the four rows in its first 16
+    /// bytes and elements `16 + 4k..16 + 4k + 4` in its last 16.
     pub(crate) q4: Vec<i8>,
 }
 
@@ -69,17 +70,18 @@ impl QuantizedRows {
         self.fill_groups();
     }
 
-    /// Copy the quants, scales and sums into `q4`, `d4` and `s8`, by groups of four rows.
+    /// Copy the quants, scales and sums of the whole groups of four rows into `q4`, `d4` and
+    /// `s8` (a batch-1 decode step has none, and copies nothing).
     fn fill_groups(&mut self) {
         let per_row = self.cols / 32;
-        let groups = self.rows.div_ceil(4);
+        let groups = self.rows / 4;
         self.d4.clear();
         self.d4.resize(groups * per_row * 4, 0.0);
         self.s8.clear();
         self.s8.resize(groups * per_row * 8, 0.0);
         self.q4.clear();
         self.q4.resize(groups * per_row * 128, 0);
-        for t in 0..self.rows {
+        for t in 0..groups * 4 {
             let (g, i) = (t / 4, t % 4);
             for b in 0..per_row {
                 let at = t * per_row + b;
