@@ -42,7 +42,8 @@ pub(crate) trait IntBlock {
     /// `matrix::block_offset`).
     const HAS_OFFSET: bool;
     /// Where a block's offset is derived from: the byte of the f16 it reads (Q4_1's minimum,
-    /// Q4_0's scale) and the factor it takes (1 and -8). Unused without `HAS_OFFSET`.
+    /// Q4_0's scale) and the factor it takes (1 and -8). Unused without `HAS_OFFSET`. (Every
+    /// format's scale `d`, `value = d * q` plus the offset, is the f16 in bytes `0..2`.)
     const OFFSET_AT: usize = 0;
     /// See [`IntBlock::OFFSET_AT`].
     const OFFSET_TIMES: f32 = 1.0;
@@ -51,33 +52,20 @@ pub(crate) trait IntBlock {
     /// # Safety
     /// The processor supports AVX2, and `p` is valid for reads of `Self::BYTES` bytes.
     unsafe fn quants(p: *const u8) -> __m256i;
-    /// The scale `d` of the block at `p` (`value = d * q`, plus the Q4 formats' offset),
-    /// broadcast to 8 lanes.
-    ///
-    /// # Safety
-    /// As [`IntBlock::quants`], and the processor supports F16C.
-    unsafe fn scale(p: *const u8) -> __m256;
 }
 
-/// The offset of the block at `p` whose scale is `d` (as [`IntBlock::scale`] returns it),
-/// broadcast: exactly `matrix::block_offset`.
+/// Block offsets from `v`, each block's f16 at byte `OFFSET_AT` (its scale when that is 0):
+/// `v` times `OFFSET_TIMES`, exactly `matrix::block_offset`.
 ///
 /// # Safety
-/// The processor supports AVX2 and F16C, `B::HAS_OFFSET`, and `p` is a readable block of `B`.
+/// The processor supports AVX.
 #[inline(always)]
-unsafe fn offset<B: IntBlock>(p: *const u8, d: __m256) -> __m256 {
-    // SAFETY: the offset's f16 lies inside the block (caller); the features are the caller's.
-    unsafe {
-        let v = if B::OFFSET_AT == 0 {
-            d
-        } else {
-            f16_broadcast(p.add(B::OFFSET_AT))
-        };
-        if B::OFFSET_TIMES == 1.0 {
-            v
-        } else {
-            _mm256_mul_ps(v, _mm256_set1_ps(B::OFFSET_TIMES))
-        }
+unsafe fn offsets_from<B: IntBlock>(v: __m256) -> __m256 {
+    if B::OFFSET_TIMES == 1.0 {
+        v
+    } else {
+        // SAFETY: a register operation of AVX (caller).
+        unsafe { _mm256_mul_ps(v, _mm256_set1_ps(B::OFFSET_TIMES)) }
     }
 }
 
@@ -144,11 +132,6 @@ impl IntBlock for Q41 {
         // SAFETY: the nibbles are bytes 4..20 of the block (caller).
         unsafe { nibbles32(p.add(4)) }
     }
-    #[inline(always)]
-    unsafe fn scale(p: *const u8) -> __m256 {
-        // SAFETY: the scale is bytes 0..2 (caller).
-        unsafe { f16_broadcast(p) }
-    }
 }
 
 pub(crate) struct Q40;
@@ -162,11 +145,6 @@ impl IntBlock for Q40 {
         // SAFETY: the nibbles are bytes 2..18 of the block (caller).
         unsafe { nibbles32(p.add(2)) }
     }
-    #[inline(always)]
-    unsafe fn scale(p: *const u8) -> __m256 {
-        // SAFETY: the scale is bytes 0..2 (caller).
-        unsafe { f16_broadcast(p) }
-    }
 }
 
 pub(crate) struct Q80;
@@ -178,11 +156,6 @@ impl IntBlock for Q80 {
     unsafe fn quants(p: *const u8) -> __m256i {
         // SAFETY: the quants are bytes 2..34 of the block (caller).
         unsafe { _mm256_loadu_si256(p.add(2) as *const __m256i) }
-    }
-    #[inline(always)]
-    unsafe fn scale(p: *const u8) -> __m256 {
-        // SAFETY: the scale is bytes 0..2 (caller).
-        unsafe { f16_broadcast(p) }
     }
 }
 
@@ -324,7 +297,7 @@ pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usiz
             let (p, wq, dw) = unsafe {
                 let p = w.add(r * row_bytes + b * B::BYTES);
                 prefetch_ahead(p);
-                (p, B::quants(p), B::scale(p))
+                (p, B::quants(p), f16_broadcast(p))
             };
             // Vector `k`: the block's elements `4k..4k + 4` in every lane of the low half,
             // `16 + 4k..` in the high half, as the activations are interleaved.
@@ -340,11 +313,14 @@ pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usiz
                     *v = _mm256_sign_epi8(*v, *v);
                 }
             }
-            let o = if B::HAS_OFFSET {
-                // SAFETY: as above, for a format with offsets.
-                unsafe { offset::<B>(p, dw) }
-            } else {
+            let o = if !B::HAS_OFFSET {
                 _mm256_setzero_ps()
+            } else if B::OFFSET_AT == 0 {
+                // SAFETY: the features are enabled on this function.
+                unsafe { offsets_from::<B>(dw) }
+            } else {
+                // SAFETY: as above; the offset's f16 lies inside the block.
+                unsafe { offsets_from::<B>(f16_broadcast(p.add(B::OFFSET_AT))) }
             };
             for g in 0..G {
                 let at = g * blocks + b;
@@ -426,14 +402,9 @@ pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
             let o = if !B::HAS_OFFSET {
                 _mm256_setzero_ps()
             } else if B::OFFSET_AT == 0 {
-                _mm256_mul_ps(dw, _mm256_set1_ps(B::OFFSET_TIMES))
+                offsets_from::<B>(dw)
             } else {
-                let o = f16_quad_twice(p, B::OFFSET_AT);
-                if B::OFFSET_TIMES == 1.0 {
-                    o
-                } else {
-                    _mm256_mul_ps(o, _mm256_set1_ps(B::OFFSET_TIMES))
-                }
+                offsets_from::<B>(f16_quad_twice(p, B::OFFSET_AT))
             };
             let wq = [
                 B::quants(p[0]),
