@@ -30,7 +30,7 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::prefetch_ahead;
+use super::avx2::prefetch_tile_step;
 
 /// Decoding of one weight block for the byte dot product.
 pub(crate) trait IntBlock {
@@ -291,12 +291,13 @@ pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usiz
 ) {
     let mut acc = [[_mm256_setzero_ps(); G]; R];
     for b in 0..blocks {
+        // SAFETY: a prefetch (see the function).
+        unsafe { prefetch_tile_step(w, R * row_bytes, R * B::BYTES, b) };
         for r in 0..R {
             // SAFETY: block `b < blocks` of row `r < R` is readable (caller); the features
             // are enabled on this function.
             let (p, wq, dw) = unsafe {
                 let p = w.add(r * row_bytes + b * B::BYTES);
-                prefetch_ahead(p);
                 (p, B::quants(p), f16_broadcast(p))
             };
             // Vector `k`: the block's elements `4k..4k + 4` in every lane of the low half,
@@ -368,7 +369,8 @@ pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usiz
 /// four tokens, and so for batch-1 decode.
 ///
 /// Token `t`'s quants are at `xq + t * blocks * 32`, its scales at `xd + t * blocks` and its
-/// block sums at `xs + t * blocks`.
+/// block sums at `xs + t * blocks`. The rows are usually `row_bytes` apart from `w[0]` (what
+/// is prefetched assumes so; a last quad short of rows repeats one, which reads the same).
 ///
 /// # Safety
 /// - The processor supports AVX2, FMA and F16C.
@@ -378,6 +380,7 @@ pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usiz
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
     w: [*const u8; 4],
+    row_bytes: usize,
     xq: *const i8,
     xd: *const f32,
     xs: *const f32,
@@ -395,9 +398,7 @@ pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
                 w[2].add(b * B::BYTES),
                 w[3].add(b * B::BYTES),
             ];
-            for p in p {
-                prefetch_ahead(p);
-            }
+            prefetch_tile_step(w[0], 4 * row_bytes, 4 * B::BYTES, b);
             let dw = f16_quad_twice(p, 0);
             let o = if !B::HAS_OFFSET {
                 _mm256_setzero_ps()

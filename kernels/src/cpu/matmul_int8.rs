@@ -276,7 +276,7 @@ unsafe fn avx2_chunk_of<B: isa::IntBlock>(
                 let mut out = [[0f32; 4]; $T];
                 // SAFETY: whole rows `< r1` and tokens `full..n` (see above); the features
                 // are our contract's.
-                unsafe { isa::tile_row_quads::<B, $T>(ws, xq, xd, xs, blocks, &mut out) };
+                unsafe { isa::tile_row_quads::<B, $T>(ws, rb, xq, xd, xs, blocks, &mut out) };
                 for (t, out) in out.iter().enumerate() {
                     for (i, &v) in out.iter().enumerate().take(real) {
                         // SAFETY: row `r + i < r1` is ours (contract); token `full + t < n`.
