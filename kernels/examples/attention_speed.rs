@@ -1,22 +1,35 @@
-//! Times paged attention of one layer of SmolLM2-135M (9 query heads, 3 KV heads of 64, blocks
-//! of 16 tokens) on the active kernel path: a prompt chunk of `chunk` tokens on `context`
-//! cached ones, and a decode step of `decode` sequences at that context; the median of `reps`
-//! runs, in nanoseconds per (query, key) pair and query head. `cargo run --release -p
-//! convoy-kernels --example attention_speed -- [context] [chunk] [decode] [reps] [threads]`
-//! (defaults 1024 128 4 30, and every core).
+//! Times paged attention of SmolLM2-135M's shape (9 query heads, 3 KV heads of 64, blocks of 16
+//! tokens) on the active kernel path: a prompt chunk of `chunk` tokens on `context` cached
+//! ones, and a decode step of `decode` sequences at that context; the median of `reps` runs, in
+//! nanoseconds per (query, key) pair and query head. The sequences' blocks are interleaved in
+//! the cache, as a batch that was prefilled together leaves them.
+//!
+//! `cargo run --release -p convoy-kernels --example attention_speed -- [context] [chunk]
+//! [decode] [reps] [threads] [layers] [f32|f16]` (defaults 1024 128 4 30, every core, 1 layer,
+//! f32). With `layers` above 1 each run goes through that many caches of its own, as a forward
+//! pass does, so the K and V come from memory rather than from the last run's caches.
 
 use std::time::Instant;
 
 use convoy_kernels::cpu::attention::{paged_attention, AttentionSeq, AttentionShape};
+use convoy_kernels::cpu::kv_elem::KvElem;
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut arg = |default: usize| args.next().and_then(|s| s.parse().ok()).unwrap_or(default);
     let (context, chunk, decode, reps) = (arg(1024), arg(128), arg(4), arg(30));
     let threads = arg(0);
+    let layers = arg(1).max(1);
     if threads > 0 {
         convoy_kernels::cpu::pool::set_num_threads(threads);
     }
+    match std::env::args().nth(7).as_deref() {
+        Some("f16") => run::<half::f16>(context, chunk, decode, reps, layers),
+        _ => run::<f32>(context, chunk, decode, reps, layers),
+    }
+}
+
+fn run<E: KvElem>(context: usize, chunk: usize, decode: usize, reps: usize, layers: usize) {
     let shape = AttentionShape {
         num_heads: 9,
         num_kv_heads: 3,
@@ -33,11 +46,24 @@ fn main() {
     let per_block = shape.block_size * shape.num_kv_heads * shape.head_dim;
     let seq_blocks = (context + chunk).div_ceil(shape.block_size);
     let num_blocks = seq_blocks * (decode + 1);
-    let k: Vec<f32> = (0..num_blocks * per_block).map(|_| rand()).collect();
-    let v: Vec<f32> = (0..num_blocks * per_block).map(|_| rand()).collect();
+    let caches: Vec<(Vec<E>, Vec<E>)> = (0..layers)
+        .map(|_| {
+            let mut fill = || -> Vec<E> {
+                (0..num_blocks * per_block)
+                    .map(|_| E::from_f32(rand()))
+                    .collect()
+            };
+            (fill(), fill())
+        })
+        .collect();
     let row = shape.num_heads * shape.head_dim;
+    // Block `j` of sequence `s` is block `j * (decode + 1) + s` of the cache.
     let tables: Vec<Vec<u32>> = (0..=decode)
-        .map(|s| ((s * seq_blocks) as u32..((s + 1) * seq_blocks) as u32).collect())
+        .map(|s| {
+            (0..seq_blocks)
+                .map(|j| (j * (decode + 1) + s) as u32)
+                .collect()
+        })
         .collect();
     let time = |seqs: &[AttentionSeq<'_>], rows: usize, pairs: u64| {
         let q: Vec<f32> = (0..rows * row)
@@ -47,15 +73,21 @@ fn main() {
         let mut t: Vec<f64> = (0..reps.max(1) + 1)
             .map(|_| {
                 let s = Instant::now();
-                paged_attention(&q, &k, &v, shape, seqs, &mut out);
+                for (k, v) in &caches {
+                    paged_attention(&q, k, v, shape, seqs, &mut out);
+                }
                 s.elapsed().as_secs_f64()
             })
             .collect();
         t.remove(0);
         t.sort_by(f64::total_cmp);
         let med = t[t.len() / 2];
-        (med, med * 1e9 / (pairs as f64 * shape.num_heads as f64))
+        (
+            med,
+            med * 1e9 / (pairs as f64 * shape.num_heads as f64 * layers as f64),
+        )
     };
+    let kind = std::any::type_name::<E>();
     let prefill = [AttentionSeq {
         block_table: &tables[0],
         query_start: 0,
@@ -65,7 +97,8 @@ fn main() {
     let pairs = (chunk * context + chunk * (chunk + 1) / 2) as u64;
     let (s, ns) = time(&prefill, chunk, pairs);
     println!(
-        "path {:?}: chunk of {chunk} on {context} cached: {:.2} ms, {ns:.2} ns per pair and head",
+        "path {:?}, {kind} cache, {layers} layer(s): chunk of {chunk} on {context} cached: {:.2} \
+         ms, {ns:.2} ns per pair and head",
         convoy_kernels::active_kernel_path(),
         s * 1e3
     );
