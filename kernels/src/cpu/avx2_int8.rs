@@ -1,6 +1,6 @@
 //! AVX2 micro-kernels of the fast precision: block-quantised weight rows times activation rows
 //! quantised to 8 bits ([`super::quantized_rows`]), multiplied as bytes, four outputs to a
-//! vector.
+//! vector; and that quantisation itself ([`quantize_block`], the scalar code's bits).
 //!
 //! One weight block of 32 is 32 bytes in a register: nibbles `0..=15` for Q4_0 and Q4_1, signed
 //! bytes for Q8_0. `vpmaddubsw` multiplies unsigned bytes by signed bytes and adds neighbouring
@@ -439,4 +439,65 @@ pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
         // SAFETY: the features are enabled on this function.
         out[t] = unsafe { fold_halves(acc[t]) };
     }
+}
+
+/// One block of 32 activations quantised to bytes, in registers: the same bits as
+/// `quantized_rows::quantize_block` (`q = round(x / d)` ties to even, clamped to
+/// `-127..=127`, `d = max|x| / 127`; a NaN quotient gives 0, as Rust's cast does), and the
+/// same `(d, Σq)`. The largest magnitude skips NaN lanes as `f32::max` does (`vmaxps` returns
+/// its second operand when either is NaN, so the running maximum goes second), and is exact
+/// in any order.
+///
+/// # Safety
+/// The processor supports AVX2.
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quantize_block(xs: &[f32; 32], qs: &mut [i8; 32]) -> (f32, i32) {
+    let xp = xs.as_ptr();
+    // SAFETY: floats `8k..8k + 8 <= 32` of `xs`, read unaligned.
+    let v: [__m256; 4] = unsafe {
+        [
+            _mm256_loadu_ps(xp),
+            _mm256_loadu_ps(xp.add(8)),
+            _mm256_loadu_ps(xp.add(16)),
+            _mm256_loadu_ps(xp.add(24)),
+        ]
+    };
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_setzero_ps();
+    for x in v {
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, x), m);
+    }
+    let h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+    let h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    let amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    let d = amax / 127.0;
+    let inv = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let mut ints = [_mm256_setzero_si256(); 4];
+    let mut sum = _mm256_setzero_si256();
+    for k in 0..4 {
+        let x = _mm256_mul_ps(v[k], inv);
+        // NaN (a NaN input, or infinity times a zero `inv`) to 0.
+        let x = _mm256_and_ps(x, _mm256_cmp_ps::<_CMP_ORD_Q>(x, x));
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+        // Whole numbers in -127..=127: the conversion is exact.
+        ints[k] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+        sum = _mm256_add_epi32(sum, ints[k]);
+    }
+    // `vpackssdw` and `vpacksswb` work within 128-bit lanes: dword `i` of the result holds
+    // elements `4j..4j + 4` of vector `i % 4` (`j = i / 4`), which the permutation puts in order.
+    let packed = _mm256_packs_epi16(
+        _mm256_packs_epi32(ints[0], ints[1]),
+        _mm256_packs_epi32(ints[2], ints[3]),
+    );
+    let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // SAFETY: the 32 bytes of `qs`, written unaligned.
+    unsafe { _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, ordered) };
+    let s = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256::<1>(sum),
+    );
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    (d, _mm_cvtsi128_si32(s))
 }

@@ -97,15 +97,28 @@ impl QuantizedRows {
         }
     }
 
-    /// [`QuantizedRows::fill`] compiled for AVX2 (rounding is then one instruction rather than
-    /// a library call; the results are the same bits, as Rust never fuses float operations).
+    /// [`QuantizedRows::fill`] with each block quantised in AVX2 registers
+    /// (`avx2_int8::quantize_block`, the same bits as [`quantize_block`]).
     ///
     /// # Safety
-    /// The processor supports AVX2 and FMA.
+    /// The processor supports AVX2.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2")]
     unsafe fn fill_avx2(&mut self, x: &[f32]) {
-        self.fill(x)
+        for (b, (xs, qs)) in x
+            .chunks_exact(32)
+            .zip(self.q.chunks_exact_mut(32))
+            .enumerate()
+        {
+            let (xs, qs) = (
+                xs.try_into().expect("chunks of 32"),
+                qs.try_into().expect("chunks of 32"),
+            );
+            // SAFETY: the processor supports AVX2 (our contract).
+            let (d, sum) = unsafe { super::avx2_int8::quantize_block(xs, qs) };
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
     }
 
     /// Quantise `x` block by block into the buffers (already sized for it).
@@ -215,5 +228,57 @@ mod tests {
         one.quantize(&x[cols..2 * cols], 1, cols);
         assert_eq!(&all.q[cols..2 * cols], &one.q[..]);
         assert_eq!(&all.d[2..4], &one.d[..]);
+    }
+
+    /// The AVX2 path gives the scalar bits, whatever the values: plain ones, exact ties,
+    /// special values sprinkled in, and blocks of nothing else.
+    #[test]
+    fn avx2_quantisation_gives_the_scalar_bits() {
+        #[cfg(target_arch = "x86_64")]
+        if super::super::has_avx2() {
+            let special = [
+                f32::NAN,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                -0.0,
+                0.0,
+                f32::MIN_POSITIVE / 3.0,
+                f32::MAX,
+                -f32::MAX,
+                1e-30,
+                -1e-30,
+            ];
+            let mut seed = 5u64;
+            for case in 0..400 {
+                let block: [f32; 32] = std::array::from_fn(|i| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let r = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    match case % 4 {
+                        // Plain values; then quarters with a largest magnitude of 63.5, so
+                        // the step is 0.5 and odd quarters are ties; then a sprinkling of
+                        // special values; then blocks of special values and zeros only.
+                        0 => r * 10.0,
+                        1 if i == 0 => 63.5,
+                        1 => (r * 254.0).round() * 0.25,
+                        2 if (seed >> 20).is_multiple_of(5) => special[(seed >> 8) as usize % 10],
+                        2 => r,
+                        _ => special[(case / 4 + i) % 10] * ((seed >> 30) % 2) as f32,
+                    }
+                });
+                let (mut want, mut got) = ([0i8; 32], [0i8; 32]);
+                let w = quantize_block(&block, &mut want);
+                // SAFETY: AVX2 is present (checked above).
+                let g = unsafe { super::super::avx2_int8::quantize_block(&block, &mut got) };
+                assert_eq!(want, got, "quants of {block:?}");
+                assert_eq!(
+                    (w.0.to_bits(), w.1),
+                    (g.0.to_bits(), g.1),
+                    "scale of {block:?}"
+                );
+                assert!(got.iter().all(|&q| q != -128));
+            }
+        }
     }
 }
