@@ -442,8 +442,8 @@ pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
 }
 
 /// One block of 32 activations quantised to bytes, in registers: the same bits as
-/// `quantized_rows::quantize_block` (`q = round(x / d)` ties to even, clamped to
-/// `-127..=127`, `d = max|x| / 127`; a NaN quotient gives 0, as Rust's cast does), and the
+/// `quantized_rows::quantize_block` (`q = round(x * (1 / d))` ties to even, clamped to
+/// `-127..=127`, `d = max|x| / 127`; a NaN product gives 0, as Rust's cast does), and the
 /// same `(d, Σq)`. The largest magnitude skips NaN lanes as `f32::max` does (`vmaxps` returns
 /// its second operand when either is NaN, so the running maximum goes second), and is exact
 /// in any order.
