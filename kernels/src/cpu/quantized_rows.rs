@@ -164,8 +164,9 @@ impl QuantizedRows {
 }
 
 /// One block: `q = round(x * (1 / d))` (ties to even, clamped to `-127..=127`) with
-/// `d = max|x| / 127` (all zero when the block is). Returns `(d, Σq)`. A NaN or infinite input gives some finite bytes (Rust's float-to-int casts
-/// saturate), never undefined behaviour; the model's outputs are then meaningless anyway.
+/// `d = max|x| / 127` (all zero when the block is). Returns `(d, Σq)`. A NaN or infinite
+/// input gives some finite bytes (Rust's float-to-int casts saturate), never undefined
+/// behaviour; the model's outputs are then meaningless anyway.
 #[inline(always)]
 fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32) {
     let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
