@@ -109,13 +109,24 @@ pub(crate) unsafe fn prefetch_tile_step(
     step: usize,
 ) {
     let from = tile.wrapping_add(tile_bytes.max(PREFETCH_BYTES) + step * step_bytes);
-    // `step_bytes.div_ceil(64)` addresses 64 apart from `from` touch every line that
-    // `from..from + step_bytes` touches, except perhaps a last one that starts less than 64
-    // bytes before the end, and the next step's `from` lies in that one. (`step_bytes` is a
-    // constant where this is inlined, so the loop unrolls into as many prefetches.)
-    for k in 0..step_bytes.div_ceil(64) {
+    // A line that `prefetch_span` may leave out at the end holds the next step's `from`.
+    // SAFETY: a prefetch (see the function).
+    unsafe { prefetch_span(from, step_bytes) }
+}
+
+/// Ask for the cache lines of the `bytes` bytes at `p`: `bytes.div_ceil(64)` prefetches 64
+/// bytes apart from `p`, which touch every line the span touches except perhaps a last one
+/// that starts less than 64 bytes before its end (when `p` is not at a line's start). Where
+/// `bytes` is a constant, the loop unrolls into as many prefetch instructions.
+///
+/// # Safety
+/// The processor supports SSE (every x86-64 does). The addresses need not be valid: a
+/// prefetch never faults, and `wrapping_add` keeps the address computation itself defined.
+#[inline(always)]
+pub(crate) unsafe fn prefetch_span(p: *const u8, bytes: usize) {
+    for k in 0..bytes.div_ceil(64) {
         // SAFETY: a prefetch is a hint that reads nothing architecturally and never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(64 * k) as *const i8) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k) as *const i8) };
     }
 }
 
@@ -407,21 +418,20 @@ pub(crate) unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     // SAFETY: register operations of AVX2 and FMA only, which the caller guarantees.
     unsafe {
-        let lo = _mm256_set1_ps(-87.336_55);
-        let hi = _mm256_set1_ps(88.722_83);
+        use super::ops::{EXP_HI, EXP_LN2, EXP_LO, EXP_POLY};
+        let lo = _mm256_set1_ps(EXP_LO);
+        let hi = _mm256_set1_ps(EXP_HI);
         let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo);
         let x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
         );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2[0]), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(EXP_LN2[1]), r);
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
         let r2 = _mm256_mul_ps(r, r);
         let e = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
         // 2^n: n + 127 in the exponent field (n is in [-126, 128] after the clamp; 2^128

@@ -30,7 +30,7 @@
 use std::arch::x86_64::*;
 
 use super::attention::{for_each_run, k_index, Item, TileRows};
-use super::avx2::{exp8, hsum, tail_mask};
+use super::avx2::{exp8, hsum, prefetch_span, tail_mask};
 use super::kv_elem::KvElem;
 
 /// Vectors (query heads of the tile) that share one K or V load: 6 x 2 accumulators, with the
@@ -179,12 +179,17 @@ unsafe fn score_run<E: KvElem, const H: usize>(
         let full = lanes == 8 * VECS;
         // SAFETY: AVX only.
         let mut acc = [[unsafe { _mm256_setzero_ps() }; VECS]; H];
+        // The block ahead's K, one dimension's positions per step, on the first pass only.
+        let ask = !ahead.is_null() && c == 0;
+        let k_row_bytes = it.block_size * std::mem::size_of::<E>();
         for d in 0..hd {
-            if !ahead.is_null() && c == 0 {
-                // SAFETY: a prefetch never faults; the address is computed with
-                // `wrapping_add`.
+            if ask {
+                // SAFETY: a prefetch (see the function).
                 unsafe {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(d * it.block_size) as *const i8)
+                    prefetch_span(
+                        ahead.wrapping_add(d * it.block_size) as *const u8,
+                        k_row_bytes,
+                    )
                 };
             }
             // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
@@ -351,12 +356,13 @@ unsafe fn v_run<E: KvElem, const H: usize, const C: usize>(
     });
     for s in 0..at.len {
         if !at.ahead.is_null() {
-            let p = at.ahead.wrapping_add(s * it.kv_stride) as *const u8;
-            for line in 0..(hd * std::mem::size_of::<E>()).div_ceil(64) {
-                // SAFETY: a prefetch never faults; the address is computed with
-                // `wrapping_add`.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * line) as *const i8) };
-            }
+            // SAFETY: a prefetch (see the function).
+            unsafe {
+                prefetch_span(
+                    at.ahead.wrapping_add(s * it.kv_stride) as *const u8,
+                    hd * std::mem::size_of::<E>(),
+                )
+            };
         }
         // SAFETY: slot `at.slot + s` is inside the V cache and `head_offset + d0 + 8 * C <=
         // head_offset + hd <= kv_stride` (Item invariant), so floats `(slot) * kv_stride +

@@ -203,27 +203,41 @@ pub(crate) fn silu_one(v: f32, u: f32) -> f32 {
     v / (1.0 + exp_lanewise(-v)) * u
 }
 
+/// The clamp of [`exp_lanewise`] and `avx2::exp8`: below `EXP_LO` the result is 0; `EXP_HI`
+/// is where `expf` overflows.
+pub(crate) const EXP_LO: f32 = -87.336_55;
+/// See [`EXP_LO`].
+pub(crate) const EXP_HI: f32 = 88.722_83;
+/// `ln 2` in two parts, so that `x - n ln 2` is exact to float precision.
+pub(crate) const EXP_LN2: [f32; 2] = [0.693_359_4, -2.121_944_4e-4];
+/// Cephes' `expf` polynomial for `e^r`, highest degree first (Horner's rule from here, then
+/// `p r^2 + r + 1`).
+pub(crate) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `e^x` by the operations `avx2::exp8` does in each lane (the same bits; within 2 ulp of the
 /// rounded exponential on `[-87.3, 88.37]`, 0 below, infinity from about 88.38): the clamp, `n =
 /// round(x log2 e)`, `r = x - n ln 2` in two parts, Cephes' degree-6 polynomial, `2^n` in the
 /// exponent bits. A library `exp` rounds differently, and the vector code cannot call it.
 #[inline(always)]
 pub(crate) fn exp_lanewise(x: f32) -> f32 {
-    const LO: f32 = -87.336_55;
-    const HI: f32 = 88.722_83;
-    let underflow = x < LO;
-    // `max` then `min` as `vmaxps` / `vminps` with the bound second: a NaN becomes `LO`.
-    let x = if x > LO { x } else { LO };
-    let x = if x < HI { x } else { HI };
+    let underflow = x < EXP_LO;
+    // `max` then `min` as `vmaxps` / `vminps` with the bound second: a NaN becomes `EXP_LO`.
+    let x = if x > EXP_LO { x } else { EXP_LO };
+    let x = if x < EXP_HI { x } else { EXP_HI };
     let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = (-n).mul_add(0.693_359_4, x);
-    let r = (-n).mul_add(-2.121_944_4e-4, r);
-    let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 0.5);
+    let r = (-n).mul_add(EXP_LN2[0], x);
+    let r = (-n).mul_add(EXP_LN2[1], r);
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = p.mul_add(r, c);
+    }
     let e = p.mul_add(r * r, r) + 1.0;
     let scaled = e * f32::from_bits(((n as i32 + 127) as u32) << 23);
     if underflow {
