@@ -2,11 +2,13 @@
 //! tokens) on the active kernel path: a prompt chunk of `chunk` tokens on `context` cached
 //! ones, and a decode step of `decode` sequences at that context; the median of `reps` runs, in
 //! nanoseconds per (query, key) pair and query head. The sequences' blocks are interleaved in
-//! the cache, as a batch that was prefilled together leaves them.
+//! the cache, as a batch that was prefilled together leaves them; with `shuffled` they lie in a
+//! random order instead, as in a cache that has served and evicted for a while (no stride for
+//! the hardware's prefetchers to find).
 //!
 //! `cargo run --release -p convoy-kernels --example attention_speed -- [context] [chunk]
-//! [decode] [reps] [threads] [layers] [f32|f16]` (defaults 1024 128 4 30, every core, 1 layer,
-//! f32). With `layers` above 1 each run goes through that many caches of its own, as a forward
+//! [decode] [reps] [threads] [layers] [f32|f16] [interleaved|shuffled]` (defaults 1024 128 4
+//! 30, every core, 1 layer, f32, interleaved). With `layers` above 1 each run goes through that many caches of its own, as a forward
 //! pass does, so the K and V come from memory rather than from the last run's caches.
 
 use std::time::Instant;
@@ -23,13 +25,21 @@ fn main() {
     if threads > 0 {
         convoy_kernels::cpu::pool::set_num_threads(threads);
     }
+    let shuffled = std::env::args().nth(8).as_deref() == Some("shuffled");
     match std::env::args().nth(7).as_deref() {
-        Some("f16") => run::<half::f16>(context, chunk, decode, reps, layers),
-        _ => run::<f32>(context, chunk, decode, reps, layers),
+        Some("f16") => run::<half::f16>(context, chunk, decode, reps, layers, shuffled),
+        _ => run::<f32>(context, chunk, decode, reps, layers, shuffled),
     }
 }
 
-fn run<E: KvElem>(context: usize, chunk: usize, decode: usize, reps: usize, layers: usize) {
+fn run<E: KvElem>(
+    context: usize,
+    chunk: usize,
+    decode: usize,
+    reps: usize,
+    layers: usize,
+    shuffled: bool,
+) {
     let shape = AttentionShape {
         num_heads: 9,
         num_kv_heads: 3,
@@ -57,11 +67,19 @@ fn run<E: KvElem>(context: usize, chunk: usize, decode: usize, reps: usize, laye
         })
         .collect();
     let row = shape.num_heads * shape.head_dim;
-    // Block `j` of sequence `s` is block `j * (decode + 1) + s` of the cache.
+    // Block `j` of sequence `s` is block `j * (decode + 1) + s` of the cache, or of a
+    // shuffled order of the blocks (Fisher-Yates with the same generator).
+    let mut order: Vec<u32> = (0..num_blocks as u32).collect();
+    if shuffled {
+        for i in (1..order.len()).rev() {
+            let j = ((rand() + 0.5) * (i + 1) as f32) as usize;
+            order.swap(i, j.min(i));
+        }
+    }
     let tables: Vec<Vec<u32>> = (0..=decode)
         .map(|s| {
             (0..seq_blocks)
-                .map(|j| (j * (decode + 1) + s) as u32)
+                .map(|j| order[j * (decode + 1) + s])
                 .collect()
         })
         .collect();

@@ -20,9 +20,12 @@
 //! - Locality. The K and V of a run (one cache block of the KV head) are loaded from memory
 //!   once per tile and reused from L1 by every group of vectors, so a tile of `R` rows reads
 //!   the partition's K and V once instead of `R` times. A 4096-token prompt's K and V do not
-//!   fit in L2; attention one row at a time is bound by reading them. The first pass over a
-//!   block also asks for the K (or V) of the block [`PREFETCH_BLOCKS`] ahead, which changes
-//!   no value.
+//!   fit in L2; attention one row at a time is bound by reading them.
+//! - Prefetching, which changes no value. An item starts by asking for the K of its first
+//!   [`PREFETCH_BLOCKS`] blocks; the first pass over each block's scores asks for the K of the
+//!   block [`PREFETCH_BLOCKS`] ahead, a K row per dimension, and before it for the block's own
+//!   V, which the V sum reads after the softmax. So the V sum finds V in the cache, and only
+//!   an item's first blocks wait on memory.
 
 // Index loops over the const-generic register arrays read better than iterator chains here.
 #![allow(clippy::needless_range_loop)]
@@ -37,8 +40,8 @@ use super::kv_elem::KvElem;
 /// two K (or V) vectors and a broadcast, take 15 of the 16 vector registers.
 const SHARE: usize = 6;
 
-/// How many cache blocks ahead of the one being read the loops ask for the K or V they will
-/// read, a line at a time as they read the current block's. A sequence's blocks lie anywhere
+/// How many cache blocks ahead of the one being read the score loop asks for the K it will
+/// read, a K row at a time as it reads the current block's. A sequence's blocks lie anywhere
 /// in the cache and a decode step does little arithmetic per byte of K and V, so without this
 /// every block starts with a wait on memory (`examples/attention_speed.rs 320 16 16 5 2 30
 /// f16` on a 2-core AMD EPYC, 16 decoding sequences through 30 layers' caches: 22-26 ms
@@ -115,11 +118,36 @@ pub(crate) unsafe fn attend_tile<E: KvElem>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scores<E: KvElem>(it: &Item<'_, E>, rows: &TileRows, scores: &mut [f32]) {
     let vecs = rows.rows * it.group;
+    // The K of the first blocks, which no earlier block asked for.
+    let k_bytes = it.head_dim * it.block_size * std::mem::size_of::<E>();
+    for j in 0..PREFETCH_BLOCKS {
+        let p = it.p0 + j * it.block_size;
+        if p < it.p1 {
+            let b = it.block_table[p / it.block_size] as usize;
+            // SAFETY: `prefetch_span` needs SSE only, and any address (it never faults).
+            unsafe {
+                prefetch_span(
+                    it.k_cache.as_ptr().wrapping_add(k_index(it, b, 0, 0)) as *const u8,
+                    k_bytes,
+                )
+            };
+        }
+    }
     for_each_run(it, |j0, block, off, len| {
         // The first group of vectors asks for the K of the block ahead.
         let mut ahead = block_ahead(it, j0).map_or(std::ptr::null(), |b| {
             it.k_cache.as_ptr().wrapping_add(k_index(it, b, 0, 0))
         });
+        // And for the V of this run, which the V sum reads after the softmax.
+        let v_now = it
+            .v_cache
+            .as_ptr()
+            .wrapping_add((block * it.block_size + off) * it.kv_stride + it.head_offset);
+        let v_bytes = it.head_dim * std::mem::size_of::<E>();
+        for s in 0..len {
+            // SAFETY: `prefetch_span` needs SSE only, and any address (it never faults).
+            unsafe { prefetch_span(v_now.wrapping_add(s * it.kv_stride) as *const u8, v_bytes) };
+        }
         let mut v0 = 0;
         while v0 < vecs {
             let h = (vecs - v0).min(SHARE);
@@ -179,27 +207,31 @@ unsafe fn score_run<E: KvElem, const H: usize>(
         let full = lanes == 8 * VECS;
         // SAFETY: AVX only.
         let mut acc = [[unsafe { _mm256_setzero_ps() }; VECS]; H];
-        // The block ahead's K, one dimension's positions per step, on the first pass only.
-        let ask = !ahead.is_null() && c == 0;
         let k_row_bytes = it.block_size * std::mem::size_of::<E>();
-        for d in 0..hd {
-            if ask {
-                // SAFETY: a prefetch (see the function).
-                unsafe {
-                    prefetch_span(
-                        ahead.wrapping_add(d * it.block_size) as *const u8,
-                        k_row_bytes,
-                    )
-                };
-            }
-            // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
-            // `k_index(.., off + c, d)` starts a run of `block_size - off - c` positions of one
-            // K row inside `k_cache`; the loads read `lanes <= len - c` of them (a partial
-            // load only its first `lanes - 8 v`), and `off + len <= block_size`. Vector `v < rows * group` is row `r = v / group <
-            // rows` and head `g = v % group`, so `q_at + d < (rows - 1) * q_stride + group *
-            // head_dim <= q.len()` (TileRows invariant).
-            unsafe {
-                let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, d));
+        // SAFETY: `block < num_blocks` (Item invariant) and `off + c < block_size`, so the
+        // K row of dimension `d < head_dim` holds `block_size - off - c` positions from
+        // `k_index(.., off + c, d)` on, inside `k_cache`; the loads read `lanes <= len - c` of
+        // them (a partial load only its first `lanes - 8 v`), and `off + len <= block_size`.
+        // Vector `v < rows * group` is row `r = v / group < rows` and head `g = v % group`, so
+        // `q_at + d < (rows - 1) * q_stride + group * head_dim <= q.len()` (TileRows
+        // invariant). The pointers step by one K row and one query element per dimension.
+        unsafe {
+            let mut kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, 0));
+            let mut qp: [*const f32; H] = std::array::from_fn(|h| it.q.as_ptr().add(q_at[h]));
+            // The block ahead's K, one dimension's positions per step, on the first pass only
+            // (later passes, and runs with no block ahead, ask again for the rows they read).
+            let mut ask = if !ahead.is_null() && c == 0 {
+                ahead as *const u8
+            } else {
+                kp as *const u8
+            };
+            let one_line = k_row_bytes <= 64;
+            for _ in 0..hd {
+                if one_line {
+                    _mm_prefetch::<_MM_HINT_T0>(ask as *const i8);
+                } else {
+                    prefetch_span(ask, k_row_bytes);
+                }
                 // A whole run takes plain loads (masked ones are slower on some cores).
                 let k: [__m256; VECS] = if full {
                     std::array::from_fn(|v| E::load8(kp.add(8 * v)))
@@ -209,11 +241,14 @@ unsafe fn score_run<E: KvElem, const H: usize>(
                     })
                 };
                 for h in 0..H {
-                    let q = _mm256_set1_ps(*it.q.get_unchecked(q_at[h] + d));
+                    let q = _mm256_broadcast_ss(&*qp[h]);
                     for v in 0..VECS {
                         acc[h][v] = _mm256_fmadd_ps(q, k[v], acc[h][v]);
                     }
+                    qp[h] = qp[h].wrapping_add(1);
                 }
+                kp = kp.wrapping_add(it.block_size);
+                ask = ask.wrapping_add(k_row_bytes);
             }
         }
         for h in 0..H {
@@ -270,12 +305,6 @@ unsafe fn v_sum<E: KvElem>(
     // Offset of the sub-range's positions in the scores.
     let skip = range.start - it.p0;
     for_each_run(&sub, |j0, block, off, len| {
-        // The first pass over the run asks for the V of the block ahead.
-        let mut ahead = block_ahead(&sub, j0).map_or(std::ptr::null(), |b| {
-            it.v_cache
-                .as_ptr()
-                .wrapping_add(b * it.block_size * it.kv_stride + it.head_offset)
-        });
         let mut v0 = vectors.start;
         while v0 < vectors.end {
             let h = (vectors.end - v0).min(SHARE);
@@ -288,9 +317,7 @@ unsafe fn v_sum<E: KvElem>(
                     len,
                     v0,
                     d0,
-                    ahead,
                 };
-                ahead = std::ptr::null();
                 // SAFETY: (every arm) the features and `it` are the caller's; `v0 + h <=
                 // vectors.end`; `d0 + 16 <= hd` for two vectors and `d0 + 8 <= hd` for one
                 // (`hd % 8 == 0`); the run's slots are `len` consecutive slots of one block in
@@ -321,14 +348,12 @@ unsafe fn v_sum<E: KvElem>(
 
 /// Where one [`v_run`] works: positions `j .. j + len` of the scores, stored in the
 /// consecutive cache slots `slot ..`, for vectors `v0 ..` and dimensions `d0 ..`.
-struct Run<E> {
+struct Run {
     j: usize,
     slot: usize,
     len: usize,
     v0: usize,
     d0: usize,
-    /// Where the V of the KV head starts in the block ahead, to ask for (null: nothing).
-    ahead: *const E,
 }
 
 /// Dimensions `d0 .. d0 + 8 * C` of the V sums of vectors `v0 .. v0 + H` over one run:
@@ -342,7 +367,7 @@ unsafe fn v_run<E: KvElem, const H: usize, const C: usize>(
     it: &Item<'_, E>,
     sc: &[f32],
     n: usize,
-    at: &Run<E>,
+    at: &Run,
     part: *mut f32,
 ) {
     let hd = it.head_dim;
@@ -354,32 +379,26 @@ unsafe fn v_run<E: KvElem, const H: usize, const C: usize>(
             unsafe { _mm256_loadu_ps(part.add(o_at(h, c))) }
         })
     });
-    for s in 0..at.len {
-        if !at.ahead.is_null() {
-            // SAFETY: a prefetch (see the function).
-            unsafe {
-                prefetch_span(
-                    at.ahead.wrapping_add(s * it.kv_stride) as *const u8,
-                    hd * std::mem::size_of::<E>(),
-                )
-            };
-        }
-        // SAFETY: slot `at.slot + s` is inside the V cache and `head_offset + d0 + 8 * C <=
-        // head_offset + hd <= kv_stride` (Item invariant), so floats `(slot) * kv_stride +
-        // head_offset + d0 ..+ 8 * C` are inside `v_cache`; `(v0 + h) * n + j + s <
-        // vectors.end * n <= sc.len()` as `j + s < n` (the caller's).
-        unsafe {
-            let vp = it
-                .v_cache
-                .as_ptr()
-                .add((at.slot + s) * it.kv_stride + it.head_offset + at.d0);
+    // SAFETY: slot `at.slot + s` for `s < at.len` is inside the V cache and `head_offset + d0 +
+    // 8 * C <= head_offset + hd <= kv_stride` (Item invariant), so floats `(at.slot + s) *
+    // kv_stride + head_offset + d0 ..+ 8 * C` are inside `v_cache`; `(v0 + h) * n + j + s <
+    // vectors.end * n <= sc.len()` as `j + s < n` (the caller's). The pointers step by whole
+    // slots and positions only while `s < at.len`.
+    unsafe {
+        let mut vp = it
+            .v_cache
+            .as_ptr()
+            .add(at.slot * it.kv_stride + it.head_offset + at.d0);
+        let wp: [*const f32; H] = std::array::from_fn(|h| sc.as_ptr().add((at.v0 + h) * n + at.j));
+        for s in 0..at.len {
             let v: [__m256; C] = std::array::from_fn(|c| E::load8(vp.add(c * 8)));
             for h in 0..H {
-                let w = _mm256_set1_ps(*sc.get_unchecked((at.v0 + h) * n + at.j + s));
+                let w = _mm256_broadcast_ss(&*wp[h].add(s));
                 for c in 0..C {
                     acc[h][c] = _mm256_fmadd_ps(w, v[c], acc[h][c]);
                 }
             }
+            vp = vp.wrapping_add(it.kv_stride);
         }
     }
     for h in 0..H {
