@@ -209,50 +209,70 @@ unsafe fn avx2_chunk_of<B: isa::IntBlock>(
             x.d4[g0 * blocks * 4..].as_ptr(),
             x.s8[g0 * blocks * 8..].as_ptr(),
         );
-        let mut r = r0;
-        while r < r1 {
-            // Several groups take one row at a time (the four spread weight vectors and one
-            // accumulator per group fill the registers), as does Q8_0 (which also keeps the
-            // weights' absolute values); a single group takes up to four rows.
-            let rr = if B::SIGNED || groups > 1 {
-                1
-            } else {
-                tile_rows(r1 - r, 4)
-            };
-            macro_rules! go {
-                ($R:literal, $G:literal) => {{
-                    let mut out = [[[0f32; 4]; $G]; $R];
-                    // SAFETY: rows `r..r + $R <= r1` and groups `g0..g0 + $G <= n / 4` (see
-                    // above); the features are our contract's.
-                    unsafe {
-                        isa::tile_token_quads::<B, $R, $G>(
-                            row(r),
-                            rb,
-                            xq4,
-                            xd4,
-                            xs8,
-                            blocks,
-                            &mut out,
-                        )
-                    };
-                    for (i, out) in out.iter().enumerate() {
-                        for (j, &v) in out.iter().flatten().enumerate() {
-                            // SAFETY: row `r + i` is in `r0..r1`, ours (contract); token
-                            // `t0 + j < n`.
-                            unsafe { *y.add((t0 + j) * rows + r + i) = v };
+        // The outputs of a strip of up to `STRIP` rows, per token, written to `y` a token's
+        // run of rows at a time: one row's 16 outputs go to 16 different lines of `y`, and
+        // stored one by one they stall on those lines (the output projection's `y` is 3 MB at
+        // 16 tokens).
+        const STRIP: usize = 16;
+        let mut strip = [[0f32; STRIP]; 16];
+        let mut s0 = r0;
+        while s0 < r1 {
+            let s1 = (s0 + STRIP).min(r1);
+            let mut r = s0;
+            while r < s1 {
+                // Several groups take one row at a time (the four spread weight vectors and one
+                // accumulator per group fill the registers), as does Q8_0 (which also keeps the
+                // weights' absolute values); a single group takes up to four rows.
+                let rr = if B::SIGNED || groups > 1 {
+                    1
+                } else {
+                    tile_rows(s1 - r, 4)
+                };
+                macro_rules! go {
+                    ($R:literal, $G:literal) => {{
+                        let mut out = [[[0f32; 4]; $G]; $R];
+                        // SAFETY: rows `r..r + $R <= s1 <= r1` and groups `g0..g0 + $G <= n / 4`
+                        // (see above); the features are our contract's.
+                        unsafe {
+                            isa::tile_token_quads::<B, $R, $G>(
+                                row(r),
+                                rb,
+                                xq4,
+                                xd4,
+                                xs8,
+                                blocks,
+                                &mut out,
+                            )
+                        };
+                        for (i, out) in out.iter().enumerate() {
+                            for (j, &v) in out.iter().flatten().enumerate() {
+                                strip[j][r - s0 + i] = v;
+                            }
                         }
-                    }
-                }};
+                    }};
+                }
+                match (rr, groups) {
+                    (4, 1) => go!(4, 1),
+                    (2, 1) => go!(2, 1),
+                    (1, 1) => go!(1, 1),
+                    (1, 2) => go!(1, 2),
+                    (1, 4) => go!(1, 4),
+                    _ => unreachable!("tile shapes are chosen just above"),
+                }
+                r += rr;
             }
-            match (rr, groups) {
-                (4, 1) => go!(4, 1),
-                (2, 1) => go!(2, 1),
-                (1, 1) => go!(1, 1),
-                (1, 2) => go!(1, 2),
-                (1, 4) => go!(1, 4),
-                _ => unreachable!("tile shapes are chosen just above"),
+            for (j, outs) in strip.iter().enumerate().take(4 * groups) {
+                // SAFETY: rows `s0..s1` are in `r0..r1`, ours (contract); token `t0 + j < n`;
+                // `strip` is a local array, not part of `y`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        outs.as_ptr(),
+                        y.add((t0 + j) * rows + s0),
+                        s1 - s0,
+                    )
+                };
             }
-            r += rr;
+            s0 = s1;
         }
         t0 += 4 * groups;
     }
