@@ -263,14 +263,16 @@ unsafe fn avx2_chunk_of<B: isa::IntBlock>(
             }
             for (j, outs) in strip.iter().enumerate().take(4 * groups) {
                 // SAFETY: rows `s0..s1` are in `r0..r1`, ours (contract); token `t0 + j < n`;
-                // `strip` is a local array, not part of `y`.
+                // `strip` is a local array, not part of `y`. A whole strip is one fixed-size
+                // copy (two vector stores, where a copy of run-time length calls `memcpy`).
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        outs.as_ptr(),
-                        y.add((t0 + j) * rows + s0),
-                        s1 - s0,
-                    )
-                };
+                    let to = y.add((t0 + j) * rows + s0);
+                    if s1 - s0 == STRIP {
+                        std::ptr::write_unaligned(to as *mut [f32; STRIP], *outs);
+                    } else {
+                        std::ptr::copy_nonoverlapping(outs.as_ptr(), to, s1 - s0);
+                    }
+                }
             }
             s0 = s1;
         }
