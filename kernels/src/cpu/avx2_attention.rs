@@ -214,7 +214,8 @@ unsafe fn score_run<E: KvElem, const H: usize>(
         // them (a partial load only its first `lanes - 8 v`), and `off + len <= block_size`.
         // Vector `v < rows * group` is row `r = v / group < rows` and head `g = v % group`, so
         // `q_at + d < (rows - 1) * q_stride + group * head_dim <= q.len()` (TileRows
-        // invariant). The pointers step by one K row and one query element per dimension.
+        // invariant). The pointers step by one K row and one query element per dimension. The
+        // prefetches need SSE only and never fault, whatever the address they are given.
         unsafe {
             let mut kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, 0));
             let mut qp: [*const f32; H] = std::array::from_fn(|h| it.q.as_ptr().add(q_at[h]));
