@@ -117,15 +117,22 @@ pub(crate) unsafe fn prefetch_tile_step(
 /// Ask for the cache lines of the `bytes` bytes at `p`: `bytes.div_ceil(64)` prefetches 64
 /// bytes apart from `p`, which touch every line the span touches except perhaps a last one
 /// that starts less than 64 bytes before its end (when `p` is not at a line's start). Where
-/// `bytes` is a constant, the loop unrolls into as many prefetch instructions.
+/// `bytes` is a constant, the loop unrolls into as many prefetch instructions; a run-time span
+/// of one line (attention's K rows at the default block size, once per dimension) takes one
+/// prefetch and no loop.
 ///
 /// # Safety
 /// The processor supports SSE (every x86-64 does). The addresses need not be valid: a
 /// prefetch never faults, and `wrapping_add` keeps the address computation itself defined.
 #[inline(always)]
 pub(crate) unsafe fn prefetch_span(p: *const u8, bytes: usize) {
-    for k in 0..bytes.div_ceil(64) {
+    let lines = bytes.div_ceil(64);
+    if lines == 1 {
         // SAFETY: a prefetch is a hint that reads nothing architecturally and never faults.
+        return unsafe { _mm_prefetch::<_MM_HINT_T0>(p as *const i8) };
+    }
+    for k in 0..lines {
+        // SAFETY: as above.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * k) as *const i8) };
     }
 }

@@ -48,12 +48,25 @@ const SHARE: usize = 6;
 /// without, 18-19 ms with).
 const PREFETCH_BLOCKS: usize = 2;
 
+/// The block that holds position `p`, if the item reads it (`p < p1`).
+#[inline(always)]
+fn block_at<E: KvElem>(it: &Item<'_, E>, p: usize) -> Option<usize> {
+    (p < it.p1).then(|| it.block_table[p / it.block_size] as usize)
+}
+
 /// The block that holds the position [`PREFETCH_BLOCKS`] blocks after the run that starts at
 /// `p0 + j`, if the item reads it.
 #[inline(always)]
 fn block_ahead<E: KvElem>(it: &Item<'_, E>, j: usize) -> Option<usize> {
-    let p = it.p0 + j + PREFETCH_BLOCKS * it.block_size;
-    (p < it.p1).then(|| it.block_table[p / it.block_size] as usize)
+    block_at(it, it.p0 + j + PREFETCH_BLOCKS * it.block_size)
+}
+
+/// Where the item's KV head's K starts in `block` (its `head_dim` rows of `block_size`
+/// positions follow), for prefetching: computed with `wrapping_add`, so any block gives a
+/// defined pointer.
+#[inline(always)]
+fn k_block<E: KvElem>(it: &Item<'_, E>, block: usize) -> *const E {
+    it.k_cache.as_ptr().wrapping_add(k_index(it, block, 0, 0))
 }
 
 /// One tile: scores, softmax statistics and the unnormalised V sum of every row, written as the
@@ -121,23 +134,14 @@ unsafe fn scores<E: KvElem>(it: &Item<'_, E>, rows: &TileRows, scores: &mut [f32
     // The K of the first blocks, which no earlier block asked for.
     let k_bytes = it.head_dim * it.block_size * std::mem::size_of::<E>();
     for j in 0..PREFETCH_BLOCKS {
-        let p = it.p0 + j * it.block_size;
-        if p < it.p1 {
-            let b = it.block_table[p / it.block_size] as usize;
+        if let Some(b) = block_at(it, it.p0 + j * it.block_size) {
             // SAFETY: `prefetch_span` needs SSE only, and any address (it never faults).
-            unsafe {
-                prefetch_span(
-                    it.k_cache.as_ptr().wrapping_add(k_index(it, b, 0, 0)) as *const u8,
-                    k_bytes,
-                )
-            };
+            unsafe { prefetch_span(k_block(it, b) as *const u8, k_bytes) };
         }
     }
     for_each_run(it, |j0, block, off, len| {
         // The first group of vectors asks for the K of the block ahead.
-        let mut ahead = block_ahead(it, j0).map_or(std::ptr::null(), |b| {
-            it.k_cache.as_ptr().wrapping_add(k_index(it, b, 0, 0))
-        });
+        let mut ahead = block_ahead(it, j0).map_or(std::ptr::null(), |b| k_block(it, b));
         // And for the V of this run, which the V sum reads after the softmax.
         let v_now = it
             .v_cache
@@ -226,13 +230,8 @@ unsafe fn score_run<E: KvElem, const H: usize>(
             } else {
                 kp as *const u8
             };
-            let one_line = k_row_bytes <= 64;
             for _ in 0..hd {
-                if one_line {
-                    _mm_prefetch::<_MM_HINT_T0>(ask as *const i8);
-                } else {
-                    prefetch_span(ask, k_row_bytes);
-                }
+                prefetch_span(ask, k_row_bytes);
                 // A whole run takes plain loads (masked ones are slower on some cores).
                 let k: [__m256; VECS] = if full {
                     std::array::from_fn(|v| E::load8(kp.add(8 * v)))

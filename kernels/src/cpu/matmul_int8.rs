@@ -214,7 +214,8 @@ unsafe fn avx2_chunk_of<B: isa::IntBlock>(
         // stored one by one they stall on those lines (the output projection's `y` is 3 MB at
         // 16 tokens).
         const STRIP: usize = 16;
-        let mut strip = [[0f32; STRIP]; 16];
+        // Per token of the pass (at most four groups of four), its outputs for the strip.
+        let mut strip = [[0f32; STRIP]; 4 * 4];
         let mut s0 = r0;
         while s0 < r1 {
             let s1 = (s0 + STRIP).min(r1);
