@@ -477,7 +477,10 @@ fn attend<E: KvElem>(
                 q_stride: row,
                 ends,
             };
-            let mut scores = vec![0f32; w.rows * group * (tile.p1 - tile.p0)];
+            // Every score the tile reads it writes first, so a buffer of an earlier item on this
+            // thread serves as it is (a fresh one costs an allocation and a memset per item).
+            let mut scores = TILE_SCORES.take();
+            scores.resize(scores.len().max(w.rows * group * (tile.p1 - tile.p0)), 0.0);
             // SAFETY: the `Avx2` token proves the processor features; `head_dim % 8 == 0` was
             // checked above. `tile` satisfies the `Item` invariants: the caches are
             // `num_blocks` whole blocks and every block-table entry is below `num_blocks`
@@ -489,6 +492,7 @@ fn attend<E: KvElem>(
             // head_dim` floats. `scores` has `rows * group * (p1 - p0)` floats and `part` the
             // item's `rows * group * (head_dim + 2)` floats.
             unsafe { super::avx2_attention::attend_tile(&tile, &rows, &mut scores, part) };
+            TILE_SCORES.set(scores);
             return;
         }
         for r in 0..w.rows {
@@ -598,6 +602,9 @@ const KEEP_PARTIALS: usize = 16 << 20;
 thread_local! {
     /// The partition records of the last call on this thread, kept for the next one.
     static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    /// The scores buffer of the last AVX2 tile on this thread (at most `TILE_ROWS * group *
+    /// PARTITION` floats), kept for the next one.
+    static TILE_SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
 /// Context positions per work item.

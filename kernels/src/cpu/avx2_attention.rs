@@ -40,6 +40,9 @@ use super::kv_elem::KvElem;
 /// two K (or V) vectors and a broadcast, take 15 of the 16 vector registers.
 const SHARE: usize = 6;
 
+/// Vectors of 8 positions a score pass covers: 16 positions, one block at the default size.
+const SCORE_VECS: usize = 2;
+
 /// How many cache blocks ahead of the one being read the score loop asks for the K it will
 /// read, a K row at a time as it reads the current block's. A sequence's blocks lie anywhere
 /// in the cache and a decode step does little arithmetic per byte of K and V, so without this
@@ -192,7 +195,7 @@ unsafe fn score_run<E: KvElem, const H: usize>(
     len: usize,
     ahead: *const E,
 ) {
-    const VECS: usize = 2;
+    const VECS: usize = SCORE_VECS;
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
     let q_at: [usize; H] = std::array::from_fn(|h| {
@@ -221,34 +224,21 @@ unsafe fn score_run<E: KvElem, const H: usize>(
         // invariant). The pointers step by one K row and one query element per dimension. The
         // prefetches need SSE only and never fault, whatever the address they are given.
         unsafe {
-            let mut kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, 0));
-            let mut qp: [*const f32; H] = std::array::from_fn(|h| it.q.as_ptr().add(q_at[h]));
+            let kp = it.k_cache.as_ptr().add(k_index(it, block, off + c, 0));
+            let qp: [*const f32; H] = std::array::from_fn(|h| it.q.as_ptr().add(q_at[h]));
             // The block ahead's K, one dimension's positions per step, on the first pass only
             // (later passes, and runs with no block ahead, ask again for the rows they read).
-            let mut ask = if !ahead.is_null() && c == 0 {
+            let ask = if !ahead.is_null() && c == 0 {
                 ahead as *const u8
             } else {
                 kp as *const u8
             };
-            for _ in 0..hd {
-                prefetch_span(ask, k_row_bytes);
-                // A whole run takes plain loads (masked ones are slower on some cores).
-                let k: [__m256; VECS] = if full {
-                    std::array::from_fn(|v| E::load8(kp.add(8 * v)))
-                } else {
-                    std::array::from_fn(|v| {
-                        E::load_partial(kp.add(8 * v), lanes.saturating_sub(8 * v))
-                    })
-                };
-                for h in 0..H {
-                    let q = _mm256_broadcast_ss(&*qp[h]);
-                    for v in 0..VECS {
-                        acc[h][v] = _mm256_fmadd_ps(q, k[v], acc[h][v]);
-                    }
-                    qp[h] = qp[h].wrapping_add(1);
-                }
-                kp = kp.wrapping_add(it.block_size);
-                ask = ask.wrapping_add(k_row_bytes);
+            // A whole run whose K rows are one line each (the default block size) takes the
+            // loop without masks or a prefetch loop: the one a decode step spends its time in.
+            if full && k_row_bytes <= 64 {
+                dims::<E, H, true>(kp, qp, ask, hd, it.block_size, lanes, &mut acc);
+            } else {
+                dims::<E, H, false>(kp, qp, ask, hd, it.block_size, lanes, &mut acc);
             }
         }
         for h in 0..H {
@@ -270,6 +260,54 @@ unsafe fn score_run<E: KvElem, const H: usize>(
             }
         }
         c += lanes;
+    }
+}
+
+/// The score accumulators of [`score_run`] over every dimension: `acc[h][v]` (positions
+/// `8 v ..` of the run's pass) gains `q_h[d] * k_d` for `d` in `0..hd`, in order. K row `d`
+/// starts `d * block_size` elements after `kp`, query `h`'s element `d` at `qp[h] + d`; each
+/// step asks for the line(s) `d * block_size` elements after `ask` (same stride as K).
+/// `WHOLE`: all [`SCORE_VECS`] `* 8` positions are read with plain loads and a row is at most one line, so a
+/// step is two conversions, `H` broadcasts, `2 H` fused multiply-adds and one prefetch.
+///
+/// # Safety
+/// The processor supports AVX2, FMA and F16C; for every `d < hd`, `kp + d * block_size` is
+/// valid for reads of `min(lanes, 8 * SCORE_VECS)` elements (all of them when `WHOLE`) and
+/// `qp[h] + d` of one float.
+#[inline(always)]
+unsafe fn dims<E: KvElem, const H: usize, const WHOLE: bool>(
+    kp: *const E,
+    qp: [*const f32; H],
+    ask: *const u8,
+    hd: usize,
+    block_size: usize,
+    lanes: usize,
+    acc: &mut [[__m256; SCORE_VECS]; H],
+) {
+    let row_bytes = block_size * std::mem::size_of::<E>();
+    // The prefetch address is K's plus a fixed distance, so one pointer steps for both.
+    let ask_from_k = (ask as usize).wrapping_sub(kp as usize);
+    let mut kp = kp;
+    // SAFETY: the loads read K rows `d < hd` and query elements `d`, which the caller
+    // guarantees readable; a prefetch needs SSE only and never faults, whatever the address.
+    unsafe {
+        for d in 0..hd {
+            let ask = (kp as *const u8).wrapping_add(ask_from_k);
+            let k: [__m256; SCORE_VECS] = if WHOLE {
+                _mm_prefetch::<_MM_HINT_T0>(ask as *const i8);
+                std::array::from_fn(|v| E::load8(kp.add(8 * v)))
+            } else {
+                prefetch_span(ask, row_bytes);
+                std::array::from_fn(|v| E::load_partial(kp.add(8 * v), lanes.saturating_sub(8 * v)))
+            };
+            for h in 0..H {
+                let q = _mm256_broadcast_ss(&*qp[h].add(d));
+                for v in 0..SCORE_VECS {
+                    acc[h][v] = _mm256_fmadd_ps(q, k[v], acc[h][v]);
+                }
+            }
+            kp = kp.wrapping_add(block_size);
+        }
     }
 }
 
