@@ -2,12 +2,13 @@
 //! `[num_blocks][block_size][num_kv_heads][head_dim]` values and a K array with each block
 //! transposed, `[num_blocks][num_kv_heads][head_dim][block_size]` (so attention computes scores
 //! along positions), on the device (for the CPU backend, RAM), plus a host tier of the same
-//! layout. Values are f32, or f16 with `--kv-cache-dtype f16` ([`KvCacheDtype`]).
+//! layout. Values are f32, or f16 or 8-bit floats with `--kv-cache-dtype f16|fp8_e4m3`
+//! ([`KvCacheDtype`]).
 //!
 //! The manager's block ids index this storage directly; nothing here decides who owns what.
 //! [`KvCache::apply`] executes the manager's copies in order.
 
-use convoy_kernels::KvElem;
+use convoy_kernels::{KvElem, F8E4M3};
 use convoy_scheduler::{BlockCopy, Loc};
 use half::f16;
 
@@ -23,11 +24,17 @@ pub enum KvCacheDtype {
     /// bits (round to nearest even). Attention on it is f32 attention on the rounded values,
     /// so it stays batch invariant, and cached equals recomputed.
     F16,
+    /// 8-bit floats, E4M3 (the format of vLLM's `fp8` KV cache, here without a scale): a
+    /// quarter of f32's memory and bytes read, each stored value rounded to 4 significant bits
+    /// (round to nearest even) and saturated at ±448. Attention on it is f32 attention on the
+    /// rounded values, so it keeps both guarantees; its distance from float32 is measured
+    /// (docs/kv_cache.md).
+    Fp8E4m3,
 }
 
-/// A `--kv-cache-dtype` that is neither `f32` nor `f16`.
+/// A `--kv-cache-dtype` that is not `f32`, `f16` or `fp8_e4m3`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown KV cache dtype {0:?}: use f32 or f16")]
+#[error("unknown KV cache dtype {0:?}: use f32, f16 or fp8_e4m3")]
 pub struct UnknownKvCacheDtype(pub String);
 
 impl KvCacheDtype {
@@ -36,6 +43,7 @@ impl KvCacheDtype {
         match self {
             KvCacheDtype::F32 => f32::BYTES,
             KvCacheDtype::F16 => f16::BYTES,
+            KvCacheDtype::Fp8E4m3 => F8E4M3::BYTES,
         }
     }
 
@@ -44,14 +52,16 @@ impl KvCacheDtype {
         match self {
             KvCacheDtype::F32 => "f32",
             KvCacheDtype::F16 => "f16",
+            KvCacheDtype::Fp8E4m3 => "fp8_e4m3",
         }
     }
 
-    /// `f32` or `f16` (case-insensitive).
+    /// `f32`, `f16` or `fp8_e4m3` (case-insensitive; also `float32`, `float16`, `fp8`).
     pub fn parse(s: &str) -> Result<KvCacheDtype, UnknownKvCacheDtype> {
         match s.to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(KvCacheDtype::F32),
             "f16" | "float16" => Ok(KvCacheDtype::F16),
+            "fp8_e4m3" | "fp8" => Ok(KvCacheDtype::Fp8E4m3),
             _ => Err(UnknownKvCacheDtype(s.to_string())),
         }
     }
@@ -172,6 +182,7 @@ impl<E: KvElem> Tiers<E> {
 enum Storage {
     F32(Tiers<f32>),
     F16(Tiers<f16>),
+    Fp8E4m3(Tiers<F8E4M3>),
 }
 
 /// The device K and V storage of one layer, in the cache's element type; attention reads
@@ -191,6 +202,13 @@ pub enum KvLayer<'a> {
         k: &'a [f16],
         /// V.
         v: &'a [f16],
+    },
+    /// An 8-bit float (E4M3) cache.
+    Fp8E4m3 {
+        /// K, blocks transposed.
+        k: &'a [F8E4M3],
+        /// V.
+        v: &'a [F8E4M3],
     },
 }
 
@@ -226,6 +244,7 @@ impl KvCache {
         let storage = match dtype {
             KvCacheDtype::F32 => Storage::F32(Tiers::new(num_layers, device, host)),
             KvCacheDtype::F16 => Storage::F16(Tiers::new(num_layers, device, host)),
+            KvCacheDtype::Fp8E4m3 => Storage::Fp8E4m3(Tiers::new(num_layers, device, host)),
         };
         KvCache {
             storage,
@@ -253,6 +272,7 @@ impl KvCache {
         match self.storage {
             Storage::F32(_) => KvCacheDtype::F32,
             Storage::F16(_) => KvCacheDtype::F16,
+            Storage::Fp8E4m3(_) => KvCacheDtype::Fp8E4m3,
         }
     }
 
@@ -269,6 +289,7 @@ impl KvCache {
         match &mut self.storage {
             Storage::F32(t) => t.write(layer, slot_mapping, k, v, w, bs),
             Storage::F16(t) => t.write(layer, slot_mapping, k, v, w, bs),
+            Storage::Fp8E4m3(t) => t.write(layer, slot_mapping, k, v, w, bs),
         }
     }
 
@@ -280,6 +301,10 @@ impl KvCache {
                 v: &t.device.v[layer],
             },
             Storage::F16(t) => KvLayer::F16 {
+                k: &t.device.k[layer],
+                v: &t.device.v[layer],
+            },
+            Storage::Fp8E4m3(t) => KvLayer::Fp8E4m3 {
                 k: &t.device.k[layer],
                 v: &t.device.v[layer],
             },
@@ -298,6 +323,7 @@ impl KvCache {
         match &mut self.storage {
             Storage::F32(t) => t.apply(copies, w, bs),
             Storage::F16(t) => t.apply(copies, w, bs),
+            Storage::Fp8E4m3(t) => t.apply(copies, w, bs),
         }
     }
 }
@@ -432,5 +458,30 @@ mod tests {
         );
         assert_eq!(KvCacheDtype::parse("F16"), Ok(KvCacheDtype::F16));
         assert!(KvCacheDtype::parse("bf16").is_err());
+    }
+
+    #[test]
+    fn an_fp8_cache_stores_rounded_saturated_values_in_a_quarter_of_the_bytes() {
+        let mut kv = KvCache::new(1, 2, 1, 2, 1, 2, KvCacheDtype::Fp8E4m3);
+        assert_eq!(kv.dtype(), KvCacheDtype::Fp8E4m3);
+        // 0.3 is not an E4M3 value; 1000 is past the largest (448).
+        let (k, v) = ([0.3, 2.0, 3.0, 1000.0], [5.0, 6.0, -7.0, -0.3]);
+        kv.write(0, &[1, 2], &k, &v);
+        let KvLayer::Fp8E4m3 { k: kc, v: vc } = kv.layer(0) else {
+            panic!("an fp8 cache")
+        };
+        let f = |c: &[F8E4M3]| c.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        // K transposed per block: [dim][slot]; 0.3 rounds to 0.3125 (4 significant bits).
+        assert_eq!(f(kc), [0.0, 0.3125, 0.0, 2.0, 3.0, 0.0, 448.0, 0.0]);
+        assert_eq!(f(vc), [0.0, 0.0, 5.0, 6.0, -7.0, -0.3125, 0.0, 0.0]);
+        assert_eq!(
+            KvCache::block_bytes(30, 16, 3, 64, KvCacheDtype::Fp8E4m3) * 4,
+            KvCache::block_bytes(30, 16, 3, 64, KvCacheDtype::F32)
+        );
+        for name in ["fp8_e4m3", "FP8"] {
+            assert_eq!(KvCacheDtype::parse(name), Ok(KvCacheDtype::Fp8E4m3));
+        }
+        assert_eq!(KvCacheDtype::Fp8E4m3.as_str(), "fp8_e4m3");
+        assert!(KvCacheDtype::parse("fp8_e5m2").is_err());
     }
 }

@@ -55,9 +55,10 @@ pub struct ModelArgs {
     /// error, see docs/benchmarks.md).
     #[arg(long, default_value = "exact")]
     pub precision: String,
-    /// Element type of the KV cache: `f32` (K/V exactly as computed) or `f16` (half the
-    /// memory and half the bytes attention reads, each value rounded to 11 significant bits;
-    /// see docs/kv_cache.md).
+    /// Element type of the KV cache: `f32` (K/V exactly as computed), `f16` (half the memory
+    /// and half the bytes attention reads, each value rounded to 11 significant bits) or
+    /// `fp8_e4m3` (a quarter, each value rounded to 4 significant bits, at most 448; measured
+    /// error, see docs/kv_cache.md).
     #[arg(long, default_value = "f32")]
     pub kv_cache_dtype: String,
 }

@@ -22,7 +22,7 @@ pub mod cpu;
 pub use cpu::attention::{
     paged_attention, try_paged_attention, AttentionError, AttentionSeq, AttentionShape,
 };
-pub use cpu::kv_elem::KvElem;
+pub use cpu::kv_elem::{KvElem, F8E4M3};
 pub use cpu::matmul::matmul;
 pub use cpu::matmul_int8::{matmul_quantized, matmul_with, Precision};
 pub use cpu::matrix::{Matrix, MatrixError, WeightFormat};

@@ -21,7 +21,7 @@
 use convoy_kernels::{
     active_kernel_path, has_avx2, has_avx512, kernel_path_from_env, matmul, paged_attention,
     rms_norm, scalar_forced_by_env, simd_active, with_kernel_path, AttentionSeq, AttentionShape,
-    KernelPath, KvElem, Matrix, WeightFormat,
+    KernelPath, KvElem, Matrix, WeightFormat, F8E4M3,
 };
 use half::f16;
 struct Lcg(u64);
@@ -678,23 +678,35 @@ fn paged_attention_every_path_matches_f64_including_gqa_groups_above_8() {
 
 #[test]
 fn paged_attention_on_an_f16_cache_is_f32_attention_on_the_rounded_values() {
-    say_which_paths("paged_attention (f16 cache)");
-    let mut rng = Lcg(31);
+    attention_on_rounded_values::<f16>("f16", 31);
+}
+
+#[test]
+fn paged_attention_on_an_fp8_cache_is_f32_attention_on_the_rounded_values() {
+    attention_on_rounded_values::<F8E4M3>("fp8_e4m3", 37);
+}
+
+/// Attention on a cache of `E` gives, on every path, the bits of f32 attention on the values
+/// rounded to `E`, and each sequence alone the same bits.
+fn attention_on_rounded_values<E: KvElem>(name: &str, seed: u64) {
+    say_which_paths(&format!("paged_attention ({name} cache)"));
+    let mut rng = Lcg(seed);
     for dims in ATTENTION_SHAPES {
         let shape = attention_shape(dims);
         let case = Case::new(shape, &mut rng);
-        let (k16, v16): (Vec<f16>, Vec<f16>) = (
-            case.k.iter().map(|&x| f16::from_f32(x)).collect(),
-            case.v.iter().map(|&x| f16::from_f32(x)).collect(),
+        let (kc, vc): (Vec<E>, Vec<E>) = (
+            case.k.iter().map(|&x| E::from_f32(x)).collect(),
+            case.v.iter().map(|&x| E::from_f32(x)).collect(),
         );
         let rounded = Case {
-            k: k16.iter().map(|x| x.to_f32()).collect(),
-            v: v16.iter().map(|x| x.to_f32()).collect(),
+            k: kc.iter().map(|x| x.to_f32()).collect(),
+            v: vc.iter().map(|x| x.to_f32()).collect(),
             ..case
         };
-        for (path, y) in every_path(|| rounded.run_on(&k16, &v16)) {
-            // An f16 cache is read by the AVX2 kernel on AVX-512 processors (the AVX-512 one
-            // reads f32 only): compare with f32 on the path that reads it the same way.
+        for (path, y) in every_path(|| rounded.run_on(&kc, &vc)) {
+            // A reduced-precision cache is read by the AVX2 kernel on AVX-512 processors (the
+            // AVX-512 one reads f32 only): compare with f32 on the path that reads it the same
+            // way.
             let same_kernel = if path == KernelPath::Avx512 {
                 KernelPath::Avx2
             } else {
@@ -703,16 +715,16 @@ fn paged_attention_on_an_f16_cache_is_f32_attention_on_the_rounded_values() {
             let want = with_kernel_path(same_kernel, || rounded.run());
             assert_eq!(
                 y, want,
-                "{path:?} {shape:?}: f16 cache vs f32 rounded values"
+                "{path:?} {shape:?}: {name} cache vs f32 rounded values"
             );
             // So it is batch invariant too: each sequence alone gives the same bits.
             let row = shape.num_heads * shape.head_dim;
             for (s, seq) in rounded.seqs.iter().enumerate() {
                 let rows = seq.query_start * row..(seq.query_start + seq.num_queries) * row;
-                let alone = with_kernel_path(path, || rounded.run_alone_on(s, &k16, &v16));
+                let alone = with_kernel_path(path, || rounded.run_alone_on(s, &kc, &vc));
                 assert_eq!(
                     alone, y[rows],
-                    "{path:?} {shape:?} sequence {s} alone (f16)"
+                    "{path:?} {shape:?} sequence {s} alone ({name})"
                 );
             }
         }

@@ -303,6 +303,9 @@ impl LlamaModel {
                 KvLayer::F16 { k: kc, v: vc } => {
                     k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
                 }
+                KvLayer::Fp8E4m3 { k: kc, v: vc } => {
+                    k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
+                }
             }
             k::matmul_with(p, &attn, n, &layer.o, &mut proj, &mut xq);
             k::add_in_place(&mut x, &proj);

@@ -1,11 +1,12 @@
-//! The element type of a paged KV cache: `f32` (the default, exact) or `f16` (half the memory
+//! The element type of a paged KV cache: `f32` (the default, exact), `f16` (half the memory
 //! and half the bytes a decode step reads, at the rounding of each stored value to 11
-//! significant bits).
+//! significant bits) or [`F8E4M3`] (a quarter of `f32`'s bytes, each value rounded to 4
+//! significant bits, at most 448 in magnitude).
 //!
-//! Invariant: attention on an `f16` cache computes exactly what it computes on an `f32` cache
-//! holding the same values converted to `f32` (`f16 -> f32` is exact): every kernel converts a
-//! value as it loads it and then runs the `f32` operations. So batch invariance, and cached
-//! equals recomputed, hold for either element type.
+//! Invariant: attention on an `f16` or `F8E4M3` cache computes exactly what it computes on an
+//! `f32` cache holding the same values converted to `f32` (both conversions are exact): every
+//! kernel converts a value as it loads it and then runs the `f32` operations. So batch
+//! invariance, and cached equals recomputed, hold for every element type.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -16,16 +17,17 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for super::F8E4M3 {}
 }
 
-/// An element type of the KV cache: `f32` or `half::f16`. Sealed: the kernels' unsafe loads
-/// rely on the two layouts.
+/// An element type of the KV cache: `f32`, `half::f16` or [`F8E4M3`]. Sealed: the kernels'
+/// unsafe loads rely on the three layouts.
 pub trait KvElem:
     Copy + Send + Sync + Default + std::fmt::Debug + sealed::Sealed + 'static
 {
     /// Bytes of one element.
     const BYTES: usize;
-    /// The value as `f32` (exact for both types).
+    /// The value as `f32` (exact for every type).
     fn to_f32(self) -> f32;
     /// The nearest representable value (round to nearest, ties to even).
     fn from_f32(x: f32) -> Self;
@@ -104,5 +106,196 @@ impl KvElem for f16 {
         }
         // SAFETY: `bits` is 16 readable bytes; F16C (the caller's). Zero bits are +0.0.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i)) }
+    }
+}
+
+/// An 8-bit float with a sign, 4 exponent bits and 3 mantissa bits (OCP FP8 "E4M3FN", the
+/// format of vLLM's `fp8` KV cache), stored without a scale: 4 significant bits, normal values
+/// from 2^-6 to 448 and subnormals down to 2^-9. [`KvElem::from_f32`] rounds to nearest, ties
+/// to even, saturates at ±448 (infinities included) and keeps NaN as NaN (`0x7f`/`0xff`, its
+/// only encoding).
+///
+/// A value is the `f16` whose bits are the sign, then the 7 other bits shifted to bits 7..13,
+/// times 256 (the exponent biases differ by 8), for normals and subnormals alike: so the AVX2
+/// load is a byte widening, two integer operations, `vcvtph2ps` and a multiply, all exact.
+/// The one exception is NaN, which that load reads as 480 (the portable code as NaN): a K or
+/// V value is NaN only once the hidden state is, which makes the logits NaN whatever attention
+/// returns.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct F8E4M3(pub u8);
+
+impl F8E4M3 {
+    /// The largest finite value.
+    pub const MAX: f32 = 448.0;
+
+    /// The `f16` bits whose value times 256 is this value (NaN excepted).
+    fn f16_bits(self) -> u16 {
+        let b = self.0 as u16;
+        ((b & 0x80) << 8) | ((b & 0x7f) << 7)
+    }
+}
+
+impl KvElem for F8E4M3 {
+    const BYTES: usize = 1;
+    fn to_f32(self) -> f32 {
+        if self.0 & 0x7f == 0x7f {
+            return f32::NAN;
+        }
+        f16::from_bits(self.f16_bits()).to_f32() * 256.0
+    }
+    fn from_f32(x: f32) -> Self {
+        let sign = ((x.to_bits() >> 24) & 0x80) as u8;
+        if x.is_nan() {
+            return F8E4M3(sign | 0x7f);
+        }
+        let a = x.abs().min(F8E4M3::MAX);
+        // Below the smallest normal (2^-6) the values are the multiples of 2^-9 (subnormals,
+        // and 2^-6 itself as 8): the scaling is exact, so this is one rounding.
+        if a < 2f32.powi(-6) {
+            return F8E4M3(sign | (a * 512.0).round_ties_even() as u8);
+        }
+        // Round the f32 mantissa to 3 bits, ties to even (a carry moves into the exponent;
+        // `a <= 448` keeps the result at most 448).
+        let b = a.to_bits();
+        let r = (b + 0x0007_ffff + ((b >> 20) & 1)) & !0x000f_ffff;
+        let exp = (r >> 23) as i32 - 127;
+        F8E4M3(sign | (((exp + 7) as u8) << 3) | ((r >> 20) & 7) as u8)
+    }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> __m256 {
+        // SAFETY: 8 readable bytes at `p` (8 elements), AVX2 and F16C (the caller's). Each
+        // byte becomes the f16 bits of `F8E4M3::f16_bits`: shifted left by 7, the sign lands
+        // on bit 14 and is moved to bit 15 by adding it to itself (bit 15 is clear).
+        unsafe {
+            let w = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+            let m = _mm_slli_epi16::<7>(w);
+            let h = _mm_add_epi16(m, _mm_and_si128(m, _mm_set1_epi16(0x4000)));
+            _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_partial(p: *const Self, lanes: usize) -> __m256 {
+        let mut bits = [0u16; 8];
+        for (i, b) in bits.iter_mut().enumerate().take(lanes.min(8)) {
+            // SAFETY: element `i < min(lanes, 8)` is readable (the caller's).
+            *b = unsafe { (*p.add(i)).f16_bits() };
+        }
+        // SAFETY: `bits` is 16 readable bytes; F16C and AVX (the caller's). Zero bits are
+        // +0.0, and 0 times 256 stays 0.
+        unsafe {
+            let h = _mm_loadu_si128(bits.as_ptr() as *const __m128i);
+            _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The finite E4M3 values, with their bytes.
+    fn finite() -> Vec<(f32, u8)> {
+        (0..=255u8)
+            .map(|b| (F8E4M3(b).to_f32(), b))
+            .filter(|(x, _)| x.is_finite())
+            .collect()
+    }
+
+    /// The nearest finite E4M3 value by brute force (ties to the even mantissa), saturating.
+    fn nearest(x: f32) -> f32 {
+        let x = x.clamp(-F8E4M3::MAX, F8E4M3::MAX);
+        let mut best = (f32::INFINITY, 0u8, 0f32);
+        for (v, b) in finite() {
+            let d = (v - x).abs();
+            if d < best.0 || (d == best.0 && b & 1 == 0 && best.1 & 1 == 1) {
+                best = (d, b, v);
+            }
+        }
+        best.2
+    }
+
+    #[test]
+    fn every_byte_converts_exactly_and_back() {
+        assert_eq!(finite().len(), 254, "two NaN encodings, no infinities");
+        for b in 0..=255u8 {
+            let x = F8E4M3(b).to_f32();
+            if x.is_nan() {
+                assert_eq!(b & 0x7f, 0x7f);
+                assert!(F8E4M3::from_f32(x).to_f32().is_nan());
+            } else if x == 0.0 {
+                assert_eq!(F8E4M3::from_f32(x).to_f32().to_bits(), x.to_bits());
+            } else {
+                assert_eq!(F8E4M3::from_f32(x), F8E4M3(b), "byte {b:#04x} ({x})");
+            }
+        }
+        assert_eq!(F8E4M3(0x7e).to_f32(), 448.0);
+        assert_eq!(F8E4M3(0x01).to_f32(), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn rounding_is_to_the_nearest_value_ties_to_even_and_saturates() {
+        let mut values: Vec<f32> = Vec::new();
+        let mut seed = 1u64;
+        for _ in 0..20_000 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let e = ((seed >> 33) % 24) as i32 - 13;
+            let m = 1.0 + ((seed >> 8) & 0xffff) as f32 / 65536.0;
+            let s = if seed >> 63 == 1 { -1.0 } else { 1.0 };
+            values.push(s * m * 2f32.powi(e));
+        }
+        // Every midpoint between neighbours (the ties), and values past the largest.
+        let mut sorted: Vec<f32> = finite().iter().map(|p| p.0).collect();
+        sorted.sort_by(f32::total_cmp);
+        for w in sorted.windows(2) {
+            values.push((w[0] + w[1]) / 2.0);
+        }
+        values.extend([
+            464.0,
+            480.0,
+            1e6,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-9,
+            -1e-9,
+        ]);
+        for x in values {
+            assert_eq!(F8E4M3::from_f32(x).to_f32(), nearest(x), "{x}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_loads_give_the_values_of_every_finite_byte() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+            return;
+        }
+        let bytes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3).collect();
+        for chunk in bytes.chunks(8) {
+            let mut got = [0f32; 8];
+            let mut part = [0f32; 8];
+            // SAFETY: AVX2 and F16C were detected; `chunk` holds 8 elements, `got` and
+            // `part` 8 floats.
+            unsafe {
+                _mm256_storeu_ps(got.as_mut_ptr(), F8E4M3::load8(chunk.as_ptr()));
+                _mm256_storeu_ps(part.as_mut_ptr(), F8E4M3::load_partial(chunk.as_ptr(), 5));
+            }
+            for (i, e) in chunk.iter().enumerate() {
+                let want = e.to_f32();
+                if want.is_nan() {
+                    continue;
+                }
+                assert_eq!(got[i].to_bits(), want.to_bits(), "byte {:#04x}", e.0);
+                let want_part = if i < 5 { want } else { 0.0 };
+                assert_eq!(part[i].to_bits(), want_part.to_bits(), "byte {:#04x}", e.0);
+            }
+        }
     }
 }
