@@ -14,9 +14,12 @@
 //!   multiply-adds over the row's positions in order, kept in the record between runs of
 //!   positions (a store and a load change no bits). The tile only decides how many vectors
 //!   share each K and V load: up to 6 vectors at once, in registers.
-//! - Element type. The caches hold `f32` or `f16` ([`KvElem`]); a value is converted to `f32`
-//!   as it is loaded and everything after is the same, so an `f16` cache gives exactly the
-//!   `f32` results on its (rounded) values.
+//! - Element type. The caches hold `f32`, `f16` or 8-bit floats ([`KvElem`]); a value is
+//!   converted to `f32` as it is loaded and everything after is the same, so such a cache gives
+//!   exactly the `f32` results on its (rounded) values. An 8-bit float loads as its value over
+//!   256 (`KvElem::LOAD_SCALE`), and the queries and the softmax weights are multiplied by 256
+//!   instead: both are exact powers of two, so every product, and so every rounding, is the
+//!   same (the records keep the unscaled softmax statistics).
 //! - Locality. The K and V of a run (one cache block of the KV head) are loaded from memory
 //!   once per tile and reused from L1 by every group of vectors, so a tile of `R` rows reads
 //!   the partition's K and V once instead of `R` times. A 4096-token prompt's K and V do not
@@ -42,6 +45,12 @@ const SHARE: usize = 6;
 
 /// Vectors of 8 positions a score pass covers: 16 positions, one block at the default size.
 const SCORE_VECS: usize = 2;
+
+thread_local! {
+    /// The scaled queries of the last tile on this thread (`KvElem::LOAD_SCALE`), kept for
+    /// the next one.
+    static SCALED_Q: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
 
 /// How many cache blocks ahead of the one being read the score loop asks for the K it will
 /// read, a K row at a time as it reads the current block's. A sequence's blocks lie anywhere
@@ -92,15 +101,34 @@ pub(crate) unsafe fn attend_tile<E: KvElem>(
     let hd = it.head_dim;
     let n = it.p1 - it.p0;
     let vecs = rows.rows * it.group;
+    // The loads give K and V divided by `LOAD_SCALE`; the queries and the weights take the
+    // factor instead (exact powers of two, so the products are the same).
+    let mut scaled_q = Vec::new();
+    let scaled;
+    let it = if E::LOAD_SCALE == 1.0 {
+        it
+    } else {
+        scaled_q = SCALED_Q.take();
+        scaled_q.clear();
+        scaled_q.extend(it.q.iter().map(|&x| x * E::LOAD_SCALE));
+        scaled = Item {
+            q: &scaled_q,
+            ..*it
+        };
+        &scaled
+    };
     // SAFETY: the features, `it`, `rows` and the length of `sc_buf` are this function's
-    // contract.
+    // contract (`it.q` has the same length, scaled or not).
     unsafe { scores(it, rows, sc_buf) };
     for v in 0..vecs {
         let len = rows.ends[v / it.group] - it.p0;
-        softmax_stats(
-            &mut sc_buf[v * n..v * n + len],
-            &mut part[v * (hd + 2)..(v + 1) * (hd + 2)],
-        );
+        let weights = &mut sc_buf[v * n..v * n + len];
+        softmax_stats(weights, &mut part[v * (hd + 2)..(v + 1) * (hd + 2)]);
+        if E::LOAD_SCALE != 1.0 {
+            for w in weights {
+                *w *= E::LOAD_SCALE;
+            }
+        }
     }
     // Positions every row sees with the whole tile; then each row's own tail alone.
     let common = rows.ends[..rows.rows]
@@ -121,6 +149,7 @@ pub(crate) unsafe fn attend_tile<E: KvElem>(
             }
         }
     }
+    SCALED_Q.set(scaled_q);
 }
 
 /// Scaled scores of every vector of the tile against every position `p0..p1`, from the
@@ -295,7 +324,7 @@ unsafe fn dims<E: KvElem, const H: usize, const WHOLE: bool>(
             let ask = (kp as *const u8).wrapping_add(ask_from_k);
             let k: [__m256; SCORE_VECS] = if WHOLE {
                 _mm_prefetch::<_MM_HINT_T0>(ask as *const i8);
-                std::array::from_fn(|v| E::load8(kp.add(8 * v)))
+                E::load16(kp)
             } else {
                 prefetch_span(ask, row_bytes);
                 std::array::from_fn(|v| E::load_partial(kp.add(8 * v), lanes.saturating_sub(8 * v)))
@@ -429,7 +458,12 @@ unsafe fn v_run<E: KvElem, const H: usize, const C: usize>(
             .add(at.slot * it.kv_stride + it.head_offset + at.d0);
         let wp: [*const f32; H] = std::array::from_fn(|h| sc.as_ptr().add((at.v0 + h) * n + at.j));
         for s in 0..at.len {
-            let v: [__m256; C] = std::array::from_fn(|c| E::load8(vp.add(c * 8)));
+            let v: [__m256; C] = if C == 2 {
+                let pair = E::load16(vp);
+                std::array::from_fn(|c| pair[c])
+            } else {
+                std::array::from_fn(|c| E::load8(vp.add(c * 8)))
+            };
             for h in 0..H {
                 let w = _mm256_broadcast_ss(&*wp[h].add(s));
                 for c in 0..C {
