@@ -23,7 +23,7 @@ slots="${SLOTS:-16}"
 ctx_per_slot="${CTX_PER_SLOT:-4096}"
 out="${OUT:-bench/peer-out}"
 precision="${PRECISION:-exact}"   # convoy's --precision: exact or fast
-kv_dtype="${KV_CACHE_DTYPE:-f32}" # convoy's --kv-cache-dtype: f32 or f16
+kv_dtype="${KV_CACHE_DTYPE:-f32}" # convoy's --kv-cache-dtype: f32, f16 or fp8_e4m3
 bin="$(bash bench/build_llama_cpp.sh)"
 mkdir -p "$out"
 pids=()

@@ -55,6 +55,12 @@ enum Cmd {
         /// Path of llama.cpp's llama-bench (bench/build_llama_cpp.sh builds it) to run as the peer.
         #[arg(long)]
         llama_bench: Option<PathBuf>,
+        /// The peer's KV cache type (llama-bench's `-ctk` and `-ctv`, e.g. `q8_0` to set
+        /// llama.cpp's 8-bit cache against `--kv-cache-dtype fp8_e4m3`); a type other than
+        /// `f16` also turns on its flash attention (`-fa 1`), which llama.cpp needs for a
+        /// quantised V cache. Default: llama-bench's own (f16, no flash attention).
+        #[arg(long)]
+        llama_kv_cache_type: Option<String>,
         /// Measure each of these precisions in turn (e.g. `exact,fast`), in this one run;
         /// default: the one --precision chose.
         #[arg(long, value_delimiter = ',')]
@@ -352,30 +358,42 @@ fn llama_peer(
     threads: usize,
     prompt: usize,
     gen: usize,
+    kv_cache_type: Option<&str>,
 ) -> Result<(f64, f64, f64)> {
+    let cache: Vec<String> = match kv_cache_type {
+        None => Vec::new(),
+        Some(t) => {
+            let mut a = vec!["-ctk".into(), t.into(), "-ctv".into(), t.into()];
+            if t != "f16" {
+                a.extend(["-fa".into(), "1".into()]);
+            }
+            a
+        }
+    };
+    let with_cache = |test: &[String]| [test, &cache].concat();
     let plain = llama_bench(
         bin,
         model,
         threads,
-        &[
+        &with_cache(&[
             "-p".into(),
             prompt.to_string(),
             "-n".into(),
             gen.to_string(),
-        ],
+        ]),
     )?;
     let deep = llama_bench(
         bin,
         model,
         threads,
-        &[
+        &with_cache(&[
             "-p".into(),
             "0".into(),
             "-n".into(),
             gen.to_string(),
             "-d".into(),
             prompt.to_string(),
-        ],
+        ]),
     )?;
     let find = |rs: &[PeerResult], prompt: bool, depth: u64| {
         rs.iter()
@@ -401,6 +419,7 @@ fn main() -> Result<()> {
             gen_len,
             reps,
             llama_bench: peer,
+            llama_kv_cache_type,
             precisions,
         } => {
             let mut loaded = model.load()?;
@@ -454,12 +473,15 @@ fn main() -> Result<()> {
                 }
             }
             if let Some(bin) = peer {
+                let kv = llama_kv_cache_type.as_deref();
                 let (pp, tg, tg_deep) =
-                    llama_peer(&bin, &model.model_path()?, threads, prompt_len, gen_len)?;
+                    llama_peer(&bin, &model.model_path()?, threads, prompt_len, gen_len, kv)?;
                 println!(
-                    "llama.cpp llama-bench -t {threads}: pp{prompt_len} {pp:.1} tok/s, tg{gen_len} \
-                     {tg:.1} tok/s from an empty context, tg{gen_len} {tg_deep:.1} tok/s at depth \
-                     {prompt_len} (convoy decodes after its {prompt_len}-token prompt)"
+                    "llama.cpp llama-bench -t {threads}{}: pp{prompt_len} {pp:.1} tok/s, \
+                     tg{gen_len} {tg:.1} tok/s from an empty context, tg{gen_len} {tg_deep:.1} \
+                     tok/s at depth {prompt_len} (convoy decodes after its {prompt_len}-token \
+                     prompt)",
+                    kv.map_or(String::new(), |t| format!(", KV cache {t}"))
                 );
                 for (precision, b, f) in &rows {
                     let p = precision.as_str();

@@ -19,7 +19,8 @@
 //!   exactly the `f32` results on its (rounded) values. An 8-bit float loads as its value over
 //!   256 (`KvElem::LOAD_SCALE`), and the queries and the softmax weights are multiplied by 256
 //!   instead: both are exact powers of two, so every product, and so every rounding, is the
-//!   same (the records keep the unscaled softmax statistics).
+//!   same (the records keep the unscaled softmax statistics; a query element would have to
+//!   exceed 2^120 in magnitude for its scaled copy to overflow).
 //! - Locality. The K and V of a run (one cache block of the KV head) are loaded from memory
 //!   once per tile and reused from L1 by every group of vectors, so a tile of `R` rows reads
 //!   the partition's K and V once instead of `R` times. A 4096-token prompt's K and V do not
@@ -296,8 +297,9 @@ unsafe fn score_run<E: KvElem, const H: usize>(
 /// `8 v ..` of the run's pass) gains `q_h[d] * k_d` for `d` in `0..hd`, in order. K row `d`
 /// starts `d * block_size` elements after `kp`, query `h`'s element `d` at `qp[h] + d`; each
 /// step asks for the line(s) `d * block_size` elements after `ask` (same stride as K).
-/// `WHOLE`: all [`SCORE_VECS`] `* 8` positions are read with plain loads and a row is at most one line, so a
-/// step is two conversions, `H` broadcasts, `2 H` fused multiply-adds and one prefetch.
+/// `WHOLE`: all `8 * SCORE_VECS` positions are read with plain loads (one
+/// [`KvElem::load16`]) and a row is at most one line, so a step is that load, `H` broadcasts,
+/// `2 H` fused multiply-adds and one prefetch.
 ///
 /// # Safety
 /// The processor supports AVX2, FMA and F16C; for every `d < hd`, `kp + d * block_size` is
