@@ -132,6 +132,63 @@ pub struct Agreement {
     pub top1_total: usize,
 }
 
+/// Bounds an [`Agreement`] must stay within: the limits a test sets, with room over the figures
+/// it measured.
+#[derive(Clone, Copy, Debug)]
+pub struct AgreementBounds {
+    /// Largest top-5 logit error allowed (exclusive).
+    pub worst: f32,
+    /// Mean top-5 logit error allowed (exclusive).
+    pub mean: f64,
+    /// Least share of first steps whose top-1 token is the reference's.
+    pub top1_share: f64,
+    /// Least share of the reference's greedy steps before each case's first difference.
+    pub steps_share: f64,
+    /// Largest reference top-1/top-2 margin allowed where greedy output first differs
+    /// (exclusive): the output may move only where the reference was close to a tie.
+    pub margin: f64,
+}
+
+impl Agreement {
+    /// Assert that these figures stay within `bounds` (and that enough logits were compared:
+    /// 5 for each of 8 steps of 7 cases at least).
+    pub fn assert_within(&self, bounds: &AgreementBounds) {
+        assert!(
+            self.count >= 5 * 8 * 7,
+            "compared only {} logits",
+            self.count
+        );
+        assert!(
+            self.worst < bounds.worst,
+            "largest top-5 logit error {}",
+            self.worst
+        );
+        assert!(
+            self.mean < bounds.mean,
+            "mean top-5 logit error {}",
+            self.mean
+        );
+        assert!(
+            self.top1_same as f64 >= bounds.top1_share * self.top1_total as f64,
+            "top-1 the same at only {} of {} steps",
+            self.top1_same,
+            self.top1_total
+        );
+        assert!(
+            self.same_steps as f64 >= bounds.steps_share * self.total_steps as f64,
+            "only {} of {} greedy steps before the first difference",
+            self.same_steps,
+            self.total_steps
+        );
+        for m in &self.margins_at_divergence {
+            assert!(
+                *m < bounds.margin,
+                "greedy output differs where the margin was {m}"
+            );
+        }
+    }
+}
+
 /// Measure [`Agreement`] against the reference (greedy tokens of every case, and the top-5
 /// logits of the first steps of the cases that have them), printing the figures under `label`
 /// (docs/benchmarks.md quotes them).

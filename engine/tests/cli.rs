@@ -149,9 +149,26 @@ fn an_f16_kv_cache_runs_from_the_command_line_and_a_bad_dtype_is_a_clear_error()
         one_error_line(
             1,
             err,
-            "--kv-cache-dtype: unknown KV cache dtype \"bf16\": use f32 or f16",
+            "--kv-cache-dtype: unknown KV cache dtype \"bf16\": use f32, f16 or fp8_e4m3",
         )
     });
+}
+
+#[test]
+fn an_fp8_kv_cache_runs_from_the_command_line_and_e5m2_is_a_clear_error() {
+    generate_with_option_runs_and_refuses(
+        "kv_fp8",
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+        "fp8_e5m2",
+        |err| {
+            one_error_line(
+                1,
+                err,
+                "--kv-cache-dtype: unknown KV cache dtype \"fp8_e5m2\": use f32, f16 or fp8_e4m3",
+            )
+        },
+    );
 }
 
 /// `convoy generate` on a dummy model with `option good` generates 4 tokens; with `option

@@ -118,13 +118,8 @@ impl KvElem for f16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load_partial(p: *const Self, lanes: usize) -> __m256 {
-        let mut bits = [0u16; 8];
-        for (i, b) in bits.iter_mut().enumerate().take(lanes.min(8)) {
-            // SAFETY: element `i < min(lanes, 8)` is readable (the caller's).
-            *b = unsafe { (*p.add(i)).to_bits() };
-        }
-        // SAFETY: `bits` is 16 readable bytes; F16C (the caller's). Zero bits are +0.0.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i)) }
+        // SAFETY: F16C (the caller's); element `i < min(lanes, 8)` is readable (the caller's).
+        unsafe { f16_partial(lanes, |i| (*p.add(i)).to_bits()) }
     }
 }
 
@@ -208,14 +203,27 @@ impl KvElem for F8E4M3 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load_partial(p: *const Self, lanes: usize) -> __m256 {
-        let mut bits = [0u16; 8];
-        for (i, b) in bits.iter_mut().enumerate().take(lanes.min(8)) {
-            // SAFETY: element `i < min(lanes, 8)` is readable (the caller's).
-            *b = unsafe { (*p.add(i)).f16_bits() };
-        }
-        // SAFETY: `bits` is 16 readable bytes; F16C (the caller's). Zero bits are +0.0.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i)) }
+        // SAFETY: F16C (the caller's); element `i < min(lanes, 8)` is readable (the caller's).
+        unsafe { f16_partial(lanes, |i| (*p.add(i)).f16_bits()) }
     }
+}
+
+/// The f16 values whose bits `bits_of(i)` gives for lanes `i < min(lanes, 8)`, as `f32`
+/// lanes, zero in the others (zero bits are +0.0): the partial load of both 16-bit-based
+/// types.
+///
+/// # Safety
+/// The processor supports F16C, and `bits_of(i)` is safe to call for every `i < min(lanes,
+/// 8)` (it is given no other).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_partial(lanes: usize, bits_of: impl Fn(usize) -> u16) -> __m256 {
+    let mut bits = [0u16; 8];
+    for (i, b) in bits.iter_mut().enumerate().take(lanes.min(8)) {
+        *b = bits_of(i);
+    }
+    // SAFETY: `bits` is 16 readable bytes; F16C (the caller's).
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i)) }
 }
 
 /// The `F8E4M3::f16_bits` of the 8 bytes at `p`, as 16-bit lanes: each byte sign-extended to
