@@ -7,9 +7,10 @@
 //! the hardware's prefetchers to find).
 //!
 //! `cargo run --release -p convoy-kernels --example attention_speed -- [context] [chunk]
-//! [decode] [reps] [threads] [layers] [f32|f16|fp8_e4m3] [interleaved|shuffled]` (defaults 1024 128 4
-//! 30, every core, 1 layer, f32, interleaved). With `layers` above 1 each run goes through that many caches of its own, as a forward
-//! pass does, so the K and V come from memory rather than from the last run's caches.
+//! [decode] [reps] [threads] [layers] [f32|f16|fp8_e4m3] [interleaved|shuffled]` (defaults
+//! 1024 128 4 30, every core, 1 layer, f32, interleaved). With `layers` above 1 each run goes
+//! through that many caches of its own, as a forward pass does, so the K and V come from
+//! memory rather than from the last run's caches.
 
 use std::time::Instant;
 
@@ -28,12 +29,9 @@ fn main() {
     let shuffled = std::env::args().nth(8).as_deref() == Some("shuffled");
     match std::env::args().nth(7).as_deref() {
         Some("f16") => run::<half::f16>(context, chunk, decode, reps, layers, shuffled),
-        Some("fp8_e4m3") => {
+        Some("fp8_e4m3" | "fp8") => {
             run::<convoy_kernels::F8E4M3>(context, chunk, decode, reps, layers, shuffled)
         }
-        Some("fp8") => run::<convoy_kernels::cpu::kv_elem::F8E4M3>(
-            context, chunk, decode, reps, layers, shuffled,
-        ),
         _ => run::<f32>(context, chunk, decode, reps, layers, shuffled),
     }
 }

@@ -118,8 +118,8 @@ pub(crate) unsafe fn prefetch_tile_step(
 /// bytes apart from `p`, which touch every line the span touches except perhaps a last one
 /// that starts less than 64 bytes before its end (when `p` is not at a line's start). Where
 /// `bytes` is a constant, the loop unrolls into as many prefetch instructions; a run-time span
-/// of one line (attention's K rows at the default block size, once per dimension) takes one
-/// prefetch and no loop.
+/// of one line (attention's K rows on a partial run, once per dimension) takes one prefetch
+/// and no loop.
 ///
 /// # Safety
 /// The processor supports SSE (every x86-64 does). The addresses need not be valid: a

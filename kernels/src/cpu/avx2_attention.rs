@@ -150,7 +150,9 @@ pub(crate) unsafe fn attend_tile<E: KvElem>(
             }
         }
     }
-    SCALED_Q.set(scaled_q);
+    if E::LOAD_SCALE != 1.0 {
+        SCALED_Q.set(scaled_q);
+    }
 }
 
 /// Scaled scores of every vector of the tile against every position `p0..p1`, from the
