@@ -29,8 +29,8 @@ pub use cpu::matrix::{Matrix, MatrixError, WeightFormat};
 pub use cpu::ops::{add_bias, add_in_place, rms_norm, rope_half_split, silu_mul};
 pub use cpu::quantized_rows::QuantizedRows;
 pub use cpu::{
-    active_kernel_path, has_avx2, has_avx512, kernel_path_from_env, scalar_forced_by_env,
-    simd_active, with_kernel_path, KernelPath,
+    active_kernel_path, has_avx2, has_avx512, has_avx512_vnni, kernel_path_from_env,
+    scalar_forced_by_env, simd_active, with_kernel_path, KernelPath,
 };
 
 pub mod cuda;

@@ -1,6 +1,8 @@
 //! AVX2 micro-kernels of the fast precision: block-quantised weight rows times activation rows
 //! quantised to 8 bits ([`super::quantized_rows`]), multiplied as bytes, four outputs to a
-//! vector; and that quantisation itself ([`quantize_block`], the scalar code's bits).
+//! vector; and that quantisation itself ([`quantize_block`], the scalar code's bits). The tile
+//! kernels are written once ([`int8_tile_kernels`]) for two sets of byte products: AVX2's
+//! ([`Madd`], here) and AVX-512 VNNI's (`vnni_int8`).
 //!
 //! One weight block of 32 is 32 bytes in a register: nibbles `0..=15` for Q4_0 and Q4_1, signed
 //! bytes for Q8_0. `vpmaddubsw` multiplies unsigned bytes by signed bytes and adds neighbouring
@@ -60,7 +62,7 @@ pub(crate) trait IntBlock {
 /// # Safety
 /// The processor supports AVX.
 #[inline(always)]
-unsafe fn offsets_from<B: IntBlock>(v: __m256) -> __m256 {
+pub(crate) unsafe fn offsets_from<B: IntBlock>(v: __m256) -> __m256 {
     if B::OFFSET_TIMES == 1.0 {
         v
     } else {
@@ -74,7 +76,7 @@ unsafe fn offsets_from<B: IntBlock>(v: __m256) -> __m256 {
 /// # Safety
 /// The processor supports AVX2 and F16C, and every `p[i] + at` is valid for reads of 2 bytes.
 #[inline(always)]
-unsafe fn f16_quad_twice(p: [*const u8; 4], at: usize) -> __m256 {
+pub(crate) unsafe fn f16_quad_twice(p: [*const u8; 4], at: usize) -> __m256 {
     // SAFETY: each f16 is readable (caller), read unaligned, one register insert each (a
     // buffer in memory stalls on store forwarding); the features are the caller's.
     unsafe {
@@ -98,7 +100,7 @@ unsafe fn f16_quad_twice(p: [*const u8; 4], at: usize) -> __m256 {
 /// # Safety
 /// The processor supports AVX2 and F16C, and `p` is valid for reads of 2 bytes.
 #[inline(always)]
-unsafe fn f16_broadcast(p: *const u8) -> __m256 {
+pub(crate) unsafe fn f16_broadcast(p: *const u8) -> __m256 {
     // SAFETY: 2 readable bytes at `p` (caller), read unaligned; the features are the caller's.
     unsafe {
         let h = std::ptr::read_unaligned(p as *const u16);
@@ -181,70 +183,90 @@ unsafe fn products<B: IntBlock>(w: __m256i, abs: __m256i, x: __m256i) -> __m256i
     }
 }
 
-/// The integer dot products of four (weight block, activation block) pairs, split in halves:
-/// lane `i` is pair `i`'s sum over elements `0..16`, lane `4 + i` over `16..32`.
-///
-/// The nibble formats add in 16 bits as far as they can: two `vphaddw` rounds (sums of 8
-/// elements, at most 15240) stay below `2^15`, and one `vpmaddwd` by ones finishes in 32 bits.
-/// Q8_0 goes to 32 bits first and adds with `vphaddd`. Both are exact.
-///
-/// # Safety
-/// The processor supports AVX2; the activations lie in `-127..=127`.
-#[inline(always)]
-unsafe fn quad_sums<B: IntBlock>(w: [__m256i; 4], x: __m256i) -> __m256i {
-    // SAFETY: register operations of AVX2 (caller).
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        // No closures or array maps here: they would be compiled without the caller's
-        // target features and turn every intrinsic into a call.
-        let mut m = [_mm256_setzero_si256(); 4];
-        for k in 0..4 {
-            let abs = if B::SIGNED {
-                _mm256_sign_epi8(w[k], w[k])
-            } else {
-                w[k]
-            };
-            m[k] = products::<B>(w[k], abs, x);
-        }
-        if B::SIGNED {
-            _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]))
-        } else {
-            let h = _mm256_hadd_epi16(_mm256_hadd_epi16(m[0], m[1]), _mm256_hadd_epi16(m[2], m[3]));
-            _mm256_madd_epi16(h, ones)
-        }
-    }
+/// How a kernel forms the exact integer sums of a block's byte products: with AVX2's
+/// `vpmaddubsw` ([`Madd`]) or with AVX-512 VNNI's `vpdpbusd` ([`super::vnni_int8::Vnni`]).
+/// Both give the same integers (exact sums, whatever the order), so the same outputs.
+pub(crate) trait ByteDots {
+    /// The integer dot products of four (weight block, activation block) pairs, split in
+    /// halves: lane `i` is pair `i`'s sum over elements `0..16`, lane `4 + i` over `16..32`.
+    ///
+    /// # Safety
+    /// The processor supports the implementation's features (AVX2 for [`Madd`]); the
+    /// activations lie in `-127..=127`.
+    unsafe fn quad_sums<B: IntBlock>(w: [__m256i; 4], x: __m256i) -> __m256i;
+
+    /// The same sums for one weight block and four tokens' activations laid out as
+    /// `QuantizedRows::q4` interleaves them (`x[k]` holds elements `4k..4k + 4` and
+    /// `16 + 4k..16 + 4k + 4` of the four tokens). `wk[k]` is the weight block spread to match
+    /// (`vpshufd` of dword `k` in each half), `wa[k]` its absolute values for Q8_0 (else the
+    /// same). Each vector's 32-bit lanes then belong to one token and half, so no horizontal
+    /// adds are needed.
+    ///
+    /// # Safety
+    /// As [`ByteDots::quad_sums`].
+    unsafe fn interleaved_sums<B: IntBlock>(
+        wk: &[__m256i; 4],
+        wa: &[__m256i; 4],
+        x: [__m256i; 4],
+    ) -> __m256i;
 }
 
-/// The same sums as [`quad_sums`] for one weight block and four tokens' activations laid out
-/// as `QuantizedRows::q4` interleaves them (`x[k]` holds elements `4k..4k + 4` and
-/// `16 + 4k..16 + 4k + 4` of the four tokens). `wk[k]` is the weight block spread to match
-/// (`vpshufd` of dword `k` in each half), `wa[k]` its absolute values for Q8_0 (else the same).
-/// Each vector's 32-bit lanes then belong to one token and half, so no horizontal adds are
-/// needed: four `vpmaddubsw` and a `vpmaddwd` for the nibble formats.
-///
-/// # Safety
-/// The processor supports AVX2; the activations lie in `-127..=127`.
-#[inline(always)]
-unsafe fn interleaved_sums<B: IntBlock>(
-    wk: &[__m256i; 4],
-    wa: &[__m256i; 4],
-    x: [__m256i; 4],
-) -> __m256i {
-    // SAFETY: register operations of AVX2 (caller).
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        let mut m = [_mm256_setzero_si256(); 4];
-        for k in 0..4 {
-            m[k] = products::<B>(wk[k], wa[k], x[k]);
+/// The AVX2 byte products: `vpmaddubsw`, then `vpmaddwd` by ones (see the module docs).
+pub(crate) struct Madd;
+
+impl ByteDots for Madd {
+    /// The nibble formats add in 16 bits as far as they can: two `vphaddw` rounds (sums of 8
+    /// elements, at most 15240) stay below `2^15`, and one `vpmaddwd` by ones finishes in 32
+    /// bits. Q8_0 goes to 32 bits first and adds with `vphaddd`. Both are exact.
+    #[inline(always)]
+    unsafe fn quad_sums<B: IntBlock>(w: [__m256i; 4], x: __m256i) -> __m256i {
+        // SAFETY: register operations of AVX2 (caller).
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            // No closures or array maps here: they would be compiled without the caller's
+            // target features and turn every intrinsic into a call.
+            let mut m = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                let abs = if B::SIGNED {
+                    _mm256_sign_epi8(w[k], w[k])
+                } else {
+                    w[k]
+                };
+                m[k] = products::<B>(w[k], abs, x);
+            }
+            if B::SIGNED {
+                _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]))
+            } else {
+                let h =
+                    _mm256_hadd_epi16(_mm256_hadd_epi16(m[0], m[1]), _mm256_hadd_epi16(m[2], m[3]));
+                _mm256_madd_epi16(h, ones)
+            }
         }
-        if B::SIGNED {
-            _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]))
-        } else {
-            // Pairs are at most 3810: four of them add in 16 bits.
-            _mm256_madd_epi16(
-                _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3])),
-                ones,
-            )
+    }
+
+    /// Four `vpmaddubsw` and a `vpmaddwd` for the nibble formats.
+    #[inline(always)]
+    unsafe fn interleaved_sums<B: IntBlock>(
+        wk: &[__m256i; 4],
+        wa: &[__m256i; 4],
+        x: [__m256i; 4],
+    ) -> __m256i {
+        // SAFETY: register operations of AVX2 (caller).
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut m = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                m[k] = products::<B>(wk[k], wa[k], x[k]);
+            }
+            if B::SIGNED {
+                _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]))
+            } else {
+                // Pairs are at most 3810: four of them add in 16 bits.
+                _mm256_madd_epi16(
+                    _mm256_add_epi16(_mm256_add_epi16(m[0], m[1]), _mm256_add_epi16(m[2], m[3])),
+                    ones,
+                )
+            }
         }
     }
 }
@@ -254,7 +276,7 @@ unsafe fn interleaved_sums<B: IntBlock>(
 /// # Safety
 /// The processor supports AVX.
 #[inline(always)]
-unsafe fn fold_halves(v: __m256) -> [f32; 4] {
+pub(crate) unsafe fn fold_halves(v: __m256) -> [f32; 4] {
     // SAFETY: register operations of AVX (caller); `__m128` and `[f32; 4]` have the same size
     // and every bit pattern is valid for both.
     unsafe {
@@ -263,183 +285,204 @@ unsafe fn fold_halves(v: __m256) -> [f32; 4] {
     }
 }
 
-/// `out[r][g][i]` = weight row `r` times token `4g + i`, four tokens in the lanes of each
-/// accumulator (see the module's invariants). The activations come interleaved
-/// (`QuantizedRows::q4`) and the weight block is spread to match with one in-lane shuffle per
-/// vector, shared by all of the groups: a group of four tokens then costs about what one
-/// token costs in [`tile_row_quads`].
-///
-/// Weight row `r` starts at `w + r * row_bytes`; group `g`'s interleaved quants are at
-/// `xq4 + g * blocks * 128`, its scales at `xd4 + g * blocks * 4` and its block sums at
-/// `xs8 + g * blocks * 8` (`QuantizedRows::d4` and `s8`).
-///
-/// # Safety
-/// - The processor supports AVX2, FMA and F16C.
-/// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes;
-///   for every `g < G`, `xq4 + g * blocks * 128` for reads of `blocks * 128` bytes of
-///   activations in `-127..=127`, `xd4 + g * blocks * 4` for reads of `blocks * 4` floats and
-///   `xs8 + g * blocks * 8` of `blocks * 8`.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usize>(
-    w: *const u8,
-    row_bytes: usize,
-    xq4: *const i8,
-    xd4: *const f32,
-    xs8: *const f32,
-    blocks: usize,
-    out: &mut [[[f32; 4]; G]; R],
-) {
-    let mut acc = [[_mm256_setzero_ps(); G]; R];
-    for b in 0..blocks {
-        // SAFETY: a prefetch (see the function).
-        unsafe { prefetch_tile_step(w, R * row_bytes, R * B::BYTES, b) };
-        for r in 0..R {
-            // SAFETY: block `b < blocks` of row `r < R` is readable (caller); the features
-            // are enabled on this function.
-            let (p, wq, dw) = unsafe {
-                let p = w.add(r * row_bytes + b * B::BYTES);
-                (p, B::quants(p), f16_broadcast(p))
-            };
-            // Vector `k`: the block's elements `4k..4k + 4` in every lane of the low half,
-            // `16 + 4k..` in the high half, as the activations are interleaved.
-            let wk = [
-                _mm256_shuffle_epi32::<0x00>(wq),
-                _mm256_shuffle_epi32::<0x55>(wq),
-                _mm256_shuffle_epi32::<0xaa>(wq),
-                _mm256_shuffle_epi32::<0xff>(wq),
-            ];
-            let mut wa = wk;
-            if B::SIGNED {
-                for v in &mut wa {
-                    *v = _mm256_sign_epi8(*v, *v);
+/// The two tile kernels of one kernel set, compiled with that set's processor features
+/// (`$features`, a `target_feature` list) and byte products (`$dots`, a [`ByteDots`]): the
+/// AVX2 set below and the AVX-512 VNNI set in `vnni_int8`. Generic code cannot carry target
+/// features, and the byte products must be inlined into a function that has them, so the
+/// kernels are written once here and instantiated per set.
+macro_rules! int8_tile_kernels {
+    ($features:literal, $dots:ty) => {
+        /// `out[r][g][i]` = weight row `r` times token `4g + i`, four tokens in the lanes of each
+        /// accumulator (see the module's invariants). The activations come interleaved
+        /// (`QuantizedRows::q4`) and the weight block is spread to match with one in-lane shuffle per
+        /// vector, shared by all of the groups: a group of four tokens then costs about what one
+        /// token costs in [`tile_row_quads`].
+        ///
+        /// Weight row `r` starts at `w + r * row_bytes`; group `g`'s interleaved quants are at
+        /// `xq4 + g * blocks * 128`, its scales at `xd4 + g * blocks * 4` and its block sums at
+        /// `xs8 + g * blocks * 8` (`QuantizedRows::d4` and `s8`).
+        ///
+        /// # Safety
+        /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI set
+        ///   AVX-512F, AVX-512VL and AVX-512 VNNI).
+        /// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes;
+        ///   for every `g < G`, `xq4 + g * blocks * 128` for reads of `blocks * 128` bytes of
+        ///   activations in `-127..=127`, `xd4 + g * blocks * 4` for reads of `blocks * 4` floats and
+        ///   `xs8 + g * blocks * 8` of `blocks * 8`.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usize>(
+            w: *const u8,
+            row_bytes: usize,
+            xq4: *const i8,
+            xd4: *const f32,
+            xs8: *const f32,
+            blocks: usize,
+            out: &mut [[[f32; 4]; G]; R],
+        ) {
+            let mut acc = [[_mm256_setzero_ps(); G]; R];
+            for b in 0..blocks {
+                // SAFETY: a prefetch (see the function).
+                unsafe { prefetch_tile_step(w, R * row_bytes, R * B::BYTES, b) };
+                for r in 0..R {
+                    // SAFETY: block `b < blocks` of row `r < R` is readable (caller); the features
+                    // are enabled on this function.
+                    let (p, wq, dw) = unsafe {
+                        let p = w.add(r * row_bytes + b * B::BYTES);
+                        (p, B::quants(p), f16_broadcast(p))
+                    };
+                    // Vector `k`: the block's elements `4k..4k + 4` in every lane of the low half,
+                    // `16 + 4k..` in the high half, as the activations are interleaved.
+                    let wk = [
+                        _mm256_shuffle_epi32::<0x00>(wq),
+                        _mm256_shuffle_epi32::<0x55>(wq),
+                        _mm256_shuffle_epi32::<0xaa>(wq),
+                        _mm256_shuffle_epi32::<0xff>(wq),
+                    ];
+                    let mut wa = wk;
+                    if B::SIGNED {
+                        for v in &mut wa {
+                            *v = _mm256_sign_epi8(*v, *v);
+                        }
+                    }
+                    let o = if !B::HAS_OFFSET {
+                        _mm256_setzero_ps()
+                    } else if B::OFFSET_AT == 0 {
+                        // SAFETY: the features are enabled on this function.
+                        unsafe { offsets_from::<B>(dw) }
+                    } else {
+                        // SAFETY: as above; the offset's f16 lies inside the block.
+                        unsafe { offsets_from::<B>(f16_broadcast(p.add(B::OFFSET_AT))) }
+                    };
+                    for g in 0..G {
+                        let at = g * blocks + b;
+                        // SAFETY: block `b` of group `g < G`, its four scales and its eight sums are
+                        // readable (caller).
+                        let (x, dx, sx) = unsafe {
+                            let p = xq4.add(at * 128) as *const __m256i;
+                            (
+                                [
+                                    _mm256_loadu_si256(p),
+                                    _mm256_loadu_si256(p.add(1)),
+                                    _mm256_loadu_si256(p.add(2)),
+                                    _mm256_loadu_si256(p.add(3)),
+                                ],
+                                {
+                                    // An unaligned load: `d4` is only 4-byte aligned.
+                                    let d = _mm_loadu_ps(xd4.add(at * 4));
+                                    _mm256_set_m128(d, d)
+                                },
+                                _mm256_loadu_ps(xs8.add(at * 8)),
+                            )
+                        };
+                        let sums =
+                            // SAFETY: the set's features are enabled on this function; the
+                            // activations are in range (caller).
+                            unsafe { <$dots as ByteDots>::interleaved_sums::<B>(&wk, &wa, x) };
+                        let mut a = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(sums),
+                            _mm256_mul_ps(dw, dx),
+                            acc[r][g],
+                        );
+                        if B::HAS_OFFSET {
+                            // `sx` is zero in the high half.
+                            a = _mm256_fmadd_ps(o, sx, a);
+                        }
+                        acc[r][g] = a;
+                    }
                 }
             }
-            let o = if !B::HAS_OFFSET {
-                _mm256_setzero_ps()
-            } else if B::OFFSET_AT == 0 {
-                // SAFETY: the features are enabled on this function.
-                unsafe { offsets_from::<B>(dw) }
-            } else {
-                // SAFETY: as above; the offset's f16 lies inside the block.
-                unsafe { offsets_from::<B>(f16_broadcast(p.add(B::OFFSET_AT))) }
-            };
-            for g in 0..G {
-                let at = g * blocks + b;
-                // SAFETY: block `b` of group `g < G`, its four scales and its eight sums are
-                // readable (caller).
-                let (x, dx, sx) = unsafe {
-                    let p = xq4.add(at * 128) as *const __m256i;
-                    (
-                        [
-                            _mm256_loadu_si256(p),
-                            _mm256_loadu_si256(p.add(1)),
-                            _mm256_loadu_si256(p.add(2)),
-                            _mm256_loadu_si256(p.add(3)),
-                        ],
-                        {
-                            // An unaligned load: `d4` is only 4-byte aligned.
-                            let d = _mm_loadu_ps(xd4.add(at * 4));
-                            _mm256_set_m128(d, d)
-                        },
-                        _mm256_loadu_ps(xs8.add(at * 8)),
-                    )
-                };
-                // SAFETY: AVX2; activations in range (caller).
-                let sums = unsafe { interleaved_sums::<B>(&wk, &wa, x) };
-                let mut a =
-                    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[r][g]);
-                if B::HAS_OFFSET {
-                    // `sx` is zero in the high half.
-                    a = _mm256_fmadd_ps(o, sx, a);
+            for r in 0..R {
+                for g in 0..G {
+                    // SAFETY: the features are enabled on this function.
+                    out[r][g] = unsafe { fold_halves(acc[r][g]) };
                 }
-                acc[r][g] = a;
             }
         }
-    }
-    for r in 0..R {
-        for g in 0..G {
-            // SAFETY: the features are enabled on this function.
-            out[r][g] = unsafe { fold_halves(acc[r][g]) };
-        }
-    }
-}
 
-/// `out[t][i]` = weight row `w[i]` times token `t`, with the four rows in the lanes of each
-/// accumulator instead of four tokens (see the module's invariants): the shape for fewer than
-/// four tokens, and so for batch-1 decode.
-///
-/// Token `t`'s quants are at `xq + t * blocks * 32`, its scales at `xd + t * blocks` and its
-/// block sums at `xs + t * blocks`. The rows are usually `row_bytes` apart from `w[0]` (what
-/// is prefetched assumes so; a last quad short of rows repeats one, which reads the same).
-///
-/// # Safety
-/// - The processor supports AVX2, FMA and F16C.
-/// - Every `w[i]` is valid for reads of `blocks * B::BYTES` bytes; for every `t < T`,
-///   `xq + t * blocks * 32` for reads of `blocks * 32` bytes of activations in `-127..=127`,
-///   and `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
-    w: [*const u8; 4],
-    row_bytes: usize,
-    xq: *const i8,
-    xd: *const f32,
-    xs: *const f32,
-    blocks: usize,
-    out: &mut [[f32; 4]; T],
-) {
-    let mut acc = [_mm256_setzero_ps(); T];
-    for b in 0..blocks {
-        // SAFETY: block `b < blocks` of each row is readable (caller); the features are
-        // enabled on this function.
-        let (wq, dw, o) = unsafe {
-            let p = [
-                w[0].add(b * B::BYTES),
-                w[1].add(b * B::BYTES),
-                w[2].add(b * B::BYTES),
-                w[3].add(b * B::BYTES),
-            ];
-            prefetch_tile_step(w[0], 4 * row_bytes, 4 * B::BYTES, b);
-            let dw = f16_quad_twice(p, 0);
-            let o = if !B::HAS_OFFSET {
-                _mm256_setzero_ps()
-            } else if B::OFFSET_AT == 0 {
-                offsets_from::<B>(dw)
-            } else {
-                offsets_from::<B>(f16_quad_twice(p, B::OFFSET_AT))
-            };
-            let wq = [
-                B::quants(p[0]),
-                B::quants(p[1]),
-                B::quants(p[2]),
-                B::quants(p[3]),
-            ];
-            (wq, dw, o)
-        };
-        for t in 0..T {
-            let at = t * blocks + b;
-            // SAFETY: block `b` of token `t < T`, its scale and its sum are readable (caller).
-            let (x, dx, sx) = unsafe {
-                (
-                    _mm256_loadu_si256(xq.add(at * 32) as *const __m256i),
-                    _mm256_broadcast_ss(&*xd.add(at)),
-                    _mm256_broadcast_ss(&*xs.add(at)),
-                )
-            };
-            // SAFETY: AVX2; activations in range (caller).
-            let sums = unsafe { quad_sums::<B>(wq, x) };
-            let mut a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[t]);
-            if B::HAS_OFFSET {
-                // The sum in the low half only, as `tile_token_quads` has it.
-                a = _mm256_fmadd_ps(o, _mm256_blend_ps::<0x0f>(_mm256_setzero_ps(), sx), a);
+        /// `out[t][i]` = weight row `w[i]` times token `t`, with the four rows in the lanes of each
+        /// accumulator instead of four tokens (see the module's invariants): the shape for fewer than
+        /// four tokens, and so for batch-1 decode.
+        ///
+        /// Token `t`'s quants are at `xq + t * blocks * 32`, its scales at `xd + t * blocks` and its
+        /// block sums at `xs + t * blocks`. The rows are usually `row_bytes` apart from `w[0]` (what
+        /// is prefetched assumes so; a last quad short of rows repeats one, which reads the same).
+        ///
+        /// # Safety
+        /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI set
+        ///   AVX-512F, AVX-512VL and AVX-512 VNNI).
+        /// - Every `w[i]` is valid for reads of `blocks * B::BYTES` bytes; for every `t < T`,
+        ///   `xq + t * blocks * 32` for reads of `blocks * 32` bytes of activations in `-127..=127`,
+        ///   and `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
+        #[target_feature(enable = $features)]
+        pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
+            w: [*const u8; 4],
+            row_bytes: usize,
+            xq: *const i8,
+            xd: *const f32,
+            xs: *const f32,
+            blocks: usize,
+            out: &mut [[f32; 4]; T],
+        ) {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..blocks {
+                // SAFETY: block `b < blocks` of each row is readable (caller); the features are
+                // enabled on this function.
+                let (wq, dw, o) = unsafe {
+                    let p = [
+                        w[0].add(b * B::BYTES),
+                        w[1].add(b * B::BYTES),
+                        w[2].add(b * B::BYTES),
+                        w[3].add(b * B::BYTES),
+                    ];
+                    prefetch_tile_step(w[0], 4 * row_bytes, 4 * B::BYTES, b);
+                    let dw = f16_quad_twice(p, 0);
+                    let o = if !B::HAS_OFFSET {
+                        _mm256_setzero_ps()
+                    } else if B::OFFSET_AT == 0 {
+                        offsets_from::<B>(dw)
+                    } else {
+                        offsets_from::<B>(f16_quad_twice(p, B::OFFSET_AT))
+                    };
+                    let wq = [
+                        B::quants(p[0]),
+                        B::quants(p[1]),
+                        B::quants(p[2]),
+                        B::quants(p[3]),
+                    ];
+                    (wq, dw, o)
+                };
+                for t in 0..T {
+                    let at = t * blocks + b;
+                    // SAFETY: block `b` of token `t < T`, its scale and its sum are readable (caller).
+                    let (x, dx, sx) = unsafe {
+                        (
+                            _mm256_loadu_si256(xq.add(at * 32) as *const __m256i),
+                            _mm256_broadcast_ss(&*xd.add(at)),
+                            _mm256_broadcast_ss(&*xs.add(at)),
+                        )
+                    };
+                    // SAFETY: the set's features are enabled on this function; the activations
+                    // are in range (caller).
+                    let sums = unsafe { <$dots as ByteDots>::quad_sums::<B>(wq, x) };
+                    let mut a =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(dw, dx), acc[t]);
+                    if B::HAS_OFFSET {
+                        // The sum in the low half only, as `tile_token_quads` has it.
+                        a = _mm256_fmadd_ps(o, _mm256_blend_ps::<0x0f>(_mm256_setzero_ps(), sx), a);
+                    }
+                    acc[t] = a;
+                }
             }
-            acc[t] = a;
+            for t in 0..T {
+                // SAFETY: the features are enabled on this function.
+                out[t] = unsafe { fold_halves(acc[t]) };
+            }
         }
-    }
-    for t in 0..T {
-        // SAFETY: the features are enabled on this function.
-        out[t] = unsafe { fold_halves(acc[t]) };
-    }
+    };
 }
+pub(crate) use int8_tile_kernels;
+
+int8_tile_kernels!("avx2,fma,f16c", Madd);
 
 /// One block of 32 activations quantised to bytes, in registers: the same bits as
 /// `quantized_rows::quantize_block` (`q = round(x * (1 / d))` ties to even, clamped to

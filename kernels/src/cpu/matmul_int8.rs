@@ -13,14 +13,18 @@
 //!   is computed by the same operations whatever the tile or the thread (see `avx2_int8`:
 //!   each block's integer sums over its two halves, scaled and accumulated in two floats).
 //! - Float32 weight matrices have no integer form: the fast precision multiplies them exactly.
-//! - Paths: AVX2 (also on AVX-512 machines, which have it) or portable scalar code, which does
-//!   the AVX2 kernels' operations one lane at a time: the two give the same bits.
+//! - Paths: AVX-512 VNNI (`vnni_int8`, where the processor has it and the AVX-512 path is
+//!   allowed), AVX2 (`avx2_int8`) or portable scalar code, which does the AVX2 kernels'
+//!   operations one lane at a time. The VNNI kernels only form the exact integer sums
+//!   differently, so all three give the same bits.
 
 #[cfg(target_arch = "x86_64")]
 use super::avx2_int8 as isa;
 use super::matmul::{matmul, row_chunks, tile_rows};
 use super::matrix::{block_offset, Matrix, Storage, WeightFormat};
 use super::quantized_rows::QuantizedRows;
+#[cfg(target_arch = "x86_64")]
+use super::vnni_int8::{self as vnni, Vnni};
 #[cfg(target_arch = "x86_64")]
 use super::Avx2;
 use super::{Isa, SendPtr};
@@ -135,9 +139,13 @@ unsafe fn run_chunk(
 ) {
     #[cfg(target_arch = "x86_64")]
     if !matches!(simd, Isa::Portable) {
-        if let Some(token) = Avx2::detect() {
+        if let (Isa::Avx512(_), Some(_token)) = (simd, Vnni::detect()) {
             // SAFETY: forwarded from our own contract; the token proves the features.
-            return unsafe { avx2_chunk(token, x, w, bytes, y, r0, r1) };
+            return unsafe { simd_chunk::<Vnni>(x, w, bytes, y, r0, r1) };
+        }
+        if let Some(_token) = Avx2::detect() {
+            // SAFETY: as above.
+            return unsafe { simd_chunk::<isa::Madd>(x, w, bytes, y, r0, r1) };
         }
     }
     let _ = simd;
@@ -145,17 +153,87 @@ unsafe fn run_chunk(
     unsafe { portable_chunk(x, w, bytes, y, r0, r1) }
 }
 
-/// Rows `r0..r1` of the product on the AVX2 path: whole groups of four tokens with the
-/// tokens in the lanes ([`isa::tile_token_quads`]), sixteen at a time while there are as many,
-/// then eight, then four; the last `n % 4` tokens with four weight rows in the lanes
-/// ([`isa::tile_row_quads`]). Both do the same operations for each output, so a token's
-/// outputs do not depend on which of them it went through (batch invariance).
+/// One SIMD kernel set of the fast precision: the AVX2 kernels ([`isa::Madd`]) or the AVX-512
+/// VNNI ones ([`Vnni`]), which give the same bits.
+#[cfg(target_arch = "x86_64")]
+trait TileSet {
+    /// The set's `tile_token_quads` (see [`isa::tile_token_quads`]).
+    ///
+    /// # Safety
+    /// As the kernel's, and the processor has the set's features.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn token_quads<B: isa::IntBlock, const R: usize, const G: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        xq4: *const i8,
+        xd4: *const f32,
+        xs8: *const f32,
+        blocks: usize,
+        out: &mut [[[f32; 4]; G]; R],
+    );
+
+    /// The set's `tile_row_quads` (see [`isa::tile_row_quads`]).
+    ///
+    /// # Safety
+    /// As the kernel's, and the processor has the set's features.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_quads<B: isa::IntBlock, const T: usize>(
+        w: [*const u8; 4],
+        row_bytes: usize,
+        xq: *const i8,
+        xd: *const f32,
+        xs: *const f32,
+        blocks: usize,
+        out: &mut [[f32; 4]; T],
+    );
+}
+
+/// Implements [`TileSet`] by the kernels of module `$m`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_set {
+    ($set:ty, $m:ident) => {
+        impl TileSet for $set {
+            #[inline(always)]
+            unsafe fn token_quads<B: isa::IntBlock, const R: usize, const G: usize>(
+                w: *const u8,
+                row_bytes: usize,
+                xq4: *const i8,
+                xd4: *const f32,
+                xs8: *const f32,
+                blocks: usize,
+                out: &mut [[[f32; 4]; G]; R],
+            ) {
+                // SAFETY: forwarded (the trait's contract).
+                unsafe { $m::tile_token_quads::<B, R, G>(w, row_bytes, xq4, xd4, xs8, blocks, out) }
+            }
+
+            #[inline(always)]
+            unsafe fn row_quads<B: isa::IntBlock, const T: usize>(
+                w: [*const u8; 4],
+                row_bytes: usize,
+                xq: *const i8,
+                xd: *const f32,
+                xs: *const f32,
+                blocks: usize,
+                out: &mut [[f32; 4]; T],
+            ) {
+                // SAFETY: forwarded (the trait's contract).
+                unsafe { $m::tile_row_quads::<B, T>(w, row_bytes, xq, xd, xs, blocks, out) }
+            }
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+tile_set!(isa::Madd, isa);
+#[cfg(target_arch = "x86_64")]
+tile_set!(Vnni, vnni);
+
+/// Rows `r0..r1` of the product on a SIMD path (kernel set `K`), for every block format.
 ///
 /// # Safety
-/// As [`run_chunk`], and the token proves the processor's features.
+/// As [`run_chunk`], and the processor has `K`'s features.
 #[cfg(target_arch = "x86_64")]
-unsafe fn avx2_chunk(
-    _token: Avx2,
+unsafe fn simd_chunk<K: TileSet>(
     x: &QuantizedRows,
     w: &Matrix,
     bytes: &[u8],
@@ -165,21 +243,26 @@ unsafe fn avx2_chunk(
 ) {
     match w.format {
         // SAFETY: forwarded; the format names the block type of `bytes`.
-        WeightFormat::Q4_1 => unsafe { avx2_chunk_of::<isa::Q41>(x, w, bytes, y, r0, r1) },
+        WeightFormat::Q4_1 => unsafe { chunk_of::<isa::Q41, K>(x, w, bytes, y, r0, r1) },
         // SAFETY: as above.
-        WeightFormat::Q4_0 => unsafe { avx2_chunk_of::<isa::Q40>(x, w, bytes, y, r0, r1) },
+        WeightFormat::Q4_0 => unsafe { chunk_of::<isa::Q40, K>(x, w, bytes, y, r0, r1) },
         // SAFETY: as above.
-        WeightFormat::Q8_0 => unsafe { avx2_chunk_of::<isa::Q80>(x, w, bytes, y, r0, r1) },
+        WeightFormat::Q8_0 => unsafe { chunk_of::<isa::Q80, K>(x, w, bytes, y, r0, r1) },
         WeightFormat::F32 => unreachable!("float32 matrices are multiplied exactly"),
     }
 }
 
-/// [`avx2_chunk`] for the block type `B` of `w`.
+/// Rows `r0..r1` of the product for the block type `B` of `w` with kernel set `K`: whole
+/// groups of four tokens with the tokens in the lanes ([`isa::tile_token_quads`]), sixteen at a
+/// time while there are as many, then eight, then four; the last `n % 4` tokens with four
+/// weight rows in the lanes ([`isa::tile_row_quads`]). Both do the same operations for each
+/// output, so a token's outputs do not depend on which of them it went through (batch
+/// invariance).
 ///
 /// # Safety
-/// As [`run_chunk`], `w`'s blocks are `B`'s, and the processor supports AVX2, FMA and F16C.
+/// As [`run_chunk`], `w`'s blocks are `B`'s, and the processor has `K`'s features.
 #[cfg(target_arch = "x86_64")]
-unsafe fn avx2_chunk_of<B: isa::IntBlock>(
+unsafe fn chunk_of<B: isa::IntBlock, K: TileSet>(
     x: &QuantizedRows,
     w: &Matrix,
     bytes: &[u8],
@@ -235,15 +318,7 @@ unsafe fn avx2_chunk_of<B: isa::IntBlock>(
                         // SAFETY: rows `r..r + $R <= s1 <= r1` and groups `g0..g0 + $G <= n / 4`
                         // (see above); the features are our contract's.
                         unsafe {
-                            isa::tile_token_quads::<B, $R, $G>(
-                                row(r),
-                                rb,
-                                xq4,
-                                xd4,
-                                xs8,
-                                blocks,
-                                &mut out,
-                            )
+                            K::token_quads::<B, $R, $G>(row(r), rb, xq4, xd4, xs8, blocks, &mut out)
                         };
                         for (i, out) in out.iter().enumerate() {
                             for (j, &v) in out.iter().flatten().enumerate() {
@@ -299,7 +374,7 @@ unsafe fn avx2_chunk_of<B: isa::IntBlock>(
                 let mut out = [[0f32; 4]; $T];
                 // SAFETY: whole rows `< r1` and tokens `full..n` (see above); the features
                 // are our contract's.
-                unsafe { isa::tile_row_quads::<B, $T>(ws, rb, xq, xd, xs, blocks, &mut out) };
+                unsafe { K::row_quads::<B, $T>(ws, rb, xq, xd, xs, blocks, &mut out) };
                 for (t, out) in out.iter().enumerate() {
                     for (i, &v) in out.iter().enumerate().take(real) {
                         // SAFETY: row `r + i < r1` is ours (contract); token `full + t < n`.
@@ -468,7 +543,8 @@ mod tests {
                     xq.quantize(&x, n, cols);
                     let want = reference(&xq, &w);
                     let mut by_path = Vec::new();
-                    for path in [KernelPath::Auto, KernelPath::Scalar] {
+                    // Auto is the VNNI kernels where the processor has them.
+                    for path in [KernelPath::Auto, KernelPath::Avx2, KernelPath::Scalar] {
                         with_kernel_path(path, || {
                             let mut y = vec![0f32; n * rows];
                             matmul_quantized(&xq, &w, &mut y);
@@ -501,7 +577,8 @@ mod tests {
                         });
                     }
                     // The SIMD kernels and the portable code do the same operations.
-                    assert_eq!(by_path[0], by_path[1], "{format:?} {rows}x{cols} n={n}");
+                    assert_eq!(by_path[0], by_path[2], "{format:?} {rows}x{cols} n={n}");
+                    assert_eq!(by_path[1], by_path[2], "{format:?} {rows}x{cols} n={n}");
                 }
             }
         }

@@ -1,5 +1,7 @@
 //! CPU kernels in three sets, chosen at run time: AVX-512 (`simd`), AVX2 + FMA (`avx2`), and
-//! portable scalar code everywhere else. Threads come from the spinning kernel pool (`pool`).
+//! portable scalar code everywhere else. The fast precision's integer kernels on the AVX-512
+//! path use AVX-512 VNNI where the processor has it (`vnni_int8`, the same bits as their AVX2
+//! form `avx2_int8`). Threads come from the spinning kernel pool (`pool`).
 //!
 //! # Choosing the code path
 //!
@@ -49,6 +51,8 @@ pub mod ops;
 pub mod pool;
 pub mod quantized_rows;
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod vnni_int8;
 
 /// A raw pointer to an output buffer that pool workers write in disjoint parts.
 ///
@@ -80,6 +84,22 @@ pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f") && has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the processor has what the fast precision's AVX-512 VNNI kernels use: the AVX-512
+/// kernels' features ([`has_avx512`]) and AVX-512VL and AVX-512 VNNI (Intel since Cascade
+/// Lake, AMD since Zen 4). They run where the AVX-512 path is allowed (see the module docs).
+pub fn has_avx512_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
