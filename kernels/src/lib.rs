@@ -26,7 +26,9 @@ pub use cpu::kv_elem::{KvElem, F8E4M3};
 pub use cpu::matmul::matmul;
 pub use cpu::matmul_int8::{matmul_quantized, matmul_with, Precision};
 pub use cpu::matrix::{Matrix, MatrixError, WeightFormat};
-pub use cpu::ops::{add_bias, add_in_place, rms_norm, rope_half_split, silu_mul};
+pub use cpu::ops::{
+    add_bias, add_in_place, add_rms_norm, rms_norm, rope_half_split, silu_mul, silu_mul_rows,
+};
 pub use cpu::quantized_rows::QuantizedRows;
 pub use cpu::{
     active_kernel_path, has_avx2, has_avx512, has_avx512_vnni, kernel_path_from_env,

@@ -281,8 +281,12 @@ impl LlamaModel {
         let mut act = vec![0f32; n * inter];
         let mut xq = QuantizedRows::default();
         let p = self.precision;
+        if let Some(first) = self.layers.first() {
+            k::rms_norm(&x, &first.attn_norm, cfg.rms_norm_eps, &mut normed);
+        }
         for (l, layer) in self.layers.iter().enumerate() {
-            k::rms_norm(&x, &layer.attn_norm, cfg.rms_norm_eps, &mut normed);
+            // `normed` holds this layer's attention norm of `x` (above, or from the previous
+            // layer's last residual add).
             k::matmul_with(p, &normed, n, &layer.qkv, &mut qkv, &mut xq);
             if let Some(b) = &layer.qkv_bias {
                 k::add_bias(&mut qkv, b);
@@ -308,18 +312,28 @@ impl LlamaModel {
                 }
             }
             k::matmul_with(p, &attn, n, &layer.o, &mut proj, &mut xq);
-            k::add_in_place(&mut x, &proj);
-
-            k::rms_norm(&x, &layer.ffn_norm, cfg.rms_norm_eps, &mut normed);
+            // The residual adds and the norms after them are one pass over the rows each
+            // (the same values as an add and then a norm).
+            k::add_rms_norm(
+                &mut x,
+                &proj,
+                &layer.ffn_norm,
+                cfg.rms_norm_eps,
+                &mut normed,
+            );
             k::matmul_with(p, &normed, n, &layer.gate_up, &mut gate_up, &mut xq);
-            for t in 0..n {
-                let row = &mut gate_up[t * 2 * inter..(t + 1) * 2 * inter];
-                let (g, u) = row.split_at_mut(inter);
-                k::silu_mul(g, u);
-                act[t * inter..(t + 1) * inter].copy_from_slice(g);
-            }
+            k::silu_mul_rows(&gate_up, inter, &mut act);
             k::matmul_with(p, &act, n, &layer.down, &mut proj, &mut xq);
-            k::add_in_place(&mut x, &proj);
+            match self.layers.get(l + 1) {
+                Some(next) => k::add_rms_norm(
+                    &mut x,
+                    &proj,
+                    &next.attn_norm,
+                    cfg.rms_norm_eps,
+                    &mut normed,
+                ),
+                None => k::add_in_place(&mut x, &proj),
+            }
         }
 
         let m = batch.logits_rows.len();

@@ -105,6 +105,55 @@ fn rows_mut<F: Fn(usize, &mut [f32]) + Sync>(data: &mut [f32], width: usize, f: 
     chunks_mut_par(data, width, PAR_ROWS, f)
 }
 
+/// Run `f(i, row_i of a, row_i of b)` over the `rows` rows of width `width` of two buffers, in
+/// parallel when there are at least `PAR_ROWS` rows.
+///
+/// # Panics
+/// If `width == 0` or either buffer is shorter than `rows * width` (also when that overflows),
+/// or if `f` panics.
+fn rows2_mut<F: Fn(usize, &mut [f32], &mut [f32]) + Sync>(
+    a: &mut [f32],
+    b: &mut [f32],
+    rows: usize,
+    width: usize,
+    f: F,
+) {
+    assert!(
+        width > 0
+            && rows
+                .checked_mul(width)
+                .is_some_and(|n| a.len() >= n && b.len() >= n),
+        "rows2_mut: {rows} rows of {width} in buffers of {} and {}",
+        a.len(),
+        b.len()
+    );
+    if rows < PAR_ROWS {
+        for (i, (ra, rb)) in a
+            .chunks_mut(width)
+            .zip(b.chunks_mut(width))
+            .take(rows)
+            .enumerate()
+        {
+            f(i, ra, rb);
+        }
+        return;
+    }
+    let (pa, pb) = (SendPtr(a.as_mut_ptr()), SendPtr(b.as_mut_ptr()));
+    parallel_for(rows, &|i| {
+        // SAFETY: `i < rows`, so row `i` covers `[i * width, (i + 1) * width)` of each buffer
+        // (asserted long enough): in bounds, disjoint from every other row, and both buffers
+        // stay borrowed mutably (nothing else touches them) until `parallel_for` returns,
+        // after every item. `a` and `b` are two `&mut` borrows, so they do not overlap.
+        let (ra, rb) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pa.get().add(i * width), width),
+                std::slice::from_raw_parts_mut(pb.get().add(i * width), width),
+            )
+        };
+        f(i, ra, rb)
+    });
+}
+
 /// `out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight` for each row of width `weight.len()`.
 ///
 /// The mean square is a dot product: AVX-512, AVX2 and scalar results differ by summation order
@@ -127,6 +176,36 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let xr = &x[i * d..(i + 1) * d];
         let inv = 1.0 / (dot(simd, xr, xr) / d as f32 + eps).sqrt();
         for ((o, &v), &w) in o.iter_mut().zip(xr).zip(weight) {
+            *o = w * (v * inv);
+        }
+    });
+}
+
+/// The residual add and the next RMSNorm in one pass over the rows: `x[i] += delta[i]`, then
+/// `out[i]` = [`rms_norm`] of the new `x[i]`, row by row (width `weight.len()`), in parallel
+/// when there are enough rows. The same values as [`add_in_place`] followed by [`rms_norm`].
+///
+/// # Panics
+/// If `weight` is empty, `x.len()` is not a multiple of `weight.len()`, or `delta` or `out` is
+/// shorter than `x`.
+pub fn add_rms_norm(x: &mut [f32], delta: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    assert!(
+        d > 0 && x.len().is_multiple_of(d) && out.len() >= x.len() && delta.len() >= x.len(),
+        "add_rms_norm: {} inputs, {} deltas, {} weights, {} outputs",
+        x.len(),
+        delta.len(),
+        d,
+        out.len()
+    );
+    let simd = super::simd();
+    let rows = x.len() / d;
+    rows2_mut(x, out, rows, d, |i, xr, o| {
+        xr.iter_mut()
+            .zip(&delta[i * d..(i + 1) * d])
+            .for_each(|(a, b)| *a += b);
+        let inv = 1.0 / (dot(simd, xr, xr) / d as f32 + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(xr.iter()).zip(weight) {
             *o = w * (v * inv);
         }
     });
@@ -194,6 +273,30 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     let (head, tail) = gate.split_at_mut(whole);
     chunks_mut_par(head, CHUNK, 4, |i, g| run(g, &up[i * CHUNK..]));
     run(tail, &up[whole..]);
+}
+
+/// The gated activation of a fused gate/up projection: for each row `i` of `gate_up` (the
+/// gate's `width` values, then the up projection's `width`), `out[i] = silu(gate) * up`, with
+/// the same operations (so the same bits) as [`silu_mul`], rows in parallel when there are
+/// enough of them.
+///
+/// # Panics
+/// If `width == 0`, `gate_up.len()` is not a multiple of `2 * width`, or `out` holds fewer than
+/// `gate_up.len() / 2` values.
+pub fn silu_mul_rows(gate_up: &[f32], width: usize, out: &mut [f32]) {
+    assert!(
+        width > 0 && gate_up.len().is_multiple_of(2 * width) && out.len() >= gate_up.len() / 2,
+        "silu_mul_rows: {} gate/up values of rows of 2 x {width}, {} outputs",
+        gate_up.len(),
+        out.len()
+    );
+    let rows = gate_up.len() / (2 * width);
+    rows_mut(&mut out[..rows * width], width, |i, o| {
+        let row = &gate_up[i * 2 * width..(i + 1) * 2 * width];
+        o.copy_from_slice(&row[..width]);
+        // One row is below `silu_mul`'s parallel chunk size, so this runs on this thread.
+        silu_mul(o, &row[width..]);
+    });
 }
 
 /// `silu(v) * u = v / (1 + e^-v) * u`, with [`exp_lanewise`]: one element of [`silu_mul`], the
@@ -285,5 +388,41 @@ mod tests {
         rope_half_split(&mut x, 4, 1, &c, &s);
         // pair (x0, x2) rotated by 90 degrees, pair (x1, x3) unchanged.
         assert_eq!(x, vec![-3.0, 2.0, 1.0, 4.0]);
+    }
+
+    fn wave(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32 * k).sin() * 3.0)).collect()
+    }
+
+    #[test]
+    fn fused_row_ops_give_the_bits_of_their_parts_serial_and_parallel() {
+        // 3 rows run on the calling thread, 40 across the pool; 576 and 1536 are SmolLM2's
+        // widths, 8 a partial vector.
+        for rows in [3, 40] {
+            for width in [8, 576, 1536] {
+                let w = wave(width, 0.37);
+                let delta = wave(rows * width, 0.11);
+                let mut x = wave(rows * width, 0.23);
+                let mut want_x = x.clone();
+                add_in_place(&mut want_x, &delta);
+                let mut want = vec![0f32; rows * width];
+                rms_norm(&want_x, &w, 1e-5, &mut want);
+                let mut got = vec![0f32; rows * width];
+                add_rms_norm(&mut x, &delta, &w, 1e-5, &mut got);
+                assert_eq!(x, want_x, "{rows}x{width}");
+                assert_eq!(got, want, "{rows}x{width}");
+
+                let gate_up = wave(rows * 2 * width, 0.05);
+                let mut want = vec![0f32; rows * width];
+                for (r, o) in want.chunks_mut(width).enumerate() {
+                    let row = &gate_up[r * 2 * width..(r + 1) * 2 * width];
+                    o.copy_from_slice(&row[..width]);
+                    silu_mul(o, &row[width..]);
+                }
+                let mut got = vec![0f32; rows * width];
+                silu_mul_rows(&gate_up, width, &mut got);
+                assert_eq!(got, want, "{rows}x{width}");
+            }
+        }
     }
 }
