@@ -43,7 +43,9 @@ pub struct QuantizedRows {
 
 impl QuantizedRows {
     /// Quantise the first `rows * cols` values of `x` (`rows` rows of `cols`), reusing this
-    /// value's buffers.
+    /// value's buffers. Whole groups of four rows are quantised and interleaved on the kernel
+    /// pool's threads when there are at least [`PAR_ROWS`] rows; each row's bytes depend on
+    /// that row alone either way.
     ///
     /// # Panics
     /// If `cols` is not a multiple of 32 or `x` holds fewer than `rows * cols` values (shapes
@@ -54,84 +56,60 @@ impl QuantizedRows {
             "quantising {rows} rows of {cols} columns from {} values",
             x.len()
         );
-        let blocks = rows * cols / 32;
+        let per_row = cols / 32;
+        let groups = rows / 4;
         self.rows = rows;
         self.cols = cols;
         self.q.resize(rows * cols, 0);
-        self.d.resize(blocks, 0.0);
-        self.s.resize(blocks, 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if super::has_avx2() {
-            // SAFETY: the processor has AVX2 and FMA (checked just now).
-            unsafe { self.fill_avx2(&x[..rows * cols]) };
-        } else {
-            self.fill(&x[..rows * cols]);
-        }
-        self.fill_groups();
-    }
-
-    /// Copy the quants, scales and sums of the whole groups of four rows into `q4`, `d4` and
-    /// `s8` (a batch-1 decode step has none, and copies nothing).
-    fn fill_groups(&mut self) {
-        let per_row = self.cols / 32;
-        let groups = self.rows / 4;
+        self.d.resize(rows * per_row, 0.0);
+        self.s.resize(rows * per_row, 0.0);
+        // The interleaved copies are overwritten in full (the sums' second fours stay zero).
         self.d4.clear();
         self.d4.resize(groups * per_row * 4, 0.0);
         self.s8.clear();
         self.s8.resize(groups * per_row * 8, 0.0);
         self.q4.clear();
         self.q4.resize(groups * per_row * 128, 0);
-        for t in 0..groups * 4 {
-            let (g, i) = (t / 4, t % 4);
-            for b in 0..per_row {
-                let at = t * per_row + b;
-                self.d4[(g * per_row + b) * 4 + i] = self.d[at];
-                self.s8[(g * per_row + b) * 8 + i] = self.s[at];
-                let src = &self.q[at * 32..at * 32 + 32];
-                let dst = &mut self.q4[(g * per_row + b) * 128..][..128];
-                for (c, four) in src.chunks_exact(4).enumerate() {
-                    let (k, half) = (c % 4, c / 4);
-                    dst[k * 32 + half * 16 + i * 4..][..4].copy_from_slice(four);
-                }
-            }
+        if cols == 0 || rows == 0 {
+            return;
         }
-    }
-
-    /// [`QuantizedRows::fill`] with each block quantised in AVX2 registers
-    /// (`avx2_int8::quantize_block`, the same bits as [`quantize_block`]).
-    ///
-    /// # Safety
-    /// The processor supports AVX2.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn fill_avx2(&mut self, x: &[f32]) {
-        for (b, (xs, qs)) in x
-            .chunks_exact(32)
-            .zip(self.q.chunks_exact_mut(32))
-            .enumerate()
-        {
-            let (xs, qs) = (
-                xs.try_into().expect("chunks of 32"),
-                qs.try_into().expect("chunks of 32"),
-            );
-            // SAFETY: the processor supports AVX2 (our contract).
-            let (d, sum) = unsafe { super::avx2_int8::quantize_block(xs, qs) };
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = super::has_avx2();
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2 = false;
+        // One item per group of four rows (its rows and its interleaved copy), then one for
+        // the rows left over; each holds the disjoint parts of the buffers it writes, behind
+        // an uncontended lock so that the pool's threads can take them by index.
+        let mut items: Vec<parking_lot::Mutex<Group<'_>>> = Vec::with_capacity(groups + 1);
+        let mut q = self.q.chunks_mut(4 * cols);
+        let mut d = self.d.chunks_mut(4 * per_row);
+        let mut s = self.s.chunks_mut(4 * per_row);
+        let mut inter = self
+            .q4
+            .chunks_mut(per_row * 128)
+            .zip(self.d4.chunks_mut(per_row * 4))
+            .zip(self.s8.chunks_mut(per_row * 8));
+        for (i, x) in x[..rows * cols].chunks(4 * cols).enumerate() {
+            let (Some(q), Some(d), Some(s)) = (q.next(), d.next(), s.next()) else {
+                unreachable!("the buffers hold `rows` rows")
+            };
+            let interleaved = (i < groups)
+                .then(|| inter.next())
+                .flatten()
+                .map(|((q4, d4), s8)| (q4, d4, s8));
+            items.push(parking_lot::Mutex::new(Group {
+                x,
+                q,
+                d,
+                s,
+                interleaved,
+            }));
         }
-    }
-
-    /// Quantise `x` block by block into the buffers (already sized for it).
-    #[inline(always)]
-    fn fill(&mut self, x: &[f32]) {
-        for (b, (xs, qs)) in x
-            .chunks_exact(32)
-            .zip(self.q.chunks_exact_mut(32))
-            .enumerate()
-        {
-            let (d, sum) = quantize_block(xs, qs);
-            self.d[b] = d;
-            self.s[b] = d * sum as f32;
+        let run = |i: usize| items[i].lock().fill(per_row, avx2);
+        if rows >= PAR_ROWS {
+            super::pool::parallel_for(items.len(), &run);
+        } else {
+            (0..items.len()).for_each(run);
         }
     }
 
@@ -160,6 +138,69 @@ impl QuantizedRows {
                 qs.iter().map(move |&q| d * q as f32)
             })
             .collect()
+    }
+}
+
+/// Rows from this many on are quantised on the kernel pool's threads.
+const PAR_ROWS: usize = 16;
+
+/// The part of a [`QuantizedRows`] that one group of (at most) four rows fills: their floats,
+/// their quants, scales and sums, and for a whole group its interleaved copies (`q4`, `d4`,
+/// `s8`; see the struct's fields).
+struct Group<'a> {
+    x: &'a [f32],
+    q: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    interleaved: Option<(&'a mut [i8], &'a mut [f32], &'a mut [f32])>,
+}
+
+impl Group<'_> {
+    /// Quantise the rows block by block (in AVX2 registers when `avx2` says the processor has
+    /// it: `avx2_int8::quantize_block`, the same bits as [`quantize_block`]), then copy them
+    /// interleaved for a whole group.
+    fn fill(&mut self, per_row: usize, avx2: bool) {
+        for (b, (xs, qs)) in self
+            .x
+            .chunks_exact(32)
+            .zip(self.q.chunks_exact_mut(32))
+            .enumerate()
+        {
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if avx2 {
+                let (xs, qs) = (
+                    xs.try_into().expect("chunks of 32"),
+                    qs.try_into().expect("chunks of 32"),
+                );
+                // SAFETY: the processor supports AVX2 (`has_avx2`, the caller's `avx2`).
+                unsafe { super::avx2_int8::quantize_block(xs, qs) }
+            } else {
+                quantize_block(xs, qs)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = {
+                let _ = avx2;
+                quantize_block(xs, qs)
+            };
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+        let Some((q4, d4, s8)) = &mut self.interleaved else {
+            return;
+        };
+        for i in 0..4 {
+            for b in 0..per_row {
+                let at = i * per_row + b;
+                d4[b * 4 + i] = self.d[at];
+                s8[b * 8 + i] = self.s[at];
+                let src = &self.q[at * 32..at * 32 + 32];
+                let dst = &mut q4[b * 128..][..128];
+                for (c, four) in src.chunks_exact(4).enumerate() {
+                    let (k, half) = (c % 4, c / 4);
+                    dst[k * 32 + half * 16 + i * 4..][..4].copy_from_slice(four);
+                }
+            }
+        }
     }
 }
 
