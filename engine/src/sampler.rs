@@ -106,15 +106,43 @@ impl Rng {
     }
 }
 
-/// Index of the largest value; the first one on ties.
+/// Index of the largest value; the first one on ties (`-0.0` and `0.0` tie). NaNs are never
+/// the largest, except a NaN first value, which nothing beats (index 0). An empty slice gives 0.
+///
+/// Two passes the compiler vectorises, over a row that stays in cache between them: the
+/// largest non-NaN value, then the first index holding a value equal to it. That is the index
+/// the one-pass scan "keep the first strictly larger" finds (tested against it), at a
+/// fraction of its time on a 49,152-entry vocabulary.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    const LANES: usize = 16;
+    match logits.first() {
+        None => return 0,
+        Some(first) if first.is_nan() => return 0,
+        Some(_) => {}
+    }
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            // `f32::max` skips a NaN operand.
+            *m = m.max(v);
         }
     }
-    best as u32
+    let largest = tail
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // `largest` is a value of the row (the first value is not NaN), so this finds it.
+    logits
+        .chunks(LANES)
+        .enumerate()
+        .find_map(|(c, chunk)| {
+            chunk
+                .contains(&largest)
+                .then(|| c * LANES + chunk.iter().position(|&v| v == largest).unwrap_or(0))
+        })
+        .unwrap_or(0) as u32
 }
 
 /// Draw one token from `logits` under `params`, using `rng` unless greedy.
@@ -177,6 +205,35 @@ mod tests {
     #[test]
     fn greedy_takes_first_max() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
+        // Against the one-pass scan: ties, signed zeros, NaNs first, inside and last, all
+        // negative rows, and lengths around the lane count.
+        let scan = |l: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in l.iter().enumerate() {
+                if v > l[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        let mut rng = Rng::new(3);
+        for len in [0usize, 1, 2, 15, 16, 17, 33, 100, 49152] {
+            for case in 0..8 {
+                let mut l: Vec<f32> = (0..len)
+                    .map(|_| match case {
+                        0 => (rng.uniform() * 8.0 - 4.0) as f32,
+                        1 => ((rng.uniform() * 4.0) as i32) as f32,
+                        2 => -(rng.uniform() as f32) - 1.0,
+                        _ => [0.0, -0.0, 1.0, -1.0][(rng.uniform() * 4.0) as usize],
+                    })
+                    .collect();
+                if len > 0 && case >= 4 {
+                    let at = [0, len / 2, len - 1, (len * 3) / 4][case - 4];
+                    l[at] = f32::NAN;
+                }
+                assert_eq!(argmax(&l), scan(&l), "len {len} case {case}");
+            }
+        }
     }
 
     #[test]
