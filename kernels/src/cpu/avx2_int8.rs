@@ -294,21 +294,21 @@ macro_rules! int8_tile_kernels {
     ($features:literal, $dots:ty) => {
         /// `out[r][g][i]` = weight row `r` times token `4g + i`, four tokens in the lanes of each
         /// accumulator (see the module's invariants). The activations come interleaved
-        /// (`QuantizedRows::q4`) and the weight block is spread to match with one in-lane shuffle per
-        /// vector, shared by all of the groups: a group of four tokens then costs about what one
-        /// token costs in [`tile_row_quads`].
+        /// (`QuantizedRows::q4`) and the weight block is spread to match with one in-lane shuffle
+        /// per vector, shared by all of the groups: a group of four tokens then costs about what
+        /// one token costs in [`tile_row_quads`].
         ///
         /// Weight row `r` starts at `w + r * row_bytes`; group `g`'s interleaved quants are at
         /// `xq4 + g * blocks * 128`, its scales at `xd4 + g * blocks * 4` and its block sums at
         /// `xs8 + g * blocks * 8` (`QuantizedRows::d4` and `s8`).
         ///
         /// # Safety
-        /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI set
-        ///   AVX-512F, AVX-512VL and AVX-512 VNNI).
-        /// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES` bytes;
-        ///   for every `g < G`, `xq4 + g * blocks * 128` for reads of `blocks * 128` bytes of
-        ///   activations in `-127..=127`, `xd4 + g * blocks * 4` for reads of `blocks * 4` floats and
-        ///   `xs8 + g * blocks * 8` of `blocks * 8`.
+        /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI
+        ///   set AVX-512F, AVX-512VL and AVX-512 VNNI).
+        /// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES`
+        ///   bytes; for every `g < G`, `xq4 + g * blocks * 128` for reads of `blocks * 128` bytes
+        ///   of activations in `-127..=127`, `xd4 + g * blocks * 4` for reads of `blocks * 4`
+        ///   floats and `xs8 + g * blocks * 8` of `blocks * 8`.
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usize>(
             w: *const u8,
@@ -355,8 +355,8 @@ macro_rules! int8_tile_kernels {
                     };
                     for g in 0..G {
                         let at = g * blocks + b;
-                        // SAFETY: block `b` of group `g < G`, its four scales and its eight sums are
-                        // readable (caller).
+                        // SAFETY: block `b` of group `g < G`, its four scales and its eight sums
+                        // are readable (caller).
                         let (x, dx, sx) = unsafe {
                             let p = xq4.add(at * 128) as *const __m256i;
                             (
@@ -400,19 +400,21 @@ macro_rules! int8_tile_kernels {
         }
 
         /// `out[t][i]` = weight row `w[i]` times token `t`, with the four rows in the lanes of each
-        /// accumulator instead of four tokens (see the module's invariants): the shape for fewer than
-        /// four tokens, and so for batch-1 decode.
+        /// accumulator instead of four tokens (see the module's invariants): the shape for fewer
+        /// than four tokens, and so for batch-1 decode.
         ///
-        /// Token `t`'s quants are at `xq + t * blocks * 32`, its scales at `xd + t * blocks` and its
-        /// block sums at `xs + t * blocks`. The rows are usually `row_bytes` apart from `w[0]` (what
-        /// is prefetched assumes so; a last quad short of rows repeats one, which reads the same).
+        /// Token `t`'s quants are at `xq + t * blocks * 32`, its scales at `xd + t * blocks` and
+        /// its block sums at `xs + t * blocks`. The rows are usually `row_bytes` apart from `w[0]`
+        /// (what is prefetched assumes so; a last quad short of rows repeats one, which reads the
+        /// same).
         ///
         /// # Safety
-        /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI set
-        ///   AVX-512F, AVX-512VL and AVX-512 VNNI).
+        /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI
+        ///   set AVX-512F, AVX-512VL and AVX-512 VNNI).
         /// - Every `w[i]` is valid for reads of `blocks * B::BYTES` bytes; for every `t < T`,
-        ///   `xq + t * blocks * 32` for reads of `blocks * 32` bytes of activations in `-127..=127`,
-        ///   and `xd + t * blocks` and `xs + t * blocks` for reads of `blocks` floats.
+        ///   `xq + t * blocks * 32` for reads of `blocks * 32` bytes of activations in
+        ///   `-127..=127`, and `xd + t * blocks` and `xs + t * blocks` for reads of `blocks`
+        ///   floats.
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn tile_row_quads<B: IntBlock, const T: usize>(
             w: [*const u8; 4],
@@ -453,7 +455,8 @@ macro_rules! int8_tile_kernels {
                 };
                 for t in 0..T {
                     let at = t * blocks + b;
-                    // SAFETY: block `b` of token `t < T`, its scale and its sum are readable (caller).
+                    // SAFETY: block `b` of token `t < T`, its scale and its sum are readable
+                    // (caller).
                     let (x, dx, sx) = unsafe {
                         (
                             _mm256_loadu_si256(xq.add(at * 32) as *const __m256i),
