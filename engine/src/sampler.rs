@@ -139,8 +139,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
         .enumerate()
         .find_map(|(c, chunk)| {
             chunk
-                .contains(&largest)
-                .then(|| c * LANES + chunk.iter().position(|&v| v == largest).unwrap_or(0))
+                .iter()
+                .position(|&v| v == largest)
+                .map(|i| c * LANES + i)
         })
         .unwrap_or(0) as u32
 }

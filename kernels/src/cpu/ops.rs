@@ -173,12 +173,17 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     );
     let simd = super::simd();
     rows_mut(&mut out[..x.len()], d, |i, o| {
-        let xr = &x[i * d..(i + 1) * d];
-        let inv = 1.0 / (dot(simd, xr, xr) / d as f32 + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(xr).zip(weight) {
-            *o = w * (v * inv);
-        }
+        norm_row(simd, &x[i * d..(i + 1) * d], weight, eps, o)
     });
+}
+
+/// One row of [`rms_norm`]: `o = x / sqrt(mean(x^2) + eps) * weight` (the mean square a dot
+/// product on `simd`'s path).
+fn norm_row(simd: Isa, x: &[f32], weight: &[f32], eps: f32, o: &mut [f32]) {
+    let inv = 1.0 / (dot(simd, x, x) / weight.len() as f32 + eps).sqrt();
+    for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+        *o = w * (v * inv);
+    }
 }
 
 /// The residual add and the next RMSNorm in one pass over the rows: `x[i] += delta[i]`, then
@@ -204,10 +209,7 @@ pub fn add_rms_norm(x: &mut [f32], delta: &[f32], weight: &[f32], eps: f32, out:
         xr.iter_mut()
             .zip(&delta[i * d..(i + 1) * d])
             .for_each(|(a, b)| *a += b);
-        let inv = 1.0 / (dot(simd, xr, xr) / d as f32 + eps).sqrt();
-        for ((o, &v), &w) in o.iter_mut().zip(xr.iter()).zip(weight) {
-            *o = w * (v * inv);
-        }
+        norm_row(simd, xr, weight, eps, o)
     });
 }
 

@@ -73,10 +73,7 @@ impl QuantizedRows {
         if cols == 0 || rows == 0 {
             return;
         }
-        #[cfg(target_arch = "x86_64")]
         let avx2 = super::has_avx2();
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
         // One item per group of four rows (its rows and its interleaved copy), then one for
         // the rows left over; each holds the disjoint parts of the buffers it writes, behind
         // an uncontended lock so that the pool's threads can take them by index.
