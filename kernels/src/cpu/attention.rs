@@ -369,27 +369,23 @@ fn attend<E: KvElem>(
         ..
     } = layout;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    // The AVX-512 partition kernel keeps a head's output in 16 registers of 16 floats; the AVX2
-    // one works on whole vectors of 8. Other head sizes take the scalar partition code (with
-    // the path's `axpy`).
-    // The AVX-512 kernel reads f32 caches only; an f16 cache takes the AVX2 one there (every
-    // AVX-512 processor has AVX2, FMA and F16C).
-    let f32_caches = E::as_f32(k_cache).zip(E::as_f32(v_cache));
-    let (avx512, avx2) = match simd {
-        Isa::Avx512(t)
-            if head_dim.is_multiple_of(16) && head_dim <= 256 && f32_caches.is_some() =>
-        {
-            (Some(t), None)
-        }
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512(_) if head_dim.is_multiple_of(8) && f32_caches.is_none() => {
-            (None, super::Avx2::detect())
-        }
-        Isa::Avx2(t) if head_dim.is_multiple_of(8) => (None, Some(t)),
-        _ => (None, None),
+    // The tile kernel runs wherever the processor has AVX2 and the head is whole vectors of 8
+    // dimensions: its 512-bit loops (the same bits, see `avx512_attention`) on an AVX-512
+    // processor with AVX-512BW and VL and whole vectors of 16 dimensions, its AVX2 loops
+    // otherwise. Other head sizes take the scalar partition code (with the path's `axpy`).
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = match simd {
+        Isa::Avx512(_) if head_dim.is_multiple_of(8) => super::Avx2::detect(),
+        Isa::Avx2(t) if head_dim.is_multiple_of(8) => Some(t),
+        _ => None,
     };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (avx512, avx2);
+    #[cfg(target_arch = "x86_64")]
+    let zmm = match simd {
+        Isa::Avx512(_) if avx2.is_some() && head_dim.is_multiple_of(16) => {
+            super::avx512_attention::Zmm::detect()
+        }
+        _ => None,
+    };
     // Work items: (tile of up to TILE_ROWS consecutive query rows of one sequence, KV head,
     // context partition); an item holds the rows of its tile that reach into its partition (a
     // suffix of the tile). Partitions depend on each row's context length only, never on the
@@ -491,7 +487,25 @@ fn attend<E: KvElem>(
             // row's end is the largest), and `tile.q` spans `(rows - 1) * row + group *
             // head_dim` floats. `scores` has `rows * group * (p1 - p0)` floats and `part` the
             // item's `rows * group * (head_dim + 2)` floats.
-            unsafe { super::avx2_attention::attend_tile(&tile, &rows, &mut scores, part) };
+            unsafe {
+                // (And with a `Zmm` token, the processor has its features too, and `head_dim %
+                // 16 == 0` was checked with it.)
+                if zmm.is_some() {
+                    super::avx2_attention::attend_tile::<E, super::avx512_attention::Zmm>(
+                        &tile,
+                        &rows,
+                        &mut scores,
+                        part,
+                    )
+                } else {
+                    super::avx2_attention::attend_tile::<E, super::avx2_attention::Ymm>(
+                        &tile,
+                        &rows,
+                        &mut scores,
+                        part,
+                    )
+                }
+            };
             TILE_SCORES.set(scores);
             return;
         }
@@ -499,33 +513,6 @@ fn attend<E: KvElem>(
             let item = single(r);
             let part = &mut part[r * part_width..(r + 1) * part_width];
             let mut scores = vec![0f32; group * (item.p1 - item.p0)];
-            #[cfg(target_arch = "x86_64")]
-            if let (Some(_), Some((k_f32, v_f32))) = (avx512, f32_caches) {
-                let item = Item {
-                    q: item.q,
-                    k_cache: k_f32,
-                    v_cache: v_f32,
-                    block_table: item.block_table,
-                    block_size,
-                    kv_stride,
-                    head_offset: item.head_offset,
-                    head_dim,
-                    group,
-                    p0: item.p0,
-                    p1: item.p1,
-                    scale,
-                };
-                // SAFETY: the `Avx512` token proves the processor features; `head_dim % 16 ==
-                // 0` and `head_dim <= 256` were checked above. `item` satisfies the `Item`
-                // invariants: the caches are `num_blocks` whole blocks and every block-table
-                // entry is below `num_blocks` (`Layout`), the table covers `context_len >= p1`
-                // positions, `kvh < num_kv_heads` gives `head_offset + head_dim <= kv_stride`,
-                // and `item.q` was sliced to `group * head_dim` floats (the f32 caches are the
-                // same slices as the checked ones). `scores` has `group * (p1 - p0)` floats
-                // and `part` is one record of `part_width = group * (head_dim + 2)` floats.
-                unsafe { super::simd::x86::attend_partition(&item, &mut scores, part) };
-                continue;
-            }
             attend_partition_scalar(&item, &mut scores, part, simd);
         }
     };
@@ -658,7 +645,8 @@ pub(crate) struct TileRows {
 /// One (query row, KV head, partition `p0..p1`) work item.
 ///
 /// Invariants (established by [`try_paged_attention`]'s checks; the safe code here indexes
-/// with bounds checks anyway, the AVX-512 code in `simd` relies on them):
+/// with bounds checks anyway, the tile loops of `avx2_attention` and `avx512_attention` rely
+/// on them):
 /// - `block_size`, `head_dim` and `group` are non-zero and `p0 < p1`;
 /// - `k_cache` and `v_cache` each hold `num_blocks * block_size * kv_stride` floats or more,
 ///   for some `num_blocks`;
@@ -722,7 +710,7 @@ pub(crate) fn k_index<E: KvElem>(it: &Item<'_, E>, block: usize, off: usize, d: 
 }
 
 /// Scaled scores `q_g . k_j` for every query head `g` of the group and position `j` of the
-/// partition (portable version; `simd::x86::scores` is the fast one).
+/// partition (portable version; the tile kernels' loops are the fast ones).
 pub(crate) fn raw_scores<E: KvElem>(it: &Item<'_, E>, scores: &mut [f32]) {
     let hd = it.head_dim;
     let n = it.p1 - it.p0;

@@ -42,7 +42,7 @@ use super::kv_elem::KvElem;
 
 /// Vectors (query heads of the tile) that share one K or V load: 6 x 2 accumulators, with the
 /// two K (or V) vectors and a broadcast, take 15 of the 16 vector registers.
-const SHARE: usize = 6;
+pub(crate) const SHARE: usize = 6;
 
 /// Vectors of 8 positions a score pass covers: 16 positions, one block at the default size.
 const SCORE_VECS: usize = 2;
@@ -59,18 +59,18 @@ thread_local! {
 /// every block starts with a wait on memory (`examples/attention_speed.rs 320 16 16 5 2 30
 /// f16` on a 2-core AMD EPYC, 16 decoding sequences through 30 layers' caches: 22-26 ms
 /// without, 18-19 ms with).
-const PREFETCH_BLOCKS: usize = 2;
+pub(crate) const PREFETCH_BLOCKS: usize = 2;
 
 /// The block that holds position `p`, if the item reads it (`p < p1`).
 #[inline(always)]
-fn block_at<E: KvElem>(it: &Item<'_, E>, p: usize) -> Option<usize> {
+pub(crate) fn block_at<E: KvElem>(it: &Item<'_, E>, p: usize) -> Option<usize> {
     (p < it.p1).then(|| it.block_table[p / it.block_size] as usize)
 }
 
 /// The block that holds the position [`PREFETCH_BLOCKS`] blocks after the run that starts at
 /// `p0 + j`, if the item reads it.
 #[inline(always)]
-fn block_ahead<E: KvElem>(it: &Item<'_, E>, j: usize) -> Option<usize> {
+pub(crate) fn block_ahead<E: KvElem>(it: &Item<'_, E>, j: usize) -> Option<usize> {
     block_at(it, it.p0 + j + PREFETCH_BLOCKS * it.block_size)
 }
 
@@ -78,28 +78,82 @@ fn block_ahead<E: KvElem>(it: &Item<'_, E>, j: usize) -> Option<usize> {
 /// positions follow), for prefetching: computed with `wrapping_add`, so any block gives a
 /// defined pointer.
 #[inline(always)]
-fn k_block<E: KvElem>(it: &Item<'_, E>, block: usize) -> *const E {
+pub(crate) fn k_block<E: KvElem>(it: &Item<'_, E>, block: usize) -> *const E {
     it.k_cache.as_ptr().wrapping_add(k_index(it, block, 0, 0))
 }
 
+/// The two loops of a tile that a vector width implements: the scores and the V sum. [`Ymm`]
+/// (AVX2, this module) and `avx512_attention::Zmm` compute the same bits (see the invariants).
+pub(crate) trait TileLoops {
+    /// The scaled scores of every vector of the tile against every position `p0..p1`; the
+    /// contract of [`scores`].
+    ///
+    /// # Safety
+    /// As [`scores`], and the processor supports the implementor's features and `it.head_dim`
+    /// is a multiple of its [`TileLoops::DIMS`].
+    unsafe fn scores<E: KvElem>(it: &Item<'_, E>, rows: &TileRows, scores: &mut [f32]);
+
+    /// The V sums of `vectors` over the positions `range`; the contract of [`v_sum`].
+    ///
+    /// # Safety
+    /// As [`v_sum`], and as [`TileLoops::scores`] for the features and `head_dim`.
+    unsafe fn v_sum<E: KvElem>(
+        it: &Item<'_, E>,
+        sc: &[f32],
+        vectors: std::ops::Range<usize>,
+        range: std::ops::Range<usize>,
+        part: *mut f32,
+    );
+
+    /// What `head_dim` must be a multiple of.
+    const DIMS: usize;
+}
+
+/// The AVX2 loops: 256-bit vectors, 8 floats.
+pub(crate) struct Ymm;
+
+impl TileLoops for Ymm {
+    #[inline(always)]
+    unsafe fn scores<E: KvElem>(it: &Item<'_, E>, rows: &TileRows, sc: &mut [f32]) {
+        // SAFETY: the caller's contract is `scores`'s.
+        unsafe { scores(it, rows, sc) }
+    }
+
+    #[inline(always)]
+    unsafe fn v_sum<E: KvElem>(
+        it: &Item<'_, E>,
+        sc: &[f32],
+        vectors: std::ops::Range<usize>,
+        range: std::ops::Range<usize>,
+        part: *mut f32,
+    ) {
+        // SAFETY: the caller's contract is `v_sum`'s.
+        unsafe { v_sum(it, sc, vectors, range, part) }
+    }
+
+    const DIMS: usize = 8;
+}
+
 /// One tile: scores, softmax statistics and the unnormalised V sum of every row, written as the
-/// rows' records; the contract of `attention::attend_partition_scalar`, for each row.
+/// rows' records; the contract of `attention::attend_partition_scalar`, for each row. `L`
+/// runs the scores and the V sum; the softmax is this module's, whatever `L`.
 ///
 /// # Safety
-/// - The processor supports AVX2, FMA and F16C.
+/// - The processor supports AVX2, FMA and F16C, and `L`'s features.
 /// - `it` satisfies the invariants listed on [`Item`], with `it.q` covering the tile's rows and
 ///   `it.p1` the largest end; `rows` satisfies the invariants listed on [`TileRows`].
-/// - `it.head_dim % 8 == 0`.
+/// - `it.head_dim % L::DIMS == 0`.
 /// - `sc_buf.len() >= rows.rows * it.group * (it.p1 - it.p0)` and
 ///   `part.len() >= rows.rows * it.group * (it.head_dim + 2)`.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn attend_tile<E: KvElem>(
+pub(crate) unsafe fn attend_tile<E: KvElem, L: TileLoops>(
     it: &Item<'_, E>,
     rows: &TileRows,
     sc_buf: &mut [f32],
     part: &mut [f32],
 ) {
     let hd = it.head_dim;
+    debug_assert_eq!(hd % L::DIMS, 0, "the loops' vectors of dimensions");
     let n = it.p1 - it.p0;
     let vecs = rows.rows * it.group;
     // The loads give K and V divided by `LOAD_SCALE`; the queries and the weights take the
@@ -118,9 +172,9 @@ pub(crate) unsafe fn attend_tile<E: KvElem>(
         };
         &scaled
     };
-    // SAFETY: the features, `it`, `rows` and the length of `sc_buf` are this function's
-    // contract (`it.q` has the same length, scaled or not).
-    unsafe { scores(it, rows, sc_buf) };
+    // SAFETY: the features, `head_dim`, `it`, `rows` and the length of `sc_buf` are this
+    // function's contract (`it.q` has the same length, scaled or not).
+    unsafe { L::scores(it, rows, sc_buf) };
     for v in 0..vecs {
         let len = rows.ends[v / it.group] - it.p0;
         let weights = &mut sc_buf[v * n..v * n + len];
@@ -138,15 +192,16 @@ pub(crate) unsafe fn attend_tile<E: KvElem>(
         .min()
         .unwrap_or(it.p0);
     let pp = part.as_mut_ptr();
-    // SAFETY: (both calls) the features and `it` are the caller's; `0..vecs` and the rows'
-    // vectors are vectors of the tile; `it.p0 <= common <= ends[r] <= it.p1`; `sc_buf` holds
-    // `vecs * n` scores and `part` `vecs * (hd + 2)` floats, borrowed mutably here.
+    // SAFETY: (both calls) the features, `head_dim` and `it` are the caller's; `0..vecs` and
+    // the rows' vectors are vectors of the tile; `it.p0 <= common <= ends[r] <= it.p1`;
+    // `sc_buf` holds `vecs * n` scores and `part` `vecs * (hd + 2)` floats, borrowed mutably
+    // here.
     unsafe {
-        v_sum(it, sc_buf, 0..vecs, it.p0..common, pp);
+        L::v_sum(it, sc_buf, 0..vecs, it.p0..common, pp);
         for r in 0..rows.rows {
             if rows.ends[r] > common {
                 let own = r * it.group..(r + 1) * it.group;
-                v_sum(it, sc_buf, own, common..rows.ends[r], pp);
+                L::v_sum(it, sc_buf, own, common..rows.ends[r], pp);
             }
         }
     }
@@ -419,12 +474,12 @@ unsafe fn v_sum<E: KvElem>(
 
 /// Where one [`v_run`] works: positions `j .. j + len` of the scores, stored in the
 /// consecutive cache slots `slot ..`, for vectors `v0 ..` and dimensions `d0 ..`.
-struct Run {
-    j: usize,
-    slot: usize,
-    len: usize,
-    v0: usize,
-    d0: usize,
+pub(crate) struct Run {
+    pub j: usize,
+    pub slot: usize,
+    pub len: usize,
+    pub v0: usize,
+    pub d0: usize,
 }
 
 /// Dimensions `d0 .. d0 + 8 * C` of the V sums of vectors `v0 .. v0 + H` over one run:

@@ -69,6 +69,37 @@ pub trait KvElem:
     /// elements.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load_partial(p: *const Self, lanes: usize) -> __m256;
+
+    /// Sixteen elements from `p` as one 512-bit vector of `f32` lanes, divided as in
+    /// [`KvElem::load8`]: lane `i` has the value of lane `i % 8` of [`KvElem::load16`]'s
+    /// vector `i / 8`, bit for bit.
+    ///
+    /// # Safety
+    /// The processor supports AVX-512F, AVX2 and F16C, and `p` is valid for reads of 16
+    /// elements (no alignment needed).
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16_512(p: *const Self) -> __m512;
+
+    /// The first `min(lanes, 16)` elements from `p` in the low lanes (divided as in
+    /// [`KvElem::load8`]), zero in the others; reads only those elements (a masked load, which
+    /// does not touch the masked-off ones).
+    ///
+    /// # Safety
+    /// The processor supports AVX-512F, AVX-512BW, AVX-512VL, AVX2 and F16C, and `p` is valid
+    /// for reads of `min(lanes, 16)` elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load_partial_512(p: *const Self, lanes: usize) -> __m512;
+}
+
+/// The mask of the first `min(lanes, 16)` lanes of a 512-bit vector of floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn mask16(lanes: usize) -> __mmask16 {
+    if lanes >= 16 {
+        0xffff
+    } else {
+        (1u16 << lanes) - 1
+    }
 }
 
 impl KvElem for f32 {
@@ -95,6 +126,19 @@ impl KvElem for f32 {
         // guarantees readable; masked-off lanes are not accessed.
         unsafe { _mm256_maskload_ps(p, super::avx2::tail_mask(lanes)) }
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_512(p: *const Self) -> __m512 {
+        // SAFETY: 16 readable floats at `p` and AVX-512F (the caller's).
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_partial_512(p: *const Self, lanes: usize) -> __m512 {
+        // SAFETY: AVX-512F (the caller's); the masked load reads only the first
+        // `min(lanes, 16)` floats, which are readable (the caller's).
+        unsafe { _mm512_maskz_loadu_ps(mask16(lanes), p) }
+    }
 }
 
 impl KvElem for f16 {
@@ -120,6 +164,20 @@ impl KvElem for f16 {
     unsafe fn load_partial(p: *const Self, lanes: usize) -> __m256 {
         // SAFETY: F16C (the caller's); element `i < min(lanes, 8)` is readable (the caller's).
         unsafe { f16_partial(lanes, |i| (*p.add(i)).to_bits()) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_512(p: *const Self) -> __m512 {
+        // SAFETY: 32 readable bytes at `p` (16 elements) and AVX-512F (the caller's).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_partial_512(p: *const Self, lanes: usize) -> __m512 {
+        // SAFETY: AVX-512F, BW and VL (the caller's); the masked load reads only the first
+        // `min(lanes, 16)` 16-bit elements, which are readable (the caller's), and zeroes the
+        // others (+0.0).
+        unsafe { _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask16(lanes), p as *const i16)) }
     }
 }
 
@@ -192,8 +250,7 @@ impl KvElem for F8E4M3 {
         // SAFETY: 16 readable bytes at `p` (16 elements), AVX2 and F16C (the caller's): the
         // bytes sign-extended to 16 bits as in `f16_lanes`, one vector for all 16.
         unsafe {
-            let w = _mm256_cvtepi8_epi16(_mm_loadu_si128(p as *const __m128i));
-            let h = _mm256_and_si256(_mm256_slli_epi16::<7>(w), _mm256_set1_epi16(!0x4000));
+            let h = f16_lanes16(_mm_loadu_si128(p as *const __m128i));
             [
                 _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
                 _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)),
@@ -205,6 +262,38 @@ impl KvElem for F8E4M3 {
     unsafe fn load_partial(p: *const Self, lanes: usize) -> __m256 {
         // SAFETY: F16C (the caller's); element `i < min(lanes, 8)` is readable (the caller's).
         unsafe { f16_partial(lanes, |i| (*p.add(i)).f16_bits()) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16_512(p: *const Self) -> __m512 {
+        // SAFETY: 16 readable bytes at `p` (16 elements), AVX-512F, AVX2 and F16C (the
+        // caller's): the bytes widened as in `load16`, converted in one vector.
+        unsafe { _mm512_cvtph_ps(f16_lanes16(_mm_loadu_si128(p as *const __m128i))) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load_partial_512(p: *const Self, lanes: usize) -> __m512 {
+        // SAFETY: AVX-512F, BW and VL, AVX2 and F16C (the caller's); the masked load reads only
+        // the first `min(lanes, 16)` bytes, which are readable (the caller's), and zeroes the
+        // others (a zero byte is +0.0).
+        unsafe {
+            let bytes = _mm_maskz_loadu_epi8(mask16(lanes), p as *const i8);
+            _mm512_cvtph_ps(f16_lanes16(bytes))
+        }
+    }
+}
+
+/// `f16_lanes` for 16 bytes at once: each byte's `F8E4M3::f16_bits` in a 16-bit lane.
+///
+/// # Safety
+/// The processor supports AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn f16_lanes16(bytes: __m128i) -> __m256i {
+    // SAFETY: register operations of AVX2 (the caller's).
+    unsafe {
+        let w = _mm256_cvtepi8_epi16(bytes);
+        _mm256_and_si256(_mm256_slli_epi16::<7>(w), _mm256_set1_epi16(!0x4000))
     }
 }
 

@@ -43,6 +43,8 @@ mod avx2;
 mod avx2_attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2_int8;
+#[cfg(target_arch = "x86_64")]
+mod avx512_attention;
 pub mod kv_elem;
 pub mod matmul;
 pub mod matmul_int8;
@@ -100,6 +102,22 @@ pub fn has_avx512_vnni() -> bool {
         has_avx512()
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the processor has what the AVX-512 attention tiles use: the AVX-512 kernels'
+/// features ([`has_avx512`]) and AVX-512BW and AVX-512VL (every AVX-512 processor since
+/// Skylake-SP and Zen 4), for their masked 8- and 16-bit loads.
+pub(crate) fn has_avx512_bw_vl() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

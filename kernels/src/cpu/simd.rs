@@ -1,5 +1,6 @@
 //! AVX-512 micro-kernels: a tile of `R` weight rows times `T` activation rows, each output a
-//! dot product over all columns; and the inner loops of paged attention.
+//! dot product over all columns; `dot` and `axpy`. (Paged attention's AVX-512 loops are in
+//! `avx512_attention`.)
 //!
 //! Every output is accumulated the same way (16 lanes, blocks in column order, then one fixed
 //! horizontal reduction), independent of `R`, `T` and of which tile it falls in: this is what
@@ -18,8 +19,6 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
-
-    use super::super::attention::{for_each_run, for_each_slot, k_index, softmax_stats, Item};
 
     /// Mask enabling the first `min(lanes, 16)` lanes of a vector of 16 floats.
     #[inline(always)]
@@ -263,114 +262,6 @@ pub(crate) mod x86 {
                 let yp = y.as_mut_ptr().add(c * 16);
                 let yv = _mm512_maskz_loadu_ps(mask, yp);
                 _mm512_mask_storeu_ps(yp, mask, _mm512_fmadd_ps(av, xv, yv));
-            }
-        }
-    }
-
-    /// Scaled scores of every query head of the group against every position of the
-    /// partition, from the block-transposed K cache: 16 positions per vector, one FMA per
-    /// dimension and query head, each K value loaded once for up to 8 query heads (larger
-    /// groups take several passes of 8).
-    ///
-    /// # Safety
-    /// The processor supports AVX-512F, AVX2 and FMA; `it` satisfies the invariants listed on
-    /// [`Item`]; and `scores.len() >= it.group * (it.p1 - it.p0)`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn scores(it: &Item<'_>, scores: &mut [f32]) {
-        let hd = it.head_dim;
-        let n = it.p1 - it.p0;
-        let scale = _mm512_set1_ps(it.scale);
-        for_each_run(it, |j0, block, off, len| {
-            let mut c = 0;
-            while c < len {
-                let lanes = (len - c).min(16);
-                let mask = tail_mask(lanes);
-                let mut g0 = 0;
-                while g0 < it.group {
-                    let gs = (it.group - g0).min(8);
-                    let mut acc = [_mm512_setzero_ps(); 8];
-                    for d in 0..hd {
-                        // SAFETY: `block < num_blocks` (Item invariant) and `d < head_dim`, so
-                        // `k_index(.., off + c, d)` starts a run of `block_size - off - c`
-                        // positions of one K row inside `k_cache`; the mask enables
-                        // `lanes <= len - c` of them, and `off + len <= block_size`.
-                        let k = unsafe {
-                            _mm512_maskz_loadu_ps(
-                                mask,
-                                it.k_cache.as_ptr().add(k_index(it, block, off + c, d)),
-                            )
-                        };
-                        for g in 0..gs {
-                            // SAFETY: `(g0 + g) * hd + d < group * head_dim <= q.len()` (Item
-                            // invariant), since `g0 + g < group` and `d < hd`.
-                            let q = unsafe { *it.q.get_unchecked((g0 + g) * hd + d) };
-                            acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(q), k, acc[g]);
-                        }
-                    }
-                    for g in 0..gs {
-                        // SAFETY: lanes `(g0 + g) * n + j0 + c ..+ lanes` lie inside the
-                        // `group * n` scores the caller provides: `j0 + c + lanes <= j0 + len
-                        // <= n` as `for_each_run` covers `0..n`; `scores` is borrowed mutably.
-                        unsafe {
-                            let out = scores.as_mut_ptr().add((g0 + g) * n + j0 + c);
-                            _mm512_mask_storeu_ps(out, mask, _mm512_mul_ps(acc[g], scale));
-                        }
-                    }
-                    g0 += gs;
-                }
-                c += lanes;
-            }
-        });
-    }
-
-    /// One attention partition with AVX-512; the contract is
-    /// `attention::attend_partition_scalar`'s. The weighted V sum of each query head is kept in
-    /// registers (up to 16 vectors, so `head_dim <= 256`) across all positions instead of going
-    /// through memory.
-    ///
-    /// # Safety
-    /// - The processor supports AVX-512F, AVX2 and FMA.
-    /// - `it` satisfies the invariants listed on [`Item`].
-    /// - `it.head_dim % 16 == 0` and `it.head_dim <= 256`.
-    /// - `sc_buf.len() >= it.group * (it.p1 - it.p0)` and
-    ///   `part.len() >= it.group * (it.head_dim + 2)`.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(crate) unsafe fn attend_partition(it: &Item<'_>, sc_buf: &mut [f32], part: &mut [f32]) {
-        let hd = it.head_dim;
-        let chunks = hd / 16;
-        let n = it.p1 - it.p0;
-        // SAFETY: the features, `it` and the length of `sc_buf` are as `scores` requires, by
-        // this function's own contract.
-        unsafe { scores(it, sc_buf) };
-        softmax_stats(it, sc_buf, part);
-        for g in 0..it.group {
-            let mut acc = [_mm512_setzero_ps(); 16];
-            let sc = &sc_buf[g * n..(g + 1) * n];
-            for_each_slot(it, |j, slot| {
-                // SAFETY: `slot < num_blocks * block_size` (Item invariant: `for_each_slot`
-                // yields slots of blocks in range) and `head_offset + hd <= kv_stride`, so
-                // floats `slot * kv_stride + head_offset ..+ hd` are inside `v_cache`, and
-                // `chunks * 16 == hd`; `j < n == sc.len()`.
-                unsafe {
-                    let vp = it
-                        .v_cache
-                        .as_ptr()
-                        .add(slot * it.kv_stride + it.head_offset);
-                    let w = _mm512_set1_ps(*sc.get_unchecked(j));
-                    for c in 0..chunks {
-                        acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(c * 16)), acc[c]);
-                    }
-                }
-            });
-            // SAFETY: `chunks <= 16 == acc.len()`; the record of head `g` is floats
-            // `g * (hd + 2) ..(g + 1) * (hd + 2)` of `part`, inside it as the caller guarantees,
-            // and its last `hd` floats are written here; `part` is borrowed mutably.
-            unsafe {
-                let out = part.as_mut_ptr().add(g * (hd + 2) + 2);
-                for c in 0..chunks {
-                    _mm512_storeu_ps(out.add(c * 16), acc[c]);
-                }
             }
         }
     }
