@@ -230,6 +230,15 @@ impl LlamaModel {
 
     /// Run one forward pass; returns logits (`logits_rows.len() x vocab_size`).
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Vec<f32> {
+        let mut logits = Vec::new();
+        self.forward_into(batch, cache, &mut logits);
+        logits
+    }
+
+    /// [`LlamaModel::forward`] into `logits`, which ends up `logits_rows.len() x vocab_size`
+    /// long. Every value is written over, so a buffer kept from an earlier step saves zeroing a
+    /// fresh one (only what it grows by is zeroed first).
+    pub fn forward_into(&self, batch: &ForwardBatch, cache: &mut KvCache, logits: &mut Vec<f32>) {
         let cfg = &self.config;
         let n = batch.num_tokens();
         let h = cfg.hidden_size;
@@ -344,8 +353,7 @@ impl LlamaModel {
         let mut last_normed = vec![0f32; m * h];
         k::rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut last_normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0f32; m * cfg.vocab_size];
-        k::matmul_with(p, &last_normed, m, head, &mut logits, &mut xq);
-        logits
+        logits.resize(m * cfg.vocab_size, 0.0);
+        k::matmul_with(p, &last_normed, m, head, logits, &mut xq);
     }
 }
