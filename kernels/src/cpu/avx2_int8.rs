@@ -202,19 +202,34 @@ pub(crate) trait ByteDots {
     /// same). Each vector's 32-bit lanes then belong to one token and half, so no horizontal
     /// adds are needed.
     ///
+    /// Where [`ByteDots::OFFSET_SIGNED`], Q8_0's `wk` instead holds the weights plus 128 as
+    /// unsigned bytes (`wa` is not read) and `init` the activations' half-block sums times
+    /// -128 (`QuantizedRows::n8`), which the sums start from: `Σ (w + 128) x - 128 Σ x` is
+    /// `Σ w x`, the same integers. Otherwise `init` is zero.
+    ///
     /// # Safety
     /// As [`ByteDots::quad_sums`].
     unsafe fn interleaved_sums<B: IntBlock>(
         wk: &[__m256i; 4],
         wa: &[__m256i; 4],
         x: [__m256i; 4],
+        init: __m256i,
     ) -> __m256i;
+
+    /// Whether [`ByteDots::interleaved_sums`] takes Q8_0's weights offset by 128 rather than
+    /// their absolute values and signs: one exclusive-or per weight block instead of a sign
+    /// operation per weight vector and group of tokens. Only where byte products are summed
+    /// straight into 32 bits (`vpdpbusd`): `vpmaddubsw` would saturate pairs of
+    /// `255 * 127` in 16 bits.
+    const OFFSET_SIGNED: bool;
 }
 
 /// The AVX2 byte products: `vpmaddubsw`, then `vpmaddwd` by ones (see the module docs).
 pub(crate) struct Madd;
 
 impl ByteDots for Madd {
+    const OFFSET_SIGNED: bool = false;
+
     /// The nibble formats add in 16 bits as far as they can: two `vphaddw` rounds (sums of 8
     /// elements, at most 15240) stay below `2^15`, and one `vpmaddwd` by ones finishes in 32
     /// bits. Q8_0 goes to 32 bits first and adds with `vphaddd`. Both are exact.
@@ -244,12 +259,13 @@ impl ByteDots for Madd {
         }
     }
 
-    /// Four `vpmaddubsw` and a `vpmaddwd` for the nibble formats.
+    /// Four `vpmaddubsw` and a `vpmaddwd` for the nibble formats. (`init` is zero here.)
     #[inline(always)]
     unsafe fn interleaved_sums<B: IntBlock>(
         wk: &[__m256i; 4],
         wa: &[__m256i; 4],
         x: [__m256i; 4],
+        _init: __m256i,
     ) -> __m256i {
         // SAFETY: register operations of AVX2 (caller).
         unsafe {
@@ -299,8 +315,10 @@ macro_rules! int8_tile_kernels {
         /// one token costs in [`tile_row_quads`].
         ///
         /// Weight row `r` starts at `w + r * row_bytes`; group `g`'s interleaved quants are at
-        /// `xq4 + g * blocks * 128`, its scales at `xd4 + g * blocks * 4` and its block sums at
-        /// `xs8 + g * blocks * 8` (`QuantizedRows::d4` and `s8`).
+        /// `xq4 + g * blocks * 128`, its scales at `xd4 + g * blocks * 4`, its block sums at
+        /// `xs8 + g * blocks * 8` and its half-block sums times -128 at `xn8 + g * blocks * 8`
+        /// (`QuantizedRows::d4`, `s8` and `n8`; the last read for Q8_0 by a set with
+        /// [`ByteDots::OFFSET_SIGNED`] only).
         ///
         /// # Safety
         /// - The processor has the kernel set's features (AVX2, FMA and F16C, and for the VNNI
@@ -308,17 +326,22 @@ macro_rules! int8_tile_kernels {
         /// - For every `r < R`, `w + r * row_bytes` is valid for reads of `blocks * B::BYTES`
         ///   bytes; for every `g < G`, `xq4 + g * blocks * 128` for reads of `blocks * 128` bytes
         ///   of activations in `-127..=127`, `xd4 + g * blocks * 4` for reads of `blocks * 4`
-        ///   floats and `xs8 + g * blocks * 8` of `blocks * 8`.
+        ///   floats, `xs8 + g * blocks * 8` of `blocks * 8` and `xn8 + g * blocks * 8` of
+        ///   `blocks * 8` integers.
         #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
         pub(crate) unsafe fn tile_token_quads<B: IntBlock, const R: usize, const G: usize>(
             w: *const u8,
             row_bytes: usize,
             xq4: *const i8,
             xd4: *const f32,
             xs8: *const f32,
+            xn8: *const i32,
             blocks: usize,
             out: &mut [[[f32; 4]; G]; R],
         ) {
+            // Q8_0's weights offset by 128 instead of taken apart into signs and magnitudes.
+            let offset = B::SIGNED && <$dots as ByteDots>::OFFSET_SIGNED;
             let mut acc = [[_mm256_setzero_ps(); G]; R];
             for b in 0..blocks {
                 // SAFETY: a prefetch (see the function).
@@ -330,6 +353,12 @@ macro_rules! int8_tile_kernels {
                         let p = w.add(r * row_bytes + b * B::BYTES);
                         (p, B::quants(p), f16_broadcast(p))
                     };
+                    // Flipping a signed byte's top bit adds 128 to it, as an unsigned byte.
+                    let wq = if offset {
+                        _mm256_xor_si256(wq, _mm256_set1_epi8(i8::MIN))
+                    } else {
+                        wq
+                    };
                     // Vector `k`: the block's elements `4k..4k + 4` in every lane of the low half,
                     // `16 + 4k..` in the high half, as the activations are interleaved.
                     let wk = [
@@ -339,7 +368,7 @@ macro_rules! int8_tile_kernels {
                         _mm256_shuffle_epi32::<0xff>(wq),
                     ];
                     let mut wa = wk;
-                    if B::SIGNED {
+                    if B::SIGNED && !offset {
                         for v in &mut wa {
                             *v = _mm256_sign_epi8(*v, *v);
                         }
@@ -374,10 +403,20 @@ macro_rules! int8_tile_kernels {
                                 _mm256_loadu_ps(xs8.add(at * 8)),
                             )
                         };
+                        let init = if offset {
+                            // SAFETY: group `g`'s eight sums of block `b` are readable
+                            // (caller).
+                            unsafe { _mm256_loadu_si256(xn8.add(at * 8) as *const __m256i) }
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         let sums =
                             // SAFETY: the set's features are enabled on this function; the
-                            // activations are in range (caller).
-                            unsafe { <$dots as ByteDots>::interleaved_sums::<B>(&wk, &wa, x) };
+                            // activations are in range (caller); the weights are offset and
+                            // `init` holds the sums exactly when the set takes them so.
+                            unsafe {
+                                <$dots as ByteDots>::interleaved_sums::<B>(&wk, &wa, x, init)
+                            };
                         let mut a = _mm256_fmadd_ps(
                             _mm256_cvtepi32_ps(sums),
                             _mm256_mul_ps(dw, dx),

@@ -168,6 +168,7 @@ trait TileSet {
         xq4: *const i8,
         xd4: *const f32,
         xs8: *const f32,
+        xn8: *const i32,
         blocks: usize,
         out: &mut [[[f32; 4]; G]; R],
     );
@@ -200,11 +201,14 @@ macro_rules! tile_set {
                 xq4: *const i8,
                 xd4: *const f32,
                 xs8: *const f32,
+                xn8: *const i32,
                 blocks: usize,
                 out: &mut [[[f32; 4]; G]; R],
             ) {
                 // SAFETY: forwarded (the trait's contract).
-                unsafe { $m::tile_token_quads::<B, R, G>(w, row_bytes, xq4, xd4, xs8, blocks, out) }
+                unsafe {
+                    $m::tile_token_quads::<B, R, G>(w, row_bytes, xq4, xd4, xs8, xn8, blocks, out)
+                }
             }
 
             #[inline(always)]
@@ -287,10 +291,11 @@ unsafe fn chunk_of<B: isa::IntBlock, K: TileSet>(
             _ => 1,
         };
         let g0 = t0 / 4;
-        let (xq4, xd4, xs8) = (
+        let (xq4, xd4, xs8, xn8) = (
             x.q4[g0 * blocks * 128..].as_ptr(),
             x.d4[g0 * blocks * 4..].as_ptr(),
             x.s8[g0 * blocks * 8..].as_ptr(),
+            x.n8[g0 * blocks * 8..].as_ptr(),
         );
         // The outputs of a strip of up to `STRIP` rows, per token, written to `y` a token's
         // run of rows at a time: one row's 16 outputs go to 16 different lines of `y`, and
@@ -318,7 +323,16 @@ unsafe fn chunk_of<B: isa::IntBlock, K: TileSet>(
                         // SAFETY: rows `r..r + $R <= s1 <= r1` and groups `g0..g0 + $G <= n / 4`
                         // (see above); the features are our contract's.
                         unsafe {
-                            K::token_quads::<B, $R, $G>(row(r), rb, xq4, xd4, xs8, blocks, &mut out)
+                            K::token_quads::<B, $R, $G>(
+                                row(r),
+                                rb,
+                                xq4,
+                                xd4,
+                                xs8,
+                                xn8,
+                                blocks,
+                                &mut out,
+                            )
                         };
                         for (i, out) in out.iter().enumerate() {
                             for (j, &v) in out.iter().flatten().enumerate() {

@@ -39,6 +39,12 @@ pub struct QuantizedRows {
     /// vectors of 32; vector `k` holds elements `4k..4k + 4` of the four rows in its first 16
     /// bytes and elements `16 + 4k..16 + 4k + 4` in its last 16.
     pub(crate) q4: Vec<i8>,
+    /// The quants' sums over each half of a block times -128, by whole groups of four rows in
+    /// the lanes of the integer sums of `q4` (a row's first half, elements `0..16`, in lane
+    /// `i` for row `4g + i`, its second half in lane `4 + i`): block `b` of rows `4g..4g + 4`
+    /// at `n8[(g * blocks_per_row + b) * 8..][..8]`. The VNNI kernels start Q8_0's sums from
+    /// them, having offset the signed weights by 128 (`avx2_int8::ByteDots::OFFSET_SIGNED`).
+    pub(crate) n8: Vec<i32>,
 }
 
 impl QuantizedRows {
@@ -70,6 +76,8 @@ impl QuantizedRows {
         self.s8.resize(groups * per_row * 8, 0.0);
         self.q4.clear();
         self.q4.resize(groups * per_row * 128, 0);
+        self.n8.clear();
+        self.n8.resize(groups * per_row * 8, 0);
         if cols == 0 || rows == 0 {
             return;
         }
@@ -85,7 +93,8 @@ impl QuantizedRows {
             .q4
             .chunks_mut(per_row * 128)
             .zip(self.d4.chunks_mut(per_row * 4))
-            .zip(self.s8.chunks_mut(per_row * 8));
+            .zip(self.s8.chunks_mut(per_row * 8))
+            .zip(self.n8.chunks_mut(per_row * 8));
         for (i, x) in x[..rows * cols].chunks(4 * cols).enumerate() {
             let (Some(q), Some(d), Some(s)) = (q.next(), d.next(), s.next()) else {
                 unreachable!("the buffers hold `rows` rows")
@@ -93,7 +102,7 @@ impl QuantizedRows {
             let interleaved = (i < groups)
                 .then(|| inter.next())
                 .flatten()
-                .map(|((q4, d4), s8)| (q4, d4, s8));
+                .map(|(((q4, d4), s8), n8)| Interleaved { q4, d4, s8, n8 });
             items.push(parking_lot::Mutex::new(Group {
                 x,
                 q,
@@ -142,14 +151,21 @@ impl QuantizedRows {
 const PAR_ROWS: usize = 16;
 
 /// The part of a [`QuantizedRows`] that one group of (at most) four rows fills: their floats,
-/// their quants, scales and sums, and for a whole group its interleaved copies (`q4`, `d4`,
-/// `s8`; see the struct's fields).
+/// their quants, scales and sums, and for a whole group its interleaved copies.
 struct Group<'a> {
     x: &'a [f32],
     q: &'a mut [i8],
     d: &'a mut [f32],
     s: &'a mut [f32],
-    interleaved: Option<(&'a mut [i8], &'a mut [f32], &'a mut [f32])>,
+    interleaved: Option<Interleaved<'a>>,
+}
+
+/// A whole group's parts of the interleaved copies (see [`QuantizedRows`]'s fields).
+struct Interleaved<'a> {
+    q4: &'a mut [i8],
+    d4: &'a mut [f32],
+    s8: &'a mut [f32],
+    n8: &'a mut [i32],
 }
 
 impl Group<'_> {
@@ -182,7 +198,7 @@ impl Group<'_> {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
-        let Some((q4, d4, s8)) = &mut self.interleaved else {
+        let Some(Interleaved { q4, d4, s8, n8 }) = &mut self.interleaved else {
             return;
         };
         for i in 0..4 {
@@ -191,6 +207,9 @@ impl Group<'_> {
                 d4[b * 4 + i] = self.d[at];
                 s8[b * 8 + i] = self.s[at];
                 let src = &self.q[at * 32..at * 32 + 32];
+                for (half, qs) in src.chunks_exact(16).enumerate() {
+                    n8[b * 8 + half * 4 + i] = -128 * qs.iter().map(|&q| q as i32).sum::<i32>();
+                }
                 let dst = &mut q4[b * 128..][..128];
                 for (c, four) in src.chunks_exact(4).enumerate() {
                     let (k, half) = (c % 4, c / 4);
