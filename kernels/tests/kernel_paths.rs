@@ -595,11 +595,13 @@ impl Case {
 ///
 /// The tile kernel (head_dim a multiple of 8; a tile's rows times its group of query heads, in
 /// passes of 6): groups 1, 4, 8, 12 and 16. Its 512-bit loops (AVX-512 path, head_dim a
-/// multiple of 16): V sums of 64 dimensions (64, 128) and of 16 (32), score passes of four
-/// whole runs of 16 positions and masked ones (blocks of 8 and 5 positions). Its AVX2 loops
-/// only: head_dim 24 and 40 (3 and 5 vectors) and 136 (64 + 64 + 8 dimensions of the V sum).
-/// head_dim 12 runs the scalar partition code on every path (with the path's `axpy`).
-const ATTENTION_SHAPES: [(usize, usize, usize, usize); 11] = [
+/// multiple of 16): V sums of 64 dimensions (64, 128) and of 16 (32); score passes of four
+/// whole runs of 16 positions (blocks of 16), of runs cut into a whole 16 and a masked rest
+/// (blocks of 24 and 32, whose whole chunks also start inside a block) and of masked runs only
+/// (blocks of 8 and 5). Its AVX2 loops only: head_dim 24 and 40 (3 and 5 vectors) and 136
+/// (64 + 64 + 8 dimensions of the V sum). head_dim 12 runs the scalar partition code on every
+/// path (with the path's `axpy`).
+const ATTENTION_SHAPES: [(usize, usize, usize, usize); 14] = [
     (4, 4, 64, 16),
     (8, 2, 64, 16),
     (8, 1, 32, 16),
@@ -611,6 +613,9 @@ const ATTENTION_SHAPES: [(usize, usize, usize, usize); 11] = [
     (6, 3, 40, 16),
     (2, 1, 136, 16),
     (4, 2, 12, 4),
+    (8, 2, 64, 32),
+    (8, 2, 64, 24),
+    (12, 1, 32, 5),
 ];
 
 fn attention_shape(
@@ -643,8 +648,11 @@ fn paged_attention_every_path_matches_f64_including_gqa_groups_above_8() {
         // tiles where head_dim is a multiple of 8; the AVX-512 path's loops need 16).
         let on = |p: KernelPath| all.iter().find(|(q, _)| *q == p).map(|(_, y)| y);
         if let (Some(avx512), Some(avx2)) = (on(KernelPath::Avx512), on(KernelPath::Avx2)) {
-            if head_dim % 8 == 0 {
-                assert!(avx512 == avx2, "{shape:?}: AVX-512 tiles vs AVX2 tiles");
+            if head_dim.is_multiple_of(8) {
+                assert!(
+                    same_bits(avx512, avx2),
+                    "{shape:?}: AVX-512 tiles vs AVX2 tiles"
+                );
             }
         }
         // q, k, v in [-1, 1): a score sums head_dim products of magnitude <= 1 and is scaled
@@ -712,7 +720,18 @@ fn attention_on_rounded_values<E: KvElem>(name: &str, seed: u64) {
             v: vc.iter().map(|x| x.to_f32()).collect(),
             ..case
         };
-        for (path, y) in every_path(|| rounded.run_on(&kc, &vc)) {
+        let all = every_path(|| rounded.run_on(&kc, &vc));
+        // The 512-bit tile loops read the cache as the AVX2 ones do, bit for bit.
+        let on = |p: KernelPath| all.iter().find(|(q, _)| *q == p).map(|(_, y)| y);
+        if let (Some(avx512), Some(avx2)) = (on(KernelPath::Avx512), on(KernelPath::Avx2)) {
+            if shape.head_dim.is_multiple_of(8) {
+                assert!(
+                    same_bits(avx512, avx2),
+                    "{shape:?}: {name} cache, AVX-512 vs AVX2"
+                );
+            }
+        }
+        for (path, y) in all {
             let want = with_kernel_path(path, || rounded.run());
             assert_eq!(
                 y, want,
@@ -730,6 +749,12 @@ fn attention_on_rounded_values<E: KvElem>(name: &str, seed: u64) {
             }
         }
     }
+}
+
+/// Whether two outputs hold the same bits (so `-0.0` differs from `0.0`, and a NaN equals
+/// itself).
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 /// FNV-1a over the bits of some floats.

@@ -196,7 +196,7 @@ pub fn paged_attention<E: KvElem>(
 /// `out` is left as it was.
 ///
 /// The checks, made once per call in `O(seqs + block-table entries + rows)`, are what the inner
-/// loops (AVX-512 ones included, which index without bounds checks) rely on:
+/// loops (the SIMD tile loops, AVX2 and AVX-512, which index without bounds checks) rely on:
 /// - every dimension of `shape` is non-zero and `num_heads % num_kv_heads == 0`;
 /// - `out.len()` is a whole number of rows of `num_heads * head_dim` floats and
 ///   `q.len() == out.len()`;
@@ -589,7 +589,7 @@ const KEEP_PARTIALS: usize = 16 << 20;
 thread_local! {
     /// The partition records of the last call on this thread, kept for the next one.
     static PARTIALS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
-    /// The scores buffer of the last AVX2 tile on this thread (at most `TILE_ROWS * group *
+    /// The scores buffer of the last SIMD tile on this thread (at most `TILE_ROWS * group *
     /// PARTITION` floats), kept for the next one.
     static TILE_SCORES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
@@ -628,8 +628,9 @@ impl WorkItem {
     }
 }
 
-/// The query rows of a tile, for the AVX2 tile kernel: the tile's [`Item`] has `q` from the
-/// first row's first query head of the group on, and `p1` the largest end.
+/// The query rows of a tile, for the SIMD tile kernel (`avx2_attention::attend_tile`): the
+/// tile's [`Item`] has `q` from the first row's first query head of the group on, and `p1` the
+/// largest end.
 ///
 /// Invariants: `1 <= rows <= TILE_ROWS`; `p0 < ends[r] <= p1` for `r < rows`; and
 /// `q.len() >= (rows - 1) * q_stride + group * head_dim`.

@@ -38,7 +38,9 @@ use super::avx2::prefetch_tile_step;
 pub(crate) trait IntBlock {
     /// Bytes of one encoded block.
     const BYTES: usize;
-    /// Whether the quants are signed bytes (the sign trick is needed) rather than nibbles.
+    /// Whether the quants are signed bytes rather than nibbles: `vpmaddubsw` and `vpdpbusd`
+    /// take unsigned bytes on one side, so the kernels use the sign trick, or offset the
+    /// weights by 128 (see [`ByteDots::OFFSET_SIGNED`]).
     const SIGNED: bool;
     /// Whether the format has block offsets (`value = d * q + offset`, see
     /// `matrix::block_offset`).

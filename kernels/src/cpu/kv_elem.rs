@@ -413,15 +413,56 @@ mod tests {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
             return;
         }
+        // Every byte but the two NaNs (which the vector loads read as 480, see `F8E4M3`), over
+        // `LOAD_SCALE`; the partial loads take the first 5 (AVX2) or 11 (AVX-512) of a chunk.
+        let value = |b: F8E4M3| {
+            if b.0 & 0x7f == 0x7f {
+                f32::NAN
+            } else {
+                b.to_f32() / F8E4M3::LOAD_SCALE
+            }
+        };
+        let same = |got: f32, want: f32| want.is_nan() || got.to_bits() == want.to_bits();
+        let wide = super::super::has_avx512_bw_vl();
         let bytes: Vec<F8E4M3> = (0..=255u8).map(F8E4M3).collect();
-        for chunk in bytes.chunks(8) {
-            let mut got = [0f32; 8];
+        for chunk in bytes.chunks(16) {
+            let mut got = [0f32; 16];
             let mut part = [0f32; 8];
-            // SAFETY: AVX2 and F16C were detected; `chunk` holds 8 elements, `got` and
-            // `part` 8 floats.
+            // SAFETY: AVX2 and F16C were detected; `chunk` holds 16 elements, `got` 16 floats
+            // and `part` 8.
             unsafe {
-                _mm256_storeu_ps(got.as_mut_ptr(), F8E4M3::load8(chunk.as_ptr()));
+                let [lo, hi] = F8E4M3::load16(chunk.as_ptr());
+                _mm256_storeu_ps(got.as_mut_ptr(), lo);
+                _mm256_storeu_ps(got.as_mut_ptr().add(8), hi);
                 _mm256_storeu_ps(part.as_mut_ptr(), F8E4M3::load_partial(chunk.as_ptr(), 5));
+            }
+            for (i, &b) in chunk.iter().enumerate() {
+                assert!(same(got[i], value(b)), "byte {:#04x}: {}", b.0, got[i]);
+                let want_part = if i < 5 { value(b) } else { 0.0 };
+                if i < 8 {
+                    assert!(same(part[i], want_part), "partial, byte {:#04x}", b.0);
+                }
+            }
+            if wide {
+                let (mut whole, mut masked) = ([0f32; 16], [0f32; 16]);
+                // SAFETY: AVX-512F, BW and VL (with AVX2 and F16C) were detected; `chunk`
+                // holds 16 elements, `whole` and `masked` 16 floats.
+                unsafe {
+                    _mm512_storeu_ps(whole.as_mut_ptr(), F8E4M3::load16_512(chunk.as_ptr()));
+                    _mm512_storeu_ps(
+                        masked.as_mut_ptr(),
+                        F8E4M3::load_partial_512(chunk.as_ptr(), 11),
+                    );
+                }
+                for i in 0..16 {
+                    assert_eq!(
+                        whole[i].to_bits(),
+                        got[i].to_bits(),
+                        "512-bit load, lane {i}"
+                    );
+                    let want = if i < 11 { got[i].to_bits() } else { 0 };
+                    assert_eq!(masked[i].to_bits(), want, "512-bit partial load, lane {i}");
+                }
             }
         }
     }

@@ -1,7 +1,9 @@
 //! CPU kernels in three sets, chosen at run time: AVX-512 (`simd`), AVX2 + FMA (`avx2`), and
 //! portable scalar code everywhere else. The fast precision's integer kernels on the AVX-512
 //! path use AVX-512 VNNI where the processor has it (`vnni_int8`, the same bits as their AVX2
-//! form `avx2_int8`). Threads come from the spinning kernel pool (`pool`).
+//! form `avx2_int8`), and attention's tiles use 512-bit loops where it has AVX-512BW and VL
+//! (`avx512_attention`, the same bits as their AVX2 form `avx2_attention`). Threads come from
+//! the spinning kernel pool (`pool`).
 //!
 //! # Choosing the code path
 //!
@@ -27,9 +29,10 @@
 //!
 //! # Unsafe code
 //!
-//! The SIMD kernels (`simd`, `avx2`) are `unsafe fn`s: they need the processor features, and
-//! they index with raw pointers. The features are proven by an `Avx512` or `Avx2` token, which
-//! only `Avx512::detect` / `Avx2::detect` create; the indices are proven by checks that each
+//! The SIMD kernels (`simd`, `avx2` and the modules above) are `unsafe fn`s: they need the
+//! processor features, and they index with raw pointers. The features are proven by a token
+//! (`Avx512`, `Avx2`, `Vnni`, `Zmm`), which only its `detect` creates after checking them; the
+//! indices are proven by checks that each
 //! public kernel makes once per call, before any work item starts (see each kernel's `# Panics`
 //! or error type).
 
@@ -112,17 +115,11 @@ pub fn has_avx512_vnni() -> bool {
 /// Whether the processor has what the AVX-512 attention tiles use: the AVX-512 kernels'
 /// features ([`has_avx512`]) and AVX-512BW and AVX-512VL (every AVX-512 processor since
 /// Skylake-SP and Zen 4), for their masked 8- and 16-bit loads.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn has_avx512_bw_vl() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_avx512()
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    has_avx512()
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
 }
 
 /// Whether the processor has every feature the AVX2 kernels use: AVX2, FMA and F16C.

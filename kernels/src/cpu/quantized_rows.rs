@@ -12,8 +12,9 @@
 //! - `q.len() == rows * cols`, `d.len() == s.len() == rows * cols / 32`, `cols % 32 == 0`, and
 //!   every `q` lies in `-127..=127` (never -128, so the sign trick of the AVX2 kernel cannot
 //!   overflow). The copies by whole groups of four rows hold `q4.len() == rows / 4 * cols * 4`,
-//!   `d4.len() == rows / 4 * (cols / 32) * 4` and `s8.len() == rows / 4 * (cols / 32) * 8`
-//!   (the last `rows % 4` rows have none: the kernel that reads them takes whole groups only).
+//!   `d4.len() == rows / 4 * (cols / 32) * 4` and `s8.len() == n8.len() == rows / 4 *
+//!   (cols / 32) * 8` (the last `rows % 4` rows have none: the kernels that read them take
+//!   whole groups only).
 //!   The fields are private to the crate, so every value satisfies this.
 
 /// `rows` activation rows of `cols` columns, each block of 32 quantised to signed bytes.

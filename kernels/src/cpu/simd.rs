@@ -21,14 +21,7 @@ pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// Mask enabling the first `min(lanes, 16)` lanes of a vector of 16 floats.
-    #[inline(always)]
-    fn tail_mask(lanes: usize) -> __mmask16 {
-        if lanes >= 16 {
-            0xffff
-        } else {
-            ((1u32 << lanes) - 1) as __mmask16
-        }
-    }
+    use super::super::kv_elem::mask16 as tail_mask;
 
     /// Decoding of one 32-element block into two registers of 16 floats.
     pub(crate) trait Block {

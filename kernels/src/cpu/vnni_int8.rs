@@ -6,8 +6,9 @@
 //! # Invariants
 //!
 //! - The same outputs, bit for bit, as the AVX2 kernels and the portable code: the integer
-//!   sums are exact in any order (a lane adds at most 16 products of at most `128 * 127` in
-//!   magnitude), and everything after them (scales, offsets, the two float accumulators per
+//!   sums are exact in any order (a lane adds at most 16 products of at most `255 * 127` in
+//!   magnitude, Q8_0's weights offset by 128, to a start of at most `16 * 128 * 127`: far
+//!   inside 32 bits), and everything after them (scales, offsets, the two float accumulators per
 //!   output) is the AVX2 kernels' code, instantiated by `avx2_int8::int8_tile_kernels`. Batch
 //!   invariance carries over: which path runs depends on the processor and the kernel path,
 //!   never on the batch.
