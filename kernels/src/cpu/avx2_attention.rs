@@ -418,11 +418,57 @@ unsafe fn v_sum<E: KvElem>(
     range: std::ops::Range<usize>,
     part: *mut f32,
 ) {
+    let n = it.p1 - it.p0;
+    for_each_v_pass(it, vectors, range, 16, 8, |at, h, wide| {
+        // SAFETY: (every arm) the features and `it` are the caller's; the pass is one that
+        // `for_each_v_pass` yields: `at.v0 + h <= vectors.end`, `at.d0 + 16 <= hd` when
+        // `wide` (two vectors) and `at.d0 + 8 <= hd` otherwise (`hd % 8 == 0`, one vector),
+        // and the run's slots are `at.len` consecutive slots of one block in range, at
+        // positions `at.j ..+ at.len <= n` of the scores.
+        unsafe { v_run_for!(h, wide, 2, v_run(it, sc, n, at, part)) }
+    });
+}
+
+/// `$run::<E, H, C>(args)` for a V-sum pass of `$h` vectors (`1..=SHARE`; more run as
+/// [`SHARE`]): `C` is `$wide` vectors of dimensions when `$is_wide`, else 1. The monomorphised
+/// loops of both widths are chosen by this one table.
+macro_rules! v_run_for {
+    ($h:expr, $is_wide:expr, $wide:literal, $run:ident($($arg:expr),*)) => {
+        match ($h, $is_wide) {
+            (1, true) => $run::<E, 1, $wide>($($arg),*),
+            (2, true) => $run::<E, 2, $wide>($($arg),*),
+            (3, true) => $run::<E, 3, $wide>($($arg),*),
+            (4, true) => $run::<E, 4, $wide>($($arg),*),
+            (5, true) => $run::<E, 5, $wide>($($arg),*),
+            (_, true) => $run::<E, 6, $wide>($($arg),*),
+            (1, false) => $run::<E, 1, 1>($($arg),*),
+            (2, false) => $run::<E, 2, 1>($($arg),*),
+            (3, false) => $run::<E, 3, 1>($($arg),*),
+            (4, false) => $run::<E, 4, 1>($($arg),*),
+            (5, false) => $run::<E, 5, 1>($($arg),*),
+            (_, false) => $run::<E, 6, 1>($($arg),*),
+        }
+    };
+}
+pub(crate) use v_run_for;
+
+/// The passes of a V sum over the positions `range` (inside `p0..p1`), in the order that keeps
+/// each output one chain over the positions: for each run of positions inside one block, each
+/// group of up to [`SHARE`] of `vectors`, and each span of dimensions (`wide` while that many
+/// remain, else `narrow`), `f(run, vectors in the group, whether the span is wide)`. `Run::j`
+/// is the run's offset in the item's scores.
+#[inline(always)]
+pub(crate) fn for_each_v_pass<E: KvElem>(
+    it: &Item<'_, E>,
+    vectors: std::ops::Range<usize>,
+    range: std::ops::Range<usize>,
+    wide: usize,
+    narrow: usize,
+    mut f: impl FnMut(&Run, usize, bool),
+) {
     if range.is_empty() {
         return;
     }
-    let n = it.p1 - it.p0;
-    let hd = it.head_dim;
     let sub = Item {
         p0: range.start,
         p1: range.end,
@@ -435,8 +481,8 @@ unsafe fn v_sum<E: KvElem>(
         while v0 < vectors.end {
             let h = (vectors.end - v0).min(SHARE);
             let mut d0 = 0;
-            while d0 < hd {
-                let wide = hd - d0 >= 16;
+            while d0 < it.head_dim {
+                let is_wide = it.head_dim - d0 >= wide;
                 let at = Run {
                     j: skip + j0,
                     slot: block * it.block_size + off,
@@ -444,28 +490,8 @@ unsafe fn v_sum<E: KvElem>(
                     v0,
                     d0,
                 };
-                // SAFETY: (every arm) the features and `it` are the caller's; `v0 + h <=
-                // vectors.end`; `d0 + 16 <= hd` for two vectors and `d0 + 8 <= hd` for one
-                // (`hd % 8 == 0`); the run's slots are `len` consecutive slots of one block in
-                // range (`for_each_run` on `sub`, which satisfies the `Item` invariants as a
-                // sub-range of `it`), at positions `skip + j0 ..+ len <= n` of the scores.
-                unsafe {
-                    match (h, wide) {
-                        (1, true) => v_run::<E, 1, 2>(it, sc, n, &at, part),
-                        (2, true) => v_run::<E, 2, 2>(it, sc, n, &at, part),
-                        (3, true) => v_run::<E, 3, 2>(it, sc, n, &at, part),
-                        (4, true) => v_run::<E, 4, 2>(it, sc, n, &at, part),
-                        (5, true) => v_run::<E, 5, 2>(it, sc, n, &at, part),
-                        (_, true) => v_run::<E, 6, 2>(it, sc, n, &at, part),
-                        (1, false) => v_run::<E, 1, 1>(it, sc, n, &at, part),
-                        (2, false) => v_run::<E, 2, 1>(it, sc, n, &at, part),
-                        (3, false) => v_run::<E, 3, 1>(it, sc, n, &at, part),
-                        (4, false) => v_run::<E, 4, 1>(it, sc, n, &at, part),
-                        (5, false) => v_run::<E, 5, 1>(it, sc, n, &at, part),
-                        (_, false) => v_run::<E, 6, 1>(it, sc, n, &at, part),
-                    }
-                }
-                d0 += if wide { 16 } else { 8 };
+                f(&at, h, is_wide);
+                d0 += if is_wide { wide } else { narrow };
             }
             v0 += h;
         }

@@ -25,7 +25,7 @@ use std::arch::x86_64::*;
 
 use super::attention::{for_each_run, k_index, Item, TileRows};
 use super::avx2::prefetch_span;
-use super::avx2_attention::{block_at, k_block, Run, TileLoops, SHARE};
+use super::avx2_attention::{block_at, for_each_v_pass, k_block, v_run_for, Run, TileLoops, SHARE};
 use super::kv_elem::{mask16, KvElem};
 
 /// Proof that the running processor has AVX-512F, AVX-512BW and AVX-512VL besides AVX2, FMA
@@ -271,57 +271,14 @@ unsafe fn v_sum<E: KvElem>(
     range: std::ops::Range<usize>,
     part: *mut f32,
 ) {
-    if range.is_empty() {
-        return;
-    }
     let n = it.p1 - it.p0;
-    let hd = it.head_dim;
-    let sub = Item {
-        p0: range.start,
-        p1: range.end,
-        ..*it
-    };
-    // Offset of the sub-range's positions in the scores.
-    let skip = range.start - it.p0;
-    for_each_run(&sub, |j0, block, off, len| {
-        let mut v0 = vectors.start;
-        while v0 < vectors.end {
-            let h = (vectors.end - v0).min(SHARE);
-            let mut d0 = 0;
-            while d0 < hd {
-                let wide = hd - d0 >= 64;
-                let at = Run {
-                    j: skip + j0,
-                    slot: block * it.block_size + off,
-                    len,
-                    v0,
-                    d0,
-                };
-                // SAFETY: (every arm) the features and `it` are the caller's; `v0 + h <=
-                // vectors.end`; `d0 + 64 <= hd` for four vectors and `d0 + 16 <= hd` for one
-                // (`hd % 16 == 0`); the run's slots are `len` consecutive slots of one block in
-                // range (`for_each_run` on `sub`, which satisfies the `Item` invariants as a
-                // sub-range of `it`), at positions `skip + j0 ..+ len <= n` of the scores.
-                unsafe {
-                    match (h, wide) {
-                        (1, true) => v_run::<E, 1, 4>(it, sc, n, &at, part),
-                        (2, true) => v_run::<E, 2, 4>(it, sc, n, &at, part),
-                        (3, true) => v_run::<E, 3, 4>(it, sc, n, &at, part),
-                        (4, true) => v_run::<E, 4, 4>(it, sc, n, &at, part),
-                        (5, true) => v_run::<E, 5, 4>(it, sc, n, &at, part),
-                        (_, true) => v_run::<E, 6, 4>(it, sc, n, &at, part),
-                        (1, false) => v_run::<E, 1, 1>(it, sc, n, &at, part),
-                        (2, false) => v_run::<E, 2, 1>(it, sc, n, &at, part),
-                        (3, false) => v_run::<E, 3, 1>(it, sc, n, &at, part),
-                        (4, false) => v_run::<E, 4, 1>(it, sc, n, &at, part),
-                        (5, false) => v_run::<E, 5, 1>(it, sc, n, &at, part),
-                        (_, false) => v_run::<E, 6, 1>(it, sc, n, &at, part),
-                    }
-                }
-                d0 += if wide { 64 } else { 16 };
-            }
-            v0 += h;
-        }
+    for_each_v_pass(it, vectors, range, 64, 16, |at, h, wide| {
+        // SAFETY: (every arm) the features and `it` are the caller's; the pass is one that
+        // `for_each_v_pass` yields: `at.v0 + h <= vectors.end`, `at.d0 + 64 <= hd` when
+        // `wide` (four vectors) and `at.d0 + 16 <= hd` otherwise (`hd % 16 == 0`, one
+        // vector), and the run's slots are `at.len` consecutive slots of one block in range,
+        // at positions `at.j ..+ at.len <= n` of the scores.
+        unsafe { v_run_for!(h, wide, 4, v_run(it, sc, n, at, part)) }
     });
 }
 
