@@ -8,6 +8,8 @@
 #   RATES=0.02,0.05 DURATION=120 bash bench/peer_chat.sh
 #   PRECISION=fast bash bench/peer_chat.sh          # convoy in its fast precision
 #   KV_CACHE_DTYPE=f16 bash bench/peer_chat.sh      # convoy with an f16 KV cache
+#   CONCURRENCY=16 bash bench/peer_chat.sh          # closed loop: 16 conversations alive at
+#                                                   # once, each ended one starting the next
 #
 # Needs: target/release/{convoy,convoy-bench} (cargo build --release) and llama-server
 # (bench/build_llama_cpp.sh builds it from the llama-cpp-python sdist).
@@ -38,14 +40,21 @@ wait_http() {
   echo "server at $1 did not come up" >&2
   return 1
 }
+# Open loop at each of $rates, or closed loop at $CONCURRENCY conversations.
+if [ -n "${CONCURRENCY:-}" ]; then
+  load=(--arrival closed --concurrency "$CONCURRENCY")
+else
+  load=(--sweep "$rates")
+fi
 run_bench() { # name url
   ./target/release/convoy-bench run --target openai --url "$2" --workload "$workload" \
-    --sweep "$rates" --duration-s "$duration" --no-progress \
+    "${load[@]}" --duration-s "$duration" --no-progress \
     --slo-ttft-ms "${SLO_TTFT_MS:-5000}" --slo-tpot-ms "${SLO_TPOT_MS:-200}" \
     --report "$out/$1.json" --plot-dir "$out/$1-plots"
 }
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //')
-echo "machine: $cpu, $(nproc) CPUs; model $model; $threads threads; $slots slots; rates $rates conv/s; $duration s each"
+if [ -n "${CONCURRENCY:-}" ]; then shape="closed loop at $CONCURRENCY conversations"; else shape="rates $rates conv/s"; fi
+echo "machine: $cpu, $(nproc) CPUs; model $model; $threads threads; $slots slots; $shape; $duration s each"
 
 port=$(free_port)
 ./target/release/convoy serve --model "$model" --threads "$threads" --max-running "$slots" \
