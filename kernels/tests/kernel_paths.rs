@@ -644,17 +644,7 @@ fn paged_attention_every_path_matches_f64_including_gqa_groups_above_8() {
         let all = every_path(|| case.run());
         let scalar = &all[0].1;
         let exact = case.reference();
-        // The tile kernel's 512-bit loops give the bits of its AVX2 loops (both paths run the
-        // tiles where head_dim is a multiple of 8; the AVX-512 path's loops need 16).
-        let on = |p: KernelPath| all.iter().find(|(q, _)| *q == p).map(|(_, y)| y);
-        if let (Some(avx512), Some(avx2)) = (on(KernelPath::Avx512), on(KernelPath::Avx2)) {
-            if head_dim.is_multiple_of(8) {
-                assert!(
-                    same_bits(avx512, avx2),
-                    "{shape:?}: AVX-512 tiles vs AVX2 tiles"
-                );
-            }
-        }
+        assert_tile_loops_agree(&all, shape, "f32 cache");
         // q, k, v in [-1, 1): a score sums head_dim products of magnitude <= 1 and is scaled
         // by 1/sqrt(head_dim), so each path's score is within
         // delta = (head_dim + 2) * EPSILON * sqrt(head_dim) of the exact one; the softmax
@@ -721,16 +711,7 @@ fn attention_on_rounded_values<E: KvElem>(name: &str, seed: u64) {
             ..case
         };
         let all = every_path(|| rounded.run_on(&kc, &vc));
-        // The 512-bit tile loops read the cache as the AVX2 ones do, bit for bit.
-        let on = |p: KernelPath| all.iter().find(|(q, _)| *q == p).map(|(_, y)| y);
-        if let (Some(avx512), Some(avx2)) = (on(KernelPath::Avx512), on(KernelPath::Avx2)) {
-            if shape.head_dim.is_multiple_of(8) {
-                assert!(
-                    same_bits(avx512, avx2),
-                    "{shape:?}: {name} cache, AVX-512 vs AVX2"
-                );
-            }
-        }
+        assert_tile_loops_agree(&all, shape, &format!("{name} cache"));
         for (path, y) in all {
             let want = with_kernel_path(path, || rounded.run());
             assert_eq!(
@@ -751,10 +732,22 @@ fn attention_on_rounded_values<E: KvElem>(name: &str, seed: u64) {
     }
 }
 
-/// Whether two outputs hold the same bits (so `-0.0` differs from `0.0`, and a NaN equals
-/// itself).
-fn same_bits(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+/// The tile kernel's 512-bit loops give the bits of its AVX2 loops: where this process runs
+/// both paths and the tiles take the shape (head_dim a multiple of 8 on both; the AVX-512
+/// path's loops need 16, else it runs the AVX2 ones too), their outputs in `all` (from
+/// [`every_path`]) are compared bit for bit (so `-0.0` differs from `0.0`).
+fn assert_tile_loops_agree(all: &[(KernelPath, Vec<f32>)], shape: AttentionShape, what: &str) {
+    let on = |p: KernelPath| all.iter().find(|(q, _)| *q == p).map(|(_, y)| y);
+    if let (Some(avx512), Some(avx2)) = (on(KernelPath::Avx512), on(KernelPath::Avx2)) {
+        if shape.head_dim.is_multiple_of(8) {
+            let same = avx512.len() == avx2.len()
+                && avx512
+                    .iter()
+                    .zip(avx2)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{shape:?}, {what}: AVX-512 tiles vs AVX2 tiles");
+        }
+    }
 }
 
 /// FNV-1a over the bits of some floats.
