@@ -59,7 +59,7 @@ thread_local! {
 /// every block starts with a wait on memory (`examples/attention_speed.rs 320 16 16 5 2 30
 /// f16` on a 2-core AMD EPYC, 16 decoding sequences through 30 layers' caches: 22-26 ms
 /// without, 18-19 ms with).
-pub(crate) const PREFETCH_BLOCKS: usize = 2;
+const PREFETCH_BLOCKS: usize = 2;
 
 /// The block that holds position `p`, if the item reads it (`p < p1`).
 #[inline(always)]
@@ -70,7 +70,7 @@ pub(crate) fn block_at<E: KvElem>(it: &Item<'_, E>, p: usize) -> Option<usize> {
 /// The block that holds the position [`PREFETCH_BLOCKS`] blocks after the run that starts at
 /// `p0 + j`, if the item reads it.
 #[inline(always)]
-pub(crate) fn block_ahead<E: KvElem>(it: &Item<'_, E>, j: usize) -> Option<usize> {
+fn block_ahead<E: KvElem>(it: &Item<'_, E>, j: usize) -> Option<usize> {
     block_at(it, it.p0 + j + PREFETCH_BLOCKS * it.block_size)
 }
 
