@@ -6,7 +6,7 @@
 #     pinned to CUDA 13.0 so the PTX also loads on a CUDA 13.0 driver) so every CUDA kernel is
 #     compiled in the tests;
 #     and the official `openai` and `prometheus-client` Python packages (the HTTP tests use them);
-#     and Debian's HAProxy (the fleet test, engine/tests/fleet_haproxy.rs), its config checked;
+#     and Debian's HAProxy (the fleet test, engine/server/tests/fleet_haproxy.rs), its config checked;
 #  4. every test of the workspace, optimised.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use convoy_engine::options::{parse_bytes, ModelArgs};
-use convoy_engine::plan::profile::{
-    fit_linear, KvMemory, ModelShape, Profile, ReplicaDefaults, TextCounts, PROFILE_FORMAT,
-};
 use convoy_engine::sim::{CostModel, StepShape};
 use convoy_engine::{ForwardBatch, LlamaModel};
+use convoy_planner::plan::profile::{
+    fit_linear, KvMemory, ModelShape, Profile, ReplicaDefaults, TextCounts, PROFILE_FORMAT,
+};
 
 /// Arguments of `convoy-bench calibrate`.
 #[derive(clap::Args)]
@@ -184,7 +184,7 @@ fn logged_steps(paths: &[PathBuf]) -> Result<Vec<Sample>> {
 /// a few long texts, and what the `[conversation.turn] ` tag of a user message adds (the
 /// workload's own format, `workload::conversation`). Nominal counts without a tokenizer.
 fn text_counts(codec: &convoy_engine::TextCodec) -> TextCounts {
-    use convoy_engine::workload::synthetic_text;
+    use convoy_planner::workload::synthetic_text;
     let count = |t: &str| codec.encode(t).map(|ids| ids.len());
     let mut words = 0usize;
     let mut tokens = 0usize;

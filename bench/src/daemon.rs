@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use convoy_engine::api::client::Client;
+use convoy_server::api::client::Client;
 
 /// A running daemon.
 pub struct Spawned {

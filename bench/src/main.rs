@@ -733,8 +733,8 @@ fn rss_kib(pid: u32) -> Result<u64> {
 }
 
 fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
-    use convoy_engine::api::client::Client;
-    use convoy_engine::api::protocol::ServerEvent;
+    use convoy_server::api::client::Client;
+    use convoy_server::api::protocol::ServerEvent;
     let mut c = Client::connect(socket)?;
     // Microseconds, 3 significant digits: the daemon's own latency histograms' precision.
     let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
@@ -751,7 +751,7 @@ fn median_ttft(socket: &Path, samples: usize) -> Result<f64> {
 }
 
 fn load(convoy: &Path, model: &Path, connections: usize, samples: usize) -> Result<()> {
-    convoy_engine::api::raise_fd_limit();
+    convoy_server::api::raise_fd_limit();
     let d = daemon::Spawned::start(
         convoy,
         model,

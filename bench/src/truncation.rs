@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use convoy_engine::api::client::Client;
-use convoy_engine::api::protocol::ServerEvent;
+use convoy_server::api::client::Client;
+use convoy_server::api::protocol::ServerEvent;
 use serde_json::{json, Value};
 
 use crate::daemon::Spawned;

@@ -153,7 +153,7 @@ fn spawned_run_reports_validate_and_repeat() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("decode-only steps"), "{}", text(&out));
-    let p = convoy_engine::plan::profile::Profile::load(&profile).unwrap();
+    let p = convoy_planner::plan::profile::Profile::load(&profile).unwrap();
     assert!(p.notes.contains("--from-steps"), "{}", p.notes);
     assert!(p.cost.fixed_s + p.cost.decode_token_s > 0.0, "{:?}", p.cost);
     let _ = std::fs::remove_dir_all(&dir);

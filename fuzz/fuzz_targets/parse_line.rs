@@ -2,7 +2,7 @@
 //! never a panic; and every error must serialise to a valid error line.
 #![no_main]
 
-use convoy_engine::api::protocol::{parse_line, ServerEvent};
+use convoy_server::api::protocol::{parse_line, ServerEvent};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

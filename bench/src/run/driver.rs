@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use convoy_engine::workload::{ArrivalProcess, Arrivals, Conversation, Workload};
+use convoy_planner::workload::{ArrivalProcess, Arrivals, Conversation, Workload};
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 

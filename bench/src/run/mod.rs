@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use convoy_engine::workload::{ArrivalProcess, ArrivalProcessKind, Workload, WorkloadSpec};
+use convoy_planner::workload::{ArrivalProcess, ArrivalProcessKind, Workload, WorkloadSpec};
 use parking_lot::Mutex;
 
 use driver::Phase;
@@ -396,7 +396,7 @@ async fn sample_stats(path: PathBuf, recorder: Arc<Mutex<Recorder>>) {
 }
 
 async fn take_sample(path: &PathBuf, recorder: &Mutex<Recorder>) -> Result<()> {
-    use convoy_engine::api::protocol::ServerEvent;
+    use convoy_server::api::protocol::ServerEvent;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let mut s = tokio::net::UnixStream::connect(path).await?;
     s.write_all(b"{\"op\":\"stats\"}\n").await?;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
-use convoy_engine::chart::LineChart;
+use convoy_planner::chart::LineChart;
 
 use super::report::{Report, RunResult};
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use convoy_engine::api::protocol::ServerEvent;
+use convoy_server::api::protocol::ServerEvent;
 use convoy_weights::ChatMessage;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;

@@ -1,0 +1,596 @@
+//! `convoy`: generate text, chat, and inspect tokens from the command line.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use convoy_engine::options::ModelArgs;
+use convoy_engine::{GenerationRequest, Generator, SamplingParams};
+use convoy_weights::ChatMessage;
+
+#[derive(Parser)]
+#[command(
+    name = "convoy",
+    version,
+    about = "An LLM inference engine for chat workloads"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = convoy_engine::sampler::DEFAULT_MAX_TOKENS)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Random seed (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// A string that ends generation (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_tokens: self.max_tokens,
+            stop_token_ids: Vec::new(),
+            stop: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt, streaming text as it comes.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Plain text prompt (no special tokens added).
+        #[arg(long, group = "input")]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids.
+        #[arg(long, group = "input", value_delimiter = ',')]
+        prompt_ids: Option<Vec<u32>>,
+        /// JSON file with [{"role":..,"content":..},..], rendered with the chat template.
+        #[arg(long, group = "input")]
+        chat: Option<PathBuf>,
+        /// text (streamed) or json (one object at the end).
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Chat with the model in the terminal.
+    Chat {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// A system message for the conversation.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Run the daemon: a JSON-lines API on a Unix socket (see docs/protocol.md).
+    Serve {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Socket path (default: $XDG_RUNTIME_DIR/convoy.sock, else ./convoy.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Socket file mode, octal.
+        #[arg(long, default_value = "0600")]
+        socket_mode: String,
+        /// Give the socket to this group (widen --socket-mode to 0660 to let it in).
+        #[arg(long)]
+        socket_group: Option<String>,
+        /// Connections beyond this are refused with an error line.
+        #[arg(long, default_value_t = 16384)]
+        max_connections: usize,
+        /// Longest accepted line.
+        #[arg(long, default_value = "8MiB")]
+        max_line_bytes: String,
+        /// Unwritten bytes per connection before a request is cancelled as a slow consumer.
+        #[arg(long, default_value = "1MiB")]
+        max_pending_bytes: String,
+        /// Seconds running requests may take to finish after SIGTERM.
+        #[arg(long, default_value_t = 30.0)]
+        drain_timeout: f64,
+        /// Requests that may wait; more are refused (queue_full).
+        #[arg(long, default_value_t = 4096)]
+        max_queued: usize,
+        /// Requests one connection may have waiting; more of its requests are refused
+        /// (queue_full), so one client cannot fill the queue for the others.
+        #[arg(long, default_value_t = 256)]
+        max_queued_per_connection: usize,
+        /// Target milliseconds of a step that carries decodes: prompt chunks are sized to it
+        /// (from measured step times) so running streams keep a steady pace; 0 turns it off.
+        #[arg(long, default_value_t = 250.0)]
+        step_time_target_ms: f64,
+        /// Write one JSON line per engine step (its shape and times) to this file, for
+        /// `convoy-bench calibrate --from-steps` (docs/planning.md).
+        #[arg(long)]
+        step_log: Option<PathBuf>,
+        /// A directory of prompt templates (`*.yaml.j2`) that `generate` may name with
+        /// `template`; reloaded on SIGHUP (a bad reload keeps the old set). See docs/prompts.md.
+        #[arg(long)]
+        templates: Option<PathBuf>,
+        /// Requests running at once.
+        #[arg(long, default_value_t = 256)]
+        max_running: usize,
+        /// Most tokens in one forward pass.
+        #[arg(long, default_value_t = 2048)]
+        max_batched_tokens: usize,
+        /// The OpenAI-compatible HTTP API and Prometheus metrics (docs/http.md).
+        #[command(flatten)]
+        http: Box<convoy_server::api::http::HttpArgs>,
+    },
+    /// Render a prompt template: its parts with their tokens, what truncation keeps, and the
+    /// chat the model would see (see docs/prompts.md).
+    Render(RenderArgs),
+    /// Capacity planning on the simulation backend: the fewest GPUs that meet latency SLOs
+    /// for a workload, the latencies of a given fleet, and the curve between (docs/planning.md).
+    Plan(Box<convoy_planner::plan::cli::PlanArgs>),
+    /// Print the token ids of a text.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The text.
+        #[arg(long)]
+        text: String,
+        /// text or json.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate {
+            model,
+            sampling,
+            prompt,
+            prompt_ids,
+            chat,
+            format,
+        } => {
+            if format != "text" && format != "json" {
+                bail!("--format must be text or json");
+            }
+            let loaded = model.load()?;
+            let ids = match (prompt, prompt_ids, chat) {
+                (Some(p), _, _) => loaded.codec.encode(&p)?,
+                (_, Some(ids), _) => ids,
+                (_, _, Some(path)) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    let messages: Vec<ChatMessage> =
+                        serde_json::from_str(&text).with_context(|| {
+                            format!(
+                                "{}: expected [{{\"role\":..,\"content\":..}},..]",
+                                path.display()
+                            )
+                        })?;
+                    loaded.codec.encode_chat(&messages)?
+                }
+                _ => bail!("give one of --prompt, --prompt-ids or --chat"),
+            };
+            let mut generator = Generator::new(
+                &loaded.model,
+                loaded.codec.clone(),
+                loaded.generator_config(),
+            );
+            let req = GenerationRequest {
+                prompt_ids: ids.clone(),
+                params: sampling.params(),
+                arrival_step: 0,
+                cache_salt: None,
+                priority: 0,
+            };
+            let stream = format == "text";
+            let mut out = std::io::stdout();
+            let results = generator.run(std::slice::from_ref(&req), |_, delta| {
+                if stream {
+                    let _ = out.write_all(delta.as_bytes());
+                    let _ = out.flush();
+                }
+            })?;
+            let r = &results[0];
+            if stream {
+                println!();
+            } else {
+                let ttft = r.time_to_first_token.as_secs_f64();
+                let decode = (r.total_time - r.time_to_first_token).as_secs_f64();
+                let doc = serde_json::json!({
+                    "prompt_ids": ids,
+                    "output_ids": r.output_ids,
+                    "text": r.text,
+                    "finish_reason": r.finish_reason.as_str(),
+                    "prompt_tokens_per_s": ids.len() as f64 / ttft.max(1e-9),
+                    "decode_tokens_per_s": if r.output_ids.len() > 1 { (r.output_ids.len() - 1) as f64 / decode.max(1e-9) } else { 0.0 },
+                    "time_to_first_token_ms": ttft * 1e3,
+                    "total_ms": r.total_time.as_secs_f64() * 1e3,
+                });
+                println!("{doc}");
+            }
+            Ok(())
+        }
+        Command::Chat {
+            model,
+            sampling,
+            system,
+        } => {
+            let loaded = model.load()?;
+            let mut generator = Generator::new(
+                &loaded.model,
+                loaded.codec.clone(),
+                loaded.generator_config(),
+            );
+            let mut messages: Vec<ChatMessage> = system
+                .into_iter()
+                .map(|s| ChatMessage::new("system", s))
+                .collect();
+            let stdin = std::io::stdin();
+            let mut out = std::io::stdout();
+            eprintln!(
+                "convoy chat: {} ({} layers). Empty line or Ctrl-D to quit.",
+                model.model_path()?.display(),
+                loaded.model.config.num_layers
+            );
+            loop {
+                eprint!("> ");
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+                    break;
+                }
+                messages.push(ChatMessage::new("user", line.trim_end()));
+                let ids = loaded.codec.encode_chat(&messages)?;
+                let req = GenerationRequest {
+                    prompt_ids: ids,
+                    params: sampling.params(),
+                    arrival_step: 0,
+                    cache_salt: None,
+                    priority: 0,
+                };
+                let r = generator.run(std::slice::from_ref(&req), |_, delta| {
+                    let _ = out.write_all(delta.as_bytes());
+                    let _ = out.flush();
+                })?;
+                println!();
+                messages.push(ChatMessage::new("assistant", r[0].text.clone()));
+            }
+            Ok(())
+        }
+        Command::Serve {
+            model,
+            socket,
+            socket_mode,
+            socket_group,
+            max_connections,
+            max_line_bytes,
+            max_pending_bytes,
+            drain_timeout,
+            max_queued,
+            max_queued_per_connection,
+            step_time_target_ms,
+            step_log,
+            templates,
+            max_running,
+            max_batched_tokens,
+            http,
+        } => {
+            let socket = socket.unwrap_or_else(|| {
+                std::env::var_os("XDG_RUNTIME_DIR")
+                    .map(|d| PathBuf::from(d).join("convoy.sock"))
+                    .unwrap_or_else(|| PathBuf::from("convoy.sock"))
+            });
+            let mode = u32::from_str_radix(socket_mode.trim_start_matches("0o"), 8)
+                .with_context(|| format!("--socket-mode {socket_mode:?} is not octal"))?;
+            if !(drain_timeout >= 0.0 && drain_timeout.is_finite()) {
+                bail!("--drain-timeout must be a non-negative number of seconds");
+            }
+            if !(step_time_target_ms >= 0.0 && step_time_target_ms.is_finite()) {
+                bail!("--step-time-target-ms must be a non-negative number");
+            }
+            let http = http.config(&model.model_path()?)?;
+            let step_log = step_log
+                .map(|p| convoy_engine::step_log::StepLog::create(&p))
+                .transpose()?;
+            convoy_server::api::raise_fd_limit();
+            let loaded = model.load()?;
+            let mut cfg = loaded.generator_config();
+            cfg.max_running = max_running.max(1);
+            cfg.max_batched_tokens = max_batched_tokens.max(1);
+            let max_context = loaded.model.config.max_position_embeddings;
+            eprintln!(
+                "convoy: model {} ({} layers, {} heads, {} KV heads), device cpu, {} KV blocks of {} tokens (+{} host blocks)",
+                model.model_path()?.display(),
+                loaded.model.config.num_layers,
+                loaded.model.config.num_heads,
+                loaded.model.config.num_kv_heads,
+                cfg.num_blocks,
+                cfg.block_size,
+                cfg.num_host_blocks
+            );
+            let codec = loaded.codec.clone();
+            let engine = convoy_engine::service::spawn_cpu(
+                loaded.model,
+                loaded.codec,
+                cfg,
+                convoy_engine::service::ServiceConfig {
+                    max_queued,
+                    max_queued_per_owner: max_queued_per_connection.max(1),
+                    step_time_target: (step_time_target_ms > 0.0)
+                        .then(|| std::time::Duration::from_secs_f64(step_time_target_ms / 1e3)),
+                    step_log,
+                },
+            );
+            let serve_cfg = convoy_server::api::server::ServeConfig {
+                socket,
+                socket_mode: mode,
+                socket_group,
+                max_connections,
+                max_line_bytes: convoy_engine::options::parse_bytes(&max_line_bytes)?,
+                max_pending_bytes: convoy_engine::options::parse_bytes(&max_pending_bytes)?,
+                drain_timeout: std::time::Duration::from_secs_f64(drain_timeout),
+                max_context,
+                templates,
+                http,
+            };
+            let code = convoy_server::api::server::serve(engine, codec, serve_cfg)?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::Render(args) => render_template(args),
+        Command::Plan(args) => convoy_planner::plan::cli::run(*args),
+        Command::Tokenize {
+            model,
+            text,
+            format,
+        } => {
+            let path = model.model_path()?;
+            let mut loaded = convoy_weights::load_model(&path, convoy_weights::LoadFormat::Auto)?;
+            let codec = convoy_engine::TextCodec::take_from(&mut loaded);
+            let ids = codec.encode(&text)?;
+            match format.as_str() {
+                "json" => println!("{}", serde_json::json!({ "ids": ids })),
+                "text" => println!(
+                    "{}",
+                    ids.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                other => bail!("--format must be text or json, got {other:?}"),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The options of `convoy render`.
+#[derive(clap::Args, Debug)]
+struct RenderArgs {
+    /// The template file; the other templates of its directory are loaded for includes.
+    #[arg(long)]
+    template: PathBuf,
+    /// JSON file with the variables (an object); without it the template gets none.
+    #[arg(long)]
+    variables: Option<PathBuf>,
+    /// Most tokens the parts may take, each part tokenized alone (default: no limit).
+    #[arg(long)]
+    token_limit: Option<usize>,
+    /// Round the cut up to a multiple of this many tokens (default 1).
+    #[arg(long, requires = "token_limit")]
+    truncation_step: Option<usize>,
+    /// The model whose tokenizer and chat template to use (default: the SmolLM2 GGUF under
+    /// models/). Loaded only with --model, --token-limit or --format json.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// text (a summary and the chat), json, or yaml (the rendered text before parsing).
+    #[arg(long, default_value = "text")]
+    format: String,
+}
+
+/// `convoy render`: render a template file against variables, count and truncate its parts
+/// with the model's tokenizer, and print the result (docs/prompts.md).
+fn render_template(args: RenderArgs) -> Result<()> {
+    use convoy_server::prompt::{build_prompt, Budget, TemplateRef, TemplateSet};
+
+    if !matches!(args.format.as_str(), "text" | "json" | "yaml") {
+        bail!("--format must be text, json or yaml, got {:?}", args.format);
+    }
+    let (set, name) = TemplateSet::load_file(&args.template)?;
+    let variables: serde_json::Value = match &args.variables {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?
+        }
+        None => serde_json::json!({}),
+    };
+    let which = TemplateRef::Named(&name);
+    if args.format == "yaml" {
+        print!("{}", set.render_text(which, &variables)?);
+        return Ok(());
+    }
+    let budget = args
+        .token_limit
+        .map(|limit| Budget::new(limit, args.truncation_step))
+        .transpose()?;
+
+    // Template errors first: they need no model.
+    let parts = set.render(which, &variables)?;
+    let needs_model = args.model.is_some() || budget.is_some() || args.format == "json";
+    let codec = if needs_model {
+        let path = match &args.model {
+            Some(p) => p.clone(),
+            None => {
+                let p = PathBuf::from(convoy_engine::options::DEFAULT_MODEL);
+                if !p.exists() {
+                    bail!(
+                        "no --model given and {} does not exist: run scripts/fetch_models.sh",
+                        convoy_engine::options::DEFAULT_MODEL
+                    );
+                }
+                p
+            }
+        };
+        let mut loaded = convoy_weights::load_model(&path, convoy_weights::LoadFormat::Auto)?;
+        Some(convoy_engine::TextCodec::take_from(&mut loaded))
+    } else {
+        None
+    };
+
+    let prompt = match &codec {
+        Some(c) => build_prompt(&name, parts, budget, |text| {
+            c.encode(text).map(|ids| ids.len())
+        })?,
+        None => build_prompt(&name, parts, None, |_| {
+            Ok::<usize, std::convert::Infallible>(0)
+        })?,
+    };
+    let t = &prompt.truncation;
+
+    if args.format == "json" {
+        let codec = codec.as_ref().context("--format json needs the model")?;
+        let prompt_ids = codec.encode_chat(&prompt.messages)?;
+        let parts: Vec<serde_json::Value> = prompt
+            .parts
+            .iter()
+            .zip(&prompt.part_tokens)
+            .zip(&t.kept)
+            .map(|((p, tokens), kept)| {
+                serde_json::json!({
+                    "name": p.name,
+                    "role": p.role.as_str(),
+                    "truncation_priority": p.truncation_priority,
+                    "tokens": tokens,
+                    "kept": kept,
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "template": prompt.template,
+            "parts": parts,
+            "messages": prompt.messages,
+            "part_tokens_before": t.tokens_before,
+            "part_tokens_after": t.tokens_after,
+            "token_limit": budget.map(|b| b.token_limit),
+            "truncation_step": budget.map(|b| b.truncation_step),
+            "cut_target": t.cut_target,
+            "cut": prompt.cut_part_names(),
+            "prompt_ids": prompt_ids,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
+
+    let mut out = String::new();
+    let counted = codec.is_some();
+    out.push_str(&format!(
+        "template {} ({}): {} parts",
+        prompt.template,
+        args.template.display(),
+        prompt.parts.len()
+    ));
+    if counted {
+        out.push_str(&format!(", {} tokens", t.tokens_before));
+    }
+    match budget {
+        Some(b) => out.push_str(&format!(
+            " -> {} (token_limit {}, truncation_step {}: surplus {}, cut {})\n",
+            t.tokens_after, b.token_limit, b.truncation_step, t.surplus, t.cut_target
+        )),
+        None => out.push_str(" (no token limit)\n"),
+    }
+    let width = prompt
+        .parts
+        .iter()
+        .map(|p| p.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out.push_str(&format!(
+        "{:>4}  {:<width$}  {:<9}  {:>8}  {:>6}  kept\n",
+        "#", "name", "role", "priority", "tokens"
+    ));
+    for (i, p) in prompt.parts.iter().enumerate() {
+        let tokens = if counted {
+            prompt.part_tokens[i].to_string()
+        } else {
+            "-".to_string()
+        };
+        out.push_str(&format!(
+            "{:>4}  {:<width$}  {:<9}  {:>8}  {:>6}  {}\n",
+            i,
+            p.name,
+            p.role.as_str(),
+            p.truncation_priority,
+            tokens,
+            if t.kept[i] { "kept" } else { "CUT" }
+        ));
+    }
+    match &codec {
+        Some(c) => {
+            let chat = c.render_chat(&prompt.messages)?;
+            let ids = c.encode(&chat)?;
+            out.push_str(&format!(
+                "--- {} messages, {} tokens after the chat template:\n{chat}\n",
+                prompt.messages.len(),
+                ids.len()
+            ));
+        }
+        None => {
+            out.push_str(&format!(
+                "--- {} messages (pass --model for token counts and the chat template):\n",
+                prompt.messages.len()
+            ));
+            for m in &prompt.messages {
+                out.push_str(&format!("[{}]\n{}\n", m.role, m.content));
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
