@@ -84,7 +84,7 @@ pub struct Request {
     pub num_computed_tokens: usize,
     /// Most tokens to generate.
     pub max_tokens: usize,
-    /// Tokens that end generation.
+    /// Tokens that end generation, sorted and unique.
     pub stop_token_ids: Vec<u32>,
     /// Base priority (larger first).
     pub priority: i32,

@@ -23,11 +23,14 @@
 //! waiting requests, so it cannot fill the queue for everyone else. With one owner the order
 //! is arrival order.
 //!
-//! Steady decodes: running requests that decode get their token before any prefill chunk takes
-//! the rest of the budget, and when the engine sets a per-step token budget
-//! ([`Scheduler::set_step_token_budget`], from a time target), a step that carries decodes
-//! carries at most that many tokens (decodes always go, plus at least `MIN_PREFILL_CHUNK`
-//! prompt tokens so prefills progress), so a long prompt cannot stall other streams.
+//! Steady decodes and prompt admission: running requests that decode get their token before any
+//! prefill chunk takes the rest of the budget, and when the engine sets a per-step token budget
+//! ([`Scheduler::set_step_token_budget`], from a time target), every step carries at most that
+//! many tokens (decodes always go, plus at least `MIN_PREFILL_CHUNK` prompt tokens so prefills
+//! progress), so a long prompt cannot stall other streams, nor keep the engine from seeing new
+//! arrivals for longer than a step. Paced, while requests wait and could be admitted, a running
+//! prefill's chunk takes at most half of what the decodes leave, so a newcomer is admitted
+//! within a step or two of a long prompt rather than after it.
 //!
 //! Aging: a request's effective priority grows by one every `aging_steps` steps since it arrived
 //! (kept while it runs and across preemptions), so a low priority request is never starved
@@ -286,7 +289,13 @@ impl Scheduler {
                 tokens: r.prompt,
                 num_computed_tokens: 0,
                 max_tokens: r.max_tokens.max(1),
-                stop_token_ids: r.stop_token_ids,
+                stop_token_ids: {
+                    // Sorted and unique: each sampled token is looked up by binary search.
+                    let mut ids = r.stop_token_ids;
+                    ids.sort_unstable();
+                    ids.dedup();
+                    ids
+                },
                 priority: r.priority,
                 arrival,
                 cache_salt: r.cache_salt,
@@ -449,10 +458,21 @@ impl Scheduler {
             })
             .count();
         let mut budget = self.cfg.max_batched_tokens;
-        if let Some(step_budget) = self.step_token_budget.filter(|_| owed > 0) {
+        // Every step is paced, with or without decodes: the engine only sees new arrivals
+        // between steps, so the step's length bounds how long a newcomer waits to be admitted.
+        if let Some(step_budget) = self.step_token_budget {
             budget = budget.min(step_budget.max(owed + MIN_PREFILL_CHUNK));
         }
         let full_budget = budget;
+        // Paced, while requests wait and there is room to admit them, a running prefill takes at
+        // most half of what the decodes leave: a long prompt cannot hold newcomers back until it is
+        // done.
+        let room = !self.waiting.is_empty() && self.running.len() < self.cfg.max_running;
+        let prefill_cap = if room && self.step_token_budget.is_some() {
+            (budget.saturating_sub(owed) / 2).max(1)
+        } else {
+            usize::MAX
+        };
 
         // 1. Running requests.
         let mut i = 0;
@@ -465,7 +485,7 @@ impl Scheduler {
                 owed -= 1;
                 1
             } else {
-                left.min(budget.saturating_sub(owed))
+                left.min(budget.saturating_sub(owed)).min(prefill_cap)
             };
             if need == 0 {
                 i += 1;
@@ -655,7 +675,7 @@ impl Scheduler {
             };
             r.tokens.push(token);
             let mut finished = None;
-            if r.stop_token_ids.contains(&token) {
+            if r.stop_token_ids.binary_search(&token).is_ok() {
                 finished = Some(FinishReason::Stop);
             } else if r.num_output_tokens() >= r.max_tokens
                 || r.tokens.len() >= self.cfg.max_model_len

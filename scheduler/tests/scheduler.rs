@@ -395,9 +395,29 @@ fn decodes_get_their_token_before_a_prefill_chunk_and_a_step_budget_bounds_the_c
 }
 
 #[test]
-fn a_step_budget_does_not_slow_a_prefill_that_runs_alone() {
+fn a_long_prefill_is_paced_and_leaves_room_for_a_newcomer() {
     let mut s = scheduler(4, 128, 0, 64);
-    s.set_step_token_budget(Some(8));
+    s.set_step_token_budget(Some(32));
+    s.add(req(1, 100, 4)).unwrap();
+    // Alone, the prefill is still paced: the engine sees arrivals only between steps.
+    assert_eq!(plan(&step(&mut s)), vec![(1, 0, 32, false)]);
+    // A newcomer arrives: the running prefill takes half the step, the newcomer's whole prompt
+    // fits in the rest and it samples its first token in this very step.
+    s.add(req(2, 3, 4)).unwrap();
+    assert_eq!(
+        plan(&step(&mut s)),
+        vec![(1, 32, 16, false), (2, 0, 3, true)]
+    );
+    // Nobody waits any more: the prefill has the whole paced step again, beside the decode.
+    assert_eq!(
+        plan(&step(&mut s)),
+        vec![(1, 48, 31, false), (2, 3, 1, true)]
+    );
+}
+
+#[test]
+fn without_a_step_budget_a_lone_prefill_takes_the_whole_token_limit() {
+    let mut s = scheduler(4, 128, 0, 64);
     s.add(req(1, 100, 4)).unwrap();
     assert_eq!(plan(&step(&mut s)), vec![(1, 0, 64, false)]);
 }

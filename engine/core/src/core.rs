@@ -39,6 +39,10 @@ pub struct EngineRequest {
     pub deadline: Option<Duration>,
     /// Who sent it (a connection id): the waiting queue is shared fairly between owners.
     pub owner: u64,
+    /// When the client's request was accepted (wall clock), for a request that waited before
+    /// the engine took it (a step in progress, prompt encoding): queueing time, TTFT and the
+    /// deadline count from here. `None`: from when the engine takes it (simulated clocks).
+    pub accepted: Option<std::time::Instant>,
 }
 
 /// Token counts of a finished request.
@@ -327,6 +331,10 @@ impl<R: ModelRunner> EngineCore<R> {
         })?;
         self.stats.prompt_tokens += req.prompt_ids.len() as u64;
         let now = self.runner.now();
+        let arrived = match req.accepted {
+            Some(at) => now.saturating_sub(at.elapsed()),
+            None => now,
+        };
         self.live.insert(
             id,
             Live {
@@ -337,10 +345,10 @@ impl<R: ModelRunner> EngineCore<R> {
                 output_ids: Vec::new(),
                 prompt_len: req.prompt_ids.len(),
                 hit: PrefixMatch::default(),
-                arrived: now,
+                arrived,
                 scheduled: None,
                 first_token: None,
-                deadline: req.deadline.map(|d| now + d),
+                deadline: req.deadline.map(|d| arrived + d),
             },
         );
         Ok(())

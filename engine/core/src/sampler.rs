@@ -36,6 +36,9 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
 }
 
+/// Most `stop_token_ids` one request may give.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams {
@@ -69,6 +72,12 @@ impl SamplingParams {
         }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop strings must not be empty".into());
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return bad(format!(
+                "stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, got {}",
+                self.stop_token_ids.len()
+            ));
         }
         Ok(())
     }

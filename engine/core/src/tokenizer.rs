@@ -171,6 +171,40 @@ impl TextCodec {
             .map_err(|e| CodecError::Encode(e.to_string()))
     }
 
+    /// The bytes one token stands for, as OpenAI's `bytes` reports them: a byte-fallback token
+    /// (`<0xF0>`) or a byte-level piece of a multi-byte character is its raw bytes, which
+    /// decoding it alone would turn into U+FFFD. Special tokens give their text; an unknown id
+    /// gives nothing.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(tok) = self.tokenizer() else {
+            return Vec::new();
+        };
+        let decoded = tok.decode(&[id], false).unwrap_or_default();
+        if !decoded.contains('\u{fffd}') {
+            return decoded.into_bytes();
+        }
+        let Some(piece) = tok.id_to_token(id) else {
+            return decoded.into_bytes();
+        };
+        if let Some(byte) = byte_fallback(&piece) {
+            return vec![byte];
+        }
+        let byte_level = matches!(
+            tok.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if byte_level {
+            if let Some(bytes) = piece
+                .chars()
+                .map(byte_level_byte)
+                .collect::<Option<Vec<u8>>>()
+            {
+                return bytes;
+            }
+        }
+        decoded.into_bytes()
+    }
+
     /// Render a conversation with the model's template (with the generation prompt).
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, CodecError> {
         let t = self.template.as_ref().ok_or(CodecError::NoChatTemplate)?;
@@ -233,4 +267,26 @@ impl TextCodec {
         }
         Ok(ids)
     }
+}
+
+/// The byte of a SentencePiece byte-fallback piece such as `<0xF0>`.
+fn byte_fallback(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
+}
+
+/// The byte a GPT-2 byte-level character stands for: printable Latin-1 bytes map to
+/// themselves, the other 68 bytes to U+0100 onwards in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 {
+        return printable(code).then_some(code as u8);
+    }
+    let n = (code - 256) as usize;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n)
+        .map(|b| b as u8)
 }

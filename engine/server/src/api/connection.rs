@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -148,7 +148,7 @@ struct Connection {
 }
 
 impl Connection {
-    async fn generate(&self, g: GenerateRequest) {
+    async fn generate(&self, g: GenerateRequest, accepted: Instant) {
         if self.shared.draining.load(Ordering::Relaxed) {
             self.out.send(error_event(
                 Some(g.id),
@@ -167,11 +167,11 @@ impl Connection {
         }
         // Tokenising and rendering can take seconds for a huge prompt: off the I/O thread.
         let codec = self.shared.codec.clone();
-        let templates = self.shared.templates.as_ref().map(|t| t.current());
+        let templates = self.shared.template_context();
         let max_context = self.shared.cfg.max_context;
         let (prompt, special) = (g.prompt.clone(), g.special_tokens);
         let encoded = tokio::task::spawn_blocking(move || {
-            encode_prompt(&codec, templates.as_deref(), &prompt, special, max_context)
+            encode_prompt(&codec, &templates, &prompt, special, max_context)
         })
         .await;
         let encoded = match encoded {
@@ -195,7 +195,7 @@ impl Connection {
         }
         let rid = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         self.live.lock().insert(g.id.clone(), rid);
-        let req = engine_request(&g, encoded.ids, self.id);
+        let req = engine_request(&g, encoded.ids, self.id, accepted);
         let sink = Box::new(RequestSink {
             out: self.out.clone(),
             live: self.live.clone(),
@@ -274,9 +274,25 @@ impl Connection {
     }
 
     async fn handle(&self, line: &[u8]) {
-        match parse_line(line) {
+        let accepted = Instant::now();
+        // A long line (up to --max-line-bytes) takes long to parse: off the I/O thread, which
+        // serves every other connection.
+        let parsed = if line.len() > PARSE_INLINE_BYTES {
+            let owned = line.to_vec();
+            tokio::task::spawn_blocking(move || parse_line(&owned))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::api::protocol::ProtocolError::new(
+                        "invalid_json",
+                        "parsing the line failed",
+                    ))
+                })
+        } else {
+            parse_line(line)
+        };
+        match parsed {
             Err(e) => self.out.send(ServerEvent::from_error(e)),
-            Ok(ClientMessage::Generate(g)) => self.generate(*g).await,
+            Ok(ClientMessage::Generate(g)) => self.generate(*g, accepted).await,
             Ok(ClientMessage::Cancel { id }) => self.cancel(id),
             Ok(ClientMessage::Stats) => self.stats(),
             Ok(ClientMessage::Health) => {
@@ -312,6 +328,9 @@ impl Connection {
         }
     }
 }
+
+/// Lines up to this size are parsed on the I/O thread; longer ones on a blocking thread.
+const PARSE_INLINE_BYTES: usize = 64 << 10;
 
 /// Serve one client until it leaves.
 pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) {

@@ -124,12 +124,30 @@ pub struct ProtocolError {
     pub id: Option<String>,
 }
 
+/// Longest error message sent to a client, in bytes.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
+
+/// `message` cut to [`MAX_ERROR_MESSAGE_BYTES`] on a character boundary.
+pub fn short_message(mut message: String) -> String {
+    if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut end = MAX_ERROR_MESSAGE_BYTES - 3;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
+    message
+}
+
 impl ProtocolError {
     /// An error with a code and message.
+    /// The message is cut to [`MAX_ERROR_MESSAGE_BYTES`] (on a character boundary, marked with
+    /// `...`): an error line never carries a request's bulk back to its client.
     pub fn new(code: &'static str, message: impl Into<String>) -> ProtocolError {
         ProtocolError {
             code,
-            message: message.into(),
+            message: short_message(message.into()),
             id: None,
         }
     }
@@ -318,8 +336,9 @@ impl<'de> Visitor<'de> for NoDuplicateKeys<'_> {
     }
 }
 
-/// Parse JSON text, refusing duplicate keys anywhere.
-fn parse_json(text: &str) -> Result<Value, ProtocolError> {
+/// Parse JSON text, refusing duplicate keys anywhere (`duplicate_key`): one rule for the
+/// socket and the HTTP face.
+pub fn parse_json(text: &str) -> Result<Value, ProtocolError> {
     let duplicate = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_str(text);
     let parsed = NoDuplicateKeys {
@@ -519,6 +538,10 @@ fn parse_generate(v: Value) -> Result<ClientMessage, ProtocolError> {
     check_range(
         r.stop.iter().all(|s| !s.is_empty() && s.len() <= 256) && r.stop.len() <= 16,
         "stop: at most 16 non-empty strings of at most 256 bytes",
+    )?;
+    check_range(
+        r.stop_token_ids.len() <= convoy_engine::sampler::MAX_STOP_TOKEN_IDS,
+        "stop_token_ids: at most 1024 ids",
     )?;
     check_range(
         r.logprobs.is_none_or(|n| n <= MAX_LOGPROBS),

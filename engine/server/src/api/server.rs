@@ -19,7 +19,8 @@ use crate::api::connection::serve_connection;
 use crate::api::socket::bind_socket;
 use crate::api::stats::Latencies;
 use crate::api::translate::error_event;
-use crate::prompt::TemplateRegistry;
+use crate::api::translate::TemplateContext;
+use crate::prompt::{RenderLimits, RenderPool, TemplateRegistry, TemplateSet, WorkerCommand};
 use convoy_engine::service::EngineHandle;
 use convoy_engine::tokenizer::TextCodec;
 
@@ -44,9 +45,18 @@ pub struct ServeConfig {
     pub max_context: usize,
     /// Prompt templates (`--templates DIR`), reloaded on SIGHUP.
     pub templates: Option<PathBuf>,
+    /// What bounds one template render (output, memory, time, workers).
+    pub render: RenderLimits,
+    /// How to start a render worker process; `None` renders templates in the daemon's own
+    /// process, where a memory bomb can abort it (for embedding in trusted programs only).
+    pub render_worker: Option<WorkerCommand>,
     /// The OpenAI-compatible HTTP listeners and `/metrics` (none by default).
     pub http: crate::api::http::HttpConfig,
 }
+
+/// First wait after a failed `accept`, in milliseconds; it grows to ten times this while
+/// accepting keeps failing.
+const ACCEPT_BACKOFF_MS: u64 = 10;
 
 /// What every connection shares.
 pub(crate) struct Shared {
@@ -63,6 +73,28 @@ pub(crate) struct Shared {
     pub(crate) latencies: Latencies,
     /// The prompt templates, when the daemon has a `--templates` directory.
     pub(crate) templates: Option<Arc<TemplateRegistry>>,
+    /// The set inline templates render with when there is no `--templates` directory.
+    pub(crate) inline_templates: Arc<TemplateSet>,
+    /// The render workers (see [`ServeConfig::render_worker`]).
+    pub(crate) render_pool: Option<Arc<RenderPool>>,
+}
+
+impl Shared {
+    /// What a templated prompt renders with now.
+    pub(crate) fn template_context(&self) -> TemplateContext {
+        match &self.templates {
+            Some(registry) => TemplateContext {
+                set: registry.current(),
+                has_dir: true,
+                pool: self.render_pool.clone(),
+            },
+            None => TemplateContext {
+                set: self.inline_templates.clone(),
+                has_dir: false,
+                pool: self.render_pool.clone(),
+            },
+        }
+    }
 }
 
 /// Run the daemon until a signal (exit code 0) or an engine failure (non-zero).
@@ -74,7 +106,7 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
     rt.block_on(async move {
         let templates = match &cfg.templates {
             Some(dir) => {
-                let registry = TemplateRegistry::load(dir)
+                let registry = TemplateRegistry::load(dir, cfg.render.max_output_bytes)
                     .map_err(|e| anyhow::anyhow!("--templates {}: {e}", dir.display()))?;
                 tracing::info!(templates = registry.current().names().len(), dir = %dir.display(), "templates loaded");
                 Some(Arc::new(registry))
@@ -82,6 +114,12 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             None => None,
         };
         let socket = cfg.socket.clone();
+        let mut inline_templates = TemplateSet::new();
+        inline_templates.set_max_output_bytes(cfg.render.max_output_bytes);
+        let render_pool = cfg
+            .render_worker
+            .clone()
+            .map(|command| Arc::new(RenderPool::new(command, cfg.render.clone())));
         let shared = Arc::new(Shared {
             engine: engine.clone(),
             codec,
@@ -92,6 +130,8 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             started: Instant::now(),
             latencies: Latencies::default(),
             templates,
+            inline_templates: Arc::new(inline_templates),
+            render_pool,
         });
         // The HTTP listeners bind first: clients take a connectable socket to mean the whole
         // daemon is up.
@@ -116,10 +156,27 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut next_connection = 0u64;
+        let mut accept_failures = 0u64;
         let failed = loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((stream, _)) => {
+                            accept_failures = 0;
+                            stream
+                        }
+                        Err(e) => {
+                            // Out of file descriptors (EMFILE, ENFILE) or memory: retrying at
+                            // once would spin a core. Back off, and say so once per episode.
+                            if accept_failures == 0 {
+                                tracing::warn!(error = %e, "accepting a socket connection failed; backing off");
+                            }
+                            accept_failures += 1;
+                            let wait = ACCEPT_BACKOFF_MS.saturating_mul(accept_failures.min(10));
+                            tokio::time::sleep(Duration::from_millis(wait)).await;
+                            continue;
+                        }
+                    };
                     if shared.connections.load(Ordering::Relaxed) >= shared.cfg.max_connections {
                         let line = error_event(None, "too_many_connections", format!("the daemon holds {} connections", shared.cfg.max_connections)).to_line();
                         tokio::spawn(async move {

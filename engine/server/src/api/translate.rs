@@ -9,7 +9,7 @@ use crate::api::protocol::{
     GenerateRequest, LogprobOut, Prompt, ProtocolError, ServerEvent, TemplatePrompt,
     TemplateSource, TimingOut, UsageOut,
 };
-use crate::prompt::{Budget, TemplateRef, TemplateSet};
+use crate::prompt::{parse_parts, Budget, RenderPool, TemplateRef, TemplateSet};
 use convoy_engine::core::{EngineEvent, EngineRequest, EventKind, SubmitError};
 use convoy_engine::sampler::SamplingParams;
 use convoy_engine::tokenizer::TextCodec;
@@ -27,18 +27,29 @@ fn codec_error(e: convoy_engine::tokenizer::CodecError) -> ProtocolError {
     ProtocolError::new(e.code(), e.to_string())
 }
 
-/// Render, truncate and encode a templated prompt. Named templates come from `templates`;
-/// an inline one may include them.
+/// What templated prompts render with.
+#[derive(Clone, Debug)]
+pub struct TemplateContext {
+    /// The daemon's templates (`--templates`), or an empty set for inline templates only.
+    pub set: std::sync::Arc<TemplateSet>,
+    /// Whether `set` came from a `--templates` directory (else named templates are refused).
+    pub has_dir: bool,
+    /// The render workers; `None` renders on the calling thread (trusted callers only: an
+    /// allocation failure there aborts the process).
+    pub pool: Option<std::sync::Arc<RenderPool>>,
+}
+
+/// Render, truncate and encode a templated prompt. Named templates come from the context's
+/// set; an inline one may include them.
 fn encode_template(
     codec: &TextCodec,
-    templates: Option<&TemplateSet>,
+    templates: &TemplateContext,
     t: &TemplatePrompt,
 ) -> Result<EncodedPrompt, ProtocolError> {
-    let empty = TemplateSet::new();
-    let set = templates.unwrap_or(&empty);
+    let set = &*templates.set;
     let which = match &t.source {
         TemplateSource::Named(name) => {
-            if templates.is_none() {
+            if !templates.has_dir {
                 return Err(ProtocolError::new(
                     "unknown_template",
                     format!("no template {name:?}: the daemon was started without --templates"),
@@ -54,11 +65,16 @@ fn encode_template(
         .map(|limit| Budget::new(limit, t.truncation_step))
         .transpose()
         .map_err(prompt_error)?;
-    let prompt = set
-        .prompt(which, &t.variables, budget, |text| {
-            codec.encode(text).map(|ids| ids.len())
-        })
-        .map_err(prompt_error)?;
+    let text = match &templates.pool {
+        Some(pool) => pool.render_text(set, which, &t.variables),
+        None => set.render_text(which, &t.variables),
+    }
+    .map_err(prompt_error)?;
+    let parts = parse_parts(which.name(), &text).map_err(prompt_error)?;
+    let prompt = crate::prompt::build_prompt(which.name(), parts, budget, |text| {
+        codec.encode(text).map(|ids| ids.len())
+    })
+    .map_err(prompt_error)?;
     Ok(EncodedPrompt {
         ids: codec.encode_chat(&prompt.messages).map_err(codec_error)?,
         truncated_parts: Some(prompt.cut_part_names()),
@@ -68,7 +84,7 @@ fn encode_template(
 /// The prompt's token ids, checked against the model's context.
 pub fn encode_prompt(
     codec: &TextCodec,
-    templates: Option<&TemplateSet>,
+    templates: &TemplateContext,
     prompt: &Prompt,
     special_tokens: bool,
     max_context: usize,
@@ -107,8 +123,14 @@ pub fn encode_prompt(
     Ok(encoded)
 }
 
-/// The engine request for a parsed `generate` line whose prompt is `prompt_ids`.
-pub fn engine_request(g: &GenerateRequest, prompt_ids: Vec<u32>, owner: u64) -> EngineRequest {
+/// The engine request for a parsed `generate` line whose prompt is `prompt_ids`, accepted from
+/// its client at `accepted` (queueing, TTFT and the deadline count from there).
+pub fn engine_request(
+    g: &GenerateRequest,
+    prompt_ids: Vec<u32>,
+    owner: u64,
+    accepted: std::time::Instant,
+) -> EngineRequest {
     EngineRequest {
         prompt_ids,
         params: SamplingParams {
@@ -126,6 +148,7 @@ pub fn engine_request(g: &GenerateRequest, prompt_ids: Vec<u32>, owner: u64) -> 
         logprobs: g.logprobs,
         deadline: g.deadline_ms.map(Duration::from_millis),
         owner,
+        accepted: Some(accepted),
     }
 }
 

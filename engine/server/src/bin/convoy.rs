@@ -124,8 +124,9 @@ enum Command {
         /// (queue_full), so one client cannot fill the queue for the others.
         #[arg(long, default_value_t = 256)]
         max_queued_per_connection: usize,
-        /// Target milliseconds of a step that carries decodes: prompt chunks are sized to it
-        /// (from measured step times) so running streams keep a steady pace; 0 turns it off.
+        /// Target milliseconds of a step: prompt chunks are sized to it (from measured step
+        /// times) so running streams keep a steady pace and new requests are admitted within
+        /// about a step of a long prompt; 0 turns it off.
         #[arg(long, default_value_t = 250.0)]
         step_time_target_ms: f64,
         /// Write one JSON line per engine step (its shape and times) to this file, for
@@ -136,6 +137,20 @@ enum Command {
         /// `template`; reloaded on SIGHUP (a bad reload keeps the old set). See docs/prompts.md.
         #[arg(long)]
         templates: Option<PathBuf>,
+        /// Most bytes one template render may write; rendering stops with `template_error`
+        /// as soon as its text would pass this.
+        #[arg(long, default_value = "1MiB")]
+        template_max_output: String,
+        /// Address space of each template render worker (a child process): a render that needs
+        /// more stops with `template_error`; the daemon and other requests carry on.
+        #[arg(long, default_value = "1GiB")]
+        template_memory: String,
+        /// Seconds one template render may take, waiting for a free worker included.
+        #[arg(long, default_value_t = 10.0)]
+        template_timeout: f64,
+        /// Template render worker processes alive at once.
+        #[arg(long, default_value_t = 4)]
+        template_workers: usize,
         /// Requests running at once.
         #[arg(long, default_value_t = 256)]
         max_running: usize,
@@ -163,6 +178,9 @@ enum Command {
         #[arg(long, default_value = "text")]
         format: String,
     },
+    /// Internal: a template render worker of `convoy serve` (JSON lines on stdin/stdout).
+    #[command(hide = true)]
+    RenderWorker,
 }
 
 fn main() -> ExitCode {
@@ -313,10 +331,28 @@ fn run(cli: Cli) -> Result<()> {
             step_time_target_ms,
             step_log,
             templates,
+            template_max_output,
+            template_memory,
+            template_timeout,
+            template_workers,
             max_running,
             max_batched_tokens,
             http,
         } => {
+            if !(template_timeout > 0.0 && template_timeout.is_finite()) {
+                bail!("--template-timeout must be a positive number of seconds");
+            }
+            let render = convoy_server::prompt::RenderLimits {
+                max_output_bytes: convoy_engine::options::parse_bytes(&template_max_output)?,
+                memory_bytes: convoy_engine::options::parse_bytes(&template_memory)? as u64,
+                timeout: std::time::Duration::from_secs_f64(template_timeout),
+                workers: template_workers.max(1),
+            };
+            let render_worker = convoy_server::prompt::WorkerCommand {
+                program: std::env::current_exe()
+                    .context("cannot find the convoy binary to start template render workers")?,
+                args: vec!["render-worker".to_string()],
+            };
             let socket = socket.unwrap_or_else(|| {
                 std::env::var_os("XDG_RUNTIME_DIR")
                     .map(|d| PathBuf::from(d).join("convoy.sock"))
@@ -373,6 +409,8 @@ fn run(cli: Cli) -> Result<()> {
                 drain_timeout: std::time::Duration::from_secs_f64(drain_timeout),
                 max_context,
                 templates,
+                render,
+                render_worker: Some(render_worker),
                 http,
             };
             let code = convoy_server::api::server::serve(engine, codec, serve_cfg)?;
@@ -382,6 +420,13 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Render(args) => render_template(args),
+        Command::RenderWorker => {
+            let code = convoy_server::prompt::run_worker(
+                std::io::stdin().lock(),
+                std::io::stdout().lock(),
+            );
+            std::process::exit(code)
+        }
         Command::Plan(args) => convoy_planner::plan::cli::run(*args),
         Command::Tokenize {
             model,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 /// A part named in an error: its index in the rendered list (from 0) and its `name`, when the
 /// part got far enough to have one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PartRef {
     /// Position in the rendered list of parts, from 0.
     pub index: usize,
@@ -24,7 +24,7 @@ impl fmt::Display for PartRef {
 }
 
 /// Where in a template's Jinja source something went wrong.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourceLine {
     /// The template the line is in: the requested one, or one it includes or imports.
     pub template: String,
@@ -42,15 +42,13 @@ impl fmt::Display for SourceLine {
 }
 
 /// Why a template could not be loaded, rendered or turned into a prompt.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum PromptError {
     /// No template of that name is loaded.
-    #[error("unknown template {name:?} (loaded: {})", list(known))]
+    #[error("unknown template {name:?}")]
     UnknownTemplate {
         /// The name asked for.
         name: String,
-        /// The names that are loaded, sorted.
-        known: Vec<String>,
     },
     /// The template directory, or a file in it, cannot be read.
     #[error("templates at {}: {message}", path.display())]
@@ -82,7 +80,7 @@ pub enum PromptError {
         message: String,
     },
     /// The rendered text is not valid YAML, or is not a list of parts.
-    #[error("template {template:?}: the rendered text is not a YAML list of parts: {message} at rendered line {line}, column {column}: {text:?}")]
+    #[error("template {template:?}: the rendered text is not a YAML list of parts: {message} at rendered line {line}, column {column}")]
     Yaml {
         /// The template asked for.
         template: String,
@@ -92,7 +90,8 @@ pub enum PromptError {
         column: usize,
         /// What is wrong.
         message: String,
-        /// The rendered line itself, to find it in the template.
+        /// The rendered line itself, to find it in the template (cut to 200 bytes; not part of
+        /// the message: errors never carry template output to a client).
         text: String,
     },
     /// A part breaks the schema: a missing `content`, a wrong type for `truncation_priority`, an
@@ -106,6 +105,15 @@ pub enum PromptError {
         /// Line of the rendered text, from 1.
         line: usize,
         /// What is wrong.
+        message: String,
+    },
+    /// The render passed a resource limit: its output size, its memory, its time, or it
+    /// crashed in its worker process.
+    #[error("template {template:?}: {message}")]
+    Limit {
+        /// The template asked for.
+        template: String,
+        /// Which limit, and its value.
         message: String,
     },
     /// The variables are not a JSON object, or a budget value is out of range.
@@ -136,14 +144,6 @@ pub enum PromptError {
     },
 }
 
-fn list(names: &[String]) -> String {
-    if names.is_empty() {
-        "none".to_string()
-    } else {
-        names.join(", ")
-    }
-}
-
 impl PromptError {
     /// A stable code for the wire protocol: `unknown_template`, `template_error` (load, syntax,
     /// render, YAML and part errors), `invalid_parameter`, `invalid_prompt` (token counting) or
@@ -155,7 +155,8 @@ impl PromptError {
             | PromptError::Syntax { .. }
             | PromptError::Render { .. }
             | PromptError::Yaml { .. }
-            | PromptError::Part { .. } => "template_error",
+            | PromptError::Part { .. }
+            | PromptError::Limit { .. } => "template_error",
             PromptError::InvalidParameter { .. } => "invalid_parameter",
             PromptError::TokenCount { .. } => "invalid_prompt",
             PromptError::PromptTooLong { .. } => "prompt_too_long",
@@ -170,7 +171,8 @@ impl PromptError {
             | PromptError::Render { template, .. }
             | PromptError::Yaml { template, .. }
             | PromptError::Part { template, .. }
-            | PromptError::TokenCount { template, .. } => Some(template),
+            | PromptError::TokenCount { template, .. }
+            | PromptError::Limit { template, .. } => Some(template),
             PromptError::Load { .. }
             | PromptError::InvalidParameter { .. }
             | PromptError::PromptTooLong { .. } => None,

@@ -20,6 +20,7 @@
 
 mod error;
 mod parts;
+mod sandbox;
 mod template;
 mod truncate;
 
@@ -28,10 +29,12 @@ use std::fmt;
 use convoy_weights::ChatMessage;
 
 pub use error::{PartRef, PromptError, SourceLine};
+pub use parts::MAX_YAML_DEPTH;
 pub use parts::{parse_parts, Part, Role, PART_KEYS};
+pub use sandbox::{run_worker, RenderLimits, RenderPool, WorkerCommand};
 pub use template::{
-    template_name, yaml_quote, TemplateRef, TemplateRegistry, TemplateSet, INLINE_TEMPLATE_NAME,
-    RENDER_FUEL, TEMPLATE_SUFFIXES,
+    template_name, yaml_quote, TemplateRef, TemplateRegistry, TemplateSet,
+    DEFAULT_MAX_OUTPUT_BYTES, INLINE_TEMPLATE_NAME, RENDER_FUEL, TEMPLATE_SUFFIXES,
 };
 pub use truncate::{truncate, Budget, PartSize, Truncation};
 

@@ -86,7 +86,9 @@ impl Node {
     fn describe(&self) -> String {
         match &self.kind {
             Kind::Scalar { .. } if self.is_null() => "null".to_string(),
-            Kind::Scalar { value, .. } => format!("the scalar {value:?}"),
+            Kind::Scalar { value, .. } => {
+                format!("the scalar {:?}", super::template::cut(value, 40))
+            }
             Kind::Seq(_) => "a list".to_string(),
             Kind::Map(_) => "a mapping".to_string(),
         }
@@ -117,12 +119,19 @@ fn yaml_error(template: &str, text: &str, line: usize, col: usize, message: Stri
         line,
         column: col + 1,
         message,
-        text: text
-            .lines()
-            .nth(line.saturating_sub(1))
-            .unwrap_or("")
+        text: super::template::cut(text.lines().nth(line.saturating_sub(1)).unwrap_or(""), 200)
             .to_string(),
     }
+}
+
+fn too_deep(template: &str, text: &str, line: usize, col: usize) -> PromptError {
+    yaml_error(
+        template,
+        text,
+        line,
+        col,
+        format!("YAML nested more than {MAX_YAML_DEPTH} levels deep"),
+    )
 }
 
 fn scan_error(template: &str, text: &str, e: &ScanError) -> PromptError {
@@ -130,7 +139,12 @@ fn scan_error(template: &str, text: &str, e: &ScanError) -> PromptError {
     yaml_error(template, text, m.line(), m.col(), e.info().to_string())
 }
 
-/// Read the YAML text into one tree.
+/// Deepest nesting of YAML collections a rendered text may have. A list of parts needs 2 (the
+/// list, a part's mapping); the bound keeps building, walking and dropping the tree shallow
+/// whatever a template renders.
+pub const MAX_YAML_DEPTH: usize = 16;
+
+/// Read the YAML text into one tree, at most [`MAX_YAML_DEPTH`] collections deep.
 fn load(template: &str, text: &str) -> Result<Option<Node>, PromptError> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut root: Option<Node> = None;
@@ -154,6 +168,9 @@ fn load(template: &str, text: &str) -> Result<Option<Node>, PromptError> {
                 ))
             }
             Event::SequenceStart(..) => {
+                if stack.len() >= MAX_YAML_DEPTH {
+                    return Err(too_deep(template, text, line, col));
+                }
                 stack.push(Frame {
                     node: Node {
                         line,
@@ -165,6 +182,9 @@ fn load(template: &str, text: &str) -> Result<Option<Node>, PromptError> {
                 continue;
             }
             Event::MappingStart(..) => {
+                if stack.len() >= MAX_YAML_DEPTH {
+                    return Err(too_deep(template, text, line, col));
+                }
                 stack.push(Frame {
                     node: Node {
                         line,

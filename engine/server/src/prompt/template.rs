@@ -30,6 +30,51 @@ pub const INLINE_TEMPLATE_NAME: &str = "inline";
 /// not a hung request.
 pub const RENDER_FUEL: u64 = 20_000_000;
 
+/// Default cap on a render's output: rendering stops with an error as soon as its text would
+/// pass it (checked as the text is written, not after).
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 1 << 20;
+
+/// Longest quote of an inline template's source line in an error.
+const QUOTE_BYTES: usize = 80;
+
+/// Longest detail of a minijinja error kept in an error (its messages may quote values).
+const DETAIL_BYTES: usize = 240;
+
+/// `text` cut to at most `max` bytes on a character boundary.
+pub(crate) fn cut(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// An `io::Write` into a `String` that refuses to grow past `limit` bytes, so an oversized
+/// render stops at the write that would pass the limit.
+struct LimitedOutput {
+    text: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("render output limit"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The template name a file name gives, or `None` when the file is not a template.
 pub fn template_name(file_name: &str) -> Option<&str> {
     if file_name.starts_with('.') {
@@ -141,16 +186,20 @@ fn describe(template: &str, e: &minijinja::Error) -> (SourceLine, String) {
         Some(d) => format!("{}: {d}", inner.kind()),
         None => inner.kind().to_string(),
     };
-    if let (Some(src), Some(line)) = (inner.template_source(), inner.line()) {
-        if let Some(text) = src.lines().nth(line - 1).filter(|t| !t.trim().is_empty()) {
-            message.push_str(&format!(" (in `{}`)", text.trim()));
-        }
-    }
     let at = SourceLine {
         template: inner.name().unwrap_or(template).to_string(),
         line: inner.line(),
     };
-    (at, message)
+    // Only the client's own (inline) source is quoted back: a named template's lines are the
+    // deployer's files, and no error carries file contents to a client.
+    if at.template == INLINE_TEMPLATE_NAME {
+        if let (Some(src), Some(line)) = (inner.template_source(), inner.line()) {
+            if let Some(text) = src.lines().nth(line - 1).filter(|t| !t.trim().is_empty()) {
+                message.push_str(&format!(" (in `{}`)", cut(text.trim(), QUOTE_BYTES)));
+            }
+        }
+    }
+    (at, cut(&message, DETAIL_BYTES).to_string())
 }
 
 fn syntax_error(template: &str, e: &minijinja::Error) -> PromptError {
@@ -182,7 +231,19 @@ fn render_error(template: &str, e: &minijinja::Error) -> PromptError {
 pub struct TemplateSet {
     env: Environment<'static>,
     names: Vec<String>,
+    /// Every template's source, by name, as added (what a render worker loads).
+    sources: Vec<(String, String)>,
     dir: Option<PathBuf>,
+    max_output_bytes: usize,
+    /// Changes whenever the set's templates do (see [`TemplateSet::generation`]).
+    generation: u64,
+}
+
+/// Source of [`TemplateSet::generation`] values.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_generation() -> u64 {
+    GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl fmt::Debug for TemplateSet {
@@ -206,7 +267,10 @@ impl TemplateSet {
         TemplateSet {
             env: new_env(),
             names: Vec::new(),
+            sources: Vec::new(),
             dir: None,
+            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            generation: next_generation(),
         }
     }
 
@@ -224,7 +288,19 @@ impl TemplateSet {
             let Some(file_name) = entry.file_name().to_str().map(str::to_string) else {
                 continue;
             };
-            if template_name(&file_name).is_some() && path.is_file() {
+            if template_name(&file_name).is_none() {
+                continue;
+            }
+            // The entry's own type, not its target's: a symbolic link is refused, so nothing
+            // outside the directory is ever read as a template.
+            let kind = entry.file_type().map_err(|e| load_err(&path, &e))?;
+            if kind.is_symlink() {
+                return Err(load_err(
+                    &path,
+                    &"a symbolic link; templates must be regular files in the directory",
+                ));
+            }
+            if kind.is_file() {
                 files.push((file_name, path));
             }
         }
@@ -261,8 +337,12 @@ impl TemplateSet {
             .and_then(|n| n.to_str())
             .ok_or_else(|| load_err(&"not a file name"))?
             .to_string();
-        if !file.is_file() {
-            return Err(load_err(&"no such file"));
+        match std::fs::symlink_metadata(file) {
+            Ok(m) if m.is_file() => {}
+            Ok(m) if m.is_symlink() => {
+                return Err(load_err(&"a symbolic link; give the template file itself"))
+            }
+            _ => return Err(load_err(&"no such file")),
         }
         let source = std::fs::read_to_string(file).map_err(|e| load_err(&e))?;
         let dir = match file.parent() {
@@ -278,7 +358,8 @@ impl TemplateSet {
             }
             for suffix in TEMPLATE_SUFFIXES {
                 let path = lookup_dir.join(format!("{wanted}{suffix}"));
-                if template_name(&format!("{wanted}{suffix}")) == Some(wanted) && path.is_file() {
+                let regular = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file());
+                if template_name(&format!("{wanted}{suffix}")) == Some(wanted) && regular {
                     return std::fs::read_to_string(&path).map(Some).map_err(|e| {
                         minijinja::Error::new(
                             ErrorKind::TemplateNotFound,
@@ -303,7 +384,33 @@ impl TemplateSet {
             self.names.push(name.to_string());
             self.names.sort();
         }
+        match self.sources.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 = source.to_string(),
+            None => self.sources.push((name.to_string(), source.to_string())),
+        }
+        self.generation = next_generation();
         Ok(())
+    }
+
+    /// A number unique to this set's current templates: two sets (or one set before and after
+    /// an [`add`](Self::add)) never share one. Render workers hold the generation they loaded.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Every template's `(name, source)`, in the order they were added.
+    pub fn sources(&self) -> &[(String, String)] {
+        &self.sources
+    }
+
+    /// Cap a render's output at `bytes` (default [`DEFAULT_MAX_OUTPUT_BYTES`]).
+    pub fn set_max_output_bytes(&mut self, bytes: usize) {
+        self.max_output_bytes = bytes;
+    }
+
+    /// The cap on a render's output, in bytes.
+    pub fn max_output_bytes(&self) -> usize {
+        self.max_output_bytes
     }
 
     /// The names of the templates, sorted.
@@ -340,20 +447,48 @@ impl TemplateSet {
                 if !self.contains(n) {
                     return Err(PromptError::UnknownTemplate {
                         name: n.to_string(),
-                        known: self.names.clone(),
                     });
                 }
                 let t = self.env.get_template(n).map_err(|e| syntax_error(n, &e))?;
-                t.render(ctx).map_err(|e| render_error(n, &e))
+                self.render_limited(name, |out| t.render_captured_to(ctx, out).map(drop))
             }
             TemplateRef::Inline(source) => {
                 let t = self
                     .env
                     .template_from_named_str(INLINE_TEMPLATE_NAME, source)
                     .map_err(|e| syntax_error(name, &e))?;
-                t.render(ctx).map_err(|e| render_error(name, &e))
+                self.render_limited(name, |out| t.render_captured_to(ctx, out).map(drop))
             }
         }
+    }
+
+    /// Run `render` into an output capped at `max_output_bytes`.
+    fn render_limited(
+        &self,
+        name: &str,
+        render: impl FnOnce(&mut LimitedOutput) -> Result<(), minijinja::Error>,
+    ) -> Result<String, PromptError> {
+        let mut out = LimitedOutput {
+            text: Vec::new(),
+            limit: self.max_output_bytes,
+            exceeded: false,
+        };
+        let result = render(&mut out);
+        if out.exceeded {
+            return Err(PromptError::Limit {
+                template: name.to_string(),
+                message: format!(
+                    "the rendered text passed the limit of {} bytes",
+                    self.max_output_bytes
+                ),
+            });
+        }
+        result.map_err(|e| render_error(name, &e))?;
+        // minijinja writes whole UTF-8 strings, so the bytes are valid text.
+        String::from_utf8(out.text).map_err(|_| PromptError::Limit {
+            template: name.to_string(),
+            message: "the rendered text is not UTF-8".to_string(),
+        })
     }
 
     /// Render a template and parse its parts.
@@ -389,15 +524,18 @@ impl TemplateSet {
 #[derive(Debug)]
 pub struct TemplateRegistry {
     dir: PathBuf,
+    max_output_bytes: usize,
     current: parking_lot::RwLock<Arc<TemplateSet>>,
 }
 
 impl TemplateRegistry {
-    /// Load the templates of `dir`.
-    pub fn load(dir: &Path) -> Result<TemplateRegistry, PromptError> {
-        let set = TemplateSet::load_dir(dir)?;
+    /// Load the templates of `dir`, each render's output capped at `max_output_bytes`.
+    pub fn load(dir: &Path, max_output_bytes: usize) -> Result<TemplateRegistry, PromptError> {
+        let mut set = TemplateSet::load_dir(dir)?;
+        set.set_max_output_bytes(max_output_bytes);
         Ok(TemplateRegistry {
             dir: dir.to_path_buf(),
+            max_output_bytes,
             current: parking_lot::RwLock::new(Arc::new(set)),
         })
     }
@@ -415,7 +553,8 @@ impl TemplateRegistry {
     /// Load the directory again. On success the new set replaces the old and its size is
     /// returned; on error the old set stays and the error says why (for the caller to log).
     pub fn reload(&self) -> Result<usize, PromptError> {
-        let set = TemplateSet::load_dir(&self.dir)?;
+        let mut set = TemplateSet::load_dir(&self.dir)?;
+        set.set_max_output_bytes(self.max_output_bytes);
         let n = set.names().len();
         *self.current.write() = Arc::new(set);
         Ok(n)
@@ -542,7 +681,8 @@ mod tests {
         let s = set(&[("a", "- name: a\n  content: x\n")]);
         let e = s.render(TemplateRef::Named("b"), &json!({})).unwrap_err();
         assert_eq!(e.code(), "unknown_template");
-        assert_eq!(e.to_string(), "unknown template \"b\" (loaded: a)");
+        // Only the name asked for: the loaded names are not listed to a client.
+        assert_eq!(e.to_string(), "unknown template \"b\"");
         let e = s.render(TemplateRef::Named("a"), &json!([1])).unwrap_err();
         assert_eq!(e.code(), "invalid_parameter");
         assert!(s
@@ -601,7 +741,20 @@ mod tests {
             msg.contains("template \"chat\": rendering failed at \"chat\" line 2: undefined value"),
             "{msg}"
         );
-        assert!(msg.contains("intro"), "{msg}");
+        // A named template's lines are the deployer's file: named by number, never quoted.
+        assert!(!msg.contains("(in `"), "{msg}");
+        // An inline template's failing line is the client's own, and is quoted back.
+        let e = s
+            .render(
+                TemplateRef::Inline("- name: a\n  content: {{ intro | yaml_escape }}\n"),
+                &json!({}),
+            )
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("(in `content: {{ intro | yaml_escape }}`)"),
+            "{e}"
+        );
         // In an included template: the line is the included one's.
         let e = s
             .render(
@@ -705,7 +858,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(d.join("readme.md"), "not a template").unwrap();
-        let reg = TemplateRegistry::load(&d).unwrap();
+        let reg = TemplateRegistry::load(&d, DEFAULT_MAX_OUTPUT_BYTES).unwrap();
         let s = reg.current();
         assert_eq!(s.names(), ["_part".to_string(), "one".to_string()]);
         assert_eq!(

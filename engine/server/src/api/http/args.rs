@@ -41,6 +41,10 @@ pub struct HttpArgs {
     /// Seconds a client may take to send a request head (408 and closed beyond).
     #[arg(long, default_value_t = 10.0)]
     pub http_header_timeout: f64,
+    /// Seconds a client may take to send a request body once its head arrived (408 and
+    /// closed beyond). At the connection limit, the slowest body is closed first.
+    #[arg(long, default_value_t = 30.0)]
+    pub http_body_timeout: f64,
     /// Most open HTTP connections; the next ones get 503.
     #[arg(long, default_value_t = 1024)]
     pub http_max_connections: usize,
@@ -72,6 +76,9 @@ impl HttpArgs {
         if !(self.http_header_timeout > 0.0 && self.http_header_timeout.is_finite()) {
             bail!("--http-header-timeout must be a positive number of seconds");
         }
+        if !(self.http_body_timeout > 0.0 && self.http_body_timeout.is_finite()) {
+            bail!("--http-body-timeout must be a positive number of seconds");
+        }
         let api_key = self
             .api_key
             .clone()
@@ -85,6 +92,7 @@ impl HttpArgs {
             max_body_bytes: parse_bytes(&self.http_max_body_bytes)?,
             max_header_bytes: parse_bytes(&self.http_max_header_bytes)?,
             header_read_timeout: Duration::from_secs_f64(self.http_header_timeout),
+            body_read_timeout: Duration::from_secs_f64(self.http_body_timeout),
             max_connections: self.http_max_connections,
             model_name: self
                 .served_model_name

@@ -8,7 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::api::protocol::ProtocolError;
+use crate::api::protocol::{short_message, ProtocolError};
 
 /// A refused HTTP request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,11 +53,13 @@ fn error_type(status: StatusCode) -> &'static str {
 
 impl ApiError {
     /// An error whose status follows from its code.
+    /// The message is cut as the socket's are ([`short_message`]): an error never carries a
+    /// request's bulk back.
     pub fn new(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             status: status_for(code),
             code,
-            message: message.into(),
+            message: short_message(message.into()),
             param: None,
         }
     }

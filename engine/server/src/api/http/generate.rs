@@ -30,7 +30,8 @@ use convoy_scheduler::{FinishReason, RequestId};
 
 use crate::api::http::errors::{json_response, ApiError};
 use crate::api::http::openai::{
-    chat_logprobs, completion_logprobs, finish_reason, usage, Endpoint, LogprobsMode, TokenLogprob,
+    chat_logprobs, completion_logprobs, finish_reason, usage, Endpoint, LogprobToken, LogprobsMode,
+    TokenLogprob,
 };
 use crate::api::http::App;
 use crate::api::protocol::GenerateRequest;
@@ -151,6 +152,7 @@ pub(crate) async fn submit(
     app: &App,
     g: &GenerateRequest,
     owner: u64,
+    accepted: std::time::Instant,
 ) -> Result<Submitted, ApiError> {
     let shared = &app.shared;
     if shared.draining.load(Ordering::Relaxed) {
@@ -160,17 +162,17 @@ pub(crate) async fn submit(
         ));
     }
     let codec = shared.codec.clone();
-    let templates = shared.templates.as_ref().map(|t| t.current());
+    let templates = shared.template_context();
     let max_context = shared.cfg.max_context;
     let (prompt, special) = (g.prompt.clone(), g.special_tokens);
     let encoded = tokio::task::spawn_blocking(move || {
-        encode_prompt(&codec, templates.as_deref(), &prompt, special, max_context)
+        encode_prompt(&codec, &templates, &prompt, special, max_context)
     })
     .await
     .map_err(|_| ApiError::new("invalid_prompt", "encoding the prompt failed"))?
     .map_err(ApiError::from)?;
     let rid = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let req = engine_request(g, encoded.ids, owner);
+    let req = engine_request(g, encoded.ids, owner, accepted);
     let (tx, rx) = unbounded_channel();
     let pending = Arc::new(AtomicUsize::new(0));
     let sink = Box::new(HttpSink {
@@ -213,11 +215,22 @@ pub(crate) struct Meta {
 /// Log-probabilities of one token event in OpenAI's terms (token texts decoded).
 fn token_logprobs(app: &App, ids: &[u32], lp: Option<TokenLogprobs>) -> Option<TokenLogprob> {
     let lp = lp?;
-    let text = |id: u32| app.shared.codec.decode(&[id]).unwrap_or_default();
+    let codec = &app.shared.codec;
+    let token = |id: u32, logprob: f32| LogprobToken {
+        text: codec.decode(&[id]).unwrap_or_default(),
+        bytes: codec.token_bytes(id),
+        logprob,
+    };
     Some(TokenLogprob {
-        token: ids.last().map(|&id| text(id)).unwrap_or_default(),
-        logprob: lp.logprob,
-        top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
+        token: match ids.last() {
+            Some(&id) => token(id, lp.logprob),
+            None => LogprobToken {
+                text: String::new(),
+                bytes: Vec::new(),
+                logprob: lp.logprob,
+            },
+        },
+        top: lp.top.iter().map(|&(id, l)| token(id, l)).collect(),
     })
 }
 
@@ -297,7 +310,7 @@ struct SseBody {
     sub: Submitted,
     meta: Meta,
     out: VecDeque<Bytes>,
-    /// Text bytes sent so far (completions' `text_offset`).
+    /// Bytes of the tokens sent so far (completions' `text_offset`).
     sent_text: usize,
     ended: bool,
 }
@@ -330,7 +343,12 @@ impl SseBody {
                 "finish_reason": finish,
             }),
         };
-        self.sent_text += text.map_or(0, str::len);
+        // Offsets count the tokens' real bytes (a character split across tokens is held back
+        // from `text` until it is whole, but its bytes belong to the tokens that carry them).
+        self.sent_text += match lp {
+            Some(l) => l.token.bytes.len(),
+            None => text.map_or(0, str::len),
+        };
         let chunk = self.envelope(vec![choice]);
         self.data(&chunk);
     }

@@ -15,6 +15,7 @@
 //!   (within `--drain-timeout`), and the daemon waits for them to be written before it exits.
 
 mod args;
+mod body;
 mod errors;
 mod generate;
 mod openai;
@@ -64,6 +65,8 @@ pub struct HttpConfig {
     pub max_header_bytes: usize,
     /// Longest time to receive a request head.
     pub header_read_timeout: Duration,
+    /// Longest time to receive a request body, from the end of its head.
+    pub body_read_timeout: Duration,
     /// Most open HTTP connections, all listeners together.
     pub max_connections: usize,
     /// The model name clients give and `/v1/models` lists.
@@ -81,11 +84,15 @@ impl Default for HttpConfig {
             max_body_bytes: 8 << 20,
             max_header_bytes: 64 << 10,
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             max_connections: 1024,
             model_name: "convoy".into(),
         }
     }
 }
+
+/// How long a body must have been arriving before it may be shed for a new connection.
+const BODY_SHED_AGE: Duration = Duration::from_secs(1);
 
 /// hyper's smallest read buffer.
 const MIN_HEADER_BYTES: usize = 8192;
@@ -122,8 +129,8 @@ impl HttpConfig {
         if self.max_body_bytes == 0 || self.max_connections == 0 {
             bail!("--http-max-body-bytes and --http-max-connections must be positive");
         }
-        if self.header_read_timeout.is_zero() {
-            bail!("--http-header-timeout must be positive");
+        if self.header_read_timeout.is_zero() || self.body_read_timeout.is_zero() {
+            bail!("--http-header-timeout and --http-body-timeout must be positive");
         }
         Ok(())
     }
@@ -143,6 +150,8 @@ pub(crate) struct HttpShared {
     pub(crate) created: u64,
     /// Makes response ids differ between runs.
     pub(crate) id_base: u64,
+    /// Request bodies being received, oldest first (shed at the connection limit).
+    pub(crate) bodies: body::BodiesInFlight,
 }
 
 /// The state of every route.
@@ -205,6 +214,7 @@ pub(crate) async fn start(shared: Arc<Shared>) -> anyhow::Result<Option<HttpServ
             next_response: AtomicU64::new(0),
             created: now.as_secs(),
             id_base: (now.as_nanos() as u64) & 0xffff_ffff,
+            bodies: body::BodiesInFlight::default(),
         }),
     };
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -295,7 +305,12 @@ async fn accept_loop(app: App, listener: Listener, router: Router, drain: watch:
         let http = app.http.clone();
         let open = http.connections.fetch_add(1, Ordering::Relaxed);
         let counted = Counted(http.clone());
-        let over = open >= http.cfg.max_connections;
+        // At the limit, the connection whose body has been arriving longest makes room: slow
+        // bodies compete with one another, not with everyone.
+        let over = open >= http.cfg.max_connections && !http.bodies.shed_oldest(BODY_SHED_AGE);
+        if open >= http.cfg.max_connections && !over {
+            tracing::warn!("at the HTTP connection limit: closed the slowest request body");
+        }
         let conn = http.next_connection.fetch_add(1, Ordering::Relaxed);
         let svc = Svc {
             router: if over { busy.clone() } else { router.clone() },

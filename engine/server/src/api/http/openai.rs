@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::api::http::errors::ApiError;
-use crate::api::protocol::{parse_line, ClientMessage, GenerateRequest};
+use crate::api::protocol::{parse_json, parse_line, ClientMessage, GenerateRequest, ProtocolError};
 use convoy_engine::core::{Done, Usage};
 
 /// Which endpoint a request came to.
@@ -94,9 +94,9 @@ pub struct OpenAiRequest {
     /// Most tokens to generate (newer name; wins over `max_tokens`).
     pub max_completion_tokens: Option<u64>,
     /// Sampling temperature (default 1, as OpenAI).
-    pub temperature: Option<f32>,
+    pub temperature: Option<f64>,
     /// Nucleus sampling.
-    pub top_p: Option<f32>,
+    pub top_p: Option<f64>,
     /// Top-k (an extension; 0 or -1 is off).
     pub top_k: Option<i64>,
     /// Random seed.
@@ -233,8 +233,14 @@ pub fn parse_request(
     served_model: &str,
     default_max_tokens: u64,
 ) -> Result<Parsed, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new("invalid_json", format!("the body is not valid JSON: {e}")))?;
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::new("invalid_utf8", format!("the body is not UTF-8: {e}")))?;
+    let value = parse_json(text).map_err(|e| {
+        let message = e
+            .message
+            .replace("the line is not JSON", "the body is not valid JSON");
+        ApiError::from(ProtocolError::new(e.code, message))
+    })?;
     if !value.is_object() {
         return Err(ApiError::new(
             "not_an_object",
@@ -446,49 +452,63 @@ pub fn usage(u: &Usage) -> Value {
     })
 }
 
-/// One token's log-probabilities in OpenAI's shapes (`token` is the token's text).
+/// One token of a log-probability report: its text (lossy where the token is part of a
+/// character), its real bytes, and its log-probability.
 #[derive(Clone, Debug, PartialEq)]
-pub struct TokenLogprob {
+pub struct LogprobToken {
     /// The token's text.
-    pub token: String,
+    pub text: String,
+    /// The bytes it stands for (see `TextCodec::token_bytes`).
+    pub bytes: Vec<u8>,
     /// Its log-probability.
     pub logprob: f32,
-    /// The most likely alternatives: text and log-probability.
-    pub top: Vec<(String, f32)>,
+}
+
+/// One token's log-probabilities in OpenAI's shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    /// The sampled token.
+    pub token: LogprobToken,
+    /// The most likely alternatives.
+    pub top: Vec<LogprobToken>,
 }
 
 /// Chat's `logprobs` object.
 pub fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
-    let entry = |t: &str, lp: f32| json!({"token": t, "logprob": lp, "bytes": t.as_bytes()});
+    let entry = |t: &LogprobToken| json!({"token": t.text, "logprob": t.logprob, "bytes": t.bytes});
     let content: Vec<Value> = tokens
         .iter()
         .map(|t| {
-            let mut e = entry(&t.token, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|(s, lp)| entry(s, *lp)).collect();
+            let mut e = entry(&t.token);
+            e["top_logprobs"] = t.top.iter().map(entry).collect();
             e
         })
         .collect();
     json!({ "content": content })
 }
 
-/// Completions' `logprobs` object; `offset` is the text length before these tokens.
+/// Completions' `logprobs` object; `offset` is the text's length in bytes before these
+/// tokens. Offsets advance by each token's real bytes, so they stay inside the text.
 pub fn completion_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> Value {
     let mut text_offset = Vec::with_capacity(tokens.len());
     for t in tokens {
         text_offset.push(offset);
-        offset += t.token.len();
+        offset += t.token.bytes.len();
     }
     let top: Vec<Value> = tokens
         .iter()
         .map(|t| {
-            let m: Map<String, Value> =
-                t.top.iter().map(|(s, lp)| (s.clone(), json!(lp))).collect();
+            let m: Map<String, Value> = t
+                .top
+                .iter()
+                .map(|a| (a.text.clone(), json!(a.logprob)))
+                .collect();
             Value::Object(m)
         })
         .collect();
     json!({
-        "tokens": tokens.iter().map(|t| t.token.clone()).collect::<Vec<_>>(),
-        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "tokens": tokens.iter().map(|t| t.token.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
         "top_logprobs": top,
         "text_offset": text_offset,
     })
@@ -496,6 +516,32 @@ pub fn completion_logprobs(tokens: &[TokenLogprob], mut offset: usize) -> Value 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn logprobs_carry_each_tokens_real_bytes_and_offsets_stay_in_the_text() {
+        use super::{chat_logprobs, completion_logprobs, LogprobToken, TokenLogprob};
+        // "👍" split over two tokens: each decodes alone to U+FFFD.
+        let tok = |bytes: &[u8]| TokenLogprob {
+            token: LogprobToken {
+                text: "\u{fffd}".into(),
+                bytes: bytes.to_vec(),
+                logprob: -0.5,
+            },
+            top: Vec::new(),
+        };
+        let tokens = [tok(&[0xf0, 0x9f]), tok(&[0x91, 0x8d])];
+        let c = completion_logprobs(&tokens, 3);
+        assert_eq!(c["text_offset"], serde_json::json!([3, 5]));
+        let chat = chat_logprobs(&tokens);
+        let bytes: Vec<u64> = chat["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["bytes"].as_array().unwrap().clone())
+            .map(|b| b.as_u64().unwrap())
+            .collect();
+        assert_eq!(bytes, [0xf0, 0x9f, 0x91, 0x8d]);
+    }
+
     use super::*;
     use crate::api::protocol::Prompt;
 

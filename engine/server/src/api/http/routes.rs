@@ -7,8 +7,6 @@
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -18,6 +16,7 @@ use axum::{Extension, Router};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::api::http::body::{parse_off_io, read_body};
 use crate::api::http::errors::{json_response, ApiError};
 use crate::api::http::generate::{complete, stream, submit, Meta};
 use crate::api::http::openai::{parse_request, Endpoint};
@@ -174,17 +173,17 @@ async fn metrics_route(State(app): State<App>, headers: HeaderMap) -> Response {
 async fn chat_completions(
     State(app): State<App>,
     conn: Option<Extension<ConnId>>,
-    body: Result<Bytes, BytesRejection>,
+    req: Request,
 ) -> Response {
-    generate(app, Endpoint::Chat, conn.map_or(0, |c| c.0 .0), body).await
+    generate(app, Endpoint::Chat, conn.map_or(0, |c| c.0 .0), req).await
 }
 
 async fn completions(
     State(app): State<App>,
     conn: Option<Extension<ConnId>>,
-    body: Result<Bytes, BytesRejection>,
+    req: Request,
 ) -> Response {
-    generate(app, Endpoint::Completions, conn.map_or(0, |c| c.0 .0), body).await
+    generate(app, Endpoint::Completions, conn.map_or(0, |c| c.0 .0), req).await
 }
 
 /// The fair-queuing owner: one per `user` when given, else one per HTTP connection; both
@@ -200,38 +199,47 @@ fn owner(user: Option<&str>, conn: u64) -> u64 {
     }
 }
 
-async fn generate(
-    app: App,
-    endpoint: Endpoint,
-    conn: u64,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
+async fn generate(app: App, endpoint: Endpoint, conn: u64, req: Request) -> Response {
+    let (head, body) = req.into_parts();
+    let body = match read_body(
+        &head.headers,
+        body,
+        app.http.cfg.max_body_bytes,
+        app.http.cfg.body_read_timeout,
+        &app.http.bodies,
+    )
+    .await
+    {
         Ok(b) => b,
-        Err(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return ApiError::new(
-                "body_too_large",
-                format!(
-                    "request bodies are limited to {} bytes",
-                    app.http.cfg.max_body_bytes
-                ),
-            )
-            .into_response()
+        Err(e) => {
+            // The rest of the body is not read: the connection cannot carry another request.
+            let mut r = e.into_response();
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
         }
-        Err(r) => return ApiError::new("invalid_body", r.body_text()).into_response(),
     };
+    // The request is accepted once its body is in: its queueing time and TTFT count from here.
+    let accepted = std::time::Instant::now();
     // Without a limit a request runs to the end of the context, as OpenAI's API does.
     let default_max_tokens = app.shared.cfg.max_context as u64;
-    let parsed = match parse_request(
-        endpoint,
-        &body,
-        &app.http.cfg.model_name,
-        default_max_tokens,
-    ) {
+    let model_name = app.http.cfg.model_name.clone();
+    let parsed = match parse_off_io(body, move |body| {
+        parse_request(endpoint, body, &model_name, default_max_tokens)
+    })
+    .await
+    {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
-    let sub = match submit(&app, &parsed.generate, owner(parsed.user.as_deref(), conn)).await {
+    let sub = match submit(
+        &app,
+        &parsed.generate,
+        owner(parsed.user.as_deref(), conn),
+        accepted,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
