@@ -574,6 +574,8 @@ fn main() -> Result<()> {
             };
             let mut cfg = SchedulerConfig::new(KvCacheConfig::new(16, running * 256));
             cfg.max_running = running;
+            cfg.max_queued = running;
+            cfg.max_queued_per_owner = running;
             cfg.max_batched_tokens = running * 4;
             let mut s = Scheduler::new(cfg);
             for i in 0..running as u64 {
@@ -585,9 +587,20 @@ fn main() -> Result<()> {
                 })
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             }
-            let step = |s: &mut Scheduler| {
-                let out = s.schedule();
-                s.update_from_output(&out, &ModelOutput::constant(&out, 7))
+            // One output, model answer and result buffer for the whole run, as the engine keeps.
+            let mut out = convoy_scheduler::SchedulerOutput::default();
+            let mut model = ModelOutput::default();
+            let mut results = Vec::new();
+            let mut step = |s: &mut Scheduler| {
+                s.schedule_into(&mut out);
+                model.sampled.clear();
+                model.sampled.extend(
+                    out.scheduled
+                        .iter()
+                        .filter(|r| r.sample)
+                        .map(|r| convoy_scheduler::SampledToken { id: r.id, token: 7 }),
+                );
+                s.update_from_output_into(&out, &model, &mut results)
                     .expect("the stand-in model answers every sampled request");
                 out.scheduled.len()
             };

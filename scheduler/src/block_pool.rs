@@ -9,7 +9,7 @@
 //! - a free block may still be cached: it is reused (and forgotten) only when it reaches the
 //!   head of the queue and a new block is needed.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::block_hash::BlockHash;
 
@@ -48,8 +48,8 @@ pub struct BlockPool {
     tail: BlockId,
     num_free: usize,
     num_cached: usize,
-    full: HashMap<BlockHash, BlockId>,
-    children: HashMap<BlockHash, Vec<BlockId>>,
+    full: FxHashMap<BlockHash, BlockId>,
+    children: FxHashMap<BlockHash, Vec<BlockId>>,
 }
 
 impl BlockPool {
@@ -70,8 +70,8 @@ impl BlockPool {
             tail: NIL,
             num_free: 0,
             num_cached: 0,
-            full: HashMap::new(),
-            children: HashMap::new(),
+            full: FxHashMap::default(),
+            children: FxHashMap::default(),
         };
         for id in 0..num_blocks as BlockId {
             pool.push_tail(id);

@@ -13,7 +13,7 @@
 //! a sequence holds has one reference from it. When all sequences are freed every device block
 //! is free (cached or not): nothing leaks.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::block_hash::{chain_hash, identity_key, root_hash, BlockHash, KeyFn};
 use crate::block_pool::{BlockId, BlockKey, BlockPool};
@@ -128,7 +128,7 @@ pub struct KvCacheManager {
     cfg: KvCacheConfig,
     device: BlockPool,
     host: BlockPool,
-    seqs: HashMap<SeqId, SeqState>,
+    seqs: FxHashMap<SeqId, SeqState>,
     stats: CacheStats,
 }
 
@@ -139,7 +139,7 @@ impl KvCacheManager {
             device: BlockPool::new(cfg.num_device_blocks),
             host: BlockPool::new(cfg.num_host_blocks),
             cfg,
-            seqs: HashMap::new(),
+            seqs: FxHashMap::default(),
             stats: CacheStats::default(),
         }
     }
@@ -350,10 +350,14 @@ impl KvCacheManager {
         num_tokens: usize,
         copies: &mut Vec<BlockCopy>,
     ) -> Result<(), OutOfBlocks> {
-        let have = self.seqs.get(&seq).map_or(0, |s| s.blocks.len());
+        let have = self.seqs.get(&seq).map(|s| s.blocks.len());
         let needed = num_tokens
             .div_ceil(self.cfg.block_size)
-            .saturating_sub(have);
+            .saturating_sub(have.unwrap_or(0));
+        if needed == 0 && have.is_some() {
+            // A decode inside its last block: nothing to do (most steps of most sequences).
+            return Ok(());
+        }
         if needed > self.device.num_free() {
             return Err(OutOfBlocks {
                 needed,
@@ -402,6 +406,13 @@ impl KvCacheManager {
             return;
         }
         let bs = self.cfg.block_size;
+        // Most steps fill no new block: nothing to index (and the entry stays where it is).
+        let Some(state) = self.seqs.get(&seq) else {
+            return;
+        };
+        if state.full_hashes.len() >= (num_computed / bs).min(state.blocks.len()) {
+            return;
+        }
         let Some(mut state) = self.seqs.remove(&seq) else {
             return;
         };

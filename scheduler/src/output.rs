@@ -96,8 +96,8 @@ impl ModelOutput {
 pub struct RequestOutput {
     /// The request.
     pub id: RequestId,
-    /// Tokens generated this step.
-    pub new_token_ids: Vec<u32>,
+    /// The token generated this step.
+    pub new_token: u32,
     /// Set when the request finished generating this step.
     pub finished: Option<FinishReason>,
     /// What the cache served, on the step the request first ran.

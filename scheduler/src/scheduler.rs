@@ -41,7 +41,7 @@
 //! waiting request that shares a long prefix with a finishing one is admitted a step later, once
 //! that reply is in the cache.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use crate::kv_cache_manager::{KvCacheConfig, KvCacheManager, OutOfBlocks};
 use crate::output::{
@@ -145,8 +145,10 @@ impl AddError {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvCacheManager,
-    requests: HashMap<RequestId, Request>,
+    requests: FxHashMap<RequestId, Request>,
     waiting: Vec<RequestId>,
+    /// Waiting requests per owner (the per-owner queue limit without a scan of the queue).
+    waiting_per_owner: FxHashMap<u64, usize>,
     running: Vec<RequestId>,
     step: u64,
     next_arrival: u64,
@@ -161,7 +163,20 @@ pub struct Scheduler {
     /// Fair-queuing clock: the tag of the last admitted request.
     virtual_time: u64,
     /// Each owner's last tag (entries at or below `virtual_time` are pruned as redundant).
-    owner_tags: HashMap<u64, u64>,
+    owner_tags: FxHashMap<u64, u64>,
+    /// Buffers reused from step to step, so a steady step allocates nothing.
+    scratch: StepScratch,
+}
+
+/// Per-step working memory, kept between steps.
+#[derive(Default)]
+struct StepScratch {
+    /// Sort keys of the running or waiting list, with their ids.
+    keys: Vec<((i64, u64, u64), RequestId)>,
+    /// Running requests that are finishing this step (for the next-turn rule).
+    finishing: Vec<RequestId>,
+    /// This step's sampled tokens by request.
+    sampled: FxHashMap<RequestId, u32>,
 }
 
 impl Scheduler {
@@ -170,8 +185,9 @@ impl Scheduler {
         Scheduler {
             kv: KvCacheManager::new(cfg.kv.clone()),
             cfg,
-            requests: HashMap::new(),
+            requests: FxHashMap::default(),
             waiting: Vec::new(),
+            waiting_per_owner: FxHashMap::default(),
             running: Vec::new(),
             step: 0,
             next_arrival: 0,
@@ -180,7 +196,8 @@ impl Scheduler {
             left: Vec::new(),
             step_token_budget: None,
             virtual_time: 0,
-            owner_tags: HashMap::new(),
+            owner_tags: FxHashMap::default(),
+            scratch: StepScratch::default(),
         }
     }
 
@@ -265,11 +282,7 @@ impl Scheduler {
                 waiting: self.waiting.len(),
             });
         }
-        let of_owner = self
-            .waiting
-            .iter()
-            .filter(|w| self.requests[w].owner == r.owner)
-            .count();
+        let of_owner = self.waiting_per_owner.get(&r.owner).copied().unwrap_or(0);
         if of_owner >= self.cfg.max_queued_per_owner {
             return Err(AddError::OwnerQueueFull {
                 waiting: of_owner,
@@ -310,8 +323,24 @@ impl Scheduler {
                 in_cache: false,
             },
         );
-        self.waiting.push(r.id);
+        self.push_waiting(r.id, r.owner);
         Ok(())
+    }
+
+    /// Put a request at the back of the waiting queue.
+    fn push_waiting(&mut self, id: RequestId, owner: u64) {
+        self.waiting.push(id);
+        *self.waiting_per_owner.entry(owner).or_insert(0) += 1;
+    }
+
+    /// Count a request out of the waiting queue (the caller removes it from the list).
+    fn left_waiting(&mut self, owner: u64) {
+        if let Some(n) = self.waiting_per_owner.get_mut(&owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.waiting_per_owner.remove(&owner);
+            }
+        }
     }
 
     /// Base priority plus one for every `aging_steps` steps since the request arrived. The age
@@ -322,17 +351,58 @@ impl Scheduler {
         r.priority as i64 + aged
     }
 
-    fn sort_key(&self, id: RequestId) -> (i64, u64) {
-        let r = &self.requests[&id];
-        (-self.effective_priority(r), r.arrival)
+    /// Order `list` by `key`, computing each key once; an already ordered list (the usual
+    /// case from one step to the next) costs one pass. Keys are unique (arrival breaks ties),
+    /// so the order is the same as any sort's.
+    fn sort_by_cached_key(
+        &mut self,
+        list: &mut [RequestId],
+        key: impl Fn(&Self, &Request) -> (i64, u64, u64),
+    ) {
+        let mut keys = std::mem::take(&mut self.scratch.keys);
+        keys.clear();
+        keys.extend(list.iter().map(|&id| (key(self, &self.requests[&id]), id)));
+        if !keys.is_sorted() {
+            keys.sort_unstable();
+            for (slot, &(_, id)) in list.iter_mut().zip(&keys) {
+                *slot = id;
+            }
+        }
+        self.scratch.keys = keys;
+    }
+
+    /// Order the running list (effective priority, then arrival) and, in the same pass, count
+    /// the requests owed one token this step and note those finishing. Returns the count.
+    fn sort_running(&mut self) -> usize {
+        let mut keys = std::mem::take(&mut self.scratch.keys);
+        keys.clear();
+        self.scratch.finishing.clear();
+        let mut owed = 0;
+        for &id in &self.running {
+            let r = &self.requests[&id];
+            if r.tokens.len() - r.num_computed_tokens == 1 {
+                owed += 1;
+            }
+            if matches!(r.status, RequestStatus::Finishing(_)) {
+                self.scratch.finishing.push(id);
+            }
+            keys.push(((-self.effective_priority(r), r.arrival, 0), id));
+        }
+        if !keys.is_sorted() {
+            keys.sort_unstable();
+            for (slot, &(_, id)) in self.running.iter_mut().zip(&keys) {
+                *slot = id;
+            }
+        }
+        self.scratch.keys = keys;
+        owed
     }
 
     /// Order the waiting queue: effective priority, then fair-queuing tag, then arrival.
     fn sort_waiting(&mut self) {
         let mut waiting = std::mem::take(&mut self.waiting);
-        waiting.sort_by_key(|id| {
-            let r = &self.requests[id];
-            (-self.effective_priority(r), r.fair_tag, r.arrival)
+        self.sort_by_cached_key(&mut waiting, |s, r| {
+            (-s.effective_priority(r), r.fair_tag, r.arrival)
         });
         self.waiting = waiting;
     }
@@ -378,8 +448,12 @@ impl Scheduler {
         let Some(r) = self.forget(id) else {
             return false;
         };
-        self.waiting.retain(|&w| w != id);
-        self.running.retain(|&w| w != id);
+        if r.status == RequestStatus::Waiting {
+            self.waiting.retain(|&w| w != id);
+            self.left_waiting(r.owner);
+        } else {
+            self.running.retain(|&w| w != id);
+        }
         if r.in_cache {
             self.kv.free(id, &r.tokens, r.num_computed_tokens);
         }
@@ -411,8 +485,9 @@ impl Scheduler {
         }
         r.status = RequestStatus::Waiting;
         r.num_preemptions += 1;
+        let owner = r.owner;
         self.preemptions += 1;
-        self.waiting.push(id);
+        self.push_waiting(id, owner);
         out.preempted.push(id);
     }
 
@@ -423,8 +498,12 @@ impl Scheduler {
             return false;
         }
         let r = &self.requests[&id];
-        self.running.iter().any(|f| {
-            let f = &self.requests[f];
+        // A finishing request preempted this step is gone from the table (its output was
+        // complete): only those still running count.
+        self.scratch.finishing.iter().any(|f| {
+            let Some(f) = self.requests.get(f) else {
+                return false;
+            };
             matches!(f.status, RequestStatus::Finishing(_))
                 && f.cache_salt == r.cache_salt
                 && f.tokens
@@ -438,25 +517,28 @@ impl Scheduler {
 
     /// Decide the next step.
     pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        self.schedule_into(&mut out);
+        out
+    }
+
+    /// Decide the next step into `out`, reusing its buffers (the token and block-table vectors
+    /// of its scheduled requests included): a caller that keeps one `SchedulerOutput` across
+    /// steps makes a steady step allocation-free. Everything `out` held is replaced.
+    pub fn schedule_into(&mut self, out: &mut SchedulerOutput) {
         self.step += 1;
-        let mut out = SchedulerOutput {
-            step: self.step,
-            ..Default::default()
-        };
-        let mut running = std::mem::take(&mut self.running);
-        running.sort_by_key(|&id| self.sort_key(id));
-        self.running = running;
+        out.step = self.step;
+        out.new_requests.clear();
+        out.finished_ids.clear();
+        out.copies.clear();
+        out.preempted.clear();
+        out.ended.clear();
+        out.num_batched_tokens = 0;
+        let mut filled = 0usize;
         // Running requests that compute exactly one token this step (decodes, and finishing
         // requests caching their last token): each is owed one token of the budget before any
-        // prefill chunk takes the rest.
-        let mut owed = self
-            .running
-            .iter()
-            .filter(|id| {
-                let r = &self.requests[id];
-                r.tokens.len() - r.num_computed_tokens == 1
-            })
-            .count();
+        // prefill chunk takes the rest. Finishing requests are noted for the next-turn rule.
+        let mut owed = self.sort_running();
         let mut budget = self.cfg.max_batched_tokens;
         // Every step is paced, with or without decodes: the engine only sees new arrivals
         // between steps, so the step's length bounds how long a newcomer waits to be admitted.
@@ -465,8 +547,8 @@ impl Scheduler {
         }
         let full_budget = budget;
         // Paced, while requests wait and there is room to admit them, a running prefill takes at
-        // most half of what the decodes leave: a long prompt cannot hold newcomers back until it is
-        // done.
+        // most half of what the decodes leave: a long prompt cannot hold newcomers back until it
+        // is done.
         let room = !self.waiting.is_empty() && self.running.len() < self.cfg.max_running;
         let prefill_cap = if room && self.step_token_budget.is_some() {
             (budget.saturating_sub(owed) / 2).max(1)
@@ -492,6 +574,31 @@ impl Scheduler {
                 continue;
             }
             let target = r.num_computed_tokens + need;
+            // The usual case: the blocks are there (or free), and the request is written out
+            // with one lookup of each table.
+            if self.kv.allocate(id, target, &mut out.copies).is_ok() {
+                let r = self.requests.get_mut(&id).expect("running request exists");
+                let sample = !finishing && target == r.tokens.len();
+                if !r.announced {
+                    r.announced = true;
+                    out.new_requests.push(NewRequestData {
+                        id,
+                        sampling: r.sampling.clone(),
+                    });
+                }
+                push_scheduled(
+                    out,
+                    &mut filled,
+                    id,
+                    r.num_computed_tokens,
+                    &r.tokens[r.num_computed_tokens..target],
+                    self.kv.block_table(id),
+                    sample,
+                );
+                budget -= need;
+                i += 1;
+                continue;
+            }
             let mut scheduled = true;
             loop {
                 match self.kv.allocate(id, target, &mut out.copies) {
@@ -504,7 +611,7 @@ impl Scheduler {
                             if v.tokens.len() - v.num_computed_tokens == 1 {
                                 owed -= 1;
                             }
-                            self.preempt(victim, &mut out);
+                            self.preempt(victim, out);
                         } else if i == 0 {
                             // Alone and still out of blocks: the cache cannot hold it, ever.
                             self.running.retain(|&x| x != id);
@@ -519,7 +626,7 @@ impl Scheduler {
                             scheduled = false;
                             break;
                         } else {
-                            self.preempt(id, &mut out);
+                            self.preempt(id, out);
                             scheduled = false;
                             break;
                         }
@@ -539,13 +646,15 @@ impl Scheduler {
                 });
             }
             let r = &self.requests[&id];
-            out.scheduled.push(ScheduledRequest {
+            push_scheduled(
+                out,
+                &mut filled,
                 id,
-                num_computed_tokens: r.num_computed_tokens,
-                token_ids: r.tokens[r.num_computed_tokens..target].to_vec(),
-                block_table: self.kv.block_table(id).to_vec(),
+                r.num_computed_tokens,
+                &r.tokens[r.num_computed_tokens..target],
+                self.kv.block_table(id),
                 sample,
-            });
+            );
             budget -= need;
             i += 1;
         }
@@ -554,8 +663,12 @@ impl Scheduler {
         if budget > 0 && !self.waiting.is_empty() {
             self.sort_waiting();
         }
-        while budget > 0 && self.running.len() < self.cfg.max_running && !self.waiting.is_empty() {
-            let id = self.waiting[0];
+        let mut admitted = 0;
+        while budget > 0
+            && self.running.len() < self.cfg.max_running
+            && admitted < self.waiting.len()
+        {
+            let id = self.waiting[admitted];
             // The next turn of a conversation that arrives while the previous turn is still
             // finishing waits one step, so that it finds the previous turn's whole reply in
             // the cache instead of recomputing its tail.
@@ -570,25 +683,28 @@ impl Scheduler {
                 break;
             }
             let r = self.requests.get_mut(&id).expect("waiting request exists");
-            let mut copies = Vec::new();
             let hit = self.kv.begin(
                 id,
                 &r.tokens,
                 r.cache_salt.as_deref(),
                 r.tokens.len() - 1,
-                &mut copies,
+                &mut out.copies,
             );
             let computed = hit.total();
             let need = (r.tokens.len() - computed).min(budget);
-            if self.kv.allocate(id, computed + need, &mut copies).is_err() {
-                // Not enough blocks now: give back what the match took and wait.
+            if self
+                .kv
+                .allocate(id, computed + need, &mut out.copies)
+                .is_err()
+            {
+                // Not enough blocks now: give back what the match took and wait. (Its copies
+                // stay in the step: the swap-ins they describe have already happened.)
                 self.kv.discard(id);
-                out.copies.extend(copies);
                 self.blocked_head = Some((id, free));
                 break;
             }
-            out.copies.extend(copies);
             let tag = r.fair_tag;
+            let owner = r.owner;
             r.num_computed_tokens = computed;
             r.in_cache = true;
             r.status = RequestStatus::Running;
@@ -603,21 +719,60 @@ impl Scheduler {
                 });
             }
             let target = computed + need;
-            out.scheduled.push(ScheduledRequest {
+            let r = &self.requests[&id];
+            push_scheduled(
+                out,
+                &mut filled,
                 id,
-                num_computed_tokens: computed,
-                token_ids: r.tokens[computed..target].to_vec(),
-                block_table: self.kv.block_table(id).to_vec(),
-                sample: target == r.tokens.len(),
-            });
+                computed,
+                &r.tokens[computed..target],
+                self.kv.block_table(id),
+                target == r.tokens.len(),
+            );
             budget -= need;
-            self.waiting.remove(0);
+            admitted += 1;
+            self.left_waiting(owner);
             self.running.push(id);
             self.advance_virtual_time(tag);
         }
+        self.waiting.drain(..admitted);
+        out.scheduled.truncate(filled);
         out.num_batched_tokens = full_budget - budget;
-        out.finished_ids = std::mem::take(&mut self.left);
-        out
+        out.finished_ids.append(&mut self.left);
+    }
+
+    /// Match a runner's tokens to the step by id (into `scratch.sampled`), refusing a
+    /// doubled, missing or unexpected token.
+    fn check_sampled(
+        &mut self,
+        out: &SchedulerOutput,
+        model: &ModelOutput,
+    ) -> Result<(), OutputMismatch> {
+        let tokens = &mut self.scratch.sampled;
+        tokens.clear();
+        for t in &model.sampled {
+            if tokens.insert(t.id, t.token).is_some() {
+                return Err(OutputMismatch::Duplicate(t.id));
+            }
+        }
+        let mut sampled = 0;
+        for s in out.scheduled.iter().filter(|s| s.sample) {
+            if !tokens.contains_key(&s.id) {
+                return Err(OutputMismatch::Missing(s.id));
+            }
+            sampled += 1;
+        }
+        // Every sampled request has its token and tokens are unique: any token beyond that
+        // count is for a request that was not sampled (found the slow way, on error only).
+        if tokens.len() != sampled {
+            let unexpected = model
+                .sampled
+                .iter()
+                .find(|t| !out.scheduled.iter().any(|s| s.sample && s.id == t.id))
+                .map_or(0, |t| t.id);
+            return Err(OutputMismatch::Unexpected(unexpected));
+        }
+        Ok(())
     }
 
     /// Apply a step's results: advance computed counts, cache full blocks, append sampled
@@ -629,30 +784,43 @@ impl Scheduler {
         out: &SchedulerOutput,
         model: &ModelOutput,
     ) -> Result<Vec<RequestOutput>, OutputMismatch> {
-        let mut tokens: HashMap<RequestId, u32> = HashMap::with_capacity(model.sampled.len());
-        for t in &model.sampled {
-            if tokens.insert(t.id, t.token).is_some() {
-                return Err(OutputMismatch::Duplicate(t.id));
-            }
+        let mut results = Vec::with_capacity(model.sampled.len());
+        self.update_from_output_into(out, model, &mut results)?;
+        Ok(results)
+    }
+
+    /// [`Scheduler::update_from_output`] into `results` (cleared first), reusing its buffer.
+    /// Linear in the step: the tokens are matched through one map, and requests that leave
+    /// are taken off the running list in one pass.
+    pub fn update_from_output_into(
+        &mut self,
+        out: &SchedulerOutput,
+        model: &ModelOutput,
+        results: &mut Vec<RequestOutput>,
+    ) -> Result<(), OutputMismatch> {
+        results.clear();
+        // A runner that answers in the step's order (the usual case) is matched pairwise; any
+        // other order goes through a map. Either way each token finds its request by id.
+        let in_order = model.sampled.len() <= out.scheduled.len()
+            && out
+                .scheduled
+                .iter()
+                .filter(|s| s.sample)
+                .map(|s| s.id)
+                .eq(model.sampled.iter().map(|t| t.id));
+        if !in_order {
+            self.check_sampled(out, model)?;
         }
+        let mut next_sampled = 0;
+        let mut left_running = false;
         for s in &out.scheduled {
-            if s.sample && !tokens.contains_key(&s.id) {
-                return Err(OutputMismatch::Missing(s.id));
-            }
-        }
-        if let Some(t) = model
-            .sampled
-            .iter()
-            .find(|t| !out.scheduled.iter().any(|s| s.sample && s.id == t.id))
-        {
-            return Err(OutputMismatch::Unexpected(t.id));
-        }
-        let mut results = Vec::new();
-        for s in &out.scheduled {
-            let token = if s.sample {
-                tokens.get(&s.id).copied()
-            } else {
-                None
+            let token = match (s.sample, in_order) {
+                (false, _) => None,
+                (true, true) => {
+                    next_sampled += 1;
+                    Some(model.sampled[next_sampled - 1].token)
+                }
+                (true, false) => self.scratch.sampled.get(&s.id).copied(),
             };
             let Some(r) = self.requests.get_mut(&s.id) else {
                 continue;
@@ -663,7 +831,7 @@ impl Scheduler {
                 if r.num_computed_tokens == r.tokens.len() {
                     self.kv.free(s.id, &r.tokens, r.num_computed_tokens);
                     self.forget(s.id);
-                    self.running.retain(|&x| x != s.id);
+                    left_running = true;
                 }
                 continue;
             }
@@ -687,11 +855,47 @@ impl Scheduler {
             }
             results.push(RequestOutput {
                 id: s.id,
-                new_token_ids: vec![token],
+                new_token: token,
                 finished,
                 prefix_hit,
             });
         }
-        Ok(results)
+        if left_running {
+            let requests = &self.requests;
+            self.running.retain(|id| requests.contains_key(id));
+        }
+        Ok(())
     }
+}
+
+/// Write the `filled`-th scheduled request of `out`, reusing the vectors of the entry already
+/// there from an earlier step.
+fn push_scheduled(
+    out: &mut SchedulerOutput,
+    filled: &mut usize,
+    id: RequestId,
+    num_computed_tokens: usize,
+    token_ids: &[u32],
+    block_table: &[crate::BlockId],
+    sample: bool,
+) {
+    if *filled == out.scheduled.len() {
+        out.scheduled.push(ScheduledRequest {
+            id,
+            num_computed_tokens,
+            token_ids: token_ids.to_vec(),
+            block_table: block_table.to_vec(),
+            sample,
+        });
+    } else {
+        let slot = &mut out.scheduled[*filled];
+        slot.id = id;
+        slot.num_computed_tokens = num_computed_tokens;
+        slot.token_ids.clear();
+        slot.token_ids.extend_from_slice(token_ids);
+        slot.block_table.clear();
+        slot.block_table.extend_from_slice(block_table);
+        slot.sample = sample;
+    }
+    *filled += 1;
 }

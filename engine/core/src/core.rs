@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use convoy_scheduler::{
-    AddError, CacheStats, FinishReason, NewRequest, PrefixMatch, RequestId, Scheduler,
-    SchedulerConfig,
+    AddError, CacheStats, FinishReason, NewRequest, PrefixMatch, RequestId, RequestOutput,
+    Scheduler, SchedulerConfig, SchedulerOutput,
 };
 
 use crate::detokenizer::IncrementalDecoder;
@@ -230,6 +230,9 @@ pub struct EngineCore<R: ModelRunner> {
     stats: EngineStats,
     pacer: Option<StepPacer>,
     step_log: Option<StepLog>,
+    /// The last step's scheduler output and results, kept for their buffers.
+    step_out: SchedulerOutput,
+    step_results: Vec<RequestOutput>,
 }
 
 impl<R: ModelRunner> EngineCore<R> {
@@ -250,6 +253,8 @@ impl<R: ModelRunner> EngineCore<R> {
             stats: EngineStats::default(),
             pacer: None,
             step_log: None,
+            step_out: SchedulerOutput::default(),
+            step_results: Vec::new(),
         }
     }
 
@@ -435,7 +440,10 @@ impl<R: ModelRunner> EngineCore<R> {
         for id in expired {
             events.extend(self.abort(id, FinishReason::Deadline));
         }
-        let out = self.scheduler.schedule();
+        // The step's output and results reuse last step's buffers (a steady step allocates
+        // nothing in the scheduler).
+        let mut out = std::mem::take(&mut self.step_out);
+        self.scheduler.schedule_into(&mut out);
         let started = self.runner.now();
         self.stats.steps += 1;
         for &(id, reason) in &out.ended {
@@ -466,12 +474,12 @@ impl<R: ModelRunner> EngineCore<R> {
         }
         // A runner that answers for the wrong requests would hand tokens to the wrong
         // conversation: stop the engine (every stream gets an error) rather than go on.
-        let outputs = self
-            .scheduler
-            .update_from_output(&out, &result.output)
+        let mut outputs = std::mem::take(&mut self.step_results);
+        self.scheduler
+            .update_from_output_into(&out, &result.output, &mut outputs)
             .unwrap_or_else(|e| panic!("step contract broken: {e}"));
         let now = self.runner.now();
-        for o in outputs {
+        for o in outputs.drain(..) {
             let Some(l) = self.live.get_mut(&o.id) else {
                 continue;
             };
@@ -482,13 +490,12 @@ impl<R: ModelRunner> EngineCore<R> {
             }
             l.first_token.get_or_insert(now);
             let mut finished = o.finished;
-            for &tok in &o.new_token_ids {
-                l.output_ids.push(tok);
-                self.stats.generated_tokens += 1;
-                if let Some(t) = self.codec.tokenizer() {
-                    let delta = l.decoder.push(t, tok);
-                    l.text.push_str(&delta);
-                }
+            let tok = o.new_token;
+            l.output_ids.push(tok);
+            self.stats.generated_tokens += 1;
+            if let Some(t) = self.codec.tokenizer() {
+                let delta = l.decoder.push(t, tok);
+                l.text.push_str(&delta);
             }
             // A stop string wins even when the same token also hit max_tokens or EOS.
             if let Some(pos) = l
@@ -524,7 +531,7 @@ impl<R: ModelRunner> EngineCore<R> {
                 id: o.id,
                 kind: EventKind::Token {
                     text,
-                    token_ids: o.new_token_ids.clone(),
+                    token_ids: vec![o.new_token],
                     logprobs: result.logprobs.get(&o.id).cloned(),
                 },
             });
@@ -543,6 +550,8 @@ impl<R: ModelRunner> EngineCore<R> {
                 ));
             }
         }
+        self.step_out = out;
+        self.step_results = outputs;
         events
     }
 }
