@@ -28,7 +28,10 @@ def main():
     args = ap.parse_args()
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(args.socket)
+    try:
+        sock.connect(args.socket)
+    except OSError as e:
+        sys.exit(f"cannot connect to {args.socket}: {e.strerror} (is `convoy serve --socket {args.socket}` running?)")
     stream = sock.makefile("rwb")
 
     def send(obj):

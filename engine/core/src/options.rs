@@ -10,8 +10,91 @@ use convoy_weights::{load_model, DType, LoadFormat};
 use crate::model::llama::LlamaModel;
 use crate::tokenizer::TextCodec;
 
-/// Where the default model lives, relative to the working directory.
+/// Where the default model lives, relative to a convoy checkout (see
+/// [`default_model_candidates`]).
 pub const DEFAULT_MODEL: &str = "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where the default model is looked for, in order: `$CONVOY_MODELS_DIR/smollm2/...` when set,
+/// the working directory, then the checkout the running binary was built in (the binary lives
+/// in `<checkout>/target/<profile>/`), so `convoy` finds it from any directory.
+pub fn default_model_candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(dir) = std::env::var_os("CONVOY_MODELS_DIR") {
+        let rel = Path::new(DEFAULT_MODEL)
+            .strip_prefix("models")
+            .unwrap_or(Path::new(DEFAULT_MODEL));
+        out.push(PathBuf::from(dir).join(rel));
+    }
+    out.push(PathBuf::from(DEFAULT_MODEL));
+    if let Ok(exe) = std::env::current_exe() {
+        // <checkout>/target/<profile>/convoy (or .../deps/<test binary>).
+        for up in exe.ancestors().skip(1).take(4) {
+            if up.file_name().is_some_and(|n| n == "target") {
+                if let Some(checkout) = up.parent() {
+                    out.push(checkout.join(DEFAULT_MODEL));
+                }
+                break;
+            }
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// The model to load: `--model` when given (see [`resolve_model_arg`]), else the first of
+/// [`default_model_candidates`] that exists, or an error naming every path tried.
+pub fn find_model(model: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = model {
+        return resolve_model_arg(p);
+    }
+    let tried = default_model_candidates();
+    match tried.iter().find(|p| p.is_file()) {
+        Some(p) => Ok(p.clone()),
+        None => bail!(
+            "no --model given and the default model is not in any of: {} (run \
+             scripts/fetch_models.sh in the convoy checkout, or give --model)",
+            tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// A `--model` argument as a path to load: a file, a Hugging Face directory (with
+/// `config.json`), or a directory holding exactly one `.gguf` file.
+pub fn resolve_model_arg(p: &Path) -> Result<PathBuf> {
+    if !p.is_dir() || p.join("config.json").exists() {
+        return Ok(p.to_path_buf());
+    }
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(p)
+        .with_context(|| format!("--model {}", p.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|f| {
+            f.extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("gguf"))
+                && f.is_file()
+        })
+        .collect();
+    ggufs.sort();
+    match ggufs.len() {
+        1 => Ok(ggufs.remove(0)),
+        0 => bail!(
+            "--model {} is a directory with no config.json and no .gguf file",
+            p.display()
+        ),
+        n => bail!(
+            "--model {} holds {n} .gguf files: name one ({})",
+            p.display(),
+            ggufs
+                .iter()
+                .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
 
 /// Options for loading and running a model.
 #[derive(clap::Args, Clone, Debug)]
@@ -115,17 +198,7 @@ impl Loaded {
 impl ModelArgs {
     /// The model path: --model, else the default SmolLM2 file.
     pub fn model_path(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(p) => Ok(p.clone()),
-            None => {
-                let p = Path::new(DEFAULT_MODEL);
-                if p.exists() {
-                    Ok(p.to_path_buf())
-                } else {
-                    bail!("no --model given and {DEFAULT_MODEL} does not exist: run scripts/fetch_models.sh")
-                }
-            }
-        }
+        find_model(self.model.as_deref())
     }
 
     /// Set up threads, check the device, load the model and size the KV cache.

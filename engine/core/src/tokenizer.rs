@@ -17,7 +17,7 @@ pub enum CodecError {
     #[error("the model has no tokenizer; pass token ids instead")]
     NoTokenizer,
     /// The model has no chat template.
-    #[error("the model has no chat template; pass a plain prompt instead")]
+    #[error("the model has no chat template: give one with --chat-template FILE (a Jinja file), or pass a plain prompt")]
     NoChatTemplate,
     /// Encoding failed.
     #[error("tokenizer: {0}")]

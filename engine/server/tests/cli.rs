@@ -225,5 +225,159 @@ fn tokenize_prints_ids_as_json() {
         "json",
     ]);
     assert_eq!(code, 0, "{err}");
-    assert_eq!(out.trim(), r#"{"ids":[19556,28,905,17]}"#);
+    assert_eq!(
+        out.trim(),
+        r#"{"ids":[19556,28,905,17],"token_bytes":[[72,101,108,108,111],[44],[32,119,111,114,108,100],[33]]}"#
+    );
+    // The text format: the ids, then each token's text (escaped bytes for part of a character).
+    let (code, out, err) = convoy(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "Hi 👍",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "26843,15107,235,231");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["26843", "\"Hi\""]
+    );
+    assert_eq!(lines[2].trim(), r#"15107  b" \xf0\x9f""#);
+}
+
+#[test]
+fn the_default_model_is_found_from_any_directory_and_a_gguf_directory_is_a_model() {
+    // From a directory unrelated to the checkout, no --model: the checkout's model is found.
+    let elsewhere = scratch("elsewhere");
+    let out = Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .args(["tokenize", "--text", "Hello", "--format", "json"])
+        .current_dir(&elsewhere)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A directory holding one .gguf file is that model.
+    let real = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .canonicalize()
+        .unwrap();
+    let one = scratch("one-gguf");
+    std::os::unix::fs::symlink(&real, one.join("model.gguf")).unwrap();
+    let (code, out, err) = convoy(&["tokenize", "--model", one.to_str().unwrap(), "--text", "Hi"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.trim().is_empty());
+    // Two are ambiguous, none is an error: each says so.
+    std::os::unix::fs::symlink(&real, one.join("other.gguf")).unwrap();
+    let (code, _, err) = convoy(&["tokenize", "--model", one.to_str().unwrap(), "--text", "Hi"]);
+    one_error_line(
+        code,
+        &err,
+        "holds 2 .gguf files: name one (model.gguf, other.gguf)",
+    );
+    let (code, _, err) = convoy(&[
+        "tokenize",
+        "--model",
+        elsewhere.to_str().unwrap(),
+        "--text",
+        "Hi",
+    ]);
+    one_error_line(code, &err, "no config.json and no .gguf file");
+}
+
+#[test]
+fn generate_chat_validates_as_the_daemon_does() {
+    let d = scratch("chat-validation");
+    for (chat, needle) in [
+        (
+            r#"[{"role":"human","content":"hi"}]"#,
+            "messages[0].role \"human\" is not one of system, user, assistant (invalid_parameter)",
+        ),
+        ("[]", "(empty_prompt)"),
+        (
+            r#"[{"role":"user","content":"a","content":"b"}]"#,
+            "(duplicate_key)",
+        ),
+        (r#"{"role":"user"}"#, "(invalid_type)"),
+    ] {
+        let f = d.join("chat.json");
+        std::fs::write(&f, chat).unwrap();
+        let (code, _, err) = convoy(&[
+            "generate",
+            "--chat",
+            f.to_str().unwrap(),
+            "--max-tokens",
+            "1",
+        ]);
+        one_error_line(code, &err, needle);
+    }
+}
+
+/// Exit code and stderr of `convoy serve` with `extra`, expected to stop at once.
+fn serve_refused(extra: &[&str]) -> (i32, String) {
+    let started = std::time::Instant::now();
+    let (code, _, err) = convoy(&[&["serve"], extra].concat());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "refused before the model loads"
+    );
+    (code, err)
+}
+
+#[test]
+fn serve_checks_its_socket_and_addresses_before_loading_the_model() {
+    // A socket in a missing directory names the directory, not an internal file.
+    let (code, err) = serve_refused(&["--socket", "/nonexistent-dir/convoy.sock"]);
+    one_error_line(
+        code,
+        &err,
+        "cannot create the socket /nonexistent-dir/convoy.sock: the directory /nonexistent-dir does not exist",
+    );
+    // A busy port is found before the model loads (a big model takes minutes).
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let d = scratch("serve-preflight");
+    let sock = d.join("s.sock");
+    let (code, err) = serve_refused(&["--socket", sock.to_str().unwrap(), "--http", &addr]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("--http {addr}")), "{err}");
+    // Host names resolve; a name that does not is a clear error from the argument parser.
+    let (code, err) = serve_refused(&[
+        "--socket",
+        sock.to_str().unwrap(),
+        "--http",
+        "no-such-host.invalid:80",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no-such-host.invalid:80"), "{err}");
+    let port = busy.local_addr().unwrap().port();
+    drop(busy);
+    let (code, err) = serve_refused(&[
+        "--socket",
+        "/nonexistent-dir/convoy.sock",
+        "--http",
+        &format!("localhost:{port}"),
+    ]);
+    // localhost resolved: the refusal is the socket's, which comes first.
+    one_error_line(code, &err, "the directory /nonexistent-dir does not exist");
+}
+
+#[test]
+fn a_chat_without_a_chat_template_names_the_flag_that_gives_one() {
+    let d = scratch("glass-chat");
+    let f = d.join("chat.json");
+    std::fs::write(&f, r#"[{"role":"user","content":"hi"}]"#).unwrap();
+    let glass = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/glassllm");
+    let (code, _, err) = convoy(&[
+        "generate",
+        "--model",
+        glass.to_str().unwrap(),
+        "--chat",
+        f.to_str().unwrap(),
+    ]);
+    one_error_line(code, &err, "--chat-template");
 }

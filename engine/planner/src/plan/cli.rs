@@ -280,8 +280,15 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         step_time_target: (target > 0.0).then(|| Duration::from_secs_f64(target / 1e3)),
         prefix_caching: !args.no_prefix_caching,
         step_log: args.step_log.clone(),
+        progress: !args.json,
         ..PlanOptions::default()
     };
+    if !args.json {
+        eprintln!(
+            "convoy plan: workload {}, simulating fleets (each line below is one; the answer follows)",
+            args.workload.display()
+        );
+    }
     if args.step_log.is_some() && args.gpus != Some(1) {
         return Err(PlanError::invalid(
             "--step-log",

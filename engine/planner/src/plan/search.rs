@@ -144,6 +144,9 @@ pub struct PlanOptions {
     pub resolution: f64,
     /// Log the steps of a one-replica fleet here (`convoy plan --step-log`).
     pub step_log: Option<std::path::PathBuf>,
+    /// Say on stderr how each simulated fleet came out, as it comes (`convoy plan`: the search
+    /// takes seconds to minutes).
+    pub progress: bool,
 }
 
 impl Default for PlanOptions {
@@ -161,6 +164,7 @@ impl Default for PlanOptions {
             step_time_target: None,
             prefix_caching: true,
             step_log: None,
+            progress: false,
             overload_wait_s: 60.0,
             resolution: 0.02,
         }
@@ -428,6 +432,16 @@ impl Planner {
         let cfg = self.fleet_config(n, b, early);
         let r = simulate(&cfg, &self.book);
         self.runs += 1;
+        if self.opts.progress {
+            eprintln!(
+                "  simulated {n} GPUs (max_running {}, max_batched_tokens {}): TTFT p99 {:.0} ms{} in {:.1} s",
+                b.max_running,
+                b.max_batched_tokens,
+                r.ttft_p99_ms,
+                if r.overloaded { ", overloaded" } else { "" },
+                r.sim_wall_s
+            );
+        }
         tracing::info!(
             gpus = n,
             max_running = b.max_running,

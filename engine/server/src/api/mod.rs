@@ -16,7 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
-mod socket;
+pub mod socket;
 pub mod stats;
 mod translate;
 

@@ -359,6 +359,27 @@ pub fn parse_json(text: &str) -> Result<Value, ProtocolError> {
     }
 }
 
+/// A conversation as the CLI reads it (`generate --chat FILE`): a JSON array of messages,
+/// checked exactly as a `generate` line's `messages` (roles, fields, duplicate keys, an empty
+/// chat), so every face accepts and refuses the same chats.
+pub fn parse_chat(text: &str) -> Result<Vec<ChatMessage>, ProtocolError> {
+    let messages = parse_json(text)?;
+    if !messages.is_array() {
+        return Err(ProtocolError::new(
+            "invalid_type",
+            "a chat is a JSON array of {\"role\": .., \"content\": ..} objects",
+        ));
+    }
+    let line = serde_json::json!({"op": "generate", "id": "chat", "messages": messages});
+    match parse_line(line.to_string().as_bytes())? {
+        ClientMessage::Generate(g) => match g.prompt {
+            Prompt::Messages(m) => Ok(m),
+            _ => unreachable!("a messages prompt parses as messages"),
+        },
+        _ => unreachable!("a generate object parses as generate"),
+    }
+}
+
 /// Parse one line (without its newline).
 pub fn parse_line(line: &[u8]) -> Result<ClientMessage, ProtocolError> {
     let text = std::str::from_utf8(line)

@@ -58,6 +58,9 @@ pub struct ServeConfig {
 /// accepting keeps failing.
 const ACCEPT_BACKOFF_MS: u64 = 10;
 
+/// How often the drain says how it goes.
+const DRAIN_REPORT_EVERY: Duration = Duration::from_secs(2);
+
 /// What every connection shares.
 pub(crate) struct Shared {
     pub(crate) engine: EngineHandle,
@@ -225,7 +228,11 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         // Drain: no new work, let running requests finish, then cancel the rest.
         shared.draining.store(true, Ordering::Relaxed);
         tracing::info!(timeout_s = shared.cfg.drain_timeout.as_secs_f64(), "draining");
-        let deadline = Instant::now() + shared.cfg.drain_timeout;
+        let drain_started = Instant::now();
+        let deadline = drain_started + shared.cfg.drain_timeout;
+        // Say what the drain waits for, and how it goes every few seconds: a stop that takes
+        // half a minute is not silent.
+        let mut next_report = drain_started;
         while Instant::now() < deadline {
             // Ask without blocking the I/O thread: writers keep flushing while we wait.
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -234,7 +241,18 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             }));
             match (asked, rx.await) {
                 (Ok(()), Ok(s)) if s.running + s.waiting == 0 => break,
-                (Ok(()), Ok(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
+                (Ok(()), Ok(s)) => {
+                    if Instant::now() >= next_report {
+                        eprintln!(
+                            "convoy: draining: {} running, {} waiting; cancelling what is left in {:.0} s",
+                            s.running,
+                            s.waiting,
+                            deadline.saturating_duration_since(Instant::now()).as_secs_f64()
+                        );
+                        next_report += DRAIN_REPORT_EVERY;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
                 _ => break,
             }
         }
@@ -250,6 +268,10 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         }
         let _ = std::fs::remove_file(&socket);
         tracing::info!("stopped");
+        eprintln!(
+            "convoy: stopped after a {:.1} s drain",
+            drain_started.elapsed().as_secs_f64()
+        );
         Ok(if result.is_ok() { 0 } else { 2 })
     })
 }

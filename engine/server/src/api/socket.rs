@@ -58,6 +58,41 @@ fn clear_stale(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Check, before a model takes minutes to load, that a socket can be made at `path`: its
+/// directory exists, nothing but a stale socket is there, and `group` exists. Nothing is
+/// changed (a stale socket is removed only by [`bind_socket`]).
+pub fn preflight_socket(path: &Path, group: Option<&str>) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot create the socket {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        let t = meta.file_type();
+        if !t.is_socket() {
+            bail!(
+                "{} exists and is {}, not a socket; refusing to replace it",
+                path.display(),
+                kind_of(&t)
+            );
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "{} is in use by a live daemon; refusing to start",
+                path.display()
+            );
+        }
+    }
+    group.map(group_id).transpose()?;
+    Ok(())
+}
+
 /// A group name or number to a gid.
 fn group_id(name: &str) -> anyhow::Result<u32> {
     if let Ok(gid) = name.parse() {
@@ -87,6 +122,13 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Resul
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "cannot create the socket {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
     let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;

@@ -167,14 +167,16 @@ enum Command {
     /// Capacity planning on the simulation backend: the fewest GPUs that meet latency SLOs
     /// for a workload, the latencies of a given fleet, and the curve between (docs/planning.md).
     Plan(Box<convoy_planner::plan::cli::PlanArgs>),
-    /// Print the token ids of a text.
+    /// Print the token ids of a text, and each token's text.
     Tokenize {
-        #[command(flatten)]
-        model: ModelArgs,
+        /// A .gguf file, a directory holding one, or a Hugging Face directory (default: the
+        /// SmolLM2 GGUF of the checkout's models/).
+        #[arg(long)]
+        model: Option<PathBuf>,
         /// The text.
         #[arg(long)]
         text: String,
-        /// text or json.
+        /// text (the ids on one line, then one line per token) or json.
         #[arg(long, default_value = "text")]
         format: String,
     },
@@ -190,6 +192,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -220,12 +224,10 @@ fn run(cli: Cli) -> Result<()> {
                 (_, _, Some(path)) => {
                     let text = std::fs::read_to_string(&path)
                         .with_context(|| format!("cannot read {}", path.display()))?;
+                    // The daemon's own checks: one validation path for every face.
                     let messages: Vec<ChatMessage> =
-                        serde_json::from_str(&text).with_context(|| {
-                            format!(
-                                "{}: expected [{{\"role\":..,\"content\":..}},..]",
-                                path.display()
-                            )
+                        convoy_server::api::protocol::parse_chat(&text).map_err(|e| {
+                            anyhow::anyhow!("{}: {} ({})", path.display(), e.message, e.code)
                         })?;
                     loaded.codec.encode_chat(&messages)?
                 }
@@ -289,7 +291,8 @@ fn run(cli: Cli) -> Result<()> {
             let stdin = std::io::stdin();
             let mut out = std::io::stdout();
             eprintln!(
-                "convoy chat: {} ({} layers). Empty line or Ctrl-D to quit.",
+                "convoy chat: {} ({} layers). Empty line or Ctrl-D to quit. After each reply: the \
+                 prompt tokens served from the cache, and the time to the first token.",
                 model.model_path()?.display(),
                 loaded.model.config.num_layers
             );
@@ -313,6 +316,14 @@ fn run(cli: Cli) -> Result<()> {
                     let _ = out.flush();
                 })?;
                 println!();
+                // The cache at work, quietly, on the side channel: how much of the
+                // conversation was already computed, and how soon the reply began.
+                let prompt_tokens = req.prompt_ids.len();
+                let cached = r[0].cached_tokens + r[0].host_cached_tokens;
+                eprintln!(
+                    "  [{cached}/{prompt_tokens} prompt tokens cached, first token in {:.0} ms]",
+                    r[0].time_to_first_token.as_secs_f64() * 1e3
+                );
                 messages.push(ChatMessage::new("assistant", r[0].text.clone()));
             }
             Ok(())
@@ -371,6 +382,10 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|p| convoy_engine::step_log::StepLog::create(&p))
                 .transpose()?;
             convoy_server::api::raise_fd_limit();
+            // The socket and the HTTP addresses are checked before the model loads (a large
+            // model takes minutes): a typo fails at once.
+            convoy_server::api::socket::preflight_socket(&socket, socket_group.as_deref())?;
+            http.preflight()?;
             let loaded = model.load()?;
             let mut cfg = loaded.generator_config();
             cfg.max_running = max_running.max(1);
@@ -433,19 +448,42 @@ fn run(cli: Cli) -> Result<()> {
             text,
             format,
         } => {
-            let path = model.model_path()?;
+            let path = convoy_engine::options::find_model(model.as_deref())?;
             let mut loaded = convoy_weights::load_model(&path, convoy_weights::LoadFormat::Auto)?;
             let codec = convoy_engine::TextCodec::take_from(&mut loaded);
             let ids = codec.encode(&text)?;
+            // Each token's own bytes: text where they are whole characters, escaped bytes where
+            // a token holds part of one.
+            let pieces: Vec<String> = ids
+                .iter()
+                .map(|&id| {
+                    let bytes = codec.token_bytes(id);
+                    match String::from_utf8(bytes) {
+                        Ok(text) => format!("{text:?}"),
+                        Err(e) => format!("b\"{}\"", e.into_bytes().escape_ascii()),
+                    }
+                })
+                .collect();
             match format.as_str() {
-                "json" => println!("{}", serde_json::json!({ "ids": ids })),
-                "text" => println!(
-                    "{}",
-                    ids.iter()
-                        .map(|i| i.to_string())
-                        .collect::<Vec<_>>()
-                        .join(",")
-                ),
+                "json" => {
+                    let bytes: Vec<Vec<u8>> = ids.iter().map(|&id| codec.token_bytes(id)).collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({ "ids": ids, "token_bytes": bytes })
+                    )
+                }
+                "text" => {
+                    println!(
+                        "{}",
+                        ids.iter()
+                            .map(|i| i.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                    for (id, piece) in ids.iter().zip(&pieces) {
+                        println!("{id:>8}  {piece}");
+                    }
+                }
                 other => bail!("--format must be text or json, got {other:?}"),
             }
             Ok(())
@@ -508,19 +546,7 @@ fn render_template(args: RenderArgs) -> Result<()> {
     let parts = set.render(which, &variables)?;
     let needs_model = args.model.is_some() || budget.is_some() || args.format == "json";
     let codec = if needs_model {
-        let path = match &args.model {
-            Some(p) => p.clone(),
-            None => {
-                let p = PathBuf::from(convoy_engine::options::DEFAULT_MODEL);
-                if !p.exists() {
-                    bail!(
-                        "no --model given and {} does not exist: run scripts/fetch_models.sh",
-                        convoy_engine::options::DEFAULT_MODEL
-                    );
-                }
-                p
-            }
-        };
+        let path = convoy_engine::options::find_model(args.model.as_deref())?;
         let mut loaded = convoy_weights::load_model(&path, convoy_weights::LoadFormat::Auto)?;
         Some(convoy_engine::TextCodec::take_from(&mut loaded))
     } else {

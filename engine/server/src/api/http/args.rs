@@ -17,13 +17,13 @@ pub const API_KEY_ENV: &str = "CONVOY_API_KEY";
 pub struct HttpArgs {
     /// Serve the OpenAI-compatible HTTP API (and /metrics) on this address, e.g.
     /// 127.0.0.1:8000. A non-loopback address needs an API key or --insecure-no-auth.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = resolve_addr)]
     pub http: Option<SocketAddr>,
     /// Serve the HTTP API on a Unix socket at this path too (mode and group of --socket).
     #[arg(long, value_name = "PATH")]
     pub http_socket: Option<PathBuf>,
     /// Serve /metrics (Prometheus) and /health alone on this address.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = resolve_addr)]
     pub metrics: Option<SocketAddr>,
     /// Require `Authorization: Bearer KEY` on every HTTP route but /health (default: the
     /// CONVOY_API_KEY environment variable, which keeps the key out of the process list).
@@ -68,6 +68,21 @@ pub fn model_name_of(path: &Path) -> String {
     name.map(|n| n.to_string_lossy().into_owned())
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "convoy".into())
+}
+
+/// A listen address: `IP:PORT`, or `HOST:PORT` resolved now (`localhost:8000`); the first
+/// address a host name resolves to is used.
+pub fn resolve_addr(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    let mut addrs = text
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?} is not HOST:PORT or IP:PORT ({e})"))?;
+    addrs
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
 }
 
 impl HttpArgs {

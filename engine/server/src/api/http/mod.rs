@@ -136,6 +136,24 @@ impl HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// Check, before the model loads, that every TCP address can be bound and every Unix
+    /// socket path can be made (the listeners bind for real later).
+    pub fn preflight(&self) -> anyhow::Result<()> {
+        for (flag, addr) in [("--http", self.listen), ("--metrics", self.metrics)] {
+            if let Some(a) = addr {
+                // Port 0 picks a port at bind time: nothing to check but the address.
+                std::net::TcpListener::bind(a).with_context(|| format!("{flag} {a}"))?;
+            }
+        }
+        if let Some(p) = &self.unix_socket {
+            crate::api::socket::preflight_socket(p, None)
+                .with_context(|| format!("--http-socket {}", p.display()))?;
+        }
+        Ok(())
+    }
+}
+
 /// What the HTTP side shares.
 pub(crate) struct HttpShared {
     pub(crate) cfg: HttpConfig,
