@@ -11,6 +11,7 @@ pub mod generate;
 pub mod kv_cache;
 pub mod model;
 pub mod options;
+pub mod paced_sim;
 pub mod runner;
 pub mod sampler;
 pub mod service;

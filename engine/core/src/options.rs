@@ -109,7 +109,8 @@ pub struct ModelArgs {
     /// Element type of dummy weights: f32, f16, bf16, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "q4_1")]
     pub dummy_dtype: String,
-    /// cpu, cuda or auto.
+    /// cpu, cuda, auto, or sim (`convoy serve` only: a simulated GPU paced by a device
+    /// profile, no model computed; see docs/simulation.md).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Compute threads (default: all cores).
@@ -206,7 +207,10 @@ impl ModelArgs {
         match self.device.as_str() {
             "cpu" | "auto" => {}
             "cuda" => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
-            other => bail!("--device must be cpu, cuda or auto, got {other:?}"),
+            "sim" => bail!(
+                "--device sim (a simulated GPU, no model computed) runs only under `convoy serve`"
+            ),
+            other => bail!("--device must be cpu, cuda, sim or auto, got {other:?}"),
         }
         let precision = Precision::parse(&self.precision).with_context(|| {
             format!(

@@ -246,6 +246,40 @@ pub fn spawn_cpu(
     cfg: GeneratorConfig,
     service: ServiceConfig,
 ) -> EngineHandle {
+    spawn_thread(move |channels| {
+        let runner = CpuRunner::new(&model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
+        let max_len = model.config.max_position_embeddings;
+        run_engine(runner, max_len, codec, &cfg, service, channels)
+    })
+}
+
+/// Start the engine thread with the paced simulation runner (`convoy serve --device sim`): the
+/// host side at a device's cadence, over a vocabulary of `vocab` tokens, no model computed.
+pub fn spawn_paced_sim(
+    cost: crate::sim::CostModel,
+    vocab: usize,
+    max_model_len: usize,
+    codec: TextCodec,
+    cfg: GeneratorConfig,
+    service: ServiceConfig,
+) -> EngineHandle {
+    spawn_thread(move |channels| {
+        let runner = crate::paced_sim::PacedSimRunner::new(cost, vocab);
+        run_engine(runner, max_model_len, codec, &cfg, service, channels)
+    })
+}
+
+/// The engine thread's ends of its channels, and the step at which to inject a panic.
+struct Channels {
+    commands: Receiver<Command>,
+    shutdown: Receiver<()>,
+    fault_step: Option<u64>,
+}
+
+/// Start the engine thread running `body`.
+fn spawn_thread(
+    body: impl FnOnce(Channels) -> Result<(), String> + Send + 'static,
+) -> EngineHandle {
     let (tx, rx) = unbounded::<Command>();
     let (shutdown, shutdown_rx) = bounded::<()>(1);
     // Fault injection for the tests of the failure path: panic inside the step with this number.
@@ -255,19 +289,11 @@ pub fn spawn_cpu(
     let thread = std::thread::Builder::new()
         .name("convoy-engine".into())
         .spawn(move || {
-            let runner =
-                CpuRunner::new(&model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
-            let mut sched = cfg.scheduler_config(model.config.max_position_embeddings);
-            sched.max_queued = service.max_queued;
-            sched.max_queued_per_owner = service.max_queued_per_owner;
-            let mut core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
-            core.set_step_time_target(service.step_time_target);
-            core.set_step_log(service.step_log);
-            EngineLoop {
-                core,
-                sinks: HashMap::new(),
-            }
-            .run(rx, shutdown_rx, fault_step)
+            body(Channels {
+                commands: rx,
+                shutdown: shutdown_rx,
+                fault_step,
+            })
         })
         .expect("spawn the engine thread");
     EngineHandle {
@@ -275,6 +301,28 @@ pub fn spawn_cpu(
         shutdown,
         thread: Some(thread),
     }
+}
+
+/// The engine loop over `runner`, on the engine thread.
+fn run_engine<R: ModelRunner>(
+    runner: R,
+    max_model_len: usize,
+    codec: TextCodec,
+    cfg: &GeneratorConfig,
+    service: ServiceConfig,
+    channels: Channels,
+) -> Result<(), String> {
+    let mut sched = cfg.scheduler_config(max_model_len);
+    sched.max_queued = service.max_queued;
+    sched.max_queued_per_owner = service.max_queued_per_owner;
+    let mut core = EngineCore::new(sched, runner, codec, cfg.verify_fraction);
+    core.set_step_time_target(service.step_time_target);
+    core.set_step_log(service.step_log);
+    EngineLoop {
+        core,
+        sinks: HashMap::new(),
+    }
+    .run(channels.commands, channels.shutdown, channels.fault_step)
 }
 
 fn stats_of<R: ModelRunner>(core: &EngineCore<R>) -> ServiceStats {

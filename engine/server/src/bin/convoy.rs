@@ -151,6 +151,16 @@ enum Command {
         /// Template render worker processes alive at once.
         #[arg(long, default_value_t = 4)]
         template_workers: usize,
+        /// With --device sim: the GPU simulated (h100, h200, a100), by its roofline.
+        #[arg(long, default_value = "h100")]
+        sim_gpu: String,
+        /// With --device sim: the model shape simulated (llama-3-8b, llama-3-70b, mistral-7b, ... or a
+        /// config.json); the tokenizer still comes from --model.
+        #[arg(long, default_value = "llama-3-8b")]
+        sim_model: String,
+        /// With --device sim: a device profile file instead (`convoy-bench calibrate --out`).
+        #[arg(long)]
+        sim_profile: Option<PathBuf>,
         /// Requests running at once.
         #[arg(long, default_value_t = 256)]
         max_running: usize,
@@ -346,6 +356,9 @@ fn run(cli: Cli) -> Result<()> {
             template_memory,
             template_timeout,
             template_workers,
+            sim_gpu,
+            sim_model,
+            sim_profile,
             max_running,
             max_batched_tokens,
             http,
@@ -386,34 +399,46 @@ fn run(cli: Cli) -> Result<()> {
             // model takes minutes): a typo fails at once.
             convoy_server::api::socket::preflight_socket(&socket, socket_group.as_deref())?;
             http.preflight()?;
-            let loaded = model.load()?;
-            let mut cfg = loaded.generator_config();
-            cfg.max_running = max_running.max(1);
-            cfg.max_batched_tokens = max_batched_tokens.max(1);
-            let max_context = loaded.model.config.max_position_embeddings;
-            eprintln!(
-                "convoy: model {} ({} layers, {} heads, {} KV heads), device cpu, {} KV blocks of {} tokens (+{} host blocks)",
-                model.model_path()?.display(),
-                loaded.model.config.num_layers,
-                loaded.model.config.num_heads,
-                loaded.model.config.num_kv_heads,
-                cfg.num_blocks,
-                cfg.block_size,
-                cfg.num_host_blocks
-            );
-            let codec = loaded.codec.clone();
-            let engine = convoy_engine::service::spawn_cpu(
-                loaded.model,
-                loaded.codec,
-                cfg,
-                convoy_engine::service::ServiceConfig {
-                    max_queued,
-                    max_queued_per_owner: max_queued_per_connection.max(1),
-                    step_time_target: (step_time_target_ms > 0.0)
-                        .then(|| std::time::Duration::from_secs_f64(step_time_target_ms / 1e3)),
-                    step_log,
-                },
-            );
+            let service = convoy_engine::service::ServiceConfig {
+                max_queued,
+                max_queued_per_owner: max_queued_per_connection.max(1),
+                step_time_target: (step_time_target_ms > 0.0)
+                    .then(|| std::time::Duration::from_secs_f64(step_time_target_ms / 1e3)),
+                step_log,
+            };
+            let (engine, codec, max_context) = if model.device == "sim" {
+                start_simulated(
+                    &model,
+                    SimArgs {
+                        gpu: &sim_gpu,
+                        model: &sim_model,
+                        profile: sim_profile.as_deref(),
+                    },
+                    max_running,
+                    max_batched_tokens,
+                    service,
+                )?
+            } else {
+                let loaded = model.load()?;
+                let mut cfg = loaded.generator_config();
+                cfg.max_running = max_running.max(1);
+                cfg.max_batched_tokens = max_batched_tokens.max(1);
+                let max_context = loaded.model.config.max_position_embeddings;
+                eprintln!(
+                    "convoy: model {} ({} layers, {} heads, {} KV heads), device cpu, {} KV blocks of {} tokens (+{} host blocks)",
+                    model.model_path()?.display(),
+                    loaded.model.config.num_layers,
+                    loaded.model.config.num_heads,
+                    loaded.model.config.num_kv_heads,
+                    cfg.num_blocks,
+                    cfg.block_size,
+                    cfg.num_host_blocks
+                );
+                let codec = loaded.codec.clone();
+                let engine =
+                    convoy_engine::service::spawn_cpu(loaded.model, loaded.codec, cfg, service);
+                (engine, codec, max_context)
+            };
             let serve_cfg = convoy_server::api::server::ServeConfig {
                 socket,
                 socket_mode: mode,
@@ -489,6 +514,82 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The simulated device of `convoy serve --device sim`.
+struct SimArgs<'a> {
+    gpu: &'a str,
+    model: &'a str,
+    profile: Option<&'a std::path::Path>,
+}
+
+/// Start the engine on the simulated device: the tokenizer and context length of `--model`,
+/// the KV cache and step times of the device profile (a roofline of `--sim-gpu` and
+/// `--sim-model`, or `--sim-profile`).
+fn start_simulated(
+    model: &ModelArgs,
+    sim: SimArgs<'_>,
+    max_running: usize,
+    max_batched_tokens: usize,
+    service: convoy_engine::service::ServiceConfig,
+) -> Result<(convoy_engine::service::EngineHandle, convoy_engine::TextCodec, usize)> {
+    use convoy_planner::plan::profile::{GpuSpec, ModelShape, Profile, RooflineOptions};
+    let profile = match sim.profile {
+        Some(p) => Profile::load(p)?,
+        None => {
+            let gpu = GpuSpec::named(sim.gpu)
+                .with_context(|| format!("--sim-gpu {:?}: one of h100, h200, a100", sim.gpu))?;
+            let shape = match ModelShape::named(sim.model) {
+                Some(s) => s,
+                None => ModelShape::from_config_file(std::path::Path::new(sim.model))
+                    .with_context(|| {
+                        format!(
+                            "--sim-model {:?}: a config.json or one of {}",
+                            sim.model,
+                            ModelShape::NAMES.join(", ")
+                        )
+                    })?,
+            };
+            Profile::roofline(&gpu, &shape, &RooflineOptions::default())?
+        }
+    };
+    let path = model.model_path()?;
+    let mut loaded = convoy_weights::load_model(&path, convoy_weights::LoadFormat::Auto)?;
+    let vocab = loaded.config.vocab_size;
+    let max_context = loaded.config.max_position_embeddings;
+    let mut codec = convoy_engine::TextCodec::take_from(&mut loaded);
+    if let Some(t) = &model.chat_template {
+        let source = std::fs::read_to_string(t)
+            .with_context(|| format!("--chat-template {}", t.display()))?;
+        codec.set_chat_template(&source)?;
+    }
+    drop(loaded);
+    let mut cfg = convoy_engine::GeneratorConfig::new(
+        profile.memory.num_blocks(),
+        profile.memory.block_size,
+    );
+    cfg.num_host_blocks = profile.memory.num_host_blocks();
+    cfg.enable_prefix_caching = !model.no_prefix_caching;
+    cfg.max_running = max_running.max(1);
+    cfg.max_batched_tokens = max_batched_tokens.max(1);
+    cfg.model_id = format!("sim:{}", profile.name);
+    eprintln!(
+        "convoy: simulated device {}, {} KV blocks of {} tokens (+{} host blocks); tokenizer of {}",
+        profile.name,
+        cfg.num_blocks,
+        cfg.block_size,
+        cfg.num_host_blocks,
+        path.display()
+    );
+    let engine = convoy_engine::service::spawn_paced_sim(
+        profile.cost,
+        vocab,
+        max_context,
+        codec.clone(),
+        cfg,
+        service,
+    );
+    Ok((engine, codec, max_context))
 }
 
 /// The options of `convoy render`.
