@@ -493,10 +493,8 @@ impl<R: ModelRunner> EngineCore<R> {
             let tok = o.new_token;
             l.output_ids.push(tok);
             self.stats.generated_tokens += 1;
-            if let Some(t) = self.codec.tokenizer() {
-                let delta = l.decoder.push(t, tok);
-                l.text.push_str(&delta);
-            }
+            let delta = self.codec.decode_step(&mut l.decoder, tok);
+            l.text.push_str(&delta);
             // A stop string wins even when the same token also hit max_tokens or EOS.
             if let Some(pos) = l
                 .params

@@ -56,6 +56,34 @@ struct Tokenizers {
     plain: Tokenizer,
     /// The text of every added (control) token, to spot it inside user text.
     control_texts: Vec<String>,
+    /// Each token's bytes as `decode(.., skip_special_tokens)` joins them (special tokens
+    /// empty), when the decoder is byte-level BPE: decoding is then concatenation, and the
+    /// detokeniser's hot path needs no call into the tokenizer.
+    decode_bytes: Option<Vec<Box<[u8]>>>,
+}
+
+/// The decode table of a byte-level tokenizer (see `Tokenizers::decode_bytes`), or `None`
+/// when decoding is not plain concatenation of per-token bytes.
+fn decode_table(tok: &Tokenizer) -> Option<Vec<Box<[u8]>>> {
+    if !matches!(tok.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_))) {
+        return None;
+    }
+    // Normalizers and post-processors act on encoding only; the decoder is the whole story.
+    let added = tok.get_added_tokens_decoder();
+    let n = tok.get_vocab_size(true);
+    let mut table = Vec::with_capacity(n);
+    for id in 0..n as u32 {
+        let bytes: Vec<u8> = match added.get(&id) {
+            Some(a) if a.special => Vec::new(),
+            Some(a) => a.content.as_bytes().to_vec(),
+            None => {
+                let piece = tok.id_to_token(id)?;
+                piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>()?
+            }
+        };
+        table.push(bytes.into_boxed_slice());
+    }
+    Some(table)
 }
 
 /// Tokenizer, chat template and stop ids of one model.
@@ -88,10 +116,12 @@ impl TextCodec {
                     .filter(|c| !c.is_empty())
                     .collect();
                 control_texts.sort();
+                let decode_bytes = decode_table(&special);
                 Arc::new(Tokenizers {
                     special,
                     plain,
                     control_texts,
+                    decode_bytes,
                 })
             }),
             template: model.chat_template.take().map(Arc::new),
@@ -169,6 +199,30 @@ impl TextCodec {
             .special
             .decode(ids, true)
             .map_err(|e| CodecError::Encode(e.to_string()))
+    }
+
+    /// The text `id` adds to a sequence being detokenised by `d` (possibly empty: a character
+    /// split across tokens waits for its last byte). The deltas of a sequence put together are
+    /// its decoding.
+    pub fn decode_step(&self, d: &mut crate::detokenizer::IncrementalDecoder, id: u32) -> String {
+        let Some(t) = self.tokenizer.as_deref() else {
+            return String::new();
+        };
+        match &t.decode_bytes {
+            Some(table) => match table.get(id as usize) {
+                Some(bytes) => d.push_bytes(bytes),
+                None => String::new(),
+            },
+            None => d.push(&t.special, id),
+        }
+    }
+
+    /// Whether detokenising goes by each token's known bytes (a byte-level tokenizer) rather
+    /// than by calls into the tokenizer.
+    pub fn decodes_by_bytes(&self) -> bool {
+        self.tokenizer
+            .as_deref()
+            .is_some_and(|t| t.decode_bytes.is_some())
     }
 
     /// The bytes one token stands for, as OpenAI's `bytes` reports them: a byte-fallback token

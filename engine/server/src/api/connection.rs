@@ -33,10 +33,13 @@ use crate::api::translate::{encode_prompt, engine_request, error_event, submit_e
 use convoy_engine::core::{EngineEvent, EventKind};
 use convoy_engine::service::{Delivery, EventSink};
 
-/// One connection's outbound queue, shared with the engine thread's sinks.
+/// One connection's outbound queue, shared with the engine thread's sinks. Events travel as
+/// values and are serialised by the connection's writer task, on the I/O side: the engine
+/// thread, which hands over an event per running request per step, never formats JSON.
 #[derive(Clone)]
 struct Outbox {
-    tx: UnboundedSender<String>,
+    /// Each event with the bytes it was counted as in `pending`.
+    tx: UnboundedSender<(ServerEvent, usize)>,
     pending: Arc<AtomicUsize>,
     limit: usize,
     /// Set once the client is known to be gone.
@@ -44,21 +47,21 @@ struct Outbox {
 }
 
 impl Outbox {
-    /// Queue a line unless the client is too far behind (`force` queues anyway).
-    fn push(&self, line: String, force: bool) -> Delivery {
-        let n = line.len();
+    /// Queue an event unless the client is too far behind (`force` queues anyway).
+    fn push(&self, ev: ServerEvent, force: bool) -> Delivery {
+        let n = wire_bytes(&ev);
         if !force && self.pending.load(Ordering::Relaxed) + n > self.limit {
             return Delivery::TooSlow;
         }
         self.pending.fetch_add(n, Ordering::Relaxed);
-        if self.tx.send(line).is_err() {
+        if self.tx.send((ev, n)).is_err() {
             return Delivery::Gone;
         }
         Delivery::Delivered
     }
 
     fn send(&self, ev: ServerEvent) {
-        self.push(ev.to_line(), true);
+        self.push(ev, true);
     }
 
     fn is_closed(&self) -> bool {
@@ -84,7 +87,7 @@ impl EventSink for RequestSink {
     fn send(&mut self, ev: EngineEvent) -> Delivery {
         let EventKind::Done(d) = &ev.kind else {
             return match wire_event(ev, &self.client_id, self.stream) {
-                Some(se) => self.out.push(se.to_line(), false),
+                Some(se) => self.out.push(se, false),
                 None => Delivery::Delivered,
             };
         };
@@ -96,7 +99,7 @@ impl EventSink for RequestSink {
                 token_ids: vec![],
                 logprobs: None,
             };
-            self.out.push(tail.to_line(), true);
+            self.out.push(tail, true);
         }
         self.shared.latencies.record(d);
         self.live.lock().remove(&self.client_id);
@@ -110,7 +113,7 @@ impl EventSink for RequestSink {
         {
             *truncated_parts = self.truncated_parts.take();
         }
-        let delivery = self.out.push(se.to_line(), true);
+        let delivery = self.out.push(se, true);
         if failed {
             self.out.send(error_event(
                 Some(self.client_id.clone()),
@@ -329,6 +332,46 @@ impl Connection {
     }
 }
 
+/// Most bytes gathered into one write of a connection's queued events.
+const WRITE_BATCH_BYTES: usize = 64 << 10;
+
+/// Append `ev` as one JSON line.
+fn write_line(buf: &mut Vec<u8>, ev: &ServerEvent) {
+    if serde_json::to_writer(&mut *buf, ev).is_err() {
+        buf.extend_from_slice(
+            b"{\"event\":\"error\",\"code\":\"internal\",\"message\":\"serialisation failed\"}",
+        );
+    }
+    buf.push(b'\n');
+}
+
+/// About the bytes an event takes on the wire, for the slow-consumer limit (counted when the
+/// event is queued, before it is serialised): its text and ids plus a fixed envelope.
+fn wire_bytes(ev: &ServerEvent) -> usize {
+    const ENVELOPE: usize = 96;
+    match ev {
+        ServerEvent::Token {
+            id,
+            text,
+            token_ids,
+            logprobs,
+        } => {
+            ENVELOPE
+                + id.len()
+                + text.len() * 2
+                + token_ids.len() * 8
+                + logprobs.as_ref().map_or(0, |l| l.len() * 40 + l.iter().map(|x| x.top.len() * 24).sum::<usize>())
+        }
+        ServerEvent::Done { id, text, token_ids, .. } => {
+            4 * ENVELOPE
+                + id.len()
+                + text.as_ref().map_or(0, |t| t.len() * 2)
+                + token_ids.as_ref().map_or(0, |t| t.len() * 8)
+        }
+        _ => 4 * ENVELOPE,
+    }
+}
+
 /// Lines up to this size are parsed on the I/O thread; longer ones on a blocking thread.
 const PARSE_INLINE_BYTES: usize = 64 << 10;
 
@@ -336,7 +379,7 @@ const PARSE_INLINE_BYTES: usize = 64 << 10;
 pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) {
     let peer = stream.as_fd().try_clone_to_owned().ok();
     let (read, mut write) = stream.into_split();
-    let (tx, mut rx) = unbounded_channel::<String>();
+    let (tx, mut rx) = unbounded_channel::<(ServerEvent, usize)>();
     let pending = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicBool::new(false));
     let out = Outbox {
@@ -346,13 +389,22 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
         closed: closed.clone(),
     };
     let writer = tokio::spawn(async move {
-        while let Some(line) = rx.recv().await {
-            let n = line.len();
-            if write.write_all(line.as_bytes()).await.is_err() {
+        let mut buf = Vec::with_capacity(4096);
+        while let Some((ev, n)) = rx.recv().await {
+            // Serialise here, and everything else already queued with it: one write.
+            buf.clear();
+            write_line(&mut buf, &ev);
+            let mut counted = n;
+            while buf.len() < WRITE_BATCH_BYTES {
+                let Ok((ev, n)) = rx.try_recv() else { break };
+                write_line(&mut buf, &ev);
+                counted += n;
+            }
+            if write.write_all(&buf).await.is_err() {
                 closed.store(true, Ordering::Relaxed);
                 break;
             }
-            pending.fetch_sub(n, Ordering::Relaxed);
+            pending.fetch_sub(counted, Ordering::Relaxed);
         }
         let _ = write.shutdown().await;
     });
