@@ -11,6 +11,7 @@ use std::time::Instant;
 
 mod calibrate;
 mod daemon;
+mod host;
 mod run;
 mod truncation;
 
@@ -85,6 +86,9 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// The daemon's host side at a GPU's cadence: N streams against `convoy serve --device sim`
+    /// (host time per step, tokens delivered, event delay, memory per stream).
+    Host(host::HostArgs),
     /// Time of one scheduling step (schedule + update) with many running requests.
     Sched {
         /// Running requests.
@@ -568,6 +572,7 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Cmd::Host(args) => host::run(&args)?,
         Cmd::Sched { running, steps } => {
             use convoy_scheduler::{
                 KvCacheConfig, ModelOutput, NewRequest, Scheduler, SchedulerConfig,
