@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch_models.sh
-cargo build --release --bin convoy
+cargo build --release --bin convoy --bin convoy-bench
 sock="$PWD/target/demo.sock"
 ./target/release/convoy serve --socket "$sock" &
 daemon=$!
@@ -16,3 +16,12 @@ for _ in $(seq 1 600); do
 done
 python3 examples/client.py --socket "$sock" \
   "Hello! Who are you?" "What is the tallest mountain in the world?" "Thank you! Say goodbye in French."
+cat <<'NEXT'
+
+Next, try:
+  ./target/release/convoy chat                      # interactive; each turn shows its cached tokens
+  ./target/release/convoy serve --http 127.0.0.1:8000   # the OpenAI-compatible face (docs/http.md)
+  ./target/release/convoy serve --device sim        # a simulated H100 (docs/simulation.md)
+  ./target/release/convoy plan --help               # how many GPUs for a workload (docs/planning.md)
+  ./target/release/convoy-bench --help              # benchmarks (docs/benchmarks.md)
+NEXT

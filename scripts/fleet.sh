@@ -22,7 +22,8 @@
 # Knobs (environment): MODEL (default models/glassllm), REPLICAS (3), THREADS (compute
 # threads per replica, 1), KV_MEMORY (device KV cache per replica, 4MiB), BLOCK_SIZE (8),
 # CONVS (conversations, 36), TURNS (4), MAX_TOKENS (reply length, 6), SEED (1),
-# BASE_PORT (replica i listens on BASE_PORT+i, 18100), LB_PORT (18180), STATS_PORT (18184),
+# BASE_PORT (replica i listens on BASE_PORT+i; default: a free run), LB_PORT and STATS_PORT
+# (default: free ports),
 # PHASES ("single sticky roundrobin kill"; add "bench" to drive the sticky fleet with
 # `convoy-bench run --target openai` too), CONVOY_BIN (target/release/convoy), KEEP=1
 # keeps the work directory (logs, JSON reports).
@@ -38,9 +39,30 @@ CONVS=${CONVS:-36}
 TURNS=${TURNS:-4}
 MAX_TOKENS=${MAX_TOKENS:-6}
 SEED=${SEED:-1}
-BASE_PORT=${BASE_PORT:-18100}
-LB_PORT=${LB_PORT:-18180}
-STATS_PORT=${STATS_PORT:-18184}
+# Free ports by default: a run of 100 consecutive free ports for the replicas from the
+# kernel's ephemeral range, and two more for the balancer and its stats (any given port wins).
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_run() {
+    python3 - "$1" <<'PY'
+import socket, sys, random
+n = int(sys.argv[1])
+for _ in range(200):
+    base = random.randint(20000, 60000 - n)
+    socks = []
+    try:
+        for p in range(base, base + n):
+            s = socket.socket(); s.bind(("127.0.0.1", p)); socks.append(s)
+    except OSError:
+        continue
+    finally:
+        for s in socks: s.close()
+    if len(socks) == n:
+        print(base); break
+PY
+}
+BASE_PORT=${BASE_PORT:-$(free_run 100)}
+LB_PORT=${LB_PORT:-$(free_port)}
+STATS_PORT=${STATS_PORT:-$(free_port)}
 PHASES=${PHASES:-single sticky roundrobin kill}
 BIN=${CONVOY_BIN:-target/release/convoy}
 

@@ -60,11 +60,14 @@ pub async fn play(
     let ticker = progress.map(|bar| {
         let s = shared.clone();
         tokio::spawn(async move {
+            // Off a terminal the bar draws nothing: a plain line every few seconds instead, so
+            // a log file shows the run going on.
+            let mut next_line = Instant::now();
             loop {
                 let (done, failed) = s.recorder.lock().counts();
                 let elapsed = s.start.elapsed();
                 bar.set_position(elapsed.as_secs().min(bar.length().unwrap_or(0)));
-                bar.set_message(format!(
+                let message = format!(
                     "{} done, {} failed, {} in flight{}",
                     done,
                     failed,
@@ -74,7 +77,17 @@ pub async fn play(
                     } else {
                         ""
                     }
-                ));
+                );
+                if bar.is_hidden() && Instant::now() >= next_line {
+                    eprintln!(
+                        "{} {}/{} s  {message}",
+                        bar.prefix(),
+                        bar.position(),
+                        bar.length().unwrap_or(0)
+                    );
+                    next_line += Duration::from_secs(5);
+                }
+                bar.set_message(message);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })

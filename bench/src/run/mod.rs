@@ -90,8 +90,8 @@ pub struct RunArgs {
     /// Seconds in which conversations and turns start (each run of a sweep).
     #[arg(long, default_value_t = 60.0)]
     pub duration_s: f64,
-    /// At most this many conversations per run.
-    #[arg(long, default_value_t = u64::MAX)]
+    /// At most this many conversations per run (default: no limit, the duration decides).
+    #[arg(long, default_value_t = u64::MAX, hide_default_value = true)]
     pub conversations: u64,
     /// Goodput SLO: time to first token at most this many ms.
     #[arg(long)]

@@ -365,7 +365,8 @@ fn render_text_needs_no_model_without_a_limit() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("definition"), "{out}");
     assert!(out.contains("[user]\nCan I see the engine room?"), "{out}");
-    // With a limit it needs the model, and says so.
+    // With a limit it needs the model: found from this unrelated directory (the checkout the
+    // binary was built in), and the limit applies.
     let (code, _, err) = convoy(
         &[
             "render",
@@ -379,12 +380,7 @@ fn render_text_needs_no_model_without_a_limit() {
         &cwd,
     );
     assert_eq!(code, 1);
-    assert!(
-        err.contains(
-            "no --model given and models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf does not exist"
-        ),
-        "{err}"
-    );
+    assert!(err.contains("prompt too long"), "{err}");
 }
 
 #[test]
