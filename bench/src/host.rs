@@ -72,7 +72,13 @@ struct StreamLog {
     errors: Vec<String>,
 }
 
-async fn stream(socket: PathBuf, i: usize, max_tokens: usize, until: Instant, log: Arc<Mutex<StreamLog>>) {
+async fn stream(
+    socket: PathBuf,
+    i: usize,
+    max_tokens: usize,
+    until: Instant,
+    log: Arc<Mutex<StreamLog>>,
+) {
     // Thousands of streams connect at once: a full listen backlog (EAGAIN) is retried, as a
     // client library would, for up to ten seconds.
     let mut wait = Duration::from_millis(5);
@@ -252,7 +258,10 @@ pub fn run(args: &HostArgs) -> Result<()> {
         let mut next = Instant::now();
         while Instant::now() < warm_until {
             if Instant::now() >= next {
-                eprintln!("convoy-bench host: warming up, {n} streams, {:.0} s", started.elapsed().as_secs_f64());
+                eprintln!(
+                    "convoy-bench host: warming up, {n} streams, {:.0} s",
+                    started.elapsed().as_secs_f64()
+                );
                 next += Duration::from_secs(5);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -268,7 +277,9 @@ pub fn run(args: &HostArgs) -> Result<()> {
                 eprintln!(
                     "convoy-bench host: measuring, {} requests done, {:.0} s left",
                     l.reads.len(),
-                    until.saturating_duration_since(Instant::now()).as_secs_f64()
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64()
                 );
                 next += Duration::from_secs(5);
             }
@@ -293,7 +304,11 @@ pub fn run(args: &HostArgs) -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     let log = log.lock();
     if !log.errors.is_empty() {
-        bail!("{} stream errors, the first: {}", log.errors.len(), log.errors[0]);
+        bail!(
+            "{} stream errors, the first: {}",
+            log.errors.len(),
+            log.errors[0]
+        );
     }
     // Host time between executions, over the window.
     let in_window: Vec<&Step> = steps
@@ -305,7 +320,8 @@ pub fn run(args: &HostArgs) -> Result<()> {
         .map(|w| w[1].at - (w[0].at + w[0].execute))
         .collect();
     gaps.sort_by(f64::total_cmp);
-    let mean_exec = in_window.iter().map(|s| s.execute).sum::<f64>() / in_window.len().max(1) as f64;
+    let mean_exec =
+        in_window.iter().map(|s| s.execute).sum::<f64>() / in_window.len().max(1) as f64;
     let mean_gap = gaps.iter().sum::<f64>() / gaps.len().max(1) as f64;
     // Event delays: each read against the last step end before it.
     let ends: Vec<f64> = steps.iter().map(|s| s.at + s.execute).collect();
@@ -340,7 +356,10 @@ pub fn run(args: &HostArgs) -> Result<()> {
         in_window.len(),
         window
     );
-    println!("  simulated step (mean)             {:>9.2} ms", mean_exec * 1e3);
+    println!(
+        "  simulated step (mean)             {:>9.2} ms",
+        mean_exec * 1e3
+    );
     println!(
         "  host time between steps           {:>9.2} ms mean, {:.2} p50, {:.2} p99 ({:.1}% of the step)",
         mean_gap * 1e3,
@@ -355,7 +374,11 @@ pub fn run(args: &HostArgs) -> Result<()> {
     );
     println!(
         "  every token delivered             {:>9} ({} read, {} counted by done)",
-        if log.token_events == log.done_tokens { "yes" } else { "NO" },
+        if log.token_events == log.done_tokens {
+            "yes"
+        } else {
+            "NO"
+        },
         log.token_events,
         log.done_tokens
     );

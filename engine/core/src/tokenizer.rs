@@ -65,7 +65,10 @@ struct Tokenizers {
 /// The decode table of a byte-level tokenizer (see `Tokenizers::decode_bytes`), or `None`
 /// when decoding is not plain concatenation of per-token bytes.
 fn decode_table(tok: &Tokenizer) -> Option<Vec<Box<[u8]>>> {
-    if !matches!(tok.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_))) {
+    if !matches!(
+        tok.get_decoder(),
+        Some(tokenizers::DecoderWrapper::ByteLevel(_))
+    ) {
         return None;
     }
     // Normalizers and post-processors act on encoding only; the decoder is the whole story.
@@ -78,7 +81,10 @@ fn decode_table(tok: &Tokenizer) -> Option<Vec<Box<[u8]>>> {
             Some(a) => a.content.as_bytes().to_vec(),
             None => {
                 let piece = tok.id_to_token(id)?;
-                piece.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>()?
+                piece
+                    .chars()
+                    .map(byte_level_byte)
+                    .collect::<Option<Vec<u8>>>()?
             }
         };
         table.push(bytes.into_boxed_slice());

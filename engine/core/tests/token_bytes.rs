@@ -40,14 +40,21 @@ fn the_bytes_of_a_texts_tokens_are_the_text() {
 fn the_byte_path_of_the_detokeniser_gives_what_decoding_gives() {
     use convoy_engine::detokenizer::IncrementalDecoder;
     let c = codec("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(c.decodes_by_bytes(), "SmolLM2's byte-level BPE takes the byte path");
+    assert!(
+        c.decodes_by_bytes(),
+        "SmolLM2's byte-level BPE takes the byte path"
+    );
     let tok = c.tokenizer().unwrap();
     let vocab = tok.get_vocab_size(true) as u64;
     // Real texts (emoji split over tokens, accents, CJK) and random ids, special ones included.
-    let mut cases: Vec<Vec<u32>> = ["\n\n```\n👍👍 done", "héllo wörld ✓ 日本語 ok", "<|im_start|>user\nhi"]
-        .iter()
-        .map(|t| c.encode_with_special_tokens(t).unwrap())
-        .collect();
+    let mut cases: Vec<Vec<u32>> = [
+        "\n\n```\n👍👍 done",
+        "héllo wörld ✓ 日本語 ok",
+        "<|im_start|>user\nhi",
+    ]
+    .iter()
+    .map(|t| c.encode_with_special_tokens(t).unwrap())
+    .collect();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for _ in 0..300 {
         let ids = (0..40)
@@ -71,7 +78,11 @@ fn the_byte_path_of_the_detokeniser_gives_what_decoding_gives() {
         }
         let whole = tok.decode(&ids, true).unwrap();
         // The slow path holds back a trailing U+FFFD for good; the byte path writes it.
-        assert_eq!(a.trim_end_matches('\u{fffd}'), whole.trim_end_matches('\u{fffd}'), "{ids:?}");
+        assert_eq!(
+            a.trim_end_matches('\u{fffd}'),
+            whole.trim_end_matches('\u{fffd}'),
+            "{ids:?}"
+        );
         assert!(whole.starts_with(&b), "{ids:?}");
         assert!(a.starts_with(&b) || b.starts_with(&a), "{ids:?}");
     }

@@ -33,6 +33,26 @@ pub struct LineChart {
     pub series: Vec<(String, Vec<(f64, f64)>)>,
     /// Named horizontal lines at a y value, drawn dashed.
     pub hlines: Vec<(String, f64)>,
+    /// Named vertical lines at an x value (an answer), drawn solid and thick.
+    pub vlines: Vec<(String, f64)>,
+    /// The x values are counts: label the axis with whole numbers.
+    pub x_integer: bool,
+}
+
+/// Series and line colours: strong and far apart, readable on white and in print.
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(0, 0, 0),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(140, 86, 75),
+    RGBColor(23, 190, 207),
+];
+
+fn color(i: usize) -> RGBAColor {
+    COLORS[i % COLORS.len()].to_rgba()
 }
 
 impl LineChart {
@@ -64,19 +84,22 @@ impl LineChart {
         let pad = ((x1 - x0) * 0.05).max(0.05 * x1.abs().max(1e-3));
         let x = (x0 - pad)..(x1 + pad);
         if self.log_y {
-            self.draw_on(path, x, (1f64..y1 * 1.5).log_scale(), 1.0)
+            self.draw_on(path, x, (1f64..y1 * 1.5).log_scale(), 1.0, (1.0, y1 * 1.5))
         } else {
-            self.draw_on(path, x, 0f64..(y1 * 1.1).max(1e-3), f64::MIN)
+            let top = (y1 * 1.1).max(1e-3);
+            self.draw_on(path, x, 0f64..top, f64::MIN, (0.0, top))
         }
     }
 
-    /// Draw with the y coordinate `y`; values are raised to at least `y_floor`.
+    /// Draw with the y coordinate `y`; values are raised to at least `y_floor`; vertical lines
+    /// span `y_span`.
     fn draw_on<Y>(
         &self,
         path: &Path,
         x: std::ops::Range<f64>,
         y: Y,
         y_floor: f64,
+        y_span: (f64, f64),
     ) -> Result<(), Box<dyn std::error::Error>>
     where
         Y: AsRangedCoord<Value = f64>,
@@ -91,12 +114,21 @@ impl LineChart {
             .x_label_area_size(45)
             .y_label_area_size(70)
             .build_cartesian_2d(x, y)?;
+        let integer = self.x_integer;
+        let x_fmt = move |x: &f64| {
+            if integer {
+                format!("{:.0}", x)
+            } else {
+                format!("{x}")
+            }
+        };
         c.configure_mesh()
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
+            .x_label_formatter(&x_fmt)
             .draw()?;
         for (i, (name, s)) in self.series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = color(i);
             let line: Vec<(f64, f64)> = s.iter().map(|&(x, y)| (x, y.max(y_floor))).collect();
             c.draw_series(LineSeries::new(line.clone(), color.stroke_width(2)))?
                 .label(name)
@@ -104,7 +136,7 @@ impl LineChart {
             c.draw_series(line.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
         }
         for (i, (name, v)) in self.hlines.iter().enumerate() {
-            let color = Palette99::pick(self.series.len() + i).to_rgba();
+            let color = color(self.series.len() + i);
             let v = *v;
             let dashes = (0..40).map(move |k| {
                 let s = a + (b - a) * k as f64 / 40.0;
@@ -113,6 +145,19 @@ impl LineChart {
             c.draw_series(dashes)?
                 .label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        }
+        for (i, (name, v)) in self.vlines.iter().enumerate() {
+            let color = color(self.series.len() + self.hlines.len() + i);
+            let v = *v;
+            let (lo, hi) = y_span;
+            c.draw_series(std::iter::once(PathElement::new(
+                vec![(v, lo), (v, hi)],
+                color.stroke_width(3),
+            )))?
+            .label(name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3))
+            });
         }
         c.configure_series_labels()
             .background_style(WHITE.mix(0.8))

@@ -412,7 +412,7 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("s.sock");
     // A hard limit of 64 descriptors the daemon cannot raise.
-    let mut child = std::process::Command::new("sh")
+    let child = std::process::Command::new("sh")
         .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_convoy"))
         .args(["serve", "--model", smollm2().to_str().unwrap()])
@@ -426,6 +426,15 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Killed however the test ends.
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
     support::poll("the daemon to come up", 60, || {
         Client::connect(&socket).ok()
     });
@@ -434,9 +443,9 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
         .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_seconds(child.id());
+    let before = cpu_seconds(child.0.id());
     std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_seconds(child.id()) - before;
+    let used = cpu_seconds(child.0.id()) - before;
     assert!(
         used < 0.5,
         "the daemon burnt {used:.2} s of CPU in 2 s at EMFILE"
@@ -448,6 +457,5 @@ fn out_of_file_descriptors_the_accept_loop_backs_off() {
     });
     c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     assert!(generate(&mut c, json!({"prompt": "Hi"})).is_ok());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }

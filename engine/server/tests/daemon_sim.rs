@@ -12,7 +12,14 @@ use serde_json::json;
 use support::{smollm2, wait_for_zero_held, Daemon};
 
 fn sim_daemon(name: &str, extra: &[&str]) -> Daemon {
-    let mut args = vec!["--device", "sim", "--max-running", "1024", "--max-queued", "4096"];
+    let mut args = vec![
+        "--device",
+        "sim",
+        "--max-running",
+        "1024",
+        "--max-queued",
+        "4096",
+    ];
     args.extend_from_slice(extra);
     Daemon::start(name, &smollm2(), &args)
 }
@@ -50,10 +57,14 @@ fn a_multi_turn_chat_on_the_simulated_device_hits_the_prefix_cache() {
     }
     assert_eq!(cached[0].0, 0, "{cached:?}");
     for &(hit, prompt) in &cached[1..] {
-        assert!(hit > prompt / 2, "later turns come from the cache: {cached:?}");
+        assert!(
+            hit > prompt / 2,
+            "later turns come from the cache: {cached:?}"
+        );
     }
     // The tokens are the simulator's: the same request gives the same reply.
-    let ask = json!({"op":"generate","id":"s","prompt":"Once","max_tokens":8,"seed":7,"stream":false});
+    let ask =
+        json!({"op":"generate","id":"s","prompt":"Once","max_tokens":8,"seed":7,"stream":false});
     let first = c.generate(&ask).unwrap().1;
     let second = c.generate(&ask).unwrap().1;
     match (first, second) {

@@ -201,7 +201,13 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
-fn row(r: &FleetReport, meets: Option<bool>) -> String {
+/// Whether a fleet serves clearly less than it is offered (under 90% of the offered messages
+/// per second), whatever its own overload detector said.
+fn underserves(r: &FleetReport, offered: Option<f64>) -> bool {
+    offered.is_some_and(|o| o > 0.0 && r.requests_per_s < 0.9 * o)
+}
+
+fn row(r: &FleetReport, meets: Option<bool>, offered: Option<f64>) -> String {
     format!(
         "{:>5} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6.3} {:>9.1} {:>6.1} {:>6}{}",
         r.gpus,
@@ -219,7 +225,7 @@ fn row(r: &FleetReport, meets: Option<bool>) -> String {
             Some(false) => "no",
             None => "-",
         },
-        if r.overloaded {
+        if r.overloaded || underserves(r, offered) {
             "  (overloaded)"
         } else if r.stopped_early {
             "  (stopped early)"
@@ -447,8 +453,18 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
     text.push_str(HEADER);
     text.push('\n');
     for (r, ok) in &curve {
-        text.push_str(&row(r, *ok));
+        text.push_str(&row(r, *ok, planner.messages_per_s));
         text.push('\n');
+    }
+    // The fleet asked about (--gpus): say it plainly when it cannot keep up.
+    let asked = curve.iter().find(|(r, _)| Some(r.gpus) == args.gpus);
+    if let (Some(offered), Some((r, _))) = (planner.messages_per_s, asked) {
+        if r.overloaded || underserves(r, Some(offered)) {
+            text.push_str(&format!(
+                "OVERLOADED at {} GPUs: {:.1} of the {offered:.1} messages/s offered are served; queues grow without bound\n",
+                r.gpus, r.requests_per_s
+            ));
+        }
     }
     if let Some((r, _)) = curve.first() {
         text.push_str(&format!(
@@ -496,16 +512,38 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         std::fs::write(path, csv).map_err(|e| {
             PlanError::invalid("--csv", format!("cannot write {}: {e}", path.display()))
         })?;
+        text.push_str(&format!("curve written to {}\n", path.display()));
     }
     if let Some(path) = &args.plot {
-        let lines: Vec<(&str, f64)> = [
+        let mut lines: Vec<(String, f64)> = [
             ("TTFT p50", slo.ttft_p50_ms),
             ("TTFT p99", slo.ttft_p99_ms),
+            ("TPOT p99", slo.tpot_p99_ms),
             ("E2E p99", slo.e2e_p99_ms),
         ]
         .into_iter()
-        .filter_map(|(n, v)| v.map(|v| (n, v)))
+        .filter_map(|(n, v)| v.map(|v| (format!("SLO {n}"), v)))
         .collect();
+        if !relax.is_empty() {
+            let loose = slo.relaxed(&relax);
+            let extra: Vec<(String, f64)> = [
+                ("TTFT p50", loose.ttft_p50_ms),
+                ("TTFT p99", loose.ttft_p99_ms),
+                ("TPOT p99", loose.tpot_p99_ms),
+                ("E2E p99", loose.e2e_p99_ms),
+            ]
+            .into_iter()
+            .filter_map(|(n, v)| v.map(|v| (format!("relaxed SLO {n}"), v)))
+            .collect();
+            lines.extend(extra);
+        }
+        let mut answers = Vec::new();
+        if let Some(n) = doc["fewest"]["gpus"].as_u64() {
+            answers.push((format!("answer: {n} GPUs"), n as usize));
+        }
+        if let Some(n) = doc["relaxed"]["gpus"].as_u64() {
+            answers.push((format!("relaxed answer: {n} GPUs"), n as usize));
+        }
         super::plot::write_curve_svg(
             path,
             &planner
@@ -515,7 +553,9 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
                 }),
             &curve,
             &lines,
+            &answers,
         )?;
+        text.push_str(&format!("chart written to {}\n", path.display()));
     }
     if args.json {
         println!("{doc}");

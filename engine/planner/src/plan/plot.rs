@@ -17,13 +17,15 @@ pub fn write_curve_svg(
     path: &Path,
     title: &str,
     curve: &[(FleetReport, Option<bool>)],
-    slo_lines: &[(&str, f64)],
+    slo_lines: &[(String, f64)],
+    answers: &[(String, usize)],
 ) -> Result<(), PlanError> {
     let mut pts: Vec<&FleetReport> = curve.iter().map(|(r, _)| r).collect();
     pts.sort_by_key(|r| r.gpus);
-    let series: [(&str, Metric); 3] = [
+    let series: [(&str, Metric); 4] = [
         ("TTFT p50", |r| r.ttft_p50_ms),
         ("TTFT p99", |r| r.ttft_p99_ms),
+        ("TPOT p99", |r| r.tpot_p99_ms),
         ("E2E p99", |r| r.e2e_p99_ms),
     ];
     let chart = LineChart {
@@ -38,10 +40,12 @@ pub fn write_curve_svg(
                 (name.to_string(), line)
             })
             .collect(),
-        hlines: slo_lines
+        hlines: slo_lines.to_vec(),
+        vlines: answers
             .iter()
-            .map(|(name, v)| (format!("SLO {name}"), *v))
+            .map(|(name, n)| (name.clone(), *n as f64))
             .collect(),
+        x_integer: true,
     };
     chart
         .write_svg(path)

@@ -360,9 +360,16 @@ fn wire_bytes(ev: &ServerEvent) -> usize {
                 + id.len()
                 + text.len() * 2
                 + token_ids.len() * 8
-                + logprobs.as_ref().map_or(0, |l| l.len() * 40 + l.iter().map(|x| x.top.len() * 24).sum::<usize>())
+                + logprobs.as_ref().map_or(0, |l| {
+                    l.len() * 40 + l.iter().map(|x| x.top.len() * 24).sum::<usize>()
+                })
         }
-        ServerEvent::Done { id, text, token_ids, .. } => {
+        ServerEvent::Done {
+            id,
+            text,
+            token_ids,
+            ..
+        } => {
             4 * ENVELOPE
                 + id.len()
                 + text.as_ref().map_or(0, |t| t.len() * 2)

@@ -532,7 +532,11 @@ fn start_simulated(
     max_running: usize,
     max_batched_tokens: usize,
     service: convoy_engine::service::ServiceConfig,
-) -> Result<(convoy_engine::service::EngineHandle, convoy_engine::TextCodec, usize)> {
+) -> Result<(
+    convoy_engine::service::EngineHandle,
+    convoy_engine::TextCodec,
+    usize,
+)> {
     use convoy_planner::plan::profile::{GpuSpec, ModelShape, Profile, RooflineOptions};
     let profile = match sim.profile {
         Some(p) => Profile::load(p)?,
@@ -564,10 +568,8 @@ fn start_simulated(
         codec.set_chat_template(&source)?;
     }
     drop(loaded);
-    let mut cfg = convoy_engine::GeneratorConfig::new(
-        profile.memory.num_blocks(),
-        profile.memory.block_size,
-    );
+    let mut cfg =
+        convoy_engine::GeneratorConfig::new(profile.memory.num_blocks(), profile.memory.block_size);
     cfg.num_host_blocks = profile.memory.num_host_blocks();
     cfg.enable_prefix_caching = !model.no_prefix_caching;
     cfg.max_running = max_running.max(1);
@@ -746,10 +748,13 @@ fn render_template(args: RenderArgs) -> Result<()> {
     match &codec {
         Some(c) => {
             let chat = c.render_chat(&prompt.messages)?;
-            let ids = c.encode(&chat)?;
+            let ids = c.encode_chat(&prompt.messages)?;
+            // The limit counts the parts' own tokens; the chat template adds its role markers
+            // on top, so the prompt the model sees is larger. Both, so nobody is surprised.
             out.push_str(&format!(
-                "--- {} messages, {} tokens after the chat template:\n{chat}\n",
+                "--- {} messages: {} tokens in the parts (what token_limit counts), {} tokens after the chat template (what the model reads):\n{chat}\n",
                 prompt.messages.len(),
+                t.tokens_after,
                 ids.len()
             ));
         }

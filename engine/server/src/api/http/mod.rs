@@ -45,6 +45,7 @@ use crate::api::socket::bind_socket;
 
 pub use args::{model_name_of, HttpArgs, API_KEY_ENV};
 pub use errors::{status_for, ApiError};
+pub use openai::{parse_request, Endpoint, Parsed};
 
 /// Settings of the HTTP listeners.
 #[derive(Clone, Debug)]
