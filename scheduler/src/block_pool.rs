@@ -4,8 +4,11 @@
 //! Invariants (checked by [`BlockPool::check_invariants`] in the tests):
 //! - a block is in the LRU queue if and only if its reference count is 0;
 //! - the queue runs from least to most recently freed; allocation takes the head;
-//! - a block has a key (is cached) only if it is in `children[key.parent]`, and, for full
-//!   blocks, `full[key.hash]` points at it; nothing else is in either index;
+//! - a block has a key (is cached) only if it is in `children[(key.parent, first token)]`, and,
+//!   for full blocks, `full[key.hash]` points at it; nothing else is in either index. Children
+//!   are indexed by their first token too: a prefix match needs at least that token in common,
+//!   so a lookup scans only the siblings that share it, not every conversation cached after
+//!   the same parent.
 //! - a free block may still be cached: it is reused (and forgotten) only when it reaches the
 //!   head of the queue and a new block is needed.
 
@@ -17,6 +20,13 @@ use crate::block_hash::BlockHash;
 pub type BlockId = u32;
 
 const NIL: BlockId = BlockId::MAX;
+
+/// Where a cached block is listed among its parent's children: the parent and its first token.
+type ChildKey = (BlockHash, Option<u32>);
+
+fn child_key(key: &BlockKey) -> ChildKey {
+    (key.parent, key.tokens.first().copied())
+}
 
 /// What a cached block holds: the key tokens after the prefix `parent`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,7 +59,7 @@ pub struct BlockPool {
     num_free: usize,
     num_cached: usize,
     full: FxHashMap<BlockHash, BlockId>,
-    children: FxHashMap<BlockHash, Vec<BlockId>>,
+    children: FxHashMap<ChildKey, Vec<BlockId>>,
 }
 
 impl BlockPool {
@@ -192,7 +202,7 @@ impl BlockPool {
     /// Index a block's contents. Returns false (and indexes nothing) when an identical block
     /// is already indexed: the duplicate simply stays uncached.
     pub fn register(&mut self, id: BlockId, key: BlockKey) -> bool {
-        if let Some(siblings) = self.children.get(&key.parent) {
+        if let Some(siblings) = self.children.get(&child_key(&key)) {
             if siblings.iter().any(|&s| {
                 s != id
                     && self.meta[s as usize]
@@ -210,7 +220,7 @@ impl BlockPool {
         if key.full {
             self.full.insert(key.hash, id);
         }
-        self.children.entry(key.parent).or_default().push(id);
+        self.children.entry(child_key(&key)).or_default().push(id);
         self.meta[id as usize].key = Some(key);
         self.num_cached += 1;
         true
@@ -223,10 +233,11 @@ impl BlockPool {
         if key.full && self.full.get(&key.hash) == Some(&id) {
             self.full.remove(&key.hash);
         }
-        if let Some(list) = self.children.get_mut(&key.parent) {
+        let ck = child_key(&key);
+        if let Some(list) = self.children.get_mut(&ck) {
             list.retain(|&b| b != id);
             if list.is_empty() {
-                self.children.remove(&key.parent);
+                self.children.remove(&ck);
             }
         }
         Some(key)
@@ -248,7 +259,8 @@ impl BlockPool {
     /// (at least one token); ties go to the lowest block id.
     pub fn best_child(&self, parent: BlockHash, tokens: &[u32]) -> Option<(BlockId, usize)> {
         let mut best: Option<(BlockId, usize)> = None;
-        for &id in self.children.get(&parent)? {
+        let first = *tokens.first()?;
+        for &id in self.children.get(&(parent, Some(first)))? {
             let Some(key) = self.meta[id as usize].key.as_ref() else {
                 continue;
             };
@@ -293,7 +305,7 @@ impl BlockPool {
             if let Some(k) = &m.key {
                 assert!(
                     self.children
-                        .get(&k.parent)
+                        .get(&child_key(k))
                         .is_some_and(|c| c.contains(&(id as BlockId))),
                     "block {id} missing from children"
                 );
@@ -318,11 +330,11 @@ impl BlockPool {
                 "stale full entry"
             );
         }
-        for (p, ids) in &self.children {
+        for (ck, ids) in &self.children {
             for &id in ids {
                 assert_eq!(
-                    self.meta[id as usize].key.as_ref().map(|k| k.parent),
-                    Some(*p),
+                    self.meta[id as usize].key.as_ref().map(child_key),
+                    Some(*ck),
                     "stale child entry"
                 );
             }
