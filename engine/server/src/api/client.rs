@@ -87,7 +87,7 @@ impl Client {
         self.send(&serde_json::json!({"op": "stats"}))?;
         loop {
             match self.recv()? {
-                Some(ServerEvent::Stats { stats }) => return Ok(stats),
+                Some(ServerEvent::Stats { stats }) => return Ok(*stats),
                 Some(_) => continue,
                 None => {
                     return Err(io::Error::new(

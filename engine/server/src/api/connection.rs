@@ -249,7 +249,9 @@ impl Connection {
                 shared.connections.load(Ordering::Relaxed),
                 shared.started.elapsed().as_secs_f64(),
             );
-            out.send(ServerEvent::Stats { stats: report });
+            out.send(ServerEvent::Stats {
+                stats: Box::new(report),
+            });
         }));
         if sent.is_err() {
             self.out

@@ -777,7 +777,7 @@ pub enum ServerEvent {
     /// Answer to `stats`.
     Stats {
         /// The figures.
-        stats: StatsReport,
+        stats: Box<StatsReport>,
     },
     /// Answer to `health`.
     Health {
