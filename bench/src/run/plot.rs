@@ -11,7 +11,8 @@ use super::report::{Report, RunResult};
 type Figure = fn(&RunResult) -> f64;
 
 /// Write `latency.svg` and `goodput.svg` into `dir`; returns their paths. The x axis is the
-/// offered load in messages/s (or the run's index when the load is not a rate).
+/// offered load in messages/s (or the run's index when the load is not a rate). With one run
+/// each figure is a single point: sweep rates (`--sweep`) for curves.
 pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
     let x: Vec<f64> = report
         .runs
@@ -48,6 +49,14 @@ pub fn write_plots(report: &Report, dir: &Path) -> Result<Vec<PathBuf>> {
             ("E2E p50", |r| r.latency_ms.e2e.p50),
             ("E2E p99", |r| r.latency_ms.e2e.p99),
         ]),
+        // The objectives the goodput counts, as lines to read the curves against.
+        hlines: [
+            ("SLO TTFT", report.slo.ttft_ms),
+            ("SLO E2E", report.slo.e2e_ms),
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| (n.to_string(), v)))
+        .collect(),
         ..Default::default()
     }
     .write_svg(&latency)?;
