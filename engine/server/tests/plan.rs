@@ -348,3 +348,46 @@ fn text_counts_lengthen_the_prompts_and_the_edge_delays_every_request() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_cli_says_overloaded_and_where_it_wrote_its_chart() {
+    let dir = std::env::temp_dir().join(format!("convoy-plan-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let chart = dir.join("curve.svg");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .args([
+            "plan",
+            "--workload",
+            "bench/workloads/chat.toml",
+            "--gpu",
+            "h100",
+            "--model-config",
+            "llama-3-8b",
+            "--rate",
+            "600",
+            "--gpus",
+            "1",
+            "--plot",
+        ])
+        .arg(&chart)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // One H100 serves well under 600 messages/s of this chat: the output says so plainly.
+    assert!(stdout.contains("(overloaded)"), "{stdout}");
+    assert!(stdout.contains("OVERLOADED at 1 GPUs"), "{stdout}");
+    assert!(stdout.ends_with('\n'), "{stdout:?}");
+    assert!(
+        stdout.contains(&format!("chart written to {}", chart.display())),
+        "{stdout}"
+    );
+    // It said what it was doing while it worked.
+    assert!(stderr.contains("convoy plan: workload"), "{stderr}");
+    assert!(stderr.contains("simulated 1 GPUs"), "{stderr}");
+    let svg = std::fs::read_to_string(&chart).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg:.80}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
