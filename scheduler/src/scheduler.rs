@@ -574,31 +574,6 @@ impl Scheduler {
                 continue;
             }
             let target = r.num_computed_tokens + need;
-            // The usual case: the blocks are there (or free), and the request is written out
-            // with one lookup of each table.
-            if self.kv.allocate(id, target, &mut out.copies).is_ok() {
-                let r = self.requests.get_mut(&id).expect("running request exists");
-                let sample = !finishing && target == r.tokens.len();
-                if !r.announced {
-                    r.announced = true;
-                    out.new_requests.push(NewRequestData {
-                        id,
-                        sampling: r.sampling.clone(),
-                    });
-                }
-                push_scheduled(
-                    out,
-                    &mut filled,
-                    id,
-                    r.num_computed_tokens,
-                    &r.tokens[r.num_computed_tokens..target],
-                    self.kv.block_table(id),
-                    sample,
-                );
-                budget -= need;
-                i += 1;
-                continue;
-            }
             let mut scheduled = true;
             loop {
                 match self.kv.allocate(id, target, &mut out.copies) {
@@ -645,7 +620,6 @@ impl Scheduler {
                     sampling: r.sampling.clone(),
                 });
             }
-            let r = &self.requests[&id];
             push_scheduled(
                 out,
                 &mut filled,
@@ -719,7 +693,6 @@ impl Scheduler {
                 });
             }
             let target = computed + need;
-            let r = &self.requests[&id];
             push_scheduled(
                 out,
                 &mut filled,

@@ -102,11 +102,11 @@ impl ModelRunner for PacedSimRunner {
 
     fn recompute_logits(
         &mut self,
-        _tokens: &[u32],
-        _blocks: &[BlockId],
-        _copies: &[BlockCopy],
+        tokens: &[u32],
+        blocks: &[BlockId],
+        copies: &[BlockCopy],
     ) -> Option<Vec<f32>> {
-        None
+        self.sim.recompute_logits(tokens, blocks, copies)
     }
 
     fn now(&self) -> Duration {

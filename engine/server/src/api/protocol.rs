@@ -130,10 +130,7 @@ pub const MAX_ERROR_MESSAGE_BYTES: usize = 512;
 /// `message` cut to [`MAX_ERROR_MESSAGE_BYTES`] on a character boundary.
 pub fn short_message(mut message: String) -> String {
     if message.len() > MAX_ERROR_MESSAGE_BYTES {
-        let mut end = MAX_ERROR_MESSAGE_BYTES - 3;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
+        let end = crate::prompt::cut(&message, MAX_ERROR_MESSAGE_BYTES - 3).len();
         message.truncate(end);
         message.push_str("...");
     }

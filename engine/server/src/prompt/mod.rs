@@ -33,7 +33,7 @@ pub use parts::MAX_YAML_DEPTH;
 pub use parts::{parse_parts, Part, Role, PART_KEYS};
 pub use sandbox::{run_worker, RenderLimits, RenderPool, WorkerCommand};
 pub use template::{
-    template_name, yaml_quote, TemplateRef, TemplateRegistry, TemplateSet,
+    cut, template_name, yaml_quote, TemplateRef, TemplateRegistry, TemplateSet,
     DEFAULT_MAX_OUTPUT_BYTES, INLINE_TEMPLATE_NAME, RENDER_FUEL, TEMPLATE_SUFFIXES,
 };
 pub use truncate::{truncate, Budget, PartSize, Truncation};

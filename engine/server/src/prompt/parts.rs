@@ -124,16 +124,6 @@ fn yaml_error(template: &str, text: &str, line: usize, col: usize, message: Stri
     }
 }
 
-fn too_deep(template: &str, text: &str, line: usize, col: usize) -> PromptError {
-    yaml_error(
-        template,
-        text,
-        line,
-        col,
-        format!("YAML nested more than {MAX_YAML_DEPTH} levels deep"),
-    )
-}
-
 fn scan_error(template: &str, text: &str, e: &ScanError) -> PromptError {
     let m = e.marker();
     yaml_error(template, text, m.line(), m.col(), e.info().to_string())
@@ -167,30 +157,22 @@ fn load(template: &str, text: &str) -> Result<Option<Node>, PromptError> {
                         .to_string(),
                 ))
             }
-            Event::SequenceStart(..) => {
+            Event::SequenceStart(..) | Event::MappingStart(..) => {
                 if stack.len() >= MAX_YAML_DEPTH {
-                    return Err(too_deep(template, text, line, col));
-                }
-                stack.push(Frame {
-                    node: Node {
+                    return Err(yaml_error(
+                        template,
+                        text,
                         line,
                         col,
-                        kind: Kind::Seq(Vec::new()),
-                    },
-                    key: None,
-                });
-                continue;
-            }
-            Event::MappingStart(..) => {
-                if stack.len() >= MAX_YAML_DEPTH {
-                    return Err(too_deep(template, text, line, col));
+                        format!("YAML nested more than {MAX_YAML_DEPTH} levels deep"),
+                    ));
                 }
+                let kind = match event {
+                    Event::SequenceStart(..) => Kind::Seq(Vec::new()),
+                    _ => Kind::Map(Vec::new()),
+                };
                 stack.push(Frame {
-                    node: Node {
-                        line,
-                        col,
-                        kind: Kind::Map(Vec::new()),
-                    },
+                    node: Node { line, col, kind },
                     key: None,
                 });
                 continue;

@@ -213,18 +213,7 @@ impl RenderPool {
         which: TemplateRef<'_>,
         variables: &serde_json::Value,
     ) -> Result<String, PromptError> {
-        if !(variables.is_object() || variables.is_null()) {
-            return Err(PromptError::InvalidParameter {
-                message: "variables must be a JSON object".to_string(),
-            });
-        }
-        if let TemplateRef::Named(n) = which {
-            if !set.contains(n) {
-                return Err(PromptError::UnknownTemplate {
-                    name: n.to_string(),
-                });
-            }
-        }
+        set.check_request(which, variables)?;
         let name = which.name().to_string();
         let limit = |message: String| PromptError::Limit {
             template: name.clone(),

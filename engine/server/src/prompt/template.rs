@@ -41,7 +41,7 @@ const QUOTE_BYTES: usize = 80;
 const DETAIL_BYTES: usize = 240;
 
 /// `text` cut to at most `max` bytes on a character boundary.
-pub(crate) fn cut(text: &str, max: usize) -> &str {
+pub fn cut(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }
@@ -435,20 +435,11 @@ impl TemplateSet {
         which: TemplateRef<'_>,
         variables: &serde_json::Value,
     ) -> Result<String, PromptError> {
-        if !(variables.is_object() || variables.is_null()) {
-            return Err(PromptError::InvalidParameter {
-                message: "variables must be a JSON object".to_string(),
-            });
-        }
+        self.check_request(which, variables)?;
         let ctx = Value::from_serialize(variables);
         let name = which.name();
         match which {
             TemplateRef::Named(n) => {
-                if !self.contains(n) {
-                    return Err(PromptError::UnknownTemplate {
-                        name: n.to_string(),
-                    });
-                }
                 let t = self.env.get_template(n).map_err(|e| syntax_error(n, &e))?;
                 self.render_limited(name, |out| t.render_captured_to(ctx, out).map(drop))
             }
@@ -459,6 +450,27 @@ impl TemplateSet {
                     .map_err(|e| syntax_error(name, &e))?;
                 self.render_limited(name, |out| t.render_captured_to(ctx, out).map(drop))
             }
+        }
+    }
+
+    /// Refuse a render request before any work: variables that are not an object (or null),
+    /// or a named template the set does not have. Wherever the render then runs (here or in a
+    /// worker process), it is refused the same way.
+    pub fn check_request(
+        &self,
+        which: TemplateRef<'_>,
+        variables: &serde_json::Value,
+    ) -> Result<(), PromptError> {
+        if !(variables.is_object() || variables.is_null()) {
+            return Err(PromptError::InvalidParameter {
+                message: "variables must be a JSON object".to_string(),
+            });
+        }
+        match which {
+            TemplateRef::Named(n) if !self.contains(n) => Err(PromptError::UnknownTemplate {
+                name: n.to_string(),
+            }),
+            _ => Ok(()),
         }
     }
 
