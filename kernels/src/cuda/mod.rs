@@ -1,13 +1,20 @@
 //! CUDA kernels: `.cu` sources embedded in the binary and compiled at run time by NVRTC for the
-//! device's architecture.
+//! device's architecture, and compiled at build time for the host as the emulated device.
 //!
-//! Status: the kernel sources and their compilation to PTX exist and are checked in CI (through
-//! the `nvidia-cuda-nvrtc` wheel); the CUDA runtime side of the backend (device memory, cuBLAS
-//! GEMMs, launching these kernels, CUDA graphs, the pinned host tier) is not built yet, so
-//! nothing here has run on a GPU.
+//! - [`SOURCES`] / [`full_source`]: the text NVRTC compiles (and the emulator, with a shim).
+//! - [`launch`]: one typed launch contract per kernel (arguments, grid rule, host-side checks).
+//! - [`device`]: the device layer ([`device::DeviceLayer`]): memory, copies, launches.
+//! - [`emulator`]: the emulated device, running the same kernels on the CPU with checks.
+//! - [`nvrtc`]: compilation to PTX for a real GPU.
+//!
+//! Status: the kernels run and are tested on the emulated device; the layer above the device
+//! (weights, KV cache, the forward pass) and the driver-backed device layer are not built yet,
+//! so nothing here has run on a GPU.
 
+pub mod device;
+pub mod emulator;
+pub mod launch;
 pub mod nvrtc;
-
 /// One `.cu` source and the kernels it defines.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelSource {

@@ -164,14 +164,10 @@ pub fn compile_ptx(source: &str, name: &str, arch: &str) -> Result<String, Nvrtc
             log: String::new(),
         });
     }
-    let opts: Vec<CString> = [
-        format!("--gpu-architecture={arch}"),
-        "--std=c++17".into(),
-        "--use_fast_math".into(),
-    ]
-    .into_iter()
-    .filter_map(|o| CString::new(o).ok())
-    .collect();
+    let opts: Vec<CString> = [format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+        .into_iter()
+        .filter_map(|o| CString::new(o).ok())
+        .collect();
     let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
     // SAFETY: `prog` was created above; the option array outlives the call.
     let r = unsafe { (api.compile)(prog, opt_ptrs.len() as c_int, opt_ptrs.as_ptr()) };

@@ -27,34 +27,40 @@ extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = bf16_to_f32(weight[i]) * (r[i] * inv);
 }
 
-// Half-split RoPE in place on q [tokens, heads, dim] and k [tokens, kv_heads, dim].
-// grid: tokens; block: any. inv_freq has dim/2 entries (Llama-3 scaling already applied).
+// Half-split RoPE in place on q [tokens][heads][dim] and k [tokens][kv_heads][dim], whose rows
+// start q_stride and k_stride floats apart (so q and k may be views of one fused QKV row).
+// cos_sin: [positions][dim] floats, each row cos(pos * inv_freq[i]) for i < dim/2 then
+// sin(pos * inv_freq[i]), computed on the host in double (Llama-3 scaling applied).
+// grid: tokens; block: any.
 extern "C" __global__ void rope_half_split(float* __restrict__ q, float* __restrict__ k, const int* __restrict__ positions,
-                                           const float* __restrict__ inv_freq, int heads, int kv_heads, int dim) {
+                                           const float* __restrict__ cos_sin, int heads, int kv_heads, int dim,
+                                           long long q_stride, long long k_stride) {
     int t = blockIdx.x, half = dim / 2;
-    float pos = (float)positions[t];
+    const float* cs = cos_sin + (size_t)positions[t] * dim;
     int pairs = (heads + kv_heads) * half;
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         int head = p / half, i = p % half;
-        float* x = head < heads ? q + ((size_t)t * heads + head) * dim : k + ((size_t)t * kv_heads + (head - heads)) * dim;
-        float s, c;
-        sincosf(pos * inv_freq[i], &s, &c);
+        float* x = head < heads ? q + t * q_stride + (size_t)head * dim : k + t * k_stride + (size_t)(head - heads) * dim;
+        float c = cs[i], s = cs[half + i];
         float x1 = x[i], x2 = x[i + half];
         x[i] = x1 * c - x2 * s;
         x[i + half] = x2 * c + x1 * s;
     }
 }
 
-// Write each token's K and V rows to its cache slot. grid: tokens; block: any.
+// Write each token's K and V rows to its cache slot; slot -1 (padding) writes nothing.
+// k and v rows start k_stride and v_stride floats apart (views of a fused QKV row).
 // Cache layout: [blocks][block_size][kv_heads][head_dim], so a slot is kv_width values.
+// grid: tokens; block: any.
 extern "C" __global__ void reshape_and_cache(const float* __restrict__ k, const float* __restrict__ v,
                                              bf16_t* __restrict__ k_cache, bf16_t* __restrict__ v_cache,
-                                             const int* __restrict__ slot_mapping, int kv_width) {
+                                             const int* __restrict__ slot_mapping, int kv_width,
+                                             long long k_stride, long long v_stride) {
     long long slot = slot_mapping[blockIdx.x];
     if (slot < 0) return;
     for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
-        k_cache[slot * kv_width + i] = f32_to_bf16(k[(size_t)blockIdx.x * kv_width + i]);
-        v_cache[slot * kv_width + i] = f32_to_bf16(v[(size_t)blockIdx.x * kv_width + i]);
+        k_cache[slot * kv_width + i] = f32_to_bf16(k[blockIdx.x * k_stride + i]);
+        v_cache[slot * kv_width + i] = f32_to_bf16(v[blockIdx.x * v_stride + i]);
     }
 }
 

@@ -29,14 +29,22 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int voc
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         float v = l[i];
+        if (v != v) v = -INFINITY;  // NaN never wins; an all-NaN row gives token 0, as on the CPU
         argmax_merge(bv, bi, v, i);
     }
     block_argmax_store(bv, bi, out + blockIdx.x);
 }
 
-__device__ __forceinline__ unsigned int mix32(unsigned long long x) {
+__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
     x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
-    return (unsigned int)x;
+    return x;
+}
+
+// Gumbel noise for vocabulary entry i under `key`: u uniform in (0, 1) from 53 random bits
+// (never 0 or 1, so the noise is always finite), -log(-log(u)) in double.
+__device__ __forceinline__ float gumbel_noise(unsigned long long key, int i) {
+    double u = ((double)(mix64(key ^ ((unsigned long long)i << 20)) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    return (float)(-log(-log(u)));
 }
 
 // Temperature sampling by the Gumbel-max trick with a counter-based random stream:
@@ -53,10 +61,8 @@ extern "C" __global__ void gumbel_sample_rows(const float* __restrict__ logits, 
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
         float v = l[i];
-        if (t > 0.0f) {
-            float u = (mix32(key ^ ((unsigned long long)i << 20)) + 0.5f) * (1.0f / 4294967296.0f);
-            v = v / t - __logf(-__logf(u));
-        }
+        if (v != v) v = -INFINITY;  // NaN never wins
+        if (t > 0.0f) v = v / t + gumbel_noise(key, i);
         argmax_merge(bv, bi, v, i);
     }
     block_argmax_store(bv, bi, out + blockIdx.x);

@@ -1,0 +1,213 @@
+//! The lowest layer of the CUDA backend: device memory, copies and kernel launches. Everything
+//! above it (launch contracts, and later weight upload, KV layout, sampling) is written once
+//! against [`DeviceLayer`]; its implementations are the emulated device
+//! ([`super::emulator::EmulatedDevice`], host memory and the `.cu` sources compiled for the
+//! host) and, on a machine with a GPU, the driver through cudarc.
+//!
+//! Invariant: a [`DeviceSlice`] names `bytes` bytes of one live allocation starting at `ptr`;
+//! launch contracts check every size they can derive from their scalar arguments against the
+//! slices they are given before a launch.
+
+use super::launch::{KernelArg, LaunchConfig};
+
+/// Why a device operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// An allocation could not be made.
+    #[error("cannot allocate {bytes} bytes of device memory")]
+    OutOfMemory {
+        /// Bytes asked for.
+        bytes: usize,
+    },
+    /// A copy names bytes outside its allocation.
+    #[error("copy of {len} bytes at offset {offset} outside an allocation of {bytes} bytes")]
+    CopyOutOfRange {
+        /// Offset into the allocation.
+        offset: usize,
+        /// Bytes copied.
+        len: usize,
+        /// The allocation's size.
+        bytes: usize,
+    },
+    /// A launch's arguments break its kernel's contract; nothing was launched.
+    #[error("{kernel}: {problem}")]
+    Contract {
+        /// Kernel name.
+        kernel: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The emulated device stopped a launch on a fault.
+    #[error("{kind:?}: {message}")]
+    Fault {
+        /// What kind of fault.
+        kind: FaultKind,
+        /// Where and why, with the block and thread.
+        message: String,
+    },
+}
+
+/// Faults the emulated device detects; mirrored from `emulator/runtime.cpp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// No kernel of that name is registered.
+    UnknownKernel,
+    /// The number of arguments differs from the kernel's parameters.
+    ArgumentCount,
+    /// An argument's size differs from its parameter's.
+    ArgumentSize,
+    /// Grid, block or shared memory beyond the device's limits.
+    LaunchConfig,
+    /// A warp shuffle whose mask names absent or exited lanes, or lanes with different masks.
+    Shuffle,
+    /// An index outside a fixed-size (`__shared__` or local) array.
+    OutOfBounds,
+    /// `__trap()`.
+    Trap,
+    /// Threads of one block wait at different `__syncthreads`.
+    DivergentBarrier,
+    /// Threads exited while others wait at `__syncthreads`.
+    ExitedAtBarrier,
+    /// Nothing can run and no barrier or exchange can be released.
+    Deadlock,
+    /// A code the runtime does not name (a mismatch between the two sides).
+    Other(i32),
+}
+
+impl FaultKind {
+    /// The kind for the runtime's code.
+    pub fn from_code(code: i32) -> FaultKind {
+        match code {
+            1 => FaultKind::UnknownKernel,
+            2 => FaultKind::ArgumentCount,
+            3 => FaultKind::ArgumentSize,
+            4 => FaultKind::LaunchConfig,
+            5 => FaultKind::Shuffle,
+            6 => FaultKind::OutOfBounds,
+            7 => FaultKind::Trap,
+            8 => FaultKind::DivergentBarrier,
+            9 => FaultKind::ExitedAtBarrier,
+            10 => FaultKind::Deadlock,
+            other => FaultKind::Other(other),
+        }
+    }
+}
+
+/// A range of device memory: an address and its length in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceSlice {
+    /// Device address of the first byte.
+    pub ptr: u64,
+    /// Length in bytes.
+    pub bytes: usize,
+}
+
+impl DeviceSlice {
+    /// The null slice, for optional pointer arguments (`delta` of `fused_add_rmsnorm`).
+    pub const NULL: DeviceSlice = DeviceSlice { ptr: 0, bytes: 0 };
+
+    /// Whether this is [`DeviceSlice::NULL`].
+    pub fn is_null(&self) -> bool {
+        self.ptr == 0
+    }
+}
+
+/// A device allocation, freed when dropped.
+pub trait DeviceMemory {
+    /// The whole allocation.
+    fn slice(&self) -> DeviceSlice;
+}
+
+/// Values that may be copied to and from the device as raw bytes: plain numbers with no
+/// padding and every bit pattern valid.
+pub trait DeviceScalar: Copy + Default + sealed::Sealed + 'static {}
+mod sealed {
+    pub trait Sealed {}
+}
+macro_rules! device_scalar {
+    ($($t:ty),*) => {$(impl sealed::Sealed for $t {} impl DeviceScalar for $t {})*};
+}
+device_scalar!(f32, f64, i32, u32, i64, u64, u16, u8, half::bf16, half::f16);
+
+/// View scalars as bytes.
+pub fn as_bytes<T: DeviceScalar>(v: &[T]) -> &[u8] {
+    // SAFETY: `DeviceScalar` types are plain numbers without padding; the view covers exactly
+    // the slice's memory and borrows it.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// View scalars as mutable bytes.
+pub fn as_bytes_mut<T: DeviceScalar>(v: &mut [T]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; every bit pattern is a valid `DeviceScalar`, so any bytes
+    // written through the view leave valid values.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Device memory, copies and launches: what differs between a GPU and the emulator.
+pub trait DeviceLayer {
+    /// An allocation of this device.
+    type Buffer: DeviceMemory;
+
+    /// Name for messages (`cuda-emulated`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// Allocate `bytes` bytes (uninitialised on a GPU; NaN bytes on the emulator).
+    fn alloc(&self, bytes: usize) -> Result<Self::Buffer, DeviceError>;
+
+    /// Copy `src` into `dst` at byte `offset`.
+    fn write(&self, dst: &mut Self::Buffer, offset: usize, src: &[u8]) -> Result<(), DeviceError>;
+
+    /// Copy bytes of `src` from byte `offset` into `dst`.
+    fn read(&self, src: &Self::Buffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError>;
+
+    /// Launch kernel `name` with `args`, as `cuLaunchKernel` does.
+    ///
+    /// # Safety
+    /// Every pointer argument must address live memory of this device large enough for every
+    /// access the kernel makes with these arguments and the device data they index (block
+    /// tables, slot mappings, token ids). Launch contracts ([`super::launch::KernelLaunch`])
+    /// check the sizes that follow from scalar arguments; the indices held in device memory are
+    /// the caller's to keep in range.
+    unsafe fn launch_raw(
+        &self,
+        name: &'static str,
+        config: &LaunchConfig,
+        args: &[KernelArg],
+    ) -> Result<(), DeviceError>;
+
+    /// Wait for every launch and copy issued so far.
+    fn synchronize(&self) -> Result<(), DeviceError>;
+
+    /// Allocate and fill a buffer with `data`.
+    fn upload<T: DeviceScalar>(&self, data: &[T]) -> Result<Self::Buffer, DeviceError> {
+        let mut buf = self.alloc(std::mem::size_of_val(data).max(1))?;
+        self.write(&mut buf, 0, as_bytes(data))?;
+        Ok(buf)
+    }
+
+    /// Read a whole buffer as `T`s (its size rounded down to whole values).
+    fn download<T: DeviceScalar>(&self, src: &Self::Buffer) -> Result<Vec<T>, DeviceError> {
+        let n = src.slice().bytes / std::mem::size_of::<T>();
+        let mut out = vec![T::default(); n];
+        self.read(src, 0, as_bytes_mut(&mut out))?;
+        Ok(out)
+    }
+}
+
+/// Check a contract and launch it.
+///
+/// # Safety
+/// As [`DeviceLayer::launch_raw`]: the slices must name live memory of `device`, and the
+/// indices the kernel reads from device memory must be in range.
+pub unsafe fn launch<D: DeviceLayer + ?Sized, K: super::launch::KernelLaunch>(
+    device: &D,
+    kernel: &K,
+) -> Result<(), DeviceError> {
+    let config = kernel.config().map_err(|problem| DeviceError::Contract {
+        kernel: K::NAME,
+        problem,
+    })?;
+    let args = kernel.args();
+    // SAFETY: the caller's promise, with the sizes the contract could derive checked above.
+    unsafe { device.launch_raw(K::NAME, &config, &args) }
+}

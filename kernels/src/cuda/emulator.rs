@@ -1,0 +1,240 @@
+//! The emulated CUDA device (`--device cuda-emulated`): a [`DeviceLayer`] whose memory is host
+//! memory and whose kernels are convoy's `.cu` sources compiled for the host (kernels/build.rs),
+//! run by the runtime of `emulator/runtime.cpp` with one fiber per CUDA thread, real barrier and
+//! warp-shuffle semantics, and the checks a GPU does not report clearly. Slow and exact about
+//! behaviour, not about speed.
+//!
+//! Memory: each allocation is its own mapping, its bytes set to 0xFF when allocated (NaN as f32
+//! and as bf16, -1 as an integer: a read of memory nothing wrote shows), its end placed against
+//! an inaccessible guard page, so a kernel reading or writing past an allocation's end stops
+//! the process with a segmentation fault at once instead of corrupting a neighbour. Indexing
+//! past a fixed-size array (`__shared__` or local) is a [`FaultKind::OutOfBounds`] of the launch.
+//!
+//! Launches run synchronously on the calling thread, blocks in order.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+
+use super::device::{DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use super::launch::{KernelArg, LaunchConfig};
+
+#[repr(C)]
+struct EmuStatus {
+    kind: c_int,
+    message: [c_char; 480],
+}
+
+extern "C" {
+    fn convoy_emu_kernel_count() -> usize;
+    fn convoy_emu_kernel_name(i: usize) -> *const c_char;
+    fn convoy_emu_launch(
+        name: *const c_char,
+        grid: *const u32,
+        block: *const u32,
+        shared_bytes: u32,
+        args: *mut *mut c_void,
+        arg_sizes: *const usize,
+        nargs: usize,
+        status: *mut EmuStatus,
+    ) -> c_int;
+}
+
+/// The names of every kernel the emulator can launch.
+pub fn kernel_names() -> Vec<String> {
+    // SAFETY: the runtime's registry is built once and never changes; names are static
+    // NUL-terminated strings and indices below the count are valid.
+    unsafe {
+        (0..convoy_emu_kernel_count())
+            .map(|i| {
+                CStr::from_ptr(convoy_emu_kernel_name(i))
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
+    }
+}
+
+/// The emulated device.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EmulatedDevice;
+
+impl EmulatedDevice {
+    /// A new emulated device.
+    pub fn new() -> EmulatedDevice {
+        EmulatedDevice
+    }
+}
+
+/// An allocation of the emulated device: its own mapping, ending at a guard page.
+#[derive(Debug)]
+pub struct EmulatedBuffer {
+    map: *mut u8,
+    map_len: usize,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the buffer owns its mapping exclusively; moving it between threads moves that
+// ownership.
+unsafe impl Send for EmulatedBuffer {}
+
+impl EmulatedBuffer {
+    fn new(bytes: usize) -> Result<EmulatedBuffer, DeviceError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let oom = DeviceError::OutOfMemory { bytes };
+        let data_pages = bytes
+            .checked_add(page - 1)
+            .ok_or(DeviceError::OutOfMemory { bytes })?
+            / page;
+        let map_len = (data_pages + 1) * page;
+        // SAFETY: an anonymous private mapping with no address hint; the result is checked.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(oom);
+        }
+        let map = map.cast::<u8>();
+        let guard = data_pages * page;
+        // SAFETY: the last page lies inside the mapping just made.
+        if unsafe { libc::mprotect(map.add(guard).cast(), page, libc::PROT_NONE) } != 0 {
+            // SAFETY: unmapping the mapping made above, once.
+            unsafe { libc::munmap(map.cast(), map_len) };
+            return Err(oom);
+        }
+        // The data ends at the guard page; its start keeps 16-byte alignment, so up to 15
+        // bytes between the end and the guard are not caught.
+        let start = (guard - bytes) & !15;
+        // SAFETY: `start + bytes <= guard`, inside the readable part of the mapping.
+        let ptr = unsafe { map.add(start) };
+        // SAFETY: `bytes` bytes from `ptr` lie in the mapping's readable part.
+        unsafe { std::ptr::write_bytes(ptr, 0xFF, bytes) };
+        Ok(EmulatedBuffer {
+            map,
+            map_len,
+            ptr,
+            bytes,
+        })
+    }
+}
+
+impl Drop for EmulatedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new` and is unmapped once, here.
+        unsafe { libc::munmap(self.map.cast(), self.map_len) };
+    }
+}
+
+impl DeviceMemory for EmulatedBuffer {
+    fn slice(&self) -> DeviceSlice {
+        DeviceSlice {
+            ptr: self.ptr as u64,
+            bytes: self.bytes,
+        }
+    }
+}
+
+fn check_range(offset: usize, len: usize, bytes: usize) -> Result<(), DeviceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= bytes => Ok(()),
+        _ => Err(DeviceError::CopyOutOfRange { offset, len, bytes }),
+    }
+}
+
+impl DeviceLayer for EmulatedDevice {
+    type Buffer = EmulatedBuffer;
+
+    fn name(&self) -> &'static str {
+        "cuda-emulated"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<EmulatedBuffer, DeviceError> {
+        EmulatedBuffer::new(bytes.max(1))
+    }
+
+    fn write(
+        &self,
+        dst: &mut EmulatedBuffer,
+        offset: usize,
+        src: &[u8],
+    ) -> Result<(), DeviceError> {
+        check_range(offset, src.len(), dst.bytes)?;
+        // SAFETY: the range was checked to lie inside the allocation, which `dst` borrows
+        // mutably; `src` is a distinct host slice.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr.add(offset), src.len()) };
+        Ok(())
+    }
+
+    fn read(&self, src: &EmulatedBuffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(offset, dst.len(), src.bytes)?;
+        // SAFETY: the range was checked to lie inside the allocation; `dst` is a distinct
+        // host slice.
+        unsafe { std::ptr::copy_nonoverlapping(src.ptr.add(offset), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    unsafe fn launch_raw(
+        &self,
+        name: &'static str,
+        config: &LaunchConfig,
+        args: &[KernelArg],
+    ) -> Result<(), DeviceError> {
+        let mut values: Vec<[u8; 8]> = Vec::with_capacity(args.len());
+        let mut sizes: Vec<usize> = Vec::with_capacity(args.len());
+        for a in args {
+            let (bytes, n) = a.bytes();
+            values.push(bytes);
+            sizes.push(n);
+        }
+        let mut pointers: Vec<*mut c_void> =
+            values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+        let cname = CString::new(name).map_err(|_| DeviceError::Fault {
+            kind: FaultKind::UnknownKernel,
+            message: format!("kernel name {name:?} holds a NUL"),
+        })?;
+        let mut status = EmuStatus {
+            kind: 0,
+            message: [0; 480],
+        };
+        // SAFETY: every array outlives the call and has `args.len()` entries (grid and block
+        // 3); each argument pointer addresses 8 bytes, of which the runtime reads the size
+        // given, after checking it against the kernel's parameter. The memory the kernel
+        // touches through pointer arguments is the caller's promise (this function's
+        // `# Safety`).
+        let code = unsafe {
+            convoy_emu_launch(
+                cname.as_ptr(),
+                config.grid.as_ptr(),
+                config.block.as_ptr(),
+                config.shared_bytes,
+                pointers.as_mut_ptr(),
+                sizes.as_ptr(),
+                args.len(),
+                &mut status,
+            )
+        };
+        if code == 0 {
+            return Ok(());
+        }
+        // SAFETY: the runtime writes a NUL-terminated message into the 480-byte buffer
+        // (snprintf), and the buffer starts zeroed.
+        let message = unsafe { CStr::from_ptr(status.message.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        Err(DeviceError::Fault {
+            kind: FaultKind::from_code(code),
+            message,
+        })
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,68 @@
+// Kernels that break the rules on purpose, compiled into the emulated device only (never
+// shipped to a GPU), so the emulator's own checks are tested. Each is named emu_check_*.
+
+// Threads of one block at two different barriers.
+extern "C" __global__ void emu_check_divergent_barrier(int* out) {
+    if (threadIdx.x < 32) {
+        __syncthreads();
+    } else {
+        __syncthreads();
+    }
+    out[threadIdx.x] = 1;
+}
+
+// Half the block returns while the other half waits at a barrier.
+extern "C" __global__ void emu_check_exit_at_barrier(int* out) {
+    if (threadIdx.x >= 32) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+// Lane 0 waits at a block barrier while its warp's other lanes wait for it at a shuffle.
+extern "C" __global__ void emu_check_deadlock(int* out) {
+    if (threadIdx.x == 0) {
+        __syncthreads();
+    } else {
+        out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
+        __syncthreads();
+    }
+}
+
+// A fixed-size shared array indexed past its end.
+extern "C" __global__ void emu_check_shared_overflow(int index, float* out) {
+    __shared__ float s[64];
+    s[threadIdx.x] = (float)threadIdx.x;
+    __syncthreads();
+    if (threadIdx.x == 0) out[0] = s[index];
+}
+
+extern "C" __global__ void emu_check_trap() { __trap(); }
+
+// The legal patterns: shuffles inside one warp's branch (a barrier of that warp only),
+// every shuffle flavour, and a block reduction through shared memory. out[t] gets, for
+// thread t: xor partner, down-by-1 (own value at the segment's end), up-by-1, broadcast of
+// lane 3, and the block's sum of thread indices.
+extern "C" __global__ void emu_check_shuffles(int* out) {
+    __shared__ int warp_sums[32];
+    int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    int v = t;
+    int x = __shfl_xor_sync(0xffffffffu, v, 5);
+    int d = __shfl_down_sync(0xffffffffu, v, 1, 16);
+    int u = __shfl_up_sync(0xffffffffu, v, 1);
+    int b = __shfl_sync(0xffffffffu, v, 3);
+    int s = v;
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) warp_sums[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < (int)(blockDim.x >> 5) ? warp_sums[lane] : 0;
+        for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);
+        if (lane == 0) warp_sums[0] = w;
+    }
+    __syncthreads();
+    out[t * 5 + 0] = x;
+    out[t * 5 + 1] = d;
+    out[t * 5 + 2] = u;
+    out[t * 5 + 3] = b;
+    out[t * 5 + 4] = warp_sums[0];
+}

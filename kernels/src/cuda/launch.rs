@@ -1,0 +1,698 @@
+//! One typed launch contract per kernel: its argument struct, the exact C type of every
+//! parameter, its grid and block rule, and the checks that can be made on the host before a
+//! launch (shapes, buffer sizes, block sizes that full-warp shuffles need). The emulated device
+//! and a GPU are launched from the same contract, so the two cannot drift apart; the emulator
+//! also checks each argument's size against the kernel's compiled signature.
+
+use super::device::DeviceSlice;
+
+/// Attention positions per partition (`PARTITION` in attention.cu).
+pub const ATTENTION_PARTITION: usize = 256;
+/// Largest head dimension the attention kernel takes (`MAX_HEAD_DIM` in attention.cu).
+pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
+
+/// One kernel argument, as the C parameter it binds to.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KernelArg {
+    /// A device pointer (`T*`).
+    Ptr(u64),
+    /// `int`.
+    I32(i32),
+    /// `long long`.
+    I64(i64),
+    /// `unsigned long long`.
+    U64(u64),
+    /// `float`.
+    F32(f32),
+}
+
+impl KernelArg {
+    /// The argument's bytes, as `cuLaunchKernel` reads them through its `void*`.
+    pub fn bytes(&self) -> ([u8; 8], usize) {
+        let mut b = [0u8; 8];
+        let n = match *self {
+            KernelArg::Ptr(v) | KernelArg::U64(v) => {
+                b.copy_from_slice(&v.to_ne_bytes());
+                8
+            }
+            KernelArg::I64(v) => {
+                b.copy_from_slice(&v.to_ne_bytes());
+                8
+            }
+            KernelArg::I32(v) => {
+                b[..4].copy_from_slice(&v.to_ne_bytes());
+                4
+            }
+            KernelArg::F32(v) => {
+                b[..4].copy_from_slice(&v.to_ne_bytes());
+                4
+            }
+        };
+        (b, n)
+    }
+}
+
+/// Grid, block and dynamic shared memory of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchConfig {
+    /// Blocks in x, y, z.
+    pub grid: [u32; 3],
+    /// Threads per block in x, y, z.
+    pub block: [u32; 3],
+    /// Dynamic shared memory per block, bytes.
+    pub shared_bytes: u32,
+}
+
+impl LaunchConfig {
+    /// A 1-D grid of `blocks` blocks of `threads` threads.
+    pub fn linear(blocks: u32, threads: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A kernel's launch contract.
+pub trait KernelLaunch {
+    /// The `extern "C"` name of the kernel.
+    const NAME: &'static str;
+    /// The launch configuration, or what breaks the contract.
+    fn config(&self) -> Result<LaunchConfig, String>;
+    /// The arguments in parameter order.
+    fn args(&self) -> Vec<KernelArg>;
+}
+
+fn ptr(s: &DeviceSlice) -> KernelArg {
+    KernelArg::Ptr(s.ptr)
+}
+
+/// Check that `slice` holds `count` values of `elem` bytes.
+fn need(what: &str, slice: &DeviceSlice, count: usize, elem: usize) -> Result<(), String> {
+    let bytes = count
+        .checked_mul(elem)
+        .ok_or_else(|| format!("{what}: size overflows"))?;
+    if slice.is_null() || slice.bytes < bytes {
+        return Err(format!(
+            "{what} holds {} bytes, the launch reads or writes {bytes}",
+            slice.bytes
+        ));
+    }
+    Ok(())
+}
+
+fn positive(what: &str, v: i64) -> Result<(), String> {
+    if v <= 0 || v > i32::MAX as i64 {
+        return Err(format!("{what} is {v}, not in 1..=i32::MAX"));
+    }
+    Ok(())
+}
+
+/// A block size for kernels reducing with full-warp shuffles: a multiple of 32 up to 1024.
+fn warp_multiple(what: &str, threads: u32) -> Result<(), String> {
+    if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
+        return Err(format!(
+            "{what} needs a block of a multiple of 32 threads up to 1024 (full-warp shuffles), not {threads}"
+        ));
+    }
+    Ok(())
+}
+
+/// `out[t] = table[ids[t]]` (bf16 rows widened to f32).
+///
+/// Device data: every id below `vocab`.
+pub struct EmbeddingBf16 {
+    /// bf16 `[vocab][hidden]`.
+    pub table: DeviceSlice,
+    /// i32 `[tokens]`.
+    pub ids: DeviceSlice,
+    /// f32 `[tokens][hidden]`.
+    pub out: DeviceSlice,
+    /// Rows of `table`.
+    pub vocab: usize,
+    /// Row width.
+    pub hidden: usize,
+    /// Tokens.
+    pub tokens: usize,
+}
+
+impl KernelLaunch for EmbeddingBf16 {
+    const NAME: &'static str = "embedding_bf16";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("hidden", self.hidden as i64)?;
+        positive("tokens", self.tokens as i64)?;
+        need("table", &self.table, self.vocab * self.hidden, 2)?;
+        need("ids", &self.ids, self.tokens, 4)?;
+        need("out", &self.out, self.tokens * self.hidden, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.table),
+            ptr(&self.ids),
+            ptr(&self.out),
+            KernelArg::I32(self.hidden as i32),
+        ]
+    }
+}
+
+/// `residual += delta` (unless `delta` is null), then `out = rmsnorm(residual) * weight`.
+pub struct FusedAddRmsnorm {
+    /// f32 `[tokens][hidden]`, updated in place.
+    pub residual: DeviceSlice,
+    /// f32 `[tokens][hidden]` or [`DeviceSlice::NULL`].
+    pub delta: DeviceSlice,
+    /// bf16 `[hidden]`.
+    pub weight: DeviceSlice,
+    /// f32 `[tokens][hidden]`.
+    pub out: DeviceSlice,
+    /// Row width.
+    pub hidden: usize,
+    /// Tokens.
+    pub tokens: usize,
+    /// Added to the mean square.
+    pub eps: f32,
+}
+
+impl KernelLaunch for FusedAddRmsnorm {
+    const NAME: &'static str = "fused_add_rmsnorm";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("hidden", self.hidden as i64)?;
+        positive("tokens", self.tokens as i64)?;
+        need("residual", &self.residual, self.tokens * self.hidden, 4)?;
+        if !self.delta.is_null() {
+            need("delta", &self.delta, self.tokens * self.hidden, 4)?;
+        }
+        need("weight", &self.weight, self.hidden, 2)?;
+        need("out", &self.out, self.tokens * self.hidden, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.residual),
+            ptr(&self.delta),
+            ptr(&self.weight),
+            ptr(&self.out),
+            KernelArg::I32(self.hidden as i32),
+            KernelArg::F32(self.eps),
+        ]
+    }
+}
+
+/// Half-split RoPE in place on the q and k heads of each token, from a host-computed table.
+///
+/// Device data: every position below `table_positions`.
+pub struct RopeHalfSplit {
+    /// f32 rows of `heads * dim` values, `q_stride` floats apart.
+    pub q: DeviceSlice,
+    /// f32 rows of `kv_heads * dim` values, `k_stride` floats apart.
+    pub k: DeviceSlice,
+    /// i32 `[tokens]`.
+    pub positions: DeviceSlice,
+    /// f32 `[table_positions][dim]`: cos for the first half, sin for the second.
+    pub cos_sin: DeviceSlice,
+    /// Rows of `cos_sin`.
+    pub table_positions: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension (even).
+    pub dim: usize,
+    /// Floats between consecutive q rows.
+    pub q_stride: usize,
+    /// Floats between consecutive k rows.
+    pub k_stride: usize,
+    /// Tokens.
+    pub tokens: usize,
+}
+
+impl KernelLaunch for RopeHalfSplit {
+    const NAME: &'static str = "rope_half_split";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("tokens", self.tokens as i64)?;
+        positive("heads", self.heads as i64)?;
+        if self.dim == 0 || !self.dim.is_multiple_of(2) {
+            return Err(format!("head dimension {} is not even", self.dim));
+        }
+        if self.q_stride < self.heads * self.dim || self.k_stride < self.kv_heads * self.dim {
+            return Err("a row stride is shorter than its row".into());
+        }
+        need(
+            "q",
+            &self.q,
+            (self.tokens - 1) * self.q_stride + self.heads * self.dim,
+            4,
+        )?;
+        need(
+            "k",
+            &self.k,
+            (self.tokens - 1) * self.k_stride + self.kv_heads * self.dim,
+            4,
+        )?;
+        need("positions", &self.positions, self.tokens, 4)?;
+        need("cos_sin", &self.cos_sin, self.table_positions * self.dim, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 128))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.q),
+            ptr(&self.k),
+            ptr(&self.positions),
+            ptr(&self.cos_sin),
+            KernelArg::I32(self.heads as i32),
+            KernelArg::I32(self.kv_heads as i32),
+            KernelArg::I32(self.dim as i32),
+            KernelArg::I64(self.q_stride as i64),
+            KernelArg::I64(self.k_stride as i64),
+        ]
+    }
+}
+
+/// Write each token's K and V rows (as bf16) to the cache slot `slot_mapping` names.
+///
+/// Device data: every slot is -1 or below `cache_slots`.
+pub struct ReshapeAndCache {
+    /// f32 rows of `kv_width` values, `k_stride` floats apart.
+    pub k: DeviceSlice,
+    /// f32 rows of `kv_width` values, `v_stride` floats apart.
+    pub v: DeviceSlice,
+    /// bf16 `[cache_slots][kv_width]`.
+    pub k_cache: DeviceSlice,
+    /// bf16 `[cache_slots][kv_width]`.
+    pub v_cache: DeviceSlice,
+    /// i32 `[tokens]`.
+    pub slot_mapping: DeviceSlice,
+    /// Slots in each cache (blocks x block size).
+    pub cache_slots: usize,
+    /// kv_heads x head_dim.
+    pub kv_width: usize,
+    /// Floats between consecutive k rows.
+    pub k_stride: usize,
+    /// Floats between consecutive v rows.
+    pub v_stride: usize,
+    /// Tokens.
+    pub tokens: usize,
+}
+
+impl KernelLaunch for ReshapeAndCache {
+    const NAME: &'static str = "reshape_and_cache";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("tokens", self.tokens as i64)?;
+        positive("kv_width", self.kv_width as i64)?;
+        if self.k_stride < self.kv_width || self.v_stride < self.kv_width {
+            return Err("a row stride is shorter than its row".into());
+        }
+        need(
+            "k",
+            &self.k,
+            (self.tokens - 1) * self.k_stride + self.kv_width,
+            4,
+        )?;
+        need(
+            "v",
+            &self.v,
+            (self.tokens - 1) * self.v_stride + self.kv_width,
+            4,
+        )?;
+        need(
+            "k_cache",
+            &self.k_cache,
+            self.cache_slots * self.kv_width,
+            2,
+        )?;
+        need(
+            "v_cache",
+            &self.v_cache,
+            self.cache_slots * self.kv_width,
+            2,
+        )?;
+        need("slot_mapping", &self.slot_mapping, self.tokens, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 128))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.k),
+            ptr(&self.v),
+            ptr(&self.k_cache),
+            ptr(&self.v_cache),
+            ptr(&self.slot_mapping),
+            KernelArg::I32(self.kv_width as i32),
+            KernelArg::I64(self.k_stride as i64),
+            KernelArg::I64(self.v_stride as i64),
+        ]
+    }
+}
+
+/// `out[t][i] = silu(gate_up[t][i]) * gate_up[t][inter + i]`.
+pub struct SiluMul {
+    /// f32 `[tokens][2 * inter]`.
+    pub gate_up: DeviceSlice,
+    /// f32 `[tokens][inter]`.
+    pub out: DeviceSlice,
+    /// Intermediate width.
+    pub inter: usize,
+    /// Tokens.
+    pub tokens: usize,
+}
+
+impl KernelLaunch for SiluMul {
+    const NAME: &'static str = "silu_mul";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("tokens", self.tokens as i64)?;
+        positive("inter", self.inter as i64)?;
+        need("gate_up", &self.gate_up, self.tokens * 2 * self.inter, 4)?;
+        need("out", &self.out, self.tokens * self.inter, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.gate_up),
+            ptr(&self.out),
+            KernelArg::I32(self.inter as i32),
+        ]
+    }
+}
+
+/// Copy the first `slots` slots of one block of every layer between two caches of the same
+/// layout (swap in and out, copy-on-write of a partial block).
+pub struct CopyBlocks {
+    /// bf16, `layers` layers `layer_stride_src` values apart.
+    pub src: DeviceSlice,
+    /// bf16, `layers` layers `layer_stride_dst` values apart.
+    pub dst: DeviceSlice,
+    /// Layers.
+    pub layers: usize,
+    /// Values between layers of `src`.
+    pub layer_stride_src: usize,
+    /// Values between layers of `dst`.
+    pub layer_stride_dst: usize,
+    /// Block copied from.
+    pub src_block: usize,
+    /// Block copied to.
+    pub dst_block: usize,
+    /// Values per block (block size x kv_width).
+    pub block_elems: usize,
+    /// Values per slot (kv_width).
+    pub slot_elems: usize,
+    /// Slots copied, from the block's start.
+    pub slots: usize,
+}
+
+impl KernelLaunch for CopyBlocks {
+    const NAME: &'static str = "copy_blocks";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("layers", self.layers as i64)?;
+        positive("block_elems", self.block_elems as i64)?;
+        if self.slots * self.slot_elems > self.block_elems {
+            return Err(format!(
+                "{} slots of {} values exceed a block of {}",
+                self.slots, self.slot_elems, self.block_elems
+            ));
+        }
+        let end = |stride: usize, block: usize| {
+            (self.layers - 1) * stride + (block + 1) * self.block_elems
+        };
+        need(
+            "src",
+            &self.src,
+            end(self.layer_stride_src, self.src_block),
+            2,
+        )?;
+        need(
+            "dst",
+            &self.dst,
+            end(self.layer_stride_dst, self.dst_block),
+            2,
+        )?;
+        Ok(LaunchConfig::linear(self.layers as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.src),
+            ptr(&self.dst),
+            KernelArg::I64(self.layer_stride_src as i64),
+            KernelArg::I64(self.layer_stride_dst as i64),
+            KernelArg::I64(self.src_block as i64),
+            KernelArg::I64(self.dst_block as i64),
+            KernelArg::I32(self.block_elems as i32),
+            KernelArg::I32(self.slot_elems as i32),
+            KernelArg::I32(self.slots as i32),
+        ]
+    }
+}
+
+/// The partition pass of paged attention: for each query row, KV head and partition of
+/// [`ATTENTION_PARTITION`] positions, the max, sum and unnormalised output of every query head
+/// of the group.
+///
+/// Device data: `row_seq` below `sequences`; `row_pos` -1 (padding) or with
+/// `ceil((row_pos + 1) / ATTENTION_PARTITION) <= max_partitions` and every block-table entry it
+/// reaches below `cache_blocks`.
+pub struct AttentionPartition {
+    /// f32 rows of `heads * head_dim` values, `q_stride` floats apart.
+    pub q: DeviceSlice,
+    /// bf16 `[cache_blocks][block_size][kv_heads][head_dim]`.
+    pub k_cache: DeviceSlice,
+    /// Same layout as `k_cache`.
+    pub v_cache: DeviceSlice,
+    /// i32 `[sequences][max_blocks_per_seq]`.
+    pub block_tables: DeviceSlice,
+    /// i32 `[rows]`.
+    pub row_seq: DeviceSlice,
+    /// i32 `[rows]`.
+    pub row_pos: DeviceSlice,
+    /// f32 `[rows][heads][max_partitions][2 + head_dim]`.
+    pub partials: DeviceSlice,
+    /// Blocks in each cache.
+    pub cache_blocks: usize,
+    /// Columns of `block_tables`.
+    pub max_blocks_per_seq: usize,
+    /// Rows of `block_tables`.
+    pub sequences: usize,
+    /// Query rows.
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Partitions per row in `partials`.
+    pub max_partitions: usize,
+    /// Softmax scale (1/sqrt(head_dim)).
+    pub scale: f32,
+    /// Floats between consecutive q rows.
+    pub q_stride: usize,
+}
+
+impl KernelLaunch for AttentionPartition {
+    const NAME: &'static str = "attention_partition";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("rows", self.rows as i64)?;
+        positive("kv_heads", self.kv_heads as i64)?;
+        positive("max_partitions", self.max_partitions as i64)?;
+        positive("block_size", self.block_size as i64)?;
+        if !self.heads.is_multiple_of(self.kv_heads) || self.heads == 0 {
+            return Err(format!(
+                "{} query heads do not divide into {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim > ATTENTION_MAX_HEAD_DIM {
+            return Err(format!(
+                "head dimension {} is not in 1..={ATTENTION_MAX_HEAD_DIM}",
+                self.head_dim
+            ));
+        }
+        if self.q_stride < self.heads * self.head_dim {
+            return Err("the q row stride is shorter than a row".into());
+        }
+        let kv_width = self.kv_heads * self.head_dim;
+        need(
+            "q",
+            &self.q,
+            (self.rows - 1) * self.q_stride + self.heads * self.head_dim,
+            4,
+        )?;
+        let cache = self.cache_blocks * self.block_size * kv_width;
+        need("k_cache", &self.k_cache, cache, 2)?;
+        need("v_cache", &self.v_cache, cache, 2)?;
+        need(
+            "block_tables",
+            &self.block_tables,
+            self.sequences * self.max_blocks_per_seq,
+            4,
+        )?;
+        need("row_seq", &self.row_seq, self.rows, 4)?;
+        need("row_pos", &self.row_pos, self.rows, 4)?;
+        need(
+            "partials",
+            &self.partials,
+            self.rows * self.heads * self.max_partitions * (2 + self.head_dim),
+            4,
+        )?;
+        Ok(LaunchConfig {
+            grid: [
+                self.rows as u32,
+                self.kv_heads as u32,
+                self.max_partitions as u32,
+            ],
+            block: [128, 1, 1],
+            shared_bytes: 0,
+        })
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.q),
+            ptr(&self.k_cache),
+            ptr(&self.v_cache),
+            ptr(&self.block_tables),
+            KernelArg::I32(self.max_blocks_per_seq as i32),
+            ptr(&self.row_seq),
+            ptr(&self.row_pos),
+            ptr(&self.partials),
+            KernelArg::I32(self.heads as i32),
+            KernelArg::I32(self.kv_heads as i32),
+            KernelArg::I32(self.head_dim as i32),
+            KernelArg::I32(self.block_size as i32),
+            KernelArg::I32(self.max_partitions as i32),
+            KernelArg::F32(self.scale),
+            KernelArg::I64(self.q_stride as i64),
+        ]
+    }
+}
+
+/// The combine pass: `out[row][head]` from the partitions, in partition order.
+///
+/// Device data: as [`AttentionPartition`]'s `row_pos`.
+pub struct AttentionCombine {
+    /// As written by [`AttentionPartition`].
+    pub partials: DeviceSlice,
+    /// i32 `[rows]`.
+    pub row_pos: DeviceSlice,
+    /// f32 `[rows][heads][head_dim]`.
+    pub out: DeviceSlice,
+    /// Query rows.
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Partitions per row in `partials`.
+    pub max_partitions: usize,
+}
+
+impl KernelLaunch for AttentionCombine {
+    const NAME: &'static str = "attention_combine";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("rows", self.rows as i64)?;
+        positive("heads", self.heads as i64)?;
+        positive("head_dim", self.head_dim as i64)?;
+        need(
+            "partials",
+            &self.partials,
+            self.rows * self.heads * self.max_partitions * (2 + self.head_dim),
+            4,
+        )?;
+        need("row_pos", &self.row_pos, self.rows, 4)?;
+        need("out", &self.out, self.rows * self.heads * self.head_dim, 4)?;
+        Ok(LaunchConfig {
+            grid: [self.rows as u32, self.heads as u32, 1],
+            block: [128, 1, 1],
+            shared_bytes: 0,
+        })
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.partials),
+            ptr(&self.row_pos),
+            ptr(&self.out),
+            KernelArg::I32(self.heads as i32),
+            KernelArg::I32(self.head_dim as i32),
+            KernelArg::I32(self.max_partitions as i32),
+        ]
+    }
+}
+
+/// `out[r] = argmax(logits[r])`, the lowest index on ties.
+pub struct ArgmaxRows {
+    /// f32 `[rows][vocab]`.
+    pub logits: DeviceSlice,
+    /// i32 `[rows]`.
+    pub out: DeviceSlice,
+    /// Row width.
+    pub vocab: usize,
+    /// Rows.
+    pub rows: usize,
+    /// Threads per block: a multiple of 32 up to 1024.
+    pub threads: u32,
+}
+
+impl KernelLaunch for ArgmaxRows {
+    const NAME: &'static str = "argmax_rows";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("rows", self.rows as i64)?;
+        positive("vocab", self.vocab as i64)?;
+        warp_multiple(Self::NAME, self.threads)?;
+        need("logits", &self.logits, self.rows * self.vocab, 4)?;
+        need("out", &self.out, self.rows, 4)?;
+        Ok(LaunchConfig::linear(self.rows as u32, self.threads))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.logits),
+            KernelArg::I32(self.vocab as i32),
+            ptr(&self.out),
+        ]
+    }
+}
+
+/// Gumbel-max sampling per row: `argmax(logits / T + Gumbel(seed, step, i))`, greedy where
+/// `T <= 0`.
+pub struct GumbelSampleRows {
+    /// f32 `[rows][vocab]`.
+    pub logits: DeviceSlice,
+    /// f32 `[rows]`.
+    pub temperature: DeviceSlice,
+    /// u64 `[rows]`.
+    pub seeds: DeviceSlice,
+    /// u64 `[rows]`.
+    pub steps: DeviceSlice,
+    /// i32 `[rows]`.
+    pub out: DeviceSlice,
+    /// Row width.
+    pub vocab: usize,
+    /// Rows.
+    pub rows: usize,
+    /// Threads per block: a multiple of 32 up to 1024.
+    pub threads: u32,
+}
+
+impl KernelLaunch for GumbelSampleRows {
+    const NAME: &'static str = "gumbel_sample_rows";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("rows", self.rows as i64)?;
+        positive("vocab", self.vocab as i64)?;
+        warp_multiple(Self::NAME, self.threads)?;
+        need("logits", &self.logits, self.rows * self.vocab, 4)?;
+        need("temperature", &self.temperature, self.rows, 4)?;
+        need("seeds", &self.seeds, self.rows, 8)?;
+        need("steps", &self.steps, self.rows, 8)?;
+        need("out", &self.out, self.rows, 4)?;
+        Ok(LaunchConfig::linear(self.rows as u32, self.threads))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.logits),
+            KernelArg::I32(self.vocab as i32),
+            ptr(&self.temperature),
+            ptr(&self.seeds),
+            ptr(&self.steps),
+            ptr(&self.out),
+        ]
+    }
+}
