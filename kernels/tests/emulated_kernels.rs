@@ -680,3 +680,170 @@ fn gumbel_is_reproducible_greedy_at_zero_temperature_and_follows_the_distributio
     );
     assert!(greedy.iter().all(|&t| t == 7));
 }
+
+fn gemm_case(transa: bool, transb: bool, m: usize, n: usize, k: usize) {
+    use convoy_kernels::cuda::gemm::GemmBf16;
+    let dev = EmulatedDevice::new();
+    let mut rng = Rng((m * n * k) as u64 + transa as u64 * 2 + transb as u64);
+    let (a_rows, a_cols) = if transa { (k, m) } else { (m, k) };
+    let (b_rows, b_cols) = if transb { (n, k) } else { (k, n) };
+    let (lda, ldb, ldc) = (a_rows + 3, b_rows + 1, m + 2);
+    let a = bf16s(&rng.vec(lda * a_cols, 1.0));
+    let b = bf16s(&rng.vec(ldb * b_cols, 1.0));
+    let c0 = rng.vec(ldc * n, 1.0);
+    let (ab, bb, cb) = (
+        dev.upload(&a).unwrap(),
+        dev.upload(&b).unwrap(),
+        dev.upload(&c0).unwrap(),
+    );
+    let g = GemmBf16 {
+        transa,
+        transb,
+        m,
+        n,
+        k,
+        alpha: 0.5,
+        a: ab.slice(),
+        lda,
+        b: bb.slice(),
+        ldb,
+        beta: 2.0,
+        c: cb.slice(),
+        ldc,
+    };
+    // SAFETY: buffers of this device.
+    unsafe { dev.gemm_bf16(&g) }.unwrap();
+    let got: Vec<f32> = dev.download(&cb).unwrap();
+    let op_a = |i: usize, p: usize| {
+        if transa {
+            a[p + i * lda]
+        } else {
+            a[i + p * lda]
+        }
+        .to_f64()
+    };
+    let op_b = |p: usize, j: usize| {
+        if transb {
+            b[j + p * ldb]
+        } else {
+            b[p + j * ldb]
+        }
+        .to_f64()
+    };
+    let mut worst = 0.0f64;
+    for j in 0..n {
+        for i in 0..m {
+            let dot: f64 = (0..k).map(|p| op_a(i, p) * op_b(p, j)).sum();
+            let want = 0.5 * dot + 2.0 * c0[i + j * ldc] as f64;
+            worst = worst.max((got[i + j * ldc] as f64 - want).abs());
+        }
+        // Padding rows of C (between m and ldc) are untouched.
+        for i in m..ldc {
+            assert_eq!(got[i + j * ldc], c0[i + j * ldc]);
+        }
+    }
+    assert!(worst < 1e-4, "GEMM ({transa}, {transb}) max error {worst}");
+}
+
+#[test]
+fn the_reference_gemm_keeps_cublas_contract() {
+    use convoy_kernels::cuda::gemm::GemmBf16;
+    gemm_case(true, false, 70, 5, 130);
+    gemm_case(false, true, 33, 9, 64);
+    gemm_case(false, false, 16, 3, 7);
+    gemm_case(true, true, 8, 8, 8);
+    // The row-major linear layer: y = x . W^T.
+    let dev = EmulatedDevice::new();
+    let (tokens, inp, out) = (3usize, 40usize, 24usize);
+    let mut rng = Rng(5);
+    let x = bf16s(&rng.vec(tokens * inp, 1.0));
+    let w = bf16s(&rng.vec(out * inp, 1.0));
+    let (xb, wb) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap());
+    let yb = dev.alloc(tokens * out * 4).unwrap();
+    let g = GemmBf16::linear(xb.slice(), wb.slice(), yb.slice(), tokens, inp, out);
+    // SAFETY: buffers of this device.
+    unsafe { dev.gemm_bf16(&g) }.unwrap();
+    let y: Vec<f32> = dev.download(&yb).unwrap();
+    for t in 0..tokens {
+        for o in 0..out {
+            let want: f64 = (0..inp)
+                .map(|i| x[t * inp + i].to_f64() * w[o * inp + i].to_f64())
+                .sum();
+            assert!((y[t * out + o] as f64 - want).abs() < 1e-4);
+        }
+    }
+    // A leading dimension shorter than the stored rows is refused, as cuBLAS refuses it.
+    let bad = GemmBf16 { lda: inp - 1, ..g };
+    // SAFETY: as above; nothing runs.
+    let err = unsafe { dev.gemm_bf16(&bad) }.unwrap_err();
+    assert!(
+        matches!(err, DeviceError::Contract { .. }) && err.to_string().contains("lda"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cast_gather_add_and_bias_kernels_are_exact() {
+    let dev = EmulatedDevice::new();
+    let (rows, width) = (5usize, 300usize);
+    let mut rng = Rng(9);
+    let x = rng.vec(rows * width, 4.0);
+    let d = rng.vec(rows * width, 4.0);
+    let bias = rng.vec(width, 1.0);
+    let xb = dev.upload(&x).unwrap();
+    let db = dev.upload(&d).unwrap();
+    let bb = dev.upload(&bias).unwrap();
+    let yb = dev.alloc(rows * width * 2).unwrap();
+    // SAFETY: buffers of this device, sized by the contract.
+    unsafe {
+        launch(
+            &dev,
+            &CastBf16 {
+                x: xb.slice(),
+                y: yb.slice(),
+                n: rows * width,
+            },
+        )
+        .unwrap();
+    }
+    let y: Vec<bf16> = dev.download(&yb).unwrap();
+    assert!(y
+        .iter()
+        .zip(&x)
+        .all(|(a, b)| a.to_bits() == bf16::from_f32(*b).to_bits()));
+    let idx = dev.upload(&[4i32, 0, 4]).unwrap();
+    let gb = dev.alloc(3 * width * 4).unwrap();
+    let gather = GatherRows {
+        src: xb.slice(),
+        rows: idx.slice(),
+        dst: gb.slice(),
+        src_rows: rows,
+        count: 3,
+        width,
+    };
+    // SAFETY: buffers of this device, sized by the contract; row indices are below `rows`.
+    unsafe { launch(&dev, &gather) }.unwrap();
+    let g: Vec<f32> = dev.download(&gb).unwrap();
+    assert_eq!(&g[..width], &x[4 * width..5 * width]);
+    assert_eq!(&g[width..2 * width], &x[..width]);
+    let add = AddRows {
+        x: xb.slice(),
+        delta: db.slice(),
+        width,
+        tokens: rows,
+    };
+    // SAFETY: buffers of this device, sized by the contract; row indices are below `rows`.
+    unsafe { launch(&dev, &add) }.unwrap();
+    let bias_add = AddBiasRows {
+        x: xb.slice(),
+        bias: bb.slice(),
+        width,
+        tokens: rows,
+    };
+    // SAFETY: buffers of this device, sized by the contract; row indices are below `rows`.
+    unsafe { launch(&dev, &bias_add) }.unwrap();
+    let got: Vec<f32> = dev.download(&xb).unwrap();
+    for i in 0..rows * width {
+        assert_eq!(got[i], x[i] + d[i] + bias[i % width]);
+    }
+}

@@ -1,4 +1,4 @@
-//! Synchronous batched generation: the engine core with the CPU runner, driven to completion
+//! Synchronous batched generation: the engine core with a model runner, driven to completion
 //! for a list of requests. Behind `convoy generate`, `convoy chat`, the benchmarks and the
 //! parity tests. The cache persists across [`Generator::run`] calls, so later turns of a chat
 //! hit earlier ones.
@@ -11,9 +11,11 @@ use convoy_scheduler::{
     FinishReason, KeyFn, KvCacheConfig, KvCacheManager, RequestId, SchedulerConfig,
 };
 
+use crate::backend::BackendError;
 use crate::core::{EngineCore, EngineRequest, EngineStats, EventKind, SubmitError};
+use crate::device::Device;
 use crate::model::llama::LlamaModel;
-use crate::runner::CpuRunner;
+use crate::runner::{CpuRunner, ModelRunner};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextCodec;
 
@@ -120,17 +122,48 @@ impl GeneratorConfig {
     }
 }
 
-/// The engine core with the CPU runner, driven synchronously.
+/// The engine core with a model runner, driven synchronously.
 pub struct Generator<'m> {
-    core: EngineCore<CpuRunner<'m>>,
+    core: EngineCore<Box<dyn ModelRunner + 'm>>,
     next_id: RequestId,
 }
 
 impl<'m> Generator<'m> {
-    /// A generator with the given configuration.
+    /// A generator on the CPU backend with the given configuration.
     pub fn new(model: &'m LlamaModel, codec: TextCodec, cfg: GeneratorConfig) -> Generator<'m> {
         let runner = CpuRunner::new(model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
-        let sched = cfg.scheduler_config(model.config.max_position_embeddings);
+        Generator::with_runner(
+            Box::new(runner),
+            model.config.max_position_embeddings,
+            codec,
+            &cfg,
+        )
+    }
+
+    /// A generator on `device`; an error when the device cannot run the model.
+    pub fn on_device(
+        device: Device,
+        model: &'m LlamaModel,
+        codec: TextCodec,
+        cfg: GeneratorConfig,
+    ) -> Result<Generator<'m>, BackendError> {
+        let runner = device.runner(model, &cfg)?;
+        Ok(Generator::with_runner(
+            runner,
+            model.config.max_position_embeddings,
+            codec,
+            &cfg,
+        ))
+    }
+
+    /// A generator over `runner`, for a model whose context holds `max_model_len` tokens.
+    pub fn with_runner(
+        runner: Box<dyn ModelRunner + 'm>,
+        max_model_len: usize,
+        codec: TextCodec,
+        cfg: &GeneratorConfig,
+    ) -> Generator<'m> {
+        let sched = cfg.scheduler_config(max_model_len);
         Generator {
             core: EngineCore::new(sched, runner, codec, cfg.verify_fraction),
             next_id: 0,

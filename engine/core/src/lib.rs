@@ -4,8 +4,10 @@
 //! Nothing here does async I/O: the daemon's faces live in `convoy-server`, the capacity planner in
 //! `convoy-planner`.
 
+pub mod backend;
 pub mod core;
 pub mod detokenizer;
+pub mod device;
 pub mod forward_batch;
 pub mod generate;
 pub mod kv_cache;
@@ -21,6 +23,7 @@ pub mod tokenizer;
 
 pub use convoy_scheduler::FinishReason;
 pub use core::{EngineCore, EngineEvent, EngineRequest, EngineStats, EventKind};
+pub use device::Device;
 pub use forward_batch::{ForwardBatch, SeqSlice};
 pub use generate::{GenerationRequest, GenerationResult, Generator, GeneratorConfig};
 pub use kv_cache::{KvCache, KvCacheDtype, KvLayer, UnknownKvCacheDtype};

@@ -6,8 +6,8 @@
 //! `sample`, tagged with its id, and fails loudly (panics) when asked to sample a request it
 //! was never told of. The scheduler matches tokens by id and refuses any mismatch.
 //!
-//! [`CpuRunner`] runs the real model on the CPU backend and samples with each request's own
-//! parameters and seeded random stream. The simulation runner lives in `sim.rs`.
+//! [`Runner`] runs the real model on a backend ([`CpuRunner`]: the CPU one) and samples with
+//! each request's own parameters and seeded random stream. The simulation runner lives in `sim.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -16,8 +16,9 @@ use convoy_scheduler::{
     BlockId, ModelOutput, NewRequestData, RequestId, SampledToken, SamplingSpec, SchedulerOutput,
 };
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{forward, Backend};
 use crate::forward_batch::ForwardBatch;
-use crate::kv_cache::KvCache;
 use crate::model::llama::LlamaModel;
 use crate::sampler::{sample, Rng};
 
@@ -109,10 +110,10 @@ pub fn state_of<T>(states: &mut HashMap<RequestId, T>, id: RequestId) -> &mut T 
     })
 }
 
-/// The real model on the CPU.
-pub struct CpuRunner<'m> {
-    model: &'m LlamaModel,
-    cache: KvCache,
+/// The real model on a backend: runs the forward pass written once in [`crate::backend`] and
+/// samples each request's row on the host with its own parameters and seeded stream.
+pub struct Runner<B: Backend> {
+    backend: B,
     samplers: HashMap<RequestId, SamplerState>,
     /// Requests whose next sampled logits row is kept (cache verification).
     keep: HashSet<RequestId>,
@@ -122,21 +123,49 @@ pub struct CpuRunner<'m> {
     started: Instant,
 }
 
-impl<'m> CpuRunner<'m> {
-    /// A runner with KV storage for `num_blocks` device and `num_host_blocks` host blocks.
+/// The real model on the CPU backend.
+pub type CpuRunner<'m> = Runner<CpuBackend<'m>>;
+
+impl<'m> Runner<CpuBackend<'m>> {
+    /// A CPU runner with KV storage for `num_blocks` device and `num_host_blocks` host blocks.
     pub fn new(
         model: &'m LlamaModel,
         num_blocks: usize,
         num_host_blocks: usize,
         block_size: usize,
     ) -> CpuRunner<'m> {
-        CpuRunner {
-            model,
-            cache: model.new_tiered_kv_cache(num_blocks, num_host_blocks, block_size),
+        let cache = model.new_tiered_kv_cache(num_blocks, num_host_blocks, block_size);
+        Runner::with_backend(CpuBackend::new(model, cache))
+    }
+}
+
+impl<B: Backend> Runner<B> {
+    /// A runner over `backend`.
+    pub fn with_backend(backend: B) -> Runner<B> {
+        Runner {
+            backend,
             samplers: HashMap::new(),
             keep: HashSet::new(),
             logits: Vec::new(),
             started: Instant::now(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    fn forward(&mut self, batch: &ForwardBatch, logits: &mut Vec<f32>) {
+        // A device that fails mid-step leaves its KV state unknown: the engine stops loudly.
+        if let Err(e) = forward(&mut self.backend, batch, logits) {
+            panic!("forward pass failed: {e}");
+        }
+    }
+
+    fn copy_blocks(&mut self, copies: &[convoy_scheduler::BlockCopy]) {
+        if let Err(e) = self.backend.apply_copies(copies) {
+            panic!("KV block copies failed: {e}");
         }
     }
 }
@@ -166,7 +195,7 @@ pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
     }
 }
 
-impl ModelRunner for CpuRunner<'_> {
+impl<B: Backend> ModelRunner for Runner<B> {
     fn keep_logits(&mut self, id: RequestId) {
         // Possibly before the step that announces the request: kept apart from its state.
         self.keep.insert(id);
@@ -174,12 +203,12 @@ impl ModelRunner for CpuRunner<'_> {
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
         track_requests(&mut self.samplers, out, SamplerState::new);
-        self.cache.apply(&out.copies);
+        self.copy_blocks(&out.copies);
         let mut result = StepResult::default();
         if out.scheduled.is_empty() {
             return result;
         }
-        let bs = self.cache.block_size;
+        let bs = self.backend.block_size();
         let mut batch = ForwardBatch::default();
         // The request of each logits row, in row order.
         let mut row_owner = Vec::new();
@@ -195,9 +224,8 @@ impl ModelRunner for CpuRunner<'_> {
             }
         }
         let mut logits = std::mem::take(&mut self.logits);
-        self.model
-            .forward_into(&batch, &mut self.cache, &mut logits);
-        let vocab = self.model.config.vocab_size;
+        self.forward(&batch, &mut logits);
+        let vocab = self.backend.config().vocab_size;
         for (row, &id) in row_owner.iter().enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
             let st = state_of(&mut self.samplers, id);
@@ -222,10 +250,12 @@ impl ModelRunner for CpuRunner<'_> {
         blocks: &[BlockId],
         copies: &[convoy_scheduler::BlockCopy],
     ) -> Option<Vec<f32>> {
-        self.cache.apply(copies);
+        self.copy_blocks(copies);
         let mut batch = ForwardBatch::default();
-        batch.push_seq(tokens, 0, blocks, self.cache.block_size, true);
-        Some(self.model.forward(&batch, &mut self.cache))
+        batch.push_seq(tokens, 0, blocks, self.backend.block_size(), true);
+        let mut logits = Vec::new();
+        self.forward(&batch, &mut logits);
+        Some(logits)
     }
 
     fn now(&self) -> Duration {
@@ -233,6 +263,29 @@ impl ModelRunner for CpuRunner<'_> {
     }
 
     fn vocab_size(&self) -> usize {
-        self.model.config.vocab_size
+        self.backend.config().vocab_size
+    }
+}
+
+impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
+    fn keep_logits(&mut self, id: RequestId) {
+        (**self).keep_logits(id)
+    }
+    fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+        (**self).execute(out)
+    }
+    fn recompute_logits(
+        &mut self,
+        tokens: &[u32],
+        blocks: &[BlockId],
+        copies: &[convoy_scheduler::BlockCopy],
+    ) -> Option<Vec<f32>> {
+        (**self).recompute_logits(tokens, blocks, copies)
+    }
+    fn now(&self) -> Duration {
+        (**self).now()
+    }
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
     }
 }

@@ -24,6 +24,7 @@ use convoy_scheduler::{FinishReason, RequestId};
 use crate::core::{
     Done, EngineCore, EngineEvent, EngineRequest, EngineStats, EventKind, SubmitError,
 };
+use crate::device::Device;
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
 use crate::runner::{CpuRunner, ModelRunner};
@@ -248,6 +249,23 @@ pub fn spawn_cpu(
 ) -> EngineHandle {
     spawn_thread(move |channels| {
         let runner = CpuRunner::new(&model, cfg.num_blocks, cfg.num_host_blocks, cfg.block_size);
+        let max_len = model.config.max_position_embeddings;
+        run_engine(runner, max_len, codec, &cfg, service, channels)
+    })
+}
+
+/// Start the engine thread on `device`. The runner is built on the engine thread (it owns the
+/// device's memory); a device that cannot run the model ends the thread with the reason,
+/// which [`EngineHandle::join`] returns.
+pub fn spawn_on(
+    device: Device,
+    model: LlamaModel,
+    codec: TextCodec,
+    cfg: GeneratorConfig,
+    service: ServiceConfig,
+) -> EngineHandle {
+    spawn_thread(move |channels| {
+        let runner = device.runner(&model, &cfg).map_err(|e| e.to_string())?;
         let max_len = model.config.max_position_embeddings;
         run_engine(runner, max_len, codec, &cfg, service, channels)
     })

@@ -8,6 +8,7 @@
 //! launch contracts check every size they can derive from their scalar arguments against the
 //! slices they are given before a launch.
 
+use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
 
 /// Why a device operation failed.
@@ -174,6 +175,13 @@ pub trait DeviceLayer {
         config: &LaunchConfig,
         args: &[KernelArg],
     ) -> Result<(), DeviceError>;
+
+    /// `C = alpha * op(A) * op(B) + beta * C` under cuBLAS's contract (bf16 A and B, f32 C
+    /// and accumulation); refused, as cuBLAS refuses it, when [`GemmBf16::check`] fails.
+    ///
+    /// # Safety
+    /// The slices must name live memory of this device.
+    unsafe fn gemm_bf16(&self, gemm: &GemmBf16) -> Result<(), DeviceError>;
 
     /// Wait for every launch and copy issued so far.
     fn synchronize(&self) -> Result<(), DeviceError>;

@@ -15,6 +15,7 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
 use super::device::{DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
 
 #[repr(C)]
@@ -234,7 +235,89 @@ impl DeviceLayer for EmulatedDevice {
         })
     }
 
+    unsafe fn gemm_bf16(&self, g: &GemmBf16) -> Result<(), DeviceError> {
+        g.check().map_err(|problem| DeviceError::Contract {
+            kernel: "cublasGemmEx",
+            problem,
+        })?;
+        // SAFETY: the caller promises the slices are live allocations of this device (host
+        // memory here); `check` proved every element the GEMM touches lies inside them.
+        unsafe { reference_gemm(g) };
+        Ok(())
+    }
+
     fn synchronize(&self) -> Result<(), DeviceError> {
         Ok(())
     }
+}
+
+/// The emulator's cuBLAS: f32 accumulation (eight interleaved partial sums over k, then
+/// summed), op(B) widened to f32 once, each row of op(A) once, rows of C split across threads.
+///
+/// # Safety
+/// `g` passed [`GemmBf16::check`] and its slices are live host allocations; C does not
+/// overlap A or B.
+unsafe fn reference_gemm(g: &GemmBf16) {
+    let a = g.a.ptr as usize;
+    let b = g.b.ptr as usize;
+    let c = g.c.ptr as usize;
+    let read = |base: usize, i: usize| -> f32 {
+        // SAFETY: callers index within the spans `check` verified.
+        f32::from_bits((unsafe { *(base as *const u16).add(i) } as u32) << 16)
+    };
+    // op(B) as n rows of k floats.
+    let mut bt = vec![0f32; g.n * g.k];
+    for j in 0..g.n {
+        for p in 0..g.k {
+            bt[j * g.k + p] = if g.transb {
+                read(b, j + p * g.ldb)
+            } else {
+                read(b, p + j * g.ldb)
+            };
+        }
+    }
+    let bt = &bt;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(g.m.div_ceil(64))
+        .max(1);
+    let rows_per = g.m.div_ceil(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (i0, i1) = (t * rows_per, ((t + 1) * rows_per).min(g.m));
+            s.spawn(move || {
+                let mut row = vec![0f32; g.k];
+                for i in i0..i1 {
+                    for (p, v) in row.iter_mut().enumerate() {
+                        *v = if g.transa {
+                            read(a, p + i * g.lda)
+                        } else {
+                            read(a, i + p * g.lda)
+                        };
+                    }
+                    for j in 0..g.n {
+                        let col = &bt[j * g.k..(j + 1) * g.k];
+                        let mut acc = [0f32; 8];
+                        let chunks = g.k / 8 * 8;
+                        for p in (0..chunks).step_by(8) {
+                            for l in 0..8 {
+                                acc[l] += row[p + l] * col[p + l];
+                            }
+                        }
+                        for p in chunks..g.k {
+                            acc[p % 8] += row[p] * col[p];
+                        }
+                        let dot = acc.iter().sum::<f32>();
+                        // SAFETY: (i, j) lies in C's checked span; each thread writes its own
+                        // rows i0..i1 of C, so no two threads write one element.
+                        unsafe {
+                            let out = (c as *mut f32).add(i + j * g.ldc);
+                            let old = if g.beta == 0.0 { 0.0 } else { g.beta * *out };
+                            *out = g.alpha * dot + old;
+                        }
+                    }
+                }
+            });
+        }
+    });
 }

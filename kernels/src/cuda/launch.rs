@@ -696,3 +696,127 @@ impl KernelLaunch for GumbelSampleRows {
         ]
     }
 }
+
+/// `y = bf16(x)` over `n` values: activations for a bf16 GEMM.
+pub struct CastBf16 {
+    /// f32 `[n]`.
+    pub x: DeviceSlice,
+    /// bf16 `[n]`.
+    pub y: DeviceSlice,
+    /// Values.
+    pub n: usize,
+}
+
+impl KernelLaunch for CastBf16 {
+    const NAME: &'static str = "cast_bf16";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("n", self.n as i64)?;
+        need("x", &self.x, self.n, 4)?;
+        need("y", &self.y, self.n, 2)?;
+        Ok(LaunchConfig::linear(
+            self.n.div_ceil(256).min(4096) as u32,
+            256,
+        ))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![ptr(&self.x), ptr(&self.y), KernelArg::I64(self.n as i64)]
+    }
+}
+
+/// `dst[r] = src[rows[r]]` for rows of `width` floats.
+///
+/// Device data: every row index below `src_rows`.
+pub struct GatherRows {
+    /// f32 `[src_rows][width]`.
+    pub src: DeviceSlice,
+    /// i32 `[rows]`.
+    pub rows: DeviceSlice,
+    /// f32 `[rows][width]`.
+    pub dst: DeviceSlice,
+    /// Rows of `src`.
+    pub src_rows: usize,
+    /// Rows gathered.
+    pub count: usize,
+    /// Row width.
+    pub width: usize,
+}
+
+impl KernelLaunch for GatherRows {
+    const NAME: &'static str = "gather_rows";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("count", self.count as i64)?;
+        positive("width", self.width as i64)?;
+        need("src", &self.src, self.src_rows * self.width, 4)?;
+        need("rows", &self.rows, self.count, 4)?;
+        need("dst", &self.dst, self.count * self.width, 4)?;
+        Ok(LaunchConfig::linear(self.count as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.src),
+            ptr(&self.rows),
+            ptr(&self.dst),
+            KernelArg::I32(self.width as i32),
+        ]
+    }
+}
+
+/// `x[t] += delta[t]` for rows of `width` floats.
+pub struct AddRows {
+    /// f32 `[tokens][width]`, updated in place.
+    pub x: DeviceSlice,
+    /// f32 `[tokens][width]`.
+    pub delta: DeviceSlice,
+    /// Row width.
+    pub width: usize,
+    /// Rows.
+    pub tokens: usize,
+}
+
+impl KernelLaunch for AddRows {
+    const NAME: &'static str = "add_rows";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("tokens", self.tokens as i64)?;
+        positive("width", self.width as i64)?;
+        need("x", &self.x, self.tokens * self.width, 4)?;
+        need("delta", &self.delta, self.tokens * self.width, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.x),
+            ptr(&self.delta),
+            KernelArg::I32(self.width as i32),
+        ]
+    }
+}
+
+/// `x[t] += bias` for rows of `width` floats.
+pub struct AddBiasRows {
+    /// f32 `[tokens][width]`, updated in place.
+    pub x: DeviceSlice,
+    /// f32 `[width]`.
+    pub bias: DeviceSlice,
+    /// Row width.
+    pub width: usize,
+    /// Rows.
+    pub tokens: usize,
+}
+
+impl KernelLaunch for AddBiasRows {
+    const NAME: &'static str = "add_bias_rows";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("tokens", self.tokens as i64)?;
+        positive("width", self.width as i64)?;
+        need("x", &self.x, self.tokens * self.width, 4)?;
+        need("bias", &self.bias, self.width, 4)?;
+        Ok(LaunchConfig::linear(self.tokens as u32, 256))
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.x),
+            ptr(&self.bias),
+            KernelArg::I32(self.width as i32),
+        ]
+    }
+}

@@ -2,6 +2,7 @@
 //! device's architecture, and compiled at build time for the host as the emulated device.
 //!
 //! - [`SOURCES`] / [`full_source`]: the text NVRTC compiles (and the emulator, with a shim).
+//! - [`gemm`]: cuBLAS's GEMM contract, shared by cuBLAS and the emulator's reference GEMM.
 //! - [`launch`]: one typed launch contract per kernel (arguments, grid rule, host-side checks).
 //! - [`device`]: the device layer ([`device::DeviceLayer`]): memory, copies, launches.
 //! - [`emulator`]: the emulated device, running the same kernels on the CPU with checks.
@@ -13,6 +14,7 @@
 
 pub mod device;
 pub mod emulator;
+pub mod gemm;
 pub mod launch;
 pub mod nvrtc;
 /// One `.cu` source and the kernels it defines.
@@ -41,6 +43,10 @@ pub const SOURCES: &[KernelSource] = &[
             "reshape_and_cache",
             "silu_mul",
             "copy_blocks",
+            "cast_bf16",
+            "gather_rows",
+            "add_rows",
+            "add_bias_rows",
         ],
     },
     KernelSource {

@@ -1,4 +1,5 @@
-//! The Llama-family forward pass over a packed batch and a paged KV cache.
+//! A Llama-family model's weights on the host, and its forward pass on the CPU backend (the
+//! pass itself is `backend::forward`, written once for every backend).
 //!
 //! Per layer: RMSNorm, one fused QKV multiply (+ biases for Qwen2), half-split RoPE, K/V written
 //! to the cache by slot mapping, paged attention, output projection, residual; RMSNorm, one
@@ -8,13 +9,13 @@
 
 use std::collections::HashMap;
 
-use convoy_kernels::{
-    self as k, AttentionSeq, AttentionShape, Matrix, Precision, QuantizedRows, WeightFormat,
-};
+use convoy_kernels::{Matrix, Precision, WeightFormat};
 use convoy_weights::{DType, LoadedModel, ModelConfig, Tensor};
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::forward;
 use crate::forward_batch::ForwardBatch;
-use crate::kv_cache::{KvCache, KvCacheDtype, KvLayer};
+use crate::kv_cache::{KvCache, KvCacheDtype};
 
 /// Why a model could not be built from loaded tensors.
 #[derive(Debug, thiserror::Error)]
@@ -24,28 +25,28 @@ pub enum ModelError {
     Tensor(String, String),
 }
 
-struct Layer {
-    attn_norm: Vec<f32>,
-    ffn_norm: Vec<f32>,
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) ffn_norm: Vec<f32>,
     /// Q, K and V projections stacked: rows `[q | k | v]`.
-    qkv: Matrix,
-    qkv_bias: Option<Vec<f32>>,
-    o: Matrix,
+    pub(crate) qkv: Matrix,
+    pub(crate) qkv_bias: Option<Vec<f32>>,
+    pub(crate) o: Matrix,
     /// Gate and up projections stacked: rows `[gate | up]`.
-    gate_up: Matrix,
-    down: Matrix,
+    pub(crate) gate_up: Matrix,
+    pub(crate) down: Matrix,
 }
 
 /// A loaded Llama-family model, ready to run.
 pub struct LlamaModel {
     /// The model's shape.
     pub config: ModelConfig,
-    embed: Matrix,
-    lm_head: Option<Matrix>,
-    norm: Vec<f32>,
-    layers: Vec<Layer>,
-    inv_freq: Vec<f32>,
-    precision: Precision,
+    pub(crate) embed: Matrix,
+    pub(crate) lm_head: Option<Matrix>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) inv_freq: Vec<f32>,
+    pub(crate) precision: Precision,
     kv_cache_dtype: KvCacheDtype,
 }
 
@@ -239,121 +240,8 @@ impl LlamaModel {
     /// long. Every value is written over, so a buffer kept from an earlier step saves zeroing a
     /// fresh one (only what it grows by is zeroed first).
     pub fn forward_into(&self, batch: &ForwardBatch, cache: &mut KvCache, logits: &mut Vec<f32>) {
-        let cfg = &self.config;
-        let n = batch.num_tokens();
-        let h = cfg.hidden_size;
-        let hd = cfg.head_dim;
-        let qd = cfg.num_heads * hd;
-        let kvd = cfg.num_kv_heads * hd;
-        let inter = cfg.intermediate_size;
-        let half = hd / 2;
-
-        let mut x = vec![0f32; n * h];
-        for (t, &id) in batch.input_ids.iter().enumerate() {
-            self.embed
-                .row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
-        }
-        let mut cos = vec![0f32; n * half];
-        let mut sin = vec![0f32; n * half];
-        for (t, &pos) in batch.positions.iter().enumerate() {
-            for (i, f) in self.inv_freq.iter().enumerate() {
-                let angle = pos as f32 * f;
-                cos[t * half + i] = angle.cos();
-                sin[t * half + i] = angle.sin();
-            }
-        }
-        let seqs: Vec<AttentionSeq<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| AttentionSeq {
-                block_table: &s.block_table,
-                query_start: s.query_start,
-                num_queries: s.num_queries,
-                context_len: s.context_len,
-            })
-            .collect();
-        let shape = AttentionShape {
-            num_heads: cfg.num_heads,
-            num_kv_heads: cfg.num_kv_heads,
-            head_dim: hd,
-            block_size: cache.block_size,
-        };
-
-        let mut normed = vec![0f32; n * h];
-        let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
-        let mut q = vec![0f32; n * qd];
-        let mut kk = vec![0f32; n * kvd];
-        let mut v = vec![0f32; n * kvd];
-        let mut attn = vec![0f32; n * qd];
-        let mut proj = vec![0f32; n * h];
-        let mut gate_up = vec![0f32; n * 2 * inter];
-        let mut act = vec![0f32; n * inter];
-        let mut xq = QuantizedRows::default();
-        let p = self.precision;
-        if let Some(first) = self.layers.first() {
-            k::rms_norm(&x, &first.attn_norm, cfg.rms_norm_eps, &mut normed);
-        }
-        for (l, layer) in self.layers.iter().enumerate() {
-            // `normed` holds this layer's attention norm of `x` (above, or from the previous
-            // layer's last residual add).
-            k::matmul_with(p, &normed, n, &layer.qkv, &mut qkv, &mut xq);
-            if let Some(b) = &layer.qkv_bias {
-                k::add_bias(&mut qkv, b);
-            }
-            for t in 0..n {
-                let row = &qkv[t * (qd + 2 * kvd)..(t + 1) * (qd + 2 * kvd)];
-                q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
-                kk[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
-                v[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
-            }
-            k::rope_half_split(&mut q, hd, cfg.num_heads, &cos, &sin);
-            k::rope_half_split(&mut kk, hd, cfg.num_kv_heads, &cos, &sin);
-            cache.write(l, &batch.slot_mapping, &kk, &v);
-            match cache.layer(l) {
-                KvLayer::F32 { k: kc, v: vc } => {
-                    k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
-                }
-                KvLayer::F16 { k: kc, v: vc } => {
-                    k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
-                }
-                KvLayer::Fp8E4m3 { k: kc, v: vc } => {
-                    k::paged_attention(&q, kc, vc, shape, &seqs, &mut attn)
-                }
-            }
-            k::matmul_with(p, &attn, n, &layer.o, &mut proj, &mut xq);
-            // The residual adds and the norms after them are one pass over the rows each
-            // (the same values as an add and then a norm).
-            k::add_rms_norm(
-                &mut x,
-                &proj,
-                &layer.ffn_norm,
-                cfg.rms_norm_eps,
-                &mut normed,
-            );
-            k::matmul_with(p, &normed, n, &layer.gate_up, &mut gate_up, &mut xq);
-            k::silu_mul_rows(&gate_up, inter, &mut act);
-            k::matmul_with(p, &act, n, &layer.down, &mut proj, &mut xq);
-            match self.layers.get(l + 1) {
-                Some(next) => k::add_rms_norm(
-                    &mut x,
-                    &proj,
-                    &next.attn_norm,
-                    cfg.rms_norm_eps,
-                    &mut normed,
-                ),
-                None => k::add_in_place(&mut x, &proj),
-            }
-        }
-
-        let m = batch.logits_rows.len();
-        let mut last = vec![0f32; m * h];
-        for (i, &r) in batch.logits_rows.iter().enumerate() {
-            last[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        let mut last_normed = vec![0f32; m * h];
-        k::rms_norm(&last, &self.norm, cfg.rms_norm_eps, &mut last_normed);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        logits.resize(m * cfg.vocab_size, 0.0);
-        k::matmul_with(p, &last_normed, m, head, logits, &mut xq);
+        let mut backend = CpuBackend::new(self, cache);
+        backend.lend_logits(std::mem::take(logits));
+        forward(&mut backend, batch, logits).expect("the CPU backend has no failing operation");
     }
 }

@@ -82,3 +82,31 @@ extern "C" __global__ void copy_blocks(const bf16_t* __restrict__ src, bf16_t* _
     bf16_t* d = dst + blockIdx.x * layer_stride_dst + dst_block * block_elems;
     for (int i = threadIdx.x; i < slots * slot_elems; i += blockDim.x) d[i] = s[i];
 }
+
+// y[i] = bf16(x[i]) for i < n: activations for a bf16 GEMM. grid: any; block: any.
+extern "C" __global__ void cast_bf16(const float* __restrict__ x, bf16_t* __restrict__ y, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = f32_to_bf16(x[i]);
+}
+
+// dst[r] = src[rows[r]] (rows of `width` floats): the rows whose logits are wanted.
+// grid: rows; block: any.
+extern "C" __global__ void gather_rows(const float* __restrict__ src, const int* __restrict__ rows,
+                                       float* __restrict__ dst, int width) {
+    const float* s = src + (size_t)rows[blockIdx.x] * width;
+    float* d = dst + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) d[i] = s[i];
+}
+
+// x[t] += delta[t] (rows of `width` floats). grid: tokens; block: any.
+extern "C" __global__ void add_rows(float* __restrict__ x, const float* __restrict__ delta, int width) {
+    float* r = x + (size_t)blockIdx.x * width;
+    const float* d = delta + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] += d[i];
+}
+
+// x[t] += bias (a row of `width` floats, Qwen2's QKV bias). grid: tokens; block: any.
+extern "C" __global__ void add_bias_rows(float* __restrict__ x, const float* __restrict__ bias, int width) {
+    float* r = x + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] += bias[i];
+}

@@ -1,0 +1,802 @@
+//! The CUDA backend: convoy's CUDA kernels and cuBLAS's GEMM contract over a
+//! [`DeviceLayer`], so the same code (weight upload, KV layout, step metadata, launch
+//! configuration, block copies) drives a GPU and the emulated device
+//! (`--device cuda-emulated`).
+//!
+//! Layout (docs/kv_cache.md): weights bf16, row-major `[out][in]` (QKV and gate/up fused);
+//! norms bf16, the Qwen2 QKV bias f32; activations f32, cast to bf16 in a staging buffer before
+//! each GEMM (f32 accumulation). K and V: one bf16 buffer each for all layers,
+//! `[layers][blocks][block_size][kv_heads][head_dim]`, the host tier the same with its own block
+//! count; a block copy is one `copy_blocks` launch per K and V over all layers. RoPE reads a
+//! cos/sin table of every position, computed on the host exactly as the CPU backend computes
+//! its rows (float32 angle, float32 cos and sin: transformers' arithmetic).
+//!
+//! Invariants: the workspace is allocated once for `max_batched_tokens` tokens (fixed
+//! addresses) and grows only for a longer pass (the cache verifier's recomputation); step
+//! metadata is uploaded once per pass in [`Backend::begin_step`]; every launch goes through its
+//! kernel's contract, and the indices held in device memory (token ids, positions, slots,
+//! block tables, logit rows) are checked on the host before they are uploaded, which is what
+//! makes the launches sound.
+
+use convoy_kernels::cuda::device::{
+    self, as_bytes_mut, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice,
+};
+use convoy_kernels::cuda::gemm::GemmBf16;
+use convoy_kernels::cuda::launch::{self as l, ATTENTION_MAX_HEAD_DIM, ATTENTION_PARTITION};
+use convoy_scheduler::{BlockCopy, Loc};
+use convoy_weights::ModelConfig;
+use half::bf16;
+
+use super::{Act, Backend, BackendError, Rows, Weight};
+use crate::forward_batch::ForwardBatch;
+use crate::model::llama::LlamaModel;
+
+/// One layer's weights on the device.
+struct LayerWeights<B> {
+    attn_norm: B,
+    ffn_norm: B,
+    qkv: B,
+    qkv_bias: Option<B>,
+    o: B,
+    gate_up: B,
+    down: B,
+}
+
+/// Per-pass index data on the device, each with room for `capacity` entries.
+struct Meta<B> {
+    buf: B,
+    capacity: usize,
+}
+
+/// The CUDA backend.
+pub struct CudaBackend<D: DeviceLayer> {
+    device: D,
+    config: ModelConfig,
+    block_size: usize,
+    num_blocks: usize,
+    num_host_blocks: usize,
+    embed: D::Buffer,
+    lm_head: Option<D::Buffer>,
+    final_norm: D::Buffer,
+    layers: Vec<LayerWeights<D::Buffer>>,
+    /// `[table_positions][head_dim]`: cos then sin per position.
+    cos_sin: D::Buffer,
+    table_positions: usize,
+    k_cache: D::Buffer,
+    v_cache: D::Buffer,
+    host_k: Option<D::Buffer>,
+    host_v: Option<D::Buffer>,
+    /// f32 activations, indexed by `Act as usize`.
+    acts: Vec<D::Buffer>,
+    /// bf16 copy of a GEMM's input.
+    staging: D::Buffer,
+    /// Attention partials.
+    partials: D::Buffer,
+    token_capacity: usize,
+    row_capacity: usize,
+    partial_capacity: usize,
+    ids: Meta<D::Buffer>,
+    positions: Meta<D::Buffer>,
+    slots: Meta<D::Buffer>,
+    row_seq: Meta<D::Buffer>,
+    tables: Meta<D::Buffer>,
+    logit_rows: Meta<D::Buffer>,
+    // The pass in progress.
+    tokens: usize,
+    rows: usize,
+    seqs: usize,
+    max_blocks: usize,
+    max_partitions: usize,
+}
+
+fn dev_err(backend: &'static str) -> impl Fn(DeviceError) -> BackendError {
+    move |source| BackendError::Device { backend, source }
+}
+
+fn upload_bf16<D: DeviceLayer>(d: &D, v: &[f32]) -> Result<D::Buffer, DeviceError> {
+    let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+    d.upload(&b)
+}
+
+fn upload_matrix<D: DeviceLayer>(
+    d: &D,
+    m: &convoy_kernels::Matrix,
+) -> Result<D::Buffer, DeviceError> {
+    let cols = m.cols();
+    let mut row = vec![0f32; cols];
+    let mut out: Vec<bf16> = Vec::with_capacity(m.rows() * cols);
+    for r in 0..m.rows() {
+        m.row_to_f32(r, &mut row);
+        out.extend(row.iter().map(|&x| bf16::from_f32(x)));
+    }
+    d.upload(&out)
+}
+
+/// Bytes one KV block takes on this backend (K and V, every layer, bf16).
+pub fn kv_block_bytes(config: &ModelConfig, block_size: usize) -> usize {
+    2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 2
+}
+
+impl<D: DeviceLayer> CudaBackend<D> {
+    /// Check that this backend can run a model of `config`; the reason when it cannot.
+    pub fn supports(config: &ModelConfig) -> Result<(), String> {
+        let (heads, kv_heads, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(format!(
+                "{heads} query heads do not divide into {kv_heads} KV heads"
+            ));
+        }
+        if hd == 0 || hd % 2 != 0 || hd > ATTENTION_MAX_HEAD_DIM {
+            return Err(format!(
+                "head dimension {hd} is not even and at most {ATTENTION_MAX_HEAD_DIM}"
+            ));
+        }
+        let widest = [
+            config.hidden_size,
+            heads * hd,
+            2 * config.intermediate_size,
+            config.vocab_size,
+        ];
+        if widest.iter().any(|&w| w > i32::MAX as usize) {
+            return Err("a dimension exceeds the kernels' 32-bit sizes".into());
+        }
+        Ok(())
+    }
+
+    /// Upload `model`'s weights (bf16; quantised GGUF blocks are dequantised here) and allocate
+    /// `num_blocks` KV blocks of `block_size` tokens, `num_host_blocks` in the host tier, and a
+    /// workspace for `max_batched_tokens` tokens.
+    pub fn new(
+        device: D,
+        model: &LlamaModel,
+        num_blocks: usize,
+        num_host_blocks: usize,
+        block_size: usize,
+        max_batched_tokens: usize,
+    ) -> Result<CudaBackend<D>, BackendError> {
+        let name = device.name();
+        let cfg = model.config.clone();
+        Self::supports(&cfg).map_err(|reason| BackendError::Unsupported {
+            backend: name,
+            reason,
+        })?;
+        if block_size == 0 || num_blocks == 0 {
+            return Err(BackendError::Unsupported {
+                backend: name,
+                reason: "a KV cache needs at least one block of at least one token".into(),
+            });
+        }
+        let e = dev_err(name);
+        let d = &device;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for layer in &model.layers {
+            layers.push(LayerWeights {
+                attn_norm: upload_bf16(d, &layer.attn_norm).map_err(&e)?,
+                ffn_norm: upload_bf16(d, &layer.ffn_norm).map_err(&e)?,
+                qkv: upload_matrix(d, &layer.qkv).map_err(&e)?,
+                qkv_bias: match &layer.qkv_bias {
+                    Some(b) => Some(d.upload(b).map_err(&e)?),
+                    None => None,
+                },
+                o: upload_matrix(d, &layer.o).map_err(&e)?,
+                gate_up: upload_matrix(d, &layer.gate_up).map_err(&e)?,
+                down: upload_matrix(d, &layer.down).map_err(&e)?,
+            });
+        }
+        let embed = upload_matrix(d, &model.embed).map_err(&e)?;
+        let lm_head = match &model.lm_head {
+            Some(m) => Some(upload_matrix(d, m).map_err(&e)?),
+            None => None,
+        };
+        let final_norm = upload_bf16(d, &model.norm).map_err(&e)?;
+        // RoPE rows exactly as the CPU backend computes them.
+        let table_positions = cfg.max_position_embeddings.max(1);
+        let hd = cfg.head_dim;
+        let half = hd / 2;
+        let mut table = vec![0f32; table_positions * hd];
+        for p in 0..table_positions {
+            for (i, f) in model.inv_freq.iter().enumerate() {
+                let angle = p as f32 * f;
+                table[p * hd + i] = angle.cos();
+                table[p * hd + half + i] = angle.sin();
+            }
+        }
+        let cos_sin = d.upload(&table).map_err(&e)?;
+        let per_tier =
+            |blocks: usize| cfg.num_layers * blocks * block_size * cfg.num_kv_heads * hd * 2;
+        let k_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
+        let v_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
+        let (host_k, host_v) = if num_host_blocks > 0 {
+            (
+                Some(d.alloc(per_tier(num_host_blocks)).map_err(&e)?),
+                Some(d.alloc(per_tier(num_host_blocks)).map_err(&e)?),
+            )
+        } else {
+            (None, None)
+        };
+        let meta = |n: usize| -> Result<Meta<D::Buffer>, BackendError> {
+            Ok(Meta {
+                buf: d.alloc(n.max(1) * 4).map_err(&e)?,
+                capacity: n.max(1),
+            })
+        };
+        let tokens = max_batched_tokens.max(1);
+        let mut backend = CudaBackend {
+            ids: meta(tokens)?,
+            positions: meta(tokens)?,
+            slots: meta(tokens)?,
+            row_seq: meta(tokens)?,
+            tables: meta(tokens)?,
+            logit_rows: meta(tokens)?,
+            acts: Vec::new(),
+            staging: d.alloc(4).map_err(&e)?,
+            partials: d.alloc(4).map_err(&e)?,
+            token_capacity: 0,
+            row_capacity: 0,
+            partial_capacity: 0,
+            device,
+            config: cfg,
+            block_size,
+            num_blocks,
+            num_host_blocks,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            cos_sin,
+            table_positions,
+            k_cache,
+            v_cache,
+            host_k,
+            host_v,
+            tokens: 0,
+            rows: 0,
+            seqs: 0,
+            max_blocks: 0,
+            max_partitions: 0,
+        };
+        backend.reserve(tokens, tokens)?;
+        Ok(backend)
+    }
+
+    /// The device layer.
+    pub fn device(&self) -> &D {
+        &self.device
+    }
+
+    fn err(&self) -> impl Fn(DeviceError) -> BackendError {
+        dev_err(self.device.name())
+    }
+
+    /// Make room for `tokens` tokens and `rows` logit rows in the workspace.
+    fn reserve(&mut self, tokens: usize, rows: usize) -> Result<(), BackendError> {
+        if tokens <= self.token_capacity && rows <= self.row_capacity {
+            return Ok(());
+        }
+        let tokens = tokens.max(self.token_capacity);
+        let rows = rows.max(self.row_capacity);
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
+        let widths = [
+            (Act::Residual, tokens * h),
+            (Act::Normed, tokens * h),
+            (Act::Qkv, tokens * (qd + 2 * kvd)),
+            (Act::Attn, tokens * qd),
+            (Act::Proj, tokens * h),
+            (Act::GateUp, tokens * 2 * inter),
+            (Act::Mlp, tokens * inter),
+            (Act::Last, rows * h),
+            (Act::LastNormed, rows * h),
+            (Act::Logits, rows * c.vocab_size),
+        ];
+        let e = self.err();
+        let mut acts = Vec::with_capacity(widths.len());
+        for (i, (a, n)) in widths.iter().enumerate() {
+            debug_assert_eq!(*a as usize, i);
+            acts.push(self.device.alloc(n * 4).map_err(&e)?);
+        }
+        self.acts = acts;
+        self.staging = self
+            .device
+            .alloc(tokens * h.max(qd).max(inter) * 2)
+            .map_err(&e)?;
+        self.token_capacity = tokens;
+        self.row_capacity = rows;
+        Ok(())
+    }
+
+    fn act(&self, a: Act) -> DeviceSlice {
+        self.acts[a as usize].slice()
+    }
+
+    /// A view `offset_floats` into activation `a`.
+    fn act_at(&self, a: Act, offset_floats: usize) -> DeviceSlice {
+        let s = self.act(a);
+        DeviceSlice {
+            ptr: s.ptr + (offset_floats * 4) as u64,
+            bytes: s.bytes.saturating_sub(offset_floats * 4),
+        }
+    }
+
+    /// Layer `layer`'s part of a whole-cache buffer.
+    fn layer_view(&self, buf: &D::Buffer, blocks: usize, layer: usize) -> DeviceSlice {
+        let c = &self.config;
+        let per_layer = blocks * self.block_size * c.num_kv_heads * c.head_dim * 2;
+        let s = buf.slice();
+        DeviceSlice {
+            ptr: s.ptr + (layer * per_layer) as u64,
+            bytes: per_layer,
+        }
+    }
+
+    fn rows_of(&self, rows: Rows) -> usize {
+        match rows {
+            Rows::Batch => self.tokens,
+            Rows::Logits => self.rows,
+        }
+    }
+
+    fn weight(&self, w: Weight) -> (&D::Buffer, usize, usize) {
+        let c = &self.config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
+        match w {
+            Weight::LmHead => (
+                self.lm_head.as_ref().unwrap_or(&self.embed),
+                c.vocab_size,
+                h,
+            ),
+            Weight::Qkv(l) => (&self.layers[l].qkv, qd + 2 * kvd, h),
+            Weight::O(l) => (&self.layers[l].o, h, qd),
+            Weight::GateUp(l) => (&self.layers[l].gate_up, 2 * inter, h),
+            Weight::Down(l) => (&self.layers[l].down, h, inter),
+            Weight::FinalNorm => (&self.final_norm, 1, h),
+            Weight::AttnNorm(l) => (&self.layers[l].attn_norm, 1, h),
+            Weight::FfnNorm(l) => (&self.layers[l].ffn_norm, 1, h),
+            Weight::QkvBias(l) => (
+                self.layers[l].qkv_bias.as_ref().expect("a QKV bias"),
+                1,
+                qd + 2 * kvd,
+            ),
+        }
+    }
+
+    /// Write `values` into a metadata buffer, growing it when needed.
+    fn put(device: &D, meta: &mut Meta<D::Buffer>, values: &[i32]) -> Result<(), DeviceError> {
+        if values.len() > meta.capacity {
+            meta.buf = device.alloc(values.len() * 4)?;
+            meta.capacity = values.len();
+        }
+        device.write(&mut meta.buf, 0, device::as_bytes(values))
+    }
+
+    /// Launch a kernel through its contract.
+    fn launch<K: l::KernelLaunch>(&self, k: &K) -> Result<(), BackendError> {
+        // SAFETY: every slice in a contract built by this backend names its own live
+        // allocations (weights, caches, workspace, metadata) with their true sizes, and the
+        // indices those kernels read from device memory were checked in `begin_step` (token
+        // ids below the vocabulary, positions below the RoPE table, slots and block-table
+        // entries below the cache's blocks, logit rows below the pass's tokens).
+        unsafe { device::launch(&self.device, k) }.map_err(self.err())
+    }
+
+    fn copy_tier(&self, src: Loc, dst: Loc, slots: usize, k: bool) -> Result<(), BackendError> {
+        let c = &self.config;
+        let kv_width = c.num_kv_heads * c.head_dim;
+        let block_elems = self.block_size * kv_width;
+        let pick = |loc: Loc| -> Result<(&D::Buffer, usize, usize), BackendError> {
+            match loc {
+                Loc::Device(b) => Ok((
+                    if k { &self.k_cache } else { &self.v_cache },
+                    self.num_blocks,
+                    b as usize,
+                )),
+                Loc::Host(b) => {
+                    let buf = if k {
+                        self.host_k.as_ref()
+                    } else {
+                        self.host_v.as_ref()
+                    };
+                    let buf = buf.ok_or_else(|| BackendError::Unsupported {
+                        backend: self.device.name(),
+                        reason: "a copy names the host tier, which has no blocks".into(),
+                    })?;
+                    Ok((buf, self.num_host_blocks, b as usize))
+                }
+            }
+        };
+        let (s, s_blocks, s_block) = pick(src)?;
+        let (d, d_blocks, d_block) = pick(dst)?;
+        if s_block >= s_blocks || d_block >= d_blocks || slots > self.block_size {
+            return Err(BackendError::Unsupported {
+                backend: self.device.name(),
+                reason: format!("block copy {src:?} -> {dst:?} of {slots} slots is out of range"),
+            });
+        }
+        self.launch(&l::CopyBlocks {
+            src: s.slice(),
+            dst: d.slice(),
+            layers: c.num_layers,
+            layer_stride_src: s_blocks * block_elems,
+            layer_stride_dst: d_blocks * block_elems,
+            src_block: s_block,
+            dst_block: d_block,
+            block_elems,
+            slot_elems: kv_width,
+            slots,
+        })
+    }
+}
+
+fn bad_batch(backend: &'static str, reason: String) -> BackendError {
+    BackendError::Unsupported { backend, reason }
+}
+
+impl<D: DeviceLayer> Backend for CudaBackend<D> {
+    fn name(&self) -> &'static str {
+        self.device.name()
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn apply_copies(&mut self, copies: &[BlockCopy]) -> Result<(), BackendError> {
+        for c in copies {
+            if c.num_slots == 0 {
+                continue;
+            }
+            self.copy_tier(c.src, c.dst, c.num_slots, true)?;
+            self.copy_tier(c.src, c.dst, c.num_slots, false)?;
+        }
+        Ok(())
+    }
+
+    fn begin_step(&mut self, batch: &ForwardBatch) -> Result<(), BackendError> {
+        let name = self.device.name();
+        let n = batch.num_tokens();
+        let m = batch.logits_rows.len();
+        let (vocab, heads, head_dim) = (
+            self.config.vocab_size,
+            self.config.num_heads,
+            self.config.head_dim,
+        );
+        // The indices the kernels will read from device memory, checked here.
+        if batch.input_ids.iter().any(|&t| t as usize >= vocab) {
+            return Err(bad_batch(
+                name,
+                "a token id is outside the vocabulary".into(),
+            ));
+        }
+        if batch
+            .positions
+            .iter()
+            .any(|&p| p as usize >= self.table_positions)
+        {
+            return Err(bad_batch(
+                name,
+                format!(
+                    "a position is past the model's {} positions",
+                    self.table_positions
+                ),
+            ));
+        }
+        let cache_slots = self.num_blocks * self.block_size;
+        if batch
+            .slot_mapping
+            .iter()
+            .any(|&s| s as usize >= cache_slots)
+        {
+            return Err(bad_batch(name, "a slot is outside the KV cache".into()));
+        }
+        if batch.logits_rows.iter().any(|&r| r >= n) {
+            return Err(bad_batch(name, "a logits row is outside the batch".into()));
+        }
+        let mut row_seq = vec![0i32; n];
+        let mut max_blocks = 1;
+        let mut max_ctx = 1;
+        for (i, s) in batch.seqs.iter().enumerate() {
+            if s.block_table.iter().any(|&b| b as usize >= self.num_blocks)
+                || s.block_table.len() * self.block_size < s.context_len
+                || s.query_start + s.num_queries > n
+                || s.num_queries > s.context_len
+            {
+                return Err(bad_batch(
+                    name,
+                    format!("sequence {i} of the batch is inconsistent"),
+                ));
+            }
+            for r in &mut row_seq[s.query_start..s.query_start + s.num_queries] {
+                *r = i as i32;
+            }
+            // Each row's position must lie inside its sequence's context.
+            for r in s.query_start..s.query_start + s.num_queries {
+                if batch.positions[r] as usize >= s.context_len {
+                    return Err(bad_batch(
+                        name,
+                        format!("row {r} is past its sequence's context"),
+                    ));
+                }
+            }
+            max_blocks = max_blocks.max(s.block_table.len());
+            max_ctx = max_ctx.max(s.context_len);
+        }
+        let seqs = batch.seqs.len().max(1);
+        let mut tables = vec![-1i32; seqs * max_blocks];
+        for (i, s) in batch.seqs.iter().enumerate() {
+            for (j, &b) in s.block_table.iter().enumerate() {
+                tables[i * max_blocks + j] = b as i32;
+            }
+        }
+        self.reserve(n, m)?;
+        let e = self.err();
+        let d = &self.device;
+        let as_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        Self::put(d, &mut self.ids, &as_i32(&batch.input_ids)).map_err(&e)?;
+        Self::put(d, &mut self.positions, &as_i32(&batch.positions)).map_err(&e)?;
+        Self::put(d, &mut self.slots, &as_i32(&batch.slot_mapping)).map_err(&e)?;
+        Self::put(d, &mut self.row_seq, &row_seq).map_err(&e)?;
+        Self::put(d, &mut self.tables, &tables).map_err(&e)?;
+        let rows: Vec<i32> = batch.logits_rows.iter().map(|&r| r as i32).collect();
+        Self::put(d, &mut self.logit_rows, &rows).map_err(&e)?;
+        let max_partitions = max_ctx.div_ceil(ATTENTION_PARTITION);
+        let partials = n * heads * max_partitions * (2 + head_dim);
+        if partials > self.partial_capacity {
+            self.partials = self.device.alloc(partials * 4).map_err(&e)?;
+            self.partial_capacity = partials;
+        }
+        self.tokens = n;
+        self.rows = m;
+        self.seqs = seqs;
+        self.max_blocks = max_blocks;
+        self.max_partitions = max_partitions;
+        Ok(())
+    }
+
+    fn embed(&mut self, _batch: &ForwardBatch, out: Act) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        self.launch(&l::EmbeddingBf16 {
+            table: self.embed.slice(),
+            ids: self.ids.buf.slice(),
+            out: self.act(out),
+            vocab: self.config.vocab_size,
+            hidden: self.config.hidden_size,
+            tokens: self.tokens,
+        })
+    }
+
+    fn rms_norm(&mut self, x: Act, w: Weight, out: Act, rows: Rows) -> Result<(), BackendError> {
+        let n = self.rows_of(rows);
+        if n == 0 {
+            return Ok(());
+        }
+        self.launch(&l::FusedAddRmsnorm {
+            residual: self.act(x),
+            delta: DeviceSlice::NULL,
+            weight: self.weight(w).0.slice(),
+            out: self.act(out),
+            hidden: self.config.hidden_size,
+            tokens: n,
+            eps: self.config.rms_norm_eps,
+        })
+    }
+
+    fn add_rms_norm(
+        &mut self,
+        residual: Act,
+        delta: Act,
+        w: Weight,
+        out: Act,
+    ) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        self.launch(&l::FusedAddRmsnorm {
+            residual: self.act(residual),
+            delta: self.act(delta),
+            weight: self.weight(w).0.slice(),
+            out: self.act(out),
+            hidden: self.config.hidden_size,
+            tokens: self.tokens,
+            eps: self.config.rms_norm_eps,
+        })
+    }
+
+    fn add(&mut self, residual: Act, delta: Act) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        self.launch(&l::AddRows {
+            x: self.act(residual),
+            delta: self.act(delta),
+            width: self.config.hidden_size,
+            tokens: self.tokens,
+        })
+    }
+
+    fn linear(&mut self, x: Act, w: Weight, out: Act, rows: Rows) -> Result<(), BackendError> {
+        let n = self.rows_of(rows);
+        if n == 0 {
+            return Ok(());
+        }
+        let (weight, out_dim, in_dim) = self.weight(w);
+        let weight = weight.slice();
+        self.launch(&l::CastBf16 {
+            x: self.act(x),
+            y: self.staging.slice(),
+            n: n * in_dim,
+        })?;
+        let gemm = GemmBf16::linear(
+            self.staging.slice(),
+            weight,
+            self.act(out),
+            n,
+            in_dim,
+            out_dim,
+        );
+        // SAFETY: the staging buffer, the weight and the output activation are live
+        // allocations of this device; `gemm_bf16` checks their sizes against the dimensions.
+        unsafe { self.device.gemm_bf16(&gemm) }.map_err(self.err())
+    }
+
+    fn add_bias(&mut self, x: Act, bias: Weight) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        let (b, _, width) = self.weight(bias);
+        self.launch(&l::AddBiasRows {
+            x: self.act(x),
+            bias: b.slice(),
+            width,
+            tokens: self.tokens,
+        })
+    }
+
+    fn rope(&mut self, _batch: &ForwardBatch, qkv: Act) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let width = qd + 2 * kvd;
+        self.launch(&l::RopeHalfSplit {
+            q: self.act(qkv),
+            k: self.act_at(qkv, qd),
+            positions: self.positions.buf.slice(),
+            cos_sin: self.cos_sin.slice(),
+            table_positions: self.table_positions,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            dim: hd,
+            q_stride: width,
+            k_stride: width,
+            tokens: self.tokens,
+        })
+    }
+
+    fn write_kv(
+        &mut self,
+        _batch: &ForwardBatch,
+        layer: usize,
+        qkv: Act,
+    ) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let width = qd + 2 * kvd;
+        self.launch(&l::ReshapeAndCache {
+            k: self.act_at(qkv, qd),
+            v: self.act_at(qkv, qd + kvd),
+            k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
+            v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
+            slot_mapping: self.slots.buf.slice(),
+            cache_slots: self.num_blocks * self.block_size,
+            kv_width: kvd,
+            k_stride: width,
+            v_stride: width,
+            tokens: self.tokens,
+        })
+    }
+
+    fn attention(
+        &mut self,
+        _batch: &ForwardBatch,
+        layer: usize,
+        qkv: Act,
+        out: Act,
+    ) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        let c = &self.config;
+        let hd = c.head_dim;
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        self.launch(&l::AttentionPartition {
+            q: self.act(qkv),
+            k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
+            v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
+            block_tables: self.tables.buf.slice(),
+            row_seq: self.row_seq.buf.slice(),
+            row_pos: self.positions.buf.slice(),
+            partials: self.partials.slice(),
+            cache_blocks: self.num_blocks,
+            max_blocks_per_seq: self.max_blocks,
+            sequences: self.seqs,
+            rows: self.tokens,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            block_size: self.block_size,
+            max_partitions: self.max_partitions,
+            scale: 1.0 / (hd as f32).sqrt(),
+            q_stride: qd + 2 * kvd,
+        })?;
+        self.launch(&l::AttentionCombine {
+            partials: self.partials.slice(),
+            row_pos: self.positions.buf.slice(),
+            out: self.act(out),
+            rows: self.tokens,
+            heads: c.num_heads,
+            head_dim: hd,
+            max_partitions: self.max_partitions,
+        })
+    }
+
+    fn silu_mul(&mut self, gate_up: Act, out: Act) -> Result<(), BackendError> {
+        if self.tokens == 0 {
+            return Ok(());
+        }
+        self.launch(&l::SiluMul {
+            gate_up: self.act(gate_up),
+            out: self.act(out),
+            inter: self.config.intermediate_size,
+            tokens: self.tokens,
+        })
+    }
+
+    fn gather_logit_rows(
+        &mut self,
+        _batch: &ForwardBatch,
+        x: Act,
+        out: Act,
+    ) -> Result<(), BackendError> {
+        if self.rows == 0 {
+            return Ok(());
+        }
+        self.launch(&l::GatherRows {
+            src: self.act(x),
+            rows: self.logit_rows.buf.slice(),
+            dst: self.act(out),
+            src_rows: self.tokens,
+            count: self.rows,
+            width: self.config.hidden_size,
+        })
+    }
+
+    fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
+        let len = self.rows * self.config.vocab_size;
+        logits.resize(len, 0.0);
+        if len == 0 {
+            return Ok(());
+        }
+        self.device.synchronize().map_err(self.err())?;
+        self.device
+            .read(
+                &self.acts[Act::Logits as usize],
+                0,
+                as_bytes_mut(&mut logits[..len]),
+            )
+            .map_err(self.err())
+    }
+}

@@ -1,0 +1,56 @@
+//! The Llama-family forward pass, once, for every backend.
+//!
+//! Per layer: (attention norm, fused with the previous layer's residual add) one fused QKV
+//! projection (+ bias for Qwen2), RoPE, K/V written by slot mapping, paged attention, output
+//! projection, residual add fused with the MLP norm, one fused gate/up projection, SiLU gate,
+//! down projection. Logits only for `ForwardBatch::logits_rows`: those residual rows are
+//! gathered before the final norm and the output projection.
+
+use convoy_weights::ModelConfig;
+
+use super::{Act, Backend, BackendError, Rows, Weight};
+use crate::forward_batch::ForwardBatch;
+
+/// Run one forward pass of `batch` on `b`; `logits` ends up `logits_rows.len() x vocab`.
+pub fn forward<B: Backend>(
+    b: &mut B,
+    batch: &ForwardBatch,
+    logits: &mut Vec<f32>,
+) -> Result<(), BackendError> {
+    let cfg: &ModelConfig = b.config();
+    let (layers, bias) = (cfg.num_layers, cfg.architecture.has_qkv_bias());
+    b.begin_step(batch)?;
+    b.embed(batch, Act::Residual)?;
+    if layers > 0 {
+        b.rms_norm(Act::Residual, Weight::AttnNorm(0), Act::Normed, Rows::Batch)?;
+    }
+    for l in 0..layers {
+        // `Normed` holds this layer's attention norm of the residual.
+        b.linear(Act::Normed, Weight::Qkv(l), Act::Qkv, Rows::Batch)?;
+        if bias {
+            b.add_bias(Act::Qkv, Weight::QkvBias(l))?;
+        }
+        b.rope(batch, Act::Qkv)?;
+        b.write_kv(batch, l, Act::Qkv)?;
+        b.attention(batch, l, Act::Qkv, Act::Attn)?;
+        b.linear(Act::Attn, Weight::O(l), Act::Proj, Rows::Batch)?;
+        b.add_rms_norm(Act::Residual, Act::Proj, Weight::FfnNorm(l), Act::Normed)?;
+        b.linear(Act::Normed, Weight::GateUp(l), Act::GateUp, Rows::Batch)?;
+        b.silu_mul(Act::GateUp, Act::Mlp)?;
+        b.linear(Act::Mlp, Weight::Down(l), Act::Proj, Rows::Batch)?;
+        if l + 1 < layers {
+            b.add_rms_norm(
+                Act::Residual,
+                Act::Proj,
+                Weight::AttnNorm(l + 1),
+                Act::Normed,
+            )?;
+        } else {
+            b.add(Act::Residual, Act::Proj)?;
+        }
+    }
+    b.gather_logit_rows(batch, Act::Residual, Act::Last)?;
+    b.rms_norm(Act::Last, Weight::FinalNorm, Act::LastNormed, Rows::Logits)?;
+    b.linear(Act::LastNormed, Weight::LmHead, Act::Logits, Rows::Logits)?;
+    b.read_logits(logits)
+}

@@ -1,0 +1,117 @@
+//! The compute device, chosen once at startup (`--device`): one `match` turns it into the
+//! runner the engine thread drives.
+//!
+//! - `cpu`: the CPU backend.
+//! - `cuda-emulated`: the CUDA backend on the emulated device, which runs convoy's `.cu`
+//!   kernels on the CPU with CUDA's thread semantics and checks (a verification and debugging
+//!   mode: exact about behaviour, slow).
+//! - `cuda`: the CUDA backend on a GPU, through the driver. This build has no driver-backed
+//!   device layer yet, so it is refused with one line.
+//! - `auto`: `cpu` (the only device this build can find).
+
+use crate::backend::cuda::CudaBackend;
+use crate::backend::BackendError;
+use crate::generate::GeneratorConfig;
+use crate::model::llama::LlamaModel;
+use crate::runner::{CpuRunner, ModelRunner, Runner};
+use convoy_kernels::cuda::emulator::EmulatedDevice;
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend.
+    Cpu,
+    /// The CUDA backend on the emulated device.
+    CudaEmulated,
+    /// The CUDA backend on a GPU.
+    Cuda,
+}
+
+/// A `--device` value that names no device.
+#[derive(Debug, thiserror::Error)]
+#[error("--device must be cpu, cuda, cuda-emulated, sim or auto, got {given:?}")]
+pub struct UnknownDevice {
+    /// What was given.
+    pub given: String,
+}
+
+impl Device {
+    /// Parse a `--device` value (`sim` is the server's and is not a compute device).
+    pub fn parse(s: &str) -> Result<Device, UnknownDevice> {
+        match s {
+            "cpu" | "auto" => Ok(Device::Cpu),
+            "cuda-emulated" => Ok(Device::CudaEmulated),
+            "cuda" => Ok(Device::Cuda),
+            other => Err(UnknownDevice {
+                given: other.to_string(),
+            }),
+        }
+    }
+
+    /// The name `--device` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::CudaEmulated => "cuda-emulated",
+            Device::Cuda => "cuda",
+        }
+    }
+
+    /// Whether this device runs the CUDA backend.
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Device::CudaEmulated | Device::Cuda)
+    }
+
+    /// Bytes one KV block of `block_size` tokens takes on this device's backend, for a
+    /// model of `config` whose CPU cache holds `cpu_elem_bytes` bytes per value.
+    pub fn kv_block_bytes(
+        self,
+        config: &convoy_weights::ModelConfig,
+        block_size: usize,
+        cpu_elem_bytes: usize,
+    ) -> usize {
+        match self {
+            Device::Cpu => {
+                2 * config.num_layers
+                    * block_size
+                    * config.num_kv_heads
+                    * config.head_dim
+                    * cpu_elem_bytes
+            }
+            Device::CudaEmulated | Device::Cuda => {
+                crate::backend::cuda::kv_block_bytes(config, block_size)
+            }
+        }
+    }
+
+    /// The runner for `model` on this device, with the KV storage and workspace `cfg` asks
+    /// for; a device that cannot run the model says why here, before any step.
+    pub fn runner<'m>(
+        self,
+        model: &'m LlamaModel,
+        cfg: &GeneratorConfig,
+    ) -> Result<Box<dyn ModelRunner + 'm>, BackendError> {
+        match self {
+            Device::Cpu => Ok(Box::new(CpuRunner::new(
+                model,
+                cfg.num_blocks,
+                cfg.num_host_blocks,
+                cfg.block_size,
+            ))),
+            Device::CudaEmulated => Ok(Box::new(Runner::with_backend(CudaBackend::new(
+                EmulatedDevice::new(),
+                model,
+                cfg.num_blocks,
+                cfg.num_host_blocks,
+                cfg.block_size,
+                cfg.max_batched_tokens,
+            )?))),
+            Device::Cuda => Err(BackendError::Unsupported {
+                backend: "cuda",
+                reason: "this build has no driver-backed CUDA device layer yet \
+                         (--device cuda-emulated runs the CUDA backend on the CPU)"
+                    .into(),
+            }),
+        }
+    }
+}
