@@ -6,7 +6,11 @@ use std::path::PathBuf;
 
 pub mod guarantees;
 
-use convoy_engine::{ForwardBatch, LlamaModel, TextCodec};
+use convoy_engine::backend::cpu::CpuBackend;
+use convoy_engine::backend::cuda::CudaBackend;
+use convoy_engine::backend::{forward, Backend};
+use convoy_engine::{Device, ForwardBatch, LlamaModel, TextCodec};
+use convoy_kernels::cuda::emulator::EmulatedDevice;
 use convoy_weights::{load_model, ChatMessage, LoadFormat};
 
 /// The repository root.
@@ -168,13 +172,28 @@ pub fn reference_cases(codec: &TextCodec, reference: &serde_json::Value) -> Vec<
 
 /// convoy's logits at each step the reference recorded top-5 logits for: the prompt, then the
 /// reference's own tokens fed back one step at a time, through a fresh paged cache of blocks of
-/// 16. One full vocabulary row per recorded step (none when the case recorded none).
-pub fn first_steps_logits(model: &LlamaModel, case: &Case) -> Vec<Vec<f32>> {
+/// 16 on `device`. One full vocabulary row per recorded step (none when the case recorded none).
+pub fn first_steps_logits(device: Device, model: &LlamaModel, case: &Case) -> Vec<Vec<f32>> {
+    let (blocks, bs) = (64, 16);
+    match device {
+        Device::Cpu => steps_logits(
+            &mut CpuBackend::new(model, model.new_kv_cache(blocks, bs)),
+            case,
+        ),
+        Device::CudaEmulated => steps_logits(
+            &mut CudaBackend::new(EmulatedDevice::new(), model, blocks, 0, bs, 2048)
+                .expect("the CUDA backend runs the model"),
+            case,
+        ),
+        Device::Cuda => panic!("no driver-backed CUDA device layer in this build"),
+    }
+}
+
+fn steps_logits<B: Backend>(backend: &mut B, case: &Case) -> Vec<Vec<f32>> {
     let Some(steps) = case.top5.as_ref().and_then(|t| t.as_array()) else {
         return Vec::new();
     };
-    let bs = 16;
-    let mut cache = model.new_kv_cache(64, bs);
+    let bs = backend.block_size();
     let table: Vec<u32> = (0..64).collect();
     let mut computed = 0;
     let mut tokens = case.prompt_ids.clone();
@@ -182,7 +201,9 @@ pub fn first_steps_logits(model: &LlamaModel, case: &Case) -> Vec<Vec<f32>> {
     for s in 0..steps.len() {
         let mut batch = ForwardBatch::default();
         batch.push_seq(&tokens[computed..], computed, &table, bs, true);
-        out.push(model.forward(&batch, &mut cache));
+        let mut logits = Vec::new();
+        forward(backend, &batch, &mut logits).expect("the forward pass runs");
+        out.push(logits);
         computed = tokens.len();
         tokens.push(case.output_ids[s]);
     }

@@ -6,10 +6,11 @@
 //! - agreement with the transformers float32 reference: greedy tokens and top-5 logits, with
 //!   the figures printed (docs/benchmarks.md quotes them) and bounded.
 
+use convoy_engine::Device;
 use convoy_engine::{KvCacheDtype, LlamaModel, TextCodec};
 use convoy_tests::guarantees::{
     assert_cached_equals_recomputed, assert_together_equals_alone, measure_agreement,
-    AgreementBounds,
+    AgreementBounds, Scale,
 };
 use convoy_tests::{load, smollm2_path};
 
@@ -22,19 +23,19 @@ fn f16_cache_model() -> (LlamaModel, TextCodec) {
 #[test]
 fn twelve_requests_together_equal_each_alone() {
     let (model, codec) = f16_cache_model();
-    assert_together_equals_alone(&model, &codec);
+    assert_together_equals_alone(Device::Cpu, &model, &codec, Scale::FULL);
 }
 
 #[test]
 fn multi_turn_with_the_cache_equals_recomputation_and_the_oracle_agrees() {
     let (model, codec) = f16_cache_model();
-    assert_cached_equals_recomputed(&model, &codec, &[16]);
+    assert_cached_equals_recomputed(Device::Cpu, &model, &codec, &[16], Scale::FULL);
 }
 
 #[test]
 fn agreement_with_the_float32_reference_is_measured_and_close() {
     let (model, codec) = f16_cache_model();
-    let a = measure_agreement(&model, &codec, "exact precision, f16 KV cache");
+    let a = measure_agreement(Device::Cpu, &model, &codec, "exact precision, f16 KV cache");
     // Bounds with room over the figures measured on an AVX2 machine (docs/benchmarks.md:
     // every greedy step of the 11 cases the reference's, largest top-5 logit error 0.0086,
     // mean 0.0019, top-1 the same at 56 of 56 steps): rounding K and V to 11 significant bits

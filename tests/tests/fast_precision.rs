@@ -6,11 +6,12 @@
 //! - agreement with the transformers float32 reference: greedy tokens and top-5 logits, with
 //!   the figures printed (docs/benchmarks.md quotes them) and bounded.
 
+use convoy_engine::Device;
 use convoy_engine::{LlamaModel, TextCodec};
 use convoy_kernels::Precision;
 use convoy_tests::guarantees::{
     assert_cached_equals_recomputed, assert_together_equals_alone, measure_agreement,
-    AgreementBounds,
+    AgreementBounds, Scale,
 };
 use convoy_tests::{load, smollm2_path};
 
@@ -23,13 +24,13 @@ fn fast_model() -> (LlamaModel, TextCodec) {
 #[test]
 fn twelve_requests_together_equal_each_alone() {
     let (model, codec) = fast_model();
-    assert_together_equals_alone(&model, &codec);
+    assert_together_equals_alone(Device::Cpu, &model, &codec, Scale::FULL);
 }
 
 #[test]
 fn multi_turn_with_the_cache_equals_recomputation_and_the_oracle_agrees() {
     let (model, codec) = fast_model();
-    assert_cached_equals_recomputed(&model, &codec, &[1, 16]);
+    assert_cached_equals_recomputed(Device::Cpu, &model, &codec, &[1, 16], Scale::FULL);
 }
 
 /// Agreement with float32, measured against the transformers reference:
@@ -39,7 +40,7 @@ fn multi_turn_with_the_cache_equals_recomputation_and_the_oracle_agrees() {
 #[test]
 fn agreement_with_the_float32_reference_is_measured_and_close() {
     let (model, codec) = fast_model();
-    let a = measure_agreement(&model, &codec, "fast precision");
+    let a = measure_agreement(Device::Cpu, &model, &codec, "fast precision");
     // Bounds with room over the figures measured on an AVX2 machine (docs/benchmarks.md:
     // largest 0.69, mean 0.17, top-1 the same at 53 of 56 steps, 262 of 487 greedy steps, first
     // differences where the reference's margin was at most 0.36): 8-bit activations move

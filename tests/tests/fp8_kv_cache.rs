@@ -7,11 +7,12 @@
 //!   the figures printed (docs/kv_cache.md quotes them) and bounded;
 //! - and the first and last of these with the fast precision as well.
 
+use convoy_engine::Device;
 use convoy_engine::{KvCacheDtype, LlamaModel, TextCodec};
 use convoy_kernels::Precision;
 use convoy_tests::guarantees::{
     assert_cached_equals_recomputed, assert_together_equals_alone, measure_agreement,
-    AgreementBounds,
+    AgreementBounds, Scale,
 };
 use convoy_tests::{load, smollm2_path};
 
@@ -24,19 +25,24 @@ fn fp8_cache_model() -> (LlamaModel, TextCodec) {
 #[test]
 fn twelve_requests_together_equal_each_alone() {
     let (model, codec) = fp8_cache_model();
-    assert_together_equals_alone(&model, &codec);
+    assert_together_equals_alone(Device::Cpu, &model, &codec, Scale::FULL);
 }
 
 #[test]
 fn multi_turn_with_the_cache_equals_recomputation_and_the_oracle_agrees() {
     let (model, codec) = fp8_cache_model();
-    assert_cached_equals_recomputed(&model, &codec, &[16]);
+    assert_cached_equals_recomputed(Device::Cpu, &model, &codec, &[16], Scale::FULL);
 }
 
 #[test]
 fn agreement_with_the_float32_reference_is_measured_and_bounded() {
     let (model, codec) = fp8_cache_model();
-    let a = measure_agreement(&model, &codec, "exact precision, fp8_e4m3 KV cache");
+    let a = measure_agreement(
+        Device::Cpu,
+        &model,
+        &codec,
+        "exact precision, fp8_e4m3 KV cache",
+    );
     // Bounds with room over the figures measured on an AVX2 machine (docs/kv_cache.md:
     // largest top-5 logit error 1.04, mean 0.23, top-1 the same at 53 of 56 steps, 211 of 487
     // greedy steps before the first difference, first differences where the reference's
@@ -61,8 +67,13 @@ fn agreement_with_the_float32_reference_is_measured_and_bounded() {
 fn with_the_fast_precision_it_is_batch_invariant_and_its_agreement_bounded() {
     let (mut model, codec) = fp8_cache_model();
     model.set_precision(Precision::Fast);
-    assert_together_equals_alone(&model, &codec);
-    let a = measure_agreement(&model, &codec, "fast precision, fp8_e4m3 KV cache");
+    assert_together_equals_alone(Device::Cpu, &model, &codec, Scale::FULL);
+    let a = measure_agreement(
+        Device::Cpu,
+        &model,
+        &codec,
+        "fast precision, fp8_e4m3 KV cache",
+    );
     a.assert_within(&AgreementBounds {
         worst: 1.6,
         mean: 0.4,

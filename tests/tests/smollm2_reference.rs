@@ -2,6 +2,7 @@
 //! chat template, greedy continuations of completions, chats and multi-turn conversations, and
 //! the top-5 logits of the first steps.
 
+use convoy_engine::Device;
 use convoy_engine::{GenerationRequest, Generator, GeneratorConfig, SamplingParams};
 use convoy_tests::{
     comparable_steps, first_steps_logits, ids, load, reference_cases, smollm2_path,
@@ -92,7 +93,7 @@ fn top5_logits_of_first_steps_agree_within_1e3_relative() {
         let steps = case.top5.as_ref().unwrap().as_array().unwrap();
         for (s, (step, logits)) in steps
             .iter()
-            .zip(first_steps_logits(&model, case))
+            .zip(first_steps_logits(Device::Cpu, &model, case))
             .enumerate()
         {
             for (id, want) in ids(&step["ids"])

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use convoy_kernels::Precision;
 use convoy_weights::{load_model, DType, LoadFormat};
 
+use crate::device::Device;
 use crate::model::llama::LlamaModel;
 use crate::tokenizer::TextCodec;
 
@@ -109,8 +110,10 @@ pub struct ModelArgs {
     /// Element type of dummy weights: f32, f16, bf16, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "q4_1")]
     pub dummy_dtype: String,
-    /// cpu, cuda, auto, or sim (`convoy serve` only: a simulated GPU paced by a device
-    /// profile, no model computed; see docs/simulation.md).
+    /// cpu, cuda-emulated (the CUDA backend on an emulated GPU: convoy's CUDA kernels run on
+    /// the CPU, slow, for verification and debugging; docs/cuda.md), cuda, auto, or sim
+    /// (`convoy serve` only: a simulated GPU paced by a device profile, no model computed;
+    /// see docs/simulation.md).
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Compute threads (default: all cores).
@@ -182,6 +185,8 @@ pub struct Loaded {
     pub verify_fraction: f64,
     /// The model's name, part of every cache key.
     pub model_id: String,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 impl Loaded {
@@ -204,13 +209,17 @@ impl ModelArgs {
 
     /// Set up threads, check the device, load the model and size the KV cache.
     pub fn load(&self) -> Result<Loaded> {
-        match self.device.as_str() {
-            "cpu" | "auto" => {}
-            "cuda" => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
+        let device = match self.device.as_str() {
             "sim" => bail!(
                 "--device sim (a simulated GPU, no model computed) runs only under `convoy serve`"
             ),
-            other => bail!("--device must be cpu, cuda, sim or auto, got {other:?}"),
+            other => Device::parse(other)?,
+        };
+        if device == Device::Cuda {
+            bail!(
+                "--device cuda: this build has no driver-backed CUDA device layer yet; \
+                 --device cuda-emulated runs the CUDA backend on the CPU, --device cpu the CPU backend"
+            );
         }
         let precision = Precision::parse(&self.precision).with_context(|| {
             format!(
@@ -254,19 +263,28 @@ impl ModelArgs {
         model.set_precision(precision);
         model.set_kv_cache_dtype(kv_cache_dtype);
         let cfg = &model.config;
+        if device.is_cuda() {
+            if precision != Precision::Exact {
+                bail!("--precision fast is the CPU backend's; the CUDA backend computes bf16 GEMMs with f32 accumulation");
+            }
+            if kv_cache_dtype != crate::kv_cache::KvCacheDtype::F32 {
+                bail!("--kv-cache-dtype is the CPU backend's; the CUDA backend keeps K/V in bf16");
+            }
+            if let Err(reason) = crate::backend::cuda::supports(cfg) {
+                bail!(
+                    "--device {}: the CUDA backend cannot run this model: {reason}",
+                    device.as_str()
+                );
+            }
+        }
+        let elem_bytes = if device.is_cuda() { 2 } else { 4 };
         let block_size = match self.block_size {
             Some(0) => bail!("--block-size must be at least 1"),
             Some(b) => b,
-            None => default_block_size(cfg.kv_bytes_per_token_per_layer(4)),
+            None => default_block_size(cfg.kv_bytes_per_token_per_layer(elem_bytes)),
         };
         let budget = parse_bytes(&self.kv_cache_memory)?;
-        let per_block = crate::kv_cache::KvCache::block_bytes(
-            cfg.num_layers,
-            block_size,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            kv_cache_dtype,
-        );
+        let per_block = device.kv_block_bytes(cfg, block_size, kv_cache_dtype.bytes());
         let num_blocks = budget / per_block;
         if num_blocks == 0 {
             bail!(
@@ -283,6 +301,7 @@ impl ModelArgs {
         }
         tracing::info!(
             model = %path.display(),
+            device = device.as_str(),
             precision = precision.as_str(),
             kv_cache_dtype = kv_cache_dtype.as_str(),
             kernels = ?convoy_kernels::active_kernel_path(),
@@ -300,6 +319,7 @@ impl ModelArgs {
             enable_prefix_caching: !self.no_prefix_caching,
             verify_fraction: self.verify_cache,
             model_id,
+            device,
         })
     }
 }

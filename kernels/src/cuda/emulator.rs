@@ -252,72 +252,77 @@ impl DeviceLayer for EmulatedDevice {
 }
 
 /// The emulator's cuBLAS: f32 accumulation (eight interleaved partial sums over k, then
-/// summed), op(B) widened to f32 once, each row of op(A) once, rows of C split across threads.
+/// summed); op(B) widened to f32 once; each row of op(A) widened once and dotted with every
+/// column; rows of C in chunks on the CPU kernels' thread pool.
 ///
 /// # Safety
 /// `g` passed [`GemmBf16::check`] and its slices are live host allocations; C does not
 /// overlap A or B.
 unsafe fn reference_gemm(g: &GemmBf16) {
-    let a = g.a.ptr as usize;
-    let b = g.b.ptr as usize;
-    let c = g.c.ptr as usize;
-    let read = |base: usize, i: usize| -> f32 {
-        // SAFETY: callers index within the spans `check` verified.
-        f32::from_bits((unsafe { *(base as *const u16).add(i) } as u32) << 16)
+    let (a, b, c) = (g.a.ptr as usize, g.b.ptr as usize, g.c.ptr as usize);
+    let widen = |dst: &mut [f32], src: &[u16]| {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s as u32) << 16);
+        }
     };
     // op(B) as n rows of k floats.
     let mut bt = vec![0f32; g.n * g.k];
     for j in 0..g.n {
-        for p in 0..g.k {
-            bt[j * g.k + p] = if g.transb {
-                read(b, j + p * g.ldb)
-            } else {
-                read(b, p + j * g.ldb)
-            };
+        let row = &mut bt[j * g.k..(j + 1) * g.k];
+        if g.transb {
+            for (p, v) in row.iter_mut().enumerate() {
+                // SAFETY: (j, p) of op(B) = B[j + p * ldb], inside B's checked span.
+                *v =
+                    f32::from_bits((unsafe { *(b as *const u16).add(j + p * g.ldb) } as u32) << 16);
+            }
+        } else {
+            // SAFETY: column j of B is k contiguous values at j * ldb, inside B's checked span.
+            let col = unsafe { std::slice::from_raw_parts((b as *const u16).add(j * g.ldb), g.k) };
+            widen(row, col);
         }
     }
     let bt = &bt;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(g.m.div_ceil(64))
-        .max(1);
-    let rows_per = g.m.div_ceil(threads);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (i0, i1) = (t * rows_per, ((t + 1) * rows_per).min(g.m));
-            s.spawn(move || {
-                let mut row = vec![0f32; g.k];
-                for i in i0..i1 {
-                    for (p, v) in row.iter_mut().enumerate() {
-                        *v = if g.transa {
-                            read(a, p + i * g.lda)
-                        } else {
-                            read(a, i + p * g.lda)
-                        };
-                    }
-                    for j in 0..g.n {
-                        let col = &bt[j * g.k..(j + 1) * g.k];
-                        let mut acc = [0f32; 8];
-                        let chunks = g.k / 8 * 8;
-                        for p in (0..chunks).step_by(8) {
-                            for l in 0..8 {
-                                acc[l] += row[p + l] * col[p + l];
-                            }
-                        }
-                        for p in chunks..g.k {
-                            acc[p % 8] += row[p] * col[p];
-                        }
-                        let dot = acc.iter().sum::<f32>();
-                        // SAFETY: (i, j) lies in C's checked span; each thread writes its own
-                        // rows i0..i1 of C, so no two threads write one element.
-                        unsafe {
-                            let out = (c as *mut f32).add(i + j * g.ldc);
-                            let old = if g.beta == 0.0 { 0.0 } else { g.beta * *out };
-                            *out = g.alpha * dot + old;
-                        }
+    const CHUNK: usize = 32;
+    let body = move |chunk: usize| {
+        let mut row = vec![0f32; g.k];
+        for i in chunk * CHUNK..((chunk + 1) * CHUNK).min(g.m) {
+            if g.transa {
+                // SAFETY: row i of op(A) is column i of A: k contiguous values at i * lda,
+                // inside A's checked span.
+                let src =
+                    unsafe { std::slice::from_raw_parts((a as *const u16).add(i * g.lda), g.k) };
+                widen(&mut row, src);
+            } else {
+                for (p, v) in row.iter_mut().enumerate() {
+                    // SAFETY: (i, p) of op(A) = A[i + p * lda], inside A's checked span.
+                    *v = f32::from_bits(
+                        (unsafe { *(a as *const u16).add(i + p * g.lda) } as u32) << 16,
+                    );
+                }
+            }
+            for j in 0..g.n {
+                let col = &bt[j * g.k..(j + 1) * g.k];
+                let mut acc = [0f32; 8];
+                let (rc, rt) = row.split_at(g.k / 8 * 8);
+                let (cc, ct) = col.split_at(g.k / 8 * 8);
+                for (x8, y8) in rc.chunks_exact(8).zip(cc.chunks_exact(8)) {
+                    for l in 0..8 {
+                        acc[l] += x8[l] * y8[l];
                     }
                 }
-            });
+                for (l, (x, y)) in rt.iter().zip(ct).enumerate() {
+                    acc[l] += x * y;
+                }
+                let dot = acc.iter().sum::<f32>();
+                // SAFETY: (i, j) lies in C's checked span; each chunk writes its own rows of
+                // C, so no two threads write one element, and C overlaps neither A nor B.
+                unsafe {
+                    let out = (c as *mut f32).add(i + j * g.ldc);
+                    let old = if g.beta == 0.0 { 0.0 } else { g.beta * *out };
+                    *out = g.alpha * dot + old;
+                }
+            }
         }
-    });
+    };
+    crate::cpu::pool::parallel_for(g.m.div_ceil(CHUNK), &body);
 }

@@ -117,32 +117,32 @@ pub fn kv_block_bytes(config: &ModelConfig, block_size: usize) -> usize {
     2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 2
 }
 
-impl<D: DeviceLayer> CudaBackend<D> {
-    /// Check that this backend can run a model of `config`; the reason when it cannot.
-    pub fn supports(config: &ModelConfig) -> Result<(), String> {
-        let (heads, kv_heads, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
-        if kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(format!(
-                "{heads} query heads do not divide into {kv_heads} KV heads"
-            ));
-        }
-        if hd == 0 || hd % 2 != 0 || hd > ATTENTION_MAX_HEAD_DIM {
-            return Err(format!(
-                "head dimension {hd} is not even and at most {ATTENTION_MAX_HEAD_DIM}"
-            ));
-        }
-        let widest = [
-            config.hidden_size,
-            heads * hd,
-            2 * config.intermediate_size,
-            config.vocab_size,
-        ];
-        if widest.iter().any(|&w| w > i32::MAX as usize) {
-            return Err("a dimension exceeds the kernels' 32-bit sizes".into());
-        }
-        Ok(())
+/// Check that the CUDA backend can run a model of `config`; the reason when it cannot.
+pub fn supports(config: &ModelConfig) -> Result<(), String> {
+    let (heads, kv_heads, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(format!(
+            "{heads} query heads do not divide into {kv_heads} KV heads"
+        ));
     }
+    if hd == 0 || hd % 2 != 0 || hd > ATTENTION_MAX_HEAD_DIM {
+        return Err(format!(
+            "head dimension {hd} is not even and at most {ATTENTION_MAX_HEAD_DIM}"
+        ));
+    }
+    let widest = [
+        config.hidden_size,
+        heads * hd,
+        2 * config.intermediate_size,
+        config.vocab_size,
+    ];
+    if widest.iter().any(|&w| w > i32::MAX as usize) {
+        return Err("a dimension exceeds the kernels' 32-bit sizes".into());
+    }
+    Ok(())
+}
 
+impl<D: DeviceLayer> CudaBackend<D> {
     /// Upload `model`'s weights (bf16; quantised GGUF blocks are dequantised here) and allocate
     /// `num_blocks` KV blocks of `block_size` tokens, `num_host_blocks` in the host tier, and a
     /// workspace for `max_batched_tokens` tokens.
@@ -156,7 +156,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
     ) -> Result<CudaBackend<D>, BackendError> {
         let name = device.name();
         let cfg = model.config.clone();
-        Self::supports(&cfg).map_err(|reason| BackendError::Unsupported {
+        supports(&cfg).map_err(|reason| BackendError::Unsupported {
             backend: name,
             reason,
         })?;

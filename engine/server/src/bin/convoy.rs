@@ -243,11 +243,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ => bail!("give one of --prompt, --prompt-ids or --chat"),
             };
-            let mut generator = Generator::new(
+            let mut generator = Generator::on_device(
+                loaded.device,
                 &loaded.model,
                 loaded.codec.clone(),
                 loaded.generator_config(),
-            );
+            )?;
             let req = GenerationRequest {
                 prompt_ids: ids.clone(),
                 params: sampling.params(),
@@ -289,11 +290,12 @@ fn run(cli: Cli) -> Result<()> {
             system,
         } => {
             let loaded = model.load()?;
-            let mut generator = Generator::new(
+            let mut generator = Generator::on_device(
+                loaded.device,
                 &loaded.model,
                 loaded.codec.clone(),
                 loaded.generator_config(),
-            );
+            )?;
             let mut messages: Vec<ChatMessage> = system
                 .into_iter()
                 .map(|s| ChatMessage::new("system", s))
@@ -425,18 +427,24 @@ fn run(cli: Cli) -> Result<()> {
                 cfg.max_batched_tokens = max_batched_tokens.max(1);
                 let max_context = loaded.model.config.max_position_embeddings;
                 eprintln!(
-                    "convoy: model {} ({} layers, {} heads, {} KV heads), device cpu, {} KV blocks of {} tokens (+{} host blocks)",
+                    "convoy: model {} ({} layers, {} heads, {} KV heads), device {}, {} KV blocks of {} tokens (+{} host blocks)",
                     model.model_path()?.display(),
                     loaded.model.config.num_layers,
                     loaded.model.config.num_heads,
                     loaded.model.config.num_kv_heads,
+                    loaded.device.as_str(),
                     cfg.num_blocks,
                     cfg.block_size,
                     cfg.num_host_blocks
                 );
                 let codec = loaded.codec.clone();
-                let engine =
-                    convoy_engine::service::spawn_cpu(loaded.model, loaded.codec, cfg, service);
+                let engine = convoy_engine::service::spawn_on(
+                    loaded.device,
+                    loaded.model,
+                    loaded.codec,
+                    cfg,
+                    service,
+                );
                 (engine, codec, max_context)
             };
             let serve_cfg = convoy_server::api::server::ServeConfig {

@@ -71,7 +71,29 @@ struct ThreadState {
     std::string fault_message;
     int fault_thread = -1;
 };
-thread_local ThreadState ts;
+
+// The state is reached through a plain pointer (no initialisation guard on every access, as
+// a thread_local object with a constructor has); a guard object frees it when the thread ends.
+thread_local ThreadState* ts_ptr = nullptr;
+struct ThreadStateOwner {
+    ~ThreadStateOwner() {
+        if (!ts_ptr) return;
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        for (unsigned char* s : ts_ptr->stacks) munmap(s - page, kStackBytes + page);
+        delete ts_ptr;
+        ts_ptr = nullptr;
+    }
+};
+thread_local ThreadStateOwner ts_owner;
+
+inline ThreadState& state() {
+    if (__builtin_expect(ts_ptr == nullptr, 0)) {
+        ts_ptr = new ThreadState;
+        (void)&ts_owner;  // constructs the owner, whose destructor frees the state
+    }
+    return *ts_ptr;
+}
+#define ts (state())
 
 }  // namespace
 }  // namespace emu
@@ -79,8 +101,9 @@ thread_local ThreadState ts;
 extern "C" void convoy_emu_switch(void** save_sp, void* next_sp);
 
 #if defined(__x86_64__)
-// Saves the callee-saved registers, MXCSR and the x87 control word on the current stack,
-// stores the stack pointer in *save_sp, and resumes the context whose stack pointer is next_sp.
+// Saves the callee-saved registers on the current stack, stores the stack pointer in
+// *save_sp, and resumes the context whose stack pointer is next_sp. MXCSR and the x87 control
+// word are not switched: every fiber of the process keeps the same floating-point modes.
 asm(R"(
     .text
     .p2align 4
@@ -94,14 +117,8 @@ convoy_emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -185,12 +202,6 @@ void* initial_sp(unsigned char* stack) {
     *--sp = 0;                          // fiber_main's (absent) return address
     *--sp = (uint64_t)(void*)&fiber_main;
     for (int i = 0; i < 6; i++) *--sp = 0;  // rbp rbx r12 r13 r14 r15
-    uint32_t csr[2];
-    __asm__ volatile("stmxcsr %0" : "=m"(csr[0]));
-    __asm__ volatile("fnstcw %0" : "=m"(csr[1]));
-    csr[1] &= 0xffff;
-    --sp;
-    std::memcpy(sp, csr, 8);
 #else
     sp -= 22;
     std::memset(sp, 0, 22 * 8);
