@@ -13,7 +13,7 @@ fn every_kernel_compiles_to_ptx() {
             "CONVOY_REQUIRE_NVRTC is set but NVRTC cannot be loaded"
         );
         eprintln!(
-            "skipped: no NVRTC library here (install nvidia-cuda-nvrtc or set CONVOY_NVRTC_LIB)"
+            "skipped: no NVRTC library here (install nvidia-cuda-nvrtc and add its lib directory to LD_LIBRARY_PATH)"
         );
         return;
     }

@@ -152,3 +152,72 @@ fn smollm2_greedy_tokens_match_the_cpu_wherever_its_top_two_are_apart() {
         "only {compared} of {steps} steps were decisive"
     );
 }
+
+/// A dummy Llama-3 model with Llama-3-8B's attention geometry (32 query heads of 128, rope
+/// theta 500,000 with Llama-3 scaling) and `kv_heads` KV heads, narrowed elsewhere (hidden 512,
+/// MLP 1,024, vocabulary 2,048, 2 layers) so the emulator runs it in seconds; bf16 weights.
+fn llama3_attention_shape(kv_heads: usize) -> LlamaModel {
+    let cfg = convoy_weights::ModelConfig::from_hf_json(&serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 2048, "hidden_size": 512, "intermediate_size": 1024,
+        "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": kv_heads,
+        "head_dim": 128, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 8192, "tie_word_embeddings": false,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    }))
+    .expect("a valid config");
+    let tensors = convoy_weights::dummy::tensors(&cfg, convoy_weights::DType::BF16, 7);
+    LlamaModel::new(convoy_weights::loader::LoadedModel {
+        name: format!("dummy-llama3-kv{kv_heads}"),
+        config: cfg,
+        tensors,
+        tokenizer: None,
+        chat_template: None,
+    })
+    .expect("the dummy model builds")
+}
+
+/// Two sequences at once, one decoding after a 300-token cached prefix (two attention
+/// partitions) and one prefilling 40 tokens, on both backends: every logit row compared.
+fn dummy_model_matches(kv_heads: usize) -> f64 {
+    let model = llama3_attention_shape(kv_heads);
+    let bs = 16;
+    let blocks = 48;
+    let mut cpu_cache = model.new_kv_cache(blocks, bs);
+    let mut cuda = CudaBackend::new(EmulatedDevice::new(), &model, blocks, 0, bs, 512).unwrap();
+    let long: Vec<u32> = (0..301).map(|i| (i * 37 % 2000) as u32 + 5).collect();
+    let short: Vec<u32> = (0..40).map(|i| (i * 11 % 2000) as u32 + 3).collect();
+    let table_a: Vec<u32> = (0..20).map(|b| 47 - b).collect();
+    let table_b: Vec<u32> = (20..23).collect();
+    // The long sequence's prefix first (its own pass), then a mixed step.
+    let mut prefix = ForwardBatch::default();
+    prefix.push_seq(&long[..300], 0, &table_a, bs, true);
+    let mut step = ForwardBatch::default();
+    step.push_seq(&long[300..], 300, &table_a, bs, true);
+    step.push_seq(&short, 0, &table_b, bs, false);
+    step.logits_rows.extend(1..41); // every row of the prefill
+    let mut worst = 0f64;
+    for batch in [&prefix, &step] {
+        let cpu = model.forward(batch, &mut cpu_cache);
+        let mut gpu = Vec::new();
+        forward(&mut cuda, batch, &mut gpu).unwrap();
+        let (e, _) = nmse(&cpu, &gpu);
+        worst = worst.max(e);
+    }
+    worst
+}
+
+#[test]
+fn a_dummy_llama3_gqa_model_matches_the_cpu() {
+    let e = dummy_model_matches(8);
+    eprintln!("dummy Llama-3 GQA (32/8 heads): NMSE {e:.3e}");
+    assert!(e < 1e-3, "NMSE {e}");
+}
+
+#[test]
+fn a_dummy_llama3_mqa_model_matches_the_cpu() {
+    let e = dummy_model_matches(1);
+    eprintln!("dummy Llama-3 MQA (32/1 heads): NMSE {e:.3e}");
+    assert!(e < 1e-3, "NMSE {e}");
+}

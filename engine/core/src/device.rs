@@ -5,15 +5,16 @@
 //! - `cuda-emulated`: the CUDA backend on the emulated device, which runs convoy's `.cu`
 //!   kernels on the CPU with CUDA's thread semantics and checks (a verification and debugging
 //!   mode: exact about behaviour, slow).
-//! - `cuda`: the CUDA backend on a GPU, through the driver. This build has no driver-backed
-//!   device layer yet, so it is refused with one line.
-//! - `auto`: `cpu` (the only device this build can find).
+//! - `cuda`: the CUDA backend on a GPU, through the driver (cudarc: driver, NVRTC, cuBLAS,
+//!   loaded at run time); without a driver, the libraries or a GPU, one clear line.
+//! - `auto`: `cuda` when a driver, the libraries and a GPU are present, else `cpu`.
 
 use crate::backend::cuda::CudaBackend;
 use crate::backend::BackendError;
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
 use crate::runner::{CpuRunner, ModelRunner, Runner};
+use convoy_kernels::cuda::driver::CudaDriverDevice;
 use convoy_kernels::cuda::emulator::EmulatedDevice;
 
 /// Where the model runs.
@@ -36,10 +37,13 @@ pub struct UnknownDevice {
 }
 
 impl Device {
-    /// Parse a `--device` value (`sim` is the server's and is not a compute device).
+    /// Parse a `--device` value (`sim` is the server's and is not a compute device); `auto`
+    /// probes for a GPU.
     pub fn parse(s: &str) -> Result<Device, UnknownDevice> {
         match s {
-            "cpu" | "auto" => Ok(Device::Cpu),
+            "cpu" => Ok(Device::Cpu),
+            "auto" if convoy_kernels::cuda::driver::gpu_present() => Ok(Device::Cuda),
+            "auto" => Ok(Device::Cpu),
             "cuda-emulated" => Ok(Device::CudaEmulated),
             "cuda" => Ok(Device::Cuda),
             other => Err(UnknownDevice {
@@ -106,12 +110,20 @@ impl Device {
                 cfg.block_size,
                 cfg.max_batched_tokens,
             )?))),
-            Device::Cuda => Err(BackendError::Unsupported {
-                backend: "cuda",
-                reason: "this build has no driver-backed CUDA device layer yet \
-                         (--device cuda-emulated runs the CUDA backend on the CPU)"
-                    .into(),
-            }),
+            Device::Cuda => {
+                let gpu = CudaDriverDevice::open(0).map_err(|e| BackendError::Unsupported {
+                    backend: "cuda",
+                    reason: e.to_string(),
+                })?;
+                Ok(Box::new(Runner::with_backend(CudaBackend::new(
+                    gpu,
+                    model,
+                    cfg.num_blocks,
+                    cfg.num_host_blocks,
+                    cfg.block_size,
+                    cfg.max_batched_tokens,
+                )?)))
+            }
         }
     }
 }

@@ -216,10 +216,11 @@ impl ModelArgs {
             other => Device::parse(other)?,
         };
         if device == Device::Cuda {
-            bail!(
-                "--device cuda: this build has no driver-backed CUDA device layer yet; \
-                 --device cuda-emulated runs the CUDA backend on the CPU, --device cpu the CPU backend"
-            );
+            if let Err(why) = convoy_kernels::cuda::driver::probe(0) {
+                bail!(
+                    "--device cuda: {why}; --device cuda-emulated runs the CUDA backend on the CPU"
+                );
+            }
         }
         let precision = Precision::parse(&self.precision).with_context(|| {
             format!(

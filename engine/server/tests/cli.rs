@@ -381,3 +381,30 @@ fn a_chat_without_a_chat_template_names_the_flag_that_gives_one() {
     ]);
     one_error_line(code, &err, "--chat-template");
 }
+
+/// Without a GPU, `--device cuda` is one clear line and exit code 1 (the libraries are probed
+/// before cudarc touches them: no panic); the CUDA backend's limits are refused at load.
+#[test]
+fn device_choices_fail_with_one_line() {
+    let have_gpu = convoy_kernels::cuda::driver::gpu_present();
+    if !have_gpu {
+        let (code, _, err) = convoy(&["generate", "--device", "cuda", "--prompt", "x"]);
+        one_error_line(code, &err, "--device cuda: ");
+    }
+    let (code, _, err) = convoy(&["generate", "--device", "gpu", "--prompt", "x"]);
+    one_error_line(
+        code,
+        &err,
+        "--device must be cpu, cuda, cuda-emulated, sim or auto",
+    );
+    let (code, _, err) = convoy(&[
+        "generate",
+        "--device",
+        "cuda-emulated",
+        "--precision",
+        "fast",
+        "--prompt",
+        "x",
+    ]);
+    one_error_line(code, &err, "--precision fast is the CPU backend's");
+}

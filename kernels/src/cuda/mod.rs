@@ -6,13 +6,15 @@
 //! - [`launch`]: one typed launch contract per kernel (arguments, grid rule, host-side checks).
 //! - [`device`]: the device layer ([`device::DeviceLayer`]): memory, copies, launches.
 //! - [`emulator`]: the emulated device, running the same kernels on the CPU with checks.
+//! - [`driver`]: the device layer of a real GPU (cudarc: driver, NVRTC, cuBLAS; probed first).
 //! - [`nvrtc`]: compilation to PTX for a real GPU.
 //!
-//! Status: the kernels run and are tested on the emulated device; the layer above the device
-//! (weights, KV cache, the forward pass) and the driver-backed device layer are not built yet,
-//! so nothing here has run on a GPU.
+//! Status: the kernels run and are tested on the emulated device, under the CUDA backend of the
+//! engine (`engine/core/src/backend/cuda.rs`); the driver-backed device layer is not built yet,
+//! so nothing here has run on a GPU (docs/cuda.md).
 
 pub mod device;
+pub mod driver;
 pub mod emulator;
 pub mod gemm;
 pub mod launch;

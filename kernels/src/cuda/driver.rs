@@ -1,0 +1,303 @@
+//! The driver-backed [`DeviceLayer`]: a GPU through cudarc (driver API, NVRTC, cuBLAS), every
+//! library loaded at run time and probed before cudarc touches it, so a machine without a
+//! driver, a GPU or the libraries gets a [`DriverUnavailable`] error, never a panic.
+//!
+//! Memory is allocated synchronously and filled with `0xFF` bytes, as on the emulated device;
+//! launches and GEMMs go to the context's default stream in order; reads synchronise. The
+//! kernels are compiled by NVRTC for the card's architecture when the device opens.
+//!
+//! Status: built and linked everywhere; it has not yet run on a GPU (no device was lent to
+//! the runs that built it). `bench/gpu/check.sh` exercises it on a card.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as blas;
+use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use super::device::{DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use super::gemm::GemmBf16;
+use super::launch::{KernelArg, LaunchConfig};
+use super::{full_source, nvrtc, SOURCES};
+
+/// Why the GPU cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverUnavailable {
+    /// A CUDA library is not on the loader's path.
+    #[error("{library} not found on the loader's path (no NVIDIA driver or CUDA libraries here)")]
+    Library {
+        /// The library (`libcuda`, `libnvrtc`, `libcublas`).
+        library: &'static str,
+    },
+    /// The driver reports no GPU at that ordinal.
+    #[error("the driver sees {count} GPUs, none at ordinal {ordinal}")]
+    NoGpu {
+        /// Ordinal asked for.
+        ordinal: usize,
+        /// GPUs present.
+        count: i32,
+    },
+    /// A driver, NVRTC or cuBLAS call failed while opening the device.
+    #[error("opening the GPU: {step}: {message}")]
+    Open {
+        /// What was being done.
+        step: &'static str,
+        /// The library's error.
+        message: String,
+    },
+}
+
+/// Check, without creating a context, that the libraries load and GPU `ordinal` exists.
+pub fn probe(ordinal: usize) -> Result<(), DriverUnavailable> {
+    // SAFETY: the probe only tries to open the library by its candidate names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(DriverUnavailable::Library { library: "libcuda" });
+    }
+    if !nvrtc::available() {
+        return Err(DriverUnavailable::Library {
+            library: "libnvrtc",
+        });
+    }
+    // SAFETY: the probe only tries to open the library by its candidate names.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(DriverUnavailable::Library {
+            library: "libcublas",
+        });
+    }
+    result::init().map_err(|e| open_err("cuInit")(e.to_string()))?;
+    let count =
+        result::device::get_count().map_err(|e| open_err("cuDeviceGetCount")(e.to_string()))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(DriverUnavailable::NoGpu { ordinal, count });
+    }
+    Ok(())
+}
+
+/// Whether a driver, the libraries and at least one GPU are present.
+pub fn gpu_present() -> bool {
+    probe(0).is_ok()
+}
+
+/// A GPU: its context, stream, cuBLAS handle and the kernels compiled for it.
+pub struct CudaDriverDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: cudarc::cublas::CudaBlas,
+    functions: HashMap<&'static str, CudaFunction>,
+    _modules: Vec<Arc<CudaModule>>,
+    arch: String,
+}
+
+fn open_err(step: &'static str) -> impl Fn(String) -> DriverUnavailable {
+    move |message| DriverUnavailable::Open { step, message }
+}
+
+impl CudaDriverDevice {
+    /// Open GPU `ordinal`: probe the libraries, create the context, compile every kernel with
+    /// NVRTC for the card's architecture, create the cuBLAS handle.
+    pub fn open(ordinal: usize) -> Result<CudaDriverDevice, DriverUnavailable> {
+        probe(ordinal)?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| open_err("context")(e.to_string()))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| open_err("compute capability")(e.to_string()))?;
+        let arch = format!("sm_{major}{minor}");
+        let stream = ctx.default_stream();
+        let mut functions = HashMap::new();
+        let mut modules = Vec::new();
+        for src in SOURCES {
+            let ptx = nvrtc::compile_ptx(&full_source(src), src.name, &arch)
+                .map_err(|e| open_err("NVRTC")(e.to_string()))?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                .map_err(|e| open_err("cuModuleLoadData")(format!("{}: {e}", src.name)))?;
+            for &k in src.kernels {
+                let f = module
+                    .load_function(k)
+                    .map_err(|e| open_err("cuModuleGetFunction")(format!("{k}: {e}")))?;
+                functions.insert(k, f);
+            }
+            modules.push(module);
+        }
+        let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+            .map_err(|e| open_err("cuBLAS")(e.to_string()))?;
+        Ok(CudaDriverDevice {
+            ctx,
+            stream,
+            blas,
+            functions,
+            _modules: modules,
+            arch,
+        })
+    }
+
+    /// The architecture the kernels were compiled for (`sm_90`).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    fn bind(&self) -> Result<(), DeviceError> {
+        self.ctx.bind_to_thread().map_err(driver_fault)
+    }
+}
+
+fn driver_fault(e: impl std::fmt::Display) -> DeviceError {
+    DeviceError::Fault {
+        kind: FaultKind::Other(-1),
+        message: e.to_string(),
+    }
+}
+
+/// An allocation of GPU memory, freed when dropped.
+pub struct DriverBuffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DeviceMemory for DriverBuffer {
+    fn slice(&self) -> DeviceSlice {
+        DeviceSlice {
+            ptr: self.ptr,
+            bytes: self.bytes,
+        }
+    }
+}
+
+impl Drop for DriverBuffer {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: the pointer came from `malloc_sync` in this context and is freed once.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+fn check_range(offset: usize, len: usize, bytes: usize) -> Result<(), DeviceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= bytes => Ok(()),
+        _ => Err(DeviceError::CopyOutOfRange { offset, len, bytes }),
+    }
+}
+
+impl DeviceLayer for CudaDriverDevice {
+    type Buffer = DriverBuffer;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DriverBuffer, DeviceError> {
+        let bytes = bytes.max(1);
+        self.bind()?;
+        // SAFETY: the context is bound to this thread; the size is non-zero.
+        let ptr = unsafe { result::malloc_sync(bytes) }
+            .map_err(|_| DeviceError::OutOfMemory { bytes })?;
+        let buf = DriverBuffer {
+            ptr,
+            bytes,
+            ctx: self.ctx.clone(),
+        };
+        // SAFETY: the allocation just made holds `bytes` bytes.
+        unsafe { result::memset_d8_sync(ptr, 0xFF, bytes) }.map_err(driver_fault)?;
+        Ok(buf)
+    }
+
+    fn write(&self, dst: &mut DriverBuffer, offset: usize, src: &[u8]) -> Result<(), DeviceError> {
+        check_range(offset, src.len(), dst.bytes)?;
+        self.bind()?;
+        self.stream.synchronize().map_err(driver_fault)?;
+        // SAFETY: the destination range lies inside the allocation (checked above).
+        unsafe { result::memcpy_htod_sync(dst.ptr + offset as u64, src) }.map_err(driver_fault)
+    }
+
+    fn read(&self, src: &DriverBuffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
+        check_range(offset, dst.len(), src.bytes)?;
+        self.bind()?;
+        self.stream.synchronize().map_err(driver_fault)?;
+        // SAFETY: the source range lies inside the allocation (checked above).
+        unsafe { result::memcpy_dtoh_sync(dst, src.ptr + offset as u64) }.map_err(driver_fault)
+    }
+
+    unsafe fn launch_raw(
+        &self,
+        name: &'static str,
+        config: &LaunchConfig,
+        args: &[KernelArg],
+    ) -> Result<(), DeviceError> {
+        let f = self.functions.get(name).ok_or_else(|| DeviceError::Fault {
+            kind: FaultKind::UnknownKernel,
+            message: format!("no kernel named {name}"),
+        })?;
+        self.bind()?;
+        let mut values: Vec<[u8; 8]> = args.iter().map(|a| a.bytes().0).collect();
+        let mut params: Vec<*mut c_void> =
+            values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+        let g = config.grid;
+        let b = config.block;
+        // SAFETY: `f` is a kernel of this context's modules; `params` points at one value per
+        // parameter, in order, each holding the parameter's C type (the launch contracts and
+        // the emulator's signature checks keep them in step); the memory the pointers name is
+        // the caller's promise.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                (g[0], g[1], g[2]),
+                (b[0], b[1], b[2]),
+                config.shared_bytes,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(driver_fault)
+    }
+
+    unsafe fn gemm_bf16(&self, g: &GemmBf16) -> Result<(), DeviceError> {
+        g.check().map_err(|problem| DeviceError::Contract {
+            kernel: "cublasGemmEx",
+            problem,
+        })?;
+        self.bind()?;
+        let op = |t: bool| {
+            if t {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (g.alpha, g.beta);
+        // SAFETY: `check` proved every element the GEMM touches lies inside the slices, which
+        // the caller promises are live allocations of this device; alpha and beta are f32 on
+        // the host, as CUBLAS_COMPUTE_32F with the default pointer mode reads them.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(g.transa),
+                op(g.transb),
+                g.m as i32,
+                g.n as i32,
+                g.k as i32,
+                (&alpha as *const f32).cast(),
+                g.a.ptr as *const c_void,
+                blas::cudaDataType::CUDA_R_16BF,
+                g.lda as i32,
+                g.b.ptr as *const c_void,
+                blas::cudaDataType::CUDA_R_16BF,
+                g.ldb as i32,
+                (&beta as *const f32).cast(),
+                g.c.ptr as *mut c_void,
+                blas::cudaDataType::CUDA_R_32F,
+                g.ldc as i32,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(driver_fault)
+    }
+
+    fn synchronize(&self) -> Result<(), DeviceError> {
+        self.bind()?;
+        self.stream.synchronize().map_err(driver_fault)
+    }
+}
