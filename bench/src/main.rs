@@ -11,6 +11,7 @@ use std::time::Instant;
 
 mod calibrate;
 mod daemon;
+mod gpu;
 mod host;
 mod run;
 mod truncation;
@@ -141,6 +142,46 @@ enum Cmd {
         /// NVRTC architecture, e.g. compute_90.
         #[arg(long, default_value = "compute_90")]
         arch: String,
+    },
+    /// Every CUDA operation at the SmolLM2, Llama-3-8B GQA and MQA shapes on the GPU against
+    /// the emulated device (normalised mean squared error); exits 1 when one differs.
+    GpuOps {
+        /// cuda (a GPU) or cuda-emulated (the emulator against itself: checks the command).
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
+    /// A model's logits and greedy tokens on the CUDA backend against the CPU, and a
+    /// three-turn chat with every cache-hit prefill verified; exits 1 when a check fails.
+    GpuModel {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// cuda or cuda-emulated.
+        #[arg(long, default_value = "cuda")]
+        on: String,
+    },
+    /// Decode and prefill throughput of a dummy Llama-3-8B (bf16) on the CUDA backend.
+    GpuDecode {
+        /// cuda or cuda-emulated.
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// KV heads (8: GQA, 1: MQA).
+        #[arg(long, value_delimiter = ',', default_value = "8,1")]
+        kv_heads: Vec<usize>,
+        /// Sequences decoding together.
+        #[arg(long, value_delimiter = ',', default_value = "1,32,128,256")]
+        batch: Vec<usize>,
+        /// Tokens of context per sequence.
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        /// Decode steps timed per batch size.
+        #[arg(long, default_value_t = 16)]
+        steps: usize,
+        /// Layers (32 for the real shape; fewer for a quick check).
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+        /// Tokens per KV block.
+        #[arg(long, default_value_t = 16)]
+        block_size: usize,
     },
     /// Time to first token of each turn of a long chat (a ~1,000-token persona), prefix cache
     /// on versus off, and the cache hit ratio.
@@ -655,6 +696,81 @@ fn main() -> Result<()> {
                     r.cached_tokens,
                     r.cached_tokens as f64 / r.prompt_tokens.max(1) as f64
                 );
+            }
+        }
+        Cmd::GpuOps { device } => {
+            let failed = gpu::ops(convoy_engine::Device::parse(&device)?)?;
+            if failed > 0 {
+                bail!("{failed} operations differ between the devices");
+            }
+        }
+        Cmd::GpuModel { mut model, on } => {
+            model.device = "cpu".into();
+            let loaded = model.load()?;
+            let failed = gpu::model(
+                convoy_engine::Device::parse(&on)?,
+                &loaded.model,
+                &loaded.codec,
+            )?;
+            if failed > 0 {
+                bail!("{failed} model checks failed");
+            }
+        }
+        Cmd::GpuDecode {
+            device,
+            kv_heads,
+            batch,
+            context,
+            steps,
+            layers,
+            block_size,
+        } => {
+            let device = convoy_engine::Device::parse(&device)?;
+            let max_batch = batch.iter().copied().max().unwrap_or(1);
+            println!(
+                "{:<6}{:>7}{:>9}{:>14}{:>10}{:>15}",
+                "model", "batch", "context", "decode tok/s", "step ms", "prefill tok/s"
+            );
+            for kv in kv_heads {
+                let t = Instant::now();
+                let model = gpu::llama3_8b(kv, layers)?;
+                eprintln!(
+                    "dummy Llama-3-8B, {kv} KV heads, {layers} layers built in {:.0} s",
+                    t.elapsed().as_secs_f64()
+                );
+                let tables = gpu::tables(max_batch, context + steps + 1, block_size);
+                let blocks = tables.len() * tables[0].len();
+                let name = if kv == 1 { "mqa" } else { "gqa" };
+                macro_rules! run_on {
+                    ($dev:expr) => {{
+                        let mut backend = convoy_engine::backend::cuda::CudaBackend::new(
+                            $dev,
+                            &model,
+                            blocks,
+                            0,
+                            block_size,
+                            max_batch.max(context),
+                        )?;
+                        let prefill = gpu::prefill(&mut backend, &tables, context, context)?;
+                        for &b in &batch {
+                            let (tps, ms) = gpu::decode(&mut backend, &tables, b, context, steps)?;
+                            println!(
+                                "{name:<6}{b:>7}{context:>9}{tps:>14.1}{ms:>10.2}{prefill:>15.0}"
+                            );
+                        }
+                    }};
+                }
+                match device {
+                    convoy_engine::Device::Cuda => {
+                        run_on!(convoy_kernels::cuda::driver::CudaDriverDevice::open(0)?)
+                    }
+                    convoy_engine::Device::CudaEmulated => {
+                        run_on!(convoy_kernels::cuda::emulator::EmulatedDevice::new())
+                    }
+                    convoy_engine::Device::Cpu => {
+                        bail!("gpu-decode runs the CUDA backend: --device cuda or cuda-emulated")
+                    }
+                }
             }
         }
         Cmd::GpuKernels { arch } => {

@@ -847,3 +847,24 @@ fn cast_gather_add_and_bias_kernels_are_exact() {
         assert_eq!(got[i], x[i] + d[i] + bias[i % width]);
     }
 }
+
+/// The cases `convoy-bench gpu-ops` compares between a GPU and the emulator all run on the
+/// emulator, give finite outputs (NaN only where a case feeds NaN to argmax), and repeat
+/// bitwise.
+#[test]
+fn every_gpu_check_case_runs_on_the_emulator_and_repeats() {
+    use convoy_kernels::cuda::op_cases::{nmse, run, OPS, SHAPES};
+    let dev = EmulatedDevice::new();
+    for shape in SHAPES.iter().take(2) {
+        for op in OPS {
+            let a = run(&dev, op, *shape).unwrap_or_else(|e| panic!("{op} at {}: {e}", shape.name));
+            assert!(
+                !a.is_empty() && a.iter().all(|v| v.is_finite()),
+                "{op} at {}",
+                shape.name
+            );
+            let b = run(&dev, op, *shape).unwrap();
+            assert_eq!(nmse(&a, &b), (0.0, 0), "{op} at {}", shape.name);
+        }
+    }
+}

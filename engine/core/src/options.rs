@@ -110,8 +110,9 @@ pub struct ModelArgs {
     /// Element type of dummy weights: f32, f16, bf16, q8_0, q4_0 or q4_1.
     #[arg(long, default_value = "q4_1")]
     pub dummy_dtype: String,
-    /// cpu, cuda-emulated (the CUDA backend on an emulated GPU: convoy's CUDA kernels run on
-    /// the CPU, slow, for verification and debugging; docs/cuda.md), cuda, auto, or sim
+    /// cpu, cuda (a GPU through the driver), cuda-emulated (the CUDA backend on an emulated
+    /// GPU: convoy's CUDA kernels run on the CPU, slow, for verification and debugging;
+    /// docs/cuda.md), auto (cuda when a driver and a GPU are present, else cpu), or sim
     /// (`convoy serve` only: a simulated GPU paced by a device profile, no model computed;
     /// see docs/simulation.md).
     #[arg(long, default_value = "auto")]

@@ -8,6 +8,7 @@
 //! - [`emulator`]: the emulated device, running the same kernels on the CPU with checks.
 //! - [`driver`]: the device layer of a real GPU (cudarc: driver, NVRTC, cuBLAS; probed first).
 //! - [`nvrtc`]: compilation to PTX for a real GPU.
+//! - [`op_cases`]: every operation on seeded inputs, runnable on any device, to compare two.
 //!
 //! Status: the kernels run and are tested on the emulated device, under the CUDA backend of the
 //! engine (`engine/core/src/backend/cuda.rs`); the driver-backed device layer is not built yet,
@@ -19,6 +20,7 @@ pub mod emulator;
 pub mod gemm;
 pub mod launch;
 pub mod nvrtc;
+pub mod op_cases;
 /// One `.cu` source and the kernels it defines.
 #[derive(Clone, Copy, Debug)]
 pub struct KernelSource {
