@@ -17,10 +17,10 @@ use convoy_scheduler::{
 };
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{forward, Backend};
+use crate::backend::{forward, run_layers, Backend, RowDraw};
 use crate::forward_batch::ForwardBatch;
 use crate::model::llama::LlamaModel;
-use crate::sampler::{sample, Rng};
+use crate::sampler::sample;
 
 /// Log-probability of the sampled token and of the most likely alternatives.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,10 +64,11 @@ pub trait ModelRunner {
     fn vocab_size(&self) -> usize;
 }
 
-/// A request's draw: its parameters and its own random stream.
+/// A request's draw: its parameters, its seed and how many tokens it has sampled.
 pub struct SamplerState {
     spec: SamplingSpec,
-    rng: Rng,
+    seed: u64,
+    step: u64,
 }
 
 impl SamplerState {
@@ -83,7 +84,8 @@ impl SamplerState {
         });
         SamplerState {
             spec: n.sampling.clone(),
-            rng: Rng::new(seed),
+            seed,
+            step: 0,
         }
     }
 }
@@ -223,13 +225,52 @@ impl<B: Backend> ModelRunner for Runner<B> {
                 row_owner.push(s.id);
             }
         }
+        if let Err(e) = run_layers(&mut self.backend, &batch) {
+            panic!("forward pass failed: {e}");
+        }
+        // Where every row is a plain draw (greedy or temperature: no top-k, top-p, logprobs or
+        // kept logits), a backend that samples on its device returns only the token ids; the
+        // draw is the same keyed Gumbel-max as the host's, so the tokens are the same.
+        let mut draws = Vec::with_capacity(row_owner.len());
+        for &id in &row_owner {
+            let st = state_of(&mut self.samplers, id);
+            let plain = st.spec.top_k == 0 && st.spec.top_p >= 1.0 && st.spec.logprobs.is_none();
+            draws.push((plain && !self.keep.contains(&id)).then_some(RowDraw {
+                temperature: if st.spec.is_greedy() {
+                    0.0
+                } else {
+                    st.spec.temperature
+                },
+                seed: st.seed,
+                step: st.step,
+            }));
+        }
+        let all_plain: Option<Vec<RowDraw>> = draws.iter().copied().collect();
+        let on_device = match all_plain {
+            Some(d) if !d.is_empty() => match self.backend.sample_rows(&d) {
+                Ok(ids) => ids,
+                Err(e) => panic!("sampling failed: {e}"),
+            },
+            _ => None,
+        };
+        if let Some(ids) = on_device {
+            for (&id, token) in row_owner.iter().zip(ids) {
+                state_of(&mut self.samplers, id).step += 1;
+                result.output.sampled.push(SampledToken { id, token });
+            }
+            self.keep.clear();
+            return result;
+        }
         let mut logits = std::mem::take(&mut self.logits);
-        self.forward(&batch, &mut logits);
+        if let Err(e) = self.backend.read_logits(&mut logits) {
+            panic!("reading logits failed: {e}");
+        }
         let vocab = self.backend.config().vocab_size;
         for (row, &id) in row_owner.iter().enumerate() {
             let l = &logits[row * vocab..(row + 1) * vocab];
             let st = state_of(&mut self.samplers, id);
-            let token = sample(l, &st.spec, &mut st.rng);
+            let token = sample(l, &st.spec, st.seed, st.step);
+            st.step += 1;
             if let Some(n) = st.spec.logprobs {
                 result.logprobs.insert(id, logprobs_of(l, token, n));
             }

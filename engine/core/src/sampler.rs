@@ -1,8 +1,13 @@
 //! Sampling: greedy, temperature, top-k, top-p, seeded. (Stop ids and `max_tokens` are the
 //! scheduler's rules, stop strings the engine core's.)
 //!
-//! The same seed and the same logits give the same token on every run and machine: the random
-//! stream is a fixed SplitMix64 generator (`rand_xoshiro`), never the operating system's.
+//! A draw is the Gumbel-max trick keyed by (seed, step, token): token = argmax over the kept
+//! tokens of `logit / T + G(seed, step, token)`, with `G = -ln(-ln(u))` and `u` from 53 bits of
+//! a fixed hash, never the operating system's randomness. It is the same arithmetic as the CUDA
+//! kernel `gumbel_sample_rows` (sampling.cu), so the same seed and the same logits give the same
+//! token on every run, machine and backend: an answer sampled on a GPU can be reproduced on a
+//! laptop. Top-k and top-p restrict the argmax to their tokens, which samples exactly from the
+//! renormalised distribution.
 
 use convoy_scheduler::SamplingSpec;
 use rand_core::{RngCore, SeedableRng};
@@ -155,10 +160,59 @@ pub fn argmax(logits: &[f32]) -> u32 {
         .unwrap_or(0) as u32
 }
 
-/// Draw one token from `logits` under `params`, using `rng` unless greedy.
-pub fn sample(logits: &[f32], params: &SamplingSpec, rng: &mut Rng) -> u32 {
+/// The key of a request's draw at `step` (its tokens sampled so far), as the CUDA kernel
+/// forms it.
+pub fn gumbel_key(seed: u64, step: u64) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(step)
+}
+
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// Gumbel noise of vocabulary entry `token` under `key`: `u` uniform in (0, 1) from 53 bits
+/// (never 0 or 1, so the noise is finite), `-ln(-ln(u))` in double, rounded to f32.
+pub fn gumbel_noise(key: u64, token: u32) -> f32 {
+    let u = ((mix64(key ^ ((token as u64) << 20)) >> 11) as f64 + 0.5)
+        * (1.0 / 9_007_199_254_740_992.0);
+    (-(-u.ln()).ln()) as f32
+}
+
+/// Draw one token from `logits` under `params` for a request seeded with `seed`, at its
+/// `step`-th sampled token.
+pub fn sample(logits: &[f32], params: &SamplingSpec, seed: u64, step: u64) -> u32 {
     if params.is_greedy() {
         return argmax(logits);
+    }
+    let t = params.temperature;
+    let key = gumbel_key(seed, step);
+    // The perturbed logit, as the kernel computes it (f32 division and addition; NaN never wins).
+    let perturbed = |i: u32| {
+        let v = logits[i as usize];
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            v / t + gumbel_noise(key, i)
+        }
+    };
+    let best_of = |candidates: &mut dyn Iterator<Item = u32>| {
+        let mut best = (0u32, f32::NEG_INFINITY);
+        let mut first = true;
+        for i in candidates {
+            let v = perturbed(i);
+            if first || v > best.1 || (v == best.1 && i < best.0) {
+                best = (i, v);
+                first = false;
+            }
+        }
+        best.0
+    };
+    if params.top_k == 0 && params.top_p >= 1.0 {
+        return best_of(&mut (0..logits.len() as u32));
     }
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let by_logit = |a: &u32, b: &u32| {
@@ -176,36 +230,26 @@ pub fn sample(logits: &[f32], params: &SamplingSpec, rng: &mut Rng) -> u32 {
         idx.truncate(k);
     }
     idx.sort_unstable_by(by_logit);
-    let inv_t = 1.0 / params.temperature as f64;
-    let max = logits[idx[0] as usize] as f64;
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
     if params.top_p < 1.0 {
+        let inv_t = 1.0 / t as f64;
+        let max = logits[idx[0] as usize] as f64;
+        let probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
         let mut cum = 0.0;
         let mut keep = probs.len();
         for (i, p) in probs.iter().enumerate() {
-            cum += p;
+            cum += p / total;
             if cum >= params.top_p as f64 {
                 keep = i + 1;
                 break;
             }
         }
-        probs.truncate(keep);
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
+        idx.truncate(keep);
     }
-    let mut u = rng.uniform();
-    for (i, p) in probs.iter().enumerate() {
-        if u < *p {
-            return idx[i];
-        }
-        u -= p;
-    }
-    idx[probs.len() - 1]
+    best_of(&mut idx.into_iter())
 }
 
 #[cfg(test)]
@@ -254,21 +298,15 @@ mod tests {
             top_k: 1,
             ..Default::default()
         };
-        assert_eq!(sample(&logits, &p, &mut Rng::new(1)), argmax(&logits));
+        assert_eq!(sample(&logits, &p, 1, 0), argmax(&logits));
         let p = SamplingSpec {
             temperature: 0.8,
             top_k: 20,
             top_p: 0.9,
             ..Default::default()
         };
-        let a: Vec<u32> = {
-            let mut r = Rng::new(42);
-            (0..50).map(|_| sample(&logits, &p, &mut r)).collect()
-        };
-        let b: Vec<u32> = {
-            let mut r = Rng::new(42);
-            (0..50).map(|_| sample(&logits, &p, &mut r)).collect()
-        };
+        let a: Vec<u32> = (0..50).map(|s| sample(&logits, &p, 42, s)).collect();
+        let b: Vec<u32> = (0..50).map(|s| sample(&logits, &p, 42, s)).collect();
         assert_eq!(a, b);
         assert!(
             a.iter().any(|&t| t != a[0]),
@@ -286,7 +324,34 @@ mod tests {
             top_p: 0.5,
             ..Default::default()
         };
-        let mut r = Rng::new(3);
-        assert!((0..100).all(|_| sample(&logits, &p, &mut r) == 7));
+        assert!((0..100).all(|s| sample(&logits, &p, 3, s) == 7));
+    }
+
+    #[test]
+    fn draws_follow_the_distribution_and_never_take_a_far_token() {
+        // p(i) proportional to i + 1 over 8 tokens: 40,000 draws, chi-square with 7 degrees
+        // of freedom below its 0.001 quantile (24.3).
+        let logits: Vec<f32> = (1..=8).map(|i| (i as f32).ln()).collect();
+        let p = SamplingSpec {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let mut counts = [0usize; 8];
+        for seed in 0..400u64 {
+            for step in 0..100 {
+                counts[sample(&logits, &p, seed, step) as usize] += 1;
+            }
+        }
+        let chi2: f64 = (0..8)
+            .map(|i| {
+                let e = 40_000.0 * (i + 1) as f64 / 36.0;
+                (counts[i] as f64 - e).powi(2) / e
+            })
+            .sum();
+        assert!(chi2 < 24.3, "chi-square {chi2}, counts {counts:?}");
+        // A token 30 logits behind at a 128k vocabulary never wins (u is never 1).
+        let mut far = vec![0f32; 128_256];
+        far[0] = 30.0;
+        assert!((0..200).all(|s| sample(&far, &p, 9, s) == 0));
     }
 }

@@ -27,7 +27,7 @@ use convoy_scheduler::{BlockCopy, Loc};
 use convoy_weights::ModelConfig;
 use half::bf16;
 
-use super::{Act, Backend, BackendError, Rows, Weight};
+use super::{Act, Backend, BackendError, RowDraw, Rows, Weight};
 use crate::forward_batch::ForwardBatch;
 use crate::model::llama::LlamaModel;
 
@@ -42,7 +42,8 @@ struct LayerWeights<B> {
     down: B,
 }
 
-/// Per-pass index data on the device, each with room for `capacity` entries.
+/// Per-pass data on the device (indices, sampling parameters), with room for `capacity`
+/// bytes; it grows when a pass needs more.
 struct Meta<B> {
     buf: B,
     capacity: usize,
@@ -81,6 +82,10 @@ pub struct CudaBackend<D: DeviceLayer> {
     row_seq: Meta<D::Buffer>,
     tables: Meta<D::Buffer>,
     logit_rows: Meta<D::Buffer>,
+    draw_temps: Meta<D::Buffer>,
+    draw_seeds: Meta<D::Buffer>,
+    draw_steps: Meta<D::Buffer>,
+    draw_out: Meta<D::Buffer>,
     // The pass in progress.
     tokens: usize,
     rows: usize,
@@ -216,8 +221,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
         };
         let meta = |n: usize| -> Result<Meta<D::Buffer>, BackendError> {
             Ok(Meta {
-                buf: d.alloc(n.max(1) * 4).map_err(&e)?,
-                capacity: n.max(1),
+                buf: d.alloc(n.max(1) * 8).map_err(&e)?,
+                capacity: n.max(1) * 8,
             })
         };
         let tokens = max_batched_tokens.max(1);
@@ -228,6 +233,10 @@ impl<D: DeviceLayer> CudaBackend<D> {
             row_seq: meta(tokens)?,
             tables: meta(tokens)?,
             logit_rows: meta(tokens)?,
+            draw_temps: meta(tokens)?,
+            draw_seeds: meta(tokens)?,
+            draw_steps: meta(tokens)?,
+            draw_out: meta(tokens)?,
             acts: Vec::new(),
             staging: d.alloc(4).map_err(&e)?,
             partials: d.alloc(4).map_err(&e)?,
@@ -363,10 +372,15 @@ impl<D: DeviceLayer> CudaBackend<D> {
     }
 
     /// Write `values` into a metadata buffer, growing it when needed.
-    fn put(device: &D, meta: &mut Meta<D::Buffer>, values: &[i32]) -> Result<(), DeviceError> {
-        if values.len() > meta.capacity {
-            meta.buf = device.alloc(values.len() * 4)?;
-            meta.capacity = values.len();
+    fn put<T: device::DeviceScalar>(
+        device: &D,
+        meta: &mut Meta<D::Buffer>,
+        values: &[T],
+    ) -> Result<(), DeviceError> {
+        let bytes = std::mem::size_of_val(values);
+        if bytes > meta.capacity {
+            meta.buf = device.alloc(bytes)?;
+            meta.capacity = bytes;
         }
         device.write(&mut meta.buf, 0, device::as_bytes(values))
     }
@@ -782,6 +796,42 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             count: self.rows,
             width: self.config.hidden_size,
         })
+    }
+
+    fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
+        if draws.len() != self.rows {
+            return Err(bad_batch(
+                self.device.name(),
+                format!("{} draws for {} logits rows", draws.len(), self.rows),
+            ));
+        }
+        if draws.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let e = self.err();
+        let temps: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
+        let seeds: Vec<u64> = draws.iter().map(|d| d.seed).collect();
+        let steps: Vec<u64> = draws.iter().map(|d| d.step).collect();
+        let d = &self.device;
+        Self::put(d, &mut self.draw_temps, &temps).map_err(&e)?;
+        Self::put(d, &mut self.draw_seeds, &seeds).map_err(&e)?;
+        Self::put(d, &mut self.draw_steps, &steps).map_err(&e)?;
+        Self::put(d, &mut self.draw_out, &vec![0i32; draws.len()]).map_err(&e)?;
+        self.launch(&l::GumbelSampleRows {
+            logits: self.act(Act::Logits),
+            temperature: self.draw_temps.buf.slice(),
+            seeds: self.draw_seeds.buf.slice(),
+            steps: self.draw_steps.buf.slice(),
+            out: self.draw_out.buf.slice(),
+            vocab: self.config.vocab_size,
+            rows: draws.len(),
+            threads: 1024,
+        })?;
+        let mut ids = vec![0i32; draws.len()];
+        self.device
+            .read(&self.draw_out.buf, 0, device::as_bytes_mut(&mut ids))
+            .map_err(&e)?;
+        Ok(Some(ids.into_iter().map(|i| i as u32).collect()))
     }
 
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {

@@ -17,6 +17,13 @@ pub fn forward<B: Backend>(
     batch: &ForwardBatch,
     logits: &mut Vec<f32>,
 ) -> Result<(), BackendError> {
+    run_layers(b, batch)?;
+    b.read_logits(logits)
+}
+
+/// Run one forward pass of `batch` on `b`, leaving the logits on the backend (for
+/// [`Backend::sample_rows`] or [`Backend::read_logits`]).
+pub fn run_layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
     let cfg: &ModelConfig = b.config();
     let (layers, bias) = (cfg.num_layers, cfg.architecture.has_qkv_bias());
     b.begin_step(batch)?;
@@ -51,6 +58,5 @@ pub fn forward<B: Backend>(
     }
     b.gather_logit_rows(batch, Act::Residual, Act::Last)?;
     b.rms_norm(Act::Last, Weight::FinalNorm, Act::LastNormed, Rows::Logits)?;
-    b.linear(Act::LastNormed, Weight::LmHead, Act::Logits, Rows::Logits)?;
-    b.read_logits(logits)
+    b.linear(Act::LastNormed, Weight::LmHead, Act::Logits, Rows::Logits)
 }

@@ -10,13 +10,14 @@
 //!
 //! Invariants: [`Backend::begin_step`] is called once per forward pass, before any operation,
 //! with the batch every operation of that pass receives; an operation reads only activations
-//! written earlier in the same pass; [`Backend::read_logits`] ends the pass.
+//! written earlier in the same pass; [`Backend::read_logits`] or [`Backend::sample_rows`] ends
+//! the pass.
 
 pub mod cpu;
 pub mod cuda;
 mod forward;
 
-pub use forward::forward;
+pub use forward::{forward, run_layers};
 
 use convoy_scheduler::BlockCopy;
 use convoy_weights::ModelConfig;
@@ -78,6 +79,18 @@ pub enum Weight {
     GateUp(usize),
     /// Layer `l`'s down projection.
     Down(usize),
+}
+
+/// One logits row's draw on the device: greedy at temperature 0, else the keyed Gumbel-max
+/// draw of `crate::sampler::sample` (the same arithmetic on every backend).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowDraw {
+    /// 0 for greedy.
+    pub temperature: f32,
+    /// The request's seed.
+    pub seed: u64,
+    /// Tokens the request has sampled so far.
+    pub step: u64,
 }
 
 /// Why a backend could not run a model or a step.
@@ -162,4 +175,10 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
     /// Hand the pass's logits (`[logit rows][vocab]`) to the host, in `logits`.
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError>;
+    /// Draw one token per logits row on the device, so only token ids cross to the host;
+    /// `None` where the backend samples on the host (the caller then reads the logits).
+    fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
+        let _ = draws;
+        Ok(None)
+    }
 }
