@@ -64,11 +64,11 @@ pub struct WorkloadSpec {
 pub struct ChatSpec {
     /// Distinct personas; each conversation draws one uniformly.
     pub personas: usize,
-    /// Length of a persona's system prompt, drawn once per persona.
+    /// Length of a persona's system prompt in words of synthetic text, drawn once per persona.
     pub persona_tokens: Dist,
     /// Turns of a conversation.
     pub turns: Dist,
-    /// Length of each user message.
+    /// Length of each user message in words of synthetic text (after its tag).
     pub user_tokens: Dist,
     /// Seconds between a reply's end and the next user message.
     pub think_time_s: Dist,

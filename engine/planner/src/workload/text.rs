@@ -1,5 +1,6 @@
-//! Synthetic prompt text: seeded sequences of common English words, about one token each for
-//! the usual byte-pair tokenizers (the real count is whatever the daemon reports in `usage`).
+//! Synthetic prompt text: seeded sequences of common English words. Lengths are in words, not
+//! tokens: SmolLM2's tokenizer makes 1.115 tokens of a word (a profile's `tokens_per_word`);
+//! the real count is whatever the daemon reports in `usage`.
 //! The same seed and length give the same text; a longer text with the same seed starts with
 //! the shorter one, so a persona's text is a stable prefix.
 
