@@ -256,6 +256,7 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         block_size,
     );
     let started = Instant::now();
+    let cpu_before = process_cpu_seconds();
     let (samples, source_note) = if args.from_steps.is_empty() {
         let samples = time_grid(&args, model, &mut cache, num_blocks, block_size);
         let note = format!(
@@ -353,6 +354,28 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         100.0 * quality.max_relative_error,
         started.elapsed().as_secs_f64()
     );
+    if args.from_steps.is_empty() {
+        // The grid runs the forward pass on every thread of the pool; if they got much less
+        // than their cores, something else was running and every time is off.
+        let threads = convoy_kernels::cpu::pool::num_threads() as f64;
+        let share =
+            (process_cpu_seconds() - cpu_before) / (started.elapsed().as_secs_f64() * threads);
+        if share < 0.8 {
+            eprintln!(
+                "WARNING: the measuring threads had {:.0}% of their {threads} cores: another process \
+                 was using the CPU, so these step times, and a profile made of them, are wrong. \
+                 Rerun calibrate on an idle machine.",
+                100.0 * share
+            );
+        }
+    }
+    if quality.rms_relative_error > 0.2 {
+        eprintln!(
+            "WARNING: the fitted model misses the measured steps by {:.0}% (rms): a profile this far \
+             off mispredicts latency. Look for another process using the CPU, or raise --reps.",
+            100.0 * quality.rms_relative_error
+        );
+    }
     let text = text_counts(&loaded.codec);
     println!(
         "synthetic text: {:.3} tokens per word, {:.1} tokens per user-message tag",
@@ -392,4 +415,16 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
     }
     println!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// CPU seconds (user and system) this process has used, all threads together.
+fn process_cpu_seconds() -> f64 {
+    match nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        Ok(u) => {
+            let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 * 1e-6;
+            t(u.user_time()) + t(u.system_time())
+        }
+        // Unknown: no warning rather than a false one.
+        Err(_) => f64::NAN,
+    }
 }

@@ -254,3 +254,48 @@ fn bad_input_gives_clear_errors() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Calibrating while other processes take the CPU warns loudly: the step times it measures,
+/// and a profile made of them, would be wrong.
+#[test]
+fn calibrate_warns_when_another_process_takes_the_cpu() {
+    // One busy process per core.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut busy: Vec<std::process::Child> = (0..cores)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let out_file =
+        std::env::temp_dir().join(format!("convoy-busy-profile-{}.json", std::process::id()));
+    let out = bench()
+        .args([
+            "calibrate",
+            "--reps",
+            "1",
+            "--decode-batch",
+            "1,4",
+            "--context",
+            "128",
+            "--prefill",
+            "32,128",
+            "--out",
+        ])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    for b in &mut busy {
+        let _ = b.kill();
+        let _ = b.wait();
+    }
+    let _ = std::fs::remove_file(&out_file);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("WARNING: the measuring threads had") && stderr.contains("another process"),
+        "{stderr}"
+    );
+}
