@@ -868,3 +868,66 @@ fn every_gpu_check_case_runs_on_the_emulator_and_repeats() {
         }
     }
 }
+
+/// All of a step's copies between two tiers in one launch: full and partial blocks, every
+/// layer, bitwise; a destination not in the list is untouched.
+#[test]
+fn copy_block_list_copies_every_listed_prefix_bitwise() {
+    let dev = EmulatedDevice::new();
+    let (layers, blocks, host_blocks, bs, kv_width) = (3usize, 7usize, 4usize, 16usize, 192usize);
+    let block_elems = bs * kv_width;
+    let mut rng = Rng(21);
+    let src = bf16s(&rng.vec(layers * blocks * block_elems, 2.0));
+    let s = dev.upload(&src).unwrap();
+    let fill = bf16::from_f32(-7.0);
+    let d = dev
+        .upload(&vec![fill; layers * host_blocks * block_elems])
+        .unwrap();
+    let list = [(6usize, 0usize, 16usize), (2, 3, 5), (0, 1, 1)];
+    let flat: Vec<i32> = list
+        .iter()
+        .flat_map(|&(a, b, c)| [a as i32, b as i32, c as i32])
+        .collect();
+    let lb = dev.upload(&flat).unwrap();
+    let k = CopyBlockList {
+        src: s.slice(),
+        dst: d.slice(),
+        list: lb.slice(),
+        copies: list.len(),
+        layers,
+        src_blocks: blocks,
+        dst_blocks: host_blocks,
+        block_elems,
+        slot_elems: kv_width,
+    };
+    // SAFETY: buffers of this device, sized by the contract; the listed blocks and slots are
+    // in range and no destination repeats.
+    unsafe { launch(&dev, &k) }.unwrap();
+    let got: Vec<bf16> = dev.download(&d).unwrap();
+    for l in 0..layers {
+        for hb in 0..host_blocks {
+            let copy = list.iter().find(|c| c.1 == hb);
+            for i in 0..block_elems {
+                let g = got[(l * host_blocks + hb) * block_elems + i];
+                let want = match copy {
+                    Some(&(sb, _, slots)) if i < slots * kv_width => {
+                        src[(l * blocks + sb) * block_elems + i]
+                    }
+                    _ => fill,
+                };
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "layer {l} host block {hb} value {i}"
+                );
+            }
+        }
+    }
+    // Slots that are not whole 16-byte chunks are refused.
+    let bad = CopyBlockList {
+        slot_elems: 12,
+        block_elems: 12 * bs,
+        ..k
+    };
+    assert!(bad.config().is_err());
+}

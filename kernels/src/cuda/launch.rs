@@ -820,3 +820,76 @@ impl KernelLaunch for AddBiasRows {
         ]
     }
 }
+
+/// Copy the first slots of blocks between two caches of the same layout, for a list of copies
+/// and every layer, in one launch with 16-byte loads.
+///
+/// Device data: `list` holds `copies` triples (source block, destination block, slots) with
+/// blocks below `src_blocks` and `dst_blocks` and slots at most `block_elems / slot_elems`; no
+/// destination is another triple's source or destination.
+pub struct CopyBlockList {
+    /// bf16, `layers` layers `layer_stride_src` values apart, 16-byte aligned.
+    pub src: DeviceSlice,
+    /// bf16, `layers` layers `layer_stride_dst` values apart, 16-byte aligned.
+    pub dst: DeviceSlice,
+    /// i32 `[copies][3]`.
+    pub list: DeviceSlice,
+    /// Copies in the list.
+    pub copies: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Blocks per layer of `src`.
+    pub src_blocks: usize,
+    /// Blocks per layer of `dst`.
+    pub dst_blocks: usize,
+    /// Values per block (block size x kv_width), a multiple of 8.
+    pub block_elems: usize,
+    /// Values per slot (kv_width), a multiple of 8.
+    pub slot_elems: usize,
+}
+
+impl KernelLaunch for CopyBlockList {
+    const NAME: &'static str = "copy_block_list";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("copies", self.copies as i64)?;
+        positive("layers", self.layers as i64)?;
+        positive("block_elems", self.block_elems as i64)?;
+        if !self.slot_elems.is_multiple_of(8) || !self.block_elems.is_multiple_of(8) {
+            return Err(
+                "slots and blocks must be whole 16-byte chunks (multiples of 8 values)".into(),
+            );
+        }
+        if !self.src.ptr.is_multiple_of(16) || !self.dst.ptr.is_multiple_of(16) {
+            return Err("the caches must start 16-byte aligned".into());
+        }
+        need(
+            "src",
+            &self.src,
+            self.layers * self.src_blocks * self.block_elems,
+            2,
+        )?;
+        need(
+            "dst",
+            &self.dst,
+            self.layers * self.dst_blocks * self.block_elems,
+            2,
+        )?;
+        need("list", &self.list, self.copies * 3, 4)?;
+        Ok(LaunchConfig {
+            grid: [self.copies as u32, self.layers as u32, 1],
+            block: [128, 1, 1],
+            shared_bytes: 0,
+        })
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.src),
+            ptr(&self.dst),
+            ptr(&self.list),
+            KernelArg::I64((self.src_blocks * self.block_elems) as i64),
+            KernelArg::I64((self.dst_blocks * self.block_elems) as i64),
+            KernelArg::I32(self.block_elems as i32),
+            KernelArg::I32(self.slot_elems as i32),
+        ]
+    }
+}

@@ -51,6 +51,7 @@ pub const SOURCES: &[KernelSource] = &[
             "gather_rows",
             "add_rows",
             "add_bias_rows",
+            "copy_block_list",
         ],
     },
     KernelSource {

@@ -56,7 +56,7 @@ pub const SHAPES: [Shape; 3] = [
 ];
 
 /// The operations, in report order.
-pub const OPS: [&str; 12] = [
+pub const OPS: [&str; 13] = [
     "embedding_bf16",
     "fused_add_rmsnorm",
     "rope_half_split",
@@ -67,6 +67,7 @@ pub const OPS: [&str; 12] = [
     "argmax_rows",
     "gumbel_sample_rows",
     "copy_blocks",
+    "copy_block_list",
     "cast_bf16",
     "gather_add_bias",
 ];
@@ -384,6 +385,31 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                         block_elems,
                         slot_elems: kvd,
                         slots: 11,
+                    },
+                )?;
+                Ok(d.download::<bf16>(&dst)?
+                    .into_iter()
+                    .map(f32::from)
+                    .collect())
+            }
+            "copy_block_list" => {
+                let (layers, blocks, host_blocks, bs) = (4, 6, 5, 16);
+                let block_elems = bs * kvd;
+                let src = d.upload(&bf16s(&rng.vec(layers * blocks * block_elems, 2.0)))?;
+                let dst = d.upload(&vec![bf16::ZERO; layers * host_blocks * block_elems])?;
+                let list = d.upload(&[4i32, 1, 16, 0, 3, 5, 5, 0, 1])?;
+                launch(
+                    d,
+                    &l::CopyBlockList {
+                        src: src.slice(),
+                        dst: dst.slice(),
+                        list: list.slice(),
+                        copies: 3,
+                        layers,
+                        src_blocks: blocks,
+                        dst_blocks: host_blocks,
+                        block_elems,
+                        slot_elems: kvd,
                     },
                 )?;
                 Ok(d.download::<bf16>(&dst)?

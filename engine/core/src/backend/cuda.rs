@@ -7,7 +7,8 @@
 //! norms bf16, the Qwen2 QKV bias f32; activations f32, cast to bf16 in a staging buffer before
 //! each GEMM (f32 accumulation). K and V: one bf16 buffer each for all layers,
 //! `[layers][blocks][block_size][kv_heads][head_dim]`, the host tier the same with its own block
-//! count; a block copy is one `copy_blocks` launch per K and V over all layers. RoPE reads a
+//! count; the copies of a step are one `copy_block_list` launch per K and V for each run of
+//! copies between the same two tiers (16-byte loads, every layer). RoPE reads a
 //! cos/sin table of every position, computed on the host exactly as the CPU backend computes
 //! its rows (float32 angle, float32 cos and sin: transformers' arithmetic).
 //!
@@ -86,6 +87,7 @@ pub struct CudaBackend<D: DeviceLayer> {
     draw_seeds: Meta<D::Buffer>,
     draw_steps: Meta<D::Buffer>,
     draw_out: Meta<D::Buffer>,
+    copy_list: Meta<D::Buffer>,
     // The pass in progress.
     tokens: usize,
     rows: usize,
@@ -237,6 +239,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             draw_seeds: meta(tokens)?,
             draw_steps: meta(tokens)?,
             draw_out: meta(tokens)?,
+            copy_list: meta(tokens)?,
             acts: Vec::new(),
             staging: d.alloc(4).map_err(&e)?,
             partials: d.alloc(4).map_err(&e)?,
@@ -395,51 +398,69 @@ impl<D: DeviceLayer> CudaBackend<D> {
         unsafe { device::launch(&self.device, k) }.map_err(self.err())
     }
 
-    fn copy_tier(&self, src: Loc, dst: Loc, slots: usize, k: bool) -> Result<(), BackendError> {
+    /// A tier's K or V buffer and its blocks per layer.
+    fn tier(&self, host: bool, k: bool) -> Result<(&D::Buffer, usize), BackendError> {
+        if !host {
+            return Ok((
+                if k { &self.k_cache } else { &self.v_cache },
+                self.num_blocks,
+            ));
+        }
+        let buf = if k {
+            self.host_k.as_ref()
+        } else {
+            self.host_v.as_ref()
+        };
+        let buf = buf.ok_or_else(|| BackendError::Unsupported {
+            backend: self.device.name(),
+            reason: "a copy names the host tier, which has no blocks".into(),
+        })?;
+        Ok((buf, self.num_host_blocks))
+    }
+
+    /// One launch per K and V for `run`: copies between the same two tiers, none touching a
+    /// block an earlier one of the run writes.
+    fn copy_run(&mut self, run: &[BlockCopy]) -> Result<(), BackendError> {
+        let (src_host, dst_host) = (
+            matches!(run[0].src, Loc::Host(_)),
+            matches!(run[0].dst, Loc::Host(_)),
+        );
+        let (src_blocks, dst_blocks) = (self.tier(src_host, true)?.1, self.tier(dst_host, true)?.1);
+        let mut list = Vec::with_capacity(run.len() * 3);
+        for c in run {
+            let (Loc::Device(s) | Loc::Host(s)) = c.src;
+            let (Loc::Device(d) | Loc::Host(d)) = c.dst;
+            if s as usize >= src_blocks || d as usize >= dst_blocks || c.num_slots > self.block_size
+            {
+                return Err(bad_batch(
+                    self.device.name(),
+                    format!(
+                        "block copy {:?} -> {:?} of {} slots is out of range",
+                        c.src, c.dst, c.num_slots
+                    ),
+                ));
+            }
+            list.extend([s as i32, d as i32, c.num_slots as i32]);
+        }
+        Self::put(&self.device, &mut self.copy_list, &list).map_err(self.err())?;
         let c = &self.config;
         let kv_width = c.num_kv_heads * c.head_dim;
-        let block_elems = self.block_size * kv_width;
-        let pick = |loc: Loc| -> Result<(&D::Buffer, usize, usize), BackendError> {
-            match loc {
-                Loc::Device(b) => Ok((
-                    if k { &self.k_cache } else { &self.v_cache },
-                    self.num_blocks,
-                    b as usize,
-                )),
-                Loc::Host(b) => {
-                    let buf = if k {
-                        self.host_k.as_ref()
-                    } else {
-                        self.host_v.as_ref()
-                    };
-                    let buf = buf.ok_or_else(|| BackendError::Unsupported {
-                        backend: self.device.name(),
-                        reason: "a copy names the host tier, which has no blocks".into(),
-                    })?;
-                    Ok((buf, self.num_host_blocks, b as usize))
-                }
-            }
-        };
-        let (s, s_blocks, s_block) = pick(src)?;
-        let (d, d_blocks, d_block) = pick(dst)?;
-        if s_block >= s_blocks || d_block >= d_blocks || slots > self.block_size {
-            return Err(BackendError::Unsupported {
-                backend: self.device.name(),
-                reason: format!("block copy {src:?} -> {dst:?} of {slots} slots is out of range"),
-            });
+        for k in [true, false] {
+            let (src, _) = self.tier(src_host, k)?;
+            let (dst, _) = self.tier(dst_host, k)?;
+            self.launch(&l::CopyBlockList {
+                src: src.slice(),
+                dst: dst.slice(),
+                list: self.copy_list.buf.slice(),
+                copies: run.len(),
+                layers: c.num_layers,
+                src_blocks,
+                dst_blocks,
+                block_elems: self.block_size * kv_width,
+                slot_elems: kv_width,
+            })?;
         }
-        self.launch(&l::CopyBlocks {
-            src: s.slice(),
-            dst: d.slice(),
-            layers: c.num_layers,
-            layer_stride_src: s_blocks * block_elems,
-            layer_stride_dst: d_blocks * block_elems,
-            src_block: s_block,
-            dst_block: d_block,
-            block_elems,
-            slot_elems: kv_width,
-            slots,
-        })
+        Ok(())
     }
 }
 
@@ -461,12 +482,35 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
     }
 
     fn apply_copies(&mut self, copies: &[BlockCopy]) -> Result<(), BackendError> {
-        for c in copies {
-            if c.num_slots == 0 {
-                continue;
+        // In order, as runs of copies between the same two tiers that one launch may run in
+        // parallel: a run ends where a copy would read or write a block an earlier copy of the
+        // run writes, or write one it reads.
+        let copies: Vec<BlockCopy> = copies.iter().copied().filter(|c| c.num_slots > 0).collect();
+        let tiers = |c: &BlockCopy| (matches!(c.src, Loc::Host(_)), matches!(c.dst, Loc::Host(_)));
+        let key = |l: Loc| match l {
+            Loc::Device(b) => (false, b),
+            Loc::Host(b) => (true, b),
+        };
+        let mut start = 0;
+        while start < copies.len() {
+            let mut written = std::collections::HashSet::new();
+            let mut read = std::collections::HashSet::new();
+            let mut end = start;
+            while end < copies.len() {
+                let c = &copies[end];
+                if tiers(c) != tiers(&copies[start])
+                    || written.contains(&key(c.src))
+                    || written.contains(&key(c.dst))
+                    || read.contains(&key(c.dst))
+                {
+                    break;
+                }
+                written.insert(key(c.dst));
+                read.insert(key(c.src));
+                end += 1;
             }
-            self.copy_tier(c.src, c.dst, c.num_slots, true)?;
-            self.copy_tier(c.src, c.dst, c.num_slots, false)?;
+            self.copy_run(&copies[start..end])?;
+            start = end;
         }
         Ok(())
     }

@@ -24,6 +24,11 @@
 #define gridDim (::emu::grid_dim)
 #define warpSize 32
 
+// CUDA's built-in vector types the kernels use.
+struct __attribute__((aligned(16))) uint4 {
+    unsigned int x, y, z, w;
+};
+
 #define __syncthreads() ::emu::sync_threads(__FILE__, __LINE__)
 #define __trap() ::emu::fault(7, "__trap() called")
 

@@ -110,3 +110,21 @@ extern "C" __global__ void add_bias_rows(float* __restrict__ x, const float* __r
     float* r = x + (size_t)blockIdx.x * width;
     for (int i = threadIdx.x; i < width; i += blockDim.x) r[i] += bias[i];
 }
+
+// Copy the first `slots` slots of blocks between two caches of the same layout, for a list of
+// copies and every layer in one launch: list[3c] source block, list[3c + 1] destination block,
+// list[3c + 2] slots. 16 bytes per load and store (slot_elems and block_elems are multiples of
+// 8, the bases 16-byte aligned: the launch contract checks). No destination of the list is
+// another copy's source or destination (the caller splits the list where one would be).
+// grid: (copies, layers); block: any.
+extern "C" __global__ void copy_block_list(const bf16_t* __restrict__ src, bf16_t* __restrict__ dst,
+                                           const int* __restrict__ list, long long layer_stride_src,
+                                           long long layer_stride_dst, int block_elems, int slot_elems) {
+    int c = blockIdx.x;
+    long long layer = blockIdx.y;
+    long long sb = list[3 * c], db = list[3 * c + 1];
+    int chunks = list[3 * c + 2] * slot_elems / 8;
+    const uint4* s = (const uint4*)(src + layer * layer_stride_src + sb * block_elems);
+    uint4* d = (uint4*)(dst + layer * layer_stride_dst + db * block_elems);
+    for (int i = threadIdx.x; i < chunks; i += blockDim.x) d[i] = s[i];
+}
