@@ -11,6 +11,12 @@ pub const ATTENTION_PARTITION: usize = 256;
 /// Largest head dimension the attention kernel takes (`MAX_HEAD_DIM` in attention.cu).
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
 
+/// Whether the attention kernel takes this head dimension: a power of two from 8 to
+/// [`ATTENTION_MAX_HEAD_DIM`] (`head_dim / 8` lanes read a row with 16-byte loads).
+pub fn attention_head_dim_ok(head_dim: usize) -> bool {
+    head_dim.is_power_of_two() && (8..=ATTENTION_MAX_HEAD_DIM).contains(&head_dim)
+}
+
 /// One kernel argument, as the C parameter it binds to.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KernelArg {
@@ -502,9 +508,9 @@ impl KernelLaunch for AttentionPartition {
                 self.heads, self.kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim > ATTENTION_MAX_HEAD_DIM {
+        if !attention_head_dim_ok(self.head_dim) {
             return Err(format!(
-                "head dimension {} is not in 1..={ATTENTION_MAX_HEAD_DIM}",
+                "head dimension {} is not a power of two from 8 to {ATTENTION_MAX_HEAD_DIM}",
                 self.head_dim
             ));
         }

@@ -132,9 +132,9 @@ pub fn supports(config: &ModelConfig) -> Result<(), String> {
             "{heads} query heads do not divide into {kv_heads} KV heads"
         ));
     }
-    if hd == 0 || hd % 2 != 0 || hd > ATTENTION_MAX_HEAD_DIM {
+    if !convoy_kernels::cuda::launch::attention_head_dim_ok(hd) {
         return Err(format!(
-            "head dimension {hd} is not even and at most {ATTENTION_MAX_HEAD_DIM}"
+            "head dimension {hd} is not a power of two from 8 to {ATTENTION_MAX_HEAD_DIM}"
         ));
     }
     let widest = [

@@ -1,17 +1,40 @@
 // Paged attention. K/V cache: bf16 [blocks][block_size][kv_heads][head_dim]. q: f32 rows of
-// [heads][head_dim], q_stride floats apart. Each work item is (query token or sequence, KV head, partition of
-// PARTITION positions): the K and V rows of that KV head are read once for all GROUP query heads
-// that share it, up to MAX_GROUP at a time (the MQA/GQA advantage). Partials (max, sum, unnormalised output) are combined
-// in partition order by attention_combine, so results do not depend on the batch.
+// [heads][head_dim], q_stride floats apart. Each work item is (query token or sequence, KV head,
+// partition of PARTITION positions): the K and V rows of that KV head are read from memory once
+// for all query heads that share it, up to MAX_GROUP at a time (the MQA/GQA advantage).
+// Partials (max, sum, unnormalised output) are combined in partition order by
+// attention_combine, so results do not depend on the batch.
 
 #define PARTITION 256
 #define MAX_GROUP 16
 #define MAX_HEAD_DIM 256
 
-// grid: (query rows, kv_heads, max partitions); block: 128.
+// Eight bf16 values from 16 aligned bytes, widened to f32.
+__device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
+    uint4 u = *(const uint4*)p;
+    out[0] = __uint_as_float(u.x << 16);
+    out[1] = __uint_as_float(u.x & 0xffff0000u);
+    out[2] = __uint_as_float(u.y << 16);
+    out[3] = __uint_as_float(u.y & 0xffff0000u);
+    out[4] = __uint_as_float(u.z << 16);
+    out[5] = __uint_as_float(u.z & 0xffff0000u);
+    out[6] = __uint_as_float(u.w << 16);
+    out[7] = __uint_as_float(u.w & 0xffff0000u);
+}
+
+// grid: (query rows, kv_heads, max partitions); block: 128 (a multiple of 32).
+// head_dim: a power of two from 8 to 256, so head_dim / 8 lanes read one K or V row with
+// 16-byte loads (a coalesced row) and reduce with shuffles of that width.
 // q row r starts at q + r * q_stride (a view of the fused QKV row).
-// row_seq[r]: sequence of query row r; row_pos[r]: its position (it attends to 0..=pos).
+// row_seq[r]: sequence of query row r; row_pos[r]: its position (it attends to 0..=pos; -1 is
+// a padding row, which writes nothing).
 // partials: [rows][heads][max_partitions][2 + head_dim].
+//
+// Per chunk of up to MAX_GROUP query heads: (1) each K row of the partition is read once, and
+// its dot products with every head of the chunk reduced across the row's lanes; (2) each
+// warp takes whole heads for the softmax statistics (warp reductions, no block barrier per
+// head); (3) each thread owns one head and 8 dimensions, reading every position's 16 bytes of V
+// (the chunk's heads share each V row through the cache).
 extern "C" __global__ void attention_partition(const float* __restrict__ q, const bf16_t* __restrict__ k_cache,
                                                const bf16_t* __restrict__ v_cache, const int* __restrict__ block_tables,
                                                int max_blocks_per_seq, const int* __restrict__ row_seq,
@@ -20,63 +43,88 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
                                                int max_partitions, float scale, long long q_stride) {
     __shared__ float qs[MAX_GROUP * MAX_HEAD_DIM];
     __shared__ float scores[MAX_GROUP * PARTITION];
-    __shared__ float scratch[32];
+    __shared__ long long row_base[PARTITION];
+    __shared__ float stat_m[MAX_GROUP];
+    __shared__ float stat_l[MAX_GROUP];
     int row = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
     int group = heads / kv_heads;
     int ctx = row_pos[row] + 1;
     int p0 = part * PARTITION;
     if (p0 >= ctx) return;
-    int p1 = min(ctx, p0 + PARTITION), n = p1 - p0;
+    int n = min(ctx, p0 + PARTITION) - p0;
     const int* table = block_tables + (size_t)row_seq[row] * max_blocks_per_seq;
-    int kv_width = kv_heads * head_dim;
-    // The group's query heads in chunks of MAX_GROUP (all of them at once up to 16; MQA with
-    // 32 heads per KV head reads the partition's K and V rows twice).
+    long long kv_width = (long long)kv_heads * head_dim;
+    // Where each position's row of this KV head starts, once per partition.
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        int pos = p0 + j;
+        long long slot = (long long)table[pos / block_size] * block_size + pos % block_size;
+        row_base[j] = slot * kv_width + (long long)kvh * head_dim;
+    }
+    int lanes = head_dim >> 3;               // lanes per row
+    int sub = threadIdx.x & (lanes - 1);     // this lane's 8 values of the row
+    int in_flight = blockDim.x / lanes;      // rows read at once
+    int warps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     for (int g0 = 0; g0 < group; g0 += MAX_GROUP) {
         int gn = min(MAX_GROUP, group - g0);
         for (int i = threadIdx.x; i < gn * head_dim; i += blockDim.x)
             qs[i] = q[row * q_stride + (size_t)(kvh * group + g0) * head_dim + i];
         __syncthreads();
-        // Scores: one position per thread, every query head of the chunk.
-        for (int j = threadIdx.x; j < n; j += blockDim.x) {
-            int pos = p0 + j;
-            size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
-            const bf16_t* kr = k_cache + slot * kv_width + kvh * head_dim;
+        // (1) Scores: each K row once for every head of the chunk.
+        for (int j0 = 0; j0 < n; j0 += in_flight) {
+            int j = j0 + threadIdx.x / lanes;
+            float k8[8];
+            if (j < n) {
+                load8_bf16(k_cache + row_base[j] + sub * 8, k8);
+            } else {
+                for (int e = 0; e < 8; e++) k8[e] = 0.0f;
+            }
             for (int g = 0; g < gn; g++) {
+                const float* qg = qs + g * head_dim + sub * 8;
                 float s = 0.0f;
-                for (int d = 0; d < head_dim; d++) s += qs[g * head_dim + d] * bf16_to_f32(kr[d]);
-                scores[g * PARTITION + j] = s * scale;
+                for (int e = 0; e < 8; e++) s += qg[e] * k8[e];
+                for (int o = lanes >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, lanes);
+                if (sub == 0 && j < n) scores[g * PARTITION + j] = s * scale;
             }
         }
         __syncthreads();
-        for (int g = 0; g < gn; g++) {
+        // (2) Softmax statistics: a warp per head.
+        for (int g = warp; g < gn; g += warps) {
             float m = -INFINITY;
-            for (int j = threadIdx.x; j < n; j += blockDim.x) m = fmaxf(m, scores[g * PARTITION + j]);
-            m = block_max(m, scratch);
+            for (int j = lane; j < n; j += 32) m = fmaxf(m, scores[g * PARTITION + j]);
+            m = warp_max(m);
             float l = 0.0f;
-            for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            for (int j = lane; j < n; j += 32) {
                 float e = __expf(scores[g * PARTITION + j] - m);
                 scores[g * PARTITION + j] = e;
                 l += e;
             }
-            l = block_sum(l, scratch);
+            l = warp_sum(l);
+            if (lane == 0) {
+                stat_m[g] = m;
+                stat_l[g] = l;
+            }
+        }
+        __syncthreads();
+        // (3) Unnormalised weighted sum of V: a thread per (head, 8 dimensions).
+        for (int item = threadIdx.x; item < gn * lanes; item += blockDim.x) {
+            int g = item / lanes, c = item & (lanes - 1);
+            float acc[8];
+            for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+            for (int j = 0; j < n; j++) {
+                float p = scores[g * PARTITION + j];
+                float v8[8];
+                load8_bf16(v_cache + row_base[j] + c * 8, v8);
+                for (int e = 0; e < 8; e++) acc[e] += p * v8[e];
+            }
             int head = kvh * group + g0 + g;
             float* out = partials + (((size_t)row * heads + head) * max_partitions + part) * (2 + head_dim);
-            if (threadIdx.x == 0) {
-                out[0] = m;
-                out[1] = l;
+            if (c == 0) {
+                out[0] = stat_m[g];
+                out[1] = stat_l[g];
             }
-            // Unnormalised weighted sum of V: one output dimension per thread.
-            for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-                float acc = 0.0f;
-                for (int j = 0; j < n; j++) {
-                    int pos = p0 + j;
-                    size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
-                    acc += scores[g * PARTITION + j] * bf16_to_f32(v_cache[slot * kv_width + kvh * head_dim + d]);
-                }
-                out[2 + d] = acc;
-            }
-            __syncthreads();
+            for (int e = 0; e < 8; e++) out[2 + c * 8 + e] = acc[e];
         }
+        __syncthreads();
     }
 }
 
