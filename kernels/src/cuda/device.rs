@@ -155,6 +155,13 @@ pub trait DeviceLayer {
     /// Allocate `bytes` bytes (uninitialised on a GPU; NaN bytes on the emulator).
     fn alloc(&self, bytes: usize) -> Result<Self::Buffer, DeviceError>;
 
+    /// Allocate `bytes` bytes of host memory the device reads and writes directly (pinned and
+    /// mapped on a GPU: the KV cache's host tier, which kernels copy over the bus); on the
+    /// emulated device, as [`DeviceLayer::alloc`].
+    fn alloc_host(&self, bytes: usize) -> Result<Self::Buffer, DeviceError> {
+        self.alloc(bytes)
+    }
+
     /// Copy `src` into `dst` at byte `offset`.
     fn write(&self, dst: &mut Self::Buffer, offset: usize, src: &[u8]) -> Result<(), DeviceError>;
 

@@ -149,12 +149,18 @@ fn driver_fault(e: impl std::fmt::Display) -> DeviceError {
     }
 }
 
-/// An allocation of GPU memory, freed when dropped.
+/// An allocation of GPU memory (or of pinned, mapped host memory), freed when dropped.
 pub struct DriverBuffer {
     ptr: sys::CUdeviceptr,
     bytes: usize,
+    /// The host address of a pinned allocation; null for device memory.
+    host: *mut c_void,
     ctx: Arc<CudaContext>,
 }
+
+// SAFETY: the buffer owns its allocation exclusively (the host pointer is never dereferenced
+// on the host, only freed); the context is thread-safe.
+unsafe impl Send for DriverBuffer {}
 
 impl DeviceMemory for DriverBuffer {
     fn slice(&self) -> DeviceSlice {
@@ -168,8 +174,13 @@ impl DeviceMemory for DriverBuffer {
 impl Drop for DriverBuffer {
     fn drop(&mut self) {
         if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: the pointer came from `malloc_sync` in this context and is freed once.
-            let _ = unsafe { result::free_sync(self.ptr) };
+            if self.host.is_null() {
+                // SAFETY: the pointer came from `malloc_sync` in this context and is freed once.
+                let _ = unsafe { result::free_sync(self.ptr) };
+            } else {
+                // SAFETY: the pointer came from `malloc_host` in this context and is freed once.
+                let _ = unsafe { result::free_host(self.host) };
+            }
         }
     }
 }
@@ -197,9 +208,36 @@ impl DeviceLayer for CudaDriverDevice {
         let buf = DriverBuffer {
             ptr,
             bytes,
+            host: std::ptr::null_mut(),
             ctx: self.ctx.clone(),
         };
         // SAFETY: the allocation just made holds `bytes` bytes.
+        unsafe { result::memset_d8_sync(ptr, 0xFF, bytes) }.map_err(driver_fault)?;
+        Ok(buf)
+    }
+
+    fn alloc_host(&self, bytes: usize) -> Result<DriverBuffer, DeviceError> {
+        let bytes = bytes.max(1);
+        self.bind()?;
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: the context is bound to this thread; the size is non-zero.
+        let host = unsafe { result::malloc_host(bytes, flags) }
+            .map_err(|_| DeviceError::OutOfMemory { bytes })?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: `host` is a live mapped pinned allocation; `ptr` is a valid out-pointer.
+        let mapped = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut ptr, host, 0) };
+        let buf = DriverBuffer {
+            ptr,
+            bytes,
+            host,
+            ctx: self.ctx.clone(),
+        };
+        if mapped != sys::CUresult::CUDA_SUCCESS {
+            return Err(driver_fault(format!(
+                "cuMemHostGetDevicePointer: {mapped:?}"
+            )));
+        }
+        // SAFETY: the mapping holds `bytes` bytes, addressed by the device pointer.
         unsafe { result::memset_d8_sync(ptr, 0xFF, bytes) }.map_err(driver_fault)?;
         Ok(buf)
     }

@@ -7,7 +7,7 @@
 //! norms bf16, the Qwen2 QKV bias f32; activations f32, cast to bf16 in a staging buffer before
 //! each GEMM (f32 accumulation). K and V: one bf16 buffer each for all layers,
 //! `[layers][blocks][block_size][kv_heads][head_dim]`, the host tier the same with its own block
-//! count; the copies of a step are one `copy_block_list` launch per K and V for each run of
+//! count, in pinned host memory the device maps (`DeviceLayer::alloc_host`); the copies of a step are one `copy_block_list` launch per K and V for each run of
 //! copies between the same two tiers (16-byte loads, every layer). RoPE reads a
 //! cos/sin table of every position, computed on the host exactly as the CPU backend computes
 //! its rows (float32 angle, float32 cos and sin: transformers' arithmetic).
@@ -215,8 +215,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let v_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
         let (host_k, host_v) = if num_host_blocks > 0 {
             (
-                Some(d.alloc(per_tier(num_host_blocks)).map_err(&e)?),
-                Some(d.alloc(per_tier(num_host_blocks)).map_err(&e)?),
+                Some(d.alloc_host(per_tier(num_host_blocks)).map_err(&e)?),
+                Some(d.alloc_host(per_tier(num_host_blocks)).map_err(&e)?),
             )
         } else {
             (None, None)
@@ -517,6 +517,10 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
 
     fn begin_step(&mut self, batch: &ForwardBatch) -> Result<(), BackendError> {
         let name = self.device.name();
+        // Until this pass's metadata is all in place, every operation is a no-op: a caller that
+        // goes on after a failed begin_step launches nothing over half-written metadata.
+        self.tokens = 0;
+        self.rows = 0;
         let n = batch.num_tokens();
         let m = batch.logits_rows.len();
         let (vocab, heads, head_dim) = (
@@ -843,7 +847,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
     }
 
     fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
-        if draws.len() != self.rows {
+        if draws.len() != self.rows || self.rows > self.row_capacity {
             return Err(bad_batch(
                 self.device.name(),
                 format!("{} draws for {} logits rows", draws.len(), self.rows),
