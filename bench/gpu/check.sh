@@ -13,7 +13,8 @@
 #      MQA shapes (convoy-bench gpu-ops: NMSE per operation);
 #   4. SmolLM2 on the card against the CPU: logits, greedy tokens, a 3-turn chat with every
 #      cache-hit prefill recomputed (convoy-bench gpu-model);
-#   5. `convoy serve --device cuda`: a chat over the socket, later turns from the cache;
+#   5. `convoy serve --device cuda --gpu-memory-utilization 0.5`: a chat over the socket,
+#      later turns from the cache;
 #   6. decode at batch 1/32/128/256 with 1,024 tokens of context and prefill, dummy
 #      Llama-3-8B bf16, GQA (8 KV heads) and MQA (1) (convoy-bench gpu-decode), and the
 #      card's device-to-device copy bandwidth for the batch-1 bound;
@@ -42,7 +43,7 @@ step model bash -c "$bin/convoy-bench gpu-model --on cuda | tee $out/gpu-model.t
 serve_chat() {
   local sock="$out/convoy-check.sock"
   rm -f "$sock"
-  "$bin/convoy" serve --device cuda --socket "$sock" --kv-cache-memory 2GiB --host-cache-memory 2GiB &
+  "$bin/convoy" serve --device cuda --socket "$sock" --gpu-memory-utilization 0.5 --host-cache-memory 2GiB &
   local pid=$!
   for _ in $(seq 1 120); do [ -S "$sock" ] && break; sleep 1; done
   python3 - "$sock" <<'PY'

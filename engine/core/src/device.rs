@@ -9,7 +9,7 @@
 //!   loaded at run time); without a driver, the libraries or a GPU, one clear line.
 //! - `auto`: `cuda` when a driver, the libraries and a GPU are present, else `cpu`.
 
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{CudaBackend, KvBlocks};
 use crate::backend::BackendError;
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
@@ -102,10 +102,10 @@ impl Device {
                 cfg.num_host_blocks,
                 cfg.block_size,
             ))),
-            Device::CudaEmulated => Ok(Box::new(Runner::with_backend(CudaBackend::new(
+            Device::CudaEmulated => Ok(Box::new(Runner::with_backend(CudaBackend::with_kv(
                 EmulatedDevice::new(),
                 model,
-                cfg.num_blocks,
+                kv_blocks(cfg),
                 cfg.num_host_blocks,
                 cfg.block_size,
                 cfg.max_batched_tokens,
@@ -115,15 +115,22 @@ impl Device {
                     backend: "cuda",
                     reason: e.to_string(),
                 })?;
-                Ok(Box::new(Runner::with_backend(CudaBackend::new(
+                Ok(Box::new(Runner::with_backend(CudaBackend::with_kv(
                     gpu,
                     model,
-                    cfg.num_blocks,
+                    kv_blocks(cfg),
                     cfg.num_host_blocks,
                     cfg.block_size,
                     cfg.max_batched_tokens,
                 )?)))
             }
         }
+    }
+}
+
+fn kv_blocks(cfg: &GeneratorConfig) -> KvBlocks {
+    match cfg.gpu_memory_utilization {
+        Some(share) => KvBlocks::MemoryShare(share),
+        None => KvBlocks::Count(cfg.num_blocks),
     }
 }

@@ -83,6 +83,9 @@ pub struct GeneratorConfig {
     pub max_batched_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Size the device KV cache as this share of a GPU's memory once the weights are in
+    /// (`--gpu-memory-utilization`); `num_blocks` is then the runner's count.
+    pub gpu_memory_utilization: Option<f64>,
     /// Token-to-key map of the cache; the identity except in tests that break it on purpose.
     pub key_fn: KeyFn,
     /// Model identity, part of every cache key.
@@ -100,6 +103,7 @@ impl GeneratorConfig {
             verify_fraction: 0.0,
             max_batched_tokens: 2048,
             max_running: 256,
+            gpu_memory_utilization: None,
             key_fn: identity_key,
             model_id: String::new(),
         }
@@ -163,6 +167,10 @@ impl<'m> Generator<'m> {
         codec: TextCodec,
         cfg: &GeneratorConfig,
     ) -> Generator<'m> {
+        let mut cfg = cfg.clone();
+        if let Some(n) = runner.kv_blocks() {
+            cfg.num_blocks = n;
+        }
         let sched = cfg.scheduler_config(max_model_len);
         Generator {
             core: EngineCore::new(sched, runner, codec, cfg.verify_fraction),

@@ -126,6 +126,10 @@ pub struct ModelArgs {
     /// Tokens per KV block (default: sized for the model, see docs/kv_cache.md).
     #[arg(long)]
     pub block_size: Option<usize>,
+    /// With --device cuda: size the KV cache as this share of the GPU's memory once the weights
+    /// and workspace are in (0..=1, as vLLM's); replaces --kv-cache-memory.
+    #[arg(long)]
+    pub gpu_memory_utilization: Option<f64>,
     /// Memory for the host-RAM second tier of the KV cache (0 disables it).
     #[arg(long, default_value = "2GiB")]
     pub host_cache_memory: String,
@@ -188,6 +192,8 @@ pub struct Loaded {
     pub model_id: String,
     /// Where the model runs.
     pub device: Device,
+    /// The share of the GPU's memory the KV cache takes, when it is sized that way.
+    pub gpu_memory_utilization: Option<f64>,
 }
 
 impl Loaded {
@@ -198,6 +204,7 @@ impl Loaded {
         cfg.enable_prefix_caching = self.enable_prefix_caching;
         cfg.verify_fraction = self.verify_fraction;
         cfg.model_id = self.model_id.clone();
+        cfg.gpu_memory_utilization = self.gpu_memory_utilization;
         cfg
     }
 }
@@ -279,6 +286,18 @@ impl ModelArgs {
                 );
             }
         }
+        if let Some(share) = self.gpu_memory_utilization {
+            if device != Device::Cuda {
+                bail!(
+                    "--gpu-memory-utilization shares out a GPU's memory and applies to --device cuda; \
+                     --device {} sizes the KV cache with --kv-cache-memory",
+                    device.as_str()
+                );
+            }
+            if !(share > 0.0 && share <= 1.0) {
+                bail!("--gpu-memory-utilization must be in (0, 1], got {share}");
+            }
+        }
         let elem_bytes = if device.is_cuda() { 2 } else { 4 };
         let block_size = match self.block_size {
             Some(0) => bail!("--block-size must be at least 1"),
@@ -322,6 +341,7 @@ impl ModelArgs {
             verify_fraction: self.verify_cache,
             model_id,
             device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
         })
     }
 }

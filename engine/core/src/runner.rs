@@ -62,6 +62,11 @@ pub trait ModelRunner {
     fn now(&self) -> Duration;
     /// Vocabulary size.
     fn vocab_size(&self) -> usize;
+    /// Device KV blocks, where the runner's backend sized them itself (a share of a GPU's
+    /// memory); the scheduler then manages that many.
+    fn kv_blocks(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A request's draw: its parameters, its seed and how many tokens it has sampled.
@@ -306,6 +311,10 @@ impl<B: Backend> ModelRunner for Runner<B> {
     fn vocab_size(&self) -> usize {
         self.backend.config().vocab_size
     }
+
+    fn kv_blocks(&self) -> Option<usize> {
+        self.backend.kv_blocks()
+    }
 }
 
 impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
@@ -328,5 +337,8 @@ impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
     }
     fn vocab_size(&self) -> usize {
         (**self).vocab_size()
+    }
+    fn kv_blocks(&self) -> Option<usize> {
+        (**self).kv_blocks()
     }
 }

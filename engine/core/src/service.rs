@@ -330,6 +330,10 @@ fn run_engine<R: ModelRunner>(
     service: ServiceConfig,
     channels: Channels,
 ) -> Result<(), String> {
+    let mut cfg = cfg.clone();
+    if let Some(n) = runner.kv_blocks() {
+        cfg.num_blocks = n;
+    }
     let mut sched = cfg.scheduler_config(max_model_len);
     sched.max_queued = service.max_queued;
     sched.max_queued_per_owner = service.max_queued_per_owner;

@@ -407,4 +407,18 @@ fn device_choices_fail_with_one_line() {
         "x",
     ]);
     one_error_line(code, &err, "--precision fast is the CPU backend's");
+    let (code, _, err) = convoy(&[
+        "generate",
+        "--device",
+        "cuda-emulated",
+        "--gpu-memory-utilization",
+        "0.9",
+        "--prompt",
+        "x",
+    ]);
+    one_error_line(
+        code,
+        &err,
+        "--gpu-memory-utilization shares out a GPU's memory",
+    );
 }

@@ -162,6 +162,12 @@ pub trait DeviceLayer {
         self.alloc(bytes)
     }
 
+    /// The device's (free, total) memory in bytes, where it has a fixed memory to share out
+    /// (a GPU); `None` on the emulated device, whose memory is the host's.
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+
     /// Copy `src` into `dst` at byte `offset`.
     fn write(&self, dst: &mut Self::Buffer, offset: usize, src: &[u8]) -> Result<(), DeviceError>;
 

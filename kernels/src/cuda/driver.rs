@@ -216,6 +216,11 @@ impl DeviceLayer for CudaDriverDevice {
         Ok(buf)
     }
 
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.bind().ok()?;
+        result::mem_get_info().ok()
+    }
+
     fn alloc_host(&self, bytes: usize) -> Result<DriverBuffer, DeviceError> {
         let bytes = bytes.max(1);
         self.bind()?;

@@ -124,6 +124,51 @@ pub fn kv_block_bytes(config: &ModelConfig, block_size: usize) -> usize {
     2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 2
 }
 
+/// How many KV blocks a backend allocates.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBlocks {
+    /// Exactly this many (`--kv-cache-memory`).
+    Count(usize),
+    /// As many as fit this share of the device's memory once the weights and the workspace are
+    /// in (`--gpu-memory-utilization`, as vLLM's).
+    MemoryShare(f64),
+}
+
+/// KV blocks of `block_bytes` that fit `share` of a device's `total` memory when `free` bytes
+/// are free now (the weights already loaded) and `reserve` more are kept for the workspace.
+pub fn blocks_for_share(
+    free: usize,
+    total: usize,
+    share: f64,
+    reserve: usize,
+    block_bytes: usize,
+) -> Result<usize, String> {
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(format!(
+            "--gpu-memory-utilization must be in (0, 1], got {share}"
+        ));
+    }
+    let used = total.saturating_sub(free);
+    let budget = (share * total as f64) as usize;
+    let blocks = budget.saturating_sub(used).saturating_sub(reserve) / block_bytes.max(1);
+    if blocks == 0 {
+        return Err(format!(
+            "--gpu-memory-utilization {share}: of {total} bytes, {used} are in use (weights, other processes) and \
+             {reserve} are kept for the workspace; no KV block of {block_bytes} bytes fits"
+        ));
+    }
+    Ok(blocks)
+}
+
+/// Bytes of the workspace for `tokens` tokens and logit rows (activations, GEMM staging),
+/// plus room for attention partials and step metadata.
+fn workspace_bytes(c: &ModelConfig, tokens: usize) -> usize {
+    let (h, hd) = (c.hidden_size, c.head_dim);
+    let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
+    let per_token = 3 * h + (qd + 2 * kvd) + qd + 3 * inter + 2 * h + c.vocab_size;
+    tokens * (per_token * 4 + h.max(qd).max(inter) * 2) + (256 << 20)
+}
+
 /// Check that the CUDA backend can run a model of `config`; the reason when it cannot.
 pub fn supports(config: &ModelConfig) -> Result<(), String> {
     let (heads, kv_heads, hd) = (config.num_heads, config.num_kv_heads, config.head_dim);
@@ -161,13 +206,33 @@ impl<D: DeviceLayer> CudaBackend<D> {
         block_size: usize,
         max_batched_tokens: usize,
     ) -> Result<CudaBackend<D>, BackendError> {
+        Self::with_kv(
+            device,
+            model,
+            KvBlocks::Count(num_blocks),
+            num_host_blocks,
+            block_size,
+            max_batched_tokens,
+        )
+    }
+
+    /// As [`CudaBackend::new`], with the device KV blocks given as a count or as a share of the
+    /// device's memory (sized once the weights are in).
+    pub fn with_kv(
+        device: D,
+        model: &LlamaModel,
+        kv: KvBlocks,
+        num_host_blocks: usize,
+        block_size: usize,
+        max_batched_tokens: usize,
+    ) -> Result<CudaBackend<D>, BackendError> {
         let name = device.name();
         let cfg = model.config.clone();
         supports(&cfg).map_err(|reason| BackendError::Unsupported {
             backend: name,
             reason,
         })?;
-        if block_size == 0 || num_blocks == 0 {
+        if block_size == 0 || kv == KvBlocks::Count(0) {
             return Err(BackendError::Unsupported {
                 backend: name,
                 reason: "a KV cache needs at least one block of at least one token".into(),
@@ -211,6 +276,22 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let cos_sin = d.upload(&table).map_err(&e)?;
         let per_tier =
             |blocks: usize| cfg.num_layers * blocks * block_size * cfg.num_kv_heads * hd * 2;
+        let num_blocks = match kv {
+            KvBlocks::Count(n) => n,
+            KvBlocks::MemoryShare(share) => {
+                let (free, total) = d.memory_info().ok_or_else(|| BackendError::Unsupported {
+                    backend: name,
+                    reason: "--gpu-memory-utilization needs a GPU's memory to share out; give --kv-cache-memory".into(),
+                })?;
+                let reserve = workspace_bytes(&cfg, max_batched_tokens.max(1));
+                blocks_for_share(free, total, share, reserve, 2 * per_tier(1)).map_err(
+                    |reason| BackendError::Unsupported {
+                        backend: name,
+                        reason,
+                    },
+                )?
+            }
+        };
         let k_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
         let v_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
         let (host_k, host_v) = if num_host_blocks > 0 {
@@ -274,6 +355,11 @@ impl<D: DeviceLayer> CudaBackend<D> {
     /// The device layer.
     pub fn device(&self) -> &D {
         &self.device
+    }
+
+    /// Device KV blocks allocated.
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
     fn err(&self) -> impl Fn(DeviceError) -> BackendError {
@@ -479,6 +565,10 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
 
     fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    fn kv_blocks(&self) -> Option<usize> {
+        Some(self.num_blocks)
     }
 
     fn apply_copies(&mut self, copies: &[BlockCopy]) -> Result<(), BackendError> {
@@ -896,5 +986,28 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
                 as_bytes_mut(&mut logits[..len]),
             )
             .map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blocks_for_share;
+
+    #[test]
+    fn a_memory_share_leaves_the_weights_and_the_workspace_their_room() {
+        let gib = 1usize << 30;
+        // 80 GiB card, 17 GiB in use after the weights, 1 GiB of workspace, 0.9 of the card:
+        // 72 - 17 - 1 = 54 GiB of blocks of 2 MiB.
+        assert_eq!(
+            blocks_for_share(63 * gib, 80 * gib, 0.9, gib, 2 << 20),
+            Ok(54 * 512)
+        );
+        let err = blocks_for_share(10 * gib, 80 * gib, 0.5, gib, 2 << 20).unwrap_err();
+        assert!(
+            err.contains("no KV block") && err.contains("are in use"),
+            "{err}"
+        );
+        assert!(blocks_for_share(gib, gib, 1.5, 0, 1).is_err());
+        assert!(blocks_for_share(gib, gib, 0.0, 0, 1).is_err());
     }
 }

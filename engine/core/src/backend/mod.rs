@@ -175,6 +175,10 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
     /// Hand the pass's logits (`[logit rows][vocab]`) to the host, in `logits`.
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError>;
+    /// Device KV blocks, where the backend sized them itself (a share of a GPU's memory).
+    fn kv_blocks(&self) -> Option<usize> {
+        None
+    }
     /// Draw one token per logits row on the device, so only token ids cross to the host;
     /// `None` where the backend samples on the host (the caller then reads the logits).
     fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
