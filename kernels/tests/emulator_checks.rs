@@ -137,3 +137,26 @@ fn shuffles_and_block_reductions_give_cudas_results() {
         assert_eq!(r[4], total, "block sum, thread {t}");
     }
 }
+
+#[test]
+fn disjoint_masks_and_segment_rules_follow_cuda() {
+    let dev = EmulatedDevice::new();
+    let threads = 64usize;
+    let out = dev.alloc(threads * 2 * 4).unwrap();
+    run(
+        "emu_check_disjoint_masks",
+        threads as u32,
+        &[KernelArg::Ptr(out.slice().ptr)],
+    )
+    .unwrap();
+    let got: Vec<i32> = dev.download(&out).unwrap();
+    for t in 0..threads {
+        assert_eq!(got[2 * t], (t ^ 1) as i32, "half-warp exchange, thread {t}");
+        let cross = if t % 32 >= 16 { t - 16 } else { t };
+        assert_eq!(
+            got[2 * t + 1],
+            cross as i32,
+            "xor across segments, thread {t}"
+        );
+    }
+}

@@ -5,8 +5,9 @@
 //! tokens of `logit / T + G(seed, step, token)`, with `G = -ln(-ln(u))` and `u` from 53 bits of
 //! a fixed hash, never the operating system's randomness. It is the same arithmetic as the CUDA
 //! kernel `gumbel_sample_rows` (sampling.cu), so the same seed and the same logits give the same
-//! token on every run, machine and backend: an answer sampled on a GPU can be reproduced on a
-//! laptop. Top-k and top-p restrict the argmax to their tokens, which samples exactly from the
+//! token on every run, machine and backend (up to the last bit of the device's double `log`,
+//! which can move a draw only where two perturbed logits tie at f32 precision): an answer
+//! sampled on a GPU can be reproduced on a laptop. Top-k and top-p restrict the argmax to their tokens, which samples exactly from the
 //! renormalised distribution.
 
 use convoy_scheduler::SamplingSpec;
@@ -120,19 +121,19 @@ impl Rng {
     }
 }
 
-/// Index of the largest value; the first one on ties (`-0.0` and `0.0` tie). NaNs are never
-/// the largest, except a NaN first value, which nothing beats (index 0). An empty slice gives 0.
+/// Index of the largest value, the first one on ties (`-0.0` and `0.0` tie), NaN counting as
+/// negative infinity: a NaN never wins, and a row with nothing else gives index 0. The CUDA
+/// kernels `argmax_rows` and `gumbel_sample_rows` decide the same way. An empty slice gives 0.
 ///
 /// Two passes the compiler vectorises, over a row that stays in cache between them: the
-/// largest non-NaN value, then the first index holding a value equal to it. That is the index
-/// the one-pass scan "keep the first strictly larger" finds (tested against it), at a
-/// fraction of its time on a 49,152-entry vocabulary.
+/// largest non-NaN value, then the first index holding it (or, when that is negative infinity,
+/// holding it or a NaN). That is the index the one-pass scan "keep the first strictly larger,
+/// NaN as negative infinity" finds (tested against it), at a fraction of its time on a
+/// 49,152-entry vocabulary.
 pub fn argmax(logits: &[f32]) -> u32 {
     const LANES: usize = 16;
-    match logits.first() {
-        None => return 0,
-        Some(first) if first.is_nan() => return 0,
-        Some(_) => {}
+    if logits.is_empty() {
+        return 0;
     }
     let chunks = logits.chunks_exact(LANES);
     let tail = chunks.remainder();
@@ -147,16 +148,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
         .iter()
         .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    // `largest` is a value of the row (the first value is not NaN), so this finds it.
+    let wins = |v: f32| v == largest || (largest == f32::NEG_INFINITY && v.is_nan());
     logits
         .chunks(LANES)
         .enumerate()
-        .find_map(|(c, chunk)| {
-            chunk
-                .iter()
-                .position(|&v| v == largest)
-                .map(|i| c * LANES + i)
-        })
+        .find_map(|(c, chunk)| chunk.iter().position(|&v| wins(v)).map(|i| c * LANES + i))
         .unwrap_or(0) as u32
 }
 
@@ -262,9 +258,10 @@ mod tests {
         // Against the one-pass scan: ties, signed zeros, NaNs first, inside and last, all
         // negative rows, and lengths around the lane count.
         let scan = |l: &[f32]| {
+            let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
             let mut best = 0;
             for (i, &v) in l.iter().enumerate() {
-                if v > l[best] {
+                if key(v) > key(l[best]) {
                     best = i;
                 }
             }

@@ -59,7 +59,7 @@ pub enum FaultKind {
     ArgumentSize,
     /// Grid, block or shared memory beyond the device's limits.
     LaunchConfig,
-    /// A warp shuffle whose mask names absent or exited lanes, or lanes with different masks.
+    /// A warp shuffle whose mask names absent or exited lanes, or a lane waiting with another mask.
     Shuffle,
     /// An index outside a fixed-size (`__shared__` or local) array.
     OutOfBounds,

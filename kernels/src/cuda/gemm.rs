@@ -88,6 +88,11 @@ impl GemmBf16 {
         if self.m == 0 || self.n == 0 || self.k == 0 {
             return Err(format!("empty GEMM m={} n={} k={}", self.m, self.n, self.k));
         }
+        // cuBLAS takes 32-bit sizes.
+        let dims = [self.m, self.n, self.k, self.lda, self.ldb, self.ldc];
+        if dims.iter().any(|&d| d > i32::MAX as usize) {
+            return Err(format!("a GEMM dimension exceeds i32: {dims:?}"));
+        }
         let ((a_rows, a_cols), (b_rows, b_cols)) = self.stored();
         if self.lda < a_rows.max(1) {
             return Err(format!(

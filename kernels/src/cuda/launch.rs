@@ -95,10 +95,11 @@ fn ptr(s: &DeviceSlice) -> KernelArg {
 }
 
 /// Check that `slice` holds `count` values of `elem` bytes.
-fn need(what: &str, slice: &DeviceSlice, count: usize, elem: usize) -> Result<(), String> {
-    let bytes = count
-        .checked_mul(elem)
-        .ok_or_else(|| format!("{what}: size overflows"))?;
+fn need(what: &str, slice: &DeviceSlice, count: Sz, elem: usize) -> Result<(), String> {
+    let bytes = (count * elem).0;
+    if bytes == usize::MAX {
+        return Err(format!("{what}: size overflows"));
+    }
     if slice.is_null() || slice.bytes < bytes {
         return Err(format!(
             "{what} holds {} bytes, the launch reads or writes {bytes}",
@@ -106,6 +107,54 @@ fn need(what: &str, slice: &DeviceSlice, count: usize, elem: usize) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// A size computed from a contract's fields, saturating instead of wrapping: a saturated size
+/// is larger than any buffer, so a check against it refuses rather than passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Sz(usize);
+
+impl std::ops::Mul for Sz {
+    type Output = Sz;
+    fn mul(self, o: Sz) -> Sz {
+        Sz(self.0.saturating_mul(o.0))
+    }
+}
+impl std::ops::Mul<usize> for Sz {
+    type Output = Sz;
+    fn mul(self, o: usize) -> Sz {
+        Sz(self.0.saturating_mul(o))
+    }
+}
+impl std::ops::Mul<Sz> for usize {
+    type Output = Sz;
+    fn mul(self, o: Sz) -> Sz {
+        Sz(self.saturating_mul(o.0))
+    }
+}
+impl std::ops::Add for Sz {
+    type Output = Sz;
+    fn add(self, o: Sz) -> Sz {
+        Sz(self.0.saturating_add(o.0))
+    }
+}
+impl std::ops::Add<usize> for Sz {
+    type Output = Sz;
+    fn add(self, o: usize) -> Sz {
+        Sz(self.0.saturating_add(o))
+    }
+}
+impl std::ops::Add<Sz> for usize {
+    type Output = Sz;
+    fn add(self, o: Sz) -> Sz {
+        Sz(self.saturating_add(o.0))
+    }
+}
+impl std::ops::Sub<usize> for Sz {
+    type Output = Sz;
+    fn sub(self, o: usize) -> Sz {
+        Sz(self.0.saturating_sub(o))
+    }
 }
 
 fn positive(what: &str, v: i64) -> Result<(), String> {
@@ -148,9 +197,9 @@ impl KernelLaunch for EmbeddingBf16 {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("hidden", self.hidden as i64)?;
         positive("tokens", self.tokens as i64)?;
-        need("table", &self.table, self.vocab * self.hidden, 2)?;
-        need("ids", &self.ids, self.tokens, 4)?;
-        need("out", &self.out, self.tokens * self.hidden, 4)?;
+        need("table", &self.table, Sz(self.vocab) * Sz(self.hidden), 2)?;
+        need("ids", &self.ids, Sz(self.tokens), 4)?;
+        need("out", &self.out, Sz(self.tokens) * Sz(self.hidden), 4)?;
         Ok(LaunchConfig::linear(self.tokens as u32, 256))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -186,12 +235,17 @@ impl KernelLaunch for FusedAddRmsnorm {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("hidden", self.hidden as i64)?;
         positive("tokens", self.tokens as i64)?;
-        need("residual", &self.residual, self.tokens * self.hidden, 4)?;
+        need(
+            "residual",
+            &self.residual,
+            Sz(self.tokens) * Sz(self.hidden),
+            4,
+        )?;
         if !self.delta.is_null() {
-            need("delta", &self.delta, self.tokens * self.hidden, 4)?;
+            need("delta", &self.delta, Sz(self.tokens) * Sz(self.hidden), 4)?;
         }
-        need("weight", &self.weight, self.hidden, 2)?;
-        need("out", &self.out, self.tokens * self.hidden, 4)?;
+        need("weight", &self.weight, Sz(self.hidden), 2)?;
+        need("out", &self.out, Sz(self.tokens) * Sz(self.hidden), 4)?;
         Ok(LaunchConfig::linear(self.tokens as u32, 256))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -242,23 +296,30 @@ impl KernelLaunch for RopeHalfSplit {
         if self.dim == 0 || !self.dim.is_multiple_of(2) {
             return Err(format!("head dimension {} is not even", self.dim));
         }
-        if self.q_stride < self.heads * self.dim || self.k_stride < self.kv_heads * self.dim {
+        if Sz(self.q_stride) < Sz(self.heads) * self.dim
+            || Sz(self.k_stride) < Sz(self.kv_heads) * self.dim
+        {
             return Err("a row stride is shorter than its row".into());
         }
         need(
             "q",
             &self.q,
-            (self.tokens - 1) * self.q_stride + self.heads * self.dim,
+            (Sz(self.tokens) - 1) * Sz(self.q_stride) + Sz(self.heads) * Sz(self.dim),
             4,
         )?;
         need(
             "k",
             &self.k,
-            (self.tokens - 1) * self.k_stride + self.kv_heads * self.dim,
+            (Sz(self.tokens) - 1) * Sz(self.k_stride) + Sz(self.kv_heads) * Sz(self.dim),
             4,
         )?;
-        need("positions", &self.positions, self.tokens, 4)?;
-        need("cos_sin", &self.cos_sin, self.table_positions * self.dim, 4)?;
+        need("positions", &self.positions, Sz(self.tokens), 4)?;
+        need(
+            "cos_sin",
+            &self.cos_sin,
+            Sz(self.table_positions) * Sz(self.dim),
+            4,
+        )?;
         Ok(LaunchConfig::linear(self.tokens as u32, 128))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -313,28 +374,28 @@ impl KernelLaunch for ReshapeAndCache {
         need(
             "k",
             &self.k,
-            (self.tokens - 1) * self.k_stride + self.kv_width,
+            (Sz(self.tokens) - 1) * Sz(self.k_stride) + Sz(self.kv_width),
             4,
         )?;
         need(
             "v",
             &self.v,
-            (self.tokens - 1) * self.v_stride + self.kv_width,
+            (Sz(self.tokens) - 1) * Sz(self.v_stride) + Sz(self.kv_width),
             4,
         )?;
         need(
             "k_cache",
             &self.k_cache,
-            self.cache_slots * self.kv_width,
+            Sz(self.cache_slots) * Sz(self.kv_width),
             2,
         )?;
         need(
             "v_cache",
             &self.v_cache,
-            self.cache_slots * self.kv_width,
+            Sz(self.cache_slots) * Sz(self.kv_width),
             2,
         )?;
-        need("slot_mapping", &self.slot_mapping, self.tokens, 4)?;
+        need("slot_mapping", &self.slot_mapping, Sz(self.tokens), 4)?;
         Ok(LaunchConfig::linear(self.tokens as u32, 128))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -368,8 +429,13 @@ impl KernelLaunch for SiluMul {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("tokens", self.tokens as i64)?;
         positive("inter", self.inter as i64)?;
-        need("gate_up", &self.gate_up, self.tokens * 2 * self.inter, 4)?;
-        need("out", &self.out, self.tokens * self.inter, 4)?;
+        need(
+            "gate_up",
+            &self.gate_up,
+            Sz(self.tokens) * 2 * Sz(self.inter),
+            4,
+        )?;
+        need("out", &self.out, Sz(self.tokens) * Sz(self.inter), 4)?;
         Ok(LaunchConfig::linear(self.tokens as u32, 256))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -411,25 +477,25 @@ impl KernelLaunch for CopyBlocks {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("layers", self.layers as i64)?;
         positive("block_elems", self.block_elems as i64)?;
-        if self.slots * self.slot_elems > self.block_elems {
+        if Sz(self.slots) * self.slot_elems > Sz(self.block_elems) {
             return Err(format!(
                 "{} slots of {} values exceed a block of {}",
                 self.slots, self.slot_elems, self.block_elems
             ));
         }
-        let end = |stride: usize, block: usize| {
-            (self.layers - 1) * stride + (block + 1) * self.block_elems
+        let end = |stride: Sz, block: Sz| {
+            (Sz(self.layers) - 1) * stride + (block + 1) * Sz(self.block_elems)
         };
         need(
             "src",
             &self.src,
-            end(self.layer_stride_src, self.src_block),
+            end(Sz(self.layer_stride_src), Sz(self.src_block)),
             2,
         )?;
         need(
             "dst",
             &self.dst,
-            end(self.layer_stride_dst, self.dst_block),
+            end(Sz(self.layer_stride_dst), Sz(self.dst_block)),
             2,
         )?;
         Ok(LaunchConfig::linear(self.layers as u32, 256))
@@ -514,31 +580,34 @@ impl KernelLaunch for AttentionPartition {
                 self.head_dim
             ));
         }
-        if self.q_stride < self.heads * self.head_dim {
+        if Sz(self.q_stride) < Sz(self.heads) * self.head_dim {
             return Err("the q row stride is shorter than a row".into());
+        }
+        if !self.k_cache.ptr.is_multiple_of(16) || !self.v_cache.ptr.is_multiple_of(16) {
+            return Err("the K and V caches must start 16-byte aligned (16-byte row loads)".into());
         }
         let kv_width = self.kv_heads * self.head_dim;
         need(
             "q",
             &self.q,
-            (self.rows - 1) * self.q_stride + self.heads * self.head_dim,
+            (Sz(self.rows) - 1) * Sz(self.q_stride) + Sz(self.heads) * Sz(self.head_dim),
             4,
         )?;
-        let cache = self.cache_blocks * self.block_size * kv_width;
+        let cache = Sz(self.cache_blocks) * Sz(self.block_size) * Sz(kv_width);
         need("k_cache", &self.k_cache, cache, 2)?;
         need("v_cache", &self.v_cache, cache, 2)?;
         need(
             "block_tables",
             &self.block_tables,
-            self.sequences * self.max_blocks_per_seq,
+            Sz(self.sequences) * Sz(self.max_blocks_per_seq),
             4,
         )?;
-        need("row_seq", &self.row_seq, self.rows, 4)?;
-        need("row_pos", &self.row_pos, self.rows, 4)?;
+        need("row_seq", &self.row_seq, Sz(self.rows), 4)?;
+        need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
         need(
             "partials",
             &self.partials,
-            self.rows * self.heads * self.max_partitions * (2 + self.head_dim),
+            Sz(self.rows) * Sz(self.heads) * Sz(self.max_partitions) * (2 + Sz(self.head_dim)),
             4,
         )?;
         Ok(LaunchConfig {
@@ -601,11 +670,16 @@ impl KernelLaunch for AttentionCombine {
         need(
             "partials",
             &self.partials,
-            self.rows * self.heads * self.max_partitions * (2 + self.head_dim),
+            Sz(self.rows) * Sz(self.heads) * Sz(self.max_partitions) * (2 + Sz(self.head_dim)),
             4,
         )?;
-        need("row_pos", &self.row_pos, self.rows, 4)?;
-        need("out", &self.out, self.rows * self.heads * self.head_dim, 4)?;
+        need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
+        need(
+            "out",
+            &self.out,
+            Sz(self.rows) * Sz(self.heads) * Sz(self.head_dim),
+            4,
+        )?;
         Ok(LaunchConfig {
             grid: [self.rows as u32, self.heads as u32, 1],
             block: [128, 1, 1],
@@ -644,8 +718,8 @@ impl KernelLaunch for ArgmaxRows {
         positive("rows", self.rows as i64)?;
         positive("vocab", self.vocab as i64)?;
         warp_multiple(Self::NAME, self.threads)?;
-        need("logits", &self.logits, self.rows * self.vocab, 4)?;
-        need("out", &self.out, self.rows, 4)?;
+        need("logits", &self.logits, Sz(self.rows) * Sz(self.vocab), 4)?;
+        need("out", &self.out, Sz(self.rows), 4)?;
         Ok(LaunchConfig::linear(self.rows as u32, self.threads))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -684,11 +758,11 @@ impl KernelLaunch for GumbelSampleRows {
         positive("rows", self.rows as i64)?;
         positive("vocab", self.vocab as i64)?;
         warp_multiple(Self::NAME, self.threads)?;
-        need("logits", &self.logits, self.rows * self.vocab, 4)?;
-        need("temperature", &self.temperature, self.rows, 4)?;
-        need("seeds", &self.seeds, self.rows, 8)?;
-        need("steps", &self.steps, self.rows, 8)?;
-        need("out", &self.out, self.rows, 4)?;
+        need("logits", &self.logits, Sz(self.rows) * Sz(self.vocab), 4)?;
+        need("temperature", &self.temperature, Sz(self.rows), 4)?;
+        need("seeds", &self.seeds, Sz(self.rows), 8)?;
+        need("steps", &self.steps, Sz(self.rows), 8)?;
+        need("out", &self.out, Sz(self.rows), 4)?;
         Ok(LaunchConfig::linear(self.rows as u32, self.threads))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -717,8 +791,8 @@ impl KernelLaunch for CastBf16 {
     const NAME: &'static str = "cast_bf16";
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("n", self.n as i64)?;
-        need("x", &self.x, self.n, 4)?;
-        need("y", &self.y, self.n, 2)?;
+        need("x", &self.x, Sz(self.n), 4)?;
+        need("y", &self.y, Sz(self.n), 2)?;
         Ok(LaunchConfig::linear(
             self.n.div_ceil(256).min(4096) as u32,
             256,
@@ -752,9 +826,9 @@ impl KernelLaunch for GatherRows {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("count", self.count as i64)?;
         positive("width", self.width as i64)?;
-        need("src", &self.src, self.src_rows * self.width, 4)?;
-        need("rows", &self.rows, self.count, 4)?;
-        need("dst", &self.dst, self.count * self.width, 4)?;
+        need("src", &self.src, Sz(self.src_rows) * Sz(self.width), 4)?;
+        need("rows", &self.rows, Sz(self.count), 4)?;
+        need("dst", &self.dst, Sz(self.count) * Sz(self.width), 4)?;
         Ok(LaunchConfig::linear(self.count as u32, 256))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -784,8 +858,8 @@ impl KernelLaunch for AddRows {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("tokens", self.tokens as i64)?;
         positive("width", self.width as i64)?;
-        need("x", &self.x, self.tokens * self.width, 4)?;
-        need("delta", &self.delta, self.tokens * self.width, 4)?;
+        need("x", &self.x, Sz(self.tokens) * Sz(self.width), 4)?;
+        need("delta", &self.delta, Sz(self.tokens) * Sz(self.width), 4)?;
         Ok(LaunchConfig::linear(self.tokens as u32, 256))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -814,8 +888,8 @@ impl KernelLaunch for AddBiasRows {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("tokens", self.tokens as i64)?;
         positive("width", self.width as i64)?;
-        need("x", &self.x, self.tokens * self.width, 4)?;
-        need("bias", &self.bias, self.width, 4)?;
+        need("x", &self.x, Sz(self.tokens) * Sz(self.width), 4)?;
+        need("bias", &self.bias, Sz(self.width), 4)?;
         Ok(LaunchConfig::linear(self.tokens as u32, 256))
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -871,16 +945,16 @@ impl KernelLaunch for CopyBlockList {
         need(
             "src",
             &self.src,
-            self.layers * self.src_blocks * self.block_elems,
+            Sz(self.layers) * Sz(self.src_blocks) * Sz(self.block_elems),
             2,
         )?;
         need(
             "dst",
             &self.dst,
-            self.layers * self.dst_blocks * self.block_elems,
+            Sz(self.layers) * Sz(self.dst_blocks) * Sz(self.block_elems),
             2,
         )?;
-        need("list", &self.list, self.copies * 3, 4)?;
+        need("list", &self.list, Sz(self.copies) * 3, 4)?;
         Ok(LaunchConfig {
             grid: [self.copies as u32, self.layers as u32, 1],
             block: [128, 1, 1],

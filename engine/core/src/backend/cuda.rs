@@ -160,13 +160,20 @@ pub fn blocks_for_share(
     Ok(blocks)
 }
 
-/// Bytes of the workspace for `tokens` tokens and logit rows (activations, GEMM staging),
-/// plus room for attention partials and step metadata.
+/// Bytes of the workspace for `tokens` tokens and logit rows (activations, GEMM staging), the
+/// attention partials of `tokens` rows at up to 8,192 tokens of context, and 64 MiB of step
+/// metadata. (A pass of many rows over a longer context allocates more partials than this
+/// keeps back; docs/cuda.md.)
 fn workspace_bytes(c: &ModelConfig, tokens: usize) -> usize {
     let (h, hd) = (c.hidden_size, c.head_dim);
     let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
     let per_token = 3 * h + (qd + 2 * kvd) + qd + 3 * inter + 2 * h + c.vocab_size;
-    tokens * (per_token * 4 + h.max(qd).max(inter) * 2) + (256 << 20)
+    let partitions = c
+        .max_position_embeddings
+        .min(8192)
+        .div_ceil(ATTENTION_PARTITION);
+    let partials = c.num_heads * partitions * (2 + hd) * 4;
+    tokens * (per_token * 4 + h.max(qd).max(inter) * 2 + partials) + (64 << 20)
 }
 
 /// Check that the CUDA backend can run a model of `config`; the reason when it cannot.
@@ -292,6 +299,14 @@ impl<D: DeviceLayer> CudaBackend<D> {
                 )?
             }
         };
+        if num_blocks.saturating_mul(block_size) > i32::MAX as usize
+            || num_host_blocks.saturating_mul(block_size) > i32::MAX as usize
+        {
+            return Err(BackendError::Unsupported {
+                backend: name,
+                reason: "more KV slots than the kernels' 32-bit slot indices reach".into(),
+            });
+        }
         let k_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
         let v_cache = d.alloc(per_tier(num_blocks)).map_err(&e)?;
         let (host_k, host_v) = if num_host_blocks > 0 {
@@ -426,6 +441,16 @@ impl<D: DeviceLayer> CudaBackend<D> {
             ptr: s.ptr + (layer * per_layer) as u64,
             bytes: per_layer,
         }
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), BackendError> {
+        if layer >= self.config.num_layers {
+            return Err(bad_batch(
+                self.device.name(),
+                format!("layer {layer} of a {}-layer model", self.config.num_layers),
+            ));
+        }
+        Ok(())
     }
 
     fn rows_of(&self, rows: Rows) -> usize {
@@ -618,7 +643,18 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             self.config.num_heads,
             self.config.head_dim,
         );
-        // The indices the kernels will read from device memory, checked here.
+        // The indices the kernels will read from device memory, checked here: one position and
+        // one slot per token, every row in exactly one sequence, inside its context.
+        if batch.positions.len() != n || batch.slot_mapping.len() != n {
+            return Err(bad_batch(
+                name,
+                format!(
+                    "{} positions and {} slots for {n} tokens",
+                    batch.positions.len(),
+                    batch.slot_mapping.len()
+                ),
+            ));
+        }
         if batch.input_ids.iter().any(|&t| t as usize >= vocab) {
             return Err(bad_batch(
                 name,
@@ -649,13 +685,14 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         if batch.logits_rows.iter().any(|&r| r >= n) {
             return Err(bad_batch(name, "a logits row is outside the batch".into()));
         }
-        let mut row_seq = vec![0i32; n];
+        let mut row_seq = vec![-1i32; n];
         let mut max_blocks = 1;
         let mut max_ctx = 1;
         for (i, s) in batch.seqs.iter().enumerate() {
+            let end = s.query_start.checked_add(s.num_queries);
             if s.block_table.iter().any(|&b| b as usize >= self.num_blocks)
-                || s.block_table.len() * self.block_size < s.context_len
-                || s.query_start + s.num_queries > n
+                || s.block_table.len().saturating_mul(self.block_size) < s.context_len
+                || end.is_none_or(|e| e > n)
                 || s.num_queries > s.context_len
             {
                 return Err(bad_batch(
@@ -663,8 +700,17 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
                     format!("sequence {i} of the batch is inconsistent"),
                 ));
             }
-            for r in &mut row_seq[s.query_start..s.query_start + s.num_queries] {
-                *r = i as i32;
+            for (r, owner) in row_seq[s.query_start..s.query_start + s.num_queries]
+                .iter_mut()
+                .enumerate()
+            {
+                if *owner >= 0 {
+                    return Err(bad_batch(
+                        name,
+                        format!("row {} belongs to two sequences", s.query_start + r),
+                    ));
+                }
+                *owner = i as i32;
             }
             // Each row's position must lie inside its sequence's context.
             for r in s.query_start..s.query_start + s.num_queries {
@@ -677,6 +723,9 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             }
             max_blocks = max_blocks.max(s.block_table.len());
             max_ctx = max_ctx.max(s.context_len);
+        }
+        if let Some(r) = row_seq.iter().position(|&o| o < 0) {
+            return Err(bad_batch(name, format!("row {r} belongs to no sequence")));
         }
         let seqs = batch.seqs.len().max(1);
         let mut tables = vec![-1i32; seqs * max_blocks];
@@ -843,6 +892,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         if self.tokens == 0 {
             return Ok(());
         }
+        self.check_layer(layer)?;
         let c = &self.config;
         let hd = c.head_dim;
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -871,6 +921,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         if self.tokens == 0 {
             return Ok(());
         }
+        self.check_layer(layer)?;
         let c = &self.config;
         let hd = c.head_dim;
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);

@@ -66,3 +66,13 @@ extern "C" __global__ void emu_check_shuffles(int* out) {
     out[t * 5 + 3] = b;
     out[t * 5 + 4] = warp_sums[0];
 }
+
+// Legal and CUDA-specific: the two halves of each warp exchange under disjoint masks; then a
+// full-mask xor across 16-lane segments, where the upper half reads the earlier segment and
+// the lower half, whose source is a later segment, reads its own value.
+extern "C" __global__ void emu_check_disjoint_masks(int* out) {
+    int t = threadIdx.x, lane = t & 31;
+    unsigned int mask = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+    out[2 * t] = __shfl_xor_sync(mask, t, 1, 16);
+    out[2 * t + 1] = __shfl_xor_sync(0xffffffffu, t, 16, 16);
+}

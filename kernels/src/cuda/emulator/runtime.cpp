@@ -224,61 +224,70 @@ std::string where(const Fiber& f) {
     return buf;
 }
 
-// Release the warp exchanges whose named lanes have all arrived. Returns whether any was.
+// Release the warp exchanges whose named lanes have all arrived. Lanes of one warp may wait
+// with different masks (disjoint groups, as `__shfl_sync` allows); each group is released when
+// every lane its mask names waits with that same mask. Returns whether any group was.
 bool release_shuffles(std::vector<Fiber>& fibers) {
     bool released = false;
     int n = (int)fibers.size();
     for (int base = 0; base < n; base += 32) {
         int lanes = n - base < 32 ? n - base : 32;
-        unsigned waiting = 0, mask = 0;
-        bool any = false;
-        for (int l = 0; l < lanes; l++) {
-            Fiber& f = fibers[base + l];
-            if (f.state != kAtShuffle) continue;
-            if (!any) mask = f.shfl_mask;
-            if (f.shfl_mask != mask) {
-                set_fault(kShuffle, "lanes of one warp exchange with different masks at " + where(f), f.linear);
+        unsigned handled = 0;
+        for (int first = 0; first < lanes; first++) {
+            Fiber& f0 = fibers[base + first];
+            if (f0.state != kAtShuffle || (handled >> first & 1)) continue;
+            unsigned mask = f0.shfl_mask;
+            unsigned waiting = 0;
+            for (int l = 0; l < lanes; l++) {
+                const Fiber& f = fibers[base + l];
+                if (f.state == kAtShuffle && f.shfl_mask == mask) waiting |= 1u << l;
+            }
+            handled |= waiting;
+            if (!(mask >> first & 1)) {
+                set_fault(kShuffle, "a lane exchanges with a mask that does not name it at " + where(f0), f0.linear);
                 return false;
             }
-            any = true;
-            waiting |= 1u << l;
-        }
-        if (!any) continue;
-        for (int l = 0; l < 32; l++) {
-            if (!(mask >> l & 1)) continue;
-            if (l >= lanes) {
-                char buf[160];
-                snprintf(buf, sizeof buf,
-                         "shuffle mask 0x%08x names lane %d, absent from a block of %d threads "
-                         "(a block size that is not a multiple of 32)",
-                         mask, l, n);
-                set_fault(kShuffle, std::string(buf) + " at " + where(fibers[base]), base);
-                return false;
+            bool ready = true;
+            for (int l = 0; l < 32; l++) {
+                if (!(mask >> l & 1)) continue;
+                if (l >= lanes) {
+                    char buf[160];
+                    snprintf(buf, sizeof buf,
+                             "shuffle mask 0x%08x names lane %d, absent from a block of %d threads "
+                             "(a block size that is not a multiple of 32)",
+                             mask, l, n);
+                    set_fault(kShuffle, std::string(buf) + " at " + where(f0), base);
+                    return false;
+                }
+                const Fiber& f = fibers[base + l];
+                if (f.state == kDone) {
+                    char buf[128];
+                    snprintf(buf, sizeof buf, "shuffle mask 0x%08x names lane %d, which has exited", mask, l);
+                    set_fault(kShuffle, std::string(buf) + " at " + where(f0), base + l);
+                    return false;
+                }
+                if (f.state == kAtShuffle && f.shfl_mask != mask) {
+                    char buf[160];
+                    snprintf(buf, sizeof buf, "lane %d exchanges with mask 0x%08x, lane %d with mask 0x%08x, which names it",
+                             l, f.shfl_mask, first, mask);
+                    set_fault(kShuffle, std::string(buf) + " at " + where(f0), base + l);
+                    return false;
+                }
+                if (!(waiting >> l & 1)) ready = false;  // still running
             }
-            if (fibers[base + l].state == kDone) {
-                char buf[128];
-                snprintf(buf, sizeof buf, "shuffle mask 0x%08x names lane %d, which has exited", mask, l);
-                set_fault(kShuffle, std::string(buf) + " at " + where(fibers[base]), base + l);
-                return false;
+            if (!ready) continue;
+            for (int l = 0; l < lanes; l++) {
+                if (!(waiting >> l & 1)) continue;
+                Fiber& f = fibers[base + l];
+                int src = f.shfl_src;
+                if (src >= 0 && src < 32 && (mask >> src & 1))
+                    f.shfl_result = fibers[base + src].shfl_value;
+                else
+                    f.shfl_result = f.shfl_value;  // undefined on the device; the lane's own value here
+                f.state = kRunnable;
             }
+            released = true;
         }
-        if ((waiting & mask) != mask) continue;  // named lanes still running
-        if (waiting & ~mask) {
-            set_fault(kShuffle, "a lane exchanges with a mask that does not name it at " + where(fibers[base]),
-                      base);
-            return false;
-        }
-        for (int l = 0; l < lanes; l++) {
-            if (!(waiting >> l & 1)) continue;
-            Fiber& f = fibers[base + l];
-            int src = f.shfl_src;
-            if (src >= 0 && src < 32 && (mask >> src & 1))
-                f.shfl_result = fibers[base + src].shfl_value;
-            else
-                f.shfl_result = f.shfl_value;  // undefined on the device; the lane's own value here
-            f.state = kRunnable;
-        }
-        released = true;
     }
     return released;
 }

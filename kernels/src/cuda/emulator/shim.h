@@ -73,8 +73,10 @@ inline void check_width(int width) {
 }  // namespace emu
 
 // Warp shuffles. Each is an exchange among the lanes `mask` names (a barrier of that warp, not
-// of the block); the lane reads the value `src` published. A source outside the lane's segment
-// of `width` lanes reads its own value, as on the device.
+// of the block); the lane reads the value `src` published. Segments of `width` lanes follow
+// CUDA: `__shfl_sync` wraps its source lane inside the segment; `xor` may read an earlier
+// segment but reads its own value for a later one; `down` and `up` read their own value past
+// the segment's end or before its start.
 template <typename T>
 inline T __shfl_sync(unsigned int mask, T v, int src_lane, int width = 32) {
     ::emu::check_width(width);
@@ -87,7 +89,7 @@ inline T __shfl_xor_sync(unsigned int mask, T v, int lane_mask, int width = 32) 
     ::emu::check_width(width);
     int lane = ::emu::lane_id();
     int src = lane ^ lane_mask;
-    if (::emu::segment_base(src, width) != ::emu::segment_base(lane, width)) src = lane;
+    if (src > 31 || ::emu::segment_base(src, width) > ::emu::segment_base(lane, width)) src = lane;
     return ::emu::from_bits<T>(::emu::shuffle(mask, ::emu::to_bits(v), src));
 }
 template <typename T>

@@ -30,7 +30,8 @@ extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const
 // Half-split RoPE in place on q [tokens][heads][dim] and k [tokens][kv_heads][dim], whose rows
 // start q_stride and k_stride floats apart (so q and k may be views of one fused QKV row).
 // cos_sin: [positions][dim] floats, each row cos(pos * inv_freq[i]) for i < dim/2 then
-// sin(pos * inv_freq[i]), computed on the host in double (Llama-3 scaling applied).
+// sin(pos * inv_freq[i]), computed on the host with the CPU backend's arithmetic (Llama-3
+// scaling applied).
 // grid: tokens; block: any.
 extern "C" __global__ void rope_half_split(float* __restrict__ q, float* __restrict__ k, const int* __restrict__ positions,
                                            const float* __restrict__ cos_sin, int heads, int kv_heads, int dim,
