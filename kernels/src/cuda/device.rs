@@ -113,6 +113,14 @@ impl DeviceSlice {
     }
 }
 
+/// Check that `len` bytes at `offset` lie inside an allocation of `bytes` bytes.
+pub fn check_range(offset: usize, len: usize, bytes: usize) -> Result<(), DeviceError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= bytes => Ok(()),
+        _ => Err(DeviceError::CopyOutOfRange { offset, len, bytes }),
+    }
+}
+
 /// A device allocation, freed when dropped.
 pub trait DeviceMemory {
     /// The whole allocation.

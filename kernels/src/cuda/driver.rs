@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys as blas;
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
 
-use super::device::{DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use super::device::{check_range, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
 use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
 use super::{full_source, nvrtc, SOURCES};
@@ -182,13 +182,6 @@ impl Drop for DriverBuffer {
                 let _ = unsafe { result::free_host(self.host) };
             }
         }
-    }
-}
-
-fn check_range(offset: usize, len: usize, bytes: usize) -> Result<(), DeviceError> {
-    match offset.checked_add(len) {
-        Some(end) if end <= bytes => Ok(()),
-        _ => Err(DeviceError::CopyOutOfRange { offset, len, bytes }),
     }
 }
 

@@ -14,7 +14,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 
-use super::device::{DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use super::device::{check_range, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
 use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
 
@@ -139,13 +139,6 @@ impl DeviceMemory for EmulatedBuffer {
             ptr: self.ptr as u64,
             bytes: self.bytes,
         }
-    }
-}
-
-fn check_range(offset: usize, len: usize, bytes: usize) -> Result<(), DeviceError> {
-    match offset.checked_add(len) {
-        Some(end) if end <= bytes => Ok(()),
-        _ => Err(DeviceError::CopyOutOfRange { offset, len, bytes }),
     }
 }
 

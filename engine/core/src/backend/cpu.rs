@@ -12,7 +12,7 @@ use convoy_kernels::{self as k, AttentionSeq, AttentionShape, Matrix, QuantizedR
 use convoy_scheduler::BlockCopy;
 use convoy_weights::ModelConfig;
 
-use super::{Act, Backend, BackendError, Rows, Weight};
+use super::{rope_row, Act, Backend, BackendError, Rows, Weight};
 use crate::forward_batch::ForwardBatch;
 use crate::kv_cache::{KvCache, KvLayer};
 use crate::model::llama::LlamaModel;
@@ -122,38 +122,34 @@ impl<C: BorrowMut<KvCache>> Backend for CpuBackend<'_, C> {
         let cfg = &self.model.config;
         let n = batch.num_tokens();
         let m = batch.logits_rows.len();
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let hd = cfg.head_dim;
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
-        let inter = cfg.intermediate_size;
         let half = hd / 2;
         self.tokens = n;
         self.logit_rows = m;
-        let sizes = [
-            (Act::Residual, n * h),
-            (Act::Normed, n * h),
-            (Act::Qkv, n * (qd + 2 * kvd)),
-            (Act::Attn, n * qd),
-            (Act::Proj, n * h),
-            (Act::GateUp, n * 2 * inter),
-            (Act::Mlp, n * inter),
-            (Act::Last, m * h),
-            (Act::LastNormed, m * h),
-        ];
-        for (a, len) in sizes {
-            self.acts[slot(a)] = vec![0f32; len];
+        for a in Act::ALL {
+            let (rows, width) = a.shape(cfg);
+            let len = width * if rows == Rows::Batch { n } else { m };
+            if a == Act::Logits {
+                // Kept between passes: only what it grows by is zeroed.
+                self.acts[slot(a)].resize(len, 0.0);
+            } else {
+                self.acts[slot(a)] = vec![0f32; len];
+            }
         }
-        self.acts[slot(Act::Logits)].resize(m * cfg.vocab_size, 0.0);
         self.q = vec![0f32; n * qd];
         self.k = vec![0f32; n * kvd];
         self.v = vec![0f32; n * kvd];
         self.cos = vec![0f32; n * half];
         self.sin = vec![0f32; n * half];
         for (t, &pos) in batch.positions.iter().enumerate() {
-            for (i, f) in self.model.inv_freq.iter().enumerate() {
-                let angle = pos as f32 * f;
-                self.cos[t * half + i] = angle.cos();
-                self.sin[t * half + i] = angle.sin();
-            }
+            let rows = t * half..(t + 1) * half;
+            rope_row(
+                pos,
+                &self.model.inv_freq,
+                &mut self.cos[rows.clone()],
+                &mut self.sin[rows],
+            );
         }
         Ok(())
     }

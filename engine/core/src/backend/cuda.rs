@@ -28,7 +28,7 @@ use convoy_scheduler::{BlockCopy, Loc};
 use convoy_weights::ModelConfig;
 use half::bf16;
 
-use super::{Act, Backend, BackendError, RowDraw, Rows, Weight};
+use super::{rope_row, Act, Backend, BackendError, RowDraw, Rows, Weight};
 use crate::forward_batch::ForwardBatch;
 use crate::model::llama::LlamaModel;
 
@@ -273,12 +273,9 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let hd = cfg.head_dim;
         let half = hd / 2;
         let mut table = vec![0f32; table_positions * hd];
-        for p in 0..table_positions {
-            for (i, f) in model.inv_freq.iter().enumerate() {
-                let angle = p as f32 * f;
-                table[p * hd + i] = angle.cos();
-                table[p * hd + half + i] = angle.sin();
-            }
+        for (p, row) in table.chunks_exact_mut(hd).enumerate() {
+            let (cos, sin) = row.split_at_mut(half);
+            rope_row(p as u32, &model.inv_freq, cos, sin);
         }
         let cos_sin = d.upload(&table).map_err(&e)?;
         let per_tier =
@@ -389,24 +386,12 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let tokens = tokens.max(self.token_capacity);
         let rows = rows.max(self.row_capacity);
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
-        let widths = [
-            (Act::Residual, tokens * h),
-            (Act::Normed, tokens * h),
-            (Act::Qkv, tokens * (qd + 2 * kvd)),
-            (Act::Attn, tokens * qd),
-            (Act::Proj, tokens * h),
-            (Act::GateUp, tokens * 2 * inter),
-            (Act::Mlp, tokens * inter),
-            (Act::Last, rows * h),
-            (Act::LastNormed, rows * h),
-            (Act::Logits, rows * c.vocab_size),
-        ];
+        let (h, qd, inter) = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size);
         let e = self.err();
-        let mut acts = Vec::with_capacity(widths.len());
-        for (i, (a, n)) in widths.iter().enumerate() {
-            debug_assert_eq!(*a as usize, i);
+        let mut acts = Vec::with_capacity(Act::ALL.len());
+        for a in Act::ALL {
+            let (r, width) = a.shape(c);
+            let n = width * if r == Rows::Batch { tokens } else { rows };
             acts.push(self.device.alloc(n * 4).map_err(&e)?);
         }
         self.acts = acts;

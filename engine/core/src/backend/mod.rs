@@ -49,6 +49,47 @@ pub enum Act {
     Logits,
 }
 
+impl Act {
+    /// Every activation, in `Act as usize` order.
+    pub const ALL: [Act; 10] = [
+        Act::Residual,
+        Act::Normed,
+        Act::Qkv,
+        Act::Attn,
+        Act::Proj,
+        Act::GateUp,
+        Act::Mlp,
+        Act::Last,
+        Act::LastNormed,
+        Act::Logits,
+    ];
+
+    /// Which rows this activation has, and how many values each row holds, for `cfg`.
+    pub fn shape(self, cfg: &ModelConfig) -> (Rows, usize) {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        match self {
+            Act::Residual | Act::Normed | Act::Proj => (Rows::Batch, h),
+            Act::Qkv => (Rows::Batch, qd + 2 * kvd),
+            Act::Attn => (Rows::Batch, qd),
+            Act::GateUp => (Rows::Batch, 2 * cfg.intermediate_size),
+            Act::Mlp => (Rows::Batch, cfg.intermediate_size),
+            Act::Last | Act::LastNormed => (Rows::Logits, h),
+            Act::Logits => (Rows::Logits, cfg.vocab_size),
+        }
+    }
+}
+
+/// RoPE's cos and sin at `pos` for each inverse frequency, as every backend computes them
+/// (a float32 angle, float32 cos and sin: transformers' arithmetic).
+pub fn rope_row(pos: u32, inv_freq: &[f32], cos: &mut [f32], sin: &mut [f32]) {
+    for ((f, c), s) in inv_freq.iter().zip(cos).zip(sin) {
+        let angle = pos as f32 * f;
+        *c = angle.cos();
+        *s = angle.sin();
+    }
+}
+
 /// Which rows an operation covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rows {
