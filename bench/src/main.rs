@@ -18,6 +18,9 @@ mod truncation;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use convoy_engine::backend::cuda::{
+    GraphPolicy, DEFAULT_MAX_GRAPH_CONTEXT, DEFAULT_MAX_GRAPH_ROWS,
+};
 use convoy_engine::options::ModelArgs;
 use convoy_engine::sampler::argmax;
 use convoy_engine::{ForwardBatch, LlamaModel};
@@ -728,8 +731,14 @@ fn main() -> Result<()> {
             let device = convoy_engine::Device::parse(&device)?;
             let max_batch = batch.iter().copied().max().unwrap_or(1);
             println!(
-                "{:<6}{:>7}{:>9}{:>14}{:>10}{:>15}",
-                "model", "batch", "context", "decode tok/s", "step ms", "prefill tok/s"
+                "{:<6}{:>7}{:>9}{:>14}{:>10}{:>14}{:>15}",
+                "model",
+                "batch",
+                "context",
+                "decode tok/s",
+                "step ms",
+                "eager tok/s",
+                "prefill tok/s"
             );
             for kv in kv_heads {
                 let t = Instant::now();
@@ -752,10 +761,18 @@ fn main() -> Result<()> {
                             max_batch.max(context),
                         )?;
                         let prefill = gpu::prefill(&mut backend, &tables, context, context)?;
+                        let graphs = GraphPolicy::new(
+                            DEFAULT_MAX_GRAPH_ROWS.min(max_batch.max(context)),
+                            DEFAULT_MAX_GRAPH_CONTEXT,
+                        );
                         for &b in &batch {
+                            // Decode graphs (the default), then every pass eager.
+                            backend.set_graph_policy(graphs.clone())?;
                             let (tps, ms) = gpu::decode(&mut backend, &tables, b, context, steps)?;
+                            backend.set_graph_policy(GraphPolicy::eager())?;
+                            let (eager, _) = gpu::decode(&mut backend, &tables, b, context, steps)?;
                             println!(
-                                "{name:<6}{b:>7}{context:>9}{tps:>14.1}{ms:>10.2}{prefill:>15.0}"
+                                "{name:<6}{b:>7}{context:>9}{tps:>14.1}{ms:>10.2}{eager:>14.1}{prefill:>15.0}"
                             );
                         }
                     }};

@@ -3,7 +3,9 @@
 //! dimension 64), Llama-3-8B GQA (32 / 8, 128) and MQA (32 / 1, 128). The findings of the kernel
 //! review each have a case here that failed before its fix.
 
-use convoy_kernels::cuda::device::{launch, DeviceError, DeviceLayer, DeviceMemory, FaultKind};
+use convoy_kernels::cuda::device::{
+    launch, DeviceError, DeviceLayer, DeviceMemory, FaultKind, Stream,
+};
 use convoy_kernels::cuda::emulator::{kernel_names, EmulatedDevice};
 use convoy_kernels::cuda::launch::*;
 use convoy_kernels::cuda::SOURCES;
@@ -580,7 +582,8 @@ fn a_partial_warp_is_refused_by_the_contract_and_caught_by_the_emulator() {
     let mut config = k.config().unwrap();
     config.block[0] = 1000;
     // SAFETY: buffers of this device, sized for the kernel's accesses.
-    let err = unsafe { dev.launch_raw(ArgmaxRows::NAME, &config, &k.args()) }.unwrap_err();
+    let err = unsafe { dev.launch_raw(Stream::Compute, ArgmaxRows::NAME, &config, &k.args()) }
+        .unwrap_err();
     match err {
         DeviceError::Fault { kind, message } => {
             assert_eq!(kind, FaultKind::Shuffle, "{message}");

@@ -2,7 +2,7 @@
 //! clearly is reported as a typed fault naming where it happened, and the legal warp patterns
 //! (shuffles inside one warp's branch, every shuffle flavour) give CUDA's results.
 
-use convoy_kernels::cuda::device::{DeviceError, DeviceLayer, DeviceMemory, FaultKind};
+use convoy_kernels::cuda::device::{DeviceError, DeviceLayer, DeviceMemory, FaultKind, Stream};
 use convoy_kernels::cuda::emulator::EmulatedDevice;
 use convoy_kernels::cuda::launch::{KernelArg, LaunchConfig};
 
@@ -10,7 +10,14 @@ fn run(name: &'static str, threads: u32, args: &[KernelArg]) -> Result<(), Devic
     let dev = EmulatedDevice::new();
     // SAFETY: every pointer argument below addresses a buffer of this device sized for the
     // check kernel's accesses.
-    unsafe { dev.launch_raw(name, &LaunchConfig::linear(1, threads), args) }
+    unsafe {
+        dev.launch_raw(
+            Stream::Compute,
+            name,
+            &LaunchConfig::linear(1, threads),
+            args,
+        )
+    }
 }
 
 fn fault_of(r: Result<(), DeviceError>) -> (FaultKind, String) {

@@ -280,3 +280,123 @@ fn a_seed_draws_the_same_token_on_the_host_and_the_device() {
         assert_eq!(device[r] as u32, host, "row {r}, temperature {}", temps[r]);
     }
 }
+
+/// Run `batch` on both backends; the logits must be bitwise equal.
+fn run_both(
+    eager: &mut CudaBackend<EmulatedDevice>,
+    graphed: &mut CudaBackend<EmulatedDevice>,
+    batch: &ForwardBatch,
+) {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    forward(eager, batch, &mut a).unwrap();
+    forward(graphed, batch, &mut b).unwrap();
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "a graphed pass differs from the eager one"
+    );
+}
+
+/// One decode step of the `active` sequences (block tables `tables`, lengths `lens`).
+fn decode_step(
+    active: &[usize],
+    tables: &[Vec<u32>],
+    lens: &mut [usize],
+    bs: usize,
+) -> ForwardBatch {
+    let mut batch = ForwardBatch::default();
+    for &s in active {
+        let token = (lens[s] * 13 + s) as u32 % 200 + 3;
+        let blocks = (lens[s] + 1).div_ceil(bs);
+        batch.push_seq(&[token], lens[s], &tables[s][..blocks], bs, true);
+        lens[s] += 1;
+    }
+    batch
+}
+
+/// Decode passes run as graph replays (padded to their bucket) give exactly the logits of
+/// eager passes; each bucket is recorded once, and recorded again after the workspace moves;
+/// a context past the graphed one runs eagerly.
+#[test]
+fn decode_graphs_replay_exactly_what_eager_passes_compute() {
+    use convoy_engine::backend::cuda::{GraphPolicy, GraphStats};
+    let (model, _) = load(&glassllm_path());
+    let (bs, blocks, seqs) = (4, 100, 5);
+    let backend = |policy: GraphPolicy| {
+        let mut b = CudaBackend::new(EmulatedDevice::new(), &model, blocks, 0, bs, 16).unwrap();
+        b.set_graph_policy(policy).unwrap();
+        b
+    };
+    let (mut eager, mut graphed) = (
+        backend(GraphPolicy::eager()),
+        backend(GraphPolicy::new(16, 64)),
+    );
+    let tables: Vec<Vec<u32>> = (0..seqs as u32)
+        .map(|s| (0..20).map(|b| s * 20 + 19 - b).collect())
+        .collect();
+    let mut lens = vec![0usize; seqs];
+    // Prefills (eager on both), one sequence per pass.
+    for s in 0..seqs {
+        let prompt: Vec<u32> = (0..6 + 3 * s)
+            .map(|i| (i * 7 + s) as u32 % 200 + 3)
+            .collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&prompt, 0, &tables[s], bs, true);
+        run_both(&mut eager, &mut graphed, &batch);
+        lens[s] = prompt.len();
+    }
+    // Buckets 8, 4, 1, 8, 2, 8: four graphs, six replays.
+    for active in [
+        &[0, 1, 2, 3, 4][..],
+        &[0, 2, 4],
+        &[3],
+        &[0, 1, 2, 3, 4],
+        &[1, 4],
+        &[0, 1, 2, 3, 4],
+    ] {
+        run_both(
+            &mut eager,
+            &mut graphed,
+            &decode_step(active, &tables, &mut lens, bs),
+        );
+    }
+    assert_eq!(
+        graphed.graph_stats(),
+        GraphStats {
+            recorded: 4,
+            replayed: 6
+        }
+    );
+    // A 44-token pass outgrows the 16-token workspace: the buffers move, so bucket 4 is
+    // recorded again rather than replayed with the old addresses.
+    let long: Vec<u32> = (0..44).map(|i| i as u32 % 200 + 3).collect();
+    let mut batch = ForwardBatch::default();
+    batch.push_seq(&long, lens[4], &tables[4], bs, true);
+    lens[4] += long.len();
+    run_both(&mut eager, &mut graphed, &batch);
+    run_both(
+        &mut eager,
+        &mut graphed,
+        &decode_step(&[0, 1, 2], &tables, &mut lens, bs),
+    );
+    assert_eq!(
+        graphed.graph_stats(),
+        GraphStats {
+            recorded: 5,
+            replayed: 7
+        }
+    );
+    // Sequence 4 is now past the graphed 64 tokens of context: eager, and still equal.
+    run_both(
+        &mut eager,
+        &mut graphed,
+        &decode_step(&[0, 4], &tables, &mut lens, bs),
+    );
+    assert_eq!(
+        graphed.graph_stats(),
+        GraphStats {
+            recorded: 5,
+            replayed: 7
+        }
+    );
+}

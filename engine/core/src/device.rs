@@ -9,11 +9,12 @@
 //!   loaded at run time); without a driver, the libraries or a GPU, one clear line.
 //! - `auto`: `cuda` when a driver, the libraries and a GPU are present, else `cpu`.
 
-use crate::backend::cuda::{CudaBackend, KvBlocks};
+use crate::backend::cuda::{CudaBackend, GraphPolicy, KvBlocks};
 use crate::backend::BackendError;
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
 use crate::runner::{CpuRunner, ModelRunner, Runner};
+use convoy_kernels::cuda::device::DeviceLayer;
 use convoy_kernels::cuda::driver::CudaDriverDevice;
 use convoy_kernels::cuda::emulator::EmulatedDevice;
 
@@ -102,30 +103,42 @@ impl Device {
                 cfg.num_host_blocks,
                 cfg.block_size,
             ))),
-            Device::CudaEmulated => Ok(Box::new(Runner::with_backend(CudaBackend::with_kv(
+            Device::CudaEmulated => Ok(Box::new(Runner::with_backend(cuda_backend(
                 EmulatedDevice::new(),
                 model,
-                kv_blocks(cfg),
-                cfg.num_host_blocks,
-                cfg.block_size,
-                cfg.max_batched_tokens,
+                cfg,
             )?))),
             Device::Cuda => {
                 let gpu = CudaDriverDevice::open(0).map_err(|e| BackendError::Unsupported {
                     backend: "cuda",
                     reason: e.to_string(),
                 })?;
-                Ok(Box::new(Runner::with_backend(CudaBackend::with_kv(
-                    gpu,
-                    model,
-                    kv_blocks(cfg),
-                    cfg.num_host_blocks,
-                    cfg.block_size,
-                    cfg.max_batched_tokens,
+                Ok(Box::new(Runner::with_backend(cuda_backend(
+                    gpu, model, cfg,
                 )?)))
             }
         }
     }
+}
+
+/// The CUDA backend on `device` as `cfg` asks for it.
+fn cuda_backend<D: DeviceLayer>(
+    device: D,
+    model: &LlamaModel,
+    cfg: &GeneratorConfig,
+) -> Result<CudaBackend<D>, BackendError> {
+    let mut backend = CudaBackend::with_kv(
+        device,
+        model,
+        kv_blocks(cfg),
+        cfg.num_host_blocks,
+        cfg.block_size,
+        cfg.max_batched_tokens,
+    )?;
+    if cfg.enforce_eager {
+        backend.set_graph_policy(GraphPolicy::eager())?;
+    }
+    Ok(backend)
 }
 
 fn kv_blocks(cfg: &GeneratorConfig) -> KvBlocks {

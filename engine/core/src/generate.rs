@@ -86,6 +86,8 @@ pub struct GeneratorConfig {
     /// Size the device KV cache as this share of a GPU's memory once the weights are in
     /// (`--gpu-memory-utilization`); `num_blocks` is then the runner's count.
     pub gpu_memory_utilization: Option<f64>,
+    /// Run every pass of a CUDA backend eagerly, with no decode graphs (`--enforce-eager`).
+    pub enforce_eager: bool,
     /// Token-to-key map of the cache; the identity except in tests that break it on purpose.
     pub key_fn: KeyFn,
     /// Model identity, part of every cache key.
@@ -104,6 +106,7 @@ impl GeneratorConfig {
             max_batched_tokens: 2048,
             max_running: 256,
             gpu_memory_utilization: None,
+            enforce_eager: false,
             key_fn: identity_key,
             model_id: String::new(),
         }

@@ -130,6 +130,10 @@ pub struct ModelArgs {
     /// and workspace are in (0..=1, as vLLM's); replaces --kv-cache-memory.
     #[arg(long)]
     pub gpu_memory_utilization: Option<f64>,
+    /// With a CUDA device: run every pass eagerly, recording no CUDA graphs for decode
+    /// passes (as vLLM's flag).
+    #[arg(long)]
+    pub enforce_eager: bool,
     /// Memory for the host-RAM second tier of the KV cache (0 disables it).
     #[arg(long, default_value = "2GiB")]
     pub host_cache_memory: String,
@@ -194,6 +198,8 @@ pub struct Loaded {
     pub device: Device,
     /// The share of the GPU's memory the KV cache takes, when it is sized that way.
     pub gpu_memory_utilization: Option<f64>,
+    /// No CUDA graphs.
+    pub enforce_eager: bool,
 }
 
 impl Loaded {
@@ -205,6 +211,7 @@ impl Loaded {
         cfg.verify_fraction = self.verify_fraction;
         cfg.model_id = self.model_id.clone();
         cfg.gpu_memory_utilization = self.gpu_memory_utilization;
+        cfg.enforce_eager = self.enforce_eager;
         cfg
     }
 }
@@ -286,6 +293,12 @@ impl ModelArgs {
                 );
             }
         }
+        if self.enforce_eager && !device.is_cuda() {
+            bail!(
+                "--enforce-eager turns off the CUDA backend's graphs; --device {} records none",
+                device.as_str()
+            );
+        }
         if let Some(share) = self.gpu_memory_utilization {
             if device != Device::Cuda {
                 bail!(
@@ -342,6 +355,7 @@ impl ModelArgs {
             model_id,
             device,
             gpu_memory_utilization: self.gpu_memory_utilization,
+            enforce_eager: self.enforce_eager,
         })
     }
 }

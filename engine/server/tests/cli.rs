@@ -421,4 +421,10 @@ fn device_choices_fail_with_one_line() {
         &err,
         "--gpu-memory-utilization shares out a GPU's memory",
     );
+    let (code, _, err) = convoy(&["generate", "--enforce-eager", "--prompt", "x"]);
+    one_error_line(
+        code,
+        &err,
+        "--enforce-eager turns off the CUDA backend's graphs",
+    );
 }

@@ -4,9 +4,17 @@
 //! ([`super::emulator::EmulatedDevice`], host memory and the `.cu` sources compiled for the
 //! host) and, on a machine with a GPU, the driver through cudarc.
 //!
-//! Invariant: a [`DeviceSlice`] names `bytes` bytes of one live allocation starting at `ptr`;
+//! Invariants: a [`DeviceSlice`] names `bytes` bytes of one live allocation starting at `ptr`;
 //! launch contracts check every size they can derive from their scalar arguments against the
 //! slices they are given before a launch.
+//!
+//! Ordering, as CUDA's: work on one [`Stream`] runs in the order it was issued; work on the two
+//! streams is ordered only by events ([`DeviceLayer::record`], [`DeviceLayer::wait`]).
+//! [`DeviceLayer::write`] and [`DeviceLayer::read`] wait for the compute stream only, so a
+//! buffer the copy stream uses is written again only once the compute stream has waited for
+//! that copy work. While the compute stream is captured into a graph
+//! ([`DeviceLayer::begin_capture`]), its launches and GEMMs are recorded, not run, and
+//! allocations, copies and synchronisation are refused.
 
 use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
@@ -37,6 +45,24 @@ pub enum DeviceError {
         kernel: &'static str,
         /// What is wrong.
         problem: String,
+    },
+    /// The operation is not allowed while the compute stream is being captured into a graph
+    /// (or a capture was ended or replayed out of turn).
+    #[error("{operation}: {problem}")]
+    Capture {
+        /// What was attempted.
+        operation: &'static str,
+        /// Why it is refused.
+        problem: &'static str,
+    },
+    /// A launch names memory that is in no live allocation (a graph replayed after a buffer it
+    /// recorded was freed); nothing was run.
+    #[error("{kernel} is given address {ptr:#x}, which lies in no live allocation")]
+    Dangling {
+        /// Kernel name.
+        kernel: &'static str,
+        /// The address.
+        ptr: u64,
     },
     /// The emulated device stopped a launch on a fault.
     #[error("{kind:?}: {message}")]
@@ -152,10 +178,24 @@ pub fn as_bytes_mut<T: DeviceScalar>(v: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
+/// A queue of device work: the compute stream runs the forward pass (and is what graphs
+/// capture); the copy stream moves KV blocks to and from the host tier alongside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Kernels and GEMMs of the forward pass.
+    Compute,
+    /// Copies between the device and its host tier.
+    Copy,
+}
+
 /// Device memory, copies and launches: what differs between a GPU and the emulator.
 pub trait DeviceLayer {
     /// An allocation of this device.
     type Buffer: DeviceMemory;
+    /// A point in one stream's work, which the other stream can wait for.
+    type Event;
+    /// A recording of the compute stream's launches, replayed as one unit (a CUDA graph).
+    type Graph;
 
     /// Name for messages (`cuda-emulated`, `cuda`).
     fn name(&self) -> &'static str;
@@ -182,7 +222,7 @@ pub trait DeviceLayer {
     /// Copy bytes of `src` from byte `offset` into `dst`.
     fn read(&self, src: &Self::Buffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError>;
 
-    /// Launch kernel `name` with `args`, as `cuLaunchKernel` does.
+    /// Launch kernel `name` with `args` on `stream`, as `cuLaunchKernel` does.
     ///
     /// # Safety
     /// Every pointer argument must address live memory of this device large enough for every
@@ -192,19 +232,42 @@ pub trait DeviceLayer {
     /// the caller's to keep in range.
     unsafe fn launch_raw(
         &self,
+        stream: Stream,
         name: &'static str,
         config: &LaunchConfig,
         args: &[KernelArg],
     ) -> Result<(), DeviceError>;
 
-    /// `C = alpha * op(A) * op(B) + beta * C` under cuBLAS's contract (bf16 A and B, f32 C
-    /// and accumulation); refused, as cuBLAS refuses it, when [`GemmBf16::check`] fails.
+    /// Mark the work issued to `stream` so far.
+    fn record(&self, stream: Stream) -> Result<Self::Event, DeviceError>;
+
+    /// Make work issued to `stream` from now on wait until `event`'s work has run.
+    fn wait(&self, stream: Stream, event: &Self::Event) -> Result<(), DeviceError>;
+
+    /// Start recording the compute stream: its launches and GEMMs are recorded, not run, until
+    /// [`DeviceLayer::end_capture`].
+    fn begin_capture(&self) -> Result<(), DeviceError>;
+
+    /// Stop recording and return the graph of what was recorded.
+    fn end_capture(&self) -> Result<Self::Graph, DeviceError>;
+
+    /// Run a recorded graph on the compute stream, with the arguments it was recorded with.
+    ///
+    /// # Safety
+    /// As [`DeviceLayer::launch_raw`] for every recorded launch: the allocations it recorded must
+    /// still be live (the emulated device checks and refuses a graph naming freed memory), and
+    /// the indices held in device memory in range at the time of the replay.
+    unsafe fn replay(&self, graph: &Self::Graph) -> Result<(), DeviceError>;
+
+    /// `C = alpha * op(A) * op(B) + beta * C` on the compute stream, under cuBLAS's contract
+    /// (bf16 A and B, f32 C and accumulation); refused, as cuBLAS refuses it, when
+    /// [`GemmBf16::check`] fails.
     ///
     /// # Safety
     /// The slices must name live memory of this device.
     unsafe fn gemm_bf16(&self, gemm: &GemmBf16) -> Result<(), DeviceError>;
 
-    /// Wait for every launch and copy issued so far.
+    /// Wait for every launch and copy issued so far, on both streams.
     fn synchronize(&self) -> Result<(), DeviceError>;
 
     /// Allocate and fill a buffer with `data`.
@@ -223,7 +286,7 @@ pub trait DeviceLayer {
     }
 }
 
-/// Check a contract and launch it.
+/// Check a contract and launch it on the compute stream.
 ///
 /// # Safety
 /// As [`DeviceLayer::launch_raw`]: the slices must name live memory of `device`, and the
@@ -232,11 +295,24 @@ pub unsafe fn launch<D: DeviceLayer + ?Sized, K: super::launch::KernelLaunch>(
     device: &D,
     kernel: &K,
 ) -> Result<(), DeviceError> {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { launch_on(device, Stream::Compute, kernel) }
+}
+
+/// Check a contract and launch it on `stream`.
+///
+/// # Safety
+/// As [`launch`].
+pub unsafe fn launch_on<D: DeviceLayer + ?Sized, K: super::launch::KernelLaunch>(
+    device: &D,
+    stream: Stream,
+    kernel: &K,
+) -> Result<(), DeviceError> {
     let config = kernel.config().map_err(|problem| DeviceError::Contract {
         kernel: K::NAME,
         problem,
     })?;
     let args = kernel.args();
     // SAFETY: the caller's promise, with the sizes the contract could derive checked above.
-    unsafe { device.launch_raw(K::NAME, &config, &args) }
+    unsafe { device.launch_raw(stream, K::NAME, &config, &args) }
 }

@@ -2,21 +2,28 @@
 //! library loaded at run time and probed before cudarc touches it, so a machine without a
 //! driver, a GPU or the libraries gets a [`DriverUnavailable`] error, never a panic.
 //!
-//! Memory is allocated synchronously and filled with `0xFF` bytes, as on the emulated device;
-//! launches and GEMMs go to the context's default stream in order; reads synchronise. The
-//! kernels are compiled by NVRTC for the card's architecture when the device opens.
+//! Memory is allocated synchronously and filled with `0xFF` bytes, as on the emulated device.
+//! Two non-blocking streams: compute (launches, cuBLAS, graph capture and replay) and copy
+//! (host-tier copies); writes and reads wait for the compute stream. cuBLAS gets a workspace of
+//! its own, so a captured GEMM allocates nothing. The kernels are compiled by NVRTC for the
+//! card's architecture when the device opens.
 //!
 //! Status: built and linked everywhere; it has not yet run on a GPU (no device was lent to
 //! the runs that built it). `bench/gpu/check.sh` exercises it on a card.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{
+    result, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaStream,
+};
 
-use super::device::{check_range, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use super::device::{
+    check_range, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind, Stream,
+};
 use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
 use super::{full_source, nvrtc, SOURCES};
@@ -79,11 +86,17 @@ pub fn gpu_present() -> bool {
     probe(0).is_ok()
 }
 
-/// A GPU: its context, stream, cuBLAS handle and the kernels compiled for it.
+/// Bytes of cuBLAS's own workspace (cuBLAS asks for up to 32 MiB on Hopper).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A GPU: its context, streams, cuBLAS handle and the kernels compiled for it.
 pub struct CudaDriverDevice {
     ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    capturing: AtomicBool,
     blas: cudarc::cublas::CudaBlas,
+    _blas_workspace: DriverBuffer,
     functions: HashMap<&'static str, CudaFunction>,
     _modules: Vec<Arc<CudaModule>>,
     arch: String,
@@ -103,7 +116,12 @@ impl CudaDriverDevice {
             .compute_capability()
             .map_err(|e| open_err("compute capability")(e.to_string()))?;
         let arch = format!("sm_{major}{minor}");
-        let stream = ctx.default_stream();
+        let compute = ctx
+            .new_stream()
+            .map_err(|e| open_err("cuStreamCreate")(e.to_string()))?;
+        let copy = ctx
+            .new_stream()
+            .map_err(|e| open_err("cuStreamCreate")(e.to_string()))?;
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
         for src in SOURCES {
@@ -120,12 +138,32 @@ impl CudaDriverDevice {
             }
             modules.push(module);
         }
-        let blas = cudarc::cublas::CudaBlas::new(stream.clone())
+        let blas = cudarc::cublas::CudaBlas::new(compute.clone())
             .map_err(|e| open_err("cuBLAS")(e.to_string()))?;
+        // SAFETY: the context is bound (the streams were just made in it); the size is non-zero.
+        let ws = unsafe { result::malloc_sync(CUBLAS_WORKSPACE_BYTES) }
+            .map_err(|e| open_err("cuMemAlloc")(e.to_string()))?;
+        let workspace = DriverBuffer {
+            ptr: ws,
+            bytes: CUBLAS_WORKSPACE_BYTES,
+            host: std::ptr::null_mut(),
+            ctx: ctx.clone(),
+        };
+        // SAFETY: the handle is live; the workspace is a device allocation of the given size
+        // that outlives the handle (both are fields of the device, the workspace dropped after).
+        let status = unsafe {
+            blas::cublasSetWorkspace_v2(*blas.handle(), ws as *mut c_void, CUBLAS_WORKSPACE_BYTES)
+        };
+        if status != blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(open_err("cublasSetWorkspace")(format!("{status:?}")));
+        }
         Ok(CudaDriverDevice {
             ctx,
-            stream,
+            compute,
+            copy,
+            capturing: AtomicBool::new(false),
             blas,
+            _blas_workspace: workspace,
             functions,
             _modules: modules,
             arch,
@@ -140,7 +178,37 @@ impl CudaDriverDevice {
     fn bind(&self) -> Result<(), DeviceError> {
         self.ctx.bind_to_thread().map_err(driver_fault)
     }
+
+    fn stream(&self, stream: Stream) -> &Arc<CudaStream> {
+        match stream {
+            Stream::Compute => &self.compute,
+            Stream::Copy => &self.copy,
+        }
+    }
+
+    /// Refuse `operation` while the compute stream is captured (the emulator's rule, so the
+    /// backend cannot rely on what only one of them allows).
+    fn not_capturing(&self, operation: &'static str) -> Result<(), DeviceError> {
+        if self.capturing.load(Ordering::Acquire) {
+            return Err(DeviceError::Capture {
+                operation,
+                problem: "not allowed while the compute stream is captured into a graph",
+            });
+        }
+        Ok(())
+    }
 }
+
+/// A CUDA event of this device.
+pub struct DriverEvent(CudaEvent);
+
+/// An instantiated CUDA graph.
+pub struct DriverGraph(CudaGraph);
+
+// SAFETY: a graph is used by one thread at a time (the engine thread that owns the backend
+// holding it); CUDA requires only that calls on one graph are not concurrent, which `&`/`&mut`
+// access through its single owner guarantees.
+unsafe impl Send for DriverGraph {}
 
 fn driver_fault(e: impl std::fmt::Display) -> DeviceError {
     DeviceError::Fault {
@@ -187,12 +255,15 @@ impl Drop for DriverBuffer {
 
 impl DeviceLayer for CudaDriverDevice {
     type Buffer = DriverBuffer;
+    type Event = DriverEvent;
+    type Graph = DriverGraph;
 
     fn name(&self) -> &'static str {
         "cuda"
     }
 
     fn alloc(&self, bytes: usize) -> Result<DriverBuffer, DeviceError> {
+        self.not_capturing("alloc")?;
         let bytes = bytes.max(1);
         self.bind()?;
         // SAFETY: the context is bound to this thread; the size is non-zero.
@@ -215,6 +286,7 @@ impl DeviceLayer for CudaDriverDevice {
     }
 
     fn alloc_host(&self, bytes: usize) -> Result<DriverBuffer, DeviceError> {
+        self.not_capturing("alloc_host")?;
         let bytes = bytes.max(1);
         self.bind()?;
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
@@ -241,23 +313,26 @@ impl DeviceLayer for CudaDriverDevice {
     }
 
     fn write(&self, dst: &mut DriverBuffer, offset: usize, src: &[u8]) -> Result<(), DeviceError> {
+        self.not_capturing("write")?;
         check_range(offset, src.len(), dst.bytes)?;
         self.bind()?;
-        self.stream.synchronize().map_err(driver_fault)?;
+        self.compute.synchronize().map_err(driver_fault)?;
         // SAFETY: the destination range lies inside the allocation (checked above).
         unsafe { result::memcpy_htod_sync(dst.ptr + offset as u64, src) }.map_err(driver_fault)
     }
 
     fn read(&self, src: &DriverBuffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
+        self.not_capturing("read")?;
         check_range(offset, dst.len(), src.bytes)?;
         self.bind()?;
-        self.stream.synchronize().map_err(driver_fault)?;
+        self.compute.synchronize().map_err(driver_fault)?;
         // SAFETY: the source range lies inside the allocation (checked above).
         unsafe { result::memcpy_dtoh_sync(dst, src.ptr + offset as u64) }.map_err(driver_fault)
     }
 
     unsafe fn launch_raw(
         &self,
+        stream: Stream,
         name: &'static str,
         config: &LaunchConfig,
         args: &[KernelArg],
@@ -282,7 +357,7 @@ impl DeviceLayer for CudaDriverDevice {
                 (g[0], g[1], g[2]),
                 (b[0], b[1], b[2]),
                 config.shared_bytes,
-                self.stream.cu_stream(),
+                self.stream(stream).cu_stream(),
                 &mut params,
             )
         }
@@ -332,8 +407,62 @@ impl DeviceLayer for CudaDriverDevice {
         .map_err(driver_fault)
     }
 
+    fn record(&self, stream: Stream) -> Result<DriverEvent, DeviceError> {
+        self.not_capturing("record")?;
+        self.stream(stream)
+            .record_event(None)
+            .map(DriverEvent)
+            .map_err(driver_fault)
+    }
+
+    fn wait(&self, stream: Stream, event: &DriverEvent) -> Result<(), DeviceError> {
+        self.not_capturing("wait")?;
+        self.stream(stream).wait(&event.0).map_err(driver_fault)
+    }
+
+    fn begin_capture(&self) -> Result<(), DeviceError> {
+        if self.capturing.swap(true, Ordering::AcqRel) {
+            return Err(DeviceError::Capture {
+                operation: "begin_capture",
+                problem: "the compute stream is already being captured",
+            });
+        }
+        let begun = self
+            .compute
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_fault);
+        if begun.is_err() {
+            self.capturing.store(false, Ordering::Release);
+        }
+        begun
+    }
+
+    fn end_capture(&self) -> Result<DriverGraph, DeviceError> {
+        if !self.capturing.swap(false, Ordering::AcqRel) {
+            return Err(DeviceError::Capture {
+                operation: "end_capture",
+                problem: "no capture was begun",
+            });
+        }
+        let graph = self
+            .compute
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(driver_fault)?;
+        graph.map(DriverGraph).ok_or(DeviceError::Capture {
+            operation: "end_capture",
+            problem: "the capture recorded no graph",
+        })
+    }
+
+    unsafe fn replay(&self, graph: &DriverGraph) -> Result<(), DeviceError> {
+        self.not_capturing("replay")?;
+        graph.0.launch().map_err(driver_fault)
+    }
+
     fn synchronize(&self) -> Result<(), DeviceError> {
+        self.not_capturing("synchronize")?;
         self.bind()?;
-        self.stream.synchronize().map_err(driver_fault)
+        self.compute.synchronize().map_err(driver_fault)?;
+        self.copy.synchronize().map_err(driver_fault)
     }
 }

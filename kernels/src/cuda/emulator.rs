@@ -10,13 +10,46 @@
 //! the process with a segmentation fault at once instead of corrupting a neighbour. Indexing
 //! past a fixed-size array (`__shared__` or local) is a [`FaultKind::OutOfBounds`] of the launch.
 //!
-//! Launches run synchronously on the calling thread, blocks in order.
+//! Streams: compute-stream work runs synchronously on the calling thread, blocks in order.
+//! Copy-stream work is queued and runs as late as CUDA allows: when the compute stream waits
+//! for an event recorded after it, or at [`DeviceLayer::synchronize`]. A missing event shows as
+//! stale or overwritten data, as it would on a GPU where the copy lost the race, but every time.
+//!
+//! Graphs: while the compute stream is captured its launches and GEMMs are recorded, not run;
+//! a replay runs the recorded launches with their recorded arguments. Every launch, replayed or
+//! not, first checks that each address it is given lies in a live allocation of the emulated
+//! device ([`DeviceError::Dangling`]), so a graph kept across a reallocation is refused.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::Arc;
 
-use super::device::{check_range, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind};
+use parking_lot::Mutex;
+
+use super::device::{
+    check_range, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, FaultKind, Stream,
+};
 use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
+
+/// Every live allocation of the emulated device (all instances share the host's memory):
+/// start address to length.
+static LIVE: Mutex<BTreeMap<u64, usize>> = parking_lot::const_mutex(BTreeMap::new());
+
+/// Check that each non-null address lies in (or at the end of) a live allocation.
+fn check_live(kernel: &'static str, ptrs: &[u64]) -> Result<(), DeviceError> {
+    let live = LIVE.lock();
+    for &ptr in ptrs.iter().filter(|&&p| p != 0) {
+        let inside = live
+            .range(..=ptr)
+            .next_back()
+            .is_some_and(|(&start, &len)| ptr <= start + len as u64);
+        if !inside {
+            return Err(DeviceError::Dangling { kernel, ptr });
+        }
+    }
+    Ok(())
+}
 
 #[repr(C)]
 struct EmuStatus {
@@ -54,14 +87,134 @@ pub fn kernel_names() -> Vec<String> {
     }
 }
 
-/// The emulated device.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct EmulatedDevice;
+/// One unit of device work: a kernel launch or a GEMM, with its arguments by value.
+#[derive(Clone, Debug)]
+enum Op {
+    Launch {
+        name: &'static str,
+        config: LaunchConfig,
+        args: Vec<KernelArg>,
+    },
+    Gemm(GemmBf16),
+}
+
+/// Work not yet run: the copy stream's queue and the graph being captured.
+#[derive(Debug, Default)]
+struct Queues {
+    /// Copy-stream work issued and not yet run, oldest first, with its issue number.
+    copy: VecDeque<(u64, Op)>,
+    /// Copy-stream operations issued so far.
+    copy_issued: u64,
+    /// The compute stream's recording, while it is captured.
+    capture: Option<Vec<Op>>,
+}
+
+/// The emulated device. Clones share its streams.
+#[derive(Debug, Default, Clone)]
+pub struct EmulatedDevice {
+    queues: Arc<Mutex<Queues>>,
+}
+
+/// A point in one stream of the emulated device.
+#[derive(Clone, Copy, Debug)]
+pub struct EmulatedEvent {
+    stream: Stream,
+    /// Copy-stream operations issued before it (for the copy stream).
+    issued: u64,
+}
+
+/// A graph of the emulated device: the recorded launches and GEMMs.
+#[derive(Debug)]
+pub struct EmulatedGraph {
+    ops: Vec<Op>,
+}
+
+impl EmulatedGraph {
+    /// Launches and GEMMs recorded.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
 
 impl EmulatedDevice {
     /// A new emulated device.
     pub fn new() -> EmulatedDevice {
-        EmulatedDevice
+        EmulatedDevice::default()
+    }
+
+    /// Refuse `operation` while the compute stream is captured.
+    fn not_capturing(&self, operation: &'static str) -> Result<(), DeviceError> {
+        if self.queues.lock().capture.is_some() {
+            return Err(DeviceError::Capture {
+                operation,
+                problem: "not allowed while the compute stream is captured into a graph",
+            });
+        }
+        Ok(())
+    }
+
+    /// Run queued copy-stream work issued before `issued` operations (all of it for `None`).
+    fn drain_copies(&self, issued: Option<u64>) -> Result<(), DeviceError> {
+        let ready: Vec<Op> = {
+            let mut q = self.queues.lock();
+            let mut ready = Vec::new();
+            while q
+                .copy
+                .front()
+                .is_some_and(|(n, _)| issued.is_none_or(|i| *n < i))
+            {
+                ready.push(q.copy.pop_front().expect("a queued operation").1);
+            }
+            ready
+        };
+        for op in &ready {
+            // SAFETY: queued by `launch_raw`, whose caller promised the memory and indices.
+            unsafe { execute(op) }?;
+        }
+        Ok(())
+    }
+
+    /// Copy-stream operations issued and not yet run.
+    pub fn queued_copies(&self) -> usize {
+        self.queues.lock().copy.len()
+    }
+}
+
+/// Run one operation now.
+///
+/// # Safety
+/// As [`DeviceLayer::launch_raw`] and [`DeviceLayer::gemm_bf16`].
+unsafe fn execute(op: &Op) -> Result<(), DeviceError> {
+    match op {
+        Op::Launch { name, config, args } => {
+            let ptrs: Vec<u64> = args
+                .iter()
+                .filter_map(|a| match a {
+                    KernelArg::Ptr(p) => Some(*p),
+                    _ => None,
+                })
+                .collect();
+            check_live(name, &ptrs)?;
+            // SAFETY: the caller's promise; every address is in a live allocation.
+            unsafe { launch_now(name, config, args) }
+        }
+        Op::Gemm(g) => {
+            g.check().map_err(|problem| DeviceError::Contract {
+                kernel: "cublasGemmEx",
+                problem,
+            })?;
+            check_live("cublasGemmEx", &[g.a.ptr, g.b.ptr, g.c.ptr])?;
+            // SAFETY: the caller promises the slices are live allocations of this device
+            // (host memory here); `check` proved every element the GEMM touches lies inside
+            // them.
+            unsafe { reference_gemm(g) };
+            Ok(())
+        }
     }
 }
 
@@ -117,6 +270,7 @@ impl EmulatedBuffer {
         let ptr = unsafe { map.add(start) };
         // SAFETY: `bytes` bytes from `ptr` lie in the mapping's readable part.
         unsafe { std::ptr::write_bytes(ptr, 0xFF, bytes) };
+        LIVE.lock().insert(ptr as u64, bytes);
         Ok(EmulatedBuffer {
             map,
             map_len,
@@ -128,6 +282,7 @@ impl EmulatedBuffer {
 
 impl Drop for EmulatedBuffer {
     fn drop(&mut self) {
+        LIVE.lock().remove(&(self.ptr as u64));
         // SAFETY: the mapping was made by `new` and is unmapped once, here.
         unsafe { libc::munmap(self.map.cast(), self.map_len) };
     }
@@ -144,12 +299,15 @@ impl DeviceMemory for EmulatedBuffer {
 
 impl DeviceLayer for EmulatedDevice {
     type Buffer = EmulatedBuffer;
+    type Event = EmulatedEvent;
+    type Graph = EmulatedGraph;
 
     fn name(&self) -> &'static str {
         "cuda-emulated"
     }
 
     fn alloc(&self, bytes: usize) -> Result<EmulatedBuffer, DeviceError> {
+        self.not_capturing("alloc")?;
         EmulatedBuffer::new(bytes.max(1))
     }
 
@@ -159,6 +317,7 @@ impl DeviceLayer for EmulatedDevice {
         offset: usize,
         src: &[u8],
     ) -> Result<(), DeviceError> {
+        self.not_capturing("write")?;
         check_range(offset, src.len(), dst.bytes)?;
         // SAFETY: the range was checked to lie inside the allocation, which `dst` borrows
         // mutably; `src` is a distinct host slice.
@@ -167,6 +326,7 @@ impl DeviceLayer for EmulatedDevice {
     }
 
     fn read(&self, src: &EmulatedBuffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
+        self.not_capturing("read")?;
         check_range(offset, dst.len(), src.bytes)?;
         // SAFETY: the range was checked to lie inside the allocation; `dst` is a distinct
         // host slice.
@@ -176,56 +336,35 @@ impl DeviceLayer for EmulatedDevice {
 
     unsafe fn launch_raw(
         &self,
+        stream: Stream,
         name: &'static str,
         config: &LaunchConfig,
         args: &[KernelArg],
     ) -> Result<(), DeviceError> {
-        let mut values: Vec<[u8; 8]> = Vec::with_capacity(args.len());
-        let mut sizes: Vec<usize> = Vec::with_capacity(args.len());
-        for a in args {
-            let (bytes, n) = a.bytes();
-            values.push(bytes);
-            sizes.push(n);
-        }
-        let mut pointers: Vec<*mut c_void> =
-            values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
-        let cname = CString::new(name).map_err(|_| DeviceError::Fault {
-            kind: FaultKind::UnknownKernel,
-            message: format!("kernel name {name:?} holds a NUL"),
-        })?;
-        let mut status = EmuStatus {
-            kind: 0,
-            message: [0; 480],
+        let op = Op::Launch {
+            name,
+            config: *config,
+            args: args.to_vec(),
         };
-        // SAFETY: every array outlives the call and has `args.len()` entries (grid and block
-        // 3); each argument pointer addresses 8 bytes, of which the runtime reads the size
-        // given, after checking it against the kernel's parameter. The memory the kernel
-        // touches through pointer arguments is the caller's promise (this function's
-        // `# Safety`).
-        let code = unsafe {
-            convoy_emu_launch(
-                cname.as_ptr(),
-                config.grid.as_ptr(),
-                config.block.as_ptr(),
-                config.shared_bytes,
-                pointers.as_mut_ptr(),
-                sizes.as_ptr(),
-                args.len(),
-                &mut status,
-            )
-        };
-        if code == 0 {
-            return Ok(());
+        {
+            let mut q = self.queues.lock();
+            match stream {
+                Stream::Copy => {
+                    let n = q.copy_issued;
+                    q.copy.push_back((n, op));
+                    q.copy_issued += 1;
+                    return Ok(());
+                }
+                Stream::Compute => {
+                    if let Some(rec) = q.capture.as_mut() {
+                        rec.push(op);
+                        return Ok(());
+                    }
+                }
+            }
         }
-        // SAFETY: the runtime writes a NUL-terminated message into the 480-byte buffer
-        // (snprintf), and the buffer starts zeroed.
-        let message = unsafe { CStr::from_ptr(status.message.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        Err(DeviceError::Fault {
-            kind: FaultKind::from_code(code),
-            message,
-        })
+        // SAFETY: the caller's promise, passed on.
+        unsafe { execute(&op) }
     }
 
     unsafe fn gemm_bf16(&self, g: &GemmBf16) -> Result<(), DeviceError> {
@@ -233,15 +372,124 @@ impl DeviceLayer for EmulatedDevice {
             kernel: "cublasGemmEx",
             problem,
         })?;
-        // SAFETY: the caller promises the slices are live allocations of this device (host
-        // memory here); `check` proved every element the GEMM touches lies inside them.
-        unsafe { reference_gemm(g) };
+        if let Some(rec) = self.queues.lock().capture.as_mut() {
+            rec.push(Op::Gemm(*g));
+            return Ok(());
+        }
+        // SAFETY: the caller's promise, passed on.
+        unsafe { execute(&Op::Gemm(*g)) }
+    }
+
+    fn record(&self, stream: Stream) -> Result<EmulatedEvent, DeviceError> {
+        self.not_capturing("record")?;
+        Ok(EmulatedEvent {
+            stream,
+            issued: self.queues.lock().copy_issued,
+        })
+    }
+
+    fn wait(&self, stream: Stream, event: &EmulatedEvent) -> Result<(), DeviceError> {
+        self.not_capturing("wait")?;
+        // Compute-stream work has run when it was issued, and copy-stream work runs in issue
+        // order: only the compute stream waiting for the copy stream has work to run.
+        if stream == Stream::Compute && event.stream == Stream::Copy {
+            self.drain_copies(Some(event.issued))?;
+        }
+        Ok(())
+    }
+
+    fn begin_capture(&self) -> Result<(), DeviceError> {
+        let mut q = self.queues.lock();
+        if q.capture.is_some() {
+            return Err(DeviceError::Capture {
+                operation: "begin_capture",
+                problem: "the compute stream is already being captured",
+            });
+        }
+        q.capture = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<EmulatedGraph, DeviceError> {
+        match self.queues.lock().capture.take() {
+            Some(ops) => Ok(EmulatedGraph { ops }),
+            None => Err(DeviceError::Capture {
+                operation: "end_capture",
+                problem: "no capture was begun",
+            }),
+        }
+    }
+
+    unsafe fn replay(&self, graph: &EmulatedGraph) -> Result<(), DeviceError> {
+        self.not_capturing("replay")?;
+        for op in &graph.ops {
+            // SAFETY: the caller's promise for the recorded launches; `execute` refuses any
+            // that names freed memory.
+            unsafe { execute(op) }?;
+        }
         Ok(())
     }
 
     fn synchronize(&self) -> Result<(), DeviceError> {
-        Ok(())
+        self.not_capturing("synchronize")?;
+        self.drain_copies(None)
     }
+}
+
+/// Launch a kernel through the runtime now, on the calling thread.
+///
+/// # Safety
+/// As [`DeviceLayer::launch_raw`].
+unsafe fn launch_now(
+    name: &'static str,
+    config: &LaunchConfig,
+    args: &[KernelArg],
+) -> Result<(), DeviceError> {
+    let mut values: Vec<[u8; 8]> = Vec::with_capacity(args.len());
+    let mut sizes: Vec<usize> = Vec::with_capacity(args.len());
+    for a in args {
+        let (bytes, n) = a.bytes();
+        values.push(bytes);
+        sizes.push(n);
+    }
+    let mut pointers: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+    let cname = CString::new(name).map_err(|_| DeviceError::Fault {
+        kind: FaultKind::UnknownKernel,
+        message: format!("kernel name {name:?} holds a NUL"),
+    })?;
+    let mut status = EmuStatus {
+        kind: 0,
+        message: [0; 480],
+    };
+    // SAFETY: every array outlives the call and has `args.len()` entries (grid and block
+    // 3); each argument pointer addresses 8 bytes, of which the runtime reads the size
+    // given, after checking it against the kernel's parameter. The memory the kernel
+    // touches through pointer arguments is the caller's promise (this function's
+    // `# Safety`).
+    let code = unsafe {
+        convoy_emu_launch(
+            cname.as_ptr(),
+            config.grid.as_ptr(),
+            config.block.as_ptr(),
+            config.shared_bytes,
+            pointers.as_mut_ptr(),
+            sizes.as_ptr(),
+            args.len(),
+            &mut status,
+        )
+    };
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: the runtime writes a NUL-terminated message into the 480-byte buffer
+    // (snprintf), and the buffer starts zeroed.
+    let message = unsafe { CStr::from_ptr(status.message.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(DeviceError::Fault {
+        kind: FaultKind::from_code(code),
+        message,
+    })
 }
 
 /// The emulator's cuBLAS: f32 accumulation (eight interleaved partial sums over k, then

@@ -11,8 +11,8 @@
 //! - [`op_cases`]: every operation on seeded inputs, runnable on any device, to compare two.
 //!
 //! Status: the kernels run and are tested on the emulated device, under the CUDA backend of the
-//! engine (`engine/core/src/backend/cuda.rs`); the driver-backed device layer is not built yet,
-//! so nothing here has run on a GPU (docs/cuda.md).
+//! engine (`engine/core/src/backend/cuda/`); the driver-backed device layer is built but has
+//! not yet run on a GPU (docs/cuda.md).
 
 pub mod device;
 pub mod driver;

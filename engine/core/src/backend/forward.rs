@@ -24,9 +24,14 @@ pub fn forward<B: Backend>(
 /// Run one forward pass of `batch` on `b`, leaving the logits on the backend (for
 /// [`Backend::sample_rows`] or [`Backend::read_logits`]).
 pub fn run_layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
+    b.begin_step(batch)?;
+    b.run_pass(&mut |b| layers(b, batch))
+}
+
+/// The operations of one pass, after `begin_step`.
+fn layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
     let cfg: &ModelConfig = b.config();
     let (layers, bias) = (cfg.num_layers, cfg.architecture.has_qkv_bias());
-    b.begin_step(batch)?;
     b.embed(batch, Act::Residual)?;
     if layers > 0 {
         b.rms_norm(Act::Residual, Weight::AttnNorm(0), Act::Normed, Rows::Batch)?;

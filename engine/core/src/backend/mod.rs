@@ -170,6 +170,18 @@ pub trait Backend {
     /// Prepare a forward pass over `batch`: size the workspace, turn the batch into the
     /// backend's step metadata (positions, slots, block tables, RoPE rows) once.
     fn begin_step(&mut self, batch: &ForwardBatch) -> Result<(), BackendError>;
+    /// Run the operations of the pass begun by [`Backend::begin_step`] (`pass`); a backend
+    /// that records passes may replay its recording of an earlier pass of the same shape
+    /// instead (the CUDA backend's decode graphs). The default runs `pass`.
+    fn run_pass(
+        &mut self,
+        pass: &mut dyn FnMut(&mut Self) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError>
+    where
+        Self: Sized,
+    {
+        pass(self)
+    }
     /// `out = embedding rows of the batch's tokens`.
     fn embed(&mut self, batch: &ForwardBatch, out: Act) -> Result<(), BackendError>;
     /// `out = rmsnorm(x) * w`.

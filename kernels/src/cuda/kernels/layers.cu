@@ -32,11 +32,12 @@ extern "C" __global__ void fused_add_rmsnorm(float* __restrict__ residual, const
 // cos_sin: [positions][dim] floats, each row cos(pos * inv_freq[i]) for i < dim/2 then
 // sin(pos * inv_freq[i]), computed on the host with the CPU backend's arithmetic (Llama-3
 // scaling applied).
-// grid: tokens; block: any.
+// Position -1 marks a padding row, left as it is. grid: tokens; block: any.
 extern "C" __global__ void rope_half_split(float* __restrict__ q, float* __restrict__ k, const int* __restrict__ positions,
                                            const float* __restrict__ cos_sin, int heads, int kv_heads, int dim,
                                            long long q_stride, long long k_stride) {
     int t = blockIdx.x, half = dim / 2;
+    if (positions[t] < 0) return;  // a padding row
     const float* cs = cos_sin + (size_t)positions[t] * dim;
     int pairs = (heads + kv_heads) * half;
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {

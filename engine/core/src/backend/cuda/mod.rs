@@ -12,6 +12,12 @@
 //! cos/sin table of every position, computed on the host exactly as the CPU backend computes
 //! its rows (float32 angle, float32 cos and sin: transformers' arithmetic).
 //!
+//! Streams: the forward pass runs on the compute stream; copies that touch the host tier run on
+//! the copy stream, after an event of the compute work before them, and the compute stream
+//! waits for them before its next pass (or its next copy), so no block is read before its copy
+//! lands nor overwritten before its copy has read it. Decode passes run as CUDA graphs
+//! ([`graphs`]).
+//!
 //! Invariants: the workspace is allocated once for `max_batched_tokens` tokens (fixed
 //! addresses) and grows only for a longer pass (the cache verifier's recomputation); step
 //! metadata is uploaded once per pass in [`Backend::begin_step`]; every launch goes through its
@@ -19,8 +25,12 @@
 //! block tables, logit rows) are checked on the host before they are uploaded, which is what
 //! makes the launches sound.
 
+mod graphs;
+use graphs::{DecodeGraphs, Layout};
+pub use graphs::{GraphPolicy, GraphStats, DEFAULT_MAX_GRAPH_CONTEXT, DEFAULT_MAX_GRAPH_ROWS};
+
 use convoy_kernels::cuda::device::{
-    self, as_bytes_mut, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice,
+    self, as_bytes_mut, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, Stream,
 };
 use convoy_kernels::cuda::gemm::GemmBf16;
 use convoy_kernels::cuda::launch::{self as l, ATTENTION_MAX_HEAD_DIM, ATTENTION_PARTITION};
@@ -88,9 +98,15 @@ pub struct CudaBackend<D: DeviceLayer> {
     draw_steps: Meta<D::Buffer>,
     draw_out: Meta<D::Buffer>,
     copy_list: Meta<D::Buffer>,
-    // The pass in progress.
+    /// Copy-stream work the compute stream has not waited for yet.
+    copies_in_flight: Option<D::Event>,
+    graphs: DecodeGraphs<D::Graph>,
+    // The pass in progress: its tokens and logits rows as run (a graph's bucket, padding
+    // included), the logits rows asked for, its graph bucket.
     tokens: usize,
     rows: usize,
+    pass_rows: usize,
+    pass_bucket: Option<usize>,
     seqs: usize,
     max_blocks: usize,
     max_partitions: usize,
@@ -333,6 +349,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
             draw_steps: meta(tokens)?,
             draw_out: meta(tokens)?,
             copy_list: meta(tokens)?,
+            copies_in_flight: None,
+            graphs: DecodeGraphs::new(GraphPolicy::eager()),
             acts: Vec::new(),
             staging: d.alloc(4).map_err(&e)?,
             partials: d.alloc(4).map_err(&e)?,
@@ -356,12 +374,106 @@ impl<D: DeviceLayer> CudaBackend<D> {
             host_v,
             tokens: 0,
             rows: 0,
+            pass_rows: 0,
+            pass_bucket: None,
             seqs: 0,
             max_blocks: 0,
             max_partitions: 0,
         };
         backend.reserve(tokens, tokens)?;
+        let policy = GraphPolicy::new(
+            DEFAULT_MAX_GRAPH_ROWS.min(tokens),
+            DEFAULT_MAX_GRAPH_CONTEXT.min(table_positions),
+        );
+        backend.set_graph_policy(policy)?;
         Ok(backend)
+    }
+
+    /// Which decode passes run as CUDA graphs ([`GraphPolicy::eager`]: none). Allocates what
+    /// the largest bucket needs now, so graphs keep their addresses; drops every graph.
+    pub fn set_graph_policy(&mut self, policy: GraphPolicy) -> Result<(), BackendError> {
+        let rows = policy.max_rows();
+        if rows > 0 {
+            let c = &self.config;
+            let blocks = policy.max_context().div_ceil(self.block_size);
+            let partitions = policy.max_context().div_ceil(ATTENTION_PARTITION);
+            let partials = rows * c.num_heads * partitions * (2 + c.head_dim);
+            self.reserve(rows, rows)?;
+            let e = self.err();
+            if self.tables.capacity < rows * blocks * 4 {
+                self.tables = Meta {
+                    buf: self.device.alloc(rows * blocks * 4).map_err(&e)?,
+                    capacity: rows * blocks * 4,
+                };
+            }
+            if partials > self.partial_capacity {
+                self.partials = self.device.alloc(partials * 4).map_err(&e)?;
+                self.partial_capacity = partials;
+            }
+        }
+        self.graphs = DecodeGraphs::new(policy);
+        Ok(())
+    }
+
+    /// How often decode passes were recorded and replayed as graphs.
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs.stats()
+    }
+
+    /// Where every buffer a graph may name lies now.
+    fn layout(&self) -> Layout {
+        let metas = [
+            &self.ids,
+            &self.positions,
+            &self.slots,
+            &self.row_seq,
+            &self.tables,
+            &self.logit_rows,
+        ];
+        self.acts
+            .iter()
+            .chain([&self.staging, &self.partials])
+            .chain(metas.into_iter().map(|m| &m.buf))
+            .flat_map(|b| {
+                let s = b.slice();
+                [s.ptr, s.bytes as u64]
+            })
+            .collect()
+    }
+
+    /// The graph bucket of a pass: a decode pass (one row per sequence, in order, the logits of
+    /// every row) whose contexts and block tables fit the policy's graphed context.
+    fn decode_bucket(
+        &self,
+        batch: &ForwardBatch,
+        max_ctx: usize,
+        max_blocks: usize,
+    ) -> Option<usize> {
+        let n = batch.num_tokens();
+        let decode = n > 0
+            && batch.seqs.len() == n
+            && batch
+                .seqs
+                .iter()
+                .enumerate()
+                .all(|(i, s)| s.num_queries == 1 && s.query_start == i)
+            && batch.logits_rows.len() == n
+            && batch.logits_rows.iter().enumerate().all(|(i, &r)| r == i);
+        let policy = &self.graphs.policy;
+        if !decode || max_blocks > policy.max_context().div_ceil(self.block_size) {
+            return None;
+        }
+        policy.bucket(n, max_ctx)
+    }
+
+    /// Make the compute stream wait for copy-stream work issued so far.
+    fn wait_for_copies(&mut self) -> Result<(), BackendError> {
+        if let Some(event) = self.copies_in_flight.take() {
+            self.device
+                .wait(Stream::Compute, &event)
+                .map_err(self.err())?;
+        }
+        Ok(())
     }
 
     /// The device layer.
@@ -514,16 +626,12 @@ impl<D: DeviceLayer> CudaBackend<D> {
         Ok((buf, self.num_host_blocks))
     }
 
-    /// One launch per K and V for `run`: copies between the same two tiers, none touching a
-    /// block an earlier one of the run writes.
-    fn copy_run(&mut self, run: &[BlockCopy]) -> Result<(), BackendError> {
-        let (src_host, dst_host) = (
-            matches!(run[0].src, Loc::Host(_)),
-            matches!(run[0].dst, Loc::Host(_)),
-        );
-        let (src_blocks, dst_blocks) = (self.tier(src_host, true)?.1, self.tier(dst_host, true)?.1);
-        let mut list = Vec::with_capacity(run.len() * 3);
-        for c in run {
+    /// Check `copies` and write them as one list (`[src, dst, slots]` each) for every run.
+    fn upload_copy_list(&mut self, copies: &[BlockCopy]) -> Result<(), BackendError> {
+        let mut list = Vec::with_capacity(copies.len() * 3);
+        for c in copies {
+            let (_, src_blocks) = self.tier(matches!(c.src, Loc::Host(_)), true)?;
+            let (_, dst_blocks) = self.tier(matches!(c.dst, Loc::Host(_)), true)?;
             let (Loc::Device(s) | Loc::Host(s)) = c.src;
             let (Loc::Device(d) | Loc::Host(d)) = c.dst;
             if s as usize >= src_blocks || d as usize >= dst_blocks || c.num_slots > self.block_size
@@ -538,23 +646,46 @@ impl<D: DeviceLayer> CudaBackend<D> {
             }
             list.extend([s as i32, d as i32, c.num_slots as i32]);
         }
-        Self::put(&self.device, &mut self.copy_list, &list).map_err(self.err())?;
+        Self::put(&self.device, &mut self.copy_list, &list).map_err(self.err())
+    }
+
+    /// One launch per K and V on `stream` for copies `first..first + count` of the uploaded
+    /// list: copies between the same two tiers, none touching a block an earlier one of the
+    /// run writes.
+    fn copy_run(
+        &mut self,
+        stream: Stream,
+        tiers: (bool, bool),
+        first: usize,
+        count: usize,
+    ) -> Result<(), BackendError> {
+        let (src_host, dst_host) = tiers;
+        let (src_blocks, dst_blocks) = (self.tier(src_host, true)?.1, self.tier(dst_host, true)?.1);
+        let list = self.copy_list.buf.slice();
+        let list = DeviceSlice {
+            ptr: list.ptr + (first * 12) as u64,
+            bytes: list.bytes.saturating_sub(first * 12),
+        };
         let c = &self.config;
         let kv_width = c.num_kv_heads * c.head_dim;
         for k in [true, false] {
             let (src, _) = self.tier(src_host, k)?;
             let (dst, _) = self.tier(dst_host, k)?;
-            self.launch(&l::CopyBlockList {
+            let launch = l::CopyBlockList {
                 src: src.slice(),
                 dst: dst.slice(),
-                list: self.copy_list.buf.slice(),
-                copies: run.len(),
+                list,
+                copies: count,
                 layers: c.num_layers,
                 src_blocks,
                 dst_blocks,
                 block_elems: self.block_size * kv_width,
                 slot_elems: kv_width,
-            })?;
+            };
+            // SAFETY: the tiers are this backend's live K/V buffers and the list its own
+            // metadata buffer; every block index in the list was checked against its tier in
+            // `upload_copy_list`.
+            unsafe { device::launch_on(&self.device, stream, &launch) }.map_err(self.err())?;
         }
         Ok(())
     }
@@ -584,13 +715,23 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
     fn apply_copies(&mut self, copies: &[BlockCopy]) -> Result<(), BackendError> {
         // In order, as runs of copies between the same two tiers that one launch may run in
         // parallel: a run ends where a copy would read or write a block an earlier copy of the
-        // run writes, or write one it reads.
+        // run writes, or write one it reads. Runs touching the host tier go to the copy stream,
+        // ordered against the compute stream by events both ways.
         let copies: Vec<BlockCopy> = copies.iter().copied().filter(|c| c.num_slots > 0).collect();
+        if copies.is_empty() {
+            return Ok(());
+        }
+        // The list buffer is rewritten below: earlier copy work that reads it must be done.
+        self.wait_for_copies()?;
+        self.upload_copy_list(&copies)?;
         let tiers = |c: &BlockCopy| (matches!(c.src, Loc::Host(_)), matches!(c.dst, Loc::Host(_)));
         let key = |l: Loc| match l {
             Loc::Device(b) => (false, b),
             Loc::Host(b) => (true, b),
         };
+        let e = self.err();
+        // Whether the copy stream is ordered after the compute work issued so far.
+        let mut copy_after_compute = false;
         let mut start = 0;
         while start < copies.len() {
             let mut written = std::collections::HashSet::new();
@@ -609,7 +750,22 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
                 read.insert(key(c.src));
                 end += 1;
             }
-            self.copy_run(&copies[start..end])?;
+            let run_tiers = tiers(&copies[start]);
+            if run_tiers.0 || run_tiers.1 {
+                if !copy_after_compute {
+                    // After the compute work that wrote the blocks it reads or reads the ones
+                    // it writes (the last pass, device-to-device runs before it).
+                    let computed = self.device.record(Stream::Compute).map_err(&e)?;
+                    self.device.wait(Stream::Copy, &computed).map_err(&e)?;
+                    copy_after_compute = true;
+                }
+                self.copy_run(Stream::Copy, run_tiers, start, end - start)?;
+                self.copies_in_flight = Some(self.device.record(Stream::Copy).map_err(&e)?);
+            } else {
+                self.wait_for_copies()?;
+                self.copy_run(Stream::Compute, run_tiers, start, end - start)?;
+                copy_after_compute = false;
+            }
             start = end;
         }
         Ok(())
@@ -621,6 +777,8 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         // goes on after a failed begin_step launches nothing over half-written metadata.
         self.tokens = 0;
         self.rows = 0;
+        self.pass_rows = 0;
+        self.pass_bucket = None;
         let n = batch.num_tokens();
         let m = batch.logits_rows.len();
         let (vocab, heads, head_dim) = (
@@ -712,35 +870,97 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         if let Some(r) = row_seq.iter().position(|&o| o < 0) {
             return Err(bad_batch(name, format!("row {r} belongs to no sequence")));
         }
-        let seqs = batch.seqs.len().max(1);
+        // A graphed decode pass runs its bucket's fixed shape, the rows beyond the batch padded.
+        let bucket = self.decode_bucket(batch, max_ctx, max_blocks);
+        let (tokens, rows, seqs, max_blocks, max_partitions) = match bucket {
+            Some(b) => {
+                let ctx = self.graphs.policy.max_context();
+                (
+                    b,
+                    b,
+                    b,
+                    ctx.div_ceil(self.block_size),
+                    ctx.div_ceil(ATTENTION_PARTITION),
+                )
+            }
+            None => (
+                n,
+                m,
+                batch.seqs.len().max(1),
+                max_blocks,
+                max_ctx.div_ceil(ATTENTION_PARTITION),
+            ),
+        };
         let mut tables = vec![-1i32; seqs * max_blocks];
         for (i, s) in batch.seqs.iter().enumerate() {
             for (j, &b) in s.block_table.iter().enumerate() {
                 tables[i * max_blocks + j] = b as i32;
             }
         }
-        self.reserve(n, m)?;
+        // Padding rows: token 0, position -1 (no RoPE, no attention), slot -1 (no K/V write).
+        let padded = |v: &[u32], fill: i32| -> Vec<i32> {
+            v.iter()
+                .map(|&x| x as i32)
+                .chain(std::iter::repeat(fill))
+                .take(tokens)
+                .collect()
+        };
+        row_seq.resize(tokens, 0);
+        let logit_rows: Vec<i32> = batch
+            .logits_rows
+            .iter()
+            .map(|&r| r as i32)
+            .chain(m as i32..rows as i32)
+            .collect();
+        self.reserve(tokens, rows)?;
         let e = self.err();
         let d = &self.device;
-        let as_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
-        Self::put(d, &mut self.ids, &as_i32(&batch.input_ids)).map_err(&e)?;
-        Self::put(d, &mut self.positions, &as_i32(&batch.positions)).map_err(&e)?;
-        Self::put(d, &mut self.slots, &as_i32(&batch.slot_mapping)).map_err(&e)?;
+        Self::put(d, &mut self.ids, &padded(&batch.input_ids, 0)).map_err(&e)?;
+        Self::put(d, &mut self.positions, &padded(&batch.positions, -1)).map_err(&e)?;
+        Self::put(d, &mut self.slots, &padded(&batch.slot_mapping, -1)).map_err(&e)?;
         Self::put(d, &mut self.row_seq, &row_seq).map_err(&e)?;
         Self::put(d, &mut self.tables, &tables).map_err(&e)?;
-        let rows: Vec<i32> = batch.logits_rows.iter().map(|&r| r as i32).collect();
-        Self::put(d, &mut self.logit_rows, &rows).map_err(&e)?;
-        let max_partitions = max_ctx.div_ceil(ATTENTION_PARTITION);
-        let partials = n * heads * max_partitions * (2 + head_dim);
+        Self::put(d, &mut self.logit_rows, &logit_rows).map_err(&e)?;
+        let partials = tokens * heads * max_partitions * (2 + head_dim);
         if partials > self.partial_capacity {
             self.partials = self.device.alloc(partials * 4).map_err(&e)?;
             self.partial_capacity = partials;
         }
-        self.tokens = n;
-        self.rows = m;
+        self.tokens = tokens;
+        self.rows = rows;
+        self.pass_rows = m;
+        self.pass_bucket = bucket;
         self.seqs = seqs;
         self.max_blocks = max_blocks;
         self.max_partitions = max_partitions;
+        Ok(())
+    }
+
+    fn run_pass(
+        &mut self,
+        pass: &mut dyn FnMut(&mut Self) -> Result<(), BackendError>,
+    ) -> Result<(), BackendError> {
+        // Swapped-in blocks must have landed, and swapped-out ones been read, before the pass
+        // touches the cache.
+        self.wait_for_copies()?;
+        let Some(bucket) = self.pass_bucket else {
+            return pass(self);
+        };
+        let e = self.err();
+        let layout = self.layout();
+        if self.graphs.get(bucket, &layout).is_none() {
+            self.device.begin_capture().map_err(&e)?;
+            let recorded = pass(self);
+            let graph = self.device.end_capture().map_err(&e);
+            recorded?;
+            self.graphs.insert(bucket, layout.clone(), graph?);
+        }
+        let graph = self.graphs.get(bucket, &layout).expect("recorded above");
+        // SAFETY: the graph was recorded under this layout: every buffer it names is the live
+        // allocation it was recorded with (weights, caches and the cos/sin table never move),
+        // and the indices it reads were checked in this pass's `begin_step`.
+        unsafe { self.device.replay(graph) }.map_err(&e)?;
+        self.graphs.count_replay();
         Ok(())
     }
 
@@ -973,10 +1193,10 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
     }
 
     fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
-        if draws.len() != self.rows || self.rows > self.row_capacity {
+        if draws.len() != self.pass_rows || self.pass_rows > self.row_capacity {
             return Err(bad_batch(
                 self.device.name(),
-                format!("{} draws for {} logits rows", draws.len(), self.rows),
+                format!("{} draws for {} logits rows", draws.len(), self.pass_rows),
             ));
         }
         if draws.is_empty() {
@@ -1009,7 +1229,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
     }
 
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
-        let len = self.rows * self.config.vocab_size;
+        let len = self.pass_rows * self.config.vocab_size;
         logits.resize(len, 0.0);
         if len == 0 {
             return Ok(());
