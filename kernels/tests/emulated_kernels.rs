@@ -606,10 +606,14 @@ fn gumbel_on(
     let t = dev.upload(temps).unwrap();
     let s = dev.upload(seeds).unwrap();
     let st = dev.upload(steps).unwrap();
+    let top_k = dev.upload(&vec![0i32; rows]).unwrap();
+    let top_p = dev.upload(&vec![1f32; rows]).unwrap();
     let out = dev.alloc(rows * 4).unwrap();
     let k = GumbelSampleRows {
         logits: l.slice(),
         temperature: t.slice(),
+        top_k: top_k.slice(),
+        top_p: top_p.slice(),
         seeds: s.slice(),
         steps: st.slice(),
         out: out.slice(),

@@ -25,7 +25,7 @@ const BUDGETS: &[(&str, u32, u32)] = &[
     ("attention_partition", 64, 35_000),
     ("attention_combine", 48, 0),
     ("argmax_rows", 32, 256),
-    ("gumbel_sample_rows", 40, 256),
+    ("gumbel_sample_rows", 48, 768),
 ];
 
 #[derive(Debug, Default)]

@@ -224,15 +224,16 @@ fn a_dummy_llama3_mqa_model_matches_the_cpu() {
 }
 
 /// A seeded draw gives the same token on both backends: the host sampler and the device's
-/// `gumbel_sample_rows` compute the same keyed Gumbel-max, so an answer sampled on a GPU can be
-/// reproduced on a laptop.
+/// `gumbel_sample_rows` compute the same keyed Gumbel-max over the same top-k and top-p
+/// candidates, so an answer sampled on a GPU can be reproduced on a laptop. Rows cover every
+/// filter alone and together, ties (logits on a grid of quarters), NaN and -inf entries.
 #[test]
 fn a_seed_draws_the_same_token_on_the_host_and_the_device() {
     use convoy_kernels::cuda::device::{launch, DeviceLayer, DeviceMemory};
     use convoy_kernels::cuda::launch::GumbelSampleRows;
     use convoy_scheduler::SamplingSpec;
     let dev = EmulatedDevice::new();
-    let (rows, vocab) = (64usize, 5000usize);
+    let (rows, vocab) = (160usize, 5000usize);
     let mut x = 0x1234_5678_9abc_def0u64;
     let mut next = || {
         x ^= x << 13;
@@ -240,22 +241,47 @@ fn a_seed_draws_the_same_token_on_the_host_and_the_device() {
         x ^= x << 17;
         ((x >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
     };
-    let logits: Vec<f32> = (0..rows * vocab).map(|_| next()).collect();
+    let mut logits: Vec<f32> = (0..rows * vocab).map(|_| next()).collect();
+    for (r, row) in logits.chunks_exact_mut(vocab).enumerate() {
+        match r % 4 {
+            // Ties: quarters, so hundreds of tokens share each logit.
+            1 => row.iter_mut().for_each(|v| *v = (*v * 4.0).round() / 4.0),
+            // NaN and -inf entries, one NaN among the largest.
+            2 => {
+                row.iter_mut().step_by(7).for_each(|v| *v = f32::NAN);
+                row.iter_mut()
+                    .skip(3)
+                    .step_by(11)
+                    .for_each(|v| *v = f32::NEG_INFINITY);
+                row[10] = f32::NAN;
+            }
+            _ => {}
+        }
+    }
     let temps: Vec<f32> = (0..rows)
         .map(|r| [0.0, 0.3, 0.7, 1.0, 1.6][r % 5])
         .collect();
+    let top_k: Vec<i32> = (0..rows)
+        .map(|r| [0, 1, 5, 50, 4999, 0, 300][r % 7])
+        .collect();
+    let top_p: Vec<f32> = (0..rows)
+        .map(|r| [1.0, 0.9, 0.5, 0.95, 0.0, 0.999][r % 6])
+        .collect();
     let seeds: Vec<u64> = (0..rows as u64).map(|r| r * 1_000_003 + 11).collect();
     let steps: Vec<u64> = (0..rows as u64).map(|r| r % 7).collect();
-    let (l, t, s, st) = (
+    let (l, t, k, p) = (
         dev.upload(&logits).unwrap(),
         dev.upload(&temps).unwrap(),
-        dev.upload(&seeds).unwrap(),
-        dev.upload(&steps).unwrap(),
+        dev.upload(&top_k).unwrap(),
+        dev.upload(&top_p).unwrap(),
     );
+    let (s, st) = (dev.upload(&seeds).unwrap(), dev.upload(&steps).unwrap());
     let out = dev.alloc(rows * 4).unwrap();
-    let k = GumbelSampleRows {
+    let launch_args = GumbelSampleRows {
         logits: l.slice(),
         temperature: t.slice(),
+        top_k: k.slice(),
+        top_p: p.slice(),
         seeds: s.slice(),
         steps: st.slice(),
         out: out.slice(),
@@ -264,21 +290,27 @@ fn a_seed_draws_the_same_token_on_the_host_and_the_device() {
         threads: 1024,
     };
     // SAFETY: buffers of this device, sized by the contract.
-    unsafe { launch(&dev, &k) }.unwrap();
+    unsafe { launch(&dev, &launch_args) }.unwrap();
     let device: Vec<i32> = dev.download(&out).unwrap();
+    let mut filtered = 0;
     for r in 0..rows {
         let spec = SamplingSpec {
             temperature: temps[r],
+            top_k: top_k[r] as usize,
+            top_p: top_p[r],
             ..Default::default()
         };
-        let host = convoy_engine::sampler::sample(
-            &logits[r * vocab..(r + 1) * vocab],
-            &spec,
-            seeds[r],
-            steps[r],
+        filtered += usize::from(!spec.is_greedy() && (spec.top_k > 0 || spec.top_p < 1.0));
+        let row = &logits[r * vocab..(r + 1) * vocab];
+        let host = convoy_engine::sampler::sample(row, &spec, seeds[r], steps[r]);
+        assert_eq!(
+            device[r] as u32, host,
+            "row {r}: temperature {}, top-k {}, top-p {}",
+            temps[r], top_k[r], top_p[r]
         );
-        assert_eq!(device[r] as u32, host, "row {r}, temperature {}", temps[r]);
+        assert!(!row[host as usize].is_nan(), "row {r} drew a NaN logit");
     }
+    assert!(filtered >= 100, "{filtered} rows exercise top-k or top-p");
 }
 
 /// Run `batch` on both backends; the logits must be bitwise equal.
@@ -399,4 +431,65 @@ fn decode_graphs_replay_exactly_what_eager_passes_compute() {
             replayed: 7
         }
     );
+}
+
+/// Seeded requests with top-k and top-p, served on the emulated CUDA backend, sample on the
+/// device (only token ids cross); every token is the host sampler's draw from the logits a
+/// single pass over the prompt and the output computes at that position.
+#[test]
+fn top_k_and_top_p_requests_sample_on_the_device_as_the_host_would() {
+    use convoy_engine::{GenerationRequest, Generator, GeneratorConfig, SamplingParams};
+    use convoy_scheduler::SamplingSpec;
+    let (model, codec) = load(&glassllm_path());
+    let prompt = codec.encode("Once upon a time there was").unwrap();
+    let filters = [(0, 0.8, 1u64), (20, 1.0, 2), (30, 0.7, 3), (5, 0.9, 4)];
+    let requests: Vec<GenerationRequest> = filters
+        .iter()
+        .map(|&(top_k, top_p, seed)| GenerationRequest {
+            prompt_ids: prompt.clone(),
+            params: SamplingParams {
+                temperature: 0.9,
+                top_k,
+                top_p,
+                seed: Some(seed),
+                max_tokens: 10,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .collect();
+    let bs = 4;
+    let results = Generator::on_device(
+        Device::CudaEmulated,
+        &model,
+        codec,
+        GeneratorConfig::new(256, bs),
+    )
+    .unwrap()
+    .run(&requests, |_, _| {})
+    .unwrap();
+    let vocab = model.config.vocab_size;
+    for (&(top_k, top_p, seed), r) in filters.iter().zip(&results) {
+        let ids: Vec<u32> = prompt.iter().chain(&r.output_ids).copied().collect();
+        let blocks = ids.len().div_ceil(bs);
+        let table: Vec<u32> = (0..blocks as u32).collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&ids[..ids.len() - 1], 0, &table, bs, false);
+        batch.logits_rows = (prompt.len() - 1..ids.len() - 1).collect();
+        let mut cuda = CudaBackend::new(EmulatedDevice::new(), &model, blocks, 0, bs, 64).unwrap();
+        let mut logits = Vec::new();
+        forward(&mut cuda, &batch, &mut logits).unwrap();
+        let spec = SamplingSpec {
+            temperature: 0.9,
+            top_k,
+            top_p,
+            ..Default::default()
+        };
+        for (j, &token) in r.output_ids.iter().enumerate() {
+            let row = &logits[j * vocab..(j + 1) * vocab];
+            let host = convoy_engine::sampler::sample(row, &spec, seed, j as u64);
+            assert_eq!(token, host, "top-k {top_k}, top-p {top_p}: token {j}");
+        }
+    }
 }

@@ -233,19 +233,21 @@ impl<B: Backend> ModelRunner for Runner<B> {
         if let Err(e) = run_layers(&mut self.backend, &batch) {
             panic!("forward pass failed: {e}");
         }
-        // Where every row is a plain draw (greedy or temperature: no top-k, top-p, logprobs or
-        // kept logits), a backend that samples on its device returns only the token ids; the
-        // draw is the same keyed Gumbel-max as the host's, so the tokens are the same.
+        // Where no row asks for its logits (logprobs, kept logits), a backend that samples on
+        // its device returns only the token ids; the draw is the same keyed Gumbel-max over the
+        // same top-k and top-p candidates as the host's, so the tokens are the same.
         let mut draws = Vec::with_capacity(row_owner.len());
         for &id in &row_owner {
             let st = state_of(&mut self.samplers, id);
-            let plain = st.spec.top_k == 0 && st.spec.top_p >= 1.0 && st.spec.logprobs.is_none();
+            let plain = st.spec.logprobs.is_none();
             draws.push((plain && !self.keep.contains(&id)).then_some(RowDraw {
                 temperature: if st.spec.is_greedy() {
                     0.0
                 } else {
                     st.spec.temperature
                 },
+                top_k: st.spec.top_k.min(u32::MAX as usize) as u32,
+                top_p: st.spec.top_p,
                 seed: st.seed,
                 step: st.step,
             }));

@@ -178,6 +178,24 @@ pub fn gumbel_noise(key: u64, token: u32) -> f32 {
     (-(-u.ln()).ln()) as f32
 }
 
+/// The key of `v` in the candidate order of top-k and top-p (the kernel's `order_key`): monotone
+/// in the logit, NaN as -inf, -0 as +0.
+pub fn order_key(v: f32) -> u32 {
+    let v = if v.is_nan() {
+        f32::NEG_INFINITY
+    } else if v == 0.0 {
+        0.0
+    } else {
+        v
+    };
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
 /// Draw one token from `logits` under `params` for a request seeded with `seed`, at its
 /// `step`-th sampled token.
 pub fn sample(logits: &[f32], params: &SamplingSpec, seed: u64, step: u64) -> u32 {
@@ -210,10 +228,12 @@ pub fn sample(logits: &[f32], params: &SamplingSpec, seed: u64, step: u64) -> u3
     if params.top_k == 0 && params.top_p >= 1.0 {
         return best_of(&mut (0..logits.len() as u32));
     }
+    // Candidates in the device's order: larger logit first (NaN as -inf, -0 as +0), then lower
+    // index.
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let by_logit = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
+        order_key(logits[*b as usize])
+            .cmp(&order_key(logits[*a as usize]))
             .then(a.cmp(b))
     };
     let k = if params.top_k == 0 {
@@ -226,20 +246,26 @@ pub fn sample(logits: &[f32], params: &SamplingSpec, seed: u64, step: u64) -> u3
         idx.truncate(k);
     }
     idx.sort_unstable_by(by_logit);
-    if params.top_p < 1.0 {
+    let max = logits[idx[0] as usize];
+    if params.top_p < 1.0 && max > f32::NEG_INFINITY {
+        // The shortest prefix holding top_p of the candidates' probability (exp((logit - max)
+        // / T) in double, NaN as 0), at least one candidate.
         let inv_t = 1.0 / t as f64;
-        let max = logits[idx[0] as usize] as f64;
-        let probs: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
+        let prob = |i: u32| {
+            let v = logits[i as usize];
+            if v.is_nan() {
+                0.0
+            } else {
+                ((v as f64 - max as f64) * inv_t).exp()
+            }
+        };
+        let target = params.top_p as f64 * idx.iter().map(|&i| prob(i)).sum::<f64>();
         let mut cum = 0.0;
-        let mut keep = probs.len();
-        for (i, p) in probs.iter().enumerate() {
-            cum += p / total;
-            if cum >= params.top_p as f64 {
-                keep = i + 1;
+        let mut keep = idx.len();
+        for (n, &i) in idx.iter().enumerate() {
+            cum += prob(i);
+            if cum >= target {
+                keep = n + 1;
                 break;
             }
         }

@@ -731,13 +731,17 @@ impl KernelLaunch for ArgmaxRows {
     }
 }
 
-/// Gumbel-max sampling per row: `argmax(logits / T + Gumbel(seed, step, i))`, greedy where
-/// `T <= 0`.
+/// Gumbel-max sampling per row: `argmax(logits / T + Gumbel(seed, step, i))` over the row's
+/// top-k, then top-p, candidates; greedy where `T <= 0`.
 pub struct GumbelSampleRows {
     /// f32 `[rows][vocab]`.
     pub logits: DeviceSlice,
-    /// f32 `[rows]`.
+    /// f32 `[rows]`; 0 or less: greedy.
     pub temperature: DeviceSlice,
+    /// i32 `[rows]`: candidates by logit (0: every token).
+    pub top_k: DeviceSlice,
+    /// f32 `[rows]`: share of the candidates' probability kept (1: all).
+    pub top_p: DeviceSlice,
     /// u64 `[rows]`.
     pub seeds: DeviceSlice,
     /// u64 `[rows]`.
@@ -760,6 +764,8 @@ impl KernelLaunch for GumbelSampleRows {
         warp_multiple(Self::NAME, self.threads)?;
         need("logits", &self.logits, Sz(self.rows) * Sz(self.vocab), 4)?;
         need("temperature", &self.temperature, Sz(self.rows), 4)?;
+        need("top_k", &self.top_k, Sz(self.rows), 4)?;
+        need("top_p", &self.top_p, Sz(self.rows), 4)?;
         need("seeds", &self.seeds, Sz(self.rows), 8)?;
         need("steps", &self.steps, Sz(self.rows), 8)?;
         need("out", &self.out, Sz(self.rows), 4)?;
@@ -770,6 +776,8 @@ impl KernelLaunch for GumbelSampleRows {
             ptr(&self.logits),
             KernelArg::I32(self.vocab as i32),
             ptr(&self.temperature),
+            ptr(&self.top_k),
+            ptr(&self.top_p),
             ptr(&self.seeds),
             ptr(&self.steps),
             ptr(&self.out),

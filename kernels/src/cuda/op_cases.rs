@@ -347,12 +347,20 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                         (0..rows).map(|r| if r == 3 { 0.0 } else { 0.7 }).collect();
                     let seeds: Vec<u64> = (0..rows as u64).map(|r| r * 31 + 7).collect();
                     let steps = vec![42u64; rows];
+                    // Every filter: none, top-k, top-p, both.
+                    let top_k: Vec<i32> = (0..rows as i32)
+                        .map(|r| [0, 40, 0, 7][r as usize % 4])
+                        .collect();
+                    let top_p: Vec<f32> = (0..rows).map(|r| [1.0, 1.0, 0.8, 0.5][r % 4]).collect();
                     let (tb, sb, stb) = (d.upload(&temps)?, d.upload(&seeds)?, d.upload(&steps)?);
+                    let (kb, pb) = (d.upload(&top_k)?, d.upload(&top_p)?);
                     launch(
                         d,
                         &l::GumbelSampleRows {
                             logits: lb.slice(),
                             temperature: tb.slice(),
+                            top_k: kb.slice(),
+                            top_p: pb.slice(),
                             seeds: sb.slice(),
                             steps: stb.slice(),
                             out: out.slice(),

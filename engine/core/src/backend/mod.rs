@@ -128,6 +128,10 @@ pub enum Weight {
 pub struct RowDraw {
     /// 0 for greedy.
     pub temperature: f32,
+    /// Candidates by logit (0: every token).
+    pub top_k: u32,
+    /// Share of the candidates' probability kept (1: all).
+    pub top_p: f32,
     /// The request's seed.
     pub seed: u64,
     /// Tokens the request has sampled so far.

@@ -94,6 +94,8 @@ pub struct CudaBackend<D: DeviceLayer> {
     tables: Meta<D::Buffer>,
     logit_rows: Meta<D::Buffer>,
     draw_temps: Meta<D::Buffer>,
+    draw_top_k: Meta<D::Buffer>,
+    draw_top_p: Meta<D::Buffer>,
     draw_seeds: Meta<D::Buffer>,
     draw_steps: Meta<D::Buffer>,
     draw_out: Meta<D::Buffer>,
@@ -345,6 +347,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
             tables: meta(tokens)?,
             logit_rows: meta(tokens)?,
             draw_temps: meta(tokens)?,
+            draw_top_k: meta(tokens)?,
+            draw_top_p: meta(tokens)?,
             draw_seeds: meta(tokens)?,
             draw_steps: meta(tokens)?,
             draw_out: meta(tokens)?,
@@ -1204,16 +1208,25 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         }
         let e = self.err();
         let temps: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
+        let top_k: Vec<i32> = draws
+            .iter()
+            .map(|d| d.top_k.min(i32::MAX as u32) as i32)
+            .collect();
+        let top_p: Vec<f32> = draws.iter().map(|d| d.top_p).collect();
         let seeds: Vec<u64> = draws.iter().map(|d| d.seed).collect();
         let steps: Vec<u64> = draws.iter().map(|d| d.step).collect();
         let d = &self.device;
         Self::put(d, &mut self.draw_temps, &temps).map_err(&e)?;
+        Self::put(d, &mut self.draw_top_k, &top_k).map_err(&e)?;
+        Self::put(d, &mut self.draw_top_p, &top_p).map_err(&e)?;
         Self::put(d, &mut self.draw_seeds, &seeds).map_err(&e)?;
         Self::put(d, &mut self.draw_steps, &steps).map_err(&e)?;
         Self::put(d, &mut self.draw_out, &vec![0i32; draws.len()]).map_err(&e)?;
         self.launch(&l::GumbelSampleRows {
             logits: self.act(Act::Logits),
             temperature: self.draw_temps.buf.slice(),
+            top_k: self.draw_top_k.buf.slice(),
+            top_p: self.draw_top_p.buf.slice(),
             seeds: self.draw_seeds.buf.slice(),
             steps: self.draw_steps.buf.slice(),
             out: self.draw_out.buf.slice(),
