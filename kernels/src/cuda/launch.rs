@@ -10,6 +10,47 @@ use super::device::DeviceSlice;
 pub const ATTENTION_PARTITION: usize = 256;
 /// Largest head dimension the attention kernel takes (`MAX_HEAD_DIM` in attention.cu).
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
+/// Query heads of one KV head that one attention block takes (`MAX_GROUP` in attention.cu).
+pub const ATTENTION_MAX_GROUP: usize = 16;
+
+/// The attention work of a pass: one item per (row, partition) each row reaches, in row order,
+/// so item `w`'s partials are the `w`-th, and each row's first item.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttentionWork {
+    /// `[items][2]`: (row, partition); (-1, -1) for idle items.
+    pub items: Vec<i32>,
+    /// Each row's first item (its partitions follow it).
+    pub row_offset: Vec<i32>,
+}
+
+impl AttentionWork {
+    /// The work of rows at positions `row_pos` (-1: a padding row, no items), padded with idle
+    /// items to at least `min_items` (a graph's fixed grid).
+    pub fn new(row_pos: &[i32], min_items: usize) -> AttentionWork {
+        let mut items = Vec::new();
+        let mut row_offset = Vec::with_capacity(row_pos.len());
+        for (row, &pos) in row_pos.iter().enumerate() {
+            row_offset.push((items.len() / 2) as i32);
+            let parts = (pos + 1).max(0) as usize;
+            for part in 0..parts.div_ceil(ATTENTION_PARTITION) {
+                items.extend([row as i32, part as i32]);
+            }
+        }
+        let idle = min_items.saturating_sub(items.len() / 2);
+        items.extend(std::iter::repeat_n(-1, 2 * idle));
+        AttentionWork { items, row_offset }
+    }
+
+    /// Work items, idle ones included.
+    pub fn len(&self) -> usize {
+        self.items.len() / 2
+    }
+
+    /// Whether there is no item.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
 
 /// Whether the attention kernel takes this head dimension: a power of two from 8 to
 /// [`ATTENTION_MAX_HEAD_DIM`] (`head_dim / 8` lanes read a row with 16-byte loads).
@@ -519,9 +560,9 @@ impl KernelLaunch for CopyBlocks {
 /// [`ATTENTION_PARTITION`] positions, the max, sum and unnormalised output of every query head
 /// of the group.
 ///
-/// Device data: `row_seq` below `sequences`; `row_pos` -1 (padding) or with
-/// `ceil((row_pos + 1) / ATTENTION_PARTITION) <= max_partitions` and every block-table entry it
-/// reaches below `cache_blocks`.
+/// Device data: `row_seq` below `sequences`; `row_pos` -1 (padding) or a position whose
+/// block-table entries are below `cache_blocks`; `work` as [`AttentionWork`] builds it for
+/// `row_pos`, `items` long.
 pub struct AttentionPartition {
     /// f32 rows of `heads * head_dim` values, `q_stride` floats apart.
     pub q: DeviceSlice,
@@ -535,8 +576,12 @@ pub struct AttentionPartition {
     pub row_seq: DeviceSlice,
     /// i32 `[rows]`.
     pub row_pos: DeviceSlice,
-    /// f32 `[rows][heads][max_partitions][2 + head_dim]`.
+    /// i32 `[items][2]`: (row, partition), row -1 for an idle item.
+    pub work: DeviceSlice,
+    /// f32 `[items][heads][2 + head_dim]`.
     pub partials: DeviceSlice,
+    /// Work items (the grid's x).
+    pub items: usize,
     /// Blocks in each cache.
     pub cache_blocks: usize,
     /// Columns of `block_tables`.
@@ -553,8 +598,6 @@ pub struct AttentionPartition {
     pub head_dim: usize,
     /// Positions per cache block.
     pub block_size: usize,
-    /// Partitions per row in `partials`.
-    pub max_partitions: usize,
     /// Softmax scale (1/sqrt(head_dim)).
     pub scale: f32,
     /// Floats between consecutive q rows.
@@ -566,7 +609,7 @@ impl KernelLaunch for AttentionPartition {
     fn config(&self) -> Result<LaunchConfig, String> {
         positive("rows", self.rows as i64)?;
         positive("kv_heads", self.kv_heads as i64)?;
-        positive("max_partitions", self.max_partitions as i64)?;
+        positive("items", self.items as i64)?;
         positive("block_size", self.block_size as i64)?;
         if !self.heads.is_multiple_of(self.kv_heads) || self.heads == 0 {
             return Err(format!(
@@ -604,18 +647,16 @@ impl KernelLaunch for AttentionPartition {
         )?;
         need("row_seq", &self.row_seq, Sz(self.rows), 4)?;
         need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
+        need("work", &self.work, Sz(self.items) * Sz(2), 4)?;
         need(
             "partials",
             &self.partials,
-            Sz(self.rows) * Sz(self.heads) * Sz(self.max_partitions) * (2 + Sz(self.head_dim)),
+            Sz(self.items) * Sz(self.heads) * (2 + Sz(self.head_dim)),
             4,
         )?;
+        let chunks = (self.heads / self.kv_heads).div_ceil(ATTENTION_MAX_GROUP);
         Ok(LaunchConfig {
-            grid: [
-                self.rows as u32,
-                self.kv_heads as u32,
-                self.max_partitions as u32,
-            ],
+            grid: [self.items as u32, (self.kv_heads * chunks) as u32, 1],
             block: [128, 1, 1],
             shared_bytes: 0,
         })
@@ -629,12 +670,12 @@ impl KernelLaunch for AttentionPartition {
             KernelArg::I32(self.max_blocks_per_seq as i32),
             ptr(&self.row_seq),
             ptr(&self.row_pos),
+            ptr(&self.work),
             ptr(&self.partials),
             KernelArg::I32(self.heads as i32),
             KernelArg::I32(self.kv_heads as i32),
             KernelArg::I32(self.head_dim as i32),
             KernelArg::I32(self.block_size as i32),
-            KernelArg::I32(self.max_partitions as i32),
             KernelArg::F32(self.scale),
             KernelArg::I64(self.q_stride as i64),
         ]
@@ -643,12 +684,17 @@ impl KernelLaunch for AttentionPartition {
 
 /// The combine pass: `out[row][head]` from the partitions, in partition order.
 ///
-/// Device data: as [`AttentionPartition`]'s `row_pos`.
+/// Device data: `row_pos` and `row_offset` as [`AttentionWork`] builds them (each row's
+/// partitions lie inside the `items` items).
 pub struct AttentionCombine {
     /// As written by [`AttentionPartition`].
     pub partials: DeviceSlice,
     /// i32 `[rows]`.
     pub row_pos: DeviceSlice,
+    /// i32 `[rows]`: each row's first work item.
+    pub row_offset: DeviceSlice,
+    /// Work items in `partials`.
+    pub items: usize,
     /// f32 `[rows][heads][head_dim]`.
     pub out: DeviceSlice,
     /// Query rows.
@@ -657,8 +703,6 @@ pub struct AttentionCombine {
     pub heads: usize,
     /// Head dimension.
     pub head_dim: usize,
-    /// Partitions per row in `partials`.
-    pub max_partitions: usize,
 }
 
 impl KernelLaunch for AttentionCombine {
@@ -670,10 +714,11 @@ impl KernelLaunch for AttentionCombine {
         need(
             "partials",
             &self.partials,
-            Sz(self.rows) * Sz(self.heads) * Sz(self.max_partitions) * (2 + Sz(self.head_dim)),
+            Sz(self.items) * Sz(self.heads) * (2 + Sz(self.head_dim)),
             4,
         )?;
         need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
+        need("row_offset", &self.row_offset, Sz(self.rows), 4)?;
         need(
             "out",
             &self.out,
@@ -690,10 +735,10 @@ impl KernelLaunch for AttentionCombine {
         vec![
             ptr(&self.partials),
             ptr(&self.row_pos),
+            ptr(&self.row_offset),
             ptr(&self.out),
             KernelArg::I32(self.heads as i32),
             KernelArg::I32(self.head_dim as i32),
-            KernelArg::I32(self.max_partitions as i32),
         ]
     }
 }
@@ -979,5 +1024,28 @@ impl KernelLaunch for CopyBlockList {
             KernelArg::I32(self.block_elems as i32),
             KernelArg::I32(self.slot_elems as i32),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AttentionWork, ATTENTION_PARTITION};
+
+    #[test]
+    fn attention_work_lists_only_the_partitions_each_row_reaches() {
+        // Positions 0, 255, 256 and -1 (padding): 1, 1, 2 and 0 partitions.
+        let w = AttentionWork::new(&[0, 255, 256, -1], 0);
+        assert_eq!(w.items, [0, 0, 1, 0, 2, 0, 2, 1]);
+        assert_eq!(w.row_offset, [0, 1, 2, 4]);
+        // Padded with idle items to a graph's fixed grid.
+        let w = AttentionWork::new(&[0, 255], 5);
+        assert_eq!(w.len(), 5);
+        assert_eq!(&w.items[4..], [-1; 6]);
+        // A decode batch of 255 rows at 1k and one at 8k: 1,052 items where a dense
+        // rows x longest-context grid has 8,192.
+        let mut pos = vec![1023; 255];
+        pos.push(8191);
+        let w = AttentionWork::new(&pos, 0);
+        assert_eq!(w.len(), 255 * 4 + 8192 / ATTENTION_PARTITION);
     }
 }

@@ -245,15 +245,19 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                     row_seq.push(2);
                     row_pos.push(p);
                 }
+                // A padding row, and idle items past the work (a graph's fixed grid).
+                row_seq.push(0);
+                row_pos.push(-1);
                 let rows = row_seq.len();
-                let max_partitions = 1000usize.div_ceil(l::ATTENTION_PARTITION);
+                let work = l::AttentionWork::new(&row_pos, 60);
                 let q = d.upload(&rng.vec(rows * qkv_width, 1.0))?;
                 let kc = d.upload(&bf16s(&rng.vec(cache_blocks * bs * kvd, 1.0)))?;
                 let vc = d.upload(&bf16s(&rng.vec(cache_blocks * bs * kvd, 1.0)))?;
                 let tb = d.upload(&tables)?;
                 let rs = d.upload(&row_seq)?;
                 let rp = d.upload(&row_pos)?;
-                let partials = d.alloc(rows * s.heads * max_partitions * (2 + s.head_dim) * 4)?;
+                let (wk, ro) = (d.upload(&work.items)?, d.upload(&work.row_offset)?);
+                let partials = d.alloc(work.len() * s.heads * (2 + s.head_dim) * 4)?;
                 let out = d.alloc(rows * qd * 4)?;
                 launch(
                     d,
@@ -264,7 +268,9 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                         block_tables: tb.slice(),
                         row_seq: rs.slice(),
                         row_pos: rp.slice(),
+                        work: wk.slice(),
                         partials: partials.slice(),
+                        items: work.len(),
                         cache_blocks,
                         max_blocks_per_seq: max_blocks,
                         sequences: contexts.len(),
@@ -273,7 +279,6 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                         kv_heads: s.kv_heads,
                         head_dim: s.head_dim,
                         block_size: bs,
-                        max_partitions,
                         scale: 1.0 / (s.head_dim as f32).sqrt(),
                         q_stride: qkv_width,
                     },
@@ -283,11 +288,12 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                     &l::AttentionCombine {
                         partials: partials.slice(),
                         row_pos: rp.slice(),
+                        row_offset: ro.slice(),
+                        items: work.len(),
                         out: out.slice(),
                         rows,
                         heads: s.heads,
                         head_dim: s.head_dim,
-                        max_partitions,
                     },
                 )?;
                 d.download::<f32>(&out)

@@ -1,9 +1,10 @@
 // Paged attention. K/V cache: bf16 [blocks][block_size][kv_heads][head_dim]. q: f32 rows of
-// [heads][head_dim], q_stride floats apart. Each work item is (query token or sequence, KV head,
-// partition of PARTITION positions): the K and V rows of that KV head are read from memory once
-// for all query heads that share it, up to MAX_GROUP at a time (the MQA/GQA advantage).
-// Partials (max, sum, unnormalised output) are combined in partition order by
-// attention_combine, so results do not depend on the batch.
+// [heads][head_dim], q_stride floats apart. The work is a flat list of (query row, partition of
+// PARTITION positions) items, only the partitions each row reaches, so a short row next to a
+// long one costs its own partitions; each block takes one item, one KV head and one chunk of up
+// to MAX_GROUP of its query heads: the K and V rows of that KV head are read from memory once for
+// the chunk's heads (the MQA/GQA advantage). Partials (max, sum, unnormalised output) are
+// combined in partition order by attention_combine, so results do not depend on the batch.
 
 #define PARTITION 256
 #define MAX_GROUP 16
@@ -22,13 +23,14 @@ __device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
     out[7] = __uint_as_float(u.w & 0xffff0000u);
 }
 
-// grid: (query rows, kv_heads, max partitions); block: 128 (a multiple of 32).
+// grid: (work items, kv_heads x chunks of MAX_GROUP query heads); block: 128 (a multiple of 32).
+// work: [items][2] (row, partition); row -1 is an idle item (a graph's padding).
 // head_dim: a power of two from 8 to 256, so head_dim / 8 lanes read one K or V row with
 // 16-byte loads (a coalesced row) and reduce with shuffles of that width.
 // q row r starts at q + r * q_stride (a view of the fused QKV row).
 // row_seq[r]: sequence of query row r; row_pos[r]: its position (it attends to 0..=pos; -1 is
 // a padding row, which writes nothing).
-// partials: [rows][heads][max_partitions][2 + head_dim].
+// partials: [items][heads][2 + head_dim], item w's at w.
 //
 // Per chunk of up to MAX_GROUP query heads: (1) each K row of the partition is read once, and
 // its dot products with every head of the chunk reduced across the row's lanes; (2) each
@@ -38,16 +40,18 @@ __device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
 extern "C" __global__ void attention_partition(const float* __restrict__ q, const bf16_t* __restrict__ k_cache,
                                                const bf16_t* __restrict__ v_cache, const int* __restrict__ block_tables,
                                                int max_blocks_per_seq, const int* __restrict__ row_seq,
-                                               const int* __restrict__ row_pos, float* __restrict__ partials,
-                                               int heads, int kv_heads, int head_dim, int block_size,
-                                               int max_partitions, float scale, long long q_stride) {
+                                               const int* __restrict__ row_pos, const int* __restrict__ work,
+                                               float* __restrict__ partials, int heads, int kv_heads, int head_dim,
+                                               int block_size, float scale, long long q_stride) {
     __shared__ float qs[MAX_GROUP * MAX_HEAD_DIM];
     __shared__ float scores[MAX_GROUP * PARTITION];
     __shared__ long long row_base[PARTITION];
     __shared__ float stat_m[MAX_GROUP];
     __shared__ float stat_l[MAX_GROUP];
-    int row = blockIdx.x, kvh = blockIdx.y, part = blockIdx.z;
-    int group = heads / kv_heads;
+    int w = blockIdx.x, row = work[2 * w], part = work[2 * w + 1];
+    if (row < 0) return;
+    int group = heads / kv_heads, chunks = (group + MAX_GROUP - 1) / MAX_GROUP;
+    int kvh = blockIdx.y / chunks, g0 = (blockIdx.y % chunks) * MAX_GROUP;
     int ctx = row_pos[row] + 1;
     int p0 = part * PARTITION;
     if (p0 >= ctx) return;
@@ -64,7 +68,7 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
     int sub = threadIdx.x & (lanes - 1);     // this lane's 8 values of the row
     int in_flight = blockDim.x / lanes;      // rows read at once
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int g0 = 0; g0 < group; g0 += MAX_GROUP) {
+    {
         int gn = min(MAX_GROUP, group - g0);
         for (int i = threadIdx.x; i < gn * head_dim; i += blockDim.x)
             qs[i] = q[row * q_stride + (size_t)(kvh * group + g0) * head_dim + i];
@@ -117,7 +121,7 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
                 for (int e = 0; e < 8; e++) acc[e] += p * v8[e];
             }
             int head = kvh * group + g0 + g;
-            float* out = partials + (((size_t)row * heads + head) * max_partitions + part) * (2 + head_dim);
+            float* out = partials + ((size_t)w * heads + head) * (2 + head_dim);
             if (c == 0) {
                 out[0] = stat_m[g];
                 out[1] = stat_l[g];
@@ -128,19 +132,22 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
     }
 }
 
-// out[row][head] = combination of the partitions. grid: (rows, heads); block: any.
+// out[row][head] = combination of the row's partitions, which are work items row_offset[row]
+// onwards. grid: (rows, heads); block: any.
 extern "C" __global__ void attention_combine(const float* __restrict__ partials, const int* __restrict__ row_pos,
-                                             float* __restrict__ out, int heads, int head_dim, int max_partitions) {
+                                             const int* __restrict__ row_offset, float* __restrict__ out, int heads,
+                                             int head_dim) {
     int row = blockIdx.x, head = blockIdx.y;
     int parts = (row_pos[row] + PARTITION) / PARTITION;
-    const float* p = partials + ((size_t)row * heads + head) * max_partitions * (2 + head_dim);
+    size_t stride = (size_t)heads * (2 + head_dim);
+    const float* p = partials + ((size_t)row_offset[row] * heads + head) * (2 + head_dim);
     float m = -INFINITY;
-    for (int i = 0; i < parts; i++) m = fmaxf(m, p[i * (2 + head_dim)]);
+    for (int i = 0; i < parts; i++) m = fmaxf(m, p[i * stride]);
     float l = 0.0f;
-    for (int i = 0; i < parts; i++) l += __expf(p[i * (2 + head_dim)] - m) * p[i * (2 + head_dim) + 1];
+    for (int i = 0; i < parts; i++) l += __expf(p[i * stride] - m) * p[i * stride + 1];
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc = 0.0f;
-        for (int i = 0; i < parts; i++) acc += __expf(p[i * (2 + head_dim)] - m) / l * p[i * (2 + head_dim) + 2 + d];
+        for (int i = 0; i < parts; i++) acc += __expf(p[i * stride] - m) / l * p[i * stride + 2 + d];
         out[((size_t)row * heads + head) * head_dim + d] = acc;
     }
 }

@@ -93,6 +93,8 @@ pub struct CudaBackend<D: DeviceLayer> {
     row_seq: Meta<D::Buffer>,
     tables: Meta<D::Buffer>,
     logit_rows: Meta<D::Buffer>,
+    attn_work: Meta<D::Buffer>,
+    attn_row_offset: Meta<D::Buffer>,
     draw_temps: Meta<D::Buffer>,
     draw_top_k: Meta<D::Buffer>,
     draw_top_p: Meta<D::Buffer>,
@@ -111,7 +113,7 @@ pub struct CudaBackend<D: DeviceLayer> {
     pass_bucket: Option<usize>,
     seqs: usize,
     max_blocks: usize,
-    max_partitions: usize,
+    attention_items: usize,
 }
 
 fn dev_err(backend: &'static str) -> impl Fn(DeviceError) -> BackendError {
@@ -346,6 +348,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
             row_seq: meta(tokens)?,
             tables: meta(tokens)?,
             logit_rows: meta(tokens)?,
+            attn_work: meta(tokens)?,
+            attn_row_offset: meta(tokens)?,
             draw_temps: meta(tokens)?,
             draw_top_k: meta(tokens)?,
             draw_top_p: meta(tokens)?,
@@ -382,7 +386,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             pass_bucket: None,
             seqs: 0,
             max_blocks: 0,
-            max_partitions: 0,
+            attention_items: 0,
         };
         backend.reserve(tokens, tokens)?;
         let policy = GraphPolicy::new(
@@ -404,11 +408,16 @@ impl<D: DeviceLayer> CudaBackend<D> {
             let partials = rows * c.num_heads * partitions * (2 + c.head_dim);
             self.reserve(rows, rows)?;
             let e = self.err();
-            if self.tables.capacity < rows * blocks * 4 {
-                self.tables = Meta {
-                    buf: self.device.alloc(rows * blocks * 4).map_err(&e)?,
-                    capacity: rows * blocks * 4,
-                };
+            for (meta, bytes) in [
+                (&mut self.tables, rows * blocks * 4),
+                (&mut self.attn_work, rows * partitions * 8),
+            ] {
+                if meta.capacity < bytes {
+                    *meta = Meta {
+                        buf: self.device.alloc(bytes).map_err(&e)?,
+                        capacity: bytes,
+                    };
+                }
             }
             if partials > self.partial_capacity {
                 self.partials = self.device.alloc(partials * 4).map_err(&e)?;
@@ -433,6 +442,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
             &self.row_seq,
             &self.tables,
             &self.logit_rows,
+            &self.attn_work,
+            &self.attn_row_offset,
         ];
         self.acts
             .iter()
@@ -876,7 +887,8 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         }
         // A graphed decode pass runs its bucket's fixed shape, the rows beyond the batch padded.
         let bucket = self.decode_bucket(batch, max_ctx, max_blocks);
-        let (tokens, rows, seqs, max_blocks, max_partitions) = match bucket {
+        // A graph's attention grid is fixed too: as many items as its rows can reach.
+        let (tokens, rows, seqs, max_blocks, min_items) = match bucket {
             Some(b) => {
                 let ctx = self.graphs.policy.max_context();
                 (
@@ -884,16 +896,10 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
                     b,
                     b,
                     ctx.div_ceil(self.block_size),
-                    ctx.div_ceil(ATTENTION_PARTITION),
+                    b * ctx.div_ceil(ATTENTION_PARTITION),
                 )
             }
-            None => (
-                n,
-                m,
-                batch.seqs.len().max(1),
-                max_blocks,
-                max_ctx.div_ceil(ATTENTION_PARTITION),
-            ),
+            None => (n, m, batch.seqs.len().max(1), max_blocks, 0),
         };
         let mut tables = vec![-1i32; seqs * max_blocks];
         for (i, s) in batch.seqs.iter().enumerate() {
@@ -920,12 +926,16 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         let e = self.err();
         let d = &self.device;
         Self::put(d, &mut self.ids, &padded(&batch.input_ids, 0)).map_err(&e)?;
-        Self::put(d, &mut self.positions, &padded(&batch.positions, -1)).map_err(&e)?;
+        let positions = padded(&batch.positions, -1);
+        Self::put(d, &mut self.positions, &positions).map_err(&e)?;
         Self::put(d, &mut self.slots, &padded(&batch.slot_mapping, -1)).map_err(&e)?;
         Self::put(d, &mut self.row_seq, &row_seq).map_err(&e)?;
         Self::put(d, &mut self.tables, &tables).map_err(&e)?;
         Self::put(d, &mut self.logit_rows, &logit_rows).map_err(&e)?;
-        let partials = tokens * heads * max_partitions * (2 + head_dim);
+        let work = l::AttentionWork::new(&positions, min_items);
+        Self::put(d, &mut self.attn_work, &work.items).map_err(&e)?;
+        Self::put(d, &mut self.attn_row_offset, &work.row_offset).map_err(&e)?;
+        let partials = work.len() * heads * (2 + head_dim);
         if partials > self.partial_capacity {
             self.partials = self.device.alloc(partials * 4).map_err(&e)?;
             self.partial_capacity = partials;
@@ -936,7 +946,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         self.pass_bucket = bucket;
         self.seqs = seqs;
         self.max_blocks = max_blocks;
-        self.max_partitions = max_partitions;
+        self.attention_items = work.len();
         Ok(())
     }
 
@@ -1134,34 +1144,39 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         let c = &self.config;
         let hd = c.head_dim;
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        self.launch(&l::AttentionPartition {
-            q: self.act(qkv),
-            k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
-            v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
-            block_tables: self.tables.buf.slice(),
-            row_seq: self.row_seq.buf.slice(),
-            row_pos: self.positions.buf.slice(),
-            partials: self.partials.slice(),
-            cache_blocks: self.num_blocks,
-            max_blocks_per_seq: self.max_blocks,
-            sequences: self.seqs,
-            rows: self.tokens,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: hd,
-            block_size: self.block_size,
-            max_partitions: self.max_partitions,
-            scale: 1.0 / (hd as f32).sqrt(),
-            q_stride: qd + 2 * kvd,
-        })?;
+        if self.attention_items > 0 {
+            self.launch(&l::AttentionPartition {
+                q: self.act(qkv),
+                k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
+                v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
+                block_tables: self.tables.buf.slice(),
+                row_seq: self.row_seq.buf.slice(),
+                row_pos: self.positions.buf.slice(),
+                work: self.attn_work.buf.slice(),
+                partials: self.partials.slice(),
+                items: self.attention_items,
+                cache_blocks: self.num_blocks,
+                max_blocks_per_seq: self.max_blocks,
+                sequences: self.seqs,
+                rows: self.tokens,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                block_size: self.block_size,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_stride: qd + 2 * kvd,
+            })?;
+        }
+        // Every row gets its output: a padding row (no partition) zeros.
         self.launch(&l::AttentionCombine {
             partials: self.partials.slice(),
             row_pos: self.positions.buf.slice(),
+            row_offset: self.attn_row_offset.buf.slice(),
+            items: self.attention_items,
             out: self.act(out),
             rows: self.tokens,
             heads: c.num_heads,
             head_dim: hd,
-            max_partitions: self.max_partitions,
         })
     }
 
