@@ -22,7 +22,7 @@ const BUDGETS: &[(&str, u32, u32)] = &[
     ("add_rows", 32, 0),
     ("add_bias_rows", 32, 0),
     ("copy_block_list", 32, 0),
-    ("attention_partition", 64, 35_000),
+    ("attention_partition", 48, 0),
     ("attention_combine", 48, 0),
     ("argmax_rows", 32, 256),
     ("gumbel_sample_rows", 48, 768),

@@ -97,7 +97,8 @@ pub struct CudaDriverDevice {
     capturing: AtomicBool,
     blas: cudarc::cublas::CudaBlas,
     _blas_workspace: DriverBuffer,
-    functions: HashMap<&'static str, CudaFunction>,
+    /// Each kernel and the dynamic shared memory a launch of it may ask for.
+    functions: HashMap<&'static str, (CudaFunction, u32)>,
     _modules: Vec<Arc<CudaModule>>,
     arch: String,
 }
@@ -122,6 +123,13 @@ impl CudaDriverDevice {
         let copy = ctx
             .new_stream()
             .map_err(|e| open_err("cuStreamCreate")(e.to_string()))?;
+        // Kernels may take dynamic shared memory up to the card's opt-in limit (above the
+        // default 48 KB: attention for an MQA group of 32), less their static shared memory.
+        let optin = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| open_err("cuDeviceGetAttribute")(e.to_string()))?;
         let mut functions = HashMap::new();
         let mut modules = Vec::new();
         for src in SOURCES {
@@ -134,7 +142,19 @@ impl CudaDriverDevice {
                 let f = module
                     .load_function(k)
                     .map_err(|e| open_err("cuModuleGetFunction")(format!("{k}: {e}")))?;
-                functions.insert(k, f);
+                let attr = |e: cudarc::driver::DriverError| {
+                    open_err("cuFuncSetAttribute")(format!("{k}: {e}"))
+                };
+                let fixed = f
+                    .get_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+                    .map_err(attr)?;
+                let dynamic = (optin - fixed).max(0);
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic,
+                )
+                .map_err(attr)?;
+                functions.insert(k, (f, dynamic as u32));
             }
             modules.push(module);
         }
@@ -337,10 +357,19 @@ impl DeviceLayer for CudaDriverDevice {
         config: &LaunchConfig,
         args: &[KernelArg],
     ) -> Result<(), DeviceError> {
-        let f = self.functions.get(name).ok_or_else(|| DeviceError::Fault {
+        let (f, max_shared) = self.functions.get(name).ok_or_else(|| DeviceError::Fault {
             kind: FaultKind::UnknownKernel,
             message: format!("no kernel named {name}"),
         })?;
+        if config.shared_bytes > *max_shared {
+            return Err(DeviceError::Fault {
+                kind: FaultKind::LaunchConfig,
+                message: format!(
+                    "{name}: {} bytes of dynamic shared memory, above the {max_shared} this card allows it",
+                    config.shared_bytes
+                ),
+            });
+        }
         self.bind()?;
         let mut values: Vec<[u8; 8]> = args.iter().map(|a| a.bytes().0).collect();
         let mut params: Vec<*mut c_void> =

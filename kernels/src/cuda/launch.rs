@@ -10,8 +10,20 @@ use super::device::DeviceSlice;
 pub const ATTENTION_PARTITION: usize = 256;
 /// Largest head dimension the attention kernel takes (`MAX_HEAD_DIM` in attention.cu).
 pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
-/// Query heads of one KV head that one attention block takes (`MAX_GROUP` in attention.cu).
-pub const ATTENTION_MAX_GROUP: usize = 16;
+/// Query heads of one KV head that one attention block takes at most (`MAX_GROUP` in
+/// attention.cu): every head of an MQA group of 32 reads each K row from one load.
+pub const ATTENTION_MAX_GROUP: usize = 32;
+
+/// Query heads per attention block for `group` query heads per KV head.
+pub fn attention_chunk(group: usize) -> usize {
+    group.clamp(1, ATTENTION_MAX_GROUP)
+}
+
+/// Dynamic shared memory of an attention block taking `chunk` heads of `head_dim`: the
+/// partition's row offsets, then the chunk's queries, scores and softmax statistics.
+pub fn attention_shared_bytes(chunk: usize, head_dim: usize) -> usize {
+    ATTENTION_PARTITION * 8 + chunk * (head_dim + ATTENTION_PARTITION + 2) * 4
+}
 
 /// The attention work of a pass: one item per (row, partition) each row reaches, in row order,
 /// so item `w`'s partials are the `w`-th, and each row's first item.
@@ -654,11 +666,16 @@ impl KernelLaunch for AttentionPartition {
             Sz(self.items) * Sz(self.heads) * (2 + Sz(self.head_dim)),
             4,
         )?;
-        let chunks = (self.heads / self.kv_heads).div_ceil(ATTENTION_MAX_GROUP);
+        let group = self.heads / self.kv_heads;
+        let chunk = attention_chunk(group);
         Ok(LaunchConfig {
-            grid: [self.items as u32, (self.kv_heads * chunks) as u32, 1],
+            grid: [
+                self.items as u32,
+                (self.kv_heads * group.div_ceil(chunk)) as u32,
+                1,
+            ],
             block: [128, 1, 1],
-            shared_bytes: 0,
+            shared_bytes: attention_shared_bytes(chunk, self.head_dim) as u32,
         })
     }
     fn args(&self) -> Vec<KernelArg> {
@@ -1029,7 +1046,25 @@ impl KernelLaunch for CopyBlockList {
 
 #[cfg(test)]
 mod tests {
-    use super::{AttentionWork, ATTENTION_PARTITION};
+    use super::{attention_chunk, attention_shared_bytes, AttentionWork, ATTENTION_PARTITION};
+
+    #[test]
+    fn attention_blocks_take_whole_mqa_groups_within_every_cards_shared_memory() {
+        // (group, head dim) -> (heads per block, dynamic shared bytes): SmolLM2, Llama-3-8B
+        // GQA, MQA 32 at head dims 128 and 256, and a group of 64 split in two.
+        for (group, hd, chunk, bytes) in [
+            (3, 64, 3, 5_912),
+            (4, 128, 4, 8_224),
+            (32, 128, 32, 51_456),
+            (32, 256, 32, 67_840),
+            (64, 128, 32, 51_456),
+        ] {
+            assert_eq!(attention_chunk(group), chunk);
+            assert_eq!(attention_shared_bytes(chunk, hd), bytes);
+            // Every CUDA card from sm_80 lets a kernel opt in to 99 KB or more.
+            assert!(bytes <= 99 * 1024);
+        }
+    }
 
     #[test]
     fn attention_work_lists_only_the_partitions_each_row_reaches() {

@@ -430,6 +430,34 @@ const char* convoy_emu_kernel_name(size_t i) {
     return i < emu::table().size() ? emu::table()[i].name : nullptr;
 }
 
+// A launch's dynamic shared memory: NaN bytes (a read before a write shows), ending within 15
+// bytes of an inaccessible page, so a kernel reaching past what its launch asked for stops at
+// the faulting access.
+struct SharedRegion {
+    void* map = nullptr;
+    size_t map_len = 0;
+    unsigned char* data = nullptr;
+
+    explicit SharedRegion(size_t bytes) {
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        size_t rounded = (bytes + 15) & ~(size_t)15;
+        size_t data_pages = (rounded + page - 1) / page;
+        map_len = (data_pages + 1) * page;
+        void* m = mmap(nullptr, map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return;
+        map = m;
+        unsigned char* guard = (unsigned char*)m + data_pages * page;
+        if (mprotect(guard, page, PROT_NONE) != 0) return;
+        data = guard - rounded;
+        memset(data, 0xff, rounded);
+    }
+    ~SharedRegion() {
+        if (map != nullptr) munmap(map, map_len);
+    }
+    SharedRegion(const SharedRegion&) = delete;
+    SharedRegion& operator=(const SharedRegion&) = delete;
+};
+
 // Launch kernel `name` over `grid` x `block` threads with `shared_bytes` of dynamic shared
 // memory; `args[i]` points at a value of `arg_sizes[i]` bytes, as cuLaunchKernel takes them.
 // Runs to completion; returns 0 or a fault kind, described in `status`.
@@ -480,16 +508,18 @@ int convoy_emu_launch(const char* name, const unsigned* grid, const unsigned* bl
         report(status, kLaunchConfig, "a launch from inside a kernel");
         return kLaunchConfig;
     }
-    std::vector<unsigned char> smem(shared_bytes + 16);
-    // Shared memory starts as NaN bytes, as device memory does here: a read before a write shows.
-    memset(smem.data(), 0xff, smem.size());
+    SharedRegion smem(shared_bytes);
+    if (smem.data == nullptr) {
+        report(status, kLaunchConfig, std::string(name) + ": cannot map dynamic shared memory");
+        return kLaunchConfig;
+    }
     ts.invoke = k->invoke;
     ts.args = args;
     ts.fault_kind = kNone;
     ts.fault_message.clear();
     grid_dim = emu_dim3{grid[0], grid[1], grid[2]};
     block_dim = emu_dim3{block[0], block[1], block[2]};
-    dynamic_shared = smem.data();
+    dynamic_shared = smem.data;
     for (unsigned z = 0; z < grid[2]; z++)
         for (unsigned y = 0; y < grid[1]; y++)
             for (unsigned x = 0; x < grid[0]; x++) {

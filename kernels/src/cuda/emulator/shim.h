@@ -17,6 +17,8 @@
 #define __align__(n) __attribute__((aligned(n)))
 // Block-scope thread_local is static: one copy per OS thread, shared by the block's fibers.
 #define __shared__ thread_local
+// The launch's dynamic shared memory: one buffer per launch, ending at a guard page.
+#define DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::emu::dynamic_shared)
 
 #define threadIdx (::emu::current_fiber->thread_idx)
 #define blockIdx (::emu::block_idx)

@@ -7,8 +7,8 @@
 // combined in partition order by attention_combine, so results do not depend on the batch.
 
 #define PARTITION 256
-#define MAX_GROUP 16
-#define MAX_HEAD_DIM 256
+#define MAX_GROUP 32
+#define MAX_HEAD_DIM 256  // head_dim / 8 lanes read a row: at most a warp
 
 // Eight bf16 values from 16 aligned bytes, widened to f32.
 __device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
@@ -23,7 +23,11 @@ __device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
     out[7] = __uint_as_float(u.w & 0xffff0000u);
 }
 
-// grid: (work items, kv_heads x chunks of MAX_GROUP query heads); block: 128 (a multiple of 32).
+// grid: (work items, kv_heads x chunks), a chunk being min(group, MAX_GROUP) query heads;
+// block: 128 (a multiple of 32). Dynamic shared memory, as the launch contract sizes it:
+// row_base[PARTITION] (long long), then floats qs[chunk][head_dim], scores[chunk][PARTITION],
+// stat_m[chunk], stat_l[chunk]; above 48 KB (a chunk of 32 heads of 128) it needs the kernel's
+// opt-in attribute, which the driver layer sets when it loads the kernels.
 // work: [items][2] (row, partition); row -1 is an idle item (a graph's padding).
 // head_dim: a power of two from 8 to 256, so head_dim / 8 lanes read one K or V row with
 // 16-byte loads (a coalesced row) and reduce with shuffles of that width.
@@ -43,15 +47,15 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
                                                const int* __restrict__ row_pos, const int* __restrict__ work,
                                                float* __restrict__ partials, int heads, int kv_heads, int head_dim,
                                                int block_size, float scale, long long q_stride) {
-    __shared__ float qs[MAX_GROUP * MAX_HEAD_DIM];
-    __shared__ float scores[MAX_GROUP * PARTITION];
-    __shared__ long long row_base[PARTITION];
-    __shared__ float stat_m[MAX_GROUP];
-    __shared__ float stat_l[MAX_GROUP];
+    DYNAMIC_SHARED(long long, row_base);
+    int group = heads / kv_heads, chunk = min(group, MAX_GROUP), chunks = (group + chunk - 1) / chunk;
+    float* qs = (float*)(row_base + PARTITION);
+    float* scores = qs + chunk * head_dim;
+    float* stat_m = scores + chunk * PARTITION;
+    float* stat_l = stat_m + chunk;
     int w = blockIdx.x, row = work[2 * w], part = work[2 * w + 1];
     if (row < 0) return;
-    int group = heads / kv_heads, chunks = (group + MAX_GROUP - 1) / MAX_GROUP;
-    int kvh = blockIdx.y / chunks, g0 = (blockIdx.y % chunks) * MAX_GROUP;
+    int kvh = blockIdx.y / chunks, g0 = (blockIdx.y % chunks) * chunk;
     int ctx = row_pos[row] + 1;
     int p0 = part * PARTITION;
     if (p0 >= ctx) return;
@@ -69,7 +73,7 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
     int in_flight = blockDim.x / lanes;      // rows read at once
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     {
-        int gn = min(MAX_GROUP, group - g0);
+        int gn = min(chunk, group - g0);
         for (int i = threadIdx.x; i < gn * head_dim; i += blockDim.x)
             qs[i] = q[row * q_stride + (size_t)(kvh * group + g0) * head_dim + i];
         __syncthreads();

@@ -2,6 +2,11 @@
 // CUDA header is needed. bf16 is carried as raw 16-bit storage and converted by hand.
 typedef unsigned short bf16_t;
 
+// The launch's dynamic shared memory as `type name[]` (the emulator's shim defines its own).
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
+
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
