@@ -283,8 +283,9 @@ pub fn decode<D: DeviceLayer>(
     Ok(((batch * steps) as f64 / secs, secs * 1e3 / steps as f64))
 }
 
-/// A dummy Llama-3-8B (bf16 weights) with `kv_heads` KV heads and `layers` layers.
-pub fn llama3_8b(kv_heads: usize, layers: usize) -> Result<LlamaModel> {
+/// A dummy Llama-3-8B (bf16 weights) with `kv_heads` KV heads and `layers` layers, as loaded
+/// tensors (the CUDA backend uploads them straight, never holding the model in f32).
+pub fn llama3_8b(kv_heads: usize, layers: usize) -> Result<convoy_weights::LoadedModel> {
     let cfg = convoy_weights::ModelConfig::from_hf_json(&serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -295,11 +296,11 @@ pub fn llama3_8b(kv_heads: usize, layers: usize) -> Result<LlamaModel> {
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     }))?;
     let tensors = convoy_weights::dummy::tensors(&cfg, convoy_weights::DType::BF16, 1);
-    Ok(LlamaModel::new(convoy_weights::LoadedModel {
+    Ok(convoy_weights::LoadedModel {
         name: format!("dummy-llama3-8b-kv{kv_heads}"),
         config: cfg,
         tensors,
         tokenizer: None,
         chat_template: None,
-    })?)
+    })
 }

@@ -752,10 +752,11 @@ fn main() -> Result<()> {
                 let name = if kv == 1 { "mqa" } else { "gqa" };
                 macro_rules! run_on {
                     ($dev:expr) => {{
-                        let mut backend = convoy_engine::backend::cuda::CudaBackend::new(
+                        let mut backend = convoy_engine::backend::cuda::CudaBackend::from_tensors(
                             $dev,
-                            &model,
-                            blocks,
+                            model.config,
+                            model.tensors,
+                            convoy_engine::backend::cuda::KvBlocks::Count(blocks),
                             0,
                             block_size,
                             max_batch.max(context),

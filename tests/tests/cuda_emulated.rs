@@ -493,3 +493,73 @@ fn top_k_and_top_p_requests_sample_on_the_device_as_the_host_would() {
         }
     }
 }
+
+/// Weights uploaded straight from the loaded tensors (bf16 as it is, every other type rounded
+/// one tensor at a time) are the bytes the host model's rows give: the logits are bitwise those
+/// of a backend built from the `LlamaModel`, for f32 (glassllm), GGUF Q4_1 (SmolLM2) and bf16
+/// (a dummy Llama-3 with one KV head) checkpoints.
+#[test]
+fn weights_uploaded_from_tensors_equal_weights_from_the_host_model() {
+    use convoy_engine::backend::cuda::KvBlocks;
+    use convoy_weights::loader::{load_model, LoadFormat};
+    let check = |name: &str, loaded: &dyn Fn() -> convoy_weights::LoadedModel| {
+        let model = LlamaModel::new(loaded()).unwrap();
+        let tensors = loaded();
+        let prompt: Vec<u32> = (0..9).map(|i| (i * 31 + 7) % 200 + 3).collect();
+        let bs = 4;
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&prompt, 0, &[0, 1, 2], bs, false);
+        batch.logits_rows = (0..prompt.len()).collect();
+        let mut from_model = CudaBackend::new(EmulatedDevice::new(), &model, 3, 0, bs, 16).unwrap();
+        let mut from_tensors = CudaBackend::from_tensors(
+            EmulatedDevice::new(),
+            tensors.config,
+            tensors.tensors,
+            KvBlocks::Count(3),
+            0,
+            bs,
+            16,
+        )
+        .unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        forward(&mut from_model, &batch, &mut a).unwrap();
+        forward(&mut from_tensors, &batch, &mut b).unwrap();
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()) && a.len() == b.len(),
+            "{name}: the two uploads differ"
+        );
+    };
+    check("glassllm", &|| {
+        load_model(&glassllm_path(), LoadFormat::Auto).unwrap()
+    });
+    check("SmolLM2 Q4_1", &|| {
+        load_model(&smollm2_path(), LoadFormat::Auto).unwrap()
+    });
+    let dummy = llama3_attention_shape(1).config;
+    check("dummy bf16", &|| convoy_weights::LoadedModel {
+        name: "dummy".into(),
+        config: dummy.clone(),
+        tensors: convoy_weights::dummy::tensors(&dummy, convoy_weights::DType::BF16, 7),
+        tokenizer: None,
+        chat_template: None,
+    });
+    // A missing tensor is a clear error, not a panic.
+    let mut t = load_model(&glassllm_path(), LoadFormat::Auto).unwrap();
+    t.tensors.remove("model.layers.0.mlp.up_proj.weight");
+    let err = CudaBackend::from_tensors(
+        EmulatedDevice::new(),
+        t.config,
+        t.tensors,
+        KvBlocks::Count(3),
+        0,
+        4,
+        16,
+    )
+    .err()
+    .expect("a missing tensor is refused");
+    assert!(
+        err.to_string()
+            .contains("model.layers.0.mlp.up_proj.weight is missing"),
+        "{err}"
+    );
+}

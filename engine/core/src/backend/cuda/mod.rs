@@ -26,8 +26,11 @@
 //! makes the launches sound.
 
 mod graphs;
+mod weights;
 use graphs::{DecodeGraphs, Layout};
 pub use graphs::{GraphPolicy, GraphStats, DEFAULT_MAX_GRAPH_CONTEXT, DEFAULT_MAX_GRAPH_ROWS};
+use weights::DeviceWeights;
+pub use weights::WeightError;
 
 use convoy_kernels::cuda::device::{
     self, as_bytes_mut, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, Stream,
@@ -36,22 +39,10 @@ use convoy_kernels::cuda::gemm::GemmBf16;
 use convoy_kernels::cuda::launch::{self as l, ATTENTION_MAX_HEAD_DIM, ATTENTION_PARTITION};
 use convoy_scheduler::{BlockCopy, Loc};
 use convoy_weights::ModelConfig;
-use half::bf16;
 
 use super::{rope_row, Act, Backend, BackendError, RowDraw, Rows, Weight};
 use crate::forward_batch::ForwardBatch;
 use crate::model::llama::LlamaModel;
-
-/// One layer's weights on the device.
-struct LayerWeights<B> {
-    attn_norm: B,
-    ffn_norm: B,
-    qkv: B,
-    qkv_bias: Option<B>,
-    o: B,
-    gate_up: B,
-    down: B,
-}
 
 /// Per-pass data on the device (indices, sampling parameters), with room for `capacity`
 /// bytes; it grows when a pass needs more.
@@ -67,10 +58,7 @@ pub struct CudaBackend<D: DeviceLayer> {
     block_size: usize,
     num_blocks: usize,
     num_host_blocks: usize,
-    embed: D::Buffer,
-    lm_head: Option<D::Buffer>,
-    final_norm: D::Buffer,
-    layers: Vec<LayerWeights<D::Buffer>>,
+    weights: DeviceWeights<D::Buffer>,
     /// `[table_positions][head_dim]`: cos then sin per position.
     cos_sin: D::Buffer,
     table_positions: usize,
@@ -118,25 +106,6 @@ pub struct CudaBackend<D: DeviceLayer> {
 
 fn dev_err(backend: &'static str) -> impl Fn(DeviceError) -> BackendError {
     move |source| BackendError::Device { backend, source }
-}
-
-fn upload_bf16<D: DeviceLayer>(d: &D, v: &[f32]) -> Result<D::Buffer, DeviceError> {
-    let b: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-    d.upload(&b)
-}
-
-fn upload_matrix<D: DeviceLayer>(
-    d: &D,
-    m: &convoy_kernels::Matrix,
-) -> Result<D::Buffer, DeviceError> {
-    let cols = m.cols();
-    let mut row = vec![0f32; cols];
-    let mut out: Vec<bf16> = Vec::with_capacity(m.rows() * cols);
-    for r in 0..m.rows() {
-        m.row_to_f32(r, &mut row);
-        out.extend(row.iter().map(|&x| bf16::from_f32(x)));
-    }
-    d.upload(&out)
 }
 
 /// Bytes one KV block takes on this backend (K and V, every layer, bf16).
@@ -253,8 +222,66 @@ impl<D: DeviceLayer> CudaBackend<D> {
         block_size: usize,
         max_batched_tokens: usize,
     ) -> Result<CudaBackend<D>, BackendError> {
+        let e = dev_err(device.name());
+        Self::build(
+            device,
+            model.config.clone(),
+            |d| DeviceWeights::from_model(d, model).map_err(&e),
+            kv,
+            num_host_blocks,
+            block_size,
+            max_batched_tokens,
+        )
+    }
+
+    /// As [`CudaBackend::with_kv`], uploading loaded tensors straight (consumed one by one):
+    /// bf16 as it is, other types rounded to bf16 one tensor at a time, so the model is never
+    /// held in f32 on the host.
+    pub fn from_tensors(
+        device: D,
+        config: ModelConfig,
+        tensors: std::collections::HashMap<String, convoy_weights::Tensor>,
+        kv: KvBlocks,
+        num_host_blocks: usize,
+        block_size: usize,
+        max_batched_tokens: usize,
+    ) -> Result<CudaBackend<D>, BackendError> {
         let name = device.name();
-        let cfg = model.config.clone();
+        let cfg = config.clone();
+        Self::build(
+            device,
+            config,
+            move |d| {
+                DeviceWeights::from_tensors(d, &cfg, tensors).map_err(|e| match e {
+                    WeightError::Device(source) => BackendError::Device {
+                        backend: name,
+                        source,
+                    },
+                    other => BackendError::Unsupported {
+                        backend: name,
+                        reason: other.to_string(),
+                    },
+                })
+            },
+            kv,
+            num_host_blocks,
+            block_size,
+            max_batched_tokens,
+        )
+    }
+
+    /// Check that the model is supported, upload its weights with `upload`, and allocate the
+    /// KV cache and the workspace.
+    fn build(
+        device: D,
+        cfg: ModelConfig,
+        upload: impl FnOnce(&D) -> Result<DeviceWeights<D::Buffer>, BackendError>,
+        kv: KvBlocks,
+        num_host_blocks: usize,
+        block_size: usize,
+        max_batched_tokens: usize,
+    ) -> Result<CudaBackend<D>, BackendError> {
+        let name = device.name();
         supports(&cfg).map_err(|reason| BackendError::Unsupported {
             backend: name,
             reason,
@@ -267,27 +294,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
         }
         let e = dev_err(name);
         let d = &device;
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for layer in &model.layers {
-            layers.push(LayerWeights {
-                attn_norm: upload_bf16(d, &layer.attn_norm).map_err(&e)?,
-                ffn_norm: upload_bf16(d, &layer.ffn_norm).map_err(&e)?,
-                qkv: upload_matrix(d, &layer.qkv).map_err(&e)?,
-                qkv_bias: match &layer.qkv_bias {
-                    Some(b) => Some(d.upload(b).map_err(&e)?),
-                    None => None,
-                },
-                o: upload_matrix(d, &layer.o).map_err(&e)?,
-                gate_up: upload_matrix(d, &layer.gate_up).map_err(&e)?,
-                down: upload_matrix(d, &layer.down).map_err(&e)?,
-            });
-        }
-        let embed = upload_matrix(d, &model.embed).map_err(&e)?;
-        let lm_head = match &model.lm_head {
-            Some(m) => Some(upload_matrix(d, m).map_err(&e)?),
-            None => None,
-        };
-        let final_norm = upload_bf16(d, &model.norm).map_err(&e)?;
+        let weights = upload(d)?;
         // RoPE rows exactly as the CPU backend computes them.
         let table_positions = cfg.max_position_embeddings.max(1);
         let hd = cfg.head_dim;
@@ -295,7 +302,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let mut table = vec![0f32; table_positions * hd];
         for (p, row) in table.chunks_exact_mut(hd).enumerate() {
             let (cos, sin) = row.split_at_mut(half);
-            rope_row(p as u32, &model.inv_freq, cos, sin);
+            rope_row(p as u32, &weights.inv_freq, cos, sin);
         }
         let cos_sin = d.upload(&table).map_err(&e)?;
         let per_tier =
@@ -370,10 +377,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             block_size,
             num_blocks,
             num_host_blocks,
-            embed,
-            lm_head,
-            final_norm,
-            layers,
+            weights,
             cos_sin,
             table_positions,
             k_cache,
@@ -578,19 +582,22 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
         match w {
             Weight::LmHead => (
-                self.lm_head.as_ref().unwrap_or(&self.embed),
+                self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed),
                 c.vocab_size,
                 h,
             ),
-            Weight::Qkv(l) => (&self.layers[l].qkv, qd + 2 * kvd, h),
-            Weight::O(l) => (&self.layers[l].o, h, qd),
-            Weight::GateUp(l) => (&self.layers[l].gate_up, 2 * inter, h),
-            Weight::Down(l) => (&self.layers[l].down, h, inter),
-            Weight::FinalNorm => (&self.final_norm, 1, h),
-            Weight::AttnNorm(l) => (&self.layers[l].attn_norm, 1, h),
-            Weight::FfnNorm(l) => (&self.layers[l].ffn_norm, 1, h),
+            Weight::Qkv(l) => (&self.weights.layers[l].qkv, qd + 2 * kvd, h),
+            Weight::O(l) => (&self.weights.layers[l].o, h, qd),
+            Weight::GateUp(l) => (&self.weights.layers[l].gate_up, 2 * inter, h),
+            Weight::Down(l) => (&self.weights.layers[l].down, h, inter),
+            Weight::FinalNorm => (&self.weights.final_norm, 1, h),
+            Weight::AttnNorm(l) => (&self.weights.layers[l].attn_norm, 1, h),
+            Weight::FfnNorm(l) => (&self.weights.layers[l].ffn_norm, 1, h),
             Weight::QkvBias(l) => (
-                self.layers[l].qkv_bias.as_ref().expect("a QKV bias"),
+                self.weights.layers[l]
+                    .qkv_bias
+                    .as_ref()
+                    .expect("a QKV bias"),
                 1,
                 qd + 2 * kvd,
             ),
@@ -983,7 +990,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             return Ok(());
         }
         self.launch(&l::EmbeddingBf16 {
-            table: self.embed.slice(),
+            table: self.weights.embed.slice(),
             ids: self.ids.buf.slice(),
             out: self.act(out),
             vocab: self.config.vocab_size,
