@@ -204,10 +204,40 @@ fn text_counts(codec: &convoy_engine::TextCodec) -> TextCounts {
             }
         }
     }
+    let (assistant_header_tokens, default_system_tokens) = template_counts(codec);
     TextCounts {
         tokens_per_word: tokens as f64 / words as f64,
         user_tag_tokens: tag as f64 / tags.max(1) as f64,
+        assistant_header_tokens,
+        default_system_tokens,
     }
+}
+
+/// What the chat template adds beyond the planner's 5 framing tokens per message: the tokens
+/// of the assistant header that ends a prompt, and of the system message it inserts into a
+/// conversation that has none. The defaults (3, 0) without a template.
+fn template_counts(codec: &convoy_engine::TextCodec) -> (u32, u32) {
+    use convoy_weights::ChatMessage;
+    let (system, user) = ("Be brief.", "What is the capital of France?");
+    let count = |t: &str| codec.encode(t).map(|ids| ids.len());
+    let chat = |m: &[ChatMessage]| codec.encode_chat(m).map(|ids| ids.len());
+    let (Ok(s), Ok(u)) = (count(system), count(user)) else {
+        return (3, 0);
+    };
+    let with_system = chat(&[
+        ChatMessage::new("system", system),
+        ChatMessage::new("user", user),
+    ]);
+    let without = chat(&[ChatMessage::new("user", user)]);
+    let (Ok(with_system), Ok(without)) = (with_system, without) else {
+        return (3, 0);
+    };
+    let header = with_system as i64 - (5 + s as i64) - (5 + u as i64);
+    let default_system = without as i64 - (5 + u as i64) - header;
+    if !(2..=64).contains(&header) || !(0..=4096).contains(&default_system) {
+        return (3, 0);
+    }
+    (header as u32, default_system as u32)
 }
 
 /// The median edge (ms in the report) of a `convoy-bench run` report's runs, in seconds.
@@ -378,8 +408,12 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
     }
     let text = text_counts(&loaded.codec);
     println!(
-        "synthetic text: {:.3} tokens per word, {:.1} tokens per user-message tag",
-        text.tokens_per_word, text.user_tag_tokens
+        "synthetic text: {:.3} tokens per word, {:.1} tokens per user-message tag; \
+         chat template: {}-token assistant header, {}-token default system message",
+        text.tokens_per_word,
+        text.user_tag_tokens,
+        text.assistant_header_tokens,
+        text.default_system_tokens
     );
     let cpu = crate::cpu_name();
     let threads = convoy_kernels::cpu::pool::num_threads();
@@ -426,5 +460,23 @@ fn process_cpu_seconds() -> f64 {
         }
         // Unknown: no warning rather than a false one.
         Err(_) => f64::NAN,
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::template_counts;
+
+    #[test]
+    fn smollm2s_template_adds_a_four_token_header_and_a_default_system_message() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mut loaded =
+            convoy_weights::loader::load_model(&path, convoy_weights::loader::LoadFormat::Auto)
+                .expect("SmolLM2 (scripts/fetch_models.sh)");
+        let codec = convoy_engine::TextCodec::take_from(&mut loaded);
+        // `<|im_start|>`, "ass", "istant", `\n`; "You are a helpful AI assistant named SmolLM,
+        // trained by Hugging Face" framed as a system message.
+        assert_eq!(template_counts(&codec), (4, 21));
     }
 }

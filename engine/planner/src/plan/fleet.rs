@@ -12,9 +12,10 @@
 //! templating and tokenising, and the first token's way back).
 //!
 //! A turn's prompt is what the daemon would see: ChatML-style framing (5 template tokens per
-//! message, 3 for the assistant header), the persona's ids (the same in every conversation that
-//! shares it), then each earlier turn's user ids and the reply ids the simulator produced, then
-//! this turn's user ids. Reply ids are a seeded function of (conversation, turn), the same on
+//! message, the profile's count for the assistant header), the persona's ids (the same in every
+//! conversation that shares it) or, without a persona, the template's default system message
+//! (the same in every conversation), then each earlier turn's user ids and the reply ids the
+//! simulator produced, then this turn's user ids. Reply ids are a seeded function of (conversation, turn), the same on
 //! every replica, so the prefix cache works across turns exactly when the turns meet on one
 //! replica: the hit ratio is an output of routing and cache size, never an input.
 //!
@@ -230,6 +231,8 @@ const ROLE_USER: u32 = 7;
 const ROLE_ASSISTANT: u32 = 8;
 /// Ids of simulated text are drawn from `FIRST_TEXT_ID..vocab`.
 pub const FIRST_TEXT_ID: u32 = 100;
+/// Seed of the text of the template's default system message.
+const DEFAULT_SYSTEM_SEED: u64 = 0x0051_57e3;
 
 fn mix(a: u64, b: u64) -> u64 {
     let mut z = a ^ b
@@ -351,7 +354,11 @@ impl ConversationBook {
                 .iter()
                 .map(|t| {
                     let mut ids = Vec::new();
-                    for m in t.messages.iter().flatten() {
+                    let messages = t.messages.iter().flatten();
+                    if !messages.clone().any(|m| m.role == "system") {
+                        ids.extend(self.default_system());
+                    }
+                    for m in messages {
                         let role = match m.role.as_str() {
                             "system" => ROLE_SYSTEM,
                             "assistant" => ROLE_ASSISTANT,
@@ -361,7 +368,7 @@ impl ConversationBook {
                         ids.extend(m.content.split_whitespace().map(|w| word_id(w, self.vocab)));
                         ids.extend([IM_END, NL]);
                     }
-                    ids.extend([IM_START, ROLE_ASSISTANT, NL]);
+                    ids.extend(self.assistant_header());
                     Arc::new(ids)
                 })
                 .collect()
@@ -405,6 +412,32 @@ impl ConversationBook {
             .clone()
     }
 
+    /// The template's own system message for a conversation without one (framing and one
+    /// fixed text, the same in every conversation); empty when the template adds none.
+    fn default_system(&self) -> Vec<u32> {
+        let n = self.text.default_system_tokens as usize;
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut ids = vec![IM_START, ROLE_SYSTEM, NL];
+        ids.extend(synthetic_ids(
+            DEFAULT_SYSTEM_SEED,
+            n.saturating_sub(5),
+            FIRST_TEXT_ID,
+            self.vocab,
+        ));
+        ids.extend([IM_END, NL]);
+        ids
+    }
+
+    /// The header that opens a reply: `<|im_start|>`, the role's tokens, the newline.
+    fn assistant_header(&self) -> impl Iterator<Item = u32> {
+        let role = (self.text.assistant_header_tokens as usize).saturating_sub(2);
+        std::iter::once(IM_START)
+            .chain(std::iter::repeat_n(ROLE_ASSISTANT, role))
+            .chain(std::iter::once(NL))
+    }
+
     /// The prompt of `turn`, given the reply lengths of the earlier turns.
     fn prompt(&self, c: &ConvSpec, conv: u64, turn: usize, reply_lens: &[u32]) -> Vec<u32> {
         if let Some(e) = &c.explicit {
@@ -415,6 +448,8 @@ impl ConversationBook {
             ids.extend([IM_START, ROLE_SYSTEM, NL]);
             ids.extend_from_slice(&self.persona(seed, self.text.tokens(n)));
             ids.extend([IM_END, NL]);
+        } else {
+            ids.extend(self.default_system());
         }
         let tag = self.text.user_tag_tokens.round() as usize;
         for (j, t) in c.turns[..=turn].iter().enumerate() {
@@ -425,7 +460,8 @@ impl ConversationBook {
                 FIRST_TEXT_ID,
                 self.vocab,
             ));
-            ids.extend([IM_END, NL, IM_START, ROLE_ASSISTANT, NL]);
+            ids.extend([IM_END, NL]);
+            ids.extend(self.assistant_header());
             if j < turn {
                 ids.extend(sim_reply_ids(
                     reply_seed(conv, j),
@@ -1195,6 +1231,56 @@ pub fn simulate(cfg: &FleetConfig, book: &ConversationBook) -> FleetReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prompts_carry_the_templates_header_and_default_system_message() {
+        let spec = crate::workload::WorkloadSpec::parse(
+            r#"
+kind = "random"
+seed = 3
+max_tokens = 8
+[random]
+prompt_tokens = 10
+"#,
+            std::path::Path::new("chat.toml"),
+        )
+        .unwrap();
+        let workload = Arc::new(Workload::new(spec).unwrap());
+        let first_turn = |text: TextCounts| {
+            let book = ConversationBook::new(workload.clone(), 5000, text);
+            let c = book.get(0).expect("a conversation");
+            assert!(c.system.is_none(), "the workload has no persona");
+            book.prompt(&c, 0, 0, &[])
+        };
+        let nominal = first_turn(TextCounts::default());
+        // SmolLM2's template: a 4-token assistant header, a 21-token default system message.
+        let smollm2 = first_turn(TextCounts {
+            assistant_header_tokens: 4,
+            default_system_tokens: 21,
+            ..TextCounts::default()
+        });
+        // The header one token longer, and the system message in front.
+        assert_eq!(smollm2.len(), nominal.len() + 1 + 21);
+        assert_eq!(&smollm2[..3], &[IM_START, ROLE_SYSTEM, NL]);
+        assert_eq!(
+            &smollm2[smollm2.len() - 4..],
+            &[IM_START, ROLE_ASSISTANT, ROLE_ASSISTANT, NL]
+        );
+        // The default system message is the same in every conversation (a shared prefix).
+        let book = ConversationBook::new(
+            workload.clone(),
+            5000,
+            TextCounts {
+                default_system_tokens: 21,
+                ..TextCounts::default()
+            },
+        );
+        let (a, b) = (book.get(0).unwrap(), book.get(1).unwrap());
+        assert_eq!(
+            book.prompt(&a, 0, 0, &[])[..21],
+            book.prompt(&b, 1, 0, &[])[..21]
+        );
+    }
 
     #[test]
     fn jump_hash_is_uniform_and_consistent() {

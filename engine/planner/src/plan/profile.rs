@@ -171,16 +171,28 @@ impl GpuSpec {
     }
 }
 
-/// How many tokens the model's tokenizer makes of the synthetic text `convoy-bench run` sends
-/// (`workload::synthetic_text`), so the simulated prompts are as long as the real ones. A
-/// workload spec counts text in words; defaults (1 token per word, no tag) are the spec's
-/// nominal counts.
+/// How many tokens the model's tokenizer and chat template make of what `convoy-bench run`
+/// sends (`workload::synthetic_text` in ChatML-style messages), so the simulated prompts are as
+/// long as the real ones. A workload spec counts text in words; the defaults (1 token per word,
+/// no tag, a 3-token assistant header, no default system prompt) are the spec's nominal counts.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TextCounts {
     /// Tokens per word of synthetic text (punctuation included).
     pub tokens_per_word: f64,
     /// Tokens of the `[conversation.turn] ` tag in front of each user message.
     pub user_tag_tokens: f64,
+    /// Tokens of the header that opens the assistant's reply (`<|im_start|>assistant\n`: 4 with
+    /// SmolLM2, whose tokenizer splits "assistant" in two).
+    #[serde(default = "default_assistant_header")]
+    pub assistant_header_tokens: u32,
+    /// Tokens of the system message the template adds to a conversation that has none
+    /// (SmolLM2's: 19, framing included), the same in every such conversation.
+    #[serde(default)]
+    pub default_system_tokens: u32,
+}
+
+fn default_assistant_header() -> u32 {
+    3
 }
 
 impl Default for TextCounts {
@@ -188,6 +200,8 @@ impl Default for TextCounts {
         TextCounts {
             tokens_per_word: 1.0,
             user_tag_tokens: 0.0,
+            assistant_header_tokens: default_assistant_header(),
+            default_system_tokens: 0,
         }
     }
 }
@@ -461,10 +475,14 @@ impl Profile {
         if !(t.tokens_per_word.is_finite()
             && (0.1..=20.0).contains(&t.tokens_per_word)
             && t.user_tag_tokens.is_finite()
-            && (0.0..=1000.0).contains(&t.user_tag_tokens))
+            && (0.0..=1000.0).contains(&t.user_tag_tokens)
+            && (2..=64).contains(&t.assistant_header_tokens)
+            && t.default_system_tokens <= 4096)
         {
             return Err(
-                "text: tokens_per_word must be in 0.1..=20 and user_tag_tokens in 0..=1000".into(),
+                "text: tokens_per_word must be in 0.1..=20, user_tag_tokens in 0..=1000, \
+                 assistant_header_tokens in 2..=64 and default_system_tokens at most 4096"
+                    .into(),
             );
         }
         if self.model.vocab < 200 || self.model.max_model_len == 0 {
