@@ -101,17 +101,27 @@ fn a_graph_records_then_replays_with_the_buffers_current_contents() {
 }
 
 #[test]
-fn a_graph_naming_freed_memory_is_refused() {
+fn a_graph_naming_freed_memory_is_refused_before_any_of_it_runs() {
     let _serial = serial();
     let dev = EmulatedDevice::new();
     let x = dev.upload(&[1f32]).unwrap();
+    let e = dev.upload(&[5f32]).unwrap();
     let d = dev.upload(&[2f32]).unwrap();
     let freed = d.slice().ptr;
     dev.begin_capture().unwrap();
     // SAFETY: one float in each buffer.
+    unsafe { launch(&dev, &add(&x, &e, 1)) }.unwrap();
+    // SAFETY: as above.
     unsafe { launch(&dev, &add(&x, &d, 1)) }.unwrap();
     let graph = dev.end_capture().unwrap();
     drop(d);
+    // A new allocation of the same size, most likely at the freed address: still not the one
+    // the graph recorded.
+    let again = dev.upload(&[3f32]).unwrap();
+    eprintln!(
+        "reallocated at the freed address: {}",
+        again.slice().ptr == freed
+    );
     // SAFETY: deliberately not upheld: the emulator must refuse before running anything.
     match unsafe { dev.replay(&graph) } {
         Err(DeviceError::Dangling { kernel, ptr }) => {
@@ -120,7 +130,11 @@ fn a_graph_naming_freed_memory_is_refused() {
         }
         other => panic!("expected a dangling-pointer refusal, got {other:?}"),
     }
-    assert_eq!(dev.download::<f32>(&x).unwrap(), [1.0]);
+    assert_eq!(
+        dev.download::<f32>(&x).unwrap(),
+        [1.0],
+        "the graph's first launch, whose buffers are alive, did not run either"
+    );
 }
 
 #[test]

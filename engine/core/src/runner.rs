@@ -235,7 +235,8 @@ impl<B: Backend> ModelRunner for Runner<B> {
         }
         // Where no row asks for its logits (logprobs, kept logits), a backend that samples on
         // its device returns only the token ids; the draw is the same keyed Gumbel-max over the
-        // same top-k and top-p candidates as the host's, so the tokens are the same.
+        // same top-k and top-p candidates as the host's, so the tokens are the same (up to the
+        // rounding of a top-p mass that lands on its target, docs/cuda.md).
         let mut draws = Vec::with_capacity(row_owner.len());
         for &id in &row_owner {
             let st = state_of(&mut self.samplers, id);

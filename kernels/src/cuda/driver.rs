@@ -4,7 +4,9 @@
 //!
 //! Memory is allocated synchronously and filled with `0xFF` bytes, as on the emulated device.
 //! Two non-blocking streams: compute (launches, cuBLAS, graph capture and replay) and copy
-//! (host-tier copies); writes and reads wait for the compute stream. cuBLAS gets a workspace of
+//! (host-tier copies). Fills, writes and reads go on the compute stream (never the legacy
+//! default stream, which non-blocking streams do not wait for) and return once it has run them,
+//! so they are ordered after the compute work before them and before every later launch. cuBLAS gets a workspace of
 //! its own, so a captured GEMM allocates nothing. The kernels are compiled by NVRTC for the
 //! card's architecture when the device opens.
 //!
@@ -199,6 +201,17 @@ impl CudaDriverDevice {
         self.ctx.bind_to_thread().map_err(driver_fault)
     }
 
+    /// Fill `bytes` bytes at `ptr` with `0xFF` on the compute stream, and wait for it.
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes` bytes of one live allocation of this context.
+    unsafe fn fill(&self, ptr: sys::CUdeviceptr, bytes: usize) -> Result<(), DeviceError> {
+        // SAFETY: the caller's promise.
+        unsafe { result::memset_d8_async(ptr, 0xFF, bytes, self.compute.cu_stream()) }
+            .map_err(driver_fault)?;
+        self.compute.synchronize().map_err(driver_fault)
+    }
+
     fn stream(&self, stream: Stream) -> &Arc<CudaStream> {
         match stream {
             Stream::Compute => &self.compute,
@@ -296,7 +309,7 @@ impl DeviceLayer for CudaDriverDevice {
             ctx: self.ctx.clone(),
         };
         // SAFETY: the allocation just made holds `bytes` bytes.
-        unsafe { result::memset_d8_sync(ptr, 0xFF, bytes) }.map_err(driver_fault)?;
+        unsafe { self.fill(ptr, bytes) }?;
         Ok(buf)
     }
 
@@ -328,7 +341,7 @@ impl DeviceLayer for CudaDriverDevice {
             )));
         }
         // SAFETY: the mapping holds `bytes` bytes, addressed by the device pointer.
-        unsafe { result::memset_d8_sync(ptr, 0xFF, bytes) }.map_err(driver_fault)?;
+        unsafe { self.fill(ptr, bytes) }?;
         Ok(buf)
     }
 
@@ -336,18 +349,26 @@ impl DeviceLayer for CudaDriverDevice {
         self.not_capturing("write")?;
         check_range(offset, src.len(), dst.bytes)?;
         self.bind()?;
-        self.compute.synchronize().map_err(driver_fault)?;
-        // SAFETY: the destination range lies inside the allocation (checked above).
-        unsafe { result::memcpy_htod_sync(dst.ptr + offset as u64, src) }.map_err(driver_fault)
+        // SAFETY: the destination range lies inside the allocation (checked above); `src`
+        // outlives the copy, which has run when the stream synchronises below.
+        unsafe {
+            result::memcpy_htod_async(dst.ptr + offset as u64, src, self.compute.cu_stream())
+        }
+        .map_err(driver_fault)?;
+        self.compute.synchronize().map_err(driver_fault)
     }
 
     fn read(&self, src: &DriverBuffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
         self.not_capturing("read")?;
         check_range(offset, dst.len(), src.bytes)?;
         self.bind()?;
-        self.compute.synchronize().map_err(driver_fault)?;
-        // SAFETY: the source range lies inside the allocation (checked above).
-        unsafe { result::memcpy_dtoh_sync(dst, src.ptr + offset as u64) }.map_err(driver_fault)
+        // SAFETY: the source range lies inside the allocation (checked above); `dst` outlives
+        // the copy, which has run when the stream synchronises below.
+        unsafe {
+            result::memcpy_dtoh_async(dst, src.ptr + offset as u64, self.compute.cu_stream())
+        }
+        .map_err(driver_fault)?;
+        self.compute.synchronize().map_err(driver_fault)
     }
 
     unsafe fn launch_raw(

@@ -12,13 +12,18 @@
 //!
 //! Streams: compute-stream work runs synchronously on the calling thread, blocks in order.
 //! Copy-stream work is queued and runs as late as CUDA allows: when the compute stream waits
-//! for an event recorded after it, or at [`DeviceLayer::synchronize`]. A missing event shows as
-//! stale or overwritten data, as it would on a GPU where the copy lost the race, but every time.
+//! for an event recorded after it, or at [`DeviceLayer::synchronize`]. A missing wait of the
+//! compute stream for the copy stream shows as stale or overwritten data, as it would on a GPU
+//! where the copy lost the race, but every time; a missing wait of the copy stream for the
+//! compute stream cannot show (compute work has run when it is issued).
 //!
 //! Graphs: while the compute stream is captured its launches and GEMMs are recorded, not run;
-//! a replay runs the recorded launches with their recorded arguments. Every launch, replayed or
-//! not, first checks that each address it is given lies in a live allocation of the emulated
-//! device ([`DeviceError::Dangling`]), so a graph kept across a reallocation is refused.
+//! a replay runs the recorded launches with their recorded arguments. Every launch first checks
+//! that each address it is given lies in a live allocation of the emulated device, and a replay
+//! checks, before running anything, that each address still lies in the very allocation it did
+//! when it was recorded (allocations are numbered, so one freed and made again at the same
+//! address does not pass): a graph kept across a reallocation is refused
+//! ([`DeviceError::Dangling`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -33,22 +38,26 @@ use super::gemm::GemmBf16;
 use super::launch::{KernelArg, LaunchConfig};
 
 /// Every live allocation of the emulated device (all instances share the host's memory):
-/// start address to length.
-static LIVE: Mutex<BTreeMap<u64, usize>> = parking_lot::const_mutex(BTreeMap::new());
+/// start address to length and serial number.
+static LIVE: Mutex<BTreeMap<u64, (usize, u64)>> = parking_lot::const_mutex(BTreeMap::new());
+/// Serial number of the next allocation.
+static NEXT_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Check that each non-null address lies in (or at the end of) a live allocation.
-fn check_live(kernel: &'static str, ptrs: &[u64]) -> Result<(), DeviceError> {
+/// The serial number of the live allocation each non-null address lies in (or at the end of;
+/// the guard page behind every allocation keeps that address out of any other); 0 for null.
+fn owners(kernel: &'static str, ptrs: &[u64]) -> Result<Vec<u64>, DeviceError> {
     let live = LIVE.lock();
-    for &ptr in ptrs.iter().filter(|&&p| p != 0) {
-        let inside = live
-            .range(..=ptr)
-            .next_back()
-            .is_some_and(|(&start, &len)| ptr <= start + len as u64);
-        if !inside {
-            return Err(DeviceError::Dangling { kernel, ptr });
-        }
-    }
-    Ok(())
+    ptrs.iter()
+        .map(|&ptr| {
+            if ptr == 0 {
+                return Ok(0);
+            }
+            match live.range(..=ptr).next_back() {
+                Some((&start, &(len, serial))) if ptr <= start + len as u64 => Ok(serial),
+                _ => Err(DeviceError::Dangling { kernel, ptr }),
+            }
+        })
+        .collect()
 }
 
 #[repr(C)]
@@ -98,6 +107,36 @@ enum Op {
     Gemm(GemmBf16),
 }
 
+impl Op {
+    /// The kernel's name, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Launch { name, .. } => name,
+            Op::Gemm(_) => "cublasGemmEx",
+        }
+    }
+
+    /// Every address the operation is given.
+    fn ptrs(&self) -> Vec<u64> {
+        match self {
+            Op::Launch { args, .. } => args
+                .iter()
+                .filter_map(|a| match a {
+                    KernelArg::Ptr(p) => Some(*p),
+                    _ => None,
+                })
+                .collect(),
+            Op::Gemm(g) => vec![g.a.ptr, g.b.ptr, g.c.ptr],
+        }
+    }
+
+    /// The operation with the allocations its addresses lie in now, for a graph.
+    fn record(self) -> Result<(Op, Vec<u64>), DeviceError> {
+        let serials = owners(self.name(), &self.ptrs())?;
+        Ok((self, serials))
+    }
+}
+
 /// Work not yet run: the copy stream's queue and the graph being captured.
 #[derive(Debug, Default)]
 struct Queues {
@@ -105,8 +144,9 @@ struct Queues {
     copy: VecDeque<(u64, Op)>,
     /// Copy-stream operations issued so far.
     copy_issued: u64,
-    /// The compute stream's recording, while it is captured.
-    capture: Option<Vec<Op>>,
+    /// The compute stream's recording, while it is captured: each operation with the serial
+    /// numbers of the allocations its addresses lay in.
+    capture: Option<Vec<(Op, Vec<u64>)>>,
 }
 
 /// The emulated device. Clones share its streams.
@@ -126,7 +166,7 @@ pub struct EmulatedEvent {
 /// A graph of the emulated device: the recorded launches and GEMMs.
 #[derive(Debug)]
 pub struct EmulatedGraph {
-    ops: Vec<Op>,
+    ops: Vec<(Op, Vec<u64>)>,
 }
 
 impl EmulatedGraph {
@@ -159,6 +199,8 @@ impl EmulatedDevice {
     }
 
     /// Run queued copy-stream work issued before `issued` operations (all of it for `None`).
+    /// A fault ends the run and discards the rest of that work, as a fault leaves a CUDA
+    /// context unusable.
     fn drain_copies(&self, issued: Option<u64>) -> Result<(), DeviceError> {
         let ready: Vec<Op> = {
             let mut q = self.queues.lock();
@@ -192,14 +234,7 @@ impl EmulatedDevice {
 unsafe fn execute(op: &Op) -> Result<(), DeviceError> {
     match op {
         Op::Launch { name, config, args } => {
-            let ptrs: Vec<u64> = args
-                .iter()
-                .filter_map(|a| match a {
-                    KernelArg::Ptr(p) => Some(*p),
-                    _ => None,
-                })
-                .collect();
-            check_live(name, &ptrs)?;
+            owners(name, &op.ptrs())?;
             // SAFETY: the caller's promise; every address is in a live allocation.
             unsafe { launch_now(name, config, args) }
         }
@@ -208,7 +243,7 @@ unsafe fn execute(op: &Op) -> Result<(), DeviceError> {
                 kernel: "cublasGemmEx",
                 problem,
             })?;
-            check_live("cublasGemmEx", &[g.a.ptr, g.b.ptr, g.c.ptr])?;
+            owners("cublasGemmEx", &op.ptrs())?;
             // SAFETY: the caller promises the slices are live allocations of this device
             // (host memory here); `check` proved every element the GEMM touches lies inside
             // them.
@@ -270,7 +305,8 @@ impl EmulatedBuffer {
         let ptr = unsafe { map.add(start) };
         // SAFETY: `bytes` bytes from `ptr` lie in the mapping's readable part.
         unsafe { std::ptr::write_bytes(ptr, 0xFF, bytes) };
-        LIVE.lock().insert(ptr as u64, bytes);
+        let serial = NEXT_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LIVE.lock().insert(ptr as u64, (bytes, serial));
         Ok(EmulatedBuffer {
             map,
             map_len,
@@ -357,7 +393,7 @@ impl DeviceLayer for EmulatedDevice {
                 }
                 Stream::Compute => {
                     if let Some(rec) = q.capture.as_mut() {
-                        rec.push(op);
+                        rec.push(op.record()?);
                         return Ok(());
                     }
                 }
@@ -373,7 +409,7 @@ impl DeviceLayer for EmulatedDevice {
             problem,
         })?;
         if let Some(rec) = self.queues.lock().capture.as_mut() {
-            rec.push(Op::Gemm(*g));
+            rec.push(Op::Gemm(*g).record()?);
             return Ok(());
         }
         // SAFETY: the caller's promise, passed on.
@@ -422,9 +458,21 @@ impl DeviceLayer for EmulatedDevice {
 
     unsafe fn replay(&self, graph: &EmulatedGraph) -> Result<(), DeviceError> {
         self.not_capturing("replay")?;
-        for op in &graph.ops {
-            // SAFETY: the caller's promise for the recorded launches; `execute` refuses any
-            // that names freed memory.
+        // Every address must still lie in the allocation it lay in when it was recorded;
+        // checked for the whole graph before any of it runs.
+        for (op, serials) in &graph.ops {
+            let ptrs = op.ptrs();
+            let now = owners(op.name(), &ptrs)?;
+            if let Some(i) = (0..ptrs.len()).find(|&i| now[i] != serials[i]) {
+                return Err(DeviceError::Dangling {
+                    kernel: op.name(),
+                    ptr: ptrs[i],
+                });
+            }
+        }
+        for (op, _) in &graph.ops {
+            // SAFETY: the caller's promise for the recorded launches, whose allocations were
+            // just checked to be the ones they were recorded with.
             unsafe { execute(op) }?;
         }
         Ok(())

@@ -8,7 +8,9 @@
 //! padded pass has the same shape every time (the bucket's rows and sequences, block tables
 //! and attention partitions for `max_context`), and a graph is replayed only while every buffer
 //! it may name is where it was when it was recorded ([`Layout`]); otherwise it is recorded
-//! again. Graphs are recorded the first time their bucket is needed.
+//! again. A bucket's first pass (and its first after a buffer moved) runs eagerly, then is
+//! recorded (as vLLM warms each shape up before capturing it: a library's one-time setup never
+//! happens inside a capture); later passes replay the recording.
 
 /// Which decode passes run as graphs (`--enforce-eager` turns them off).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +66,18 @@ impl GraphPolicy {
     pub fn max_context(&self) -> usize {
         self.max_context
     }
+
+    /// Block-table columns of a graphed pass (blocks of `block_size` tokens).
+    pub fn table_blocks(&self, block_size: usize) -> usize {
+        self.max_context.div_ceil(block_size.max(1))
+    }
+
+    /// Attention work items of a graphed pass of `rows` rows: every partition they may reach.
+    pub fn attention_items(&self, rows: usize) -> usize {
+        rows * self
+            .max_context
+            .div_ceil(convoy_kernels::cuda::launch::ATTENTION_PARTITION)
+    }
 }
 
 /// Where every buffer a graph may name lies: a graph recorded under one layout is replayed only
@@ -80,9 +94,10 @@ pub(super) struct DecodeGraphs<G> {
 /// How often decode passes were recorded and replayed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GraphStats {
-    /// Graphs recorded (a bucket's first pass, or its first after a buffer moved).
+    /// Graphs recorded (after a bucket's first pass, or its first after a buffer moved, ran
+    /// eagerly).
     pub recorded: usize,
-    /// Passes run as a graph's replay (recorded ones included).
+    /// Passes run as a graph's replay.
     pub replayed: usize,
 }
 

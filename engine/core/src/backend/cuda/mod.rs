@@ -407,14 +407,14 @@ impl<D: DeviceLayer> CudaBackend<D> {
         let rows = policy.max_rows();
         if rows > 0 {
             let c = &self.config;
-            let blocks = policy.max_context().div_ceil(self.block_size);
-            let partitions = policy.max_context().div_ceil(ATTENTION_PARTITION);
-            let partials = rows * c.num_heads * partitions * (2 + c.head_dim);
+            let blocks = policy.table_blocks(self.block_size);
+            let items = policy.attention_items(rows);
+            let partials = items * c.num_heads * (2 + c.head_dim);
             self.reserve(rows, rows)?;
             let e = self.err();
             for (meta, bytes) in [
                 (&mut self.tables, rows * blocks * 4),
-                (&mut self.attn_work, rows * partitions * 8),
+                (&mut self.attn_work, items * 8),
             ] {
                 if meta.capacity < bytes {
                     *meta = Meta {
@@ -479,7 +479,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             && batch.logits_rows.len() == n
             && batch.logits_rows.iter().enumerate().all(|(i, &r)| r == i);
         let policy = &self.graphs.policy;
-        if !decode || max_blocks > policy.max_context().div_ceil(self.block_size) {
+        if !decode || max_blocks > policy.table_blocks(self.block_size) {
             return None;
         }
         policy.bucket(n, max_ctx)
@@ -897,13 +897,13 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         // A graph's attention grid is fixed too: as many items as its rows can reach.
         let (tokens, rows, seqs, max_blocks, min_items) = match bucket {
             Some(b) => {
-                let ctx = self.graphs.policy.max_context();
+                let policy = &self.graphs.policy;
                 (
                     b,
                     b,
                     b,
-                    ctx.div_ceil(self.block_size),
-                    b * ctx.div_ceil(ATTENTION_PARTITION),
+                    policy.table_blocks(self.block_size),
+                    policy.attention_items(b),
                 )
             }
             None => (n, m, batch.seqs.len().max(1), max_blocks, 0),
@@ -969,19 +969,22 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         };
         let e = self.err();
         let layout = self.layout();
-        if self.graphs.get(bucket, &layout).is_none() {
-            self.device.begin_capture().map_err(&e)?;
-            let recorded = pass(self);
-            let graph = self.device.end_capture().map_err(&e);
-            recorded?;
-            self.graphs.insert(bucket, layout.clone(), graph?);
+        if let Some(graph) = self.graphs.get(bucket, &layout) {
+            // SAFETY: the graph was recorded under this layout: every buffer it names is the
+            // live allocation it was recorded with (weights, caches and the cos/sin table never
+            // move), and the indices it reads were checked in this pass's `begin_step`.
+            unsafe { self.device.replay(graph) }.map_err(&e)?;
+            self.graphs.count_replay();
+            return Ok(());
         }
-        let graph = self.graphs.get(bucket, &layout).expect("recorded above");
-        // SAFETY: the graph was recorded under this layout: every buffer it names is the live
-        // allocation it was recorded with (weights, caches and the cos/sin table never move),
-        // and the indices it reads were checked in this pass's `begin_step`.
-        unsafe { self.device.replay(graph) }.map_err(&e)?;
-        self.graphs.count_replay();
+        // This shape's first pass runs eagerly (it computes this step), then is recorded
+        // (capturing runs nothing) for the next passes of its bucket.
+        pass(self)?;
+        self.device.begin_capture().map_err(&e)?;
+        let recorded = pass(self);
+        let graph = self.device.end_capture().map_err(&e);
+        recorded?;
+        self.graphs.insert(bucket, layout, graph?);
         Ok(())
     }
 
