@@ -50,6 +50,51 @@ pub struct LlamaModel {
     kv_cache_dtype: KvCacheDtype,
 }
 
+/// Hugging Face names of the tensors outside the layers.
+pub(crate) const EMBED: &str = "model.embed_tokens.weight";
+/// The output projection (absent or ignored when the embedding is tied).
+pub(crate) const LM_HEAD: &str = "lm_head.weight";
+/// The final norm.
+pub(crate) const FINAL_NORM: &str = "model.norm.weight";
+
+/// Hugging Face names of one layer's tensors: every backend's weights come from these.
+pub(crate) struct LayerNames {
+    pub(crate) q: String,
+    pub(crate) k: String,
+    pub(crate) v: String,
+    /// Qwen2's Q, K and V biases.
+    pub(crate) qkv_bias: [String; 3],
+    pub(crate) o: String,
+    pub(crate) gate: String,
+    pub(crate) up: String,
+    pub(crate) down: String,
+    pub(crate) attn_norm: String,
+    pub(crate) ffn_norm: String,
+}
+
+impl LayerNames {
+    /// The names of layer `l`'s tensors.
+    pub(crate) fn of(l: usize) -> LayerNames {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        LayerNames {
+            q: p("self_attn.q_proj.weight"),
+            k: p("self_attn.k_proj.weight"),
+            v: p("self_attn.v_proj.weight"),
+            qkv_bias: [
+                p("self_attn.q_proj.bias"),
+                p("self_attn.k_proj.bias"),
+                p("self_attn.v_proj.bias"),
+            ],
+            o: p("self_attn.o_proj.weight"),
+            gate: p("mlp.gate_proj.weight"),
+            up: p("mlp.up_proj.weight"),
+            down: p("mlp.down_proj.weight"),
+            attn_norm: p("input_layernorm.weight"),
+            ffn_norm: p("post_attention_layernorm.weight"),
+        }
+    }
+}
+
 fn take(tensors: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, ModelError> {
     tensors
         .remove(name)
@@ -118,42 +163,38 @@ impl LlamaModel {
         let h = cfg.hidden_size;
         let qd = cfg.num_heads * cfg.head_dim;
         let kvd = cfg.num_kv_heads * cfg.head_dim;
-        let embed = matrix(
-            take(&mut t, "model.embed_tokens.weight")?,
-            cfg.vocab_size,
-            h,
-        )?;
-        let lm_head = match t.remove("lm_head.weight") {
+        let embed = matrix(take(&mut t, EMBED)?, cfg.vocab_size, h)?;
+        let lm_head = match t.remove(LM_HEAD) {
             Some(w) if !cfg.tie_word_embeddings => Some(matrix(w, cfg.vocab_size, h)?),
             _ => None,
         };
-        let norm = vector(take(&mut t, "model.norm.weight")?, h)?;
+        let norm = vector(take(&mut t, FINAL_NORM)?, h)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}.");
-            let mut get = |n: &str| take(&mut t, &format!("{p}{n}"));
-            let q = matrix(get("self_attn.q_proj.weight")?, qd, h)?;
-            let kk = matrix(get("self_attn.k_proj.weight")?, kvd, h)?;
-            let v = matrix(get("self_attn.v_proj.weight")?, kvd, h)?;
+            let n = LayerNames::of(l);
+            let mut get = |name: &str| take(&mut t, name);
+            let q = matrix(get(&n.q)?, qd, h)?;
+            let kk = matrix(get(&n.k)?, kvd, h)?;
+            let v = matrix(get(&n.v)?, kvd, h)?;
             let qkv_bias = if cfg.architecture.has_qkv_bias() {
-                let mut b = vector(get("self_attn.q_proj.bias")?, qd)?;
-                b.extend(vector(get("self_attn.k_proj.bias")?, kvd)?);
-                b.extend(vector(get("self_attn.v_proj.bias")?, kvd)?);
+                let mut b = vector(get(&n.qkv_bias[0])?, qd)?;
+                b.extend(vector(get(&n.qkv_bias[1])?, kvd)?);
+                b.extend(vector(get(&n.qkv_bias[2])?, kvd)?);
                 Some(b)
             } else {
                 None
             };
-            let o = matrix(get("self_attn.o_proj.weight")?, h, qd)?;
-            let gate = matrix(get("mlp.gate_proj.weight")?, cfg.intermediate_size, h)?;
-            let up = matrix(get("mlp.up_proj.weight")?, cfg.intermediate_size, h)?;
-            let down = matrix(get("mlp.down_proj.weight")?, h, cfg.intermediate_size)?;
+            let o = matrix(get(&n.o)?, h, qd)?;
+            let gate = matrix(get(&n.gate)?, cfg.intermediate_size, h)?;
+            let up = matrix(get(&n.up)?, cfg.intermediate_size, h)?;
+            let down = matrix(get(&n.down)?, h, cfg.intermediate_size)?;
             layers.push(Layer {
-                attn_norm: vector(get("input_layernorm.weight")?, h)?,
-                ffn_norm: vector(get("post_attention_layernorm.weight")?, h)?,
-                qkv: stack(vec![q, kk, v], &format!("{p}qkv"))?,
+                attn_norm: vector(get(&n.attn_norm)?, h)?,
+                ffn_norm: vector(get(&n.ffn_norm)?, h)?,
+                qkv: stack(vec![q, kk, v], &format!("model.layers.{l}.qkv"))?,
                 qkv_bias,
                 o,
-                gate_up: stack(vec![gate, up], &format!("{p}gate_up"))?,
+                gate_up: stack(vec![gate, up], &format!("model.layers.{l}.gate_up"))?,
                 down,
             });
         }

@@ -402,7 +402,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
     }
 
     /// Which decode passes run as CUDA graphs ([`GraphPolicy::eager`]: none). Allocates what
-    /// the largest bucket needs now, so graphs keep their addresses; drops every graph.
+    /// the largest bucket needs now, so graphs keep their addresses (or, for none, frees it);
+    /// drops every graph.
     pub fn set_graph_policy(&mut self, policy: GraphPolicy) -> Result<(), BackendError> {
         let rows = policy.max_rows();
         if rows > 0 {
@@ -427,6 +428,18 @@ impl<D: DeviceLayer> CudaBackend<D> {
                 self.partials = self.device.alloc(partials * 4).map_err(&e)?;
                 self.partial_capacity = partials;
             }
+        } else {
+            // No graphs: give back what the largest bucket kept (passes grow these as needed).
+            let e = self.err();
+            let small = self.token_capacity.max(1) * 8;
+            for meta in [&mut self.tables, &mut self.attn_work] {
+                *meta = Meta {
+                    buf: self.device.alloc(small).map_err(&e)?,
+                    capacity: small,
+                };
+            }
+            self.partials = self.device.alloc(4).map_err(&e)?;
+            self.partial_capacity = 0;
         }
         self.graphs = DecodeGraphs::new(policy);
         Ok(())

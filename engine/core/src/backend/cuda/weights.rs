@@ -13,7 +13,7 @@ use convoy_kernels::cuda::device::{DeviceError, DeviceLayer};
 use convoy_weights::{DType, ModelConfig, Tensor};
 use half::bf16;
 
-use crate::model::llama::LlamaModel;
+use crate::model::llama::{LayerNames, LlamaModel, EMBED, FINAL_NORM, LM_HEAD};
 
 /// One layer's weights on the device.
 pub(super) struct LayerWeights<B> {
@@ -149,16 +149,16 @@ impl<B> DeviceWeights<B> {
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let p = |n: &str| format!("model.layers.{l}.{n}");
+            let n = LayerNames::of(l);
             let qkv = vec![
-                (take(&mut tensors, &p("self_attn.q_proj.weight"))?, qd),
-                (take(&mut tensors, &p("self_attn.k_proj.weight"))?, kvd),
-                (take(&mut tensors, &p("self_attn.v_proj.weight"))?, kvd),
+                (take(&mut tensors, &n.q)?, qd),
+                (take(&mut tensors, &n.k)?, kvd),
+                (take(&mut tensors, &n.v)?, kvd),
             ];
             let qkv_bias = if cfg.architecture.has_qkv_bias() {
                 let mut b = Vec::with_capacity(qd + 2 * kvd);
-                for (n, len) in [("q", qd), ("k", kvd), ("v", kvd)] {
-                    let t = take(&mut tensors, &p(&format!("self_attn.{n}_proj.bias")))?;
+                for (name, len) in n.qkv_bias.iter().zip([qd, kvd, kvd]) {
+                    let t = take(&mut tensors, name)?;
                     check_shape(&t, 1, len)?;
                     b.extend(t.to_f32());
                 }
@@ -167,44 +167,25 @@ impl<B> DeviceWeights<B> {
                 None
             };
             let gate_up = vec![
-                (take(&mut tensors, &p("mlp.gate_proj.weight"))?, inter),
-                (take(&mut tensors, &p("mlp.up_proj.weight"))?, inter),
+                (take(&mut tensors, &n.gate)?, inter),
+                (take(&mut tensors, &n.up)?, inter),
             ];
             layers.push(LayerWeights {
-                attn_norm: vector(d, take(&mut tensors, &p("input_layernorm.weight"))?, h)?,
-                ffn_norm: vector(
-                    d,
-                    take(&mut tensors, &p("post_attention_layernorm.weight"))?,
-                    h,
-                )?,
+                attn_norm: vector(d, take(&mut tensors, &n.attn_norm)?, h)?,
+                ffn_norm: vector(d, take(&mut tensors, &n.ffn_norm)?, h)?,
                 qkv: stacked(d, qkv, h)?,
                 qkv_bias,
-                o: stacked(
-                    d,
-                    vec![(take(&mut tensors, &p("self_attn.o_proj.weight"))?, h)],
-                    qd,
-                )?,
+                o: stacked(d, vec![(take(&mut tensors, &n.o)?, h)], qd)?,
                 gate_up: stacked(d, gate_up, h)?,
-                down: stacked(
-                    d,
-                    vec![(take(&mut tensors, &p("mlp.down_proj.weight"))?, h)],
-                    inter,
-                )?,
+                down: stacked(d, vec![(take(&mut tensors, &n.down)?, h)], inter)?,
             });
         }
-        let embed = stacked(
-            d,
-            vec![(
-                take(&mut tensors, "model.embed_tokens.weight")?,
-                cfg.vocab_size,
-            )],
-            h,
-        )?;
-        let lm_head = match tensors.remove("lm_head.weight") {
+        let embed = stacked(d, vec![(take(&mut tensors, EMBED)?, cfg.vocab_size)], h)?;
+        let lm_head = match tensors.remove(LM_HEAD) {
             Some(t) if !cfg.tie_word_embeddings => Some(stacked(d, vec![(t, cfg.vocab_size)], h)?),
             _ => None,
         };
-        let final_norm = vector(d, take(&mut tensors, "model.norm.weight")?, h)?;
+        let final_norm = vector(d, take(&mut tensors, FINAL_NORM)?, h)?;
         Ok(DeviceWeights {
             embed,
             lm_head,
