@@ -19,10 +19,16 @@ pub fn attention_chunk(group: usize) -> usize {
     group.clamp(1, ATTENTION_MAX_GROUP)
 }
 
+/// V rows an attention block stages in shared memory at a time (`VTILE` in attention.cu).
+pub const ATTENTION_V_TILE: usize = 32;
+
 /// Dynamic shared memory of an attention block taking `chunk` heads of `head_dim`: the
-/// partition's row offsets, then the chunk's queries, scores and softmax statistics.
+/// partition's row offsets, a tile of V rows (bf16), then the chunk's queries (its V sums
+/// later), scores and softmax statistics.
 pub fn attention_shared_bytes(chunk: usize, head_dim: usize) -> usize {
-    ATTENTION_PARTITION * 8 + chunk * (head_dim + ATTENTION_PARTITION + 2) * 4
+    ATTENTION_PARTITION * 8
+        + ATTENTION_V_TILE * head_dim * 2
+        + chunk * (head_dim + ATTENTION_PARTITION + 2) * 4
 }
 
 /// The attention work of a pass: one item per (row, partition) each row reaches, in row order,
@@ -1053,11 +1059,11 @@ mod tests {
         // (group, head dim) -> (heads per block, dynamic shared bytes): SmolLM2, Llama-3-8B
         // GQA, MQA 32 at head dims 128 and 256, and a group of 64 split in two.
         for (group, hd, chunk, bytes) in [
-            (3, 64, 3, 5_912),
-            (4, 128, 4, 8_224),
-            (32, 128, 32, 51_456),
-            (32, 256, 32, 67_840),
-            (64, 128, 32, 51_456),
+            (3, 64, 3, 10_008),
+            (4, 128, 4, 16_416),
+            (32, 128, 32, 59_648),
+            (32, 256, 32, 84_224),
+            (64, 128, 32, 59_648),
         ] {
             assert_eq!(attention_chunk(group), chunk);
             assert_eq!(attention_shared_bytes(chunk, hd), bytes);

@@ -8,6 +8,7 @@
 
 #define PARTITION 256
 #define MAX_GROUP 32
+#define VTILE 32  // V rows staged in shared memory at a time
 #define MAX_HEAD_DIM 256  // head_dim / 8 lanes read a row: at most a warp
 
 // Eight bf16 values from 16 aligned bytes, widened to f32.
@@ -25,7 +26,8 @@ __device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
 
 // grid: (work items, kv_heads x chunks), a chunk being min(group, MAX_GROUP) query heads;
 // block: 128 (a multiple of 32). Dynamic shared memory, as the launch contract sizes it:
-// row_base[PARTITION] (long long), then floats qs[chunk][head_dim], scores[chunk][PARTITION],
+// row_base[PARTITION] (long long), vtile[VTILE][head_dim] (bf16), then floats
+// qs[chunk][head_dim] (the V sums once the scores are done), scores[chunk][PARTITION],
 // stat_m[chunk], stat_l[chunk]; above 48 KB (a chunk of 32 heads of 128) it needs the kernel's
 // opt-in attribute, which the driver layer sets when it loads the kernels.
 // work: [items][2] (row, partition); row -1 is an idle item (a graph's padding).
@@ -39,8 +41,9 @@ __device__ __forceinline__ void load8_bf16(const bf16_t* p, float* out) {
 // Per chunk of up to MAX_GROUP query heads: (1) each K row of the partition is read once, and
 // its dot products with every head of the chunk reduced across the row's lanes; (2) each
 // warp takes whole heads for the softmax statistics (warp reductions, no block barrier per
-// head); (3) each thread owns one head and 8 dimensions, reading every position's 16 bytes of V
-// (the chunk's heads share each V row through the cache).
+// head); (3) V a tile of VTILE positions at a time: the block reads each V row once into shared
+// memory (16-byte loads), then each thread owns one head and 8 dimensions and accumulates from
+// the tile, positions in order.
 extern "C" __global__ void attention_partition(const float* __restrict__ q, const bf16_t* __restrict__ k_cache,
                                                const bf16_t* __restrict__ v_cache, const int* __restrict__ block_tables,
                                                int max_blocks_per_seq, const int* __restrict__ row_seq,
@@ -49,7 +52,8 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
                                                int block_size, float scale, long long q_stride) {
     DYNAMIC_SHARED(long long, row_base);
     int group = heads / kv_heads, chunk = min(group, MAX_GROUP), chunks = (group + chunk - 1) / chunk;
-    float* qs = (float*)(row_base + PARTITION);
+    bf16_t* vtile = (bf16_t*)(row_base + PARTITION);
+    float* qs = (float*)(vtile + VTILE * head_dim);
     float* scores = qs + chunk * head_dim;
     float* stat_m = scores + chunk * PARTITION;
     float* stat_l = stat_m + chunk;
@@ -113,24 +117,43 @@ extern "C" __global__ void attention_partition(const float* __restrict__ q, cons
             }
         }
         __syncthreads();
-        // (3) Unnormalised weighted sum of V: a thread per (head, 8 dimensions).
+        // (3) Unnormalised weighted sum of V: each V row of a tile read once into shared memory,
+        // then a thread per (head, 8 dimensions) adds the tile's positions in order; the sums
+        // stay in shared memory between tiles, where the queries were.
+        float* vacc = qs;
+        for (int i = threadIdx.x; i < gn * head_dim; i += blockDim.x) vacc[i] = 0.0f;
+        for (int t0 = 0; t0 < n; t0 += VTILE) {
+            int tn = min(VTILE, n - t0);
+            __syncthreads();  // the sums are zero, or the previous tile is consumed
+            for (int i = threadIdx.x; i < tn * lanes; i += blockDim.x) {
+                int j = i / lanes, cc = i & (lanes - 1);
+                *(uint4*)(vtile + j * head_dim + cc * 8) = *(const uint4*)(v_cache + row_base[t0 + j] + cc * 8);
+            }
+            __syncthreads();
+            for (int item = threadIdx.x; item < gn * lanes; item += blockDim.x) {
+                int g = item / lanes, c = item & (lanes - 1);
+                float* a = vacc + g * head_dim + c * 8;
+                float acc[8];
+                for (int e = 0; e < 8; e++) acc[e] = a[e];
+                for (int j = 0; j < tn; j++) {
+                    float p = scores[g * PARTITION + t0 + j];
+                    float v8[8];
+                    load8_bf16(vtile + j * head_dim + c * 8, v8);
+                    for (int e = 0; e < 8; e++) acc[e] += p * v8[e];
+                }
+                for (int e = 0; e < 8; e++) a[e] = acc[e];
+            }
+        }
+        __syncthreads();
         for (int item = threadIdx.x; item < gn * lanes; item += blockDim.x) {
             int g = item / lanes, c = item & (lanes - 1);
-            float acc[8];
-            for (int e = 0; e < 8; e++) acc[e] = 0.0f;
-            for (int j = 0; j < n; j++) {
-                float p = scores[g * PARTITION + j];
-                float v8[8];
-                load8_bf16(v_cache + row_base[j] + c * 8, v8);
-                for (int e = 0; e < 8; e++) acc[e] += p * v8[e];
-            }
             int head = kvh * group + g0 + g;
             float* out = partials + ((size_t)w * heads + head) * (2 + head_dim);
             if (c == 0) {
                 out[0] = stat_m[g];
                 out[1] = stat_l[g];
             }
-            for (int e = 0; e < 8; e++) out[2 + c * 8 + e] = acc[e];
+            for (int e = 0; e < 8; e++) out[2 + c * 8 + e] = vacc[g * head_dim + c * 8 + e];
         }
         __syncthreads();
     }
