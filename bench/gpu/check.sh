@@ -12,7 +12,8 @@
 #   3. every operation on the card against the emulated device, SmolLM2, Llama-3-8B GQA and
 #      MQA shapes (convoy-bench gpu-ops: NMSE per operation);
 #   4. SmolLM2 on the card against the CPU: logits, greedy tokens, a 3-turn chat with every
-#      cache-hit prefill recomputed (convoy-bench gpu-model);
+#      cache-hit prefill recomputed, decode steps as CUDA graphs against eager ones
+#      (convoy-bench gpu-model);
 #   5. `convoy serve --device cuda --gpu-memory-utilization 0.5`: a chat over the socket,
 #      later turns from the cache;
 #   6. decode at batch 1/32/128/256 with 1,024 tokens of context and prefill, dummy

@@ -88,9 +88,50 @@ fn logits_of<B: Backend>(b: &mut B, prompt: &[u32]) -> Result<Vec<f32>> {
     Ok(logits)
 }
 
-/// `gpu-model`: a prompt's logits on `device` against the CPU, greedy tokens of a few prompts
-/// on both, and a three-turn chat on `device` with every cache-hit prefill recomputed and
-/// compared (`--verify-cache 1`). Returns the number of failed checks.
+/// Three sequences prefilled, then `steps` decode steps of all three (a padded graph bucket of
+/// four rows) on a backend with decode graphs and on one without: the largest NMSE of a step's
+/// logits between the two, and the graphed backend's graph counts.
+fn graphs_against_eager<D: DeviceLayer>(
+    mut graphed: CudaBackend<D>,
+    mut eager: CudaBackend<D>,
+    prompts: &[Vec<u32>],
+    steps: usize,
+) -> Result<(f64, convoy_engine::backend::cuda::GraphStats)> {
+    eager.set_graph_policy(convoy_engine::backend::cuda::GraphPolicy::eager())?;
+    let bs = graphed.block_size();
+    let per_seq = (prompts.iter().map(Vec::len).max().unwrap_or(0) + steps).div_ceil(bs) + 1;
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|s| ((s * per_seq) as u32..((s + 1) * per_seq) as u32).collect())
+        .collect();
+    let mut worst = 0f64;
+    let mut run = |batch: &ForwardBatch| -> Result<()> {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        forward(&mut graphed, batch, &mut a)?;
+        forward(&mut eager, batch, &mut b)?;
+        let (e, nan) = op_cases::nmse(&b, &a);
+        worst = worst.max(if nan > 0 { f64::INFINITY } else { e });
+        Ok(())
+    };
+    for (s, p) in prompts.iter().enumerate() {
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(p, 0, &tables[s], bs, true);
+        run(&batch)?;
+    }
+    for step in 0..steps {
+        let mut batch = ForwardBatch::default();
+        for (s, p) in prompts.iter().enumerate() {
+            let token = ((step * 31 + s * 7) % 1000 + 10) as u32;
+            batch.push_seq(&[token], p.len() + step, &tables[s], bs, true);
+        }
+        run(&batch)?;
+    }
+    Ok((worst, graphed.graph_stats()))
+}
+
+/// `gpu-model`: a prompt's logits on `device` against the CPU, decode steps run as CUDA graphs
+/// against eager ones, greedy tokens of a few prompts on both, and a three-turn chat on
+/// `device` with every cache-hit prefill recomputed and compared (`--verify-cache 1`). Returns
+/// the number of failed checks.
 pub fn model(
     device: Device,
     model: &LlamaModel,
@@ -128,6 +169,39 @@ pub fn model(
     println!(
         "logits of {} rows against the CPU: NMSE {e:.2e}, NaN mismatches {nan}: {}",
         prompt.len(),
+        if ok { "ok" } else { "FAILED" }
+    );
+
+    let prompts: Vec<Vec<u32>> = ["A lighthouse keeper", "The tide came in", "Seven ships"]
+        .iter()
+        .map(|p| codec.encode(p))
+        .collect::<Result<_, _>>()?;
+    let steps: usize = 6;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let blocks = prompts.len() * ((longest + steps).div_ceil(bs) + 1);
+    let (worst, stats) = match device {
+        Device::Cuda => graphs_against_eager(
+            CudaBackend::new(CudaDriverDevice::open(0)?, model, blocks, 0, bs, 256)?,
+            CudaBackend::new(CudaDriverDevice::open(0)?, model, blocks, 0, bs, 256)?,
+            &prompts,
+            steps,
+        )?,
+        Device::CudaEmulated => graphs_against_eager(
+            CudaBackend::new(EmulatedDevice::new(), model, blocks, 0, bs, 256)?,
+            CudaBackend::new(EmulatedDevice::new(), model, blocks, 0, bs, 256)?,
+            &prompts,
+            steps,
+        )?,
+        Device::Cpu => unreachable!("refused above"),
+    };
+    // One bucket: its first decode step runs eagerly and is recorded, the others replay.
+    let ok = worst < 1e-5 && stats.recorded == 1 && stats.replayed == steps - 1;
+    failed += usize::from(!ok);
+    println!(
+        "{steps} decode steps as CUDA graphs against eager ones: worst NMSE {worst:.2e}, \
+         {} recorded, {} replayed: {}",
+        stats.recorded,
+        stats.replayed,
         if ok { "ok" } else { "FAILED" }
     );
 
