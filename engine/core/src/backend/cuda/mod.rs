@@ -991,13 +991,21 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             return Ok(());
         }
         // This shape's first pass runs eagerly (it computes this step), then is recorded
-        // (capturing runs nothing) for the next passes of its bucket.
+        // (capturing runs nothing) for the next passes of its bucket. Graphs only save launch
+        // time: if recording fails, say so and run every later pass eagerly.
         pass(self)?;
-        self.device.begin_capture().map_err(&e)?;
-        let recorded = pass(self);
-        let graph = self.device.end_capture().map_err(&e);
-        recorded?;
-        self.graphs.insert(bucket, layout, graph?);
+        let graph = self.device.begin_capture().map_err(&e).and_then(|()| {
+            let recorded = pass(self);
+            let graph = self.device.end_capture().map_err(&e);
+            recorded.and(graph)
+        });
+        match graph {
+            Ok(graph) => self.graphs.insert(bucket, layout, graph),
+            Err(error) => {
+                tracing::warn!(%error, bucket, "recording a CUDA graph failed; decode runs eagerly");
+                self.graphs = DecodeGraphs::new(GraphPolicy::eager());
+            }
+        }
         Ok(())
     }
 
