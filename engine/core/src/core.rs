@@ -233,6 +233,9 @@ pub struct EngineCore<R: ModelRunner> {
     /// The last step's scheduler output and results, kept for their buffers.
     step_out: SchedulerOutput,
     step_results: Vec<RequestOutput>,
+    /// The step launched by [`EngineCore::begin_step`] and not yet ended: when it started
+    /// (runner clock) and when its runner launch began.
+    in_flight: Option<(Duration, Duration)>,
 }
 
 impl<R: ModelRunner> EngineCore<R> {
@@ -255,6 +258,7 @@ impl<R: ModelRunner> EngineCore<R> {
             step_log: None,
             step_out: SchedulerOutput::default(),
             step_results: Vec::new(),
+            in_flight: None,
         }
     }
 
@@ -428,6 +432,20 @@ impl<R: ModelRunner> EngineCore<R> {
 
     /// Run one step; returns the events it produced.
     pub fn step(&mut self) -> Vec<EngineEvent> {
+        let mut events = self.begin_step();
+        events.extend(self.end_step());
+        events
+    }
+
+    /// The first half of a step: schedule it and launch it on the runner, which may compute it
+    /// while the caller does host work (delivering the last step's events); returns the events
+    /// scheduling produced (requests that ended). [`EngineCore::end_step`] must follow before
+    /// anything else changes the engine's requests.
+    pub fn begin_step(&mut self) -> Vec<EngineEvent> {
+        assert!(
+            self.in_flight.is_none(),
+            "begin_step while a step is in flight"
+        );
         let mut events = Vec::new();
         let now = self.runner.now();
         let step_started = now;
@@ -462,7 +480,22 @@ impl<R: ModelRunner> EngineCore<R> {
                 self.runner.keep_logits(s.id);
             }
         }
-        let result = self.runner.execute(&out);
+        self.runner.launch(&out);
+        self.step_out = out;
+        self.in_flight = Some((step_started, started));
+        events
+    }
+
+    /// The second half of a step begun by [`EngineCore::begin_step`]: wait for the runner's
+    /// result and apply it; returns the step's token and end events (none without a step in
+    /// flight).
+    pub fn end_step(&mut self) -> Vec<EngineEvent> {
+        let Some((step_started, started)) = self.in_flight.take() else {
+            return Vec::new();
+        };
+        let mut events = Vec::new();
+        let out = std::mem::take(&mut self.step_out);
+        let result = self.runner.finish(&out);
         let now = self.runner.now();
         let executed = now.saturating_sub(started);
         if let Some(p) = &mut self.pacer {

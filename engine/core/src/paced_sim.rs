@@ -44,6 +44,8 @@ pub struct PacedSimRunner {
     epoch_at_start: Duration,
     last_end: Option<Instant>,
     timings: PacedTimings,
+    /// The launched step: when it started, its modelled time, its result.
+    launched: Option<(Instant, Duration, StepResult)>,
 }
 
 impl PacedSimRunner {
@@ -57,6 +59,7 @@ impl PacedSimRunner {
                 .unwrap_or_default(),
             last_end: None,
             timings: PacedTimings::default(),
+            launched: None,
         }
     }
 
@@ -75,9 +78,22 @@ impl ModelRunner for PacedSimRunner {
     }
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+        self.launch(out);
+        self.finish(out)
+    }
+
+    /// The simulated device starts computing: the step is due its modelled time from now.
+    fn launch(&mut self, out: &SchedulerOutput) {
         let start = Instant::now();
         let modelled = self.sim.cost().step_time(out);
         let result = self.sim.execute(out);
+        self.launched = Some((start, modelled, result));
+    }
+
+    fn finish(&mut self, out: &SchedulerOutput) -> StepResult {
+        let Some((start, modelled, result)) = self.launched.take() else {
+            return self.execute(out);
+        };
         if out.scheduled.is_empty() {
             return result;
         }

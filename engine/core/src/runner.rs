@@ -50,6 +50,17 @@ pub trait ModelRunner {
     /// Run one step: set up `out.new_requests`, drop `out.finished_ids`, execute the copies and
     /// the forward pass, sample one token per scheduled request with `sample`.
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult;
+    /// Start the step `out`: a runner whose device computes apart from the host starts it here
+    /// and returns at once, so the engine thread does host work while it runs;
+    /// [`ModelRunner::finish`] (with the same `out`) waits and returns its result. By default
+    /// the whole step runs in `finish`.
+    fn launch(&mut self, out: &SchedulerOutput) {
+        let _ = out;
+    }
+    /// The result of the step [`ModelRunner::launch`] started.
+    fn finish(&mut self, out: &SchedulerOutput) -> StepResult {
+        self.execute(out)
+    }
     /// Logits of the last position of `tokens` computed from scratch in `blocks` (after
     /// `copies`); `None` when the runner computes nothing.
     fn recompute_logits(
@@ -326,6 +337,12 @@ impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
     }
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
         (**self).execute(out)
+    }
+    fn launch(&mut self, out: &SchedulerOutput) {
+        (**self).launch(out)
+    }
+    fn finish(&mut self, out: &SchedulerOutput) -> StepResult {
+        (**self).finish(out)
     }
     fn recompute_logits(
         &mut self,

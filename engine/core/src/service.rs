@@ -426,15 +426,61 @@ impl<R: ModelRunner> EngineLoop<R> {
         }
     }
 
+    /// Deliver `events` in order, then end the requests whose clients could not take them.
+    fn deliver_all(&mut self, events: Vec<EngineEvent>) {
+        let mut cancel = Vec::new();
+        for ev in events {
+            cancel.extend(self.deliver(ev));
+        }
+        for (id, reason) in cancel {
+            // The client went away or fell behind: free its blocks now. The final event still
+            // goes to the sink (a slow client reads it; for a gone one the sink only records the
+            // request's end).
+            self.abort(id, reason);
+        }
+    }
+
+    /// Run `f` on the engine; a panic ends every stream with an error and the engine.
+    fn guarded<T>(&mut self, f: impl FnOnce(&mut EngineCore<R>) -> T) -> Result<T, String> {
+        let core = &mut self.core;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(core))) {
+            Ok(v) => Ok(v),
+            Err(p) => {
+                let msg = panic_message(&*p);
+                tracing::error!(panic = %msg, "engine step panicked");
+                for (id, mut sink) in self.sinks.drain() {
+                    sink.send(EngineEvent {
+                        id,
+                        kind: EventKind::Done(Done {
+                            finish_reason: FinishReason::Error,
+                            output_ids: vec![],
+                            text: String::new(),
+                            unsent_text: String::new(),
+                            usage: Default::default(),
+                            timing: Default::default(),
+                        }),
+                    });
+                }
+                Err(format!("engine step panicked: {msg}"))
+            }
+        }
+    }
+
+    /// The engine thread's loop. A step's events are delivered while the next step runs on the
+    /// runner (between its launch and its result: host work overlapped with the device's);
+    /// anything that acts on requests (commands, shutdown, closed clients, an idle wait) first
+    /// delivers every event produced so far, so a client always sees its tokens before its end.
     fn run(
         mut self,
         rx: Receiver<Command>,
         shutdown: Receiver<()>,
         fault_step: Option<u64>,
     ) -> Result<(), String> {
+        let mut pending: Vec<EngineEvent> = Vec::new();
         loop {
             // With nothing to compute, sleep until a command or shutdown arrives.
             if !self.core.has_work() {
+                self.deliver_all(std::mem::take(&mut pending));
                 let flow = select! {
                     recv(rx) -> c => match c {
                         Ok(c) => self.handle(c),
@@ -450,11 +496,21 @@ impl<R: ModelRunner> EngineLoop<R> {
                     return Ok(());
                 }
             }
-            // Everything already sent is applied before the next step.
+            // Everything already sent is applied before the next step. A new request touches no
+            // pending event (unless its id is one of theirs); an abort or a stats report acts on
+            // or reports requests whose events must have gone out first.
             while let Ok(c) = rx.try_recv() {
+                let independent = match &c {
+                    Command::Add { id, .. } => pending.iter().all(|e| e.id != *id),
+                    _ => false,
+                };
+                if !independent {
+                    self.deliver_all(std::mem::take(&mut pending));
+                }
                 self.handle(c);
             }
             if shutdown.try_recv().is_ok() {
+                self.deliver_all(std::mem::take(&mut pending));
                 self.shut_down();
                 return Ok(());
             }
@@ -465,49 +521,34 @@ impl<R: ModelRunner> EngineLoop<R> {
                 .filter(|(_, s)| s.is_closed())
                 .map(|(&id, _)| id)
                 .collect();
-            for id in closed {
-                self.abort(id, FinishReason::Cancelled);
+            if !closed.is_empty() {
+                self.deliver_all(std::mem::take(&mut pending));
+                for id in closed {
+                    self.abort(id, FinishReason::Cancelled);
+                }
             }
             if !self.core.has_work() {
                 continue;
             }
             let step_no = self.core.stats().steps;
-            let core = &mut self.core;
-            let events = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let early = self.guarded(|core| {
                 if fault_step == Some(step_no) {
                     panic!("fault injected at step {step_no} (CONVOY_FAULT_PANIC_AT_STEP)");
                 }
-                core.step()
-            })) {
-                Ok(events) => events,
-                Err(p) => {
-                    let msg = panic_message(&*p);
-                    tracing::error!(panic = %msg, "engine step panicked");
-                    for (id, mut sink) in self.sinks.drain() {
-                        sink.send(EngineEvent {
-                            id,
-                            kind: EventKind::Done(Done {
-                                finish_reason: FinishReason::Error,
-                                output_ids: vec![],
-                                text: String::new(),
-                                unsent_text: String::new(),
-                                usage: Default::default(),
-                                timing: Default::default(),
-                            }),
-                        });
-                    }
-                    return Err(format!("engine step panicked: {msg}"));
-                }
-            };
+                core.begin_step()
+            })?;
+            // The step runs; the last step's events go out meanwhile. A client that cannot take
+            // them is ended once the step is back (no request changes while it runs).
             let mut cancel = Vec::new();
-            for ev in events {
+            for ev in pending.drain(..).chain(early) {
                 cancel.extend(self.deliver(ev));
             }
-            for (id, reason) in cancel {
-                // The client went away or fell behind: free its blocks now. The final event
-                // still goes to the sink (a slow client reads it; for a gone one the sink only
-                // records the request's end).
-                self.abort(id, reason);
+            pending = self.guarded(|core| core.end_step())?;
+            if !cancel.is_empty() {
+                self.deliver_all(std::mem::take(&mut pending));
+                for (id, reason) in cancel {
+                    self.abort(id, reason);
+                }
             }
         }
     }
