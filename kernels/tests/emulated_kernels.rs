@@ -8,34 +8,9 @@ use convoy_kernels::cuda::device::{
 };
 use convoy_kernels::cuda::emulator::{kernel_names, EmulatedDevice};
 use convoy_kernels::cuda::launch::*;
+use convoy_kernels::cuda::op_cases::{bf16s, Rng};
 use convoy_kernels::cuda::SOURCES;
 use half::bf16;
-
-/// A small deterministic generator (SplitMix64) for test inputs.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.f32() * scale).collect()
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
-fn bf16s(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
-}
 
 /// The larger error, NaN (memory nothing wrote) above every number: `f64::max` would skip it.
 fn worse(a: f64, b: f64) -> f64 {

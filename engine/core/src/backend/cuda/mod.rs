@@ -110,7 +110,19 @@ fn dev_err(backend: &'static str) -> impl Fn(DeviceError) -> BackendError {
 
 /// Bytes one KV block takes on this backend (K and V, every layer, bf16).
 pub fn kv_block_bytes(config: &ModelConfig, block_size: usize) -> usize {
-    2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * 2
+    2 * config.num_layers * kv_layer_bytes(config, block_size, 1)
+}
+
+/// Bytes of one layer's K (or V) over `blocks` blocks: bf16
+/// `[blocks][block_size][kv_heads][head_dim]`.
+fn kv_layer_bytes(config: &ModelConfig, block_size: usize, blocks: usize) -> usize {
+    blocks * block_size * config.num_kv_heads * config.head_dim * 2
+}
+
+/// Widths of a token's query heads and of its K (or V) heads, in values.
+fn qkv_widths(config: &ModelConfig) -> (usize, usize) {
+    let hd = config.head_dim;
+    (config.num_heads * hd, config.num_kv_heads * hd)
 }
 
 /// How many KV blocks a backend allocates.
@@ -305,8 +317,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             rope_row(p as u32, &weights.inv_freq, cos, sin);
         }
         let cos_sin = d.upload(&table).map_err(&e)?;
-        let per_tier =
-            |blocks: usize| cfg.num_layers * blocks * block_size * cfg.num_kv_heads * hd * 2;
+        let per_tier = |blocks: usize| cfg.num_layers * kv_layer_bytes(&cfg, block_size, blocks);
         let num_blocks = match kv {
             KvBlocks::Count(n) => n,
             KvBlocks::MemoryShare(share) => {
@@ -563,8 +574,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
 
     /// Layer `layer`'s part of a whole-cache buffer.
     fn layer_view(&self, buf: &D::Buffer, blocks: usize, layer: usize) -> DeviceSlice {
-        let c = &self.config;
-        let per_layer = blocks * self.block_size * c.num_kv_heads * c.head_dim * 2;
+        let per_layer = kv_layer_bytes(&self.config, self.block_size, blocks);
         let s = buf.slice();
         DeviceSlice {
             ptr: s.ptr + (layer * per_layer) as u64,
@@ -591,8 +601,8 @@ impl<D: DeviceLayer> CudaBackend<D> {
 
     fn weight(&self, w: Weight) -> (&D::Buffer, usize, usize) {
         let c = &self.config;
-        let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd, inter) = (c.num_heads * hd, c.num_kv_heads * hd, c.intermediate_size);
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = qkv_widths(c);
         match w {
             Weight::LmHead => (
                 self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed),
@@ -1116,7 +1126,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         }
         let c = &self.config;
         let hd = c.head_dim;
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let (qd, kvd) = qkv_widths(c);
         let width = qd + 2 * kvd;
         self.launch(&l::RopeHalfSplit {
             q: self.act(qkv),
@@ -1144,8 +1154,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         }
         self.check_layer(layer)?;
         let c = &self.config;
-        let hd = c.head_dim;
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let (qd, kvd) = qkv_widths(c);
         let width = qd + 2 * kvd;
         self.launch(&l::ReshapeAndCache {
             k: self.act_at(qkv, qd),
@@ -1174,7 +1183,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         self.check_layer(layer)?;
         let c = &self.config;
         let hd = c.head_dim;
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let (qd, kvd) = qkv_widths(c);
         if self.attention_items > 0 {
             self.launch(&l::AttentionPartition {
                 q: self.act(qkv),
