@@ -6,9 +6,12 @@
 //! - the queue runs from least to most recently freed; allocation takes the head;
 //! - a block has a key (is cached) only if it is in `children[(key.parent, first token)]`, and,
 //!   for full blocks, `full[key.hash]` points at it; nothing else is in either index. Children
-//!   are indexed by their first token too: a prefix match needs at least that token in common,
-//!   so a lookup scans only the siblings that share it, not every conversation cached after
-//!   the same parent.
+//!   are indexed by their first token too: a prefix match needs at least that token in common.
+//! - each list of siblings is sorted by key tokens, and no two siblings hold the same tokens.
+//!   The sibling sharing the longest prefix with looked-up tokens is then one of the two
+//!   neighbours of their place in that order, so a lookup costs a binary search however many
+//!   conversations are cached after the same parent (every chat prompt starts with the same
+//!   template tokens, so the first block's siblings are every cached conversation).
 //! - a free block may still be cached: it is reused (and forgotten) only when it reaches the
 //!   head of the queue and a new block is needed.
 
@@ -26,6 +29,17 @@ type ChildKey = (BlockHash, Option<u32>);
 
 fn child_key(key: &BlockKey) -> ChildKey {
     (key.parent, key.tokens.first().copied())
+}
+
+/// The key tokens of a block listed among siblings (listed blocks are cached).
+fn sibling_tokens(meta: &[Meta], id: BlockId) -> &[u32] {
+    let key = meta[id as usize].key.as_ref();
+    &key.expect("a listed sibling is cached").tokens
+}
+
+/// Where `tokens` are (`Ok`) or would go (`Err`) in a list of siblings sorted by tokens.
+fn find_sibling(meta: &[Meta], siblings: &[BlockId], tokens: &[u32]) -> Result<usize, usize> {
+    siblings.binary_search_by(|&s| sibling_tokens(meta, s).cmp(tokens))
 }
 
 /// What a cached block holds: the key tokens after the prefix `parent`.
@@ -203,14 +217,10 @@ impl BlockPool {
     /// is already indexed: the duplicate simply stays uncached.
     pub fn register(&mut self, id: BlockId, key: BlockKey) -> bool {
         if let Some(siblings) = self.children.get(&child_key(&key)) {
-            if siblings.iter().any(|&s| {
-                s != id
-                    && self.meta[s as usize]
-                        .key
-                        .as_ref()
-                        .is_some_and(|k| k.tokens == key.tokens)
-            }) {
-                return false;
+            if let Ok(at) = find_sibling(&self.meta, siblings, &key.tokens) {
+                if siblings[at] != id {
+                    return false;
+                }
             }
         }
         if key.full && self.full.get(&key.hash).is_some_and(|&b| b != id) {
@@ -220,7 +230,9 @@ impl BlockPool {
         if key.full {
             self.full.insert(key.hash, id);
         }
-        self.children.entry(child_key(&key)).or_default().push(id);
+        let siblings = self.children.entry(child_key(&key)).or_default();
+        let at = find_sibling(&self.meta, siblings, &key.tokens).unwrap_or_else(|at| at);
+        siblings.insert(at, id);
         self.meta[id as usize].key = Some(key);
         self.num_cached += 1;
         true
@@ -228,17 +240,20 @@ impl BlockPool {
 
     /// Forget a block's contents; returns the key it had.
     pub fn unregister(&mut self, id: BlockId) -> Option<BlockKey> {
+        let key = self.meta[id as usize].key.as_ref()?;
+        let ck = child_key(key);
+        if let Some(siblings) = self.children.get_mut(&ck) {
+            if let Ok(at) = find_sibling(&self.meta, siblings, &key.tokens) {
+                siblings.remove(at);
+            }
+            if siblings.is_empty() {
+                self.children.remove(&ck);
+            }
+        }
         let key = self.meta[id as usize].key.take()?;
         self.num_cached -= 1;
         if key.full && self.full.get(&key.hash) == Some(&id) {
             self.full.remove(&key.hash);
-        }
-        let ck = child_key(&key);
-        if let Some(list) = self.children.get_mut(&ck) {
-            list.retain(|&b| b != id);
-            if list.is_empty() {
-                self.children.remove(&ck);
-            }
         }
         Some(key)
     }
@@ -255,30 +270,30 @@ impl BlockPool {
         (key.parent == parent && key.tokens == tokens).then_some(id)
     }
 
-    /// The cached block after `parent` sharing the longest common prefix with `tokens`
-    /// (at least one token); ties go to the lowest block id.
+    /// The cached block after `parent` sharing the longest common prefix with `tokens` (at
+    /// least one token), with its length. Of several sharing that longest prefix, the one
+    /// following `tokens` in token order wins, else the one before them (a choice fixed by the
+    /// cached contents alone, whatever order they were cached in).
     pub fn best_child(&self, parent: BlockHash, tokens: &[u32]) -> Option<(BlockId, usize)> {
-        let mut best: Option<(BlockId, usize)> = None;
         let first = *tokens.first()?;
-        for &id in self.children.get(&(parent, Some(first)))? {
-            let Some(key) = self.meta[id as usize].key.as_ref() else {
-                continue;
-            };
-            let common = key
-                .tokens
+        let siblings = self.children.get(&(parent, Some(first)))?;
+        let at = find_sibling(&self.meta, siblings, tokens).unwrap_or_else(|at| at);
+        let common = |id: BlockId| {
+            sibling_tokens(&self.meta, id)
                 .iter()
                 .zip(tokens)
                 .take_while(|(a, b)| a == b)
-                .count();
-            let better = match best {
-                None => common > 0,
-                Some((bid, bc)) => common > bc || (common == bc && id < bid),
-            };
-            if better {
-                best = Some((id, common));
-            }
+                .count()
+        };
+        let after = siblings.get(at).map(|&id| (id, common(id)));
+        let before = at
+            .checked_sub(1)
+            .map(|i| (siblings[i], common(siblings[i])));
+        match (after, before) {
+            (Some(a), Some(b)) => Some(if a.1 >= b.1 { a } else { b }),
+            (a, b) => a.or(b),
         }
-        best
+        .filter(|&(_, c)| c > 0)
     }
 
     /// Check every invariant of the module header; panics with a description on failure.
@@ -331,6 +346,11 @@ impl BlockPool {
             );
         }
         for (ck, ids) in &self.children {
+            assert!(
+                ids.windows(2)
+                    .all(|w| sibling_tokens(&self.meta, w[0]) < sibling_tokens(&self.meta, w[1])),
+                "siblings under {ck:?} not sorted by distinct tokens"
+            );
             for &id in ids {
                 assert_eq!(
                     self.meta[id as usize].key.as_ref().map(child_key),
@@ -413,6 +433,57 @@ mod tests {
         assert_eq!(pool.best_child(root, &[1, 2, 9, 9]), Some((1, 3)));
         assert_eq!(pool.best_child(root, &[1, 2, 3, 7]), Some((0, 3)));
         assert_eq!(pool.best_child(root, &[8]), None);
+        pool.check_invariants();
+    }
+
+    #[test]
+    fn best_child_finds_the_longest_prefix_among_many_siblings() {
+        // Random blocks under one parent, all starting with the same token (as every chat
+        // prompt starts with the template's): the sorted lookup agrees with a scan of them all.
+        let mut pool = BlockPool::new(64);
+        let root = root_hash("m", None);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let mut held = Vec::new();
+        for round in 0..2000 {
+            let tokens: Vec<u32> = std::iter::once(1)
+                .chain((0..next(6)).map(|_| next(3) as u32))
+                .collect();
+            if held.len() < 48 && next(3) > 0 {
+                let (id, _) = pool.pop_lru().unwrap();
+                pool.register(id, key(root, &tokens, false));
+                held.push(id);
+            } else if !held.is_empty() {
+                let id = held.swap_remove(next(held.len() as u64) as usize);
+                pool.unregister(id);
+                pool.release(id);
+            }
+            let longest = held
+                .iter()
+                .filter_map(|&id| pool.key(id))
+                .map(|k| {
+                    k.tokens
+                        .iter()
+                        .zip(&tokens)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .max();
+            let found = pool.best_child(root, &tokens);
+            assert_eq!(found.map(|(_, c)| c), longest, "round {round}: {tokens:?}");
+            if let Some((id, c)) = found {
+                assert!(held.contains(&id));
+                assert_eq!(pool.key(id).unwrap().tokens[..c], tokens[..c]);
+            }
+            if round % 100 == 0 {
+                pool.check_invariants();
+            }
+        }
         pool.check_invariants();
     }
 }
