@@ -264,7 +264,7 @@ fn edge_of(report: &std::path::Path) -> Result<f64> {
 /// Run the calibration.
 pub fn main(args: CalibrateArgs) -> Result<()> {
     let loaded = args.model.load()?;
-    let model = &loaded.model;
+    let model = loaded.host_model()?;
     let cfg = &model.config;
     let block_size = loaded.block_size;
     let num_blocks = loaded.num_blocks;

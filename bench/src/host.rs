@@ -147,6 +147,37 @@ async fn stream(
 }
 
 /// Resident memory of a process, bytes.
+/// The daemon's memory at a moment of the window, and how full its prefix cache's index was.
+struct MemorySample {
+    /// Seconds since the window opened.
+    at_s: f64,
+    /// Resident set size, bytes.
+    rss: u64,
+    /// Share of the device's blocks holding cached contents (0 when `stats` did not answer).
+    cached_share: f64,
+}
+
+/// Sample the daemon's memory, asking `stats` on a connection of its own (off the clients'
+/// thread, whose reads are being timed).
+async fn sample(pid: u32, socket: &std::path::Path, window_start: f64) -> MemorySample {
+    let socket = socket.to_path_buf();
+    let kv = tokio::task::spawn_blocking(move || {
+        convoy_server::api::client::Client::connect(&socket)
+            .and_then(|mut c| c.stats())
+            .map(|s| s.kv)
+    })
+    .await;
+    let cached_share = match kv {
+        Ok(Ok(kv)) => kv.device_blocks_cached as f64 / kv.device_blocks.max(1) as f64,
+        _ => 0.0,
+    };
+    MemorySample {
+        at_s: epoch_s() - window_start,
+        rss: rss_bytes(pid),
+        cached_share,
+    }
+}
+
 fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -269,10 +300,10 @@ pub fn run(args: &HostArgs) -> Result<()> {
         let window_start = epoch_s();
         let live_rss = rss_bytes(pid);
         let cpu0 = cpu_s(pid);
-        let mut rss_samples = vec![live_rss];
+        let mut rss_samples = vec![sample(pid, &daemon.socket, window_start).await];
         while Instant::now() < until {
             if Instant::now() >= next {
-                rss_samples.push(rss_bytes(pid));
+                rss_samples.push(sample(pid, &daemon.socket, window_start).await);
                 let l = log.lock();
                 eprintln!(
                     "convoy-bench host: measuring, {} requests done, {:.0} s left",
@@ -290,7 +321,7 @@ pub fn run(args: &HostArgs) -> Result<()> {
         for t in tasks {
             let _ = t.await;
         }
-        rss_samples.push(rss_bytes(pid));
+        rss_samples.push(sample(pid, &daemon.socket, window_start).await);
         (window_start, window_end, live_rss, daemon_cpu, rss_samples)
     });
     let me = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
@@ -394,13 +425,20 @@ pub fn run(args: &HostArgs) -> Result<()> {
         idle_rss as f64 / (1 << 20) as f64,
         live_rss as f64 / (1 << 20) as f64
     );
-    let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    println!(
-        "  daemon RSS over the window        {:>9.0} MiB first, {:.0} last, {:.0} most (every 5 s)",
-        mib(rss_samples[0]),
-        mib(*rss_samples.last().unwrap_or(&0)),
-        mib(rss_samples.iter().copied().max().unwrap_or(0))
-    );
+    // Six samples spread over the window: memory is flat when it stops growing once the
+    // prefix cache's index has filled (its size is bounded by the device's blocks).
+    let spread: Vec<String> = (0..6)
+        .map(|i| &rss_samples[i * (rss_samples.len() - 1) / 5])
+        .map(|s| {
+            format!(
+                "{:.0} MiB ({:.0}% cached) at {:.0} s",
+                s.rss as f64 / (1 << 20) as f64,
+                100.0 * s.cached_share,
+                s.at_s
+            )
+        })
+        .collect();
+    println!("  daemon RSS over the window        {}", spread.join(", "));
     println!(
         "  CPU                               {:>9.2} cores daemon (window), {:.2} cores clients (whole run)",
         daemon_cpu / window,

@@ -258,7 +258,7 @@ fn play_chat(
     cfg.num_blocks = per_block_tokens / block_size;
     cfg.num_host_blocks = 0;
     cfg.enable_prefix_caching = caching;
-    let mut g = Generator::new(&loaded.model, loaded.codec.clone(), cfg);
+    let mut g = Generator::new(loaded.host_model()?, loaded.codec.clone(), cfg);
     let mut msgs = vec![ChatMessage::new("system", persona(&loaded.codec, 1000)?)];
     let mut out = ChatRun {
         ttft_ms: Vec::new(),
@@ -472,7 +472,7 @@ fn main() -> Result<()> {
         } => {
             let mut loaded = model.load()?;
             let precisions = if precisions.is_empty() {
-                vec![loaded.model.precision()]
+                vec![loaded.host_model()?.precision()]
             } else {
                 precisions
                     .iter()
@@ -488,7 +488,7 @@ fn main() -> Result<()> {
                 "model: {}  threads: {threads}  cpu: {cpu}  block size: {}  kv cache: {}",
                 model.model_path()?.display(),
                 loaded.block_size,
-                loaded.model.kv_cache_dtype().as_str()
+                loaded.host_model()?.kv_cache_dtype().as_str()
             );
             println!(
                 "prompt {prompt_len} tokens, decode {gen_len} tokens per sequence, best of {reps}"
@@ -500,14 +500,20 @@ fn main() -> Result<()> {
             // Each precision's figures by batch size, to set against llama.cpp's below.
             let mut rows: Vec<(Precision, usize, Figures)> = Vec::new();
             for &precision in &precisions {
-                loaded.model.set_precision(precision);
+                loaded.host_model_mut()?.set_precision(precision);
                 for &b in &batch {
                     let mut best = Figures {
                         prefill_tps: 0.0,
                         decode_tps: 0.0,
                     };
                     for _ in 0..reps {
-                        let f = measure(&loaded.model, b, prompt_len, gen_len, loaded.block_size);
+                        let f = measure(
+                            loaded.host_model()?,
+                            b,
+                            prompt_len,
+                            gen_len,
+                            loaded.block_size,
+                        );
                         best.prefill_tps = best.prefill_tps.max(f.prefill_tps);
                         best.decode_tps = best.decode_tps.max(f.decode_tps);
                     }
@@ -559,10 +565,11 @@ fn main() -> Result<()> {
         } => {
             use convoy_engine::{GenerationRequest, Generator, SamplingParams};
             let loaded = model.load()?;
-            let vocab = loaded.model.config.vocab_size as u32;
+            let host = loaded.host_model()?;
+            let vocab = host.config.vocab_size as u32;
             // Compute bound: the model's matmuls at a large batch (prefill), in tokens/s.
             let bound = (0..3)
-                .map(|_| measure(&loaded.model, 1, 128, 1, loaded.block_size).prefill_tps)
+                .map(|_| measure(host, 1, 128, 1, loaded.block_size).prefill_tps)
                 .fold(0.0, f64::max);
             println!(
                 "model: {}  threads: {}  prompt {prompt_len}, decode {gen_len} tokens per sequence",
@@ -593,11 +600,8 @@ fn main() -> Result<()> {
                     .collect();
                 let mut tps: f64 = 0.0;
                 for _ in 0..reps.max(1) {
-                    let mut g = Generator::new(
-                        &loaded.model,
-                        loaded.codec.clone(),
-                        loaded.generator_config(),
-                    );
+                    let mut g =
+                        Generator::new(host, loaded.codec.clone(), loaded.generator_config());
                     let t = Instant::now();
                     let results = g.run(&reqs, |_, _| {})?;
                     let wall = t.elapsed().as_secs_f64();
@@ -712,7 +716,7 @@ fn main() -> Result<()> {
             let loaded = model.load()?;
             let failed = gpu::model(
                 convoy_engine::Device::parse(&on)?,
-                &loaded.model,
+                loaded.host_model()?,
                 &loaded.codec,
             )?;
             if failed > 0 {

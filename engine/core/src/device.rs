@@ -96,45 +96,79 @@ impl Device {
         model: &'m LlamaModel,
         cfg: &GeneratorConfig,
     ) -> Result<Box<dyn ModelRunner + 'm>, BackendError> {
-        match self {
-            Device::Cpu => Ok(Box::new(CpuRunner::new(
+        self.runner_from(WeightSource::Model(model), cfg)
+    }
+
+    /// The runner for the weights `source` gives on this device (see [`Device::runner`]).
+    pub fn runner_from<'m>(
+        self,
+        source: WeightSource<'m>,
+        cfg: &GeneratorConfig,
+    ) -> Result<Box<dyn ModelRunner + 'm>, BackendError> {
+        match (self, source) {
+            (Device::Cpu, WeightSource::Model(model)) => Ok(Box::new(CpuRunner::new(
                 model,
                 cfg.num_blocks,
                 cfg.num_host_blocks,
                 cfg.block_size,
             ))),
-            Device::CudaEmulated => Ok(Box::new(Runner::with_backend(cuda_backend(
+            (Device::Cpu, WeightSource::Tensors { .. }) => Err(BackendError::Unsupported {
+                backend: "cpu",
+                reason: "the CPU backend computes from a host model, not from loaded tensors"
+                    .into(),
+            }),
+            (Device::CudaEmulated, source) => Ok(Box::new(Runner::with_backend(cuda_backend(
                 EmulatedDevice::new(),
-                model,
+                source,
                 cfg,
             )?))),
-            Device::Cuda => {
+            (Device::Cuda, source) => {
                 let gpu = CudaDriverDevice::open(0).map_err(|e| BackendError::Unsupported {
                     backend: "cuda",
                     reason: e.to_string(),
                 })?;
                 Ok(Box::new(Runner::with_backend(cuda_backend(
-                    gpu, model, cfg,
+                    gpu, source, cfg,
                 )?)))
             }
         }
     }
 }
 
+/// Where a runner's weights come from.
+pub enum WeightSource<'m> {
+    /// A host model, borrowed (the CPU backend computes from it; the CUDA backend rounds its
+    /// rows to bf16).
+    Model(&'m LlamaModel),
+    /// Loaded tensors, consumed one at a time by the CUDA backend's upload.
+    Tensors {
+        /// Shape and hyper-parameters.
+        config: convoy_weights::ModelConfig,
+        /// Tensors by Hugging Face name.
+        tensors: std::collections::HashMap<String, convoy_weights::Tensor>,
+    },
+}
+
 /// The CUDA backend on `device` as `cfg` asks for it.
 fn cuda_backend<D: DeviceLayer>(
     device: D,
-    model: &LlamaModel,
+    source: WeightSource<'_>,
     cfg: &GeneratorConfig,
 ) -> Result<CudaBackend<D>, BackendError> {
-    let mut backend = CudaBackend::with_kv(
-        device,
-        model,
+    let (blocks, host, bs, tokens) = (
         kv_blocks(cfg),
         cfg.num_host_blocks,
         cfg.block_size,
         cfg.max_batched_tokens,
-    )?;
+    );
+    let mut backend = match source {
+        WeightSource::Model(model) => {
+            CudaBackend::with_kv(device, model, blocks, host, bs, tokens)?
+        }
+        WeightSource::Tensors { config, tensors } => {
+            CudaBackend::from_tensors(device, config, tensors, blocks, host, bs, tokens)?
+        }
+    };
     if cfg.enforce_eager {
         backend.set_graph_policy(GraphPolicy::eager())?;
     }

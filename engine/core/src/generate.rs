@@ -15,6 +15,7 @@ use crate::backend::BackendError;
 use crate::core::{EngineCore, EngineRequest, EngineStats, EventKind, SubmitError};
 use crate::device::Device;
 use crate::model::llama::LlamaModel;
+use crate::model_weights::ModelWeights;
 use crate::runner::{CpuRunner, ModelRunner};
 use crate::sampler::SamplingParams;
 use crate::tokenizer::TextCodec;
@@ -161,6 +162,19 @@ impl<'m> Generator<'m> {
             codec,
             &cfg,
         ))
+    }
+
+    /// A generator on `device` over loaded weights (tensors are uploaded, and consumed, here);
+    /// an error when the device cannot run the model.
+    pub fn on_weights(
+        device: Device,
+        weights: &'m mut ModelWeights,
+        codec: TextCodec,
+        cfg: GeneratorConfig,
+    ) -> Result<Generator<'m>, BackendError> {
+        let max_model_len = weights.config().max_position_embeddings;
+        let runner = weights.runner(device, &cfg)?;
+        Ok(Generator::with_runner(runner, max_model_len, codec, &cfg))
     }
 
     /// A generator over `runner`, for a model whose context holds `max_model_len` tokens.

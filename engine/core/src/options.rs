@@ -9,6 +9,7 @@ use convoy_weights::{load_model, DType, LoadFormat};
 
 use crate::device::Device;
 use crate::model::llama::LlamaModel;
+use crate::model_weights::ModelWeights;
 use crate::tokenizer::TextCodec;
 
 /// Where the default model lives, relative to a convoy checkout (see
@@ -178,8 +179,8 @@ pub fn default_block_size(kv_bytes_per_token_per_layer: usize) -> usize {
 
 /// A model ready to run, with its text codec and cache geometry.
 pub struct Loaded {
-    /// The model.
-    pub model: LlamaModel,
+    /// The model's weights: a host model for the CPU, loaded tensors for a CUDA device.
+    pub weights: ModelWeights,
     /// Tokenizer and template.
     pub codec: TextCodec,
     /// KV blocks that fit the memory budget.
@@ -203,6 +204,23 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// The host model, for commands that compute on the CPU; an error naming the device when
+    /// the weights were loaded for a CUDA device instead.
+    pub fn host_model(&self) -> Result<&LlamaModel> {
+        let device = self.device.as_str();
+        self.weights.host_model().with_context(|| {
+            format!("this command computes on the CPU; --device {device} loads no host model")
+        })
+    }
+
+    /// As [`Loaded::host_model`], mutably.
+    pub fn host_model_mut(&mut self) -> Result<&mut LlamaModel> {
+        let device = self.device.as_str();
+        self.weights.host_model_mut().with_context(|| {
+            format!("this command computes on the CPU; --device {device} loads no host model")
+        })
+    }
+
     /// The generator configuration these options describe.
     pub fn generator_config(&self) -> crate::GeneratorConfig {
         let mut cfg = crate::GeneratorConfig::new(self.num_blocks, self.block_size);
@@ -275,10 +293,8 @@ impl ModelArgs {
         }
         let kv_cache_dtype = crate::kv_cache::KvCacheDtype::parse(&self.kv_cache_dtype)
             .context("--kv-cache-dtype")?;
-        let mut model = LlamaModel::new(loaded)?;
-        model.set_precision(precision);
-        model.set_kv_cache_dtype(kv_cache_dtype);
-        let cfg = &model.config;
+        let config = loaded.config.clone();
+        let cfg = &config;
         if device.is_cuda() {
             if precision != Precision::Exact {
                 bail!("--precision fast is the CPU backend's; the CUDA backend computes bf16 GEMMs with f32 accumulation");
@@ -333,6 +349,19 @@ impl ModelArgs {
                 self.verify_cache
             );
         }
+        // The CUDA backend uploads the loaded tensors one at a time; only the CPU backend
+        // needs the host model (f32 or quantised rows).
+        let weights = if device.is_cuda() {
+            ModelWeights::Tensors {
+                config: loaded.config,
+                tensors: loaded.tensors,
+            }
+        } else {
+            let mut model = LlamaModel::new(loaded)?;
+            model.set_precision(precision);
+            model.set_kv_cache_dtype(kv_cache_dtype);
+            ModelWeights::Host(model)
+        };
         tracing::info!(
             model = %path.display(),
             device = device.as_str(),
@@ -345,7 +374,7 @@ impl ModelArgs {
             "model loaded"
         );
         Ok(Loaded {
-            model,
+            weights,
             codec,
             num_blocks,
             num_host_blocks,
@@ -378,6 +407,42 @@ mod tests {
             let msg = parse_bytes(bad).unwrap_err().to_string();
             assert!(msg.starts_with(&format!("bad size {bad:?}")), "{msg}");
         }
+    }
+
+    /// `--device cuda-emulated` loads the tensors for the upload and never builds the host
+    /// model; the tensors make one runner, and a second one is refused rather than uploading
+    /// nothing.
+    #[test]
+    fn a_cuda_device_loads_tensors_not_a_host_model() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            model: ModelArgs,
+        }
+        let glassllm = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/glassllm");
+        let args = |device: &str| {
+            Cli::try_parse_from(["convoy", "--model", glassllm, "--device", device])
+                .unwrap()
+                .model
+        };
+        let mut loaded = args("cuda-emulated").load().unwrap();
+        assert!(loaded.weights.host_model().is_none());
+        assert_eq!(
+            loaded.host_model().err().unwrap().to_string(),
+            "this command computes on the CPU; --device cuda-emulated loads no host model"
+        );
+        let cfg = loaded.generator_config();
+        let config = loaded.weights.config().clone();
+        assert!(loaded
+            .weights
+            .runner(loaded.device, &cfg)
+            .is_ok_and(|r| r.vocab_size() == config.vocab_size));
+        assert_eq!(loaded.weights.config(), &config);
+        let again = loaded.weights.runner(loaded.device, &cfg).err().unwrap();
+        assert!(again.to_string().contains("already uploaded"), "{again}");
+        let cpu = args("cpu").load().unwrap();
+        assert!(cpu.host_model().is_ok());
     }
 
     #[test]

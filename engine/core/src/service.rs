@@ -27,6 +27,7 @@ use crate::core::{
 use crate::device::Device;
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
+use crate::model_weights::ModelWeights;
 use crate::runner::{CpuRunner, ModelRunner};
 use crate::step_log::StepLog;
 use crate::tokenizer::TextCodec;
@@ -259,14 +260,14 @@ pub fn spawn_cpu(
 /// which [`EngineHandle::join`] returns.
 pub fn spawn_on(
     device: Device,
-    model: LlamaModel,
+    mut weights: ModelWeights,
     codec: TextCodec,
     cfg: GeneratorConfig,
     service: ServiceConfig,
 ) -> EngineHandle {
     spawn_thread(move |channels| {
-        let runner = device.runner(&model, &cfg).map_err(|e| e.to_string())?;
-        let max_len = model.config.max_position_embeddings;
+        let max_len = weights.config().max_position_embeddings;
+        let runner = weights.runner(device, &cfg).map_err(|e| e.to_string())?;
         run_engine(runner, max_len, codec, &cfg, service, channels)
     })
 }

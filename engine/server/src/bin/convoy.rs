@@ -227,7 +227,7 @@ fn run(cli: Cli) -> Result<()> {
             if format != "text" && format != "json" {
                 bail!("--format must be text or json");
             }
-            let loaded = model.load()?;
+            let mut loaded = model.load()?;
             let ids = match (prompt, prompt_ids, chat) {
                 (Some(p), _, _) => loaded.codec.encode(&p)?,
                 (_, Some(ids), _) => ids,
@@ -243,11 +243,12 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 _ => bail!("give one of --prompt, --prompt-ids or --chat"),
             };
-            let mut generator = Generator::on_device(
+            let cfg = loaded.generator_config();
+            let mut generator = Generator::on_weights(
                 loaded.device,
-                &loaded.model,
+                &mut loaded.weights,
                 loaded.codec.clone(),
-                loaded.generator_config(),
+                cfg,
             )?;
             let req = GenerationRequest {
                 prompt_ids: ids.clone(),
@@ -289,12 +290,14 @@ fn run(cli: Cli) -> Result<()> {
             sampling,
             system,
         } => {
-            let loaded = model.load()?;
-            let mut generator = Generator::on_device(
+            let mut loaded = model.load()?;
+            let cfg = loaded.generator_config();
+            let num_layers = loaded.weights.config().num_layers;
+            let mut generator = Generator::on_weights(
                 loaded.device,
-                &loaded.model,
+                &mut loaded.weights,
                 loaded.codec.clone(),
-                loaded.generator_config(),
+                cfg,
             )?;
             let mut messages: Vec<ChatMessage> = system
                 .into_iter()
@@ -306,7 +309,7 @@ fn run(cli: Cli) -> Result<()> {
                 "convoy chat: {} ({} layers). Empty line or Ctrl-D to quit. After each reply: the \
                  prompt tokens served from the cache, and the time to the first token.",
                 model.model_path()?.display(),
-                loaded.model.config.num_layers
+                num_layers
             );
             loop {
                 eprint!("> ");
@@ -425,13 +428,14 @@ fn run(cli: Cli) -> Result<()> {
                 let mut cfg = loaded.generator_config();
                 cfg.max_running = max_running.max(1);
                 cfg.max_batched_tokens = max_batched_tokens.max(1);
-                let max_context = loaded.model.config.max_position_embeddings;
+                let config = loaded.weights.config();
+                let max_context = config.max_position_embeddings;
                 eprintln!(
                     "convoy: model {} ({} layers, {} heads, {} KV heads), device {}, {} KV blocks of {} tokens (+{} host blocks)",
                     model.model_path()?.display(),
-                    loaded.model.config.num_layers,
-                    loaded.model.config.num_heads,
-                    loaded.model.config.num_kv_heads,
+                    config.num_layers,
+                    config.num_heads,
+                    config.num_kv_heads,
                     loaded.device.as_str(),
                     cfg.num_blocks,
                     cfg.block_size,
@@ -440,7 +444,7 @@ fn run(cli: Cli) -> Result<()> {
                 let codec = loaded.codec.clone();
                 let engine = convoy_engine::service::spawn_on(
                     loaded.device,
-                    loaded.model,
+                    loaded.weights,
                     loaded.codec,
                     cfg,
                     service,
