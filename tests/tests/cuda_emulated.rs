@@ -566,3 +566,41 @@ fn weights_uploaded_from_tensors_equal_weights_from_the_host_model() {
         "{err}"
     );
 }
+
+/// The device draw is split as the runner's step is: `launch_sample_rows` starts it with the
+/// pass, `sampled_ids` waits for the ids once. Greedy ids are the argmax of the logits the same
+/// pass leaves; asking for ids with no draw launched, or twice, is a typed error, not stale ids.
+#[test]
+fn a_device_draw_is_launched_with_the_pass_and_its_ids_read_once() {
+    use convoy_engine::backend::{run_layers, Backend, BackendError, RowDraw};
+    let (model, _) = load(&glassllm_path());
+    let bs = 4;
+    let prompts: [&[u32]; 2] = [&[5, 9, 14, 3, 7], &[11, 2, 8]];
+    let mut batch = ForwardBatch::default();
+    batch.push_seq(prompts[0], 0, &[0, 1], bs, true);
+    batch.push_seq(prompts[1], 0, &[2], bs, true);
+    let mut cuda = CudaBackend::new(EmulatedDevice::new(), &model, 3, 0, bs, 16).unwrap();
+    let mut ids = Vec::new();
+    let early = cuda.sampled_ids(&mut ids).unwrap_err();
+    assert!(matches!(early, BackendError::OutOfOrder { .. }), "{early}");
+    run_layers(&mut cuda, &batch).unwrap();
+    let greedy = RowDraw {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        seed: 1,
+        step: 0,
+    };
+    assert!(cuda.launch_sample_rows(&[greedy, greedy]).unwrap());
+    cuda.sampled_ids(&mut ids).unwrap();
+    let mut logits = Vec::new();
+    cuda.read_logits(&mut logits).unwrap();
+    let vocab = model.config.vocab_size;
+    let argmax: Vec<u32> = logits
+        .chunks(vocab)
+        .map(convoy_engine::sampler::argmax)
+        .collect();
+    assert_eq!(ids, argmax);
+    let twice = cuda.sampled_ids(&mut ids).unwrap_err();
+    assert!(matches!(twice, BackendError::OutOfOrder { .. }), "{twice}");
+}

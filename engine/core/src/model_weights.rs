@@ -81,11 +81,10 @@ impl ModelWeights {
                 };
                 device.runner_from(source, cfg)
             }
-            ModelWeights::Uploaded { .. } => Err(BackendError::Unsupported {
+            ModelWeights::Uploaded { .. } => Err(BackendError::OutOfOrder {
                 backend: device.as_str(),
-                reason: "the weights were already uploaded to a device; load the model again \
-                         for another runner"
-                    .into(),
+                what: "a second runner from weights already uploaded to a device (load the \
+                       model again for another)",
             }),
         }
     }

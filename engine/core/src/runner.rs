@@ -138,7 +138,20 @@ pub struct Runner<B: Backend> {
     /// The logits of the last step, kept for the next one to write over (a fresh buffer of
     /// 16 rows of a 49k vocabulary is 3 MiB to zero every step).
     logits: Vec<f32>,
+    /// The step between [`ModelRunner::launch`] and [`ModelRunner::finish`].
+    pending: PendingStep,
     started: Instant,
+}
+
+/// What [`ModelRunner::finish`] needs of the step [`ModelRunner::launch`] started.
+#[derive(Default)]
+struct PendingStep {
+    /// Whether a step was launched and not finished.
+    launched: bool,
+    /// The request of each logits row, in row order.
+    rows: Vec<RequestId>,
+    /// Whether the backend draws the tokens on its device (else the host samples the logits).
+    on_device: bool,
 }
 
 /// The real model on the CPU backend.
@@ -165,6 +178,7 @@ impl<B: Backend> Runner<B> {
             samplers: HashMap::new(),
             keep: HashSet::new(),
             logits: Vec::new(),
+            pending: PendingStep::default(),
             started: Instant::now(),
         }
     }
@@ -220,16 +234,22 @@ impl<B: Backend> ModelRunner for Runner<B> {
     }
 
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+        self.launch(out);
+        self.finish(out)
+    }
+
+    fn launch(&mut self, out: &SchedulerOutput) {
         track_requests(&mut self.samplers, out, SamplerState::new);
         self.copy_blocks(&out.copies);
-        let mut result = StepResult::default();
+        self.pending.rows.clear();
+        self.pending.on_device = false;
+        self.pending.launched = true;
         if out.scheduled.is_empty() {
-            return result;
+            return;
         }
         let bs = self.backend.block_size();
         let mut batch = ForwardBatch::default();
         // The request of each logits row, in row order.
-        let mut row_owner = Vec::new();
         for s in &out.scheduled {
             if batch.push_seq(
                 &s.token_ids,
@@ -238,7 +258,7 @@ impl<B: Backend> ModelRunner for Runner<B> {
                 bs,
                 s.sample,
             ) {
-                row_owner.push(s.id);
+                self.pending.rows.push(s.id);
             }
         }
         if let Err(e) = run_layers(&mut self.backend, &batch) {
@@ -248,11 +268,13 @@ impl<B: Backend> ModelRunner for Runner<B> {
         // its device returns only the token ids; the draw is the same keyed Gumbel-max over the
         // same top-k and top-p candidates as the host's, so the tokens are the same (up to the
         // rounding of a top-p mass that lands on its target, docs/cuda.md).
-        let mut draws = Vec::with_capacity(row_owner.len());
-        for &id in &row_owner {
+        let mut draws = Vec::with_capacity(self.pending.rows.len());
+        for &id in &self.pending.rows {
             let st = state_of(&mut self.samplers, id);
-            let plain = st.spec.logprobs.is_none();
-            draws.push((plain && !self.keep.contains(&id)).then_some(RowDraw {
+            if st.spec.logprobs.is_some() || self.keep.contains(&id) {
+                return;
+            }
+            draws.push(RowDraw {
                 temperature: if st.spec.is_greedy() {
                     0.0
                 } else {
@@ -262,45 +284,59 @@ impl<B: Backend> ModelRunner for Runner<B> {
                 top_p: st.spec.top_p,
                 seed: st.seed,
                 step: st.step,
-            }));
+            });
         }
-        let all_plain: Option<Vec<RowDraw>> = draws.iter().copied().collect();
-        let on_device = match all_plain {
-            Some(d) if !d.is_empty() => match self.backend.sample_rows(&d) {
-                Ok(ids) => ids,
+        if !draws.is_empty() {
+            self.pending.on_device = match self.backend.launch_sample_rows(&draws) {
+                Ok(on_device) => on_device,
                 Err(e) => panic!("sampling failed: {e}"),
-            },
-            _ => None,
-        };
-        if let Some(ids) = on_device {
-            for (&id, token) in row_owner.iter().zip(ids) {
+            };
+        }
+    }
+
+    fn finish(&mut self, out: &SchedulerOutput) -> StepResult {
+        if !self.pending.launched {
+            self.launch(out);
+        }
+        self.pending.launched = false;
+        let mut result = StepResult::default();
+        if out.scheduled.is_empty() {
+            return result;
+        }
+        let rows = std::mem::take(&mut self.pending.rows);
+        if self.pending.on_device {
+            let mut ids = Vec::with_capacity(rows.len());
+            if let Err(e) = self.backend.sampled_ids(&mut ids) {
+                panic!("sampling failed: {e}");
+            }
+            for (&id, token) in rows.iter().zip(ids) {
                 state_of(&mut self.samplers, id).step += 1;
                 result.output.sampled.push(SampledToken { id, token });
             }
-            self.keep.clear();
-            return result;
-        }
-        let mut logits = std::mem::take(&mut self.logits);
-        if let Err(e) = self.backend.read_logits(&mut logits) {
-            panic!("reading logits failed: {e}");
-        }
-        let vocab = self.backend.config().vocab_size;
-        for (row, &id) in row_owner.iter().enumerate() {
-            let l = &logits[row * vocab..(row + 1) * vocab];
-            let st = state_of(&mut self.samplers, id);
-            let token = sample(l, &st.spec, st.seed, st.step);
-            st.step += 1;
-            if let Some(n) = st.spec.logprobs {
-                result.logprobs.insert(id, logprobs_of(l, token, n));
+        } else {
+            let mut logits = std::mem::take(&mut self.logits);
+            if let Err(e) = self.backend.read_logits(&mut logits) {
+                panic!("reading logits failed: {e}");
             }
-            if self.keep.remove(&id) {
-                result.kept_logits.insert(id, l.to_vec());
+            let vocab = self.backend.config().vocab_size;
+            for (row, &id) in rows.iter().enumerate() {
+                let l = &logits[row * vocab..(row + 1) * vocab];
+                let st = state_of(&mut self.samplers, id);
+                let token = sample(l, &st.spec, st.seed, st.step);
+                st.step += 1;
+                if let Some(n) = st.spec.logprobs {
+                    result.logprobs.insert(id, logprobs_of(l, token, n));
+                }
+                if self.keep.contains(&id) {
+                    result.kept_logits.insert(id, l.to_vec());
+                }
+                result.output.sampled.push(SampledToken { id, token });
             }
-            result.output.sampled.push(SampledToken { id, token });
+            self.logits = logits;
         }
-        // A mark for a request this step did not sample is for this step only.
+        // A mark is for the step that follows it only.
         self.keep.clear();
-        self.logits = logits;
+        self.pending.rows = rows;
         result
     }
 

@@ -22,7 +22,7 @@ pub fn forward<B: Backend>(
 }
 
 /// Run one forward pass of `batch` on `b`, leaving the logits on the backend (for
-/// [`Backend::sample_rows`] or [`Backend::read_logits`]).
+/// [`Backend::launch_sample_rows`] or [`Backend::read_logits`]).
 pub fn run_layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
     b.begin_step(batch)?;
     b.run_pass(&mut |b| layers(b, batch))

@@ -10,8 +10,10 @@
 //!
 //! Invariants: [`Backend::begin_step`] is called once per forward pass, before any operation,
 //! with the batch every operation of that pass receives; an operation reads only activations
-//! written earlier in the same pass; [`Backend::read_logits`] or [`Backend::sample_rows`] ends
-//! the pass.
+//! written earlier in the same pass; [`Backend::read_logits`] or [`Backend::sampled_ids`] (after
+//! [`Backend::launch_sample_rows`]) ends the pass. Only those two wait for the device: everything
+//! before them may return while the device still computes, so the host can prepare the next
+//! step meanwhile.
 
 pub mod cpu;
 pub mod cuda;
@@ -149,6 +151,14 @@ pub enum BackendError {
         /// What it cannot do.
         reason: String,
     },
+    /// A call came out of the order the backend's contract sets.
+    #[error("the {backend} backend was called out of order: {what}")]
+    OutOfOrder {
+        /// Backend name.
+        backend: &'static str,
+        /// What came out of order.
+        what: &'static str,
+    },
     /// A device operation failed.
     #[error("{backend}: {source}")]
     Device {
@@ -236,10 +246,20 @@ pub trait Backend {
     fn kv_blocks(&self) -> Option<usize> {
         None
     }
-    /// Draw one token per logits row on the device, so only token ids cross to the host;
-    /// `None` where the backend samples on the host (the caller then reads the logits).
-    fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
+    /// Start drawing one token per logits row on the device, so only token ids cross to the
+    /// host ([`Backend::sampled_ids`] waits for them); `false` where the backend samples on the
+    /// host (the caller then reads the logits).
+    fn launch_sample_rows(&mut self, draws: &[RowDraw]) -> Result<bool, BackendError> {
         let _ = draws;
-        Ok(None)
+        Ok(false)
+    }
+    /// The token ids the draw started by [`Backend::launch_sample_rows`] gave, one per row, in
+    /// `ids`; waits for the device.
+    fn sampled_ids(&mut self, ids: &mut Vec<u32>) -> Result<(), BackendError> {
+        let _ = ids;
+        Err(BackendError::OutOfOrder {
+            backend: self.name(),
+            what: "token ids asked for, but this backend samples on the host",
+        })
     }
 }

@@ -99,6 +99,8 @@ pub struct CudaBackend<D: DeviceLayer> {
     rows: usize,
     pass_rows: usize,
     pass_bucket: Option<usize>,
+    /// Rows of the device draw launched for this pass, until its ids are read.
+    pending_draws: Option<usize>,
     seqs: usize,
     max_blocks: usize,
     attention_items: usize,
@@ -399,6 +401,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             rows: 0,
             pass_rows: 0,
             pass_bucket: None,
+            pending_draws: None,
             seqs: 0,
             max_blocks: 0,
             attention_items: 0,
@@ -824,6 +827,7 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         self.rows = 0;
         self.pass_rows = 0;
         self.pass_bucket = None;
+        self.pending_draws = None;
         let n = batch.num_tokens();
         let m = batch.logits_rows.len();
         let (vocab, heads, head_dim) = (
@@ -1251,15 +1255,16 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         })
     }
 
-    fn sample_rows(&mut self, draws: &[RowDraw]) -> Result<Option<Vec<u32>>, BackendError> {
+    fn launch_sample_rows(&mut self, draws: &[RowDraw]) -> Result<bool, BackendError> {
         if draws.len() != self.pass_rows || self.pass_rows > self.row_capacity {
             return Err(bad_batch(
                 self.device.name(),
                 format!("{} draws for {} logits rows", draws.len(), self.pass_rows),
             ));
         }
+        self.pending_draws = Some(draws.len());
         if draws.is_empty() {
-            return Ok(Some(Vec::new()));
+            return Ok(true);
         }
         let e = self.err();
         let temps: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
@@ -1289,11 +1294,24 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             rows: draws.len(),
             threads: 1024,
         })?;
-        let mut ids = vec![0i32; draws.len()];
+        Ok(true)
+    }
+
+    fn sampled_ids(&mut self, ids: &mut Vec<u32>) -> Result<(), BackendError> {
+        let rows = self.pending_draws.take().ok_or(BackendError::OutOfOrder {
+            backend: self.device.name(),
+            what: "token ids asked for before a draw was launched",
+        })?;
+        ids.clear();
+        if rows == 0 {
+            return Ok(());
+        }
+        let mut out = vec![0i32; rows];
         self.device
-            .read(&self.draw_out.buf, 0, device::as_bytes_mut(&mut ids))
-            .map_err(&e)?;
-        Ok(Some(ids.into_iter().map(|i| i as u32).collect()))
+            .read(&self.draw_out.buf, 0, device::as_bytes_mut(&mut out))
+            .map_err(self.err())?;
+        ids.extend(out.into_iter().map(|i| i as u32));
+        Ok(())
     }
 
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
