@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::daemon::Spawned;
+use convoy_server::api::protocol::ServerEvent;
 
 /// The settings of one run.
 #[derive(clap::Args, Clone, Debug)]
@@ -157,25 +158,33 @@ struct MemorySample {
     cached_share: f64,
 }
 
-/// Sample the daemon's memory, asking `stats` on a connection of its own (off the clients'
-/// thread, whose reads are being timed).
-async fn sample(pid: u32, socket: &std::path::Path, window_start: f64) -> MemorySample {
-    let socket = socket.to_path_buf();
-    let kv = tokio::task::spawn_blocking(move || {
-        convoy_server::api::client::Client::connect(&socket)
-            .and_then(|mut c| c.stats())
-            .map(|s| s.kv)
-    })
-    .await;
-    let cached_share = match kv {
-        Ok(Ok(kv)) => kv.device_blocks_cached as f64 / kv.device_blocks.max(1) as f64,
-        _ => 0.0,
-    };
+/// Sample the daemon's memory, and ask `stats` how full the prefix cache's index is (on a
+/// connection of its own, given two seconds: a sample never stalls the clients).
+async fn sample(pid: u32, socket: &Path, window_start: f64) -> MemorySample {
+    let share = tokio::time::timeout(Duration::from_secs(2), cached_share(socket)).await;
     MemorySample {
         at_s: epoch_s() - window_start,
         rss: rss_bytes(pid),
-        cached_share,
+        cached_share: share.ok().flatten().unwrap_or(0.0),
     }
+}
+
+/// The share of the device's blocks holding cached contents, from a `stats` answer.
+async fn cached_share(socket: &Path) -> Option<f64> {
+    let (r, mut w) = tokio::net::UnixStream::connect(socket)
+        .await
+        .ok()?
+        .into_split();
+    w.write_all(b"{\"op\":\"stats\"}\n").await.ok()?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await.ok()? {
+        if let Ok(ServerEvent::Stats { stats }) = serde_json::from_str(&line) {
+            return Some(
+                stats.kv.device_blocks_cached as f64 / stats.kv.device_blocks.max(1) as f64,
+            );
+        }
+    }
+    None
 }
 
 fn rss_bytes(pid: u32) -> u64 {

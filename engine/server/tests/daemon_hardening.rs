@@ -436,6 +436,82 @@ fn a_path_that_is_not_a_stale_socket_is_never_replaced() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Open files of a process.
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A connection that answered `health` (so the daemon has accepted it).
+fn answered_health(d: &Daemon) -> Client {
+    let mut c = Client::connect(&d.socket).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.send(&json!({"op": "health"})).unwrap();
+    match c.recv().unwrap() {
+        Some(ServerEvent::Health { .. }) => c,
+        other => panic!("expected health, got {other:?}"),
+    }
+}
+
+/// Each client costs the daemon one open file, and `--max-connections` is lowered to what the
+/// open-file limit holds: past it the daemon could not `accept`, and every new client (a health
+/// check too) would wait unanswered instead of hearing `too_many_connections`.
+#[test]
+fn connections_fit_the_open_file_limit_and_each_costs_one_descriptor() {
+    let dir = std::env::temp_dir().join(format!("convoy-fds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("convoy.sock");
+    let log = dir.join("stderr.txt");
+    // `ulimit -n 400` sets both limits: 400 - 256 kept for the daemon = 144 connections.
+    let child = Command::new("bash")
+        .args(["-c", "ulimit -n 400 && exec \"$@\"", "convoy"])
+        .arg(env!("CARGO_BIN_EXE_convoy"))
+        .args(["serve", "--device", "sim", "--model"])
+        .arg(smollm2())
+        .arg("--socket")
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut d = Daemon { child, socket };
+    poll("the daemon to come up", 60, || {
+        Client::connect(&d.socket).ok()
+    });
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        stderr.contains("--max-connections 16384 lowered to 144: the open-file limit is 400"),
+        "{stderr}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = d.child.id();
+    let before = open_files(pid);
+    let mut clients: Vec<Client> = (0..100).map(|_| answered_health(&d)).collect();
+    let grown = open_files(pid) - before;
+    assert!(
+        (100..110).contains(&grown),
+        "100 connections opened {grown} files in the daemon"
+    );
+    clients.extend((0..44).map(|_| answered_health(&d)));
+    // The 145th is told, at once, rather than left waiting in the listen queue.
+    let mut over = Client::connect(&d.socket).unwrap();
+    over.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(next_error_code(&mut over), "too_many_connections");
+    // One leaves: a health check gets in again.
+    drop(clients.pop());
+    poll("a freed connection slot", 20, || {
+        let mut c = Client::connect(&d.socket).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        c.send(&json!({"op": "health"})).ok()?;
+        matches!(c.recv(), Ok(Some(ServerEvent::Health { .. }))).then_some(())
+    });
+    assert_eq!(d.sigterm().code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn every_documented_error_code_is_produced_by_a_socket_test() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -13,7 +13,7 @@
 //!   only closed its sending side keeps its streams to the end.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,12 +146,10 @@ struct Connection {
     id: u64,
     out: Outbox,
     live: LiveMap,
-    /// A duplicate of the client's socket, to ask whether the peer hung up.
-    peer: Option<OwnedFd>,
 }
 
 impl Connection {
-    async fn generate(&self, g: GenerateRequest, accepted: Instant) {
+    async fn generate(&self, g: GenerateRequest, accepted: Instant, peer: BorrowedFd<'_>) {
         if self.shared.draining.load(Ordering::Relaxed) {
             self.out.send(error_event(
                 Some(g.id),
@@ -193,7 +191,7 @@ impl Connection {
                 return;
             }
         };
-        if self.gone() {
+        if self.gone(peer) {
             return; // the client left while its prompt was encoded
         }
         let rid = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -278,7 +276,7 @@ impl Connection {
         }
     }
 
-    async fn handle(&self, line: &[u8]) {
+    async fn handle(&self, line: &[u8], peer: BorrowedFd<'_>) {
         let accepted = Instant::now();
         // A long line (up to --max-line-bytes) takes long to parse: off the I/O thread, which
         // serves every other connection.
@@ -297,7 +295,7 @@ impl Connection {
         };
         match parsed {
             Err(e) => self.out.send(ServerEvent::from_error(e)),
-            Ok(ClientMessage::Generate(g)) => self.generate(*g, accepted).await,
+            Ok(ClientMessage::Generate(g)) => self.generate(*g, accepted, peer).await,
             Ok(ClientMessage::Cancel { id }) => self.cancel(id),
             Ok(ClientMessage::Stats) => self.stats(),
             Ok(ClientMessage::Health) => {
@@ -317,9 +315,10 @@ impl Connection {
         }
     }
 
-    /// Whether the client is gone (marks the queue closed when it just found out).
-    fn gone(&self) -> bool {
-        if !self.out.is_closed() && self.peer.as_ref().is_some_and(peer_hung_up) {
+    /// Whether the client on socket `peer` is gone (marks the queue closed when it just found
+    /// out).
+    fn gone(&self, peer: BorrowedFd<'_>) -> bool {
+        if !self.out.is_closed() && peer_hung_up(&peer) {
             self.out.closed.store(true, Ordering::Relaxed);
         }
         self.out.is_closed()
@@ -386,7 +385,8 @@ const PARSE_INLINE_BYTES: usize = 64 << 10;
 
 /// Serve one client until it leaves.
 pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) {
-    let peer = stream.as_fd().try_clone_to_owned().ok();
+    // One file descriptor per client: the hang-up check polls the read half's socket rather
+    // than a duplicate (a duplicate per connection halves the clients an open-file limit holds).
     let (read, mut write) = stream.into_split();
     let (tx, mut rx) = unbounded_channel::<(ServerEvent, usize)>();
     let pending = Arc::new(AtomicUsize::new(0));
@@ -422,7 +422,6 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
         id,
         out,
         live: Arc::new(Mutex::new(HashMap::new())),
-        peer,
     };
     let mut reader = BufReader::with_capacity(2048, read);
     let mut buf = Vec::new();
@@ -433,7 +432,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         match read_line_limited(&mut reader, &mut buf, shared.cfg.max_line_bytes).await {
-            Ok(Line::Complete) => conn.handle(&buf).await,
+            Ok(Line::Complete) => conn.handle(&buf, reader.get_ref().as_ref().as_fd()).await,
             Ok(Line::TooLong) => conn.out.send(error_event(
                 None,
                 "line_too_long",
@@ -445,7 +444,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
     // End of input. A client that closed both directions is gone: its requests are dropped now
     // (the engine skips them before scheduling). One that only closed its sending side still
     // gets its streams to the end, unless a write fails, which also marks it gone.
-    if conn.gone() {
+    if conn.gone(reader.get_ref().as_ref().as_fd()) {
         conn.abort_all();
     }
     while !conn.live.lock().is_empty() && !writer.is_finished() && !conn.out.is_closed() {

@@ -163,16 +163,31 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Resul
     Ok(listener)
 }
 
-/// Allow as many open files as the hard limit permits (thousands of client connections).
-pub fn raise_fd_limit() {
+/// Open files kept for everything but clients: the model file, logs, the runtime, render
+/// workers' pipes, the step log.
+pub const FD_RESERVE: u64 = 256;
+
+/// Allow as many open files as the hard limit permits (thousands of client connections);
+/// returns the limit now in force, when it could be read.
+pub fn raise_fd_limit() -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!(error = %e, "could not raise the open-file limit");
-            }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            return Some(soft);
         }
     }
+    Some(hard.max(soft))
+}
+
+/// The socket connections an open-file limit of `limit` holds when `wanted` are asked for and
+/// `others` descriptors go to HTTP clients: each connection holds one descriptor, and
+/// [`FD_RESERVE`] stay for the daemon. Past the limit `accept` fails, and a client waits
+/// unanswered instead of hearing `too_many_connections`.
+pub fn connections_within(limit: u64, wanted: usize, others: usize) -> usize {
+    let room = limit.saturating_sub(FD_RESERVE.saturating_add(others as u64));
+    wanted.min(usize::try_from(room).unwrap_or(usize::MAX))
 }
 
 #[cfg(test)]
@@ -184,6 +199,18 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn connections_fit_the_open_file_limit() {
+        assert_eq!(connections_within(1 << 20, 16384, 3 * 1024), 16384);
+        assert_eq!(
+            connections_within(20_000, 16384, 4 * 1024),
+            20_000 - 256 - 4 * 1024
+        );
+        assert_eq!(connections_within(400, 16384, 0), 144);
+        assert_eq!(connections_within(200, 16384, 0), 0);
+        assert_eq!(connections_within(u64::MAX, 5, 1 << 40), 5);
     }
 
     #[tokio::test(flavor = "current_thread")]

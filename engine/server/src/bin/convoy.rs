@@ -399,7 +399,10 @@ fn run(cli: Cli) -> Result<()> {
             let step_log = step_log
                 .map(|p| convoy_engine::step_log::StepLog::create(&p))
                 .transpose()?;
-            convoy_server::api::raise_fd_limit();
+            let max_connections = match convoy_server::api::raise_fd_limit() {
+                Some(limit) => fit_connections(limit, max_connections, &http)?,
+                None => max_connections,
+            };
             // The socket and the HTTP addresses are checked before the model loads (a large
             // model takes minutes): a typo fails at once.
             convoy_server::api::socket::preflight_socket(&socket, socket_group.as_deref())?;
@@ -782,4 +785,41 @@ fn render_template(args: RenderArgs) -> Result<()> {
     }
     print!("{out}");
     Ok(())
+}
+
+/// `--max-connections`, lowered (with a warning) to what the open-file limit `limit` holds:
+/// past it `accept` fails and clients, health checks included, wait unanswered.
+fn fit_connections(
+    limit: u64,
+    max_connections: usize,
+    http: &convoy_server::api::http::HttpConfig,
+) -> Result<usize> {
+    let others = if http.enabled() {
+        http.max_connections
+    } else {
+        0
+    };
+    let held = convoy_server::api::socket::connections_within(limit, max_connections, others);
+    if held == 0 {
+        bail!(
+            "the open-file limit ({limit}) leaves no room for socket connections next to {others} \
+             HTTP connections and {} kept for the daemon: raise it (ulimit -n)",
+            convoy_server::api::socket::FD_RESERVE
+        );
+    }
+    if held < max_connections {
+        tracing::warn!(
+            limit,
+            max_connections,
+            held,
+            "connections lowered to the open-file limit"
+        );
+        eprintln!(
+            "convoy: --max-connections {max_connections} lowered to {held}: the open-file limit is \
+             {limit} (ulimit -n), one per connection, {others} kept for HTTP connections and {} \
+             for the daemon",
+            convoy_server::api::socket::FD_RESERVE
+        );
+    }
+    Ok(held)
 }
