@@ -36,10 +36,11 @@ fn multi_turn_with_the_cache_equals_recomputation_and_the_oracle_agrees() {
 fn agreement_with_the_float32_reference_is_measured_and_close() {
     let (model, codec) = f16_cache_model();
     let a = measure_agreement(Device::Cpu, &model, &codec, "exact precision, f16 KV cache");
-    // Bounds with room over the figures measured on an AVX2 machine (docs/benchmarks.md:
-    // every greedy step of the 11 cases the reference's, largest top-5 logit error 0.0086,
-    // mean 0.0019, top-1 the same at 56 of 56 steps): rounding K and V to 11 significant bits
-    // moves logits by about a hundredth, far less than 8-bit activations do.
+    // Bounds with room over the figures measured on an AVX2 machine (every greedy step of the
+    // 11 cases the reference's, largest top-5 logit error 0.0086, mean 0.0019, top-1 the same
+    // at 56 of 56 steps; docs/benchmarks.md has those of the AVX-512 path): rounding K and V
+    // to 11 significant bits moves logits by about a hundredth, far less than 8-bit
+    // activations do.
     a.assert_within(&AgreementBounds {
         worst: 0.05,
         mean: 0.01,

@@ -41,10 +41,10 @@ fn multi_turn_with_the_cache_equals_recomputation_and_the_oracle_agrees() {
 fn agreement_with_the_float32_reference_is_measured_and_close() {
     let (model, codec) = fast_model();
     let a = measure_agreement(Device::Cpu, &model, &codec, "fast precision");
-    // Bounds with room over the figures measured on an AVX2 machine (docs/benchmarks.md:
-    // largest 0.69, mean 0.17, top-1 the same at 53 of 56 steps, 262 of 487 greedy steps, first
-    // differences where the reference's margin was at most 0.36): 8-bit activations move
-    // logits by about a tenth after 30 layers, and flip only near-ties.
+    // Bounds with room over the figures measured on an AVX2 machine (largest 0.69, mean 0.17,
+    // top-1 the same at 53 of 56 steps, 262 of 487 greedy steps, first differences where the
+    // reference's margin was at most 0.36; docs/benchmarks.md has those of the AVX-512 path):
+    // 8-bit activations move logits by about a tenth after 30 layers, and flip only near-ties.
     a.assert_within(&AgreementBounds {
         worst: 1.0,
         mean: 0.25,
