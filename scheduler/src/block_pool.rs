@@ -433,6 +433,10 @@ mod tests {
         assert_eq!(pool.best_child(root, &[1, 2, 9, 9]), Some((1, 3)));
         assert_eq!(pool.best_child(root, &[1, 2, 3, 7]), Some((0, 3)));
         assert_eq!(pool.best_child(root, &[8]), None);
+        // [1, 2, 5] shares two tokens with both [1, 2, 3, 4] and [1, 2, 9]: the tie goes to the
+        // one after it in token order.
+        assert_eq!(pool.best_child(root, &[1, 2, 5]), Some((1, 2)));
+        assert_eq!(pool.best_child(root, &[1, 2, 9, 9, 9]), Some((1, 3)));
         pool.check_invariants();
     }
 
@@ -456,7 +460,10 @@ mod tests {
                 .collect();
             if held.len() < 48 && next(3) > 0 {
                 let (id, _) = pool.pop_lru().unwrap();
-                pool.register(id, key(root, &tokens, false));
+                let fresh = !held
+                    .iter()
+                    .any(|&h| pool.key(h).is_some_and(|k| k.tokens == tokens));
+                assert_eq!(pool.register(id, key(root, &tokens, false)), fresh);
                 held.push(id);
             } else if !held.is_empty() {
                 let id = held.swap_remove(next(held.len() as u64) as usize);

@@ -567,11 +567,13 @@ fn weights_uploaded_from_tensors_equal_weights_from_the_host_model() {
     );
 }
 
-/// The device draw is split as the runner's step is: `launch_sample_rows` starts it with the
-/// pass, `sampled_ids` waits for the ids once. Greedy ids are the argmax of the logits the same
-/// pass leaves; asking for ids with no draw launched, or twice, is a typed error, not stale ids.
+/// The device draw is split as the runner's step is: `stage_draws` uploads the draws before
+/// the pass is queued, `launch_sample_rows` starts them after it, `sampled_ids` waits for the
+/// ids once. Greedy ids are the argmax of the logits the same pass leaves; ids asked for with
+/// no draw launched, twice, or after a new pass began, and a launch with nothing staged, are
+/// typed errors, not stale ids.
 #[test]
-fn a_device_draw_is_launched_with_the_pass_and_its_ids_read_once() {
+fn a_device_draw_is_staged_before_the_pass_and_its_ids_read_once() {
     use convoy_engine::backend::{run_layers, Backend, BackendError, RowDraw};
     let (model, _) = load(&glassllm_path());
     let bs = 4;
@@ -580,10 +582,12 @@ fn a_device_draw_is_launched_with_the_pass_and_its_ids_read_once() {
     batch.push_seq(prompts[0], 0, &[0, 1], bs, true);
     batch.push_seq(prompts[1], 0, &[2], bs, true);
     let mut cuda = CudaBackend::new(EmulatedDevice::new(), &model, 3, 0, bs, 16).unwrap();
+    let out_of_order = |r: Result<(), BackendError>| match r {
+        Err(BackendError::OutOfOrder { .. }) => {}
+        other => panic!("expected an out-of-order error, got {other:?}"),
+    };
     let mut ids = Vec::new();
-    let early = cuda.sampled_ids(&mut ids).unwrap_err();
-    assert!(matches!(early, BackendError::OutOfOrder { .. }), "{early}");
-    run_layers(&mut cuda, &batch).unwrap();
+    out_of_order(cuda.sampled_ids(&mut ids));
     let greedy = RowDraw {
         temperature: 0.0,
         top_k: 0,
@@ -591,7 +595,9 @@ fn a_device_draw_is_launched_with_the_pass_and_its_ids_read_once() {
         seed: 1,
         step: 0,
     };
-    assert!(cuda.launch_sample_rows(&[greedy, greedy]).unwrap());
+    assert!(cuda.stage_draws(&[greedy, greedy]).unwrap());
+    run_layers(&mut cuda, &batch).unwrap();
+    cuda.launch_sample_rows().unwrap();
     cuda.sampled_ids(&mut ids).unwrap();
     let mut logits = Vec::new();
     cuda.read_logits(&mut logits).unwrap();
@@ -601,6 +607,12 @@ fn a_device_draw_is_launched_with_the_pass_and_its_ids_read_once() {
         .map(convoy_engine::sampler::argmax)
         .collect();
     assert_eq!(ids, argmax);
-    let twice = cuda.sampled_ids(&mut ids).unwrap_err();
-    assert!(matches!(twice, BackendError::OutOfOrder { .. }), "{twice}");
+    out_of_order(cuda.sampled_ids(&mut ids));
+    // Nothing staged: no launch. A draw launched and never read is dropped by the next pass.
+    out_of_order(cuda.launch_sample_rows());
+    assert!(cuda.stage_draws(&[greedy, greedy]).unwrap());
+    run_layers(&mut cuda, &batch).unwrap();
+    cuda.launch_sample_rows().unwrap();
+    run_layers(&mut cuda, &batch).unwrap();
+    out_of_order(cuda.sampled_ids(&mut ids));
 }

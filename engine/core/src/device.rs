@@ -112,11 +112,7 @@ impl Device {
                 cfg.num_host_blocks,
                 cfg.block_size,
             ))),
-            (Device::Cpu, WeightSource::Tensors { .. }) => Err(BackendError::Unsupported {
-                backend: "cpu",
-                reason: "the CPU backend computes from a host model, not from loaded tensors"
-                    .into(),
-            }),
+            (Device::Cpu, WeightSource::Tensors { .. }) => Err(cpu_takes_a_host_model()),
             (Device::CudaEmulated, source) => Ok(Box::new(Runner::with_backend(cuda_backend(
                 EmulatedDevice::new(),
                 source,
@@ -132,6 +128,14 @@ impl Device {
                 )?)))
             }
         }
+    }
+}
+
+/// The CPU backend's refusal of loaded tensors.
+pub(crate) fn cpu_takes_a_host_model() -> BackendError {
+    BackendError::Unsupported {
+        backend: "cpu",
+        reason: "the CPU backend computes from a host model, not from loaded tensors".into(),
     }
 }
 

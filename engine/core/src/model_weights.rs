@@ -5,16 +5,17 @@
 //! Llama-3-8B that model is 32 GB of f32 on the host and minutes of conversion before the first
 //! byte reaches the GPU.
 //!
-//! Invariant: tensors are uploaded at most once. Building a runner from [`ModelWeights::Tensors`]
-//! consumes them and leaves [`ModelWeights::Uploaded`], which refuses a second runner with a
-//! typed error instead of uploading an empty model.
+//! Invariant: tensors are uploaded at most once. Building a CUDA runner from
+//! [`ModelWeights::Tensors`] consumes them and leaves [`ModelWeights::Uploaded`] (even when the
+//! upload fails), which refuses a second runner with a typed error instead of uploading an
+//! empty model; a device that cannot take tensors at all is refused before they are taken.
 
 use std::collections::HashMap;
 
 use convoy_weights::{ModelConfig, Tensor};
 
 use crate::backend::BackendError;
-use crate::device::{Device, WeightSource};
+use crate::device::{cpu_takes_a_host_model, Device, WeightSource};
 use crate::generate::GeneratorConfig;
 use crate::model::llama::LlamaModel;
 use crate::runner::ModelRunner;
@@ -71,6 +72,7 @@ impl ModelWeights {
     ) -> Result<Box<dyn ModelRunner + 'm>, BackendError> {
         match self {
             ModelWeights::Host(model) => device.runner(model, cfg),
+            ModelWeights::Tensors { .. } if !device.is_cuda() => Err(cpu_takes_a_host_model()),
             ModelWeights::Tensors { config, tensors } => {
                 let source = WeightSource::Tensors {
                     config: config.clone(),
@@ -83,8 +85,8 @@ impl ModelWeights {
             }
             ModelWeights::Uploaded { .. } => Err(BackendError::OutOfOrder {
                 backend: device.as_str(),
-                what: "a second runner from weights already uploaded to a device (load the \
-                       model again for another)",
+                what: "a runner from weights an earlier upload consumed (whether or not it \
+                       succeeded); load the model again for another",
             }),
         }
     }

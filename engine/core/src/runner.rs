@@ -195,6 +195,33 @@ impl<B: Backend> Runner<B> {
         }
     }
 
+    /// The device draws of the launched step's rows, one per row; `None` when a row needs its
+    /// logits on the host (logprobs, kept logits) or no row samples.
+    fn device_draws(&mut self) -> Option<Vec<RowDraw>> {
+        if self.pending.rows.is_empty() {
+            return None;
+        }
+        let mut draws = Vec::with_capacity(self.pending.rows.len());
+        for &id in &self.pending.rows {
+            let st = state_of(&mut self.samplers, id);
+            if st.spec.logprobs.is_some() || self.keep.contains(&id) {
+                return None;
+            }
+            draws.push(RowDraw {
+                temperature: if st.spec.is_greedy() {
+                    0.0
+                } else {
+                    st.spec.temperature
+                },
+                top_k: st.spec.top_k.min(u32::MAX as usize) as u32,
+                top_p: st.spec.top_p,
+                seed: st.seed,
+                step: st.step,
+            });
+        }
+        Some(draws)
+    }
+
     fn copy_blocks(&mut self, copies: &[convoy_scheduler::BlockCopy]) {
         if let Err(e) = self.backend.apply_copies(copies) {
             panic!("KV block copies failed: {e}");
@@ -239,6 +266,10 @@ impl<B: Backend> ModelRunner for Runner<B> {
     }
 
     fn launch(&mut self, out: &SchedulerOutput) {
+        debug_assert!(
+            !self.pending.launched,
+            "a step launched before the last one finished"
+        );
         track_requests(&mut self.samplers, out, SamplerState::new);
         self.copy_blocks(&out.copies);
         self.pending.rows.clear();
@@ -249,7 +280,6 @@ impl<B: Backend> ModelRunner for Runner<B> {
         }
         let bs = self.backend.block_size();
         let mut batch = ForwardBatch::default();
-        // The request of each logits row, in row order.
         for s in &out.scheduled {
             if batch.push_seq(
                 &s.token_ids,
@@ -261,36 +291,24 @@ impl<B: Backend> ModelRunner for Runner<B> {
                 self.pending.rows.push(s.id);
             }
         }
-        if let Err(e) = run_layers(&mut self.backend, &batch) {
-            panic!("forward pass failed: {e}");
-        }
         // Where no row asks for its logits (logprobs, kept logits), a backend that samples on
         // its device returns only the token ids; the draw is the same keyed Gumbel-max over the
         // same top-k and top-p candidates as the host's, so the tokens are the same (up to the
-        // rounding of a top-p mass that lands on its target, docs/cuda.md).
-        let mut draws = Vec::with_capacity(self.pending.rows.len());
-        for &id in &self.pending.rows {
-            let st = state_of(&mut self.samplers, id);
-            if st.spec.logprobs.is_some() || self.keep.contains(&id) {
-                return;
-            }
-            draws.push(RowDraw {
-                temperature: if st.spec.is_greedy() {
-                    0.0
-                } else {
-                    st.spec.temperature
-                },
-                top_k: st.spec.top_k.min(u32::MAX as usize) as u32,
-                top_p: st.spec.top_p,
-                seed: st.seed,
-                step: st.step,
-            });
-        }
-        if !draws.is_empty() {
-            self.pending.on_device = match self.backend.launch_sample_rows(&draws) {
+        // rounding of a top-p mass that lands on its target, docs/cuda.md). The draws go up
+        // before the pass is queued, so nothing after it waits for it.
+        if let Some(draws) = self.device_draws() {
+            self.pending.on_device = match self.backend.stage_draws(&draws) {
                 Ok(on_device) => on_device,
                 Err(e) => panic!("sampling failed: {e}"),
             };
+        }
+        if let Err(e) = run_layers(&mut self.backend, &batch) {
+            panic!("forward pass failed: {e}");
+        }
+        if self.pending.on_device {
+            if let Err(e) = self.backend.launch_sample_rows() {
+                panic!("sampling failed: {e}");
+            }
         }
     }
 

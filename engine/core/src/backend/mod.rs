@@ -11,9 +11,9 @@
 //! Invariants: [`Backend::begin_step`] is called once per forward pass, before any operation,
 //! with the batch every operation of that pass receives; an operation reads only activations
 //! written earlier in the same pass; [`Backend::read_logits`] or [`Backend::sampled_ids`] (after
-//! [`Backend::launch_sample_rows`]) ends the pass. Only those two wait for the device: everything
-//! before them may return while the device still computes, so the host can prepare the next
-//! step meanwhile.
+//! [`Backend::stage_draws`] before the pass and [`Backend::launch_sample_rows`] after it) ends
+//! the pass. Only those two wait for the pass: a device's operations are queued, and the host
+//! works while they run.
 
 pub mod cpu;
 pub mod cuda;
@@ -246,12 +246,21 @@ pub trait Backend {
     fn kv_blocks(&self) -> Option<usize> {
         None
     }
-    /// Start drawing one token per logits row on the device, so only token ids cross to the
-    /// host ([`Backend::sampled_ids`] waits for them); `false` where the backend samples on the
-    /// host (the caller then reads the logits).
-    fn launch_sample_rows(&mut self, draws: &[RowDraw]) -> Result<bool, BackendError> {
+    /// Upload the draws (one per logits row) of the pass about to run, before it runs, so
+    /// only token ids cross back; `false` where the backend samples on the host (the caller
+    /// then reads the logits). Uploads before the pass wait for nothing on a device whose
+    /// stream is idle; after it, they would wait for the whole pass.
+    fn stage_draws(&mut self, draws: &[RowDraw]) -> Result<bool, BackendError> {
         let _ = draws;
         Ok(false)
+    }
+    /// Start the draws [`Backend::stage_draws`] uploaded over the logits of the pass just run
+    /// (one per logits row); [`Backend::sampled_ids`] waits for the ids.
+    fn launch_sample_rows(&mut self) -> Result<(), BackendError> {
+        Err(BackendError::OutOfOrder {
+            backend: self.name(),
+            what: "a device draw launched, but this backend samples on the host",
+        })
     }
     /// The token ids the draw started by [`Backend::launch_sample_rows`] gave, one per row, in
     /// `ids`; waits for the device.

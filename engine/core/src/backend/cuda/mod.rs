@@ -99,6 +99,8 @@ pub struct CudaBackend<D: DeviceLayer> {
     rows: usize,
     pass_rows: usize,
     pass_bucket: Option<usize>,
+    /// Rows of the draws uploaded for the next pass, until they are launched.
+    staged_draws: Option<usize>,
     /// Rows of the device draw launched for this pass, until its ids are read.
     pending_draws: Option<usize>,
     seqs: usize,
@@ -401,6 +403,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             rows: 0,
             pass_rows: 0,
             pass_bucket: None,
+            staged_draws: None,
             pending_draws: None,
             seqs: 0,
             max_blocks: 0,
@@ -1255,33 +1258,46 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         })
     }
 
-    fn launch_sample_rows(&mut self, draws: &[RowDraw]) -> Result<bool, BackendError> {
-        if draws.len() != self.pass_rows || self.pass_rows > self.row_capacity {
+    fn stage_draws(&mut self, draws: &[RowDraw]) -> Result<bool, BackendError> {
+        // The row count is checked against the pass at launch (the buffers grow to fit).
+        self.staged_draws = None;
+        if !draws.is_empty() {
+            let e = self.err();
+            let temps: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
+            let top_k: Vec<i32> = draws
+                .iter()
+                .map(|d| d.top_k.min(i32::MAX as u32) as i32)
+                .collect();
+            let top_p: Vec<f32> = draws.iter().map(|d| d.top_p).collect();
+            let seeds: Vec<u64> = draws.iter().map(|d| d.seed).collect();
+            let steps: Vec<u64> = draws.iter().map(|d| d.step).collect();
+            let d = &self.device;
+            Self::put(d, &mut self.draw_temps, &temps).map_err(&e)?;
+            Self::put(d, &mut self.draw_top_k, &top_k).map_err(&e)?;
+            Self::put(d, &mut self.draw_top_p, &top_p).map_err(&e)?;
+            Self::put(d, &mut self.draw_seeds, &seeds).map_err(&e)?;
+            Self::put(d, &mut self.draw_steps, &steps).map_err(&e)?;
+            Self::put(d, &mut self.draw_out, &vec![0i32; draws.len()]).map_err(&e)?;
+        }
+        self.staged_draws = Some(draws.len());
+        Ok(true)
+    }
+
+    fn launch_sample_rows(&mut self) -> Result<(), BackendError> {
+        let rows = self.staged_draws.take().ok_or(BackendError::OutOfOrder {
+            backend: self.device.name(),
+            what: "a draw launched without draws staged before the pass",
+        })?;
+        if rows != self.pass_rows || self.pass_rows > self.row_capacity {
             return Err(bad_batch(
                 self.device.name(),
-                format!("{} draws for {} logits rows", draws.len(), self.pass_rows),
+                format!("{rows} draws for {} logits rows", self.pass_rows),
             ));
         }
-        self.pending_draws = Some(draws.len());
-        if draws.is_empty() {
-            return Ok(true);
+        self.pending_draws = Some(rows);
+        if rows == 0 {
+            return Ok(());
         }
-        let e = self.err();
-        let temps: Vec<f32> = draws.iter().map(|d| d.temperature).collect();
-        let top_k: Vec<i32> = draws
-            .iter()
-            .map(|d| d.top_k.min(i32::MAX as u32) as i32)
-            .collect();
-        let top_p: Vec<f32> = draws.iter().map(|d| d.top_p).collect();
-        let seeds: Vec<u64> = draws.iter().map(|d| d.seed).collect();
-        let steps: Vec<u64> = draws.iter().map(|d| d.step).collect();
-        let d = &self.device;
-        Self::put(d, &mut self.draw_temps, &temps).map_err(&e)?;
-        Self::put(d, &mut self.draw_top_k, &top_k).map_err(&e)?;
-        Self::put(d, &mut self.draw_top_p, &top_p).map_err(&e)?;
-        Self::put(d, &mut self.draw_seeds, &seeds).map_err(&e)?;
-        Self::put(d, &mut self.draw_steps, &steps).map_err(&e)?;
-        Self::put(d, &mut self.draw_out, &vec![0i32; draws.len()]).map_err(&e)?;
         self.launch(&l::GumbelSampleRows {
             logits: self.act(Act::Logits),
             temperature: self.draw_temps.buf.slice(),
@@ -1291,10 +1307,9 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             steps: self.draw_steps.buf.slice(),
             out: self.draw_out.buf.slice(),
             vocab: self.config.vocab_size,
-            rows: draws.len(),
+            rows,
             threads: 1024,
-        })?;
-        Ok(true)
+        })
     }
 
     fn sampled_ids(&mut self, ids: &mut Vec<u32>) -> Result<(), BackendError> {
