@@ -263,7 +263,7 @@ fn edge_of(report: &std::path::Path) -> Result<f64> {
 
 /// Run the calibration.
 pub fn main(args: CalibrateArgs) -> Result<()> {
-    let loaded = args.model.load()?;
+    let loaded = args.model.clone().on_cpu().load()?;
     let model = loaded.host_model()?;
     let cfg = &model.config;
     let block_size = loaded.block_size;

@@ -147,15 +147,15 @@ async fn stream(
     }
 }
 
-/// Resident memory of a process, bytes.
 /// The daemon's memory at a moment of the window, and how full its prefix cache's index was.
 struct MemorySample {
     /// Seconds since the window opened.
     at_s: f64,
     /// Resident set size, bytes.
     rss: u64,
-    /// Share of the device's blocks holding cached contents (0 when `stats` did not answer).
-    cached_share: f64,
+    /// Share of the device's blocks holding cached contents (`None` when `stats` did not
+    /// answer in time).
+    cached_share: Option<f64>,
 }
 
 /// Sample the daemon's memory, and ask `stats` how full the prefix cache's index is (on a
@@ -165,7 +165,7 @@ async fn sample(pid: u32, socket: &Path, window_start: f64) -> MemorySample {
     MemorySample {
         at_s: epoch_s() - window_start,
         rss: rss_bytes(pid),
-        cached_share: share.ok().flatten().unwrap_or(0.0),
+        cached_share: share.ok().flatten(),
     }
 }
 
@@ -187,6 +187,7 @@ async fn cached_share(socket: &Path) -> Option<f64> {
     None
 }
 
+/// Resident memory of a process, bytes.
 fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -439,10 +440,13 @@ pub fn run(args: &HostArgs) -> Result<()> {
     let spread: Vec<String> = (0..6)
         .map(|i| &rss_samples[i * (rss_samples.len() - 1) / 5])
         .map(|s| {
+            let cached = match s.cached_share {
+                Some(c) => format!("{:.0}% cached", 100.0 * c),
+                None => "cache n/a".into(),
+            };
             format!(
-                "{:.0} MiB ({:.0}% cached) at {:.0} s",
+                "{:.0} MiB ({cached}) at {:.0} s",
                 s.rss as f64 / (1 << 20) as f64,
-                100.0 * s.cached_share,
                 s.at_s
             )
         })

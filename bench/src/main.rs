@@ -470,6 +470,7 @@ fn main() -> Result<()> {
             llama_kv_cache_type,
             precisions,
         } => {
+            let model = model.on_cpu();
             let mut loaded = model.load()?;
             let precisions = if precisions.is_empty() {
                 vec![loaded.host_model()?.precision()]
@@ -564,6 +565,7 @@ fn main() -> Result<()> {
             reps,
         } => {
             use convoy_engine::{GenerationRequest, Generator, SamplingParams};
+            let model = model.on_cpu();
             let loaded = model.load()?;
             let host = loaded.host_model()?;
             let vocab = host.config.vocab_size as u32;
@@ -826,6 +828,7 @@ fn main() -> Result<()> {
             reply_tokens,
             block_sizes,
         } => {
+            let model = model.on_cpu();
             let loaded = model.load()?;
             let sizes = if block_sizes.is_empty() {
                 vec![loaded.block_size]

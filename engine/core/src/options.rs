@@ -235,6 +235,16 @@ impl Loaded {
 }
 
 impl ModelArgs {
+    /// These arguments for a command that computes on the CPU: `--device auto` (the default)
+    /// becomes `cpu`, so a GPU on the machine does not take the model away from the host; a
+    /// device named explicitly is kept (and such a command then says it needs the CPU).
+    pub fn on_cpu(mut self) -> ModelArgs {
+        if self.device == "auto" {
+            self.device = "cpu".into();
+        }
+        self
+    }
+
     /// The model path: --model, else the default SmolLM2 file.
     pub fn model_path(&self) -> Result<PathBuf> {
         find_model(self.model.as_deref())
