@@ -191,13 +191,19 @@ drive() {
 }
 
 echo "fleet: $REPLICAS x $(basename "$MODEL"), KV ${KV_MEMORY}/replica (block $BLOCK_SIZE, no host tier), $THREADS thread(s) each; $CONVS conversations x $TURNS turns, $MAX_TOKENS-token replies; work dir $work" >&2
-kv_bytes=$(python3 -c "import re,sys; m=re.fullmatch(r'(\d+)([KMG]i?B)?','$KV_MEMORY'); u={'KiB':1<<10,'MiB':1<<20,'GiB':1<<30,'KB':10**3,'MB':10**6,'GB':10**9,None:1}; print(int(m[1])*u[m[2]])")
+# The single replica holds the whole fleet's KV memory: the count times the replicas, in the
+# same unit, which convoy parses (the bytesize crate's units: KB/MB/GB, KiB/MiB/GiB).
+if [[ ! "$KV_MEMORY" =~ ^([0-9]+)[[:space:]]*([A-Za-z]*)$ ]]; then
+    echo "fleet: KV_MEMORY must be a whole number with an optional unit (e.g. 4MiB), got $KV_MEMORY" >&2
+    exit 2
+fi
+fleet_kv_memory="$((BASH_REMATCH[1] * REPLICAS))${BASH_REMATCH[2]}"
 reports=()
 for phase in $PHASES; do
     case $phase in
         single)
             # One replica holding the fleet's KV memory: what an ideal router could reach.
-            start_fleet single 1 "$((kv_bytes * REPLICAS))B" sticky
+            start_fleet single 1 "$fleet_kv_memory" sticky
             drive single 1
             ;;
         sticky)

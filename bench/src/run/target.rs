@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use convoy_server::api::protocol::ServerEvent;
 use convoy_weights::ChatMessage;
+use eventsource_stream::{EventStreamError, Eventsource};
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client as HttpClient;
@@ -320,7 +322,7 @@ async fn send_openai(t: &OpenAiTarget, req: &TurnRequest) -> Result<TurnOutcome,
         .await
         .map_err(|e| RequestFailure::new("disconnected", e.to_string()))?;
     let status = resp.status();
-    let mut body = resp.into_body();
+    let body = resp.into_body();
     if !status.is_success() {
         let bytes = body
             .collect()
@@ -339,53 +341,45 @@ async fn send_openai(t: &OpenAiTarget, req: &TurnRequest) -> Result<TurnOutcome,
     }
     let mut out = TurnOutcome::default();
     let mut last: Option<Instant> = None;
-    let mut pending: Vec<u8> = Vec::new();
     let mut finished = false;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| RequestFailure::new("disconnected", e.to_string()))?;
-        let Some(data) = frame.data_ref() else {
+    // Server-sent events, parsed by eventsource-stream (multi-line data, comments, CRLF).
+    let mut events = body.into_data_stream().eventsource();
+    while let Some(event) = events.next().await {
+        let event = event.map_err(|e| match e {
+            EventStreamError::Transport(e) => RequestFailure::new("disconnected", e.to_string()),
+            other => RequestFailure::new("protocol", other.to_string()),
+        })?;
+        let payload = event.data.as_str();
+        if payload == "[DONE]" {
+            finished = true;
             continue;
-        };
-        pending.extend_from_slice(data);
-        // Server-sent events: one `data: ...` line per event, events separated by blank lines.
-        while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=nl).collect();
-            let line = String::from_utf8_lossy(&line);
-            let Some(payload) = line.trim_end().strip_prefix("data:") else {
-                continue;
-            };
-            let payload = payload.trim_start();
-            if payload == "[DONE]" {
-                finished = true;
-                continue;
+        }
+        let v: Value = serde_json::from_str(payload)
+            .map_err(|e| RequestFailure::new("protocol", format!("{e}: {payload}")))?;
+        if let Some(err) = v.get("error") {
+            return Err(RequestFailure::new(
+                err["code"].as_str().unwrap_or("stream_error").to_string(),
+                err["message"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+        let delta = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        if !delta.is_empty() {
+            let now = Instant::now();
+            match last {
+                None => out.ttft = now - sent,
+                Some(prev) => out.itl.push(now - prev),
             }
-            let v: Value = serde_json::from_str(payload)
-                .map_err(|e| RequestFailure::new("protocol", format!("{e}: {payload}")))?;
-            if let Some(err) = v.get("error") {
-                return Err(RequestFailure::new(
-                    err["code"].as_str().unwrap_or("stream_error").to_string(),
-                    err["message"].as_str().unwrap_or("").to_string(),
-                ));
-            }
-            let delta = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
-            if !delta.is_empty() {
-                let now = Instant::now();
-                match last {
-                    None => out.ttft = now - sent,
-                    Some(prev) => out.itl.push(now - prev),
-                }
-                last = Some(now);
-                out.text.push_str(delta);
-            }
-            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                let n = |x: &Value| x.as_u64().unwrap_or(0) as usize;
-                out.prompt_tokens = n(&u["prompt_tokens"]);
-                out.completion_tokens = n(&u["completion_tokens"]);
-                out.cached_tokens = n(&u["prompt_tokens_details"]["cached_tokens"]);
-                // llama-server reports its prompt-cache reuse in `timings.cache_n`.
-                if out.cached_tokens == 0 {
-                    out.cached_tokens = n(&v["timings"]["cache_n"]);
-                }
+            last = Some(now);
+            out.text.push_str(delta);
+        }
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            let n = |x: &Value| x.as_u64().unwrap_or(0) as usize;
+            out.prompt_tokens = n(&u["prompt_tokens"]);
+            out.completion_tokens = n(&u["completion_tokens"]);
+            out.cached_tokens = n(&u["prompt_tokens_details"]["cached_tokens"]);
+            // llama-server reports its prompt-cache reuse in `timings.cache_n`.
+            if out.cached_tokens == 0 {
+                out.cached_tokens = n(&v["timings"]["cache_n"]);
             }
         }
     }
