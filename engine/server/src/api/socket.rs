@@ -181,13 +181,23 @@ pub fn raise_fd_limit() -> Option<u64> {
     Some(hard.max(soft))
 }
 
+/// Open files kept for the daemon itself under an open-file limit of `limit`.
+pub fn daemon_reserve(limit: u64) -> u64 {
+    FD_RESERVE.min(limit / 4)
+}
+
 /// The socket connections an open-file limit of `limit` holds when `wanted` are asked for and
-/// `others` descriptors go to HTTP clients: each connection holds one descriptor, and
-/// [`FD_RESERVE`] stay for the daemon. Past the limit `accept` fails, and a client waits
-/// unanswered instead of hearing `too_many_connections`.
+/// `others` descriptors go to HTTP clients and render workers: each connection holds one
+/// descriptor, and [`FD_RESERVE`] (a quarter of a smaller limit) stay for the daemon. Past the
+/// limit `accept` fails, and a client waits unanswered instead of hearing
+/// `too_many_connections`. At least one connection is always allowed (the accept loop backs off
+/// at `EMFILE` rather than spin).
 pub fn connections_within(limit: u64, wanted: usize, others: usize) -> usize {
-    let room = limit.saturating_sub(FD_RESERVE.saturating_add(others as u64));
-    wanted.min(usize::try_from(room).unwrap_or(usize::MAX))
+    let reserve = daemon_reserve(limit);
+    let room = limit.saturating_sub(reserve.saturating_add(others as u64));
+    wanted
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .max(1)
 }
 
 #[cfg(test)]
@@ -208,8 +218,11 @@ mod tests {
             connections_within(20_000, 16384, 4 * 1024),
             20_000 - 256 - 4 * 1024
         );
-        assert_eq!(connections_within(400, 16384, 0), 144);
-        assert_eq!(connections_within(200, 16384, 0), 0);
+        assert_eq!(connections_within(4000, 16384, 0), 4000 - 256);
+        assert_eq!(connections_within(400, 16384, 12), 288);
+        assert_eq!(connections_within(200, 16384, 0), 150);
+        assert_eq!(connections_within(64, 16384, 12), 36);
+        assert_eq!(connections_within(64, 16384, 1000), 1);
         assert_eq!(connections_within(u64::MAX, 5, 1 << 40), 5);
     }
 

@@ -400,7 +400,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|p| convoy_engine::step_log::StepLog::create(&p))
                 .transpose()?;
             let max_connections = match convoy_server::api::raise_fd_limit() {
-                Some(limit) => fit_connections(limit, max_connections, &http, render.workers)?,
+                Some(limit) => fit_connections(limit, max_connections, &http, render.workers),
                 None => max_connections,
             };
             // The socket and the HTTP addresses are checked before the model loads (a large
@@ -794,7 +794,7 @@ fn fit_connections(
     max_connections: usize,
     http: &convoy_server::api::http::HttpConfig,
     render_workers: usize,
-) -> Result<usize> {
+) -> usize {
     // HTTP clients hold one descriptor each; a render worker three pipes.
     let http_clients = if http.enabled() {
         http.max_connections
@@ -803,14 +803,6 @@ fn fit_connections(
     };
     let others = http_clients.saturating_add(render_workers.saturating_mul(3));
     let held = convoy_server::api::socket::connections_within(limit, max_connections, others);
-    if held == 0 {
-        bail!(
-            "the open-file limit ({limit}) leaves no room for socket connections next to {others} \
-             for HTTP connections and render workers and {} kept for the daemon: raise it \
-             (ulimit -n)",
-            convoy_server::api::socket::FD_RESERVE
-        );
-    }
     if held < max_connections {
         tracing::warn!(
             limit,
@@ -822,8 +814,8 @@ fn fit_connections(
             "convoy: --max-connections {max_connections} lowered to {held}: the open-file limit is \
              {limit} (ulimit -n), one per connection, {others} kept for HTTP connections and \
              render workers and {} for the daemon",
-            convoy_server::api::socket::FD_RESERVE
+            convoy_server::api::socket::daemon_reserve(limit)
         );
     }
-    Ok(held)
+    held
 }
