@@ -616,3 +616,124 @@ fn a_device_draw_is_staged_before_the_pass_and_its_ids_read_once() {
     run_layers(&mut cuda, &batch).unwrap();
     out_of_order(cuda.sampled_ids(&mut ids));
 }
+
+/// Within a step, the host waits for the device only in `finish`: `launch` uploads the step's
+/// metadata and draws before it queues the pass and the draw, so on a GPU (whose driver layer
+/// waits in `write`, `read` and `synchronize`) the engine thread works while the pass runs. The
+/// emulator counts each place the driver would wait; chats that share a system prompt (partial
+/// prefix copies), batches of changing size (new decode graphs, replays), a last step that
+/// samples nothing, 8 tokens each.
+#[test]
+fn a_launched_step_waits_for_the_device_only_in_finish() {
+    use convoy_engine::runner::{ModelRunner, Runner, StepResult};
+    use convoy_engine::{GenerationRequest, Generator, GeneratorConfig, SamplingParams};
+    use convoy_scheduler::{BlockId, SchedulerOutput};
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// A runner that counts the device waits inside each half of a step.
+    struct Probe<R> {
+        inner: R,
+        device: EmulatedDevice,
+        in_launch: Rc<Cell<u64>>,
+        in_finish: Rc<Cell<u64>>,
+        steps: Rc<Cell<u64>>,
+    }
+    impl<R: ModelRunner> ModelRunner for Probe<R> {
+        fn keep_logits(&mut self, id: u64) {
+            self.inner.keep_logits(id)
+        }
+        fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+            self.launch(out);
+            self.finish(out)
+        }
+        fn launch(&mut self, out: &SchedulerOutput) {
+            let before = self.device.host_waits();
+            self.inner.launch(out);
+            self.in_launch
+                .set(self.in_launch.get() + self.device.host_waits() - before);
+        }
+        fn finish(&mut self, out: &SchedulerOutput) -> StepResult {
+            let before = self.device.host_waits();
+            let result = self.inner.finish(out);
+            self.in_finish
+                .set(self.in_finish.get() + self.device.host_waits() - before);
+            if !out.scheduled.is_empty() {
+                self.steps.set(self.steps.get() + 1);
+            }
+            result
+        }
+        fn recompute_logits(
+            &mut self,
+            tokens: &[u32],
+            blocks: &[BlockId],
+            copies: &[convoy_scheduler::BlockCopy],
+        ) -> Option<Vec<f32>> {
+            self.inner.recompute_logits(tokens, blocks, copies)
+        }
+        fn now(&self) -> std::time::Duration {
+            self.inner.now()
+        }
+        fn vocab_size(&self) -> usize {
+            self.inner.vocab_size()
+        }
+        fn kv_blocks(&self) -> Option<usize> {
+            self.inner.kv_blocks()
+        }
+    }
+
+    let (model, codec) = load(&glassllm_path());
+    let (bs, blocks) = (4, 64);
+    let device = EmulatedDevice::new();
+    let backend = CudaBackend::new(device.clone(), &model, blocks, 0, bs, 64).unwrap();
+    let (in_launch, in_finish, steps) = (
+        Rc::new(Cell::new(0)),
+        Rc::new(Cell::new(0)),
+        Rc::new(Cell::new(0)),
+    );
+    let probe = Probe {
+        inner: Runner::with_backend(backend),
+        device,
+        in_launch: in_launch.clone(),
+        in_finish: in_finish.clone(),
+        steps: steps.clone(),
+    };
+    let mut cfg = GeneratorConfig::new(blocks, bs);
+    cfg.max_batched_tokens = 64;
+    let mut generator = Generator::with_runner(
+        Box::new(probe),
+        model.config.max_position_embeddings,
+        codec,
+        &cfg,
+    );
+    let system: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 200 + 3).collect();
+    let requests: Vec<GenerationRequest> = (0..5)
+        .map(|r| GenerationRequest {
+            prompt_ids: system
+                .iter()
+                .copied()
+                .chain((0..3 + r).map(|i| ((i + r) * 13 % 200 + 3) as u32))
+                .collect(),
+            params: SamplingParams {
+                max_tokens: 8,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            arrival_step: 2 * r,
+            ..Default::default()
+        })
+        .collect();
+    let results = generator.run(&requests, |_, _| {}).unwrap();
+    assert!(results.iter().all(|r| r.output_ids.len() == 8));
+    assert!(
+        results.iter().skip(1).any(|r| r.cached_tokens > 0),
+        "later requests hit the cached system prompt"
+    );
+    assert_eq!(
+        in_launch.get(),
+        0,
+        "launch waited for the device (steps: {})",
+        steps.get()
+    );
+    assert_eq!(in_finish.get(), steps.get(), "finish waits once per step");
+}

@@ -17,7 +17,7 @@ use convoy_scheduler::{
 };
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{forward, run_layers, Backend, RowDraw};
+use crate::backend::{forward, run_begun_pass, Backend, RowDraw};
 use crate::forward_batch::ForwardBatch;
 use crate::model::llama::LlamaModel;
 use crate::sampler::sample;
@@ -271,11 +271,11 @@ impl<B: Backend> ModelRunner for Runner<B> {
             "a step launched before the last one finished"
         );
         track_requests(&mut self.samplers, out, SamplerState::new);
-        self.copy_blocks(&out.copies);
         self.pending.rows.clear();
         self.pending.on_device = false;
         self.pending.launched = true;
         if out.scheduled.is_empty() {
+            self.copy_blocks(&out.copies);
             return;
         }
         let bs = self.backend.block_size();
@@ -302,7 +302,13 @@ impl<B: Backend> ModelRunner for Runner<B> {
                 Err(e) => panic!("sampling failed: {e}"),
             };
         }
-        if let Err(e) = run_layers(&mut self.backend, &batch) {
+        // Every upload of the step (draws, metadata) goes before any of its device work (the
+        // block copies, then the pass), so none of them waits for that work on a GPU.
+        if let Err(e) = self.backend.begin_step(&batch) {
+            panic!("forward pass failed: {e}");
+        }
+        self.copy_blocks(&out.copies);
+        if let Err(e) = run_begun_pass(&mut self.backend, &batch) {
             panic!("forward pass failed: {e}");
         }
         if self.pending.on_device {

@@ -147,6 +147,10 @@ struct Queues {
     /// The compute stream's recording, while it is captured: each operation with the serial
     /// numbers of the allocations its addresses lay in.
     capture: Option<Vec<(Op, Vec<u64>)>>,
+    /// Compute work (launches, GEMMs, replays) issued that nothing has waited for yet.
+    compute_pending: bool,
+    /// Times the host waited for compute work it had issued (see [`EmulatedDevice::host_waits`]).
+    host_waits: u64,
 }
 
 /// The emulated device. Clones share its streams.
@@ -224,6 +228,28 @@ impl EmulatedDevice {
     /// Copy-stream operations issued and not yet run.
     pub fn queued_copies(&self) -> usize {
         self.queues.lock().copy.len()
+    }
+
+    /// Times the host waited for compute work it had issued: a write, a read or a
+    /// synchronisation after launches, GEMMs or graph replays nothing had waited for yet. The
+    /// emulator computes as work is issued, but the driver layer's `write`, `read` and
+    /// `synchronize` wait for the compute stream to drain, so each of these is where a GPU
+    /// stops the host until the work before it is done.
+    pub fn host_waits(&self) -> u64 {
+        self.queues.lock().host_waits
+    }
+
+    /// Note compute work issued (not captured).
+    fn issued_compute(&self) {
+        self.queues.lock().compute_pending = true;
+    }
+
+    /// Note that the host waits here for the compute stream, as the driver layer does.
+    fn host_waits_for_compute(&self) {
+        let mut q = self.queues.lock();
+        if std::mem::take(&mut q.compute_pending) {
+            q.host_waits += 1;
+        }
     }
 }
 
@@ -355,6 +381,7 @@ impl DeviceLayer for EmulatedDevice {
     ) -> Result<(), DeviceError> {
         self.not_capturing("write")?;
         check_range(offset, src.len(), dst.bytes)?;
+        self.host_waits_for_compute();
         // SAFETY: the range was checked to lie inside the allocation, which `dst` borrows
         // mutably; `src` is a distinct host slice.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.ptr.add(offset), src.len()) };
@@ -364,6 +391,7 @@ impl DeviceLayer for EmulatedDevice {
     fn read(&self, src: &EmulatedBuffer, offset: usize, dst: &mut [u8]) -> Result<(), DeviceError> {
         self.not_capturing("read")?;
         check_range(offset, dst.len(), src.bytes)?;
+        self.host_waits_for_compute();
         // SAFETY: the range was checked to lie inside the allocation; `dst` is a distinct
         // host slice.
         unsafe { std::ptr::copy_nonoverlapping(src.ptr.add(offset), dst.as_mut_ptr(), dst.len()) };
@@ -396,6 +424,7 @@ impl DeviceLayer for EmulatedDevice {
                         rec.push(op.record()?);
                         return Ok(());
                     }
+                    q.compute_pending = true;
                 }
             }
         }
@@ -412,6 +441,7 @@ impl DeviceLayer for EmulatedDevice {
             rec.push(Op::Gemm(*g).record()?);
             return Ok(());
         }
+        self.issued_compute();
         // SAFETY: the caller's promise, passed on.
         unsafe { execute(&Op::Gemm(*g)) }
     }
@@ -458,6 +488,7 @@ impl DeviceLayer for EmulatedDevice {
 
     unsafe fn replay(&self, graph: &EmulatedGraph) -> Result<(), DeviceError> {
         self.not_capturing("replay")?;
+        self.issued_compute();
         // Every address must still lie in the allocation it lay in when it was recorded;
         // checked for the whole graph before any of it runs.
         for (op, serials) in &graph.ops {
@@ -480,6 +511,7 @@ impl DeviceLayer for EmulatedDevice {
 
     fn synchronize(&self) -> Result<(), DeviceError> {
         self.not_capturing("synchronize")?;
+        self.host_waits_for_compute();
         self.drain_copies(None)
     }
 }

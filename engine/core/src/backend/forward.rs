@@ -25,6 +25,13 @@ pub fn forward<B: Backend>(
 /// [`Backend::launch_sample_rows`] or [`Backend::read_logits`]).
 pub fn run_layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
     b.begin_step(batch)?;
+    run_begun_pass(b, batch)
+}
+
+/// Run the layers of the pass [`Backend::begin_step`] prepared for `batch`. Between the two a
+/// caller may queue work the pass must follow (the step's block copies), after the step's
+/// uploads, which on a GPU would otherwise wait for that work.
+pub fn run_begun_pass<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
     b.run_pass(&mut |b| layers(b, batch))
 }
 

@@ -19,7 +19,7 @@ pub mod cpu;
 pub mod cuda;
 mod forward;
 
-pub use forward::{forward, run_layers};
+pub use forward::{forward, run_begun_pass, run_layers};
 
 use convoy_scheduler::BlockCopy;
 use convoy_weights::ModelConfig;

@@ -1332,10 +1332,12 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
         let len = self.pass_rows * self.config.vocab_size;
         logits.resize(len, 0.0);
+        // The pass is over when this returns, logits or not (a step of prompt chunks that
+        // sample nothing still ends here, and the next step's uploads then wait for nothing).
+        self.device.synchronize().map_err(self.err())?;
         if len == 0 {
             return Ok(());
         }
-        self.device.synchronize().map_err(self.err())?;
         self.device
             .read(
                 &self.acts[Act::Logits as usize],
