@@ -398,7 +398,8 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
         closed: closed.clone(),
     };
     let writer = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(4096);
+        // Allocated on the first write: an idle connection holds no batch buffer.
+        let mut buf = Vec::new();
         while let Some((ev, n)) = rx.recv().await {
             // Serialise here, and everything else already queued with it: one write.
             buf.clear();
