@@ -391,3 +391,39 @@ fn the_cli_says_overloaded_and_where_it_wrote_its_chart() {
     assert!(svg.starts_with("<svg"), "{svg:.80}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The workload specs docs/planning.md runs ship in the repository and load, and its
+/// Character.ai-sized example runs as written (an overloaded fleet of 4 H100s).
+#[test]
+fn the_planning_docs_examples_ship_and_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let docs = std::fs::read_to_string(root.join("docs/planning.md")).unwrap();
+    for spec in ["examples/plan/chat.toml", "examples/plan/small.toml"] {
+        assert!(docs.contains(spec), "docs/planning.md does not use {spec}");
+        WorkloadSpec::load(&root.join(spec)).unwrap_or_else(|e| panic!("{spec}: {e}"));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .current_dir(&root)
+        .args([
+            "plan",
+            "--workload",
+            "examples/plan/chat.toml",
+            "--gpu",
+            "h100",
+            "--model-config",
+            "llama-3-8b",
+            "--rate",
+            "1000",
+            "--gpus",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("OVERLOADED at 4 GPUs"), "{stdout}");
+}
