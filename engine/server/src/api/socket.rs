@@ -163,8 +163,8 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<&str>) -> anyhow::Resul
     Ok(listener)
 }
 
-/// Open files kept for everything but clients: the model file, logs, the runtime, render
-/// workers' pipes, the step log.
+/// Open files kept for the daemon's own use (the model file, logs, the runtime, the step log)
+/// under a large limit; see [`daemon_reserve`].
 pub const FD_RESERVE: u64 = 256;
 
 /// Allow as many open files as the hard limit permits (thousands of client connections);
@@ -188,10 +188,9 @@ pub fn daemon_reserve(limit: u64) -> u64 {
 
 /// The socket connections an open-file limit of `limit` holds when `wanted` are asked for and
 /// `others` descriptors go to HTTP clients and render workers: each connection holds one
-/// descriptor, and [`FD_RESERVE`] (a quarter of a smaller limit) stay for the daemon. Past the
-/// limit `accept` fails, and a client waits unanswered instead of hearing
-/// `too_many_connections`. At least one connection is always allowed (the accept loop backs off
-/// at `EMFILE` rather than spin).
+/// descriptor, and [`daemon_reserve`] stay for the daemon. Past the limit `accept` fails, and a
+/// client waits unanswered instead of hearing `too_many_connections`. At least one connection
+/// is always allowed (the accept loop backs off at `EMFILE` rather than spin).
 pub fn connections_within(limit: u64, wanted: usize, others: usize) -> usize {
     let reserve = daemon_reserve(limit);
     let room = limit.saturating_sub(reserve.saturating_add(others as u64));

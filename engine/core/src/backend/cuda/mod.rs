@@ -1317,16 +1317,19 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
             backend: self.device.name(),
             what: "token ids asked for before a draw was launched",
         })?;
+        // The kernel writes token ids as non-negative i32: the same bits as u32.
         ids.clear();
+        ids.resize(rows, 0);
         if rows == 0 {
             return Ok(());
         }
-        let mut out = vec![0i32; rows];
         self.device
-            .read(&self.draw_out.buf, 0, device::as_bytes_mut(&mut out))
-            .map_err(self.err())?;
-        ids.extend(out.into_iter().map(|i| i as u32));
-        Ok(())
+            .read(
+                &self.draw_out.buf,
+                0,
+                device::as_bytes_mut(ids.as_mut_slice()),
+            )
+            .map_err(self.err())
     }
 
     fn read_logits(&mut self, logits: &mut Vec<f32>) -> Result<(), BackendError> {
