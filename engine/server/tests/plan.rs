@@ -122,6 +122,45 @@ fn fewest_gpus_grows_with_the_load() {
     assert!(last >= 3, "the largest load needs a real fleet: {last}");
 }
 
+/// The answer meets the SLOs on every confirming seed, a fleet that cannot keep up never
+/// counts as meeting them, and each run's warm-up covers its conversations' turns at the
+/// latencies it measured (a short one would measure a fleet under less than its load).
+#[test]
+fn the_answer_holds_on_every_seed_and_no_overloaded_fleet_meets() {
+    let automatic_warmup = PlanOptions {
+        warmup_s: None,
+        ..opts(Router::Sticky)
+    };
+    let mut p = planner(160.0, automatic_warmup);
+    let found = p.fewest(&slo(), &grid(), 64).unwrap();
+    assert_eq!(found.seed_reports.len(), 3);
+    for r in &found.seed_reports {
+        assert_eq!(r.gpus, found.gpus);
+        assert!(slo().failures(r).is_empty(), "{:?}", slo().failures(r));
+    }
+    assert!(found.unconfirmed.iter().all(|&n| n < found.gpus));
+    let mut overloaded = 0;
+    for (_, r, meets) in &found.runs {
+        if r.cannot_keep_up() {
+            overloaded += 1;
+            assert!(!meets, "{} GPUs cannot keep up yet meets", r.gpus);
+        }
+        if r.requests > 0 && !r.overloaded && !r.stopped_early {
+            let needed = p
+                .summary
+                .turn_offset_s(0.999, r.ttft_p50_ms / 1e3, r.tpot_p50_ms / 1e3);
+            assert!(
+                r.warmup_s * 1.1 >= needed,
+                "{} GPUs: warm-up {:.1} s, its latencies need {needed:.1} s",
+                r.gpus,
+                r.warmup_s
+            );
+        }
+    }
+    // The search walked through fleets too small for the load on its way down.
+    assert!(overloaded > 0, "no overloaded fleet on the curve");
+}
+
 #[test]
 fn sticky_routing_beats_round_robin() {
     let rate = 40.0;

@@ -126,6 +126,10 @@ pub struct PlanArgs {
     /// Seed of arrivals and routing.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Seeds (`--seed` and the next ones) the fewest-GPUs answer must meet the SLOs on; the
+    /// output gives the latencies' spread over them.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
+    pub confirm_seeds: u64,
     /// Write the curve as CSV.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -201,13 +205,7 @@ fn fmt_ms(v: f64) -> String {
     }
 }
 
-/// Whether a fleet serves clearly less than it is offered (under 90% of the offered messages
-/// per second), whatever its own overload detector said.
-fn underserves(r: &FleetReport, offered: Option<f64>) -> bool {
-    offered.is_some_and(|o| o > 0.0 && r.requests_per_s < 0.9 * o)
-}
-
-fn row(r: &FleetReport, meets: Option<bool>, offered: Option<f64>) -> String {
+fn row(r: &FleetReport, meets: Option<bool>) -> String {
     format!(
         "{:>5} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9} {:>6.3} {:>9.1} {:>6.1} {:>6}{}",
         r.gpus,
@@ -225,7 +223,7 @@ fn row(r: &FleetReport, meets: Option<bool>, offered: Option<f64>) -> String {
             Some(false) => "no",
             None => "-",
         },
-        if r.overloaded || underserves(r, offered) {
+        if r.cannot_keep_up() {
             "  (overloaded)"
         } else if r.stopped_early {
             "  (stopped early)"
@@ -278,6 +276,7 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             RouterArg::LeastLoaded => Router::LeastLoaded,
         },
         seed: args.seed,
+        confirm_seeds: args.confirm_seeds as usize,
         sample_replicas: args.sample_replicas,
         full_up_to: args.full_up_to,
         target_requests: args.requests,
@@ -373,6 +372,8 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         planner.profile.memory.num_host_blocks()
     ));
     let mut curve: Vec<(FleetReport, Option<bool>)> = Vec::new();
+    // Fleet sizes that met the SLOs on the search's seed but not on every confirming seed.
+    let mut unconfirmed: Vec<usize> = Vec::new();
     if slo.is_empty() {
         let Some(n) = args.gpus else {
             return Err(PlanError::NoSlo);
@@ -394,10 +395,13 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             found.batch.max_running,
             found.batch.max_batched_tokens
         ));
+        text.push_str(&spread(&slo, &found.seed_reports));
+        unconfirmed.clone_from(&found.unconfirmed);
         doc["fewest"] = json!({
             "gpus": found.gpus,
             "batch": found.batch,
             "report": found.report,
+            "seeds": found.seed_reports,
         });
         // The curve: runs of the winning settings, plus the span up to --gpus.
         let mut points: Vec<usize> = found
@@ -438,6 +442,7 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
                         found.gpus.saturating_sub(l.gpus),
                         found.gpus
                     ));
+                    text.push_str(&spread(&loose, &l.seed_reports));
                     doc["relaxed"] = json!({
                         "slo": loose,
                         "gpus": l.gpus,
@@ -453,13 +458,16 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
     text.push_str(HEADER);
     text.push('\n');
     for (r, ok) in &curve {
-        text.push_str(&row(r, *ok, planner.messages_per_s));
+        text.push_str(&row(r, *ok));
+        if *ok == Some(true) && unconfirmed.contains(&r.gpus) {
+            text.push_str("  (fails on another seed)");
+        }
         text.push('\n');
     }
     // The fleet asked about (--gpus): say it plainly when it cannot keep up.
     let asked = curve.iter().find(|(r, _)| Some(r.gpus) == args.gpus);
     if let (Some(offered), Some((r, _))) = (planner.messages_per_s, asked) {
-        if r.overloaded || underserves(r, Some(offered)) {
+        if r.cannot_keep_up() {
             text.push_str(&format!(
                 "OVERLOADED at {} GPUs: {:.1} of the {offered:.1} messages/s offered are served; queues grow without bound\n",
                 r.gpus, r.requests_per_s
@@ -482,6 +490,7 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         .map(|(r, ok)| {
             let mut v = serde_json::to_value(r).expect("a report serialises");
             v["meets"] = json!(ok);
+            v["cannot_keep_up"] = json!(r.cannot_keep_up());
             v
         })
         .collect::<Vec<_>>());
@@ -505,7 +514,7 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
                 r.requests_per_s,
                 r.output_tokens_per_s,
                 r.utilization,
-                r.overloaded,
+                r.cannot_keep_up(),
                 ok.map_or("".into(), |b| b.to_string())
             ));
         }
@@ -563,6 +572,33 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         print!("{text}");
     }
     Ok(())
+}
+
+/// One line: how the answer's latencies under `slo` spread over the confirming seeds.
+fn spread(slo: &Slo, reports: &[FleetReport]) -> String {
+    let range = |f: fn(&FleetReport) -> f64| {
+        let lo = reports.iter().map(f).fold(f64::INFINITY, f64::min);
+        let hi = reports.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
+        format!("{}-{} ms", fmt_ms(lo), fmt_ms(hi))
+    };
+    let mut parts = Vec::new();
+    if slo.ttft_p50_ms.is_some() {
+        parts.push(format!("TTFT p50 {}", range(|r| r.ttft_p50_ms)));
+    }
+    if slo.ttft_p99_ms.is_some() {
+        parts.push(format!("TTFT p99 {}", range(|r| r.ttft_p99_ms)));
+    }
+    if slo.tpot_p99_ms.is_some() {
+        parts.push(format!("TPOT p99 {}", range(|r| r.tpot_p99_ms)));
+    }
+    if slo.e2e_p99_ms.is_some() {
+        parts.push(format!("e2e p99 {}", range(|r| r.e2e_p99_ms)));
+    }
+    format!(
+        "  met on each of {} seeds of arrivals and routing: {}\n",
+        reports.len(),
+        parts.join(", ")
+    )
 }
 
 fn describe(s: &Slo) -> String {

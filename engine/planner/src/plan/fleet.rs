@@ -202,6 +202,10 @@ pub struct FleetReport {
     pub output_tokens_per_s: f64,
     /// Offered messages per second, whole fleet (measured sends).
     pub offered_per_s: f64,
+    /// The message rate the fleet was asked to serve (`None` for closed loops and traces).
+    /// Below it in a chat, sends in the window fall short of it while the conversations
+    /// reach their steady mix or when replies are slow enough to hold back next turns.
+    pub nominal_per_s: Option<f64>,
     /// Busy share of the simulated replicas' time during the window.
     pub utilization: f64,
     /// Mean sequences per step on the simulated replicas.
@@ -220,6 +224,22 @@ pub struct FleetReport {
     pub simulated_requests: usize,
     /// Seconds of this machine's time.
     pub sim_wall_s: f64,
+}
+
+impl FleetReport {
+    /// Whether the fleet cannot keep up with its load: a request waited past the overload
+    /// bound, or it served under 75% of the nominal message rate, or under 90% with batches
+    /// at 90% of max running and more. A saturated chat fleet holds back each conversation's
+    /// next turn, so it serves less than offered before any queue gets long; the batch
+    /// condition keeps the sampling noise of a few simulated replicas from reading as overload.
+    pub fn cannot_keep_up(&self) -> bool {
+        let full = self.mean_batch >= 0.9 * self.max_running as f64;
+        self.overloaded
+            || self.nominal_per_s.is_some_and(|o| {
+                let served = self.requests_per_s / o;
+                o > 0.0 && (served < 0.75 || (served < 0.9 && full))
+            })
+    }
 }
 
 // Chat framing tokens of the simulation (below the ids drawn for text).
@@ -498,10 +518,10 @@ pub struct WorkloadSummary {
 }
 
 impl WorkloadSummary {
-    /// The 98th percentile of a turn's start after its conversation's start, when a reply
-    /// takes `ttft + (tokens - 1) x tpot`: after a warm-up this long the mix of turns is
-    /// stationary (at most ~2% of the steady rate is still missing).
-    pub fn turn_offset_p98_s(&self, ttft: f64, tpot: f64) -> f64 {
+    /// The `q` quantile of a turn's start after its conversation's start, when a reply takes
+    /// `ttft + (tokens - 1) x tpot`: after a warm-up this long the mix of turns is stationary
+    /// (a share `1 - q` of the steady rate is still missing).
+    pub fn turn_offset_s(&self, q: f64, ttft: f64, tpot: f64) -> f64 {
         let mut v: Vec<f64> = self
             .turns
             .iter()
@@ -509,7 +529,7 @@ impl WorkloadSummary {
                 think + before as f64 * (ttft - tpot) + tokens as f64 * tpot
             })
             .collect();
-        quantile(&mut v, 0.98)
+        quantile(&mut v, q)
     }
 
     /// The 99th percentile of the time between a turn's reply and the next turn's send plus
@@ -1216,6 +1236,7 @@ pub fn simulate(cfg: &FleetConfig, book: &ConversationBook) -> FleetReport {
         requests_per_s: all.finished as f64 * scale,
         output_tokens_per_s: all.output_tokens as f64 * scale,
         offered_per_s: all.sent as f64 * scale,
+        nominal_per_s: None,
         utilization: all.busy_s / (k as f64 * cfg.window_s.max(1e-9)),
         mean_batch: all.step_seqs as f64 / all.steps.max(1) as f64,
         preemptions: all.preemptions,

@@ -71,6 +71,12 @@ impl Slo {
         }
         if r.overloaded {
             out.push("overloaded (the queue grows without bound)".into());
+        } else if r.cannot_keep_up() {
+            out.push(format!(
+                "overloaded (full batches serve {:.1} of {:.1} messages/s)",
+                r.requests_per_s,
+                r.nominal_per_s.unwrap_or(0.0)
+            ));
         } else if r.stopped_early && out.is_empty() {
             out.push("stopped early: ttft bound certainly broken".into());
         }
@@ -139,6 +145,9 @@ pub struct PlanOptions {
     pub prefix_caching: bool,
     /// Stop a run as overloaded once a request waited this long, seconds.
     pub overload_wait_s: f64,
+    /// Seeds of arrivals and routing the fewest-GPUs answer must meet the SLOs on (the search's
+    /// own seed and the next ones); 1 checks only the search's seed.
+    pub confirm_seeds: usize,
     /// Relative resolution of the fewest-GPUs answer (0.02: stop bisecting when the bracket
     /// is within 2%, or 1 GPU).
     pub resolution: f64,
@@ -167,6 +176,7 @@ impl Default for PlanOptions {
             progress: false,
             overload_wait_s: 60.0,
             resolution: 0.02,
+            confirm_seeds: 3,
         }
     }
 }
@@ -182,6 +192,12 @@ pub struct SearchResult {
     pub report: FleetReport,
     /// Every run of the search, in order: (settings, report, meets).
     pub runs: Vec<(BatchConfig, FleetReport, bool)>,
+    /// The answer on each confirming seed, the search's own first: how much the latencies move
+    /// with the random draw of arrivals and routing.
+    pub seed_reports: Vec<FleetReport>,
+    /// Fleet sizes (with the answer's settings) that met the SLOs on the search's seed but
+    /// failed on another.
+    pub unconfirmed: Vec<usize>,
 }
 
 /// A workload, a profile and options: the planner.
@@ -197,7 +213,7 @@ pub struct Planner {
     /// Workload figures.
     pub summary: WorkloadSummary,
     book: Arc<ConversationBook>,
-    cache: HashMap<(usize, BatchConfig), (u64, FleetReport)>,
+    cache: HashMap<(usize, BatchConfig, u64), (u64, FleetReport)>,
     /// Measured (TTFT, TPOT) p50 of finished runs, by fleet size and settings.
     hints: Vec<(usize, BatchConfig, (f64, f64))>,
     /// Runs made so far.
@@ -358,6 +374,12 @@ impl Planner {
         (step, prefill.max(0.0))
     }
 
+    /// The automatic warm-up when replies take `(ttft, tpot)` seconds: 99.9% of the turns start
+    /// within it (the conversation population has reached its steady mix), at least 10 s.
+    fn warmup_at(&self, (ttft, tpot): (f64, f64)) -> f64 {
+        self.summary.turn_offset_s(0.999, ttft, tpot).max(10.0)
+    }
+
     /// The run settings of a fleet of `n`: warm-up from the workload's turn timing at the
     /// expected latencies; window sized for `target_requests` measured requests on the
     /// simulated replicas; the simulated part of the warm-up long enough for the cache to turn
@@ -371,10 +393,7 @@ impl Planner {
             self.opts.sample_replicas.min(n)
         };
         let hint = self.latency_hint(n, b);
-        let warmup = self
-            .opts
-            .warmup_s
-            .unwrap_or_else(|| self.summary.turn_offset_p98_s(hint.0, hint.1).max(10.0));
+        let warmup = self.opts.warmup_s.unwrap_or_else(|| self.warmup_at(hint));
         let per_replica = self.messages_per_s.map(|r| r / n as f64);
         let window = self.opts.window_s.unwrap_or_else(|| {
             let (lo, hi) = self.opts.window_range_s;
@@ -422,23 +441,54 @@ impl Planner {
     }
 
     fn run(&mut self, n: usize, b: BatchConfig, early: Option<EarlyStop>) -> FleetReport {
+        self.run_seeded(n, b, early, self.opts.seed)
+    }
+
+    /// A run with arrivals and routing drawn from `seed`.
+    fn run_seeded(
+        &mut self,
+        n: usize,
+        b: BatchConfig,
+        early: Option<EarlyStop>,
+        seed: u64,
+    ) -> FleetReport {
         let key = early.map_or(0, |e| e.ttft_s.to_bits() ^ e.share.to_bits().rotate_left(1));
         // A run that did not stop early answers for any early stop (and for none).
-        if let Some((k, r)) = self.cache.get(&(n, b)) {
+        if let Some((k, r)) = self.cache.get(&(n, b, seed)) {
             if !r.stopped_early || *k == key {
                 return r.clone();
             }
         }
-        let cfg = self.fleet_config(n, b, early);
-        let r = simulate(&cfg, &self.book);
+        let mut cfg = self.fleet_config(n, b, early);
+        cfg.seed = seed;
+        let mut r = simulate(&cfg, &self.book);
+        r.nominal_per_s = self.messages_per_s;
         self.runs += 1;
+        // The warm-up came from expected latencies; a fleet near its knee replies slower, its
+        // conversations take longer to reach their steady mix, and a short warm-up would measure
+        // it under a lighter load than it gets. Run again with the warm-up its own latencies ask.
+        if self.opts.warmup_s.is_none() && !r.overloaded && !r.stopped_early {
+            let measured = (r.ttft_p50_ms / 1e3, r.tpot_p50_ms / 1e3);
+            let needed = if measured.0.is_finite() && measured.1.is_finite() {
+                self.warmup_at(measured)
+            } else {
+                0.0
+            };
+            if needed > cfg.warmup_s * 1.1 {
+                cfg.sim_start_s += needed - cfg.warmup_s;
+                cfg.warmup_s = needed;
+                r = simulate(&cfg, &self.book);
+                r.nominal_per_s = self.messages_per_s;
+                self.runs += 1;
+            }
+        }
         if self.opts.progress {
             eprintln!(
-                "  simulated {n} GPUs (max_running {}, max_batched_tokens {}): TTFT p99 {:.0} ms{} in {:.1} s",
+                "  simulated {n} GPUs (max_running {}, max_batched_tokens {}, seed {seed}): TTFT p99 {:.0} ms{} in {:.1} s",
                 b.max_running,
                 b.max_batched_tokens,
                 r.ttft_p99_ms,
-                if r.overloaded { ", overloaded" } else { "" },
+                if r.cannot_keep_up() { ", overloaded" } else { "" },
                 r.sim_wall_s
             );
         }
@@ -454,8 +504,28 @@ impl Planner {
             self.hints
                 .push((n, b, (r.ttft_p50_ms / 1e3, r.tpot_p50_ms / 1e3)));
         }
-        self.cache.insert((n, b), (key, r.clone()));
+        self.cache.insert((n, b, seed), (key, r.clone()));
         r
+    }
+
+    /// The reports of a fleet on each confirming seed (the search's own first), or `None` when
+    /// one of them fails `slo`.
+    fn confirmed(
+        &mut self,
+        n: usize,
+        b: BatchConfig,
+        early: Option<EarlyStop>,
+        slo: &Slo,
+    ) -> Option<Vec<FleetReport>> {
+        let mut reports = Vec::new();
+        for i in 0..self.opts.confirm_seeds.max(1) as u64 {
+            let r = self.run_seeded(n, b, early, self.opts.seed.wrapping_add(i));
+            if !slo.failures(&r).is_empty() {
+                return None;
+            }
+            reports.push(r);
+        }
+        Some(reports)
     }
 
     /// A first guess of the fleet size: the messages per second one replica can serve at a
@@ -492,7 +562,7 @@ impl Planner {
         }
         let early = slo.early_stop();
         let mut runs: Vec<(BatchConfig, FleetReport, bool)> = Vec::new();
-        let mut best: Option<(usize, BatchConfig, FleetReport)> = None;
+        let mut best: Option<(usize, BatchConfig, Vec<FleetReport>, Vec<usize>)> = None;
         let mut closest: Option<FleetReport> = None;
         let mut check = |p: &mut Planner, n: usize, b: BatchConfig| -> bool {
             let r = p.run(n, b, early);
@@ -582,17 +652,38 @@ impl Planner {
                     lo = mid;
                 }
             }
-            let r = self.run(hi, b, early);
+            // The answer must meet the SLOs on every confirming seed too. Where one fails, the
+            // answer sits in the noise of the draw: step up by the resolution until every seed
+            // agrees.
+            let mut unconfirmed = Vec::new();
+            let seed_reports = loop {
+                if let Some(reports) = self.confirmed(hi, b, early, slo) {
+                    break Some(reports);
+                }
+                unconfirmed.push(hi);
+                hi += ((hi as f64 * self.opts.resolution) as usize).max(1);
+                while hi <= limit && !check(self, hi, b) {
+                    hi += ((hi as f64 * self.opts.resolution) as usize).max(1);
+                }
+                if hi > limit {
+                    break None;
+                }
+            };
+            let Some(seed_reports) = seed_reports else {
+                continue;
+            };
             if best.as_ref().is_none_or(|x| hi < x.0) {
-                best = Some((hi, b, r));
+                best = Some((hi, b, seed_reports, unconfirmed));
             }
         }
         match best {
-            Some((gpus, batch, report)) => Ok(SearchResult {
+            Some((gpus, batch, seed_reports, unconfirmed)) => Ok(SearchResult {
                 gpus,
                 batch,
-                report,
+                report: seed_reports[0].clone(),
                 runs,
+                seed_reports,
+                unconfirmed,
             }),
             None => {
                 let best = closest
