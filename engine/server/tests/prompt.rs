@@ -383,6 +383,28 @@ fn render_text_needs_no_model_without_a_limit() {
     assert!(err.contains("prompt too long"), "{err}");
 }
 
+/// Without `--variables`, the error names what the template needed and was not given (the
+/// user owns the template: a daemon's clients learn no named template's variable names).
+#[test]
+fn render_without_variables_names_the_ones_not_given() {
+    let template = examples().join("character.yaml.j2");
+    let (code, _, err) = convoy(
+        &["render", "--template", template.to_str().unwrap()],
+        &std::env::temp_dir(),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("undefined value"), "{err}");
+    assert!(err.contains("(not given: "), "{err}");
+    let given = variables("character");
+    let listed = err.split("(not given: ").nth(1).unwrap();
+    let first = listed.split([',', ')']).next().unwrap().trim();
+    let root = first.split('.').next().unwrap();
+    assert!(
+        given.get(root).is_some(),
+        "{first} is one the example gives: {err}"
+    );
+}
+
 #[test]
 fn render_reports_a_bad_template_in_one_line() {
     let d = std::env::temp_dir().join(format!("convoy-render-{}", std::process::id()));

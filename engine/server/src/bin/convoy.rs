@@ -641,7 +641,9 @@ fn render_template(args: RenderArgs) -> Result<()> {
     if !matches!(args.format.as_str(), "text" | "json" | "yaml") {
         bail!("--format must be text, json or yaml, got {:?}", args.format);
     }
-    let (set, name) = TemplateSet::load_file(&args.template)?;
+    let (mut set, name) = TemplateSet::load_file(&args.template)?;
+    // The user owns these files: an undefined value names the variables not given.
+    set.explain_named_templates();
     let variables: serde_json::Value = match &args.variables {
         Some(path) => {
             let text = std::fs::read_to_string(path)

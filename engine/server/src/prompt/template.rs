@@ -211,8 +211,14 @@ fn syntax_error(template: &str, e: &minijinja::Error) -> PromptError {
     }
 }
 
-fn render_error(template: &str, e: &minijinja::Error) -> PromptError {
-    let (at, message) = describe(template, e);
+/// `missing`: the variables the failing template uses that the caller did not give (named in
+/// the message of an undefined-value error).
+fn render_error(template: &str, e: &minijinja::Error, missing: &[String]) -> PromptError {
+    let (at, mut message) = describe(template, e);
+    if !missing.is_empty() {
+        let list = cut(&missing.join(", "), QUOTE_BYTES).to_string();
+        message.push_str(&format!(" (not given: {list})"));
+    }
     if e.kind() == ErrorKind::SyntaxError || innermost(e).kind() == ErrorKind::SyntaxError {
         return PromptError::Syntax {
             template: template.to_string(),
@@ -237,6 +243,9 @@ pub struct TemplateSet {
     max_output_bytes: usize,
     /// Changes whenever the set's templates do (see [`TemplateSet::generation`]).
     generation: u64,
+    /// Whether errors of named templates name the variables a render lacks (see
+    /// [`TemplateSet::explain_named_templates`]).
+    explain_named: bool,
 }
 
 /// Source of [`TemplateSet::generation`] values.
@@ -271,7 +280,16 @@ impl TemplateSet {
             dir: None,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
             generation: next_generation(),
+            explain_named: false,
         }
+    }
+
+    /// Let an undefined-value error in a named template name the variables the render lacks
+    /// (`convoy render`, whose user owns the files). By default only an inline template's
+    /// errors do: a daemon's clients learn a named template's line number, never its text,
+    /// variable names included.
+    pub fn explain_named_templates(&mut self) {
+        self.explain_named = true;
     }
 
     /// Load every template in `dir` (see the module docs for the naming). Every template is
@@ -441,14 +459,22 @@ impl TemplateSet {
         match which {
             TemplateRef::Named(n) => {
                 let t = self.env.get_template(n).map_err(|e| syntax_error(n, &e))?;
-                self.render_limited(name, |out| t.render_captured_to(ctx, out).map(drop))
+                self.render_limited(
+                    name,
+                    |out| t.render_captured_to(ctx, out).map(drop),
+                    |e| self.missing_variables(e, None, variables),
+                )
             }
             TemplateRef::Inline(source) => {
                 let t = self
                     .env
                     .template_from_named_str(INLINE_TEMPLATE_NAME, source)
                     .map_err(|e| syntax_error(name, &e))?;
-                self.render_limited(name, |out| t.render_captured_to(ctx, out).map(drop))
+                self.render_limited(
+                    name,
+                    |out| t.render_captured_to(ctx, out).map(drop),
+                    |e| self.missing_variables(e, Some(source), variables),
+                )
             }
         }
     }
@@ -474,11 +500,56 @@ impl TemplateSet {
         }
     }
 
-    /// Run `render` into an output capped at `max_output_bytes`.
+    /// The variables (dotted paths such as `scene.title`) the template an undefined-value error
+    /// comes from uses and `variables` lacks, sorted; empty for other errors, and for a named
+    /// template unless [`TemplateSet::explain_named_templates`]. `inline`: the source of an
+    /// inline template being rendered.
+    fn missing_variables(
+        &self,
+        e: &minijinja::Error,
+        inline: Option<&str>,
+        variables: &serde_json::Value,
+    ) -> Vec<String> {
+        let inner = innermost(e);
+        if inner.kind() != ErrorKind::UndefinedError {
+            return Vec::new();
+        }
+        let template = match (inner.name(), inline) {
+            (Some(INLINE_TEMPLATE_NAME), Some(src)) => self
+                .env
+                .template_from_named_str(INLINE_TEMPLATE_NAME, src)
+                .ok(),
+            (Some(n), _) if self.explain_named => self.env.get_template(n).ok(),
+            (Some(_), _) => None,
+            (None, _) => None,
+        };
+        let Some(template) = template else {
+            return Vec::new();
+        };
+        let given = |path: &str| {
+            path.split('.')
+                .try_fold(variables, |v, key| v.get(key))
+                .is_some()
+        };
+        let mut missing: Vec<String> = template
+            .undeclared_variables(true)
+            .into_iter()
+            .filter(|p| {
+                let root = p.split('.').next().unwrap_or(p);
+                self.env.globals().all(|(g, _)| g != root) && !given(p)
+            })
+            .collect();
+        missing.sort();
+        missing
+    }
+
+    /// Run `render` into an output capped at `max_output_bytes`; `missing` names the variables
+    /// an undefined-value error lacks.
     fn render_limited(
         &self,
         name: &str,
         render: impl FnOnce(&mut LimitedOutput) -> Result<(), minijinja::Error>,
+        missing: impl FnOnce(&minijinja::Error) -> Vec<String>,
     ) -> Result<String, PromptError> {
         let mut out = LimitedOutput {
             text: Vec::new(),
@@ -495,7 +566,7 @@ impl TemplateSet {
                 ),
             });
         }
-        result.map_err(|e| render_error(name, &e))?;
+        result.map_err(|e| render_error(name, &e, &missing(&e)))?;
         // minijinja writes whole UTF-8 strings, so the bytes are valid text.
         String::from_utf8(out.text).map_err(|_| PromptError::Limit {
             template: name.to_string(),
@@ -748,11 +819,20 @@ mod tests {
             .render(TemplateRef::Named("chat"), &json!({"scene": {}}))
             .unwrap_err();
         assert_eq!(e.code(), "template_error");
+        // By default a named template's variable names stay in the deployer's file.
+        assert!(!e.to_string().contains("not given"), "{e}");
+        let mut s = s;
+        s.explain_named_templates();
+        let e = s
+            .render(TemplateRef::Named("chat"), &json!({"scene": {}}))
+            .unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("template \"chat\": rendering failed at \"chat\" line 2: undefined value"),
             "{msg}"
         );
+        // It names what the caller did not give.
+        assert!(msg.ends_with("(not given: intro)"), "{msg}");
         // A named template's lines are the deployer's file: named by number, never quoted.
         assert!(!msg.contains("(in `"), "{msg}");
         // An inline template's failing line is the client's own, and is quoted back.
@@ -764,16 +844,18 @@ mod tests {
             .unwrap_err();
         assert!(
             e.to_string()
-                .contains("(in `content: {{ intro | yaml_escape }}`)"),
+                .contains("(in `content: {{ intro | yaml_escape }}`) (not given: intro)"),
             "{e}"
         );
-        // In an included template: the line is the included one's.
+        // In an included template: the line is the included one's, and the missing variable
+        // a dotted path into what was given.
         let e = s
             .render(
                 TemplateRef::Named("chat"),
                 &json!({"intro": "hi", "scene": {}}),
             )
             .unwrap_err();
+        assert!(e.to_string().ends_with("(not given: scene.title)"), "{e}");
         match &e {
             PromptError::Render { template, at, .. } => {
                 assert_eq!(template, "chat");
