@@ -349,13 +349,17 @@ fn copy_blocks_round_trips_bitwise() {
 }
 
 /// Paged attention over a shuffled block table against a float64 softmax over the same bf16
-/// K/V, for decode rows and a prefill chunk over a cached prefix.
+/// K/V, for decode rows and a prefill chunk of `chunk` rows over a cached prefix; with
+/// `tiled`, every row on the tensor-core kernel (its MMAs run on the emulator's model of the
+/// instruction), else on the decode kernel.
 fn attention_case(
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     block_size: usize,
     contexts: &[usize],
+    chunk: usize,
+    tiled: bool,
 ) -> f64 {
     let dev = EmulatedDevice::new();
     let mut rng = Rng((heads * 1000 + kv_heads * 10 + head_dim) as u64);
@@ -387,7 +391,7 @@ fn attention_case(
         row_pos.push(c as i32 - 1);
     }
     let c0 = contexts[0];
-    for p in c0.saturating_sub(40)..c0 {
+    for p in c0.saturating_sub(chunk)..c0 {
         row_seq.push(0);
         row_pos.push(p as i32);
     }
@@ -396,9 +400,21 @@ fn attention_case(
     let rows = row_seq.len();
     let stride = (heads + 2 * kv_heads) * head_dim;
     let q = rng.vec(rows * stride, 1.0);
-    // Three idle items past the work, as a graph's fixed grid has.
-    let work = AttentionWork::new(&row_pos, 0);
-    let work = AttentionWork::new(&row_pos, work.len() + 3);
+    // Three idle items (or tiles) past the work, as a graph's fixed grid has.
+    let chunk_rows = c0.min(chunk);
+    let mut runs: Vec<(usize, usize)> = (0..seqs).map(|s| (s, 1)).collect();
+    runs.push((seqs, chunk_rows));
+    let runs: &[(usize, usize)] = if tiled { &runs } else { &[] };
+    let tile_tokens = attention_mma_tile_tokens(heads / kv_heads);
+    let work = AttentionWork::tiled(&row_pos, runs, tile_tokens, 0, 0);
+    let work = AttentionWork::tiled(
+        &row_pos,
+        runs,
+        tile_tokens,
+        work.len() + 3 * usize::from(!tiled),
+        work.tile_count() + 3 * usize::from(tiled),
+    );
+    assert_eq!(work.tile_count() > 0, tiled);
     let qb = dev.upload(&q).unwrap();
     let kb = dev.upload(&kc).unwrap();
     let vb = dev.upload(&vc).unwrap();
@@ -407,7 +423,8 @@ fn attention_case(
     let rp = dev.upload(&row_pos).unwrap();
     let wk = dev.upload(&work.items).unwrap();
     let ro = dev.upload(&work.row_offset).unwrap();
-    let partials = dev.alloc(work.len() * heads * (2 + head_dim) * 4).unwrap();
+    let partials = dev.alloc(work.slots * heads * (2 + head_dim) * 4).unwrap();
+    let tl = dev.upload(&work.tiles).unwrap();
     let out = dev.upload(&vec![0f32; rows * heads * head_dim]).unwrap();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let part = AttentionPartition {
@@ -431,18 +448,47 @@ fn attention_case(
         scale,
         q_stride: stride,
     };
+    let mma = AttentionMma {
+        q: qb.slice(),
+        k_cache: kb.slice(),
+        v_cache: vb.slice(),
+        block_tables: tb.slice(),
+        row_seq: rs.slice(),
+        row_pos: rp.slice(),
+        row_offset: ro.slice(),
+        tiles: tl.slice(),
+        partials: partials.slice(),
+        tile_count: work.tile_count(),
+        slots: work.slots,
+        cache_blocks,
+        max_blocks_per_seq: max_blocks,
+        sequences: seqs,
+        rows,
+        heads,
+        kv_heads,
+        head_dim,
+        block_size,
+        scale,
+        q_stride: stride,
+    };
     let combine = AttentionCombine {
         partials: partials.slice(),
         row_pos: rp.slice(),
         row_offset: ro.slice(),
-        items: work.len(),
+        items: work.slots,
         out: out.slice(),
         rows,
         heads,
         head_dim,
     };
     // SAFETY: buffers of this device; row_seq, row_pos and the tables are in range.
-    unsafe { launch(&dev, &part) }.unwrap();
+    if tiled {
+        // SAFETY: as above; the tiles are built for these rows.
+        unsafe { launch(&dev, &mma) }.unwrap();
+    } else {
+        // SAFETY: as above.
+        unsafe { launch(&dev, &part) }.unwrap();
+    }
     // SAFETY: as above.
     unsafe { launch(&dev, &combine) }.unwrap();
     let got: Vec<f32> = dev.download(&out).unwrap();
@@ -491,26 +537,138 @@ fn attention_case(
 
 #[test]
 fn attention_matches_float64_at_smollm2_shape() {
-    let err = attention_case(9, 3, 64, 16, &[1, 255, 256, 257, 700]);
+    let err = attention_case(9, 3, 64, 16, &[1, 255, 256, 257, 700], 40, false);
     assert!(err < 2e-5, "max error {err}");
+}
+
+/// The tensor-core kernel (review finding 6): decode rows as tiles of one row, and a 300-row
+/// chunk over 400 cached positions in tiles of 21 rows, some straddling a partition's start,
+/// at SmolLM2's shape.
+#[test]
+fn attention_on_tensor_cores_matches_float64_at_smollm2_shape() {
+    let err = attention_case(9, 3, 64, 16, &[700, 255, 256, 257, 1], 300, true);
+    assert!(err < 2e-5, "max error {err}");
+}
+
+/// Llama-3-8B's GQA (8 heads per KV head: 8-row tiles) and MQA (32: 2-row tiles) shapes, a
+/// chunk from position 0 (causal masking inside every tile) and one crossing a partition.
+#[test]
+fn attention_on_tensor_cores_matches_float64_at_llama3_shapes() {
+    let err = attention_case(32, 8, 128, 16, &[40, 1], 40, true);
+    assert!(err < 2e-5, "gqa max error {err}");
+    let err = attention_case(32, 1, 128, 16, &[270, 17], 40, true);
+    assert!(err < 2e-5, "mqa max error {err}");
+}
+
+/// What the cache oracle relies on: on the tensor-core kernel a row's output does not depend
+/// on the other rows of its tile. The same 30 rows computed as one run (tiles of 21 and 9
+/// rows) and as 30 runs of one row (as decode steps would) agree bit for bit.
+#[test]
+fn a_row_on_tensor_cores_does_not_depend_on_its_tile() {
+    let (heads, kv_heads, head_dim, bs, ctx, n) =
+        (9usize, 3usize, 64usize, 16usize, 300usize, 30usize);
+    let dev = EmulatedDevice::new();
+    let mut rng = Rng(77);
+    let kv_width = kv_heads * head_dim;
+    let blocks = ctx.div_ceil(bs);
+    let tables: Vec<i32> = (0..blocks as i32).rev().collect();
+    let kc = dev
+        .upload(&bf16s(&rng.vec(blocks * bs * kv_width, 1.0)))
+        .unwrap();
+    let vc = dev
+        .upload(&bf16s(&rng.vec(blocks * bs * kv_width, 1.0)))
+        .unwrap();
+    let stride = (heads + 2 * kv_heads) * head_dim;
+    let qb = dev.upload(&rng.vec(n * stride, 2.0)).unwrap();
+    let row_pos: Vec<i32> = ((ctx - n) as i32..ctx as i32).collect();
+    let (tb, rs, rp) = (
+        dev.upload(&tables).unwrap(),
+        dev.upload(&vec![0i32; n]).unwrap(),
+        dev.upload(&row_pos).unwrap(),
+    );
+    let outputs = |runs: &[(usize, usize)]| -> Vec<f32> {
+        let work = AttentionWork::tiled(
+            &row_pos,
+            runs,
+            attention_mma_tile_tokens(heads / kv_heads),
+            0,
+            0,
+        );
+        let ro = dev.upload(&work.row_offset).unwrap();
+        let tl = dev.upload(&work.tiles).unwrap();
+        let partials = dev.alloc(work.slots * heads * (2 + head_dim) * 4).unwrap();
+        let out = dev.alloc(n * heads * head_dim * 4).unwrap();
+        // SAFETY: buffers of this device sized for these launches; rows, positions, tables and
+        // tiles are in range.
+        unsafe {
+            launch(
+                &dev,
+                &AttentionMma {
+                    q: qb.slice(),
+                    k_cache: kc.slice(),
+                    v_cache: vc.slice(),
+                    block_tables: tb.slice(),
+                    row_seq: rs.slice(),
+                    row_pos: rp.slice(),
+                    row_offset: ro.slice(),
+                    tiles: tl.slice(),
+                    partials: partials.slice(),
+                    tile_count: work.tile_count(),
+                    slots: work.slots,
+                    cache_blocks: blocks,
+                    max_blocks_per_seq: blocks,
+                    sequences: 1,
+                    rows: n,
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    block_size: bs,
+                    scale: 1.0 / (head_dim as f32).sqrt(),
+                    q_stride: stride,
+                },
+            )
+            .unwrap();
+            launch(
+                &dev,
+                &AttentionCombine {
+                    partials: partials.slice(),
+                    row_pos: rp.slice(),
+                    row_offset: ro.slice(),
+                    items: work.slots,
+                    out: out.slice(),
+                    rows: n,
+                    heads,
+                    head_dim,
+                },
+            )
+            .unwrap();
+        }
+        dev.download(&out).unwrap()
+    };
+    let together = outputs(&[(0, n)]);
+    let alone: Vec<(usize, usize)> = (0..n).map(|r| (r, 1)).collect();
+    let apart = outputs(&alone);
+    assert!(together.iter().all(|v| v.is_finite()));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&together), bits(&apart));
 }
 
 #[test]
 fn attention_matches_float64_at_llama3_gqa_shape() {
-    let err = attention_case(32, 8, 128, 16, &[300, 1]);
+    let err = attention_case(32, 8, 128, 16, &[300, 1], 40, false);
     assert!(err < 2e-5, "max error {err}");
 }
 
 /// Review finding 2: 32 query heads per KV head overflowed the kernel's shared scores.
 #[test]
 fn attention_matches_float64_at_mqa_group_32() {
-    let err = attention_case(32, 1, 128, 16, &[300, 17]);
+    let err = attention_case(32, 1, 128, 16, &[300, 17], 40, false);
     assert!(err < 2e-5, "max error {err}");
 }
 
 #[test]
 fn attention_takes_block_size_48_and_head_dim_256() {
-    let err = attention_case(8, 2, 256, 48, &[97, 260]);
+    let err = attention_case(8, 2, 256, 48, &[97, 260], 40, false);
     assert!(err < 2e-5, "max error {err}");
 }
 

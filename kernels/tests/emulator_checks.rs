@@ -167,3 +167,57 @@ fn disjoint_masks_and_segment_rules_follow_cuda() {
         );
     }
 }
+
+/// The emulator's model of the tensor-core MMA follows the PTX ISA's fragment tables: a kernel
+/// that loads A and B element by element by those tables gets A x B + C, exactly (small
+/// integers, exact in bf16 and f32).
+#[test]
+fn the_mma_model_follows_the_ptx_fragment_layout() {
+    use half::bf16;
+    let dev = EmulatedDevice::new();
+    let a: Vec<f32> = (0..256)
+        .map(|i| ((i * 5 + i / 16) % 7) as f32 - 3.0)
+        .collect();
+    let b: Vec<f32> = (0..128)
+        .map(|i| ((i * 3 + i / 8) % 5) as f32 - 2.0)
+        .collect();
+    let to_bf16 = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<_>>();
+    let (ab, bb) = (
+        dev.upload(&to_bf16(&a)).unwrap(),
+        dev.upload(&to_bf16(&b)).unwrap(),
+    );
+    let d = dev.alloc(128 * 4).unwrap();
+    let args = [
+        KernelArg::Ptr(ab.slice().ptr),
+        KernelArg::Ptr(bb.slice().ptr),
+        KernelArg::Ptr(d.slice().ptr),
+    ];
+    run("emu_check_mma_layout", 32, &args).unwrap();
+    let got: Vec<f32> = dev.download(&d).unwrap();
+    for row in 0..16 {
+        for col in 0..8 {
+            let want: f32 = 0.5
+                + (0..16)
+                    .map(|k| a[row * 16 + k] * b[k * 8 + col])
+                    .sum::<f32>();
+            assert_eq!(got[row * 8 + col], want, "d[{row}][{col}]");
+        }
+    }
+    // mma.sync is .aligned: a warp of 16 threads cannot run it.
+    let (kind, msg) = fault_of(run("emu_check_mma_layout", 16, &args));
+    assert_eq!(kind, FaultKind::Shuffle, "{msg}");
+    assert!(msg.contains("names lane 16, absent"), "{msg}");
+}
+
+#[test]
+fn half_a_warp_at_an_mma_and_half_at_a_shuffle_is_reported() {
+    let dev = EmulatedDevice::new();
+    let out = dev.alloc(32 * 4).unwrap();
+    let (kind, msg) = fault_of(run(
+        "emu_check_mma_divergent",
+        32,
+        &[KernelArg::Ptr(out.slice().ptr)],
+    ));
+    assert_eq!(kind, FaultKind::Shuffle, "{msg}");
+    assert!(msg.contains("different warp-collective"), "{msg}");
+}

@@ -24,6 +24,7 @@ const BUDGETS: &[(&str, u32, u32)] = &[
     ("copy_block_list", 32, 0),
     ("attention_partition", 48, 0),
     ("attention_combine", 48, 0),
+    ("attention_mma", 168, 0),
     ("argmax_rows", 32, 256),
     ("gumbel_sample_rows", 48, 768),
 ];

@@ -15,6 +15,16 @@ use convoy_tests::{glassllm_path, load, smollm2_path};
 
 /// Logits of every row of `prompt` on both backends (blocks of `bs`, a reversed block table).
 fn both(model: &LlamaModel, prompt: &[u32], bs: usize) -> (Vec<f32>, Vec<f32>) {
+    both_on(EmulatedDevice::new(), model, prompt, bs)
+}
+
+/// As [`both`], the CUDA backend on `device`.
+fn both_on(
+    device: EmulatedDevice,
+    model: &LlamaModel,
+    prompt: &[u32],
+    bs: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let blocks = prompt.len().div_ceil(bs) + 2;
     let table: Vec<u32> = (0..blocks as u32).rev().collect();
     let mut batch = ForwardBatch::default();
@@ -22,7 +32,7 @@ fn both(model: &LlamaModel, prompt: &[u32], bs: usize) -> (Vec<f32>, Vec<f32>) {
     batch.logits_rows = (0..prompt.len()).collect();
     let mut cache = model.new_kv_cache(blocks, bs);
     let cpu = model.forward(&batch, &mut cache);
-    let mut cuda = CudaBackend::new(EmulatedDevice::new(), model, blocks, 0, bs, 64)
+    let mut cuda = CudaBackend::new(device, model, blocks, 0, bs, 64)
         .expect("the CUDA backend runs this model");
     let mut gpu = Vec::new();
     forward(&mut cuda, &batch, &mut gpu).expect("the emulated pass runs");
@@ -69,6 +79,25 @@ fn smollm2_logits_match_the_cpu_within_bf16_tolerance() {
         "smollm2: NMSE {e:.3e}, max abs {worst:.3e} over {} rows",
         prompt.len()
     );
+    assert!(e < 1e-3, "NMSE {e}");
+}
+
+/// On a card without tensor cores attention runs on the CUDA-core kernel; the model still
+/// matches the CPU. The two kernels agree within float rounding (kernels/tests), which the
+/// bf16 KV cache turns into bf16-sized differences of the logits: within the same tolerance.
+#[test]
+fn smollm2_logits_match_the_cpu_on_a_device_without_tensor_cores() {
+    let (model, codec) = load(&smollm2_path());
+    let prompt = codec
+        .encode("In a quiet village by the sea, the fishermen")
+        .unwrap();
+    let (cpu, fallback) = both_on(EmulatedDevice::without_tensor_cores(), &model, &prompt, 16);
+    let (e, worst) = nmse(&cpu, &fallback);
+    eprintln!("smollm2 without tensor cores: NMSE {e:.3e}, max abs {worst:.3e}");
+    assert!(e < 1e-3, "NMSE {e}");
+    let (_, tensor_cores) = both(&model, &prompt, 16);
+    let (e, worst) = nmse(&fallback, &tensor_cores);
+    eprintln!("tensor cores against CUDA cores: NMSE {e:.3e}, max abs {worst:.3e}");
     assert!(e < 1e-3, "NMSE {e}");
 }
 

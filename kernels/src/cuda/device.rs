@@ -210,6 +210,12 @@ pub trait DeviceLayer {
         self.alloc(bytes)
     }
 
+    /// Whether the device runs tensor-core MMAs on bf16 (`mma.sync` m16n8k16: sm_80 and later;
+    /// the emulated device models the instruction), which the tensor-core attention kernel needs.
+    fn tensor_cores(&self) -> bool {
+        true
+    }
+
     /// The device's (free, total) memory in bytes, where it has a fixed memory to share out
     /// (a GPU); `None` on the emulated device, whose memory is the host's.
     fn memory_info(&self) -> Option<(usize, usize)> {

@@ -313,6 +313,14 @@ impl DeviceLayer for CudaDriverDevice {
         Ok(buf)
     }
 
+    fn tensor_cores(&self) -> bool {
+        // "sm_80" and later.
+        self.arch
+            .strip_prefix("sm_")
+            .and_then(|v| v.parse::<u32>().ok())
+            .is_some_and(|v| v >= 80)
+    }
+
     fn memory_info(&self) -> Option<(usize, usize)> {
         self.bind().ok()?;
         result::mem_get_info().ok()

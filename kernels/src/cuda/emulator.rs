@@ -157,6 +157,8 @@ struct Queues {
 #[derive(Debug, Default, Clone)]
 pub struct EmulatedDevice {
     queues: Arc<Mutex<Queues>>,
+    /// Reports no tensor cores (as a card before sm_80), so the backend takes its fallbacks.
+    no_tensor_cores: bool,
 }
 
 /// A point in one stream of the emulated device.
@@ -189,6 +191,15 @@ impl EmulatedDevice {
     /// A new emulated device.
     pub fn new() -> EmulatedDevice {
         EmulatedDevice::default()
+    }
+
+    /// A new emulated device that reports no tensor cores, as a card before sm_80 would: the
+    /// CUDA backend then runs attention on its CUDA-core kernel.
+    pub fn without_tensor_cores() -> EmulatedDevice {
+        EmulatedDevice {
+            no_tensor_cores: true,
+            ..EmulatedDevice::default()
+        }
     }
 
     /// Refuse `operation` while the compute stream is captured.
@@ -366,6 +377,10 @@ impl DeviceLayer for EmulatedDevice {
 
     fn name(&self) -> &'static str {
         "cuda-emulated"
+    }
+
+    fn tensor_cores(&self) -> bool {
+        !self.no_tensor_cores
     }
 
     fn alloc(&self, bytes: usize) -> Result<EmulatedBuffer, DeviceError> {

@@ -31,42 +31,127 @@ pub fn attention_shared_bytes(chunk: usize, head_dim: usize) -> usize {
         + chunk * (head_dim + ATTENTION_PARTITION + 2) * 4
 }
 
-/// The attention work of a pass: one item per (row, partition) each row reaches, in row order,
-/// so item `w`'s partials are the `w`-th, and each row's first item.
+/// Largest head dimension the tensor-core attention kernel takes (`MAX_MMA_HEAD_DIM` in
+/// attention_mma.cu: its output accumulators live in registers).
+pub const ATTENTION_MMA_MAX_HEAD_DIM: usize = 128;
+/// Matrix rows ((query row, head) pairs) of one tensor-core attention block (`TILE_ROWS`).
+pub const ATTENTION_MMA_TILE_ROWS: usize = 64;
+/// KV positions the tensor-core attention kernel stages per step (`KTILE`).
+pub const ATTENTION_MMA_KV_TILE: usize = 32;
+
+/// Whether the tensor-core attention kernel takes this head dimension: one the decode kernel
+/// takes, a multiple of 16 (the MMA's k), at most [`ATTENTION_MMA_MAX_HEAD_DIM`].
+pub fn attention_mma_head_dim_ok(head_dim: usize) -> bool {
+    attention_head_dim_ok(head_dim)
+        && head_dim.is_multiple_of(16)
+        && head_dim <= ATTENTION_MMA_MAX_HEAD_DIM
+}
+
+/// Query rows of one tensor-core tile for `group` query heads per KV head: the block's matrix rows
+/// over the heads of one chunk.
+pub fn attention_mma_tile_tokens(group: usize) -> usize {
+    ATTENTION_MMA_TILE_ROWS / attention_chunk(group)
+}
+
+/// Dynamic shared memory of a tensor-core attention block for `head_dim`: the KV tile's row offsets, then
+/// bf16 rows of `head_dim + 8` (Q hi and lo for every matrix row, the K and V tile).
+pub fn attention_mma_shared_bytes(head_dim: usize) -> usize {
+    ATTENTION_MMA_KV_TILE * 8
+        + (2 * ATTENTION_MMA_TILE_ROWS + 2 * ATTENTION_MMA_KV_TILE) * (head_dim + 8) * 2
+}
+
+/// The attention work of a pass. The rows of each run (a sequence's rows of the pass) may go
+/// to the tensor-core kernel as tiles; every other row gets one item of the decode kernel per
+/// partition it reaches. Each row has one partials slot per partition, from its
+/// `row_offset`: decode rows' slots are their items' indices (item `w` writes slot `w`), the
+/// tiled rows' slots follow every item, idle ones included.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttentionWork {
-    /// `[items][2]`: (row, partition); (-1, -1) for idle items.
+    /// `[items][2]`: (row, partition) for the decode kernel; (-1, -1) for idle items.
     pub items: Vec<i32>,
-    /// Each row's first item (its partitions follow it).
+    /// Each row's first partials slot (its partitions follow it).
     pub row_offset: Vec<i32>,
+    /// `[tiles][3]`: (first row, rows, partition) for the tensor-core kernel; (-1, 0, 0) for
+    /// idle tiles.
+    pub tiles: Vec<i32>,
+    /// Partials slots in all.
+    pub slots: usize,
 }
 
 impl AttentionWork {
-    /// The work of rows at positions `row_pos` (-1: a padding row, no items), padded with idle
-    /// items to at least `min_items` (a graph's fixed grid).
+    /// The work of rows at positions `row_pos` (-1: a padding row, no items), all on the
+    /// decode kernel, padded with idle items to at least `min_items` (a graph's fixed grid).
     pub fn new(row_pos: &[i32], min_items: usize) -> AttentionWork {
+        AttentionWork::tiled(row_pos, &[], 1, min_items, 0)
+    }
+
+    /// As [`AttentionWork::new`], but the rows of each run `(first row, rows)` in `runs` (rows
+    /// of one sequence, in position order, not overlapping) go to the tensor-core kernel in
+    /// tiles of at most `tile_tokens` rows, one tile per partition its last row reaches,
+    /// padded with idle tiles to at least `min_tiles`.
+    pub fn tiled(
+        row_pos: &[i32],
+        runs: &[(usize, usize)],
+        tile_tokens: usize,
+        min_items: usize,
+        min_tiles: usize,
+    ) -> AttentionWork {
+        let parts = |row: usize| ((row_pos[row] + 1).max(0) as usize).div_ceil(ATTENTION_PARTITION);
+        let mut tiled = vec![false; row_pos.len()];
+        for &(first, rows) in runs {
+            tiled[first..first + rows]
+                .iter_mut()
+                .for_each(|t| *t = true);
+        }
         let mut items = Vec::new();
-        let mut row_offset = Vec::with_capacity(row_pos.len());
-        for (row, &pos) in row_pos.iter().enumerate() {
-            row_offset.push((items.len() / 2) as i32);
-            let parts = (pos + 1).max(0) as usize;
-            for part in 0..parts.div_ceil(ATTENTION_PARTITION) {
+        let mut row_offset = vec![0i32; row_pos.len()];
+        for row in (0..row_pos.len()).filter(|&r| !tiled[r]) {
+            row_offset[row] = (items.len() / 2) as i32;
+            for part in 0..parts(row) {
                 items.extend([row as i32, part as i32]);
             }
         }
         let idle = min_items.saturating_sub(items.len() / 2);
         items.extend(std::iter::repeat_n(-1, 2 * idle));
-        AttentionWork { items, row_offset }
+        let mut slots = items.len() / 2;
+        let mut tiles = Vec::new();
+        for &(first, rows) in runs {
+            for (row, offset) in row_offset.iter_mut().enumerate().skip(first).take(rows) {
+                *offset = slots as i32;
+                slots += parts(row);
+            }
+            for start in (first..first + rows).step_by(tile_tokens.max(1)) {
+                let n = tile_tokens.max(1).min(first + rows - start);
+                for part in 0..parts(start + n - 1) {
+                    tiles.extend([start as i32, n as i32, part as i32]);
+                }
+            }
+        }
+        let idle = min_tiles.saturating_sub(tiles.len() / 3);
+        for _ in 0..idle {
+            tiles.extend([-1, 0, 0]);
+        }
+        AttentionWork {
+            items,
+            row_offset,
+            tiles,
+            slots,
+        }
     }
 
-    /// Work items, idle ones included.
+    /// Decode work items, idle ones included.
     pub fn len(&self) -> usize {
         self.items.len() / 2
     }
 
-    /// Whether there is no item.
+    /// Whether there is no decode item.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// Prefill tiles.
+    pub fn tile_count(&self) -> usize {
+        self.tiles.len() / 3
     }
 }
 
@@ -705,18 +790,154 @@ impl KernelLaunch for AttentionPartition {
     }
 }
 
+/// The partition pass of paged attention on tensor cores: for each tile of a sequence's rows
+/// (a prefill chunk, or a decode row alone), KV head and partition, the max, sum and unnormalised output of every query head of
+/// the group and every row of the tile that reaches the partition, into the rows' slots.
+///
+/// Device data: `row_seq` below `sequences`; `row_pos` positions whose block-table entries are
+/// below `cache_blocks`; `tiles`, `row_offset` and `slots` as [`AttentionWork::tiled`] builds
+/// them for `row_pos`, with runs of at most [`attention_mma_tile_tokens`] rows.
+pub struct AttentionMma {
+    /// f32 rows of `heads * head_dim` values, `q_stride` floats apart.
+    pub q: DeviceSlice,
+    /// bf16 `[cache_blocks][block_size][kv_heads][head_dim]`.
+    pub k_cache: DeviceSlice,
+    /// Same layout as `k_cache`.
+    pub v_cache: DeviceSlice,
+    /// i32 `[sequences][max_blocks_per_seq]`.
+    pub block_tables: DeviceSlice,
+    /// i32 `[rows]`.
+    pub row_seq: DeviceSlice,
+    /// i32 `[rows]`.
+    pub row_pos: DeviceSlice,
+    /// i32 `[rows]`: each row's first partials slot.
+    pub row_offset: DeviceSlice,
+    /// i32 `[tiles][3]`: (first row, rows, partition).
+    pub tiles: DeviceSlice,
+    /// f32 `[slots][heads][2 + head_dim]`.
+    pub partials: DeviceSlice,
+    /// Prefill tiles (the grid's x).
+    pub tile_count: usize,
+    /// Partials slots.
+    pub slots: usize,
+    /// Blocks in each cache.
+    pub cache_blocks: usize,
+    /// Columns of `block_tables`.
+    pub max_blocks_per_seq: usize,
+    /// Rows of `block_tables`.
+    pub sequences: usize,
+    /// Query rows.
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Softmax scale (1/sqrt(head_dim)).
+    pub scale: f32,
+    /// Floats between consecutive q rows.
+    pub q_stride: usize,
+}
+
+impl KernelLaunch for AttentionMma {
+    const NAME: &'static str = "attention_mma";
+    fn config(&self) -> Result<LaunchConfig, String> {
+        positive("rows", self.rows as i64)?;
+        positive("kv_heads", self.kv_heads as i64)?;
+        positive("tiles", self.tile_count as i64)?;
+        positive("block_size", self.block_size as i64)?;
+        if !self.heads.is_multiple_of(self.kv_heads) || self.heads == 0 {
+            return Err(format!(
+                "{} query heads do not divide into {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if !attention_mma_head_dim_ok(self.head_dim) {
+            return Err(format!(
+                "head dimension {} is not a power of two from 16 to {ATTENTION_MMA_MAX_HEAD_DIM}",
+                self.head_dim
+            ));
+        }
+        if Sz(self.q_stride) < Sz(self.heads) * self.head_dim {
+            return Err("the q row stride is shorter than a row".into());
+        }
+        if !self.k_cache.ptr.is_multiple_of(16) || !self.v_cache.ptr.is_multiple_of(16) {
+            return Err("the K and V caches must start 16-byte aligned (16-byte row loads)".into());
+        }
+        let kv_width = self.kv_heads * self.head_dim;
+        need(
+            "q",
+            &self.q,
+            (Sz(self.rows) - 1) * Sz(self.q_stride) + Sz(self.heads) * Sz(self.head_dim),
+            4,
+        )?;
+        let cache = Sz(self.cache_blocks) * Sz(self.block_size) * Sz(kv_width);
+        need("k_cache", &self.k_cache, cache, 2)?;
+        need("v_cache", &self.v_cache, cache, 2)?;
+        need(
+            "block_tables",
+            &self.block_tables,
+            Sz(self.sequences) * Sz(self.max_blocks_per_seq),
+            4,
+        )?;
+        need("row_seq", &self.row_seq, Sz(self.rows), 4)?;
+        need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
+        need("row_offset", &self.row_offset, Sz(self.rows), 4)?;
+        need("tiles", &self.tiles, Sz(self.tile_count) * Sz(3), 4)?;
+        need(
+            "partials",
+            &self.partials,
+            Sz(self.slots) * Sz(self.heads) * (2 + Sz(self.head_dim)),
+            4,
+        )?;
+        let group = self.heads / self.kv_heads;
+        Ok(LaunchConfig {
+            grid: [
+                self.tile_count as u32,
+                (self.kv_heads * group.div_ceil(attention_chunk(group))) as u32,
+                1,
+            ],
+            block: [128, 1, 1],
+            shared_bytes: attention_mma_shared_bytes(self.head_dim) as u32,
+        })
+    }
+    fn args(&self) -> Vec<KernelArg> {
+        vec![
+            ptr(&self.q),
+            ptr(&self.k_cache),
+            ptr(&self.v_cache),
+            ptr(&self.block_tables),
+            KernelArg::I32(self.max_blocks_per_seq as i32),
+            ptr(&self.row_seq),
+            ptr(&self.row_pos),
+            ptr(&self.row_offset),
+            ptr(&self.tiles),
+            ptr(&self.partials),
+            KernelArg::I32(self.heads as i32),
+            KernelArg::I32(self.kv_heads as i32),
+            KernelArg::I32(self.head_dim as i32),
+            KernelArg::I32(self.block_size as i32),
+            KernelArg::F32(self.scale),
+            KernelArg::I64(self.q_stride as i64),
+        ]
+    }
+}
+
 /// The combine pass: `out[row][head]` from the partitions, in partition order.
 ///
 /// Device data: `row_pos` and `row_offset` as [`AttentionWork`] builds them (each row's
 /// partitions lie inside the `items` items).
 pub struct AttentionCombine {
-    /// As written by [`AttentionPartition`].
+    /// As written by [`AttentionPartition`] and [`AttentionMma`].
     pub partials: DeviceSlice,
     /// i32 `[rows]`.
     pub row_pos: DeviceSlice,
-    /// i32 `[rows]`: each row's first work item.
+    /// i32 `[rows]`: each row's first partials slot.
     pub row_offset: DeviceSlice,
-    /// Work items in `partials`.
+    /// Partials slots ([`AttentionWork::slots`]).
     pub items: usize,
     /// f32 `[rows][heads][head_dim]`.
     pub out: DeviceSlice,

@@ -60,6 +60,11 @@ pub const SOURCES: &[KernelSource] = &[
         kernels: &["attention_partition", "attention_combine"],
     },
     KernelSource {
+        name: "attention_mma.cu",
+        source: include_str!("kernels/attention_mma.cu"),
+        kernels: &["attention_mma"],
+    },
+    KernelSource {
         name: "sampling.cu",
         source: include_str!("kernels/sampling.cu"),
         kernels: &["argmax_rows", "gumbel_sample_rows"],

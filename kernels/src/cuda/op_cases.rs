@@ -56,12 +56,13 @@ pub const SHAPES: [Shape; 3] = [
 ];
 
 /// The operations, in report order.
-pub const OPS: [&str; 13] = [
+pub const OPS: [&str; 14] = [
     "embedding_bf16",
     "fused_add_rmsnorm",
     "rope_half_split",
     "reshape_and_cache",
     "attention",
+    "attention_mma",
     "silu_mul",
     "gemm_bf16",
     "argmax_rows",
@@ -84,6 +85,138 @@ pub fn is_exact(op: &str) -> bool {
             | "copy_blocks"
             | "cast_bf16"
     )
+}
+
+/// Paged attention over interleaved block tables: decode rows at contexts 1, 257 and 1,000, a
+/// 40-row prefill chunk at positions 960-999 and a padding row. `tiled`: every row on the
+/// tensor-core kernel (where the shape's head dimension allows), else on the decode kernel.
+fn attention<D: DeviceLayer>(
+    d: &D,
+    s: Shape,
+    rng: &mut Rng,
+    tiled: bool,
+) -> Result<Vec<f32>, DeviceError> {
+    let (qd, kvd) = (s.heads * s.head_dim, s.kv_heads * s.head_dim);
+    let qkv_width = qd + 2 * kvd;
+    let bs = 16;
+    let contexts = [1usize, 257, 1000];
+    let max_blocks = 1000usize.div_ceil(bs);
+    let cache_blocks = contexts.len() * max_blocks + 1;
+    let mut tables = vec![-1i32; contexts.len() * max_blocks];
+    for (sq, &c) in contexts.iter().enumerate() {
+        for b in 0..c.div_ceil(bs) {
+            // Interleaved, so no sequence's blocks are contiguous.
+            tables[sq * max_blocks + b] = (b * contexts.len() + sq) as i32;
+        }
+    }
+    let mut row_seq: Vec<i32> = vec![0, 1, 2];
+    let mut row_pos: Vec<i32> = contexts.iter().map(|&c| c as i32 - 1).collect();
+    for p in 960..1000 {
+        row_seq.push(2);
+        row_pos.push(p);
+    }
+    // A padding row.
+    row_seq.push(0);
+    row_pos.push(-1);
+    let rows = row_seq.len();
+    let group = s.heads / s.kv_heads;
+    let tiled = tiled && l::attention_mma_head_dim_ok(s.head_dim);
+    let runs: &[(usize, usize)] = if tiled {
+        &[(0, 1), (1, 1), (2, 1), (3, 40)]
+    } else {
+        &[]
+    };
+    // Idle items (or tiles) past the work, as a graph's fixed grid has.
+    let (min_items, min_tiles) = if tiled { (0, 80) } else { (60, 0) };
+    let work = l::AttentionWork::tiled(
+        &row_pos,
+        runs,
+        l::attention_mma_tile_tokens(group),
+        min_items,
+        min_tiles,
+    );
+    let q = d.upload(&rng.vec(rows * qkv_width, 1.0))?;
+    let kc = d.upload(&bf16s(&rng.vec(cache_blocks * bs * kvd, 1.0)))?;
+    let vc = d.upload(&bf16s(&rng.vec(cache_blocks * bs * kvd, 1.0)))?;
+    let tb = d.upload(&tables)?;
+    let rs = d.upload(&row_seq)?;
+    let rp = d.upload(&row_pos)?;
+    let (wk, ro) = (d.upload(&work.items)?, d.upload(&work.row_offset)?);
+    let partials = d.alloc(work.slots * s.heads * (2 + s.head_dim) * 4)?;
+    let out = d.alloc(rows * qd * 4)?;
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    // SAFETY: the contracts name buffers allocated here on `d`, sized for them; the rows,
+    // positions, tables, items and tiles are built above within their ranges.
+    unsafe {
+        if work.tile_count() == 0 {
+            launch(
+                d,
+                &l::AttentionPartition {
+                    q: q.slice(),
+                    k_cache: kc.slice(),
+                    v_cache: vc.slice(),
+                    block_tables: tb.slice(),
+                    row_seq: rs.slice(),
+                    row_pos: rp.slice(),
+                    work: wk.slice(),
+                    partials: partials.slice(),
+                    items: work.len(),
+                    cache_blocks,
+                    max_blocks_per_seq: max_blocks,
+                    sequences: contexts.len(),
+                    rows,
+                    heads: s.heads,
+                    kv_heads: s.kv_heads,
+                    head_dim: s.head_dim,
+                    block_size: bs,
+                    scale,
+                    q_stride: qkv_width,
+                },
+            )?;
+        } else {
+            let tl = d.upload(&work.tiles)?;
+            launch(
+                d,
+                &l::AttentionMma {
+                    q: q.slice(),
+                    k_cache: kc.slice(),
+                    v_cache: vc.slice(),
+                    block_tables: tb.slice(),
+                    row_seq: rs.slice(),
+                    row_pos: rp.slice(),
+                    row_offset: ro.slice(),
+                    tiles: tl.slice(),
+                    partials: partials.slice(),
+                    tile_count: work.tile_count(),
+                    slots: work.slots,
+                    cache_blocks,
+                    max_blocks_per_seq: max_blocks,
+                    sequences: contexts.len(),
+                    rows,
+                    heads: s.heads,
+                    kv_heads: s.kv_heads,
+                    head_dim: s.head_dim,
+                    block_size: bs,
+                    scale,
+                    q_stride: qkv_width,
+                },
+            )?;
+        }
+        launch(
+            d,
+            &l::AttentionCombine {
+                partials: partials.slice(),
+                row_pos: rp.slice(),
+                row_offset: ro.slice(),
+                items: work.slots,
+                out: out.slice(),
+                rows,
+                heads: s.heads,
+                head_dim: s.head_dim,
+            },
+        )?;
+    }
+    d.download::<f32>(&out)
 }
 
 /// A small deterministic generator (SplitMix64) for test inputs.
@@ -241,77 +374,8 @@ pub fn run<D: DeviceLayer>(d: &D, op: &str, shape: Shape) -> Result<Vec<f32>, De
                 v.extend(d.download::<bf16>(&vc)?.into_iter().map(f32::from));
                 Ok(v)
             }
-            "attention" => {
-                let bs = 16;
-                let contexts = [1usize, 257, 1000];
-                let max_blocks = 1000usize.div_ceil(bs);
-                let cache_blocks = contexts.len() * max_blocks + 1;
-                let mut tables = vec![-1i32; contexts.len() * max_blocks];
-                for (sq, &c) in contexts.iter().enumerate() {
-                    for b in 0..c.div_ceil(bs) {
-                        // Interleaved, so no sequence's blocks are contiguous.
-                        tables[sq * max_blocks + b] = (b * contexts.len() + sq) as i32;
-                    }
-                }
-                let mut row_seq: Vec<i32> = vec![0, 1, 2];
-                let mut row_pos: Vec<i32> = contexts.iter().map(|&c| c as i32 - 1).collect();
-                for p in 960..1000 {
-                    row_seq.push(2);
-                    row_pos.push(p);
-                }
-                // A padding row, and idle items past the work (a graph's fixed grid).
-                row_seq.push(0);
-                row_pos.push(-1);
-                let rows = row_seq.len();
-                let work = l::AttentionWork::new(&row_pos, 60);
-                let q = d.upload(&rng.vec(rows * qkv_width, 1.0))?;
-                let kc = d.upload(&bf16s(&rng.vec(cache_blocks * bs * kvd, 1.0)))?;
-                let vc = d.upload(&bf16s(&rng.vec(cache_blocks * bs * kvd, 1.0)))?;
-                let tb = d.upload(&tables)?;
-                let rs = d.upload(&row_seq)?;
-                let rp = d.upload(&row_pos)?;
-                let (wk, ro) = (d.upload(&work.items)?, d.upload(&work.row_offset)?);
-                let partials = d.alloc(work.len() * s.heads * (2 + s.head_dim) * 4)?;
-                let out = d.alloc(rows * qd * 4)?;
-                launch(
-                    d,
-                    &l::AttentionPartition {
-                        q: q.slice(),
-                        k_cache: kc.slice(),
-                        v_cache: vc.slice(),
-                        block_tables: tb.slice(),
-                        row_seq: rs.slice(),
-                        row_pos: rp.slice(),
-                        work: wk.slice(),
-                        partials: partials.slice(),
-                        items: work.len(),
-                        cache_blocks,
-                        max_blocks_per_seq: max_blocks,
-                        sequences: contexts.len(),
-                        rows,
-                        heads: s.heads,
-                        kv_heads: s.kv_heads,
-                        head_dim: s.head_dim,
-                        block_size: bs,
-                        scale: 1.0 / (s.head_dim as f32).sqrt(),
-                        q_stride: qkv_width,
-                    },
-                )?;
-                launch(
-                    d,
-                    &l::AttentionCombine {
-                        partials: partials.slice(),
-                        row_pos: rp.slice(),
-                        row_offset: ro.slice(),
-                        items: work.len(),
-                        out: out.slice(),
-                        rows,
-                        heads: s.heads,
-                        head_dim: s.head_dim,
-                    },
-                )?;
-                d.download::<f32>(&out)
-            }
+            "attention" => attention(d, s, &mut rng, false),
+            "attention_mma" => attention(d, s, &mut rng, true),
             "silu_mul" => {
                 let t = 3;
                 let gu = d.upload(&rng.vec(t * 2 * s.inter, 12.0))?;

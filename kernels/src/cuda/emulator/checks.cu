@@ -76,3 +76,38 @@ extern "C" __global__ void emu_check_disjoint_masks(int* out) {
     out[2 * t] = __shfl_xor_sync(mask, t, 1, 16);
     out[2 * t + 1] = __shfl_xor_sync(0xffffffffu, t, 16, 16);
 }
+
+// The tensor-core MMA with its fragments loaded element by element as the PTX ISA's tables for
+// mma.m16n8k16 (.bf16) state: a (16 x 16, row-major) and b (16 x 8, stored [k][n]) in bf16, d
+// (16 x 8, [row][col]) in f32. A test compares d with the product computed on the host; a
+// launch of fewer than 32 threads leaves the warp incomplete.
+extern "C" __global__ void emu_check_mma_layout(const bf16_t* a, const bf16_t* b, float* d) {
+    int lane = threadIdx.x & 31, group = lane >> 2, tig = lane % 4;
+    unsigned int ra[4] = {0u, 0u, 0u, 0u}, rb[2] = {0u, 0u};
+    for (int i = 0; i < 8; i++) {
+        int row = (i < 2 || (i >= 4 && i < 6)) ? group : group + 8;
+        int col = tig * 2 + (i & 1) + (i >= 4 ? 8 : 0);
+        ra[i / 2] |= (unsigned int)a[row * 16 + col] << (16 * (i & 1));
+    }
+    for (int i = 0; i < 4; i++) {
+        int row = tig * 2 + (i & 1) + (i >= 2 ? 8 : 0);
+        rb[i / 2] |= (unsigned int)b[row * 8 + group] << (16 * (i & 1));
+    }
+    float c[4] = {0.5f, 0.5f, 0.5f, 0.5f}, out[4];
+    mma_bf16_16816(ra, rb, c, out);
+    for (int i = 0; i < 4; i++) {
+        int row = i < 2 ? group : group + 8;
+        d[row * 8 + tig * 2 + (i & 1)] = out[i];
+    }
+}
+
+// Half a warp at an MMA while the other half waits at a shuffle.
+extern "C" __global__ void emu_check_mma_divergent(int* out) {
+    unsigned int a[4] = {0u, 0u, 0u, 0u}, b[2] = {0u, 0u};
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (threadIdx.x < 16) {
+        mma_bf16_16816(a, b, c, c);
+    } else {
+        out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);
+    }
+}

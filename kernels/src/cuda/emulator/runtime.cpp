@@ -276,6 +276,17 @@ bool release_shuffles(std::vector<Fiber>& fibers) {
                 if (!(waiting >> l & 1)) ready = false;  // still running
             }
             if (!ready) continue;
+            // A collective (mma.sync) runs once over the lanes it names: it names the full warp.
+            if (f0.collective != nullptr) {
+                for (int l = 0; l < lanes; l++) {
+                    if ((waiting >> l & 1) && fibers[base + l].collective != f0.collective) {
+                        set_fault(kShuffle, "lanes of one warp meet at different warp-collective operations at " +
+                                                where(fibers[base + l]), base + l);
+                        return false;
+                    }
+                }
+                f0.collective(&fibers[base], lanes);
+            }
             for (int l = 0; l < lanes; l++) {
                 if (!(waiting >> l & 1)) continue;
                 Fiber& f = fibers[base + l];
@@ -390,8 +401,74 @@ uint64_t shuffle(unsigned int mask, uint64_t value, int src) {
     f->shfl_mask = mask;
     f->shfl_value = value;
     f->shfl_src = src & 31;
+    f->collective = nullptr;
     yield_to_scheduler();
     return f->shfl_result;
+}
+
+namespace {
+
+// One lane's operands of an mma, published by address while the lane waits.
+struct MmaOperands {
+    const uint32_t* a;
+    const uint32_t* b;
+    const float* c;
+    float* d;
+};
+
+float bf16_bits_to_f32(uint32_t bits) {
+    uint32_t u = bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// D = A x B + C for the warp, with the PTX ISA's m16n8k16 fragment layouts (groupID = lane / 4,
+// threadID_in_group = lane % 4; the lower 16 bits of a register hold its lower-indexed element):
+//   A (16 x 16, row-major) register r of lane: rows g + 8 * (r % 2), columns 2t + 8 * (r / 2)
+//     and the next;
+//   B (16 x 8, column-major) register r: rows (k) 2t + 8r and the next, column (n) g;
+//   C, D (16 x 8) element i: row g + 8 * (i / 2), column 2t + i % 2.
+// Products of bf16 values are exact in f32; they are added to C in k order.
+void mma_collective(Fiber* lanes, int count) {
+    const MmaOperands* op[32];
+    for (int l = 0; l < count; l++) op[l] = reinterpret_cast<const MmaOperands*>(lanes[l].shfl_value);
+    auto a_at = [&](int row, int k) {
+        int lane = 4 * (row % 8) + (k % 8) / 2;
+        int reg = (row / 8) + 2 * (k / 8);
+        return bf16_bits_to_f32((op[lane]->a[reg] >> (16 * (k % 2))) & 0xffffu);
+    };
+    auto b_at = [&](int k, int n) {
+        int lane = 4 * n + (k % 8) / 2;
+        int reg = k / 8;
+        return bf16_bits_to_f32((op[lane]->b[reg] >> (16 * (k % 2))) & 0xffffu);
+    };
+    float out[32][4];
+    for (int l = 0; l < 32; l++) {
+        int g = l / 4, t = l % 4;
+        for (int i = 0; i < 4; i++) {
+            int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+            float acc = op[l]->c[i];
+            for (int k = 0; k < 16; k++) acc += a_at(row, k) * b_at(k, col);
+            out[l][i] = acc;
+        }
+    }
+    // Every lane's C is read before any D is written (a lane may pass the same array as both).
+    for (int l = 0; l < 32; l++)
+        for (int i = 0; i < 4; i++) op[l]->d[i] = out[l][i];
+}
+
+}  // namespace
+
+void mma_m16n8k16_bf16(const uint32_t* a, const uint32_t* b, const float* c, float* d) {
+    MmaOperands mine{a, b, c, d};
+    Fiber* f = current_fiber;
+    f->state = kAtShuffle;
+    f->shfl_mask = 0xffffffffu;  // .sync.aligned: the whole warp, every lane
+    f->shfl_value = reinterpret_cast<uint64_t>(&mine);
+    f->shfl_src = f->linear & 31;
+    f->collective = &mma_collective;
+    yield_to_scheduler();
 }
 
 [[noreturn]] void fault(int kind, const char* message) {

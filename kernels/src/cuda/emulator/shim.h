@@ -74,6 +74,13 @@ inline void check_width(int width) {
 }
 }  // namespace emu
 
+// Tensor cores: the warp's m16n8k16 bf16 MMA, modelled by the runtime over the PTX ISA's
+// fragment layouts (a warp-collective: the whole warp arrives, then D is computed once).
+inline void mma_bf16_16816(const unsigned int* a, const unsigned int* b, const float* c, float* d) {
+    static_assert(sizeof(unsigned int) == sizeof(uint32_t), "a register is 32 bits");
+    ::emu::mma_m16n8k16_bf16(a, b, c, d);
+}
+
 // Warp shuffles. Each is an exchange among the lanes `mask` names (a barrier of that warp, not
 // of the block); the lane reads the value `src` published. Segments of `width` lanes follow
 // CUDA: `__shfl_sync` wraps its source lane inside the segment; `xor` may read an earlier

@@ -61,3 +61,26 @@ __device__ float block_max(float v, float* scratch) {
     __syncthreads();
     return scratch[0];
 }
+
+// One warp-wide tensor-core multiply-accumulate, D = A x B + C with A 16 x 16 and B 16 x 8 in
+// bf16 and C, D 16 x 8 in f32 (`mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, sm_80 and
+// later). Every lane of the warp calls it together with its fragments as the PTX ISA lays them
+// out (groupID g = lane / 4, t = lane % 4; the low 16 bits of a register hold the element with
+// the lower index): a[r] holds A[g + 8 (r % 2)][2t + 8 (r / 2) + {0, 1}], b[r] holds
+// B[2t + 8r + {0, 1}][g], c[i] and d[i] hold [g + 8 (i / 2)][2t + i % 2]. `d` may be `c`.
+// The emulator's shim supplies its own (a model of the instruction over the same layout).
+#ifndef CONVOY_EMULATED
+__device__ __forceinline__ void mma_bf16_16816(const unsigned int* a, const unsigned int* b, const float* c,
+                                               float* d) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+#else
+    __trap();
+#endif
+}
+#endif

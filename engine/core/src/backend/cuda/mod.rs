@@ -83,6 +83,7 @@ pub struct CudaBackend<D: DeviceLayer> {
     logit_rows: Meta<D::Buffer>,
     attn_work: Meta<D::Buffer>,
     attn_row_offset: Meta<D::Buffer>,
+    attn_tiles: Meta<D::Buffer>,
     draw_temps: Meta<D::Buffer>,
     draw_top_k: Meta<D::Buffer>,
     draw_top_p: Meta<D::Buffer>,
@@ -106,6 +107,12 @@ pub struct CudaBackend<D: DeviceLayer> {
     seqs: usize,
     max_blocks: usize,
     attention_items: usize,
+    /// Prefill tiles of the pass on the tensor-core kernel, and the partials slots of all rows.
+    attention_tiles: usize,
+    attention_slots: usize,
+    /// Whether attention runs on the tensor-core kernel (the device has tensor cores and the
+    /// kernel takes the head dimension); else on the decode kernel.
+    tensor_core_attention: bool,
 }
 
 fn dev_err(backend: &'static str) -> impl Fn(DeviceError) -> BackendError {
@@ -372,6 +379,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             logit_rows: meta(tokens)?,
             attn_work: meta(tokens)?,
             attn_row_offset: meta(tokens)?,
+            attn_tiles: meta(tokens)?,
             draw_temps: meta(tokens)?,
             draw_top_k: meta(tokens)?,
             draw_top_p: meta(tokens)?,
@@ -408,7 +416,12 @@ impl<D: DeviceLayer> CudaBackend<D> {
             seqs: 0,
             max_blocks: 0,
             attention_items: 0,
+            attention_tiles: 0,
+            attention_slots: 0,
+            tensor_core_attention: false,
         };
+        backend.tensor_core_attention =
+            backend.device.tensor_cores() && l::attention_mma_head_dim_ok(backend.config.head_dim);
         backend.reserve(tokens, tokens)?;
         let policy = GraphPolicy::new(
             DEFAULT_MAX_GRAPH_ROWS.min(tokens),
@@ -430,9 +443,11 @@ impl<D: DeviceLayer> CudaBackend<D> {
             let partials = items * c.num_heads * (2 + c.head_dim);
             self.reserve(rows, rows)?;
             let e = self.err();
+            // Decode items or tensor-core tiles: one per (row, partition) either way.
             for (meta, bytes) in [
                 (&mut self.tables, rows * blocks * 4),
                 (&mut self.attn_work, items * 8),
+                (&mut self.attn_tiles, items * 12),
             ] {
                 if meta.capacity < bytes {
                     *meta = Meta {
@@ -449,7 +464,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             // No graphs: give back what the largest bucket kept (passes grow these as needed).
             let e = self.err();
             let small = self.token_capacity.max(1) * 8;
-            for meta in [&mut self.tables, &mut self.attn_work] {
+            for meta in [&mut self.tables, &mut self.attn_work, &mut self.attn_tiles] {
                 *meta = Meta {
                     buf: self.device.alloc(small).map_err(&e)?,
                     capacity: small,
@@ -478,6 +493,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
             &self.logit_rows,
             &self.attn_work,
             &self.attn_row_offset,
+            &self.attn_tiles,
         ];
         self.acts
             .iter()
@@ -969,10 +985,33 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         Self::put(d, &mut self.row_seq, &row_seq).map_err(&e)?;
         Self::put(d, &mut self.tables, &tables).map_err(&e)?;
         Self::put(d, &mut self.logit_rows, &logit_rows).map_err(&e)?;
-        let work = l::AttentionWork::new(&positions, min_items);
+        // On tensor cores every row of every sequence, a prefill chunk's and a decode row
+        // alike: one kernel computes every position, so KV a decode step wrote is what a
+        // recomputation of the same prompt writes, bit for bit (the cache oracle's premise),
+        // and a row's result depends on no other row of its tile or batch. Padding rows (a
+        // graph's) belong to no sequence and get no work.
+        let runs: Vec<(usize, usize)> = if self.tensor_core_attention {
+            batch
+                .seqs
+                .iter()
+                .map(|s| (s.query_start, s.num_queries))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let tile_tokens = l::attention_mma_tile_tokens(heads / self.config.num_kv_heads);
+        let (min_items, min_tiles) = if self.tensor_core_attention {
+            (0, min_items)
+        } else {
+            (min_items, 0)
+        };
+        let work = l::AttentionWork::tiled(&positions, &runs, tile_tokens, min_items, min_tiles);
         Self::put(d, &mut self.attn_work, &work.items).map_err(&e)?;
         Self::put(d, &mut self.attn_row_offset, &work.row_offset).map_err(&e)?;
-        let partials = work.len() * heads * (2 + head_dim);
+        if work.tile_count() > 0 {
+            Self::put(d, &mut self.attn_tiles, &work.tiles).map_err(&e)?;
+        }
+        let partials = work.slots * heads * (2 + head_dim);
         if partials > self.partial_capacity {
             self.partials = self.device.alloc(partials * 4).map_err(&e)?;
             self.partial_capacity = partials;
@@ -984,6 +1023,8 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         self.seqs = seqs;
         self.max_blocks = max_blocks;
         self.attention_items = work.len();
+        self.attention_tiles = work.tile_count();
+        self.attention_slots = work.slots;
         Ok(())
     }
 
@@ -1214,12 +1255,37 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
                 q_stride: qd + 2 * kvd,
             })?;
         }
+        if self.attention_tiles > 0 {
+            self.launch(&l::AttentionMma {
+                q: self.act(qkv),
+                k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
+                v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
+                block_tables: self.tables.buf.slice(),
+                row_seq: self.row_seq.buf.slice(),
+                row_pos: self.positions.buf.slice(),
+                row_offset: self.attn_row_offset.buf.slice(),
+                tiles: self.attn_tiles.buf.slice(),
+                partials: self.partials.slice(),
+                tile_count: self.attention_tiles,
+                slots: self.attention_slots,
+                cache_blocks: self.num_blocks,
+                max_blocks_per_seq: self.max_blocks,
+                sequences: self.seqs,
+                rows: self.tokens,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                block_size: self.block_size,
+                scale: 1.0 / (hd as f32).sqrt(),
+                q_stride: qd + 2 * kvd,
+            })?;
+        }
         // Every row gets its output: a padding row (no partition) zeros.
         self.launch(&l::AttentionCombine {
             partials: self.partials.slice(),
             row_pos: self.positions.buf.slice(),
             row_offset: self.attn_row_offset.buf.slice(),
-            items: self.attention_items,
+            items: self.attention_slots,
             out: self.act(out),
             rows: self.tokens,
             heads: c.num_heads,
