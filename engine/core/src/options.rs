@@ -362,6 +362,15 @@ impl ModelArgs {
         // The CUDA backend uploads the loaded tensors one at a time; only the CPU backend
         // needs the host model (f32 or quantised rows).
         let weights = if device.is_cuda() {
+            crate::backend::cuda::check_tensors(&loaded.config, &loaded.tensors).with_context(
+                || {
+                    format!(
+                        "{} cannot run on --device {}",
+                        path.display(),
+                        device.as_str()
+                    )
+                },
+            )?;
             ModelWeights::Tensors {
                 config: loaded.config,
                 tensors: loaded.tensors,

@@ -428,3 +428,74 @@ fn device_choices_fail_with_one_line() {
         "--enforce-eager turns off the CUDA backend's graphs",
     );
 }
+
+/// A checkpoint the CUDA backend cannot take (a tensor missing, one of the wrong shape) is
+/// refused where it is loaded, in one line naming the tensor, before any upload or engine
+/// thread: glassllm with one tensor renamed in its safetensors header, and one transposed.
+#[test]
+fn a_broken_checkpoint_is_refused_at_load_on_the_cuda_backend() {
+    let glass = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/glassllm");
+    let file = std::fs::read(glass.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(file[8..8 + header_len].to_vec()).unwrap();
+    let cases = [
+        // Same length, so the header's size and every offset stay as they are.
+        (
+            "missing",
+            header.replace(
+                "model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.mlp.up_proj.weigxx",
+            ),
+            "model.layers.0.mlp.up_proj.weight is missing",
+        ),
+        (
+            "shape",
+            transpose_in_header(&header, "model.layers.0.mlp.down_proj.weight"),
+            "model.layers.0.mlp.down_proj.weight has shape",
+        ),
+    ];
+    for (name, broken, want) in cases {
+        assert_eq!(broken.len(), header.len());
+        assert_ne!(broken, header, "{name}: the header changed");
+        let d = scratch(&format!("broken-{name}"));
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(glass.join(f), d.join(f)).unwrap();
+        }
+        let mut bytes = file[..8].to_vec();
+        bytes.extend_from_slice(broken.as_bytes());
+        bytes.extend_from_slice(&file[8 + header_len..]);
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+        let (code, _, err) = convoy(&[
+            "generate",
+            "--device",
+            "cuda-emulated",
+            "--kv-cache-memory",
+            "4MiB",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ]);
+        one_error_line(code, &err, want);
+        assert!(
+            err.contains("cannot run on --device cuda-emulated"),
+            "{err}"
+        );
+    }
+}
+
+/// `header` with the two dimensions of tensor `name`'s shape swapped.
+fn transpose_in_header(header: &str, name: &str) -> String {
+    let at = header.find(&format!("\"{name}\"")).unwrap();
+    let shape_at = at + header[at..].find("\"shape\":[").unwrap() + "\"shape\":[".len();
+    let end = shape_at + header[shape_at..].find(']').unwrap();
+    let dims: Vec<&str> = header[shape_at..end].split(',').collect();
+    assert_eq!(dims.len(), 2, "{name} is a matrix");
+    format!(
+        "{}{},{}{}",
+        &header[..shape_at],
+        dims[1],
+        dims[0],
+        &header[end..]
+    )
+}

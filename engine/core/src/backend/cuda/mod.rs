@@ -30,7 +30,7 @@ mod weights;
 use graphs::{DecodeGraphs, Layout};
 pub use graphs::{GraphPolicy, GraphStats, DEFAULT_MAX_GRAPH_CONTEXT, DEFAULT_MAX_GRAPH_ROWS};
 use weights::DeviceWeights;
-pub use weights::WeightError;
+pub use weights::{check_tensors, WeightError};
 
 use convoy_kernels::cuda::device::{
     self, as_bytes_mut, DeviceError, DeviceLayer, DeviceMemory, DeviceSlice, Stream,

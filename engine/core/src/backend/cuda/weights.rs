@@ -118,6 +118,9 @@ impl<B> DeviceWeights<B> {
         cfg: &ModelConfig,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<DeviceWeights<B>, WeightError> {
+        // Nothing goes to the device from a checkpoint that lacks a tensor or has one of the
+        // wrong shape.
+        check_tensors(cfg, &tensors)?;
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (
             cfg.num_heads * cfg.head_dim,
@@ -193,6 +196,56 @@ impl<B> DeviceWeights<B> {
             layers,
             inv_freq: cfg.rope_inv_freq(),
         })
+    }
+}
+
+/// Every tensor the CUDA backend uploads for `cfg`, with its `[rows, cols]` (vectors: one row),
+/// by Hugging Face name; `LM_HEAD` only where the embedding is not tied.
+fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, usize, usize)> {
+    let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let (qd, kvd) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    let mut out = Vec::new();
+    for l in 0..cfg.num_layers {
+        let n = LayerNames::of(l);
+        out.extend([
+            (n.q.clone(), qd, h),
+            (n.k.clone(), kvd, h),
+            (n.v.clone(), kvd, h),
+            (n.o.clone(), h, qd),
+            (n.gate.clone(), inter, h),
+            (n.up.clone(), inter, h),
+            (n.down.clone(), h, inter),
+            (n.attn_norm.clone(), 1, h),
+            (n.ffn_norm.clone(), 1, h),
+        ]);
+        if cfg.architecture.has_qkv_bias() {
+            for (name, len) in n.qkv_bias.iter().zip([qd, kvd, kvd]) {
+                out.push((name.clone(), 1, len));
+            }
+        }
+    }
+    out.push((EMBED.to_string(), cfg.vocab_size, h));
+    out.push((FINAL_NORM.to_string(), 1, h));
+    out
+}
+
+/// Check that `tensors` hold every tensor the CUDA backend needs for `cfg`, each of the shape
+/// the config implies (and a separate LM head, where there is one, too), before anything is
+/// uploaded: a broken checkpoint is refused where it is loaded, not on the engine thread.
+pub fn check_tensors(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<(), WeightError> {
+    for (name, rows, cols) in expected_tensors(cfg) {
+        let t = tensors.get(&name).ok_or(WeightError::Missing { name })?;
+        check_shape(t, rows, cols)?;
+    }
+    match tensors.get(LM_HEAD) {
+        Some(t) if !cfg.tie_word_embeddings => check_shape(t, cfg.vocab_size, cfg.hidden_size),
+        _ => Ok(()),
     }
 }
 
