@@ -465,6 +465,51 @@ fn decode_graphs_replay_exactly_what_eager_passes_compute() {
     );
 }
 
+/// Graphs recorded before serving (as a runner does at startup) replay from each bucket's
+/// first decode pass, with no recording while serving, bitwise as eager passes compute.
+#[test]
+fn decode_graphs_recorded_at_startup_replay_from_the_first_step() {
+    use convoy_engine::backend::cuda::{GraphPolicy, GraphStats};
+    let (model, _) = load(&glassllm_path());
+    let (bs, blocks, seqs) = (4, 100, 5);
+    let mut eager = CudaBackend::new(EmulatedDevice::new(), &model, blocks, 0, bs, 16).unwrap();
+    eager.set_graph_policy(GraphPolicy::eager()).unwrap();
+    let mut graphed = CudaBackend::new(EmulatedDevice::new(), &model, blocks, 0, bs, 16).unwrap();
+    let policy = GraphPolicy::new(16, 64);
+    graphed.set_graph_policy(policy).unwrap();
+    // Buckets 1, 2, 4, 8 and 16.
+    assert_eq!(graphed.record_decode_graphs().unwrap(), 5);
+    assert_eq!(eager.record_decode_graphs().unwrap(), 0);
+    let tables: Vec<Vec<u32>> = (0..seqs as u32)
+        .map(|s| (0..20).map(|b| s * 20 + 19 - b).collect())
+        .collect();
+    let mut lens = vec![0usize; seqs];
+    // Prefills within the 16-token workspace: no buffer moves.
+    for s in 0..seqs {
+        let prompt: Vec<u32> = (0..6 + 2 * s)
+            .map(|i| (i * 5 + s) as u32 % 200 + 3)
+            .collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&prompt, 0, &tables[s], bs, true);
+        run_both(&mut eager, &mut graphed, &batch);
+        lens[s] = prompt.len();
+    }
+    for active in [&[0, 1, 2, 3, 4][..], &[0, 2, 4], &[3], &[1, 4]] {
+        run_both(
+            &mut eager,
+            &mut graphed,
+            &decode_step(active, &tables, &mut lens, bs),
+        );
+    }
+    assert_eq!(
+        graphed.graph_stats(),
+        GraphStats {
+            recorded: 5,
+            replayed: 4
+        }
+    );
+}
+
 /// Seeded requests with top-k and top-p, served on the emulated CUDA backend, sample on the
 /// device (only token ids cross); every token is the host sampler's draw from the logits a
 /// single pass over the prompt and the output computes at that position.

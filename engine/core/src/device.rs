@@ -176,6 +176,14 @@ fn cuda_backend<D: DeviceLayer>(
     if cfg.enforce_eager {
         backend.set_graph_policy(GraphPolicy::eager())?;
     }
+    // Graphs only save launch time: if recording them fails, say so and decode eagerly.
+    match backend.record_decode_graphs() {
+        Ok(graphs) => tracing::info!(graphs, "decode graphs recorded"),
+        Err(error) => {
+            tracing::warn!(%error, "recording CUDA graphs failed; decode runs eagerly");
+            backend.set_graph_policy(GraphPolicy::eager())?;
+        }
+    }
     Ok(backend)
 }
 

@@ -36,7 +36,7 @@ pub fn run_begun_pass<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(),
 }
 
 /// The operations of one pass, after `begin_step`.
-fn layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
+pub(crate) fn layers<B: Backend>(b: &mut B, batch: &ForwardBatch) -> Result<(), BackendError> {
     let cfg: &ModelConfig = b.config();
     let (layers, bias) = (cfg.num_layers, cfg.architecture.has_qkv_bias());
     b.embed(batch, Act::Residual)?;

@@ -57,6 +57,11 @@ impl GraphPolicy {
         self.buckets.iter().copied().find(|&b| b >= rows)
     }
 
+    /// The buckets, smallest first (none when eager).
+    pub fn buckets(&self) -> &[usize] {
+        &self.buckets
+    }
+
     /// The largest bucket (0 when eager).
     pub fn max_rows(&self) -> usize {
         self.buckets.last().copied().unwrap_or(0)

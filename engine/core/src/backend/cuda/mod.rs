@@ -477,6 +477,39 @@ impl<D: DeviceLayer> CudaBackend<D> {
         Ok(())
     }
 
+    /// Record the graph of every decode bucket now, before serving (as vLLM and nano-vllm
+    /// capture theirs), so no decode step pays a recording. Each is captured from a pass of
+    /// its shape (one-token sequences at position 0 in block 0, free at startup); capturing
+    /// runs nothing. A graph whose buffers later move (a longer pass grew the workspace) is
+    /// recorded again on its bucket's next pass. Returns the graphs recorded.
+    pub fn record_decode_graphs(&mut self) -> Result<usize, BackendError> {
+        let buckets = self.graphs.policy.buckets().to_vec();
+        let mut recorded = 0;
+        for rows in buckets {
+            let mut batch = ForwardBatch::default();
+            for _ in 0..rows {
+                batch.push_seq(&[0], 0, &[0], self.block_size, true);
+            }
+            self.begin_step(&batch)?;
+            let Some(bucket) = self.pass_bucket else {
+                continue;
+            };
+            let layout = self.layout();
+            let e = self.err();
+            self.device.begin_capture().map_err(&e)?;
+            let captured = super::forward::layers(self, &batch);
+            let graph = self.device.end_capture().map_err(&e);
+            captured?;
+            self.graphs.insert(bucket, layout, graph?);
+            recorded += 1;
+        }
+        // No pass is begun: the next step starts from its own begin_step.
+        self.tokens = 0;
+        self.rows = 0;
+        self.pass_bucket = None;
+        Ok(recorded)
+    }
+
     /// How often decode passes were recorded and replayed as graphs.
     pub fn graph_stats(&self) -> GraphStats {
         self.graphs.stats()
