@@ -659,14 +659,13 @@ impl KernelLaunch for CopyBlocks {
     }
 }
 
-/// The partition pass of paged attention: for each query row, KV head and partition of
-/// [`ATTENTION_PARTITION`] positions, the max, sum and unnormalised output of every query head
-/// of the group.
+/// What both paged-attention kernels read: the queries (a view of the fused QKV rows), the
+/// paged K/V cache of one layer, and where each row's context lies.
 ///
 /// Device data: `row_seq` below `sequences`; `row_pos` -1 (padding) or a position whose
-/// block-table entries are below `cache_blocks`; `work` as [`AttentionWork`] builds it for
-/// `row_pos`, `items` long.
-pub struct AttentionPartition {
+/// block-table entries are below `cache_blocks`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionInputs {
     /// f32 rows of `heads * head_dim` values, `q_stride` floats apart.
     pub q: DeviceSlice,
     /// bf16 `[cache_blocks][block_size][kv_heads][head_dim]`.
@@ -679,250 +678,196 @@ pub struct AttentionPartition {
     pub row_seq: DeviceSlice,
     /// i32 `[rows]`.
     pub row_pos: DeviceSlice,
+    /// Blocks in each cache.
+    pub cache_blocks: usize,
+    /// Columns of `block_tables`.
+    pub max_blocks_per_seq: usize,
+    /// Rows of `block_tables`.
+    pub sequences: usize,
+    /// Query rows.
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Positions per cache block.
+    pub block_size: usize,
+    /// Softmax scale (1/sqrt(head_dim)).
+    pub scale: f32,
+    /// Floats between consecutive q rows.
+    pub q_stride: usize,
+}
+
+impl AttentionInputs {
+    /// The host-side checks both kernels share; `head_dim_ok` and `dims` say which head
+    /// dimensions the kernel takes.
+    fn check(&self, head_dim_ok: fn(usize) -> bool, dims: &str) -> Result<(), String> {
+        positive("rows", self.rows as i64)?;
+        positive("kv_heads", self.kv_heads as i64)?;
+        positive("block_size", self.block_size as i64)?;
+        if !self.heads.is_multiple_of(self.kv_heads) || self.heads == 0 {
+            return Err(format!(
+                "{} query heads do not divide into {} KV heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if !head_dim_ok(self.head_dim) {
+            return Err(format!("head dimension {} is not {dims}", self.head_dim));
+        }
+        if Sz(self.q_stride) < Sz(self.heads) * self.head_dim {
+            return Err("the q row stride is shorter than a row".into());
+        }
+        if !self.k_cache.ptr.is_multiple_of(16) || !self.v_cache.ptr.is_multiple_of(16) {
+            return Err("the K and V caches must start 16-byte aligned (16-byte row loads)".into());
+        }
+        need(
+            "q",
+            &self.q,
+            (Sz(self.rows) - 1) * Sz(self.q_stride) + Sz(self.heads) * Sz(self.head_dim),
+            4,
+        )?;
+        let cache =
+            Sz(self.cache_blocks) * Sz(self.block_size) * Sz(self.kv_heads) * Sz(self.head_dim);
+        need("k_cache", &self.k_cache, cache, 2)?;
+        need("v_cache", &self.v_cache, cache, 2)?;
+        need(
+            "block_tables",
+            &self.block_tables,
+            Sz(self.sequences) * Sz(self.max_blocks_per_seq),
+            4,
+        )?;
+        need("row_seq", &self.row_seq, Sz(self.rows), 4)?;
+        need("row_pos", &self.row_pos, Sz(self.rows), 4)
+    }
+
+    /// Bytes of partials for `slots` partition slots.
+    fn partials(&self, slots: usize) -> Sz {
+        Sz(slots) * Sz(self.heads) * (2 + Sz(self.head_dim))
+    }
+
+    /// The grid's y: KV heads x chunks of up to [`ATTENTION_MAX_GROUP`] query heads.
+    fn head_blocks(&self) -> u32 {
+        let group = self.heads / self.kv_heads;
+        (self.kv_heads * group.div_ceil(attention_chunk(group))) as u32
+    }
+
+    /// The kernels' leading arguments, up to `row_pos`.
+    fn leading_args(&self) -> [KernelArg; 7] {
+        [
+            ptr(&self.q),
+            ptr(&self.k_cache),
+            ptr(&self.v_cache),
+            ptr(&self.block_tables),
+            KernelArg::I32(self.max_blocks_per_seq as i32),
+            ptr(&self.row_seq),
+            ptr(&self.row_pos),
+        ]
+    }
+
+    /// The kernels' trailing arguments, after the partials.
+    fn trailing_args(&self) -> [KernelArg; 6] {
+        [
+            KernelArg::I32(self.heads as i32),
+            KernelArg::I32(self.kv_heads as i32),
+            KernelArg::I32(self.head_dim as i32),
+            KernelArg::I32(self.block_size as i32),
+            KernelArg::F32(self.scale),
+            KernelArg::I64(self.q_stride as i64),
+        ]
+    }
+}
+
+/// The partition pass of paged attention on CUDA cores: for each query row, KV head and
+/// partition of [`ATTENTION_PARTITION`] positions, the max, sum and unnormalised output of
+/// every query head of the group.
+///
+/// Device data: as [`AttentionInputs`]; `work` as [`AttentionWork`] builds it for `row_pos`,
+/// `items` long.
+pub struct AttentionPartition {
+    /// Queries, cache and rows.
+    pub inputs: AttentionInputs,
     /// i32 `[items][2]`: (row, partition), row -1 for an idle item.
     pub work: DeviceSlice,
     /// f32 `[items][heads][2 + head_dim]`.
     pub partials: DeviceSlice,
     /// Work items (the grid's x).
     pub items: usize,
-    /// Blocks in each cache.
-    pub cache_blocks: usize,
-    /// Columns of `block_tables`.
-    pub max_blocks_per_seq: usize,
-    /// Rows of `block_tables`.
-    pub sequences: usize,
-    /// Query rows.
-    pub rows: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// KV heads.
-    pub kv_heads: usize,
-    /// Head dimension.
-    pub head_dim: usize,
-    /// Positions per cache block.
-    pub block_size: usize,
-    /// Softmax scale (1/sqrt(head_dim)).
-    pub scale: f32,
-    /// Floats between consecutive q rows.
-    pub q_stride: usize,
 }
 
 impl KernelLaunch for AttentionPartition {
     const NAME: &'static str = "attention_partition";
     fn config(&self) -> Result<LaunchConfig, String> {
-        positive("rows", self.rows as i64)?;
-        positive("kv_heads", self.kv_heads as i64)?;
+        let a = &self.inputs;
+        a.check(
+            attention_head_dim_ok,
+            &format!("a power of two from 8 to {ATTENTION_MAX_HEAD_DIM}"),
+        )?;
         positive("items", self.items as i64)?;
-        positive("block_size", self.block_size as i64)?;
-        if !self.heads.is_multiple_of(self.kv_heads) || self.heads == 0 {
-            return Err(format!(
-                "{} query heads do not divide into {} KV heads",
-                self.heads, self.kv_heads
-            ));
-        }
-        if !attention_head_dim_ok(self.head_dim) {
-            return Err(format!(
-                "head dimension {} is not a power of two from 8 to {ATTENTION_MAX_HEAD_DIM}",
-                self.head_dim
-            ));
-        }
-        if Sz(self.q_stride) < Sz(self.heads) * self.head_dim {
-            return Err("the q row stride is shorter than a row".into());
-        }
-        if !self.k_cache.ptr.is_multiple_of(16) || !self.v_cache.ptr.is_multiple_of(16) {
-            return Err("the K and V caches must start 16-byte aligned (16-byte row loads)".into());
-        }
-        let kv_width = self.kv_heads * self.head_dim;
-        need(
-            "q",
-            &self.q,
-            (Sz(self.rows) - 1) * Sz(self.q_stride) + Sz(self.heads) * Sz(self.head_dim),
-            4,
-        )?;
-        let cache = Sz(self.cache_blocks) * Sz(self.block_size) * Sz(kv_width);
-        need("k_cache", &self.k_cache, cache, 2)?;
-        need("v_cache", &self.v_cache, cache, 2)?;
-        need(
-            "block_tables",
-            &self.block_tables,
-            Sz(self.sequences) * Sz(self.max_blocks_per_seq),
-            4,
-        )?;
-        need("row_seq", &self.row_seq, Sz(self.rows), 4)?;
-        need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
         need("work", &self.work, Sz(self.items) * Sz(2), 4)?;
-        need(
-            "partials",
-            &self.partials,
-            Sz(self.items) * Sz(self.heads) * (2 + Sz(self.head_dim)),
-            4,
-        )?;
-        let group = self.heads / self.kv_heads;
-        let chunk = attention_chunk(group);
+        need("partials", &self.partials, a.partials(self.items), 4)?;
+        let chunk = attention_chunk(a.heads / a.kv_heads);
         Ok(LaunchConfig {
-            grid: [
-                self.items as u32,
-                (self.kv_heads * group.div_ceil(chunk)) as u32,
-                1,
-            ],
+            grid: [self.items as u32, a.head_blocks(), 1],
             block: [128, 1, 1],
-            shared_bytes: attention_shared_bytes(chunk, self.head_dim) as u32,
+            shared_bytes: attention_shared_bytes(chunk, a.head_dim) as u32,
         })
     }
     fn args(&self) -> Vec<KernelArg> {
-        vec![
-            ptr(&self.q),
-            ptr(&self.k_cache),
-            ptr(&self.v_cache),
-            ptr(&self.block_tables),
-            KernelArg::I32(self.max_blocks_per_seq as i32),
-            ptr(&self.row_seq),
-            ptr(&self.row_pos),
-            ptr(&self.work),
-            ptr(&self.partials),
-            KernelArg::I32(self.heads as i32),
-            KernelArg::I32(self.kv_heads as i32),
-            KernelArg::I32(self.head_dim as i32),
-            KernelArg::I32(self.block_size as i32),
-            KernelArg::F32(self.scale),
-            KernelArg::I64(self.q_stride as i64),
-        ]
+        let mut args = self.inputs.leading_args().to_vec();
+        args.extend([ptr(&self.work), ptr(&self.partials)]);
+        args.extend(self.inputs.trailing_args());
+        args
     }
 }
 
 /// The partition pass of paged attention on tensor cores: for each tile of a sequence's rows
-/// (a prefill chunk, or a decode row alone), KV head and partition, the max, sum and unnormalised output of every query head of
-/// the group and every row of the tile that reaches the partition, into the rows' slots.
+/// (a prefill chunk's, or a decode row alone), KV head and partition, the max, sum and
+/// unnormalised output of every query head of the group and every row of the tile that
+/// reaches the partition, into the rows' slots.
 ///
-/// Device data: `row_seq` below `sequences`; `row_pos` positions whose block-table entries are
-/// below `cache_blocks`; `tiles`, `row_offset` and `slots` as [`AttentionWork::tiled`] builds
-/// them for `row_pos`, with runs of at most [`attention_mma_tile_tokens`] rows.
+/// Device data: as [`AttentionInputs`]; `tiles`, `row_offset` and `slots` as
+/// [`AttentionWork::tiled`] builds them for `row_pos`, with tiles of at most
+/// [`attention_mma_tile_tokens`] rows.
 pub struct AttentionMma {
-    /// f32 rows of `heads * head_dim` values, `q_stride` floats apart.
-    pub q: DeviceSlice,
-    /// bf16 `[cache_blocks][block_size][kv_heads][head_dim]`.
-    pub k_cache: DeviceSlice,
-    /// Same layout as `k_cache`.
-    pub v_cache: DeviceSlice,
-    /// i32 `[sequences][max_blocks_per_seq]`.
-    pub block_tables: DeviceSlice,
-    /// i32 `[rows]`.
-    pub row_seq: DeviceSlice,
-    /// i32 `[rows]`.
-    pub row_pos: DeviceSlice,
+    /// Queries, cache and rows.
+    pub inputs: AttentionInputs,
     /// i32 `[rows]`: each row's first partials slot.
     pub row_offset: DeviceSlice,
     /// i32 `[tiles][3]`: (first row, rows, partition).
     pub tiles: DeviceSlice,
     /// f32 `[slots][heads][2 + head_dim]`.
     pub partials: DeviceSlice,
-    /// Prefill tiles (the grid's x).
+    /// Tiles (the grid's x).
     pub tile_count: usize,
     /// Partials slots.
     pub slots: usize,
-    /// Blocks in each cache.
-    pub cache_blocks: usize,
-    /// Columns of `block_tables`.
-    pub max_blocks_per_seq: usize,
-    /// Rows of `block_tables`.
-    pub sequences: usize,
-    /// Query rows.
-    pub rows: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// KV heads.
-    pub kv_heads: usize,
-    /// Head dimension.
-    pub head_dim: usize,
-    /// Positions per cache block.
-    pub block_size: usize,
-    /// Softmax scale (1/sqrt(head_dim)).
-    pub scale: f32,
-    /// Floats between consecutive q rows.
-    pub q_stride: usize,
 }
 
 impl KernelLaunch for AttentionMma {
     const NAME: &'static str = "attention_mma";
     fn config(&self) -> Result<LaunchConfig, String> {
-        positive("rows", self.rows as i64)?;
-        positive("kv_heads", self.kv_heads as i64)?;
+        let a = &self.inputs;
+        a.check(
+            attention_mma_head_dim_ok,
+            &format!("a power of two from 16 to {ATTENTION_MMA_MAX_HEAD_DIM}"),
+        )?;
         positive("tiles", self.tile_count as i64)?;
-        positive("block_size", self.block_size as i64)?;
-        if !self.heads.is_multiple_of(self.kv_heads) || self.heads == 0 {
-            return Err(format!(
-                "{} query heads do not divide into {} KV heads",
-                self.heads, self.kv_heads
-            ));
-        }
-        if !attention_mma_head_dim_ok(self.head_dim) {
-            return Err(format!(
-                "head dimension {} is not a power of two from 16 to {ATTENTION_MMA_MAX_HEAD_DIM}",
-                self.head_dim
-            ));
-        }
-        if Sz(self.q_stride) < Sz(self.heads) * self.head_dim {
-            return Err("the q row stride is shorter than a row".into());
-        }
-        if !self.k_cache.ptr.is_multiple_of(16) || !self.v_cache.ptr.is_multiple_of(16) {
-            return Err("the K and V caches must start 16-byte aligned (16-byte row loads)".into());
-        }
-        let kv_width = self.kv_heads * self.head_dim;
-        need(
-            "q",
-            &self.q,
-            (Sz(self.rows) - 1) * Sz(self.q_stride) + Sz(self.heads) * Sz(self.head_dim),
-            4,
-        )?;
-        let cache = Sz(self.cache_blocks) * Sz(self.block_size) * Sz(kv_width);
-        need("k_cache", &self.k_cache, cache, 2)?;
-        need("v_cache", &self.v_cache, cache, 2)?;
-        need(
-            "block_tables",
-            &self.block_tables,
-            Sz(self.sequences) * Sz(self.max_blocks_per_seq),
-            4,
-        )?;
-        need("row_seq", &self.row_seq, Sz(self.rows), 4)?;
-        need("row_pos", &self.row_pos, Sz(self.rows), 4)?;
-        need("row_offset", &self.row_offset, Sz(self.rows), 4)?;
+        need("row_offset", &self.row_offset, Sz(a.rows), 4)?;
         need("tiles", &self.tiles, Sz(self.tile_count) * Sz(3), 4)?;
-        need(
-            "partials",
-            &self.partials,
-            Sz(self.slots) * Sz(self.heads) * (2 + Sz(self.head_dim)),
-            4,
-        )?;
-        let group = self.heads / self.kv_heads;
+        need("partials", &self.partials, a.partials(self.slots), 4)?;
         Ok(LaunchConfig {
-            grid: [
-                self.tile_count as u32,
-                (self.kv_heads * group.div_ceil(attention_chunk(group))) as u32,
-                1,
-            ],
+            grid: [self.tile_count as u32, a.head_blocks(), 1],
             block: [128, 1, 1],
-            shared_bytes: attention_mma_shared_bytes(self.head_dim) as u32,
+            shared_bytes: attention_mma_shared_bytes(a.head_dim) as u32,
         })
     }
     fn args(&self) -> Vec<KernelArg> {
-        vec![
-            ptr(&self.q),
-            ptr(&self.k_cache),
-            ptr(&self.v_cache),
-            ptr(&self.block_tables),
-            KernelArg::I32(self.max_blocks_per_seq as i32),
-            ptr(&self.row_seq),
-            ptr(&self.row_pos),
-            ptr(&self.row_offset),
-            ptr(&self.tiles),
-            ptr(&self.partials),
-            KernelArg::I32(self.heads as i32),
-            KernelArg::I32(self.kv_heads as i32),
-            KernelArg::I32(self.head_dim as i32),
-            KernelArg::I32(self.block_size as i32),
-            KernelArg::F32(self.scale),
-            KernelArg::I64(self.q_stride as i64),
-        ]
+        let mut args = self.inputs.leading_args().to_vec();
+        args.extend([ptr(&self.row_offset), ptr(&self.tiles), ptr(&self.partials)]);
+        args.extend(self.inputs.trailing_args());
+        args
     }
 }
 
@@ -931,7 +876,7 @@ impl KernelLaunch for AttentionMma {
 /// Device data: `row_pos` and `row_offset` as [`AttentionWork`] builds them (each row's
 /// partitions lie inside the `items` items).
 pub struct AttentionCombine {
-    /// As written by [`AttentionPartition`] and [`AttentionMma`].
+    /// As written by [`AttentionPartition`] or [`AttentionMma`].
     pub partials: DeviceSlice,
     /// i32 `[rows]`.
     pub row_pos: DeviceSlice,

@@ -144,7 +144,25 @@ fn attention<D: DeviceLayer>(
     let (wk, ro) = (d.upload(&work.items)?, d.upload(&work.row_offset)?);
     let partials = d.alloc(work.slots * s.heads * (2 + s.head_dim) * 4)?;
     let out = d.alloc(rows * qd * 4)?;
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let inputs = l::AttentionInputs {
+        q: q.slice(),
+        k_cache: kc.slice(),
+        v_cache: vc.slice(),
+        block_tables: tb.slice(),
+        row_seq: rs.slice(),
+        row_pos: rp.slice(),
+        cache_blocks,
+        max_blocks_per_seq: max_blocks,
+        sequences: contexts.len(),
+        rows,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+        block_size: bs,
+        scale: 1.0 / (s.head_dim as f32).sqrt(),
+        q_stride: qkv_width,
+    };
+    let tl = d.upload(&work.tiles)?;
     // SAFETY: the contracts name buffers allocated here on `d`, sized for them; the rows,
     // positions, tables, items and tiles are built above within their ranges.
     unsafe {
@@ -152,53 +170,22 @@ fn attention<D: DeviceLayer>(
             launch(
                 d,
                 &l::AttentionPartition {
-                    q: q.slice(),
-                    k_cache: kc.slice(),
-                    v_cache: vc.slice(),
-                    block_tables: tb.slice(),
-                    row_seq: rs.slice(),
-                    row_pos: rp.slice(),
+                    inputs,
                     work: wk.slice(),
                     partials: partials.slice(),
                     items: work.len(),
-                    cache_blocks,
-                    max_blocks_per_seq: max_blocks,
-                    sequences: contexts.len(),
-                    rows,
-                    heads: s.heads,
-                    kv_heads: s.kv_heads,
-                    head_dim: s.head_dim,
-                    block_size: bs,
-                    scale,
-                    q_stride: qkv_width,
                 },
             )?;
         } else {
-            let tl = d.upload(&work.tiles)?;
             launch(
                 d,
                 &l::AttentionMma {
-                    q: q.slice(),
-                    k_cache: kc.slice(),
-                    v_cache: vc.slice(),
-                    block_tables: tb.slice(),
-                    row_seq: rs.slice(),
-                    row_pos: rp.slice(),
+                    inputs,
                     row_offset: ro.slice(),
                     tiles: tl.slice(),
                     partials: partials.slice(),
                     tile_count: work.tile_count(),
                     slots: work.slots,
-                    cache_blocks,
-                    max_blocks_per_seq: max_blocks,
-                    sequences: contexts.len(),
-                    rows,
-                    heads: s.heads,
-                    kv_heads: s.kv_heads,
-                    head_dim: s.head_dim,
-                    block_size: bs,
-                    scale,
-                    q_stride: qkv_width,
                 },
             )?;
         }

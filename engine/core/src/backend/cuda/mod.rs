@@ -1265,52 +1265,40 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         let c = &self.config;
         let hd = c.head_dim;
         let (qd, kvd) = qkv_widths(c);
+        let inputs = l::AttentionInputs {
+            q: self.act(qkv),
+            k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
+            v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
+            block_tables: self.tables.buf.slice(),
+            row_seq: self.row_seq.buf.slice(),
+            row_pos: self.positions.buf.slice(),
+            cache_blocks: self.num_blocks,
+            max_blocks_per_seq: self.max_blocks,
+            sequences: self.seqs,
+            rows: self.tokens,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: hd,
+            block_size: self.block_size,
+            scale: 1.0 / (hd as f32).sqrt(),
+            q_stride: qd + 2 * kvd,
+        };
         if self.attention_items > 0 {
             self.launch(&l::AttentionPartition {
-                q: self.act(qkv),
-                k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
-                v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
-                block_tables: self.tables.buf.slice(),
-                row_seq: self.row_seq.buf.slice(),
-                row_pos: self.positions.buf.slice(),
+                inputs,
                 work: self.attn_work.buf.slice(),
                 partials: self.partials.slice(),
                 items: self.attention_items,
-                cache_blocks: self.num_blocks,
-                max_blocks_per_seq: self.max_blocks,
-                sequences: self.seqs,
-                rows: self.tokens,
-                heads: c.num_heads,
-                kv_heads: c.num_kv_heads,
-                head_dim: hd,
-                block_size: self.block_size,
-                scale: 1.0 / (hd as f32).sqrt(),
-                q_stride: qd + 2 * kvd,
             })?;
         }
         if self.attention_tiles > 0 {
             self.launch(&l::AttentionMma {
-                q: self.act(qkv),
-                k_cache: self.layer_view(&self.k_cache, self.num_blocks, layer),
-                v_cache: self.layer_view(&self.v_cache, self.num_blocks, layer),
-                block_tables: self.tables.buf.slice(),
-                row_seq: self.row_seq.buf.slice(),
-                row_pos: self.positions.buf.slice(),
+                inputs,
                 row_offset: self.attn_row_offset.buf.slice(),
                 tiles: self.attn_tiles.buf.slice(),
                 partials: self.partials.slice(),
                 tile_count: self.attention_tiles,
                 slots: self.attention_slots,
-                cache_blocks: self.num_blocks,
-                max_blocks_per_seq: self.max_blocks,
-                sequences: self.seqs,
-                rows: self.tokens,
-                heads: c.num_heads,
-                kv_heads: c.num_kv_heads,
-                head_dim: hd,
-                block_size: self.block_size,
-                scale: 1.0 / (hd as f32).sqrt(),
-                q_stride: qd + 2 * kvd,
             })?;
         }
         // Every row gets its output: a padding row (no partition) zeros.
