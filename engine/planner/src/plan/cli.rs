@@ -403,36 +403,19 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             "report": found.report,
             "seeds": found.seed_reports,
         });
-        // The curve: runs of the winning settings, plus the span up to --gpus.
-        let mut points: Vec<usize> = found
-            .runs
-            .iter()
-            .filter(|(b, _, _)| *b == found.batch)
-            .map(|(_, r, _)| r.gpus)
-            .collect();
-        if let Some(n) = args.gpus {
-            let (a, z) = (found.gpus.min(n), found.gpus.max(n));
-            let steps = (z - a).clamp(1, 5);
-            for i in 0..=steps {
-                points.push(a + (z - a) * i / steps);
-            }
-        }
-        points.sort_unstable();
-        points.dedup();
-        for n in points {
-            let r = planner.evaluate(n, found.batch);
-            let ok = slo.failures(&r).is_empty();
-            curve.push((r, Some(ok)));
-        }
         if let Some(n) = args.gpus {
             let r = planner.evaluate(n, found.batch);
             doc["at"] = serde_json::to_value(&r).expect("a report serialises");
             doc["at_failing"] = json!(slo.failures(&r));
         }
+        let mut relaxed_gpus = None;
         if !relax.is_empty() {
             let loose = slo.relaxed(&relax);
             match planner.fewest(&loose, &grid, args.max_gpus) {
                 Ok(l) => {
+                    if l.batch == found.batch {
+                        relaxed_gpus = Some(l.gpus);
+                    }
                     text.push_str(&format!(
                         "fewest GPUs meeting {}: {} (max running {}, token budget {}): frees {} of {}\n",
                         describe(&loose),
@@ -453,6 +436,29 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        // The curve: runs of the winning settings, the relaxed answer, and the span up to
+        // --gpus.
+        let mut points: Vec<usize> = found
+            .runs
+            .iter()
+            .filter(|(b, _, _)| *b == found.batch)
+            .map(|(_, r, _)| r.gpus)
+            .collect();
+        if let Some(n) = args.gpus {
+            let (a, z) = (found.gpus.min(n), found.gpus.max(n));
+            let steps = (z - a).clamp(1, 5);
+            for i in 0..=steps {
+                points.push(a + (z - a) * i / steps);
+            }
+        }
+        points.extend(relaxed_gpus);
+        points.sort_unstable();
+        points.dedup();
+        for n in points {
+            let r = planner.evaluate(n, found.batch);
+            let ok = slo.failures(&r).is_empty();
+            curve.push((r, Some(ok)));
         }
     }
     text.push_str(HEADER);

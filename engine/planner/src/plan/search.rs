@@ -214,6 +214,10 @@ pub struct Planner {
     pub summary: WorkloadSummary,
     book: Arc<ConversationBook>,
     cache: HashMap<(usize, BatchConfig, u64), (u64, FleetReport)>,
+    /// The run settings of each fleet size and batch setting, fixed by its first run (its
+    /// warm-up, window and latency hint): every later run of it (another seed, with or without
+    /// an early stop) simulates the same timeline.
+    configs: HashMap<(usize, BatchConfig), FleetConfig>,
     /// Measured (TTFT, TPOT) p50 of finished runs, by fleet size and settings.
     hints: Vec<(usize, BatchConfig, (f64, f64))>,
     /// Runs made so far.
@@ -305,6 +309,7 @@ impl Planner {
             book,
             cache: HashMap::new(),
             hints: Vec::new(),
+            configs: HashMap::new(),
             runs: 0,
         })
     }
@@ -459,28 +464,43 @@ impl Planner {
                 return r.clone();
             }
         }
-        let mut cfg = self.fleet_config(n, b, early);
+        let fixed = self.configs.get(&(n, b)).cloned();
+        let mut cfg = fixed
+            .clone()
+            .unwrap_or_else(|| self.fleet_config(n, b, early));
         cfg.seed = seed;
+        cfg.early_stop = early;
         let mut r = simulate(&cfg, &self.book);
         r.nominal_per_s = self.messages_per_s;
         self.runs += 1;
         // The warm-up came from expected latencies; a fleet near its knee replies slower, its
         // conversations take longer to reach their steady mix, and a short warm-up would measure
-        // it under a lighter load than it gets. Run again with the warm-up its own latencies ask.
-        if self.opts.warmup_s.is_none() && !r.overloaded && !r.stopped_early {
+        // it under a lighter load than it gets. The first run of a fleet runs again with the
+        // warm-up its own latencies ask (those of the requests that finished, if it stopped
+        // early), and every later run of that fleet keeps it.
+        if fixed.is_none() {
             let measured = (r.ttft_p50_ms / 1e3, r.tpot_p50_ms / 1e3);
-            let needed = if measured.0.is_finite() && measured.1.is_finite() {
+            let needed = if self.opts.warmup_s.is_none()
+                && !r.overloaded
+                && measured.0.is_finite()
+                && measured.1.is_finite()
+            {
                 self.warmup_at(measured)
             } else {
                 0.0
             };
             if needed > cfg.warmup_s * 1.1 {
-                cfg.sim_start_s += needed - cfg.warmup_s;
-                cfg.warmup_s = needed;
+                if self.opts.progress {
+                    eprintln!(
+                        "  {n} GPUs (seed {seed}) replied slower than expected: again with a {needed:.0} s warm-up"
+                    );
+                }
+                lengthen_warmup(&mut cfg, needed);
                 r = simulate(&cfg, &self.book);
                 r.nominal_per_s = self.messages_per_s;
                 self.runs += 1;
             }
+            self.configs.insert((n, b), cfg.clone());
         }
         if self.opts.progress {
             eprintln!(
@@ -488,7 +508,13 @@ impl Planner {
                 b.max_running,
                 b.max_batched_tokens,
                 r.ttft_p99_ms,
-                if r.cannot_keep_up() { ", overloaded" } else { "" },
+                if r.stopped_early {
+                    ", stopped early: the TTFT bound is certainly broken"
+                } else if r.cannot_keep_up() {
+                    ", overloaded"
+                } else {
+                    ""
+                },
                 r.sim_wall_s
             );
         }
@@ -697,4 +723,11 @@ impl Planner {
             }
         }
     }
+}
+
+/// Set `cfg`'s warm-up to `warmup_s` (no shorter than it is), keeping the simulated part's length.
+fn lengthen_warmup(cfg: &mut FleetConfig, warmup_s: f64) {
+    let w = warmup_s.max(cfg.warmup_s);
+    cfg.sim_start_s += w - cfg.warmup_s;
+    cfg.warmup_s = w;
 }
