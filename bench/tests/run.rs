@@ -255,6 +255,41 @@ fn bad_input_gives_clear_errors() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A run in which every request fails (glassllm served without a chat template) writes its
+/// report but fails, saying why and what to give the daemon.
+#[test]
+fn a_run_that_completes_nothing_fails_and_names_the_cause() {
+    let dir = std::env::temp_dir().join(format!("convoy-bench-none-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let report = dir.join("r.json");
+    let out = bench()
+        .args(["run", "--workload", "bench/workloads/smoke.toml", "--spawn"])
+        .arg("--convoy")
+        .arg(convoy())
+        .args([
+            "--model",
+            "models/glassllm",
+            "--duration-s",
+            "2",
+            "--no-progress",
+        ])
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("completed no request"), "{t}");
+    assert!(
+        t.contains("--chat-template bench/workloads/compact.jinja"),
+        "{t}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["runs"][0]["requests"]["errors"]["no_chat_template"].as_u64() > Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Calibrating while other processes take the CPU warns loudly: the step times it measures,
 /// and a profile made of them, would be wrong.
 #[test]

@@ -342,7 +342,7 @@ pub fn main(args: RunArgs) -> Result<()> {
         let result = recorder.lock().result(offered, elapsed);
         if result.requests.completed == 0 {
             eprintln!(
-                "warning: run {} completed no request (errors: {:?})",
+                "error: run {} completed no request (errors: {:?})",
                 k + 1,
                 result.requests.errors
             );
@@ -380,6 +380,21 @@ pub fn main(args: RunArgs) -> Result<()> {
         for f in plot::write_plots(&report, dir)? {
             println!("plot: {}", f.display());
         }
+    }
+    // A run where every request failed measured nothing: the report is written (its errors
+    // say why), and the command fails.
+    if let Some(k) = report.runs.iter().position(|r| r.requests.completed == 0) {
+        let errors = &report.runs[k].requests.errors;
+        let hint = if errors.contains_key("no_chat_template") {
+            ": the model has no chat template; give the daemon one (after `--`, \
+             --chat-template bench/workloads/compact.jinja for glassllm)"
+        } else {
+            ""
+        };
+        bail!(
+            "run {} completed no request (errors: {errors:?}){hint}",
+            k + 1
+        );
     }
     Ok(())
 }
