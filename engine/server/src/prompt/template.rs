@@ -233,6 +233,39 @@ fn render_error(template: &str, e: &minijinja::Error, missing: &[String]) -> Pro
     }
 }
 
+/// A render's variables as its root context: each name the template looks up and does not find
+/// is remembered, so an undefined-value error can say which it was. Lookups and iteration are
+/// the variables' own.
+#[derive(Debug)]
+struct RootVariables {
+    vars: Value,
+    misses: Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl minijinja::value::Object for RootVariables {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match key.as_str() {
+            Some(name) => self.get_value_by_str(name),
+            None => None,
+        }
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, name: &str) -> Option<Value> {
+        let v = self.vars.get_attr(name).ok().filter(|v| !v.is_undefined());
+        if v.is_none() {
+            self.misses.lock().push(name.to_string());
+        }
+        v
+    }
+
+    fn enumerate(self: &Arc<Self>) -> minijinja::value::Enumerator {
+        match self.vars.try_iter() {
+            Ok(keys) => minijinja::value::Enumerator::Values(keys.collect()),
+            Err(_) => minijinja::value::Enumerator::Empty,
+        }
+    }
+}
+
 /// A set of named templates that can include and import one another.
 pub struct TemplateSet {
     env: Environment<'static>,
@@ -454,7 +487,12 @@ impl TemplateSet {
         variables: &serde_json::Value,
     ) -> Result<String, PromptError> {
         self.check_request(which, variables)?;
-        let ctx = Value::from_serialize(variables);
+        let root = RootVariables {
+            vars: Value::from_serialize(variables),
+            misses: Arc::default(),
+        };
+        let misses = Arc::clone(&root.misses);
+        let ctx = Value::from_object(root);
         let name = which.name();
         match which {
             TemplateRef::Named(n) => {
@@ -462,7 +500,7 @@ impl TemplateSet {
                 self.render_limited(
                     name,
                     |out| t.render_captured_to(ctx, out).map(drop),
-                    |e| self.missing_variables(e, None, variables),
+                    |e| self.missing_variables(e, None, variables, &misses.lock()),
                 )
             }
             TemplateRef::Inline(source) => {
@@ -473,7 +511,7 @@ impl TemplateSet {
                 self.render_limited(
                     name,
                     |out| t.render_captured_to(ctx, out).map(drop),
-                    |e| self.missing_variables(e, Some(source), variables),
+                    |e| self.missing_variables(e, Some(source), variables, &misses.lock()),
                 )
             }
         }
@@ -500,15 +538,18 @@ impl TemplateSet {
         }
     }
 
-    /// The variables (dotted paths such as `scene.title`) the template an undefined-value error
-    /// comes from uses and `variables` lacks, sorted; empty for other errors, and for a named
-    /// template unless [`TemplateSet::explain_named_templates`]. `inline`: the source of an
-    /// inline template being rendered.
+    /// The variables an undefined-value error lacked: the names the render looked up and did
+    /// not find (`misses`, in order; the engine stops at the first one used), then the dotted
+    /// paths into given variables (`scene.title` where `scene` has no `title`) that the failing
+    /// template uses and `variables` lack. Empty for other errors, and for a named template
+    /// unless [`TemplateSet::explain_named_templates`]. `inline`: the source of an inline
+    /// template being rendered.
     fn missing_variables(
         &self,
         e: &minijinja::Error,
         inline: Option<&str>,
         variables: &serde_json::Value,
+        misses: &[String],
     ) -> Vec<String> {
         let inner = innermost(e);
         if inner.kind() != ErrorKind::UndefinedError {
@@ -531,15 +572,24 @@ impl TemplateSet {
                 .try_fold(variables, |v, key| v.get(key))
                 .is_some()
         };
-        let mut missing: Vec<String> = template
+        let global = |name: &str| self.env.globals().any(|(g, _)| g == name);
+        let mut missing: Vec<String> = Vec::new();
+        for name in misses {
+            if !global(name) && !missing.contains(name) {
+                missing.push(name.clone());
+            }
+        }
+        let mut nested: Vec<String> = template
             .undeclared_variables(true)
             .into_iter()
             .filter(|p| {
-                let root = p.split('.').next().unwrap_or(p);
-                self.env.globals().all(|(g, _)| g != root) && !given(p)
+                p.split_once('.')
+                    .is_some_and(|(root, _)| given(root) && !global(root))
+                    && !given(p)
             })
             .collect();
-        missing.sort();
+        nested.sort();
+        missing.extend(nested);
         missing
     }
 
