@@ -136,6 +136,11 @@ impl TextCodec {
         }
     }
 
+    /// Whether the codec has a chat template (the model's own or `--chat-template`'s).
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
     /// Use `source` as the chat template instead of the model's own (`--chat-template`). The
     /// template may insert `bos_token` and `eos_token`: the texts of the model's ids.
     pub fn set_chat_template(&mut self, source: &str) -> Result<(), CodecError> {

@@ -380,6 +380,14 @@ fn a_chat_without_a_chat_template_names_the_flag_that_gives_one() {
         f.to_str().unwrap(),
     ]);
     one_error_line(code, &err, "--chat-template");
+    // `convoy chat` says so before its banner and first prompt (with stdin left open).
+    let out = Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .args(["chat", "--model", glass.to_str().unwrap()])
+        .stdin(std::process::Stdio::piped())
+        .output()
+        .expect("convoy runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    one_error_line(out.status.code().unwrap_or(-1), &err, "`convoy chat` needs");
 }
 
 /// Without a GPU, `--device cuda` is one clear line and exit code 1 (the libraries are probed

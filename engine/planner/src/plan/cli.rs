@@ -288,6 +288,10 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         progress: !args.json,
         ..PlanOptions::default()
     };
+    // A question with nothing to answer is refused before any work is announced.
+    if args.slo().is_empty() && args.gpus.is_none() {
+        return Err(PlanError::NoSlo);
+    }
     if !args.json {
         eprintln!(
             "convoy plan: workload {}, simulating fleets (each line below is one; the answer follows)",

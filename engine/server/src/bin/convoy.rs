@@ -291,6 +291,13 @@ fn run(cli: Cli) -> Result<()> {
             system,
         } => {
             let mut loaded = model.load()?;
+            // Every turn is a chat: say so before the first prompt, not after it.
+            if !loaded.codec.has_chat_template() {
+                bail!(
+                    "the model has no chat template, which `convoy chat` needs: give one with \
+                     --chat-template FILE (a Jinja file)"
+                );
+            }
             let cfg = loaded.generator_config();
             let num_layers = loaded.weights.config().num_layers;
             let mut generator = Generator::on_weights(
