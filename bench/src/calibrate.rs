@@ -378,7 +378,7 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         c[4] * 1e9
     );
     println!(
-        "fit error over {} shapes: rms {:.1}%, max {:.1}%  ({:.1} s of measuring)",
+        "fit error over {} steps: rms {:.1}%, max {:.1}%  ({:.1} s of measuring)",
         quality.samples,
         100.0 * quality.rms_relative_error,
         100.0 * quality.max_relative_error,
