@@ -526,7 +526,7 @@ impl Planner {
             wall_s = r.sim_wall_s,
             "fleet run"
         );
-        if !r.overloaded && !r.stopped_early && r.unfinished == 0 && r.requests > 0 {
+        if !r.cannot_keep_up() && !r.stopped_early && r.unfinished == 0 && r.requests > 0 {
             self.hints
                 .push((n, b, (r.ttft_p50_ms / 1e3, r.tpot_p50_ms / 1e3)));
         }
@@ -534,24 +534,24 @@ impl Planner {
         r
     }
 
-    /// The reports of a fleet on each confirming seed (the search's own first), or `None` when
-    /// one of them fails `slo`.
+    /// The reports of a fleet on each confirming seed (the search's own first), or the report
+    /// of the first seed that fails `slo`.
     fn confirmed(
         &mut self,
         n: usize,
         b: BatchConfig,
         early: Option<EarlyStop>,
         slo: &Slo,
-    ) -> Option<Vec<FleetReport>> {
+    ) -> Result<Vec<FleetReport>, Box<FleetReport>> {
         let mut reports = Vec::new();
         for i in 0..self.opts.confirm_seeds.max(1) as u64 {
             let r = self.run_seeded(n, b, early, self.opts.seed.wrapping_add(i));
             if !slo.failures(&r).is_empty() {
-                return None;
+                return Err(Box::new(r));
             }
             reports.push(r);
         }
-        Some(reports)
+        Ok(reports)
     }
 
     /// A first guess of the fleet size: the messages per second one replica can serve at a
@@ -590,6 +590,7 @@ impl Planner {
         let mut runs: Vec<(BatchConfig, FleetReport, bool)> = Vec::new();
         let mut best: Option<(usize, BatchConfig, Vec<FleetReport>, Vec<usize>)> = None;
         let mut closest: Option<FleetReport> = None;
+        let mut unconfirmed_failure: Option<FleetReport> = None;
         let mut check = |p: &mut Planner, n: usize, b: BatchConfig| -> bool {
             let r = p.run(n, b, early);
             let ok = slo.failures(&r).is_empty();
@@ -681,17 +682,25 @@ impl Planner {
             // The answer must meet the SLOs on every confirming seed too. Where one fails, the
             // answer sits in the noise of the draw: step up by the resolution until every seed
             // agrees.
+            // The steps stop at `limit`, which is tried itself.
+            let up = |p: &Planner, n: usize| {
+                (n + ((n as f64 * p.opts.resolution) as usize).max(1)).min(limit)
+            };
             let mut unconfirmed = Vec::new();
             let seed_reports = loop {
-                if let Some(reports) = self.confirmed(hi, b, early, slo) {
-                    break Some(reports);
+                match self.confirmed(hi, b, early, slo) {
+                    Ok(reports) => break Some(reports),
+                    Err(failing) => unconfirmed_failure = Some(*failing),
                 }
                 unconfirmed.push(hi);
-                hi += ((hi as f64 * self.opts.resolution) as usize).max(1);
-                while hi <= limit && !check(self, hi, b) {
-                    hi += ((hi as f64 * self.opts.resolution) as usize).max(1);
+                if hi >= limit {
+                    break None;
                 }
-                if hi > limit {
+                hi = up(self, hi);
+                while hi < limit && !check(self, hi, b) {
+                    hi = up(self, hi);
+                }
+                if hi == limit && !check(self, hi, b) {
                     break None;
                 }
             };
@@ -712,7 +721,9 @@ impl Planner {
                 unconfirmed,
             }),
             None => {
+                // The closest fleet that failed: at the limit, or on a confirming seed.
                 let best = closest
+                    .or(unconfirmed_failure)
                     .or_else(|| runs.last().map(|r| r.1.clone()))
                     .unwrap_or_default();
                 Err(PlanError::Unreachable {
