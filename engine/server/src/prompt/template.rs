@@ -162,7 +162,10 @@ fn new_env() -> Environment<'static> {
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(true);
-    env.set_debug(true);
+    // No debug mode: after an error it looks up every variable the template referenced again,
+    // which would hide which lookup failed (see `RootVariables`); `describe` quotes an inline
+    // template's line from the source it was given.
+    env.set_debug(false);
     env.set_fuel(Some(RENDER_FUEL));
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_filter("yaml_escape", yaml_escape);
@@ -180,7 +183,10 @@ fn innermost(e: &minijinja::Error) -> &minijinja::Error {
     cur
 }
 
-fn describe(template: &str, e: &minijinja::Error) -> (SourceLine, String) {
+/// `inline`: the source of the inline template being rendered, if one is (the engine keeps no
+/// sources of its own: debug mode would look every referenced variable up again after an
+/// error, which the error's naming of a missing variable cannot tell from the render's own).
+fn describe(template: &str, e: &minijinja::Error, inline: Option<&str>) -> (SourceLine, String) {
     let inner = innermost(e);
     let mut message = match inner.detail() {
         Some(d) => format!("{}: {d}", inner.kind()),
@@ -193,7 +199,7 @@ fn describe(template: &str, e: &minijinja::Error) -> (SourceLine, String) {
     // Only the client's own (inline) source is quoted back: a named template's lines are the
     // deployer's files, and no error carries file contents to a client.
     if at.template == INLINE_TEMPLATE_NAME {
-        if let (Some(src), Some(line)) = (inner.template_source(), inner.line()) {
+        if let (Some(src), Some(line)) = (inline, inner.line()) {
             if let Some(text) = src.lines().nth(line - 1).filter(|t| !t.trim().is_empty()) {
                 message.push_str(&format!(" (in `{}`)", cut(text.trim(), QUOTE_BYTES)));
             }
@@ -202,8 +208,8 @@ fn describe(template: &str, e: &minijinja::Error) -> (SourceLine, String) {
     (at, cut(&message, DETAIL_BYTES).to_string())
 }
 
-fn syntax_error(template: &str, e: &minijinja::Error) -> PromptError {
-    let (at, message) = describe(template, e);
+fn syntax_error(template: &str, e: &minijinja::Error, inline: Option<&str>) -> PromptError {
+    let (at, message) = describe(template, e, inline);
     PromptError::Syntax {
         template: template.to_string(),
         at,
@@ -213,8 +219,13 @@ fn syntax_error(template: &str, e: &minijinja::Error) -> PromptError {
 
 /// `missing`: the variables the failing template uses that the caller did not give (named in
 /// the message of an undefined-value error).
-fn render_error(template: &str, e: &minijinja::Error, missing: &[String]) -> PromptError {
-    let (at, mut message) = describe(template, e);
+fn render_error(
+    template: &str,
+    e: &minijinja::Error,
+    inline: Option<&str>,
+    missing: &[String],
+) -> PromptError {
+    let (at, mut message) = describe(template, e, inline);
     if !missing.is_empty() {
         let list = cut(&missing.join(", "), QUOTE_BYTES).to_string();
         message.push_str(&format!(" (not given: {list})"));
@@ -233,9 +244,22 @@ fn render_error(template: &str, e: &minijinja::Error, missing: &[String]) -> Pro
     }
 }
 
+/// Whether `source` holds `name` as a whole identifier.
+fn spells(source: &str, name: &str) -> bool {
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    source.match_indices(name).any(|(at, _)| {
+        let before = source[..at].chars().next_back();
+        let after = source[at + name.len()..].chars().next();
+        !before.is_some_and(ident) && !after.is_some_and(ident)
+    })
+}
+
+/// Names [`RootVariables`] remembers at most.
+const MAX_MISSES: usize = 64;
+
 /// A render's variables as its root context: each name the template looks up and does not find
-/// is remembered, so an undefined-value error can say which it was. Lookups and iteration are
-/// the variables' own.
+/// is remembered (each once, the latest last), so an undefined-value error can say which it
+/// was. Lookups and iteration are the variables' own.
 #[derive(Debug)]
 struct RootVariables {
     vars: Value,
@@ -253,7 +277,12 @@ impl minijinja::value::Object for RootVariables {
     fn get_value_by_str(self: &Arc<Self>, name: &str) -> Option<Value> {
         let v = self.vars.get_attr(name).ok().filter(|v| !v.is_undefined());
         if v.is_none() {
-            self.misses.lock().push(name.to_string());
+            // Each name once, the latest last; a loop probing names costs no memory.
+            let mut misses = self.misses.lock();
+            misses.retain(|m| m != name);
+            if misses.len() < MAX_MISSES {
+                misses.push(name.to_string());
+            }
         }
         v
     }
@@ -430,7 +459,7 @@ impl TemplateSet {
     pub fn add(&mut self, name: &str, source: &str) -> Result<(), PromptError> {
         self.env
             .add_template_owned(name.to_string(), source.to_string())
-            .map_err(|e| syntax_error(name, &e))?;
+            .map_err(|e| syntax_error(name, &e, None))?;
         if !self.contains(name) {
             self.names.push(name.to_string());
             self.names.sort();
@@ -496,9 +525,13 @@ impl TemplateSet {
         let name = which.name();
         match which {
             TemplateRef::Named(n) => {
-                let t = self.env.get_template(n).map_err(|e| syntax_error(n, &e))?;
+                let t = self
+                    .env
+                    .get_template(n)
+                    .map_err(|e| syntax_error(n, &e, None))?;
                 self.render_limited(
                     name,
+                    None,
                     |out| t.render_captured_to(ctx, out).map(drop),
                     |e| self.missing_variables(e, None, variables, &misses.lock()),
                 )
@@ -507,9 +540,10 @@ impl TemplateSet {
                 let t = self
                     .env
                     .template_from_named_str(INLINE_TEMPLATE_NAME, source)
-                    .map_err(|e| syntax_error(name, &e))?;
+                    .map_err(|e| syntax_error(name, &e, Some(source)))?;
                 self.render_limited(
                     name,
+                    Some(source),
                     |out| t.render_captured_to(ctx, out).map(drop),
                     |e| self.missing_variables(e, Some(source), variables, &misses.lock()),
                 )
@@ -538,12 +572,14 @@ impl TemplateSet {
         }
     }
 
-    /// The variables an undefined-value error lacked: the names the render looked up and did
-    /// not find (`misses`, in order; the engine stops at the first one used), then the dotted
+    /// The variable an undefined-value error lacked, as far as it can be traced: the dotted
     /// paths into given variables (`scene.title` where `scene` has no `title`) that the failing
-    /// template uses and `variables` lack. Empty for other errors, and for a named template
-    /// unless [`TemplateSet::explain_named_templates`]. `inline`: the source of an inline
-    /// template being rendered.
+    /// template uses and `variables` lack, else the last name the render looked up and did not
+    /// find (`misses`; the engine stops at the first undefined value used, and names probed
+    /// with `is defined` before it are not it). An inline template's error names only what its
+    /// own text spells (never a name from a named template it includes). Empty for other
+    /// errors, and for a named template unless [`TemplateSet::explain_named_templates`].
+    /// `inline`: the source of an inline template being rendered.
     fn missing_variables(
         &self,
         e: &minijinja::Error,
@@ -573,12 +609,11 @@ impl TemplateSet {
                 .is_some()
         };
         let global = |name: &str| self.env.globals().any(|(g, _)| g == name);
-        let mut missing: Vec<String> = Vec::new();
-        for name in misses {
-            if !global(name) && !missing.contains(name) {
-                missing.push(name.clone());
-            }
-        }
+        // Whether the client's own text spells `name` (always, for the set's own user).
+        let spelled = |name: &str| match inner.name() {
+            Some(INLINE_TEMPLATE_NAME) => inline.is_some_and(|src| spells(src, name)),
+            _ => true,
+        };
         let mut nested: Vec<String> = template
             .undeclared_variables(true)
             .into_iter()
@@ -589,8 +624,16 @@ impl TemplateSet {
             })
             .collect();
         nested.sort();
-        missing.extend(nested);
-        missing
+        if !nested.is_empty() {
+            return nested;
+        }
+        misses
+            .iter()
+            .rev()
+            .find(|m| !global(m) && !given(m))
+            .filter(|m| spelled(m))
+            .map(|m| vec![m.clone()])
+            .unwrap_or_default()
     }
 
     /// Run `render` into an output capped at `max_output_bytes`; `missing` names the variables
@@ -598,6 +641,7 @@ impl TemplateSet {
     fn render_limited(
         &self,
         name: &str,
+        inline: Option<&str>,
         render: impl FnOnce(&mut LimitedOutput) -> Result<(), minijinja::Error>,
         missing: impl FnOnce(&minijinja::Error) -> Vec<String>,
     ) -> Result<String, PromptError> {
@@ -616,7 +660,7 @@ impl TemplateSet {
                 ),
             });
         }
-        result.map_err(|e| render_error(name, &e, &missing(&e)))?;
+        result.map_err(|e| render_error(name, &e, inline, &missing(&e)))?;
         // minijinja writes whole UTF-8 strings, so the bytes are valid text.
         String::from_utf8(out.text).map_err(|_| PromptError::Limit {
             template: name.to_string(),
@@ -851,6 +895,36 @@ mod tests {
         assert!(matches!(e, PromptError::Syntax { .. }), "{e:?}");
         assert_eq!(e.template(), Some("inline"));
         assert_eq!(e.line(), Some(2));
+    }
+
+    /// The error names the variable that failed, not one probed with `is defined` before it,
+    /// and an inline template's error never names a variable of a named template it includes.
+    #[test]
+    fn undefined_names_only_the_failing_variable_of_the_clients_own_text() {
+        let s = set(&[
+            (
+                "_system",
+                "{% if internal_flag is defined %}x{% endif %}- name: s\n  content: hi\n",
+            ),
+            ("_broken", "{{ secret_name ~ 1 }}"),
+        ]);
+        let e = s
+            .render(
+                TemplateRef::Inline(
+                    "{% if tools is defined %}{% endif %}{% include '_system' %}\n- name: a\n  content: {{ nope | yaml_escape }}\n",
+                ),
+                &json!({}),
+            )
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.ends_with("(not given: nope)"), "{msg}");
+        assert!(!msg.contains("internal_flag"), "{msg}");
+        // Failing inside the named template: nothing of it is named to a client.
+        let e = s
+            .render(TemplateRef::Inline("{% include '_broken' %}"), &json!({}))
+            .unwrap_err();
+        assert!(!e.to_string().contains("secret_name"), "{e}");
+        assert!(!e.to_string().contains("not given"), "{e}");
     }
 
     #[test]
