@@ -538,7 +538,7 @@ fn attention_on_tensor_cores_matches_float64_at_smollm2_shape() {
     assert!(err < 2e-5, "max error {err}");
 }
 
-/// Llama-3-8B's GQA (8 heads per KV head: 8-row tiles) and MQA (32: 2-row tiles) shapes, a
+/// Llama-3-8B's GQA (4 heads per KV head: 16-row tiles) and MQA (32: 2-row tiles) shapes, a
 /// chunk from position 0 (causal masking inside every tile) and one crossing a partition.
 #[test]
 fn attention_on_tensor_cores_matches_float64_at_llama3_shapes() {

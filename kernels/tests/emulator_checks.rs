@@ -213,11 +213,14 @@ fn the_mma_model_follows_the_ptx_fragment_layout() {
 fn half_a_warp_at_an_mma_and_half_at_a_shuffle_is_reported() {
     let dev = EmulatedDevice::new();
     let out = dev.alloc(32 * 4).unwrap();
-    let (kind, msg) = fault_of(run(
-        "emu_check_mma_divergent",
-        32,
-        &[KernelArg::Ptr(out.slice().ptr)],
-    ));
-    assert_eq!(kind, FaultKind::Shuffle, "{msg}");
-    assert!(msg.contains("different warp-collective"), "{msg}");
+    // Whichever half holds lane 0.
+    for mma_first in [1, 0] {
+        let (kind, msg) = fault_of(run(
+            "emu_check_mma_divergent",
+            32,
+            &[KernelArg::Ptr(out.slice().ptr), KernelArg::I32(mma_first)],
+        ));
+        assert_eq!(kind, FaultKind::Shuffle, "{msg}");
+        assert!(msg.contains("different warp-collective"), "{msg}");
+    }
 }

@@ -82,6 +82,26 @@ fn smollm2_logits_match_the_cpu_within_bf16_tolerance() {
     assert!(e < 1e-3, "NMSE {e}");
 }
 
+/// A batch whose sequence rows are not its context's last positions in order (what the
+/// attention tiles rely on) is refused before anything runs, never computed wrongly.
+#[test]
+fn a_batch_with_a_sequence_s_rows_out_of_order_is_refused() {
+    use convoy_engine::backend::BackendError;
+    let (model, _) = load(&glassllm_path());
+    let mut cuda = CudaBackend::new(EmulatedDevice::new(), &model, 8, 0, 4, 16).unwrap();
+    let mut batch = ForwardBatch::default();
+    batch.push_seq(&[5, 9, 14], 0, &[3], 4, true);
+    batch.positions.swap(0, 2);
+    let mut logits = Vec::new();
+    match forward(&mut cuda, &batch, &mut logits) {
+        Err(BackendError::Unsupported { reason, .. }) => {
+            assert!(reason.contains("row 0 is not position 0"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(logits.is_empty());
+}
+
 /// On a card without tensor cores attention runs on the CUDA-core kernel; the model still
 /// matches the CPU. The two kernels agree within float rounding (kernels/tests), which the
 /// bf16 KV cache turns into bf16-sized differences of the logits: within the same tolerance.

@@ -101,11 +101,12 @@ extern "C" __global__ void emu_check_mma_layout(const bf16_t* a, const bf16_t* b
     }
 }
 
-// Half a warp at an MMA while the other half waits at a shuffle.
-extern "C" __global__ void emu_check_mma_divergent(int* out) {
+// Half a warp at an MMA while the other half waits at a shuffle (`mma_first`: lanes 0-15 at the
+// MMA, else at the shuffle).
+extern "C" __global__ void emu_check_mma_divergent(int* out, int mma_first) {
     unsigned int a[4] = {0u, 0u, 0u, 0u}, b[2] = {0u, 0u};
     float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (threadIdx.x < 16) {
+    if ((threadIdx.x < 16) == (mma_first != 0)) {
         mma_bf16_16816(a, b, c, c);
     } else {
         out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 1);

@@ -276,17 +276,16 @@ bool release_shuffles(std::vector<Fiber>& fibers) {
                 if (!(waiting >> l & 1)) ready = false;  // still running
             }
             if (!ready) continue;
-            // A collective (mma.sync) runs once over the lanes it names: it names the full warp.
-            if (f0.collective != nullptr) {
-                for (int l = 0; l < lanes; l++) {
-                    if ((waiting >> l & 1) && fibers[base + l].collective != f0.collective) {
-                        set_fault(kShuffle, "lanes of one warp meet at different warp-collective operations at " +
-                                                where(fibers[base + l]), base + l);
-                        return false;
-                    }
+            // Every lane of the group must be at the same kind of exchange: a shuffle, or one
+            // collective (mma.sync), which then runs once over the lanes (the full warp).
+            for (int l = 0; l < lanes; l++) {
+                if ((waiting >> l & 1) && fibers[base + l].collective != f0.collective) {
+                    set_fault(kShuffle, "lanes of one warp meet at different warp-collective operations at " +
+                                            where(fibers[base + l]), base + l);
+                    return false;
                 }
-                f0.collective(&fibers[base], lanes);
             }
+            if (f0.collective != nullptr) f0.collective(&fibers[base], lanes);
             for (int l = 0; l < lanes; l++) {
                 if (!(waiting >> l & 1)) continue;
                 Fiber& f = fibers[base + l];

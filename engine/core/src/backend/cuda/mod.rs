@@ -506,6 +506,7 @@ impl<D: DeviceLayer> CudaBackend<D> {
         // No pass is begun: the next step starts from its own begin_step.
         self.tokens = 0;
         self.rows = 0;
+        self.pass_rows = 0;
         self.pass_bucket = None;
         Ok(recorded)
     }
@@ -956,12 +957,17 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
                 }
                 *owner = i as i32;
             }
-            // Each row's position must lie inside its sequence's context.
-            for r in s.query_start..s.query_start + s.num_queries {
-                if batch.positions[r] as usize >= s.context_len {
+            // A sequence's rows are the last positions of its context, in order (what the
+            // attention tiles assume: a tile's last row reaches furthest).
+            let first_pos = s.context_len.checked_sub(s.num_queries);
+            for (i, r) in (s.query_start..s.query_start + s.num_queries).enumerate() {
+                if first_pos.map(|p| p + i) != Some(batch.positions[r] as usize) {
                     return Err(bad_batch(
                         name,
-                        format!("row {r} is past its sequence's context"),
+                        format!(
+                            "row {r} is not position {} of its sequence's last {} rows",
+                            i, s.num_queries
+                        ),
                     ));
                 }
             }
@@ -1019,10 +1025,10 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         Self::put(d, &mut self.tables, &tables).map_err(&e)?;
         Self::put(d, &mut self.logit_rows, &logit_rows).map_err(&e)?;
         // On tensor cores every row of every sequence, a prefill chunk's and a decode row
-        // alike: one kernel computes every position, so KV a decode step wrote is what a
-        // recomputation of the same prompt writes, bit for bit (the cache oracle's premise),
-        // and a row's result depends on no other row of its tile or batch. Padding rows (a
-        // graph's) belong to no sequence and get no work.
+        // alike: one attention kernel computes every position, and a row's result depends on
+        // no other row of its tile or batch, so KV a decode step wrote is what a recomputation
+        // of the same prompt writes (bitwise on the emulator; docs/cuda.md says what a GPU
+        // adds). Padding rows (a graph's) belong to no sequence and get no work.
         let runs: Vec<(usize, usize)> = if self.tensor_core_attention {
             batch
                 .seqs
