@@ -303,6 +303,53 @@ fn a_thousand_concurrent_streaming_connections() {
     wait_for_zero_held(&mut c);
 }
 
+/// A client holding an idle connection open does not hold the daemon's exit: once the engine
+/// has stopped, the daemon closes the connection (the client reads its end) and exits.
+#[test]
+fn an_idle_connection_is_closed_at_shutdown_not_waited_for() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("convoy-idle-exit-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("convoy.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .args(["serve", "--model", smollm2().to_str().unwrap()])
+        .args([
+            "--socket",
+            socket.to_str().unwrap(),
+            "--kv-cache-memory",
+            "64MiB",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut idle = poll("the daemon to come up", 60, || {
+        std::os::unix::net::UnixStream::connect(&socket).ok()
+    });
+    // The connection is accepted (a health check on another answers after it).
+    let mut c = poll("a second connection", 60, || Client::connect(&socket).ok());
+    c.send(&json!({"op": "health"})).unwrap();
+    c.recv().unwrap();
+    drop(c);
+    {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    }
+    idle.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // The idle one, and perhaps the health check's if its hang-up is not seen yet.
+    assert!(stderr.contains("open connection(s)"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn sigterm_drains_and_removes_the_socket_and_a_live_socket_is_not_taken_over() {
     let mut d = Daemon::start("sigterm", &smollm2(), &["--drain-timeout", "1"]);

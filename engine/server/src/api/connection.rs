@@ -426,13 +426,22 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: UnixStream, id: u64) 
     };
     let mut reader = BufReader::with_capacity(2048, read);
     let mut buf = Vec::new();
+    let mut stopped = shared.stopped.subscribe();
     loop {
         // Back-pressure: while this client has not read what it was sent, read nothing more
         // from it, so replies it keeps asking for cannot pile up in memory.
-        while conn.out.pending.load(Ordering::Relaxed) > conn.out.limit && !conn.out.is_closed() {
+        while conn.out.pending.load(Ordering::Relaxed) > conn.out.limit
+            && !conn.out.is_closed()
+            && !*stopped.borrow()
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        match read_line_limited(&mut reader, &mut buf, shared.cfg.max_line_bytes).await {
+        // The daemon has stopped: read no more (a line cut off here was sent too late).
+        let line = tokio::select! {
+            line = read_line_limited(&mut reader, &mut buf, shared.cfg.max_line_bytes) => line,
+            _ = stopped.wait_for(|s| *s) => break,
+        };
+        match line {
             Ok(Line::Complete) => conn.handle(&buf, reader.get_ref().as_ref().as_fd()).await,
             Ok(Line::TooLong) => conn.out.send(error_event(
                 None,

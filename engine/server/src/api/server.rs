@@ -72,6 +72,9 @@ pub(crate) struct Shared {
     pub(crate) connections: AtomicUsize,
     /// Set from SIGTERM on: new `generate` lines are refused.
     pub(crate) draining: AtomicBool,
+    /// Set once the engine has stopped and every final event is queued: connections stop
+    /// reading, send what they hold and close (an idle client does not hold the exit).
+    pub(crate) stopped: tokio::sync::watch::Sender<bool>,
     pub(crate) started: Instant,
     pub(crate) latencies: Latencies,
     /// The prompt templates, when the daemon has a `--templates` directory.
@@ -130,6 +133,7 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
             next_id: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            stopped: tokio::sync::watch::Sender::new(false),
             started: Instant::now(),
             latencies: Latencies::default(),
             templates,
@@ -258,6 +262,12 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         }
         engine.shutdown();
         let result = engine.join();
+        // Every final event is queued: connections send theirs and close, idle ones too.
+        shared.stopped.send_replace(true);
+        let open = shared.connections.load(Ordering::Relaxed);
+        if open > 0 {
+            eprintln!("convoy: closing {open} open connection(s)");
+        }
         // Give connection writers a moment to flush the final events.
         let flush_until = Instant::now() + Duration::from_secs(2);
         while shared.connections.load(Ordering::Relaxed) > 0 && Instant::now() < flush_until {
