@@ -378,6 +378,35 @@ fn run_both(
     );
 }
 
+/// Block tables of 20 blocks for `seqs` sequences, each in reverse order (no sequence's blocks
+/// are contiguous).
+fn reversed_tables(seqs: usize) -> Vec<Vec<u32>> {
+    (0..seqs as u32)
+        .map(|s| (0..20).map(|b| s * 20 + 19 - b).collect())
+        .collect()
+}
+
+/// Prefill each sequence alone on both backends: sequence `s` gets `6 + grow * s` tokens,
+/// token `i` being `(i * mul + s) % 200 + 3`; `lens` takes the prompts' lengths.
+fn prefill_each(
+    eager: &mut CudaBackend<EmulatedDevice>,
+    graphed: &mut CudaBackend<EmulatedDevice>,
+    tables: &[Vec<u32>],
+    lens: &mut [usize],
+    bs: usize,
+    (grow, mul): (usize, usize),
+) {
+    for (s, len) in lens.iter_mut().enumerate() {
+        let prompt: Vec<u32> = (0..6 + grow * s)
+            .map(|i| (i * mul + s) as u32 % 200 + 3)
+            .collect();
+        let mut batch = ForwardBatch::default();
+        batch.push_seq(&prompt, 0, &tables[s], bs, true);
+        run_both(eager, graphed, &batch);
+        *len = prompt.len();
+    }
+}
+
 /// One decode step of the `active` sequences (block tables `tables`, lengths `lens`).
 fn decode_step(
     active: &[usize],
@@ -412,20 +441,10 @@ fn decode_graphs_replay_exactly_what_eager_passes_compute() {
         backend(GraphPolicy::eager()),
         backend(GraphPolicy::new(16, 64)),
     );
-    let tables: Vec<Vec<u32>> = (0..seqs as u32)
-        .map(|s| (0..20).map(|b| s * 20 + 19 - b).collect())
-        .collect();
+    let tables = reversed_tables(seqs);
     let mut lens = vec![0usize; seqs];
     // Prefills (eager on both), one sequence per pass.
-    for s in 0..seqs {
-        let prompt: Vec<u32> = (0..6 + 3 * s)
-            .map(|i| (i * 7 + s) as u32 % 200 + 3)
-            .collect();
-        let mut batch = ForwardBatch::default();
-        batch.push_seq(&prompt, 0, &tables[s], bs, true);
-        run_both(&mut eager, &mut graphed, &batch);
-        lens[s] = prompt.len();
-    }
+    prefill_each(&mut eager, &mut graphed, &tables, &mut lens, bs, (3, 7));
     // Buckets 8, 4, 1, 8, 2, 8: each bucket's first pass runs eagerly and is recorded (four
     // graphs); the later passes of bucket 8 replay.
     for active in [
@@ -500,20 +519,10 @@ fn decode_graphs_recorded_at_startup_replay_from_the_first_step() {
     // Buckets 1, 2, 4, 8 and 16.
     assert_eq!(graphed.record_decode_graphs().unwrap(), 5);
     assert_eq!(eager.record_decode_graphs().unwrap(), 0);
-    let tables: Vec<Vec<u32>> = (0..seqs as u32)
-        .map(|s| (0..20).map(|b| s * 20 + 19 - b).collect())
-        .collect();
+    let tables = reversed_tables(seqs);
     let mut lens = vec![0usize; seqs];
     // Prefills within the 16-token workspace: no buffer moves.
-    for s in 0..seqs {
-        let prompt: Vec<u32> = (0..6 + 2 * s)
-            .map(|i| (i * 5 + s) as u32 % 200 + 3)
-            .collect();
-        let mut batch = ForwardBatch::default();
-        batch.push_seq(&prompt, 0, &tables[s], bs, true);
-        run_both(&mut eager, &mut graphed, &batch);
-        lens[s] = prompt.len();
-    }
+    prefill_each(&mut eager, &mut graphed, &tables, &mut lens, bs, (2, 5));
     for active in [&[0, 1, 2, 3, 4][..], &[0, 2, 4], &[3], &[1, 4]] {
         run_both(
             &mut eager,

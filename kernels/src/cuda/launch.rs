@@ -47,14 +47,15 @@ pub fn attention_mma_head_dim_ok(head_dim: usize) -> bool {
         && head_dim <= ATTENTION_MMA_MAX_HEAD_DIM
 }
 
-/// Query rows of one tensor-core tile for `group` query heads per KV head: the block's matrix rows
-/// over the heads of one chunk.
+/// Query rows of one tensor-core tile for `group` query heads per KV head: the block's matrix
+/// rows over the heads of one chunk.
 pub fn attention_mma_tile_tokens(group: usize) -> usize {
     ATTENTION_MMA_TILE_ROWS / attention_chunk(group)
 }
 
-/// Dynamic shared memory of a tensor-core attention block for `head_dim`: the KV tile's row offsets, then
-/// bf16 rows of `head_dim + 8` (Q hi and lo for every matrix row, the K and V tile).
+/// Dynamic shared memory of a tensor-core attention block for `head_dim`: the KV tile's row
+/// offsets, then bf16 rows of `head_dim + 8` (Q hi and lo for every matrix row, the K and V
+/// tile).
 pub fn attention_mma_shared_bytes(head_dim: usize) -> usize {
     ATTENTION_MMA_KV_TILE * 8
         + (2 * ATTENTION_MMA_TILE_ROWS + 2 * ATTENTION_MMA_KV_TILE) * (head_dim + 8) * 2
@@ -115,22 +116,21 @@ impl AttentionWork {
         items.extend(std::iter::repeat_n(-1, 2 * idle));
         let mut slots = items.len() / 2;
         let mut tiles = Vec::new();
+        let tile_tokens = tile_tokens.max(1);
         for &(first, rows) in runs {
             for (row, offset) in row_offset.iter_mut().enumerate().skip(first).take(rows) {
                 *offset = slots as i32;
                 slots += parts(row);
             }
-            for start in (first..first + rows).step_by(tile_tokens.max(1)) {
-                let n = tile_tokens.max(1).min(first + rows - start);
+            for start in (first..first + rows).step_by(tile_tokens) {
+                let n = tile_tokens.min(first + rows - start);
                 for part in 0..parts(start + n - 1) {
                     tiles.extend([start as i32, n as i32, part as i32]);
                 }
             }
         }
         let idle = min_tiles.saturating_sub(tiles.len() / 3);
-        for _ in 0..idle {
-            tiles.extend([-1, 0, 0]);
-        }
+        tiles.extend([-1, 0, 0].repeat(idle));
         AttentionWork {
             items,
             row_offset,

@@ -586,24 +586,16 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
 
 /// One line: how the answer's latencies under `slo` spread over the confirming seeds.
 fn spread(slo: &Slo, reports: &[FleetReport]) -> String {
-    let range = |f: fn(&FleetReport) -> f64| {
-        let lo = reports.iter().map(f).fold(f64::INFINITY, f64::min);
-        let hi = reports.iter().map(f).fold(f64::NEG_INFINITY, f64::max);
-        format!("{}-{} ms", fmt_ms(lo), fmt_ms(hi))
-    };
-    let mut parts = Vec::new();
-    if slo.ttft_p50_ms.is_some() {
-        parts.push(format!("TTFT p50 {}", range(|r| r.ttft_p50_ms)));
-    }
-    if slo.ttft_p99_ms.is_some() {
-        parts.push(format!("TTFT p99 {}", range(|r| r.ttft_p99_ms)));
-    }
-    if slo.tpot_p99_ms.is_some() {
-        parts.push(format!("TPOT p99 {}", range(|r| r.tpot_p99_ms)));
-    }
-    if slo.e2e_p99_ms.is_some() {
-        parts.push(format!("e2e p99 {}", range(|r| r.e2e_p99_ms)));
-    }
+    let parts: Vec<String> = slo
+        .objectives()
+        .iter()
+        .filter(|o| o.bound_ms.is_some())
+        .map(|o| {
+            let lo = reports.iter().map(o.of).fold(f64::INFINITY, f64::min);
+            let hi = reports.iter().map(o.of).fold(f64::NEG_INFINITY, f64::max);
+            format!("{} {}-{} ms", o.label, fmt_ms(lo), fmt_ms(hi))
+        })
+        .collect();
     format!(
         "  met on each of {} seeds of arrivals and routing: {}\n",
         reports.len(),
@@ -612,18 +604,10 @@ fn spread(slo: &Slo, reports: &[FleetReport]) -> String {
 }
 
 fn describe(s: &Slo) -> String {
-    let mut parts = Vec::new();
-    if let Some(v) = s.ttft_p50_ms {
-        parts.push(format!("TTFT p50 <= {v} ms"));
-    }
-    if let Some(v) = s.ttft_p99_ms {
-        parts.push(format!("TTFT p99 <= {v} ms"));
-    }
-    if let Some(v) = s.tpot_p99_ms {
-        parts.push(format!("TPOT p99 <= {v} ms"));
-    }
-    if let Some(v) = s.e2e_p99_ms {
-        parts.push(format!("e2e p99 <= {v} ms"));
-    }
+    let parts: Vec<String> = s
+        .objectives()
+        .iter()
+        .filter_map(|o| o.bound_ms.map(|b| format!("{} <= {b} ms", o.label)))
+        .collect();
     parts.join(", ")
 }

@@ -20,7 +20,7 @@ pub mod search;
 
 pub use fleet::{FleetConfig, FleetReport, Load, ReplicaConfig, Router};
 pub use profile::{GpuSpec, ModelShape, Profile, RooflineOptions};
-pub use search::{BatchConfig, PlanOptions, Planner, SearchResult, Slo};
+pub use search::{BatchConfig, Objective, PlanOptions, Planner, SearchResult, Slo};
 
 use crate::workload::WorkloadError;
 

@@ -39,7 +39,54 @@ pub struct Slo {
     pub e2e_p99_ms: Option<f64>,
 }
 
+/// One latency objective of an [`Slo`]: how it is named, its bound, and the figure of a
+/// report it bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct Objective {
+    /// For people: `TTFT p99`.
+    pub label: &'static str,
+    /// For machines: `ttft_p99`.
+    pub key: &'static str,
+    /// The bound, ms (`None`: not an objective of this SLO).
+    pub bound_ms: Option<f64>,
+    /// The report's figure, ms.
+    pub of: fn(&FleetReport) -> f64,
+}
+
 impl Slo {
+    /// Its four objectives, in a fixed order, set or not.
+    pub fn objectives(&self) -> [Objective; 4] {
+        let o = |label, key, bound_ms, of| Objective {
+            label,
+            key,
+            bound_ms,
+            of,
+        };
+        [
+            o(
+                "TTFT p50",
+                "ttft_p50",
+                self.ttft_p50_ms,
+                |r: &FleetReport| r.ttft_p50_ms,
+            ),
+            o(
+                "TTFT p99",
+                "ttft_p99",
+                self.ttft_p99_ms,
+                |r: &FleetReport| r.ttft_p99_ms,
+            ),
+            o(
+                "TPOT p99",
+                "tpot_p99",
+                self.tpot_p99_ms,
+                |r: &FleetReport| r.tpot_p99_ms,
+            ),
+            o("e2e p99", "e2e_p99", self.e2e_p99_ms, |r: &FleetReport| {
+                r.e2e_p99_ms
+            }),
+        ]
+    }
+
     /// No objective at all.
     pub fn is_empty(&self) -> bool {
         self.ttft_p50_ms.is_none()
@@ -52,20 +99,15 @@ impl Slo {
     /// them). An overloaded run fails whatever its percentiles.
     pub fn failures(&self, r: &FleetReport) -> Vec<String> {
         let mut out = Vec::new();
-        let checks = [
-            ("ttft_p50", self.ttft_p50_ms, r.ttft_p50_ms),
-            ("ttft_p99", self.ttft_p99_ms, r.ttft_p99_ms),
-            ("tpot_p99", self.tpot_p99_ms, r.tpot_p99_ms),
-            ("e2e_p99", self.e2e_p99_ms, r.e2e_p99_ms),
-        ];
-        for (name, bound, got) in checks {
-            if let Some(b) = bound {
+        for o in self.objectives() {
+            if let Some(b) = o.bound_ms {
+                let got = (o.of)(r);
                 // NaN (no samples) fails too.
                 if !matches!(
                     got.partial_cmp(&b),
                     Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
                 ) {
-                    out.push(format!("{name} {got:.1} ms > {b} ms"));
+                    out.push(format!("{} {got:.1} ms > {b} ms", o.key));
                 }
             }
         }
@@ -465,20 +507,18 @@ impl Planner {
             }
         }
         let fixed = self.configs.get(&(n, b)).cloned();
-        let mut cfg = fixed
-            .clone()
-            .unwrap_or_else(|| self.fleet_config(n, b, early));
+        let first_run = fixed.is_none();
+        let mut cfg = fixed.unwrap_or_else(|| self.fleet_config(n, b, early));
         cfg.seed = seed;
         cfg.early_stop = early;
         let mut r = simulate(&cfg, &self.book);
-        r.nominal_per_s = self.messages_per_s;
         self.runs += 1;
         // The warm-up came from expected latencies; a fleet near its knee replies slower, its
         // conversations take longer to reach their steady mix, and a short warm-up would measure
         // it under a lighter load than it gets. The first run of a fleet runs again with the
         // warm-up its own latencies ask (those of the requests that finished, if it stopped
         // early), and every later run of that fleet keeps it.
-        if fixed.is_none() {
+        if first_run {
             let measured = (r.ttft_p50_ms / 1e3, r.tpot_p50_ms / 1e3);
             let needed = if self.opts.warmup_s.is_none()
                 && !r.overloaded
@@ -497,11 +537,11 @@ impl Planner {
                 }
                 lengthen_warmup(&mut cfg, needed);
                 r = simulate(&cfg, &self.book);
-                r.nominal_per_s = self.messages_per_s;
                 self.runs += 1;
             }
-            self.configs.insert((n, b), cfg.clone());
+            self.configs.insert((n, b), cfg);
         }
+        r.nominal_per_s = self.messages_per_s;
         if self.opts.progress {
             eprintln!(
                 "  simulated {n} GPUs (max_running {}, max_batched_tokens {}, seed {seed}): TTFT p99 {:.0} ms{} in {:.1} s",
@@ -680,9 +720,8 @@ impl Planner {
                 }
             }
             // The answer must meet the SLOs on every confirming seed too. Where one fails, the
-            // answer sits in the noise of the draw: step up by the resolution until every seed
-            // agrees.
-            // The steps stop at `limit`, which is tried itself.
+            // answer sits in the noise of the draw: step up by the resolution (stopping at
+            // `limit`, which is tried itself) until every seed agrees.
             let up = |p: &Planner, n: usize| {
                 (n + ((n as f64 * p.opts.resolution) as usize).max(1)).min(limit)
             };

@@ -597,8 +597,7 @@ impl TemplateSet {
                 .template_from_named_str(INLINE_TEMPLATE_NAME, src)
                 .ok(),
             (Some(n), _) if self.explain_named => self.env.get_template(n).ok(),
-            (Some(_), _) => None,
-            (None, _) => None,
+            _ => None,
         };
         let Some(template) = template else {
             return Vec::new();

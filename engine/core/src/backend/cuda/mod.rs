@@ -1029,21 +1029,14 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         // no other row of its tile or batch, so KV a decode step wrote is what a recomputation
         // of the same prompt writes (bitwise on the emulator; docs/cuda.md says what a GPU
         // adds). Padding rows (a graph's) belong to no sequence and get no work.
-        let runs: Vec<(usize, usize)> = if self.tensor_core_attention {
-            batch
-                .seqs
-                .iter()
-                .map(|s| (s.query_start, s.num_queries))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let (runs, min_items, min_tiles): (Vec<(usize, usize)>, _, _) =
+            if self.tensor_core_attention {
+                let runs = batch.seqs.iter().map(|s| (s.query_start, s.num_queries));
+                (runs.collect(), 0, min_items)
+            } else {
+                (Vec::new(), min_items, 0)
+            };
         let tile_tokens = l::attention_mma_tile_tokens(heads / self.config.num_kv_heads);
-        let (min_items, min_tiles) = if self.tensor_core_attention {
-            (0, min_items)
-        } else {
-            (min_items, 0)
-        };
         let work = l::AttentionWork::tiled(&positions, &runs, tile_tokens, min_items, min_tiles);
         Self::put(d, &mut self.attn_work, &work.items).map_err(&e)?;
         Self::put(d, &mut self.attn_row_offset, &work.row_offset).map_err(&e)?;
