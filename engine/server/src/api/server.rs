@@ -262,9 +262,10 @@ pub fn serve(engine: EngineHandle, codec: TextCodec, cfg: ServeConfig) -> anyhow
         }
         engine.shutdown();
         let result = engine.join();
-        // Every final event is queued: connections send theirs and close, idle ones too.
-        shared.stopped.send_replace(true);
+        // Every final event is queued: connections send theirs and close, idle ones too
+        // (counted first: once told, they close on other threads at once).
         let open = shared.connections.load(Ordering::Relaxed);
+        shared.stopped.send_replace(true);
         if open > 0 {
             eprintln!("convoy: closing {open} open connection(s)");
         }
