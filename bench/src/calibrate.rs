@@ -46,8 +46,10 @@ pub struct CalibrateArgs {
     from_steps: Vec<PathBuf>,
     /// Take the per-request edge (TTFT minus the engine's own, median) from this
     /// `convoy-bench run` report of a socket target; the planner adds it to every request.
+    /// Repeatable: from reports at several loads, the edge is fitted as a constant plus a
+    /// share per running request (the daemon's mean running count in each report).
     #[arg(long)]
-    edge_from: Option<PathBuf>,
+    edge_from: Vec<PathBuf>,
 }
 
 /// One measured step: its shape and its median time.
@@ -240,25 +242,65 @@ fn template_counts(codec: &convoy_engine::TextCodec) -> (u32, u32) {
     (header as u32, default_system as u32)
 }
 
-/// The median edge (ms in the report) of a `convoy-bench run` report's runs, in seconds.
-fn edge_of(report: &std::path::Path) -> Result<f64> {
+/// One run of a `convoy-bench run` report: its median edge (seconds) and the daemon's mean
+/// running requests (`None` in a report from before the bench recorded it).
+struct EdgePoint {
+    edge_s: f64,
+    running: Option<f64>,
+}
+
+/// The runs of a `convoy-bench run` report of a socket target, as edge points.
+fn edge_points(report: &std::path::Path) -> Result<Vec<EdgePoint>> {
     let text = std::fs::read_to_string(report)
         .map_err(|e| anyhow::anyhow!("--edge-from {}: {e}", report.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("--edge-from {}: {e}", report.display()))?;
-    let edges: Vec<f64> = v["runs"]
+    let points: Vec<EdgePoint> = v["runs"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|r| r["latency_ms"]["edge"]["p50"].as_f64())
+        .filter_map(|r| {
+            Some(EdgePoint {
+                edge_s: r["latency_ms"]["edge"]["p50"].as_f64()? / 1e3,
+                running: r["server"]["running_mean"].as_f64(),
+            })
+        })
         .collect();
-    if edges.is_empty() {
+    if points.is_empty() {
         bail!(
             "--edge-from {}: no run has latency_ms.edge (a socket target's report is needed)",
             report.display()
         );
     }
-    Ok(edges.iter().sum::<f64>() / edges.len() as f64 / 1e3)
+    Ok(points)
+}
+
+/// The edge as `(constant, per running request)` seconds: from one load, its median edge and
+/// nothing per request; from several, the least-squares line through (mean running, median
+/// edge), its slope and intercept kept non-negative.
+fn fit_edge(points: &[EdgePoint]) -> Result<(f64, f64)> {
+    let mean = |f: &dyn Fn(&EdgePoint) -> f64| {
+        points.iter().map(f).sum::<f64>() / points.len().max(1) as f64
+    };
+    let mean_edge = mean(&|p| p.edge_s);
+    if points.len() < 2 {
+        return Ok((mean_edge, 0.0));
+    }
+    let Some(running): Option<Vec<f64>> = points.iter().map(|p| p.running).collect() else {
+        bail!(
+            "--edge-from: a report has no server.running_mean (rerun it with this convoy-bench) \
+             to fit the edge against the load; or give one report for a constant edge"
+        );
+    };
+    let mean_running = running.iter().sum::<f64>() / running.len() as f64;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (p, r) in points.iter().zip(&running) {
+        sxy += (r - mean_running) * (p.edge_s - mean_edge);
+        sxx += (r - mean_running) * (r - mean_running);
+    }
+    let slope = if sxx > 0.0 { (sxy / sxx).max(0.0) } else { 0.0 };
+    let at_rest = (mean_edge - slope * mean_running).max(0.0);
+    Ok((at_rest, slope))
 }
 
 /// Run the calibration.
@@ -327,6 +369,15 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         cfg.head_dim,
         model.kv_cache_dtype(),
     );
+    let mut edge_runs = Vec::new();
+    for report in &args.edge_from {
+        edge_runs.extend(edge_points(report)?);
+    }
+    let edge = if edge_runs.is_empty() {
+        (0.0, 0.0)
+    } else {
+        fit_edge(&edge_runs)?
+    };
     let cost = CostModel {
         fixed_s: c[0],
         prefill_token_s: c[1],
@@ -336,10 +387,8 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         // Swaps are memory copies on the CPU backend: ~10 GB/s.
         copy_token_s: kv_per_token as f64 / 10e9,
         roofline: None,
-        request_edge_s: match &args.edge_from {
-            Some(report) => edge_of(report)?,
-            None => 0.0,
-        },
+        request_edge_s: edge.0,
+        request_edge_per_running_s: edge.1,
     };
     // One row per label (a grid shape, or a kind of logged step): mean times and the error
     // of their total.
@@ -438,13 +487,26 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
         bail!("the fitted profile is not valid: {e}");
     }
     profile.save(&args.out)?;
-    if cost.request_edge_s > 0.0 {
+    if !edge_runs.is_empty() {
+        let from: Vec<String> = args
+            .edge_from
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        let measured: Vec<String> = edge_runs
+            .iter()
+            .map(|p| match p.running {
+                Some(r) => format!("{:.1} ms at {r:.1} running", p.edge_s * 1e3),
+                None => format!("{:.1} ms", p.edge_s * 1e3),
+            })
+            .collect();
         println!(
-            "request edge: {:.1} ms per request (from {})",
+            "request edge: {:.1} ms per request + {:.2} ms per request running on the replica \
+             (measured: {}; from {})",
             cost.request_edge_s * 1e3,
-            args.edge_from
-                .as_ref()
-                .map_or(String::new(), |p| p.display().to_string())
+            cost.request_edge_per_running_s * 1e3,
+            measured.join(", "),
+            from.join(", ")
         );
     }
     println!("wrote {}", args.out.display());
@@ -478,5 +540,35 @@ mod template_tests {
         // `<|im_start|>`, "ass", "istant", `\n`; "You are a helpful AI assistant named SmolLM,
         // trained by Hugging Face" framed as a system message.
         assert_eq!(template_counts(&codec), (4, 21));
+    }
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::{fit_edge, EdgePoint};
+
+    fn at(edge_ms: f64, running: Option<f64>) -> EdgePoint {
+        EdgePoint {
+            edge_s: edge_ms / 1e3,
+            running,
+        }
+    }
+
+    #[test]
+    fn the_edge_is_a_constant_plus_a_share_per_running_request() {
+        // One load: its edge, nothing per request.
+        let (c, k) = fit_edge(&[at(11.0, Some(1.5))]).unwrap();
+        assert!((c - 0.011).abs() < 1e-12 && k == 0.0);
+        // Two loads: the line through them (11.1 ms at 1.2 running, 37.3 at 9.5).
+        let (c, k) = fit_edge(&[at(11.1, Some(1.2)), at(37.3, Some(9.5))]).unwrap();
+        let slope = (37.3 - 11.1) / (9.5 - 1.2) / 1e3;
+        assert!((k - slope).abs() < 1e-12, "{k}");
+        assert!((c - (0.0111 - slope * 1.2)).abs() < 1e-12, "{c}");
+        // An edge that falls with load is noise: a constant, never a negative share.
+        let (c, k) = fit_edge(&[at(12.0, Some(1.0)), at(10.0, Some(8.0))]).unwrap();
+        assert!((c - 0.011).abs() < 1e-12 && k == 0.0);
+        // Several reports need the running counts to fit against.
+        let err = fit_edge(&[at(11.0, None), at(37.0, Some(9.0))]).unwrap_err();
+        assert!(err.to_string().contains("running_mean"), "{err}");
     }
 }

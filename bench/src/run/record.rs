@@ -165,6 +165,7 @@ impl Recorder {
                 kv_usage_mean: self.server.iter().map(|s| s.0).sum::<f64>() / n as f64,
                 kv_usage_max: self.server.iter().map(|s| s.0).fold(0.0, f64::max),
                 preemptions: self.server[n - 1].1.saturating_sub(self.server[0].1),
+                running_mean: self.server.iter().map(|s| s.2 as f64).sum::<f64>() / n as f64,
                 max_running: self.server.iter().map(|s| s.2).max().unwrap_or(0),
                 max_waiting: self.server.iter().map(|s| s.3).max().unwrap_or(0),
             }

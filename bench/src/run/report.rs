@@ -200,6 +200,8 @@ pub struct Server {
     pub kv_usage_max: f64,
     /// Preemptions during the run.
     pub preemptions: u64,
+    /// Mean of the requests running at each sample (a time average: samples are periodic).
+    pub running_mean: f64,
     /// Most requests running at once.
     pub max_running: usize,
     /// Most requests waiting at once.

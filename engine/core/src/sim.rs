@@ -134,6 +134,13 @@ pub struct CostModel {
     /// Not part of any step; the fleet simulation delays each request's arrival by it.
     #[serde(default)]
     pub request_edge_s: f64,
+    /// Per request and per request running on its replica when its first token is out,
+    /// seconds added to its delivery: the part of the edge that grows with load (each running
+    /// stream's tokens pass through the daemon's I/O thread and the client, which share the
+    /// CPU with the engine). Fitted by `convoy-bench calibrate` from runs at several loads; 0 on
+    /// a GPU replica, whose host cores are not busy computing.
+    #[serde(default)]
+    pub request_edge_per_running_s: f64,
 }
 
 impl CostModel {
@@ -149,6 +156,29 @@ impl CostModel {
             copy_token_s: 0.0,
             roofline: None,
             request_edge_s: 0.0,
+            request_edge_per_running_s: 0.0,
+        }
+    }
+
+    /// The same model with every step `factor` times as long (linear terms multiplied, the
+    /// roofline's rates divided); the per-request edge, which is not a step, is kept. What a
+    /// planner asks to see how its answer moves when the device is slower (or faster) than
+    /// profiled.
+    pub fn scaled(&self, factor: f64) -> CostModel {
+        CostModel {
+            fixed_s: self.fixed_s * factor,
+            prefill_token_s: self.prefill_token_s * factor,
+            decode_token_s: self.decode_token_s * factor,
+            kv_token_s: self.kv_token_s * factor,
+            attention_pair_s: self.attention_pair_s * factor,
+            copy_token_s: self.copy_token_s * factor,
+            roofline: self.roofline.map(|r| Roofline {
+                bandwidth: r.bandwidth / factor,
+                flops: r.flops / factor,
+                ..r
+            }),
+            request_edge_s: self.request_edge_s,
+            request_edge_per_running_s: self.request_edge_per_running_s,
         }
     }
 
@@ -337,6 +367,17 @@ mod tests {
             ..Default::default()
         };
         assert!((r.time(&d) - (16e9 + 1001.0 * 131072.0) / 3e12).abs() < 1e-12);
+        // Scaled: every step of every shape takes the factor times as long, the edge stays.
+        let both = CostModel {
+            roofline: Some(r),
+            request_edge_s: 0.004,
+            ..c
+        };
+        let slower = both.scaled(1.1);
+        for shape in [s, d] {
+            assert!((slower.time(&shape) - 1.1 * both.time(&shape)).abs() < 1e-12);
+        }
+        assert_eq!(slower.request_edge_s, 0.004);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! SLOs; simulating a sample of replicas agrees with simulating all of them (within the
 //! tolerances stated at `SAMPLED_TOLERANCE`); SLOs no fleet meets give the typed error; the same
 //! seed gives the same answer; bad inputs give their codes; a profile's text counts lengthen
-//! the simulated prompts and its per-request edge delays every request.
+//! the simulated prompts and its per-request edge delays every request, by more under load
+//! when part of it is per running request; a slower device needs more GPUs.
 
 use std::path::Path;
 
@@ -45,6 +46,7 @@ fn profile() -> Profile {
             copy_token_s: 0.0,
             roofline: None,
             request_edge_s: 0.0,
+            request_edge_per_running_s: 0.0,
         },
         fit: None,
         notes: String::new(),
@@ -159,6 +161,37 @@ fn the_answer_holds_on_every_seed_and_no_overloaded_fleet_meets() {
     }
     // The search walked through fleets too small for the load on its way down.
     assert!(overloaded > 0, "no overloaded fleet on the curve");
+}
+
+/// How sure: the same question on a device whose steps all take 30% longer needs at least as
+/// many GPUs and, at this load, more; a factor of 1 changes nothing; the search started near
+/// the known answer finds what a search from the analytic guess finds.
+#[test]
+fn a_slower_device_needs_more_gpus_and_a_factor_of_one_changes_nothing() {
+    let mut p = planner(160.0, opts(Router::Sticky));
+    let found = p.fewest(&slo(), &grid(), 64).unwrap();
+    let mut same = p.with_cost_factor(1.0);
+    let mut again = same.fewest(&slo(), &grid(), 64).unwrap();
+    assert_eq!(again.gpus, found.gpus);
+    again.report.sim_wall_s = found.report.sim_wall_s;
+    assert_eq!(again.report, found.report);
+    let mut slower = p.with_cost_factor(1.3);
+    let from_answer = slower
+        .fewest_from(&slo(), &grid(), 64, Some(found.gpus))
+        .unwrap();
+    let from_guess = p.with_cost_factor(1.3).fewest(&slo(), &grid(), 64).unwrap();
+    eprintln!(
+        "160 msg/s: {} GPUs; with steps 30% slower {} (from the answer) and {} (from the guess)",
+        found.gpus, from_answer.gpus, from_guess.gpus
+    );
+    assert!(
+        from_answer.gpus > found.gpus,
+        "30% slower steps need {} GPUs, no more than {}",
+        from_answer.gpus,
+        found.gpus
+    );
+    assert_eq!(from_answer.gpus, from_guess.gpus);
+    assert!(slo().failures(&from_answer.report).is_empty());
 }
 
 #[test]
@@ -327,6 +360,45 @@ fn one_replica(p: Profile, log: &Path) -> (convoy_planner::plan::FleetReport, us
     (r, steps.iter().map(|s| s.shape.prefill_tokens).sum())
 }
 
+/// The edge's load-dependent part: each token reaches the client 50 ms per request running on
+/// its replica later. At a light load (about one running) TTFT moves by about 50 ms; at four
+/// times the load, with several running, by several times that; TPOT, a gap between tokens
+/// delayed alike, stays where it was.
+#[test]
+fn the_edge_per_running_request_grows_with_the_load() {
+    let at = |p: Profile, rate: f64| {
+        Planner::new(spec(), Some(rate), p, opts(Router::Sticky))
+            .unwrap()
+            .evaluate(1, grid()[0])
+    };
+    let mut edged = profile();
+    edged.cost.request_edge_per_running_s = 0.05;
+    let mut shifts = Vec::new();
+    for rate in [2.0, 8.0] {
+        let (base, late) = (at(profile(), rate), at(edged.clone(), rate));
+        let shift = late.ttft_p50_ms - base.ttft_p50_ms;
+        eprintln!(
+            "{rate} msg/s: mean batch {:.1}, TTFT p50 {:.1} -> {:.1} ms, TPOT p50 {:.2} -> {:.2} ms",
+            base.mean_batch, base.ttft_p50_ms, late.ttft_p50_ms, base.tpot_p50_ms, late.tpot_p50_ms
+        );
+        assert!(
+            (late.tpot_p50_ms - base.tpot_p50_ms).abs() <= 0.1 * base.tpot_p50_ms,
+            "TPOT moved: {} -> {}",
+            base.tpot_p50_ms,
+            late.tpot_p50_ms
+        );
+        shifts.push(shift);
+    }
+    assert!(
+        (45.0..=150.0).contains(&shifts[0]),
+        "light load: {shifts:?}"
+    );
+    assert!(
+        shifts[1] > 2.0 * shifts[0],
+        "ten times the load: {shifts:?}"
+    );
+}
+
 #[test]
 fn text_counts_lengthen_the_prompts_and_the_edge_delays_every_request() {
     let dir = std::env::temp_dir().join(format!("convoy-plan-text-{}", std::process::id()));
@@ -465,4 +537,70 @@ fn the_planning_docs_examples_ship_and_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("OVERLOADED at 4 GPUs"), "{stdout}");
+    // How sure: the same fleet with every step 10% slower (the default margin), on its own line.
+    assert!(
+        stdout.contains("with every step 10% slower than the profile: TTFT p50"),
+        "{stdout}"
+    );
+}
+
+/// A search says how its answer moves with a slower device, and a margin out of range is
+/// refused with its code before any simulation.
+#[test]
+fn the_cli_answers_again_with_the_cost_margin() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let plan = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+            .current_dir(&root)
+            .args([
+                "plan",
+                "--workload",
+                "examples/plan/chat.toml",
+                "--gpu",
+                "h100",
+                "--model-config",
+                "llama-3-8b",
+                "--rate",
+                "300",
+                "--slo-ttft-p99-ms",
+                "1000",
+                "--confirm-seeds",
+                "1",
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = plan(&["--cost-margin", "0.25", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let gpus = doc["fewest"]["gpus"].as_u64().unwrap();
+    let slower = doc["margin"]["gpus"].as_u64().unwrap();
+    assert_eq!(doc["margin"]["cost_margin"], 0.25);
+    assert!(slower >= gpus, "25% slower steps: {slower} GPUs < {gpus}");
+    let p99 = doc["margin"]["report"]["ttft_p99_ms"].as_f64().unwrap();
+    assert!(
+        p99 <= 1000.0,
+        "the margin's answer misses the SLO: {p99} ms"
+    );
+    let out = plan(&["--cost-margin", "0.25"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "with every step 25% slower than the profile: {slower} GPUs (+{})",
+            slower - gpus
+        )),
+        "{stdout}"
+    );
+    let out = plan(&["--cost-margin", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--cost-margin"), "{stderr}");
+    assert!(stderr.contains("[invalid_argument]"), "{stderr}");
+    assert!(!stderr.contains("simulating"), "{stderr}");
 }

@@ -130,6 +130,11 @@ pub struct PlanArgs {
     /// output gives the latencies' spread over them.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=20))]
     pub confirm_seeds: u64,
+    /// How sure: also answer as if every step took this share longer than the profile says
+    /// (0.1: 10% slower; negative: faster; 0: off). Near a fleet's knee a few percent of step
+    /// time moves the latencies a lot, and no profile is exact.
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub cost_margin: f64,
     /// Write the curve as CSV.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -288,6 +293,12 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         progress: !args.json,
         ..PlanOptions::default()
     };
+    if !(args.cost_margin.is_finite() && args.cost_margin > -0.5 && args.cost_margin <= 1.0) {
+        return Err(PlanError::invalid(
+            "--cost-margin",
+            "must be between -0.5 and 1 (0.1: every step 10% slower)",
+        ));
+    }
     // A question with nothing to answer is refused before any work is announced.
     if args.slo().is_empty() && args.gpus.is_none() {
         return Err(PlanError::NoSlo);
@@ -376,6 +387,8 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         planner.profile.memory.num_host_blocks()
     ));
     let mut curve: Vec<(FleetReport, Option<bool>)> = Vec::new();
+    // The --gpus fleet's latencies with the cost margin (no SLO: nothing to search).
+    let mut margin_line: Option<String> = None;
     // Fleet sizes that met the SLOs on the search's seed but not on every confirming seed.
     let mut unconfirmed: Vec<usize> = Vec::new();
     if slo.is_empty() {
@@ -390,6 +403,24 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             curve.push((r, None));
         }
         doc["at"] = serde_json::to_value(&curve[0].0).expect("a report serialises");
+        if args.cost_margin != 0.0 {
+            let mut other = planner.with_cost_factor(1.0 + args.cost_margin);
+            let r = other.evaluate(n, grid[0]);
+            planner.runs += other.runs;
+            margin_line = Some(format!(
+                "with every step {}: TTFT p50 {} ms, p99 {} ms, TPOT p99 {} ms{}\n",
+                describe_margin(args.cost_margin),
+                fmt_ms(r.ttft_p50_ms),
+                fmt_ms(r.ttft_p99_ms),
+                fmt_ms(r.tpot_p99_ms),
+                if r.cannot_keep_up() {
+                    " (overloaded)"
+                } else {
+                    ""
+                }
+            ));
+            doc["margin"] = json!({"cost_margin": args.cost_margin, "report": r});
+        }
     } else {
         let found = planner.fewest(&slo, &grid, args.max_gpus)?;
         text.push_str(&format!(
@@ -400,6 +431,16 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             found.batch.max_batched_tokens
         ));
         text.push_str(&spread(&slo, &found.seed_reports));
+        if args.cost_margin != 0.0 {
+            text.push_str(&margin_answer(
+                &mut planner,
+                &slo,
+                found.batch,
+                found.gpus,
+                args,
+                &mut doc,
+            )?);
+        }
         unconfirmed.clone_from(&found.unconfirmed);
         doc["fewest"] = json!({
             "gpus": found.gpus,
@@ -484,6 +525,7 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             ));
         }
     }
+    text.push_str(margin_line.as_deref().unwrap_or(""));
     if let Some((r, _)) = curve.first() {
         text.push_str(&format!(
             "simulated: {} of {} replicas per run, warm-up {:.0} s, window {:.1} s, {} measured requests; predicted output {:.0} tok/s\n",
@@ -582,6 +624,64 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         print!("{text}");
     }
     Ok(())
+}
+
+/// `10% slower than the profile` for a margin of 0.1.
+fn describe_margin(margin: f64) -> String {
+    format!(
+        "{:.0}% {} than the profile",
+        100.0 * margin.abs(),
+        if margin > 0.0 { "slower" } else { "faster" }
+    )
+}
+
+/// The answer again with every step `1 + --cost-margin` times as long: one line saying how
+/// many GPUs that takes (or that none up to `--max-gpus` does), recorded in `doc["margin"]`.
+fn margin_answer(
+    planner: &mut Planner,
+    slo: &Slo,
+    batch: BatchConfig,
+    gpus: usize,
+    args: &PlanArgs,
+    doc: &mut serde_json::Value,
+) -> Result<String, PlanError> {
+    let margin = args.cost_margin;
+    if !args.json {
+        eprintln!(
+            "convoy plan: the same question with every step {} (--cost-margin {margin})",
+            describe_margin(margin)
+        );
+    }
+    let mut other = planner.with_cost_factor(1.0 + margin);
+    // Near the answer scaled by the margin: per-replica capacity moves with step time.
+    let start = ((gpus as f64 * (1.0 + margin)).round() as usize).max(1);
+    let found = other.fewest_from(slo, &[batch], args.max_gpus, Some(start));
+    planner.runs += other.runs;
+    let line = match found {
+        Ok(m) => {
+            let delta = m.gpus as i64 - gpus as i64;
+            doc["margin"] = json!({
+                "cost_margin": margin,
+                "gpus": m.gpus,
+                "report": m.report,
+                "seeds": m.seed_reports,
+            });
+            format!(
+                "  with every step {}: {} GPUs ({delta:+})\n",
+                describe_margin(margin),
+                m.gpus
+            )
+        }
+        Err(PlanError::Unreachable { max_gpus, .. }) => {
+            doc["margin"] = json!({"cost_margin": margin, "gpus": null});
+            format!(
+                "  with every step {}: no fleet of up to {max_gpus} GPUs meets them\n",
+                describe_margin(margin)
+            )
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(line)
 }
 
 /// One line: how the answer's latencies under `slo` spread over the confirming seeds.

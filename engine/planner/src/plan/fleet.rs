@@ -9,7 +9,9 @@
 //! request that reaches a replica while it is busy waits for the next step, as in the daemon.
 //! Latencies are measured from the send, not from when the engine noticed the request: a send
 //! reaches its replica the cost model's `request_edge_s` later (the daemon's framing,
-//! templating and tokenising, and the first token's way back).
+//! templating and tokenising, and the first token's way back), and each of its tokens reaches
+//! the client `request_edge_per_running_s` x (requests running on the replica when its first
+//! token was made) after the engine made it: the part of the edge that grows with load.
 //!
 //! A turn's prompt is what the daemon would see: ChatML-style framing (5 template tokens per
 //! message, the profile's count for the assistant header), the persona's ids (the same in every
@@ -602,10 +604,15 @@ struct Inflight {
     conv: u64,
     turn: usize,
     sent: f64,
+    /// When the client has the first token (delivery included).
     first: Option<f64>,
     last: f64,
     tokens: usize,
     measured: bool,
+    /// Seconds each token of this request takes to reach the client after the engine made it,
+    /// beyond the constant edge: set when the first token is out, from the replica's running
+    /// requests then (`request_edge_per_running_s`).
+    delivery: f64,
 }
 
 /// Samples of one group.
@@ -987,6 +994,7 @@ impl<'a> Group<'a> {
                 last: t,
                 tokens: 0,
                 measured,
+                delivery: 0.0,
             },
         );
         if !self.in_heap[local] {
@@ -1005,6 +1013,10 @@ impl<'a> Group<'a> {
             self.s.steps += 1;
             self.s.step_seqs += self.cores[local].scheduler().num_running() as u64;
         }
+        // The load-dependent part of the edge: every stream running here passes its tokens
+        // through the same I/O thread and client.
+        let per_token_delivery = self.cfg.cost.request_edge_per_running_s
+            * self.cores[local].scheduler().num_running() as f64;
         for ev in events {
             let Some(f) = self.inflight.get_mut(&ev.id) else {
                 continue;
@@ -1012,20 +1024,23 @@ impl<'a> Group<'a> {
             match ev.kind {
                 EventKind::Token { token_ids, .. } => {
                     if f.first.is_none() {
-                        f.first = Some(now);
+                        f.delivery = per_token_delivery;
+                        f.first = Some(now + f.delivery);
                         if f.measured {
                             if let Some(es) = self.cfg.early_stop {
-                                if now - f.sent > es.ttft_s {
+                                if now + f.delivery - f.sent > es.ttft_s {
                                     self.violations += 1;
                                 }
                             }
                         }
                     }
-                    f.last = now;
+                    f.last = now + f.delivery;
                     f.tokens += token_ids.len();
                 }
                 EventKind::Done(d) => {
                     let f = self.inflight.remove(&ev.id).expect("in flight");
+                    // The client has the reply once its last token is delivered.
+                    let now = now + f.delivery;
                     let ttft = f.first.unwrap_or(now) - f.sent;
                     let tpot = (f.tokens > 1)
                         .then(|| (f.last - f.first.unwrap_or(now)) / (f.tokens - 1) as f64);

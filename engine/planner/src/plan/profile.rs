@@ -399,6 +399,7 @@ impl Profile {
                 copy_token_s: kv_per_token as f64 / o.pcie_bandwidth,
                 roofline: Some(roofline),
                 request_edge_s: 0.0,
+                request_edge_per_running_s: 0.0,
             },
             fit: None,
             notes: format!(
@@ -460,6 +461,7 @@ impl Profile {
             ("attention_pair_s", c.attention_pair_s),
             ("copy_token_s", c.copy_token_s),
             ("request_edge_s", c.request_edge_s),
+            ("request_edge_per_running_s", c.request_edge_per_running_s),
         ];
         for (name, v) in coefs {
             if !(v.is_finite() && v >= 0.0) {

@@ -356,6 +356,31 @@ impl Planner {
         })
     }
 
+    /// The same planner (workload, load, options) on a device whose every step takes `factor`
+    /// times as long as the profile says ([`CostModel::scaled`]): how far the answer moves when
+    /// the profile is off. Starts with no runs of its own.
+    ///
+    /// [`CostModel::scaled`]: convoy_engine::sim::CostModel::scaled
+    pub fn with_cost_factor(&self, factor: f64) -> Planner {
+        let mut profile = self.profile.clone();
+        profile.cost = profile.cost.scaled(factor);
+        Planner {
+            profile,
+            opts: PlanOptions {
+                step_log: None,
+                ..self.opts.clone()
+            },
+            load: self.load,
+            messages_per_s: self.messages_per_s,
+            summary: self.summary.clone(),
+            book: Arc::clone(&self.book),
+            cache: HashMap::new(),
+            configs: HashMap::new(),
+            hints: Vec::new(),
+            runs: 0,
+        }
+    }
+
     /// The profile's default batch settings.
     pub fn default_batch(&self) -> BatchConfig {
         BatchConfig {
@@ -623,6 +648,18 @@ impl Planner {
         grid: &[BatchConfig],
         max_gpus: usize,
     ) -> Result<SearchResult, PlanError> {
+        self.fewest_from(slo, grid, max_gpus, None)
+    }
+
+    /// [`Planner::fewest`], bracketing the first setting's answer from `start` GPUs instead of
+    /// the analytic guess (a known answer nearby: the same question with another profile).
+    pub fn fewest_from(
+        &mut self,
+        slo: &Slo,
+        grid: &[BatchConfig],
+        max_gpus: usize,
+        start: Option<usize>,
+    ) -> Result<SearchResult, PlanError> {
         if slo.is_empty() {
             return Err(PlanError::NoSlo);
         }
@@ -672,7 +709,7 @@ impl Planner {
                     }
                 }
             } else {
-                let g = self.guess(b).clamp(1, limit);
+                let g = start.unwrap_or_else(|| self.guess(b)).clamp(1, limit);
                 if check(self, g, b) {
                     hi = g;
                     lo = 0;
