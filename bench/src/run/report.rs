@@ -295,9 +295,9 @@ pub fn print_tables(report: &Report) {
         );
         if let Some(s) = &r.server {
             println!(
-                "server: kv usage mean {:.1}% max {:.1}%, preemptions {}, max running {}, max waiting {}",
-                100.0 * s.kv_usage_mean,
-                100.0 * s.kv_usage_max,
+                "server: kv usage mean {} max {}, preemptions {}, max running {}, max waiting {}",
+                usage_percent(s.kv_usage_mean),
+                usage_percent(s.kv_usage_max),
                 s.preemptions,
                 s.max_running,
                 s.max_waiting
@@ -324,5 +324,32 @@ pub fn print_tables(report: &Report) {
                 100.0 * t.hit_ratio
             );
         }
+    }
+}
+
+/// A share of the KV cache in use as a percentage that never rounds a used cache to zero: a
+/// small model in a large cache fills a few thousandths of it (`0.004%`, not `0.0%`).
+fn usage_percent(share: f64) -> String {
+    let p = 100.0 * share;
+    if p == 0.0 || p >= 1.0 {
+        format!("{p:.1}%")
+    } else {
+        // Two significant digits.
+        let decimals = (1.0 - p.log10().floor()).clamp(1.0, 6.0) as usize;
+        format!("{p:.decimals$}%")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_percent;
+
+    #[test]
+    fn a_used_cache_never_shows_as_zero() {
+        assert_eq!(usage_percent(0.0), "0.0%");
+        assert_eq!(usage_percent(0.5), "50.0%");
+        assert_eq!(usage_percent(0.009), "0.90%");
+        assert_eq!(usage_percent(0.0012), "0.12%");
+        assert_eq!(usage_percent(0.00004), "0.0040%");
     }
 }
