@@ -151,7 +151,12 @@ print()
 print("the daemon's logged steps: the profile's time for them against the measured (held-out cost error),")
 print("the engine's busy share and mean decoding sequences per step, measured and simulated:")
 print(f"{'conv/s':>7} {'steps':>6} {'all':>7} {'prompt':>7} {'decode':>7} {'>=512':>7} {'busy':>6} {'sim':>6} {'batch':>6} {'sim':>6}")
+def share(e):
+    return f"{'-':>7}" if e != e else f"{e:>+7.1%}"  # NaN: no such steps
+
+
 for r in step_rows:
-    print(f"{r[0]:>7} {r[1]:>6} {r[2]:>+7.1%} {r[3]:>+7.1%} {r[4]:>+7.1%} {r[5]:>+7.1%} {r[6]:>6.1%} {r[7]:>6.1%} {r[8]:>6.2f} {r[9]:>6.2f}")
+    errors = " ".join(share(e) for e in r[2:6])
+    print(f"{r[0]:>7} {r[1]:>6} {errors} {r[6]:>6.1%} {r[7]:>6.1%} {r[8]:>6.2f} {r[9]:>6.2f}")
 sys.exit(0 if ok else 1)
 PY
