@@ -539,7 +539,7 @@ fn the_planning_docs_examples_ship_and_run() {
     assert!(stdout.contains("OVERLOADED at 4 GPUs"), "{stdout}");
     // How sure: the same fleet with every step 10% slower (the default margin), on its own line.
     assert!(
-        stdout.contains("with every step 10% slower than the profile: TTFT p50"),
+        stdout.contains("with every step 10% slower than the profile: overloaded"),
         "{stdout}"
     );
 }
@@ -596,6 +596,33 @@ fn the_cli_answers_again_with_the_cost_margin() {
             slower - gpus
         )),
         "{stdout}"
+    );
+    // A given fleet without SLOs: its latencies with the margin beside the plain ones, slower.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
+        .current_dir(&root)
+        .args([
+            "plan",
+            "--workload",
+            "examples/plan/chat.toml",
+            "--gpu",
+            "h100",
+            "--model-config",
+            "llama-3-8b",
+            "--rate",
+            "300",
+            "--gpus",
+            &gpus.to_string(),
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plain = doc["at"]["ttft_p50_ms"].as_f64().unwrap();
+    let slower = doc["margin"]["report"]["ttft_p50_ms"].as_f64().unwrap();
+    assert_eq!(doc["margin"]["cost_margin"], 0.1);
+    assert!(
+        slower > plain,
+        "TTFT p50 {plain} ms, {slower} ms with 10% slower steps"
     );
     let out = plan(&["--cost-margin", "2"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

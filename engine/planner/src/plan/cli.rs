@@ -407,17 +407,19 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
             let mut other = planner.with_cost_factor(1.0 + args.cost_margin);
             let r = other.evaluate(n, grid[0]);
             planner.runs += other.runs;
+            let how = if r.cannot_keep_up() {
+                "overloaded".to_string()
+            } else {
+                format!(
+                    "TTFT p50 {} ms, p99 {} ms, TPOT p99 {} ms",
+                    fmt_ms(r.ttft_p50_ms),
+                    fmt_ms(r.ttft_p99_ms),
+                    fmt_ms(r.tpot_p99_ms)
+                )
+            };
             margin_line = Some(format!(
-                "with every step {}: TTFT p50 {} ms, p99 {} ms, TPOT p99 {} ms{}\n",
-                describe_margin(args.cost_margin),
-                fmt_ms(r.ttft_p50_ms),
-                fmt_ms(r.ttft_p99_ms),
-                fmt_ms(r.tpot_p99_ms),
-                if r.cannot_keep_up() {
-                    " (overloaded)"
-                } else {
-                    ""
-                }
+                "with every step {}: {how}\n",
+                describe_margin(args.cost_margin)
             ));
             doc["margin"] = json!({"cost_margin": args.cost_margin, "report": r});
         }
