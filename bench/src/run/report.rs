@@ -139,7 +139,8 @@ pub struct Latency {
     pub itl: Percentiles,
     /// Send to the end.
     pub e2e: Percentiles,
-    /// The daemon's own arrival-to-first-token, from its `done` events (socket target only).
+    /// The engine's own time to first token, from when it saw the request (the `done` event's
+    /// `ttft_ms` less its `admit_ms`; socket target only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_ttft: Option<Percentiles>,
     /// Per request, TTFT minus the daemon's own: the time outside the engine (the request's

@@ -43,8 +43,9 @@ pub struct TurnRequest {
 pub struct TurnOutcome {
     /// Send to first token.
     pub ttft: Duration,
-    /// The server's own arrival-to-first-token (convoy's socket reports it in `done`): what
-    /// is left of `ttft` is the edge (framing, templating, tokenising, delivery).
+    /// The engine's own time to first token, from when it saw the request (convoy's socket
+    /// reports `ttft_ms` and `admit_ms` in `done`: their difference): what is left of `ttft`
+    /// is the edge (framing, templating, tokenising, delivery).
     pub engine_ttft: Option<Duration>,
     /// Gaps between successive token events.
     pub itl: Vec<Duration>,
@@ -266,8 +267,11 @@ async fn send_socket(
                     ..
                 } if id == req.id => {
                     out.e2e = sent.elapsed();
-                    out.engine_ttft = (timing.ttft_ms.is_finite() && timing.ttft_ms >= 0.0)
-                        .then(|| Duration::from_secs_f64(timing.ttft_ms / 1e3));
+                    // From the engine seeing the request: the daemon's TTFT counts from
+                    // reading the line, before templating and tokenising (`admit_ms`).
+                    let engine_ms = timing.ttft_ms - timing.admit_ms;
+                    out.engine_ttft = (engine_ms.is_finite() && engine_ms >= 0.0)
+                        .then(|| Duration::from_secs_f64(engine_ms / 1e3));
                     if last.is_none() {
                         out.ttft = out.e2e;
                     }

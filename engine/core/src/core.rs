@@ -61,6 +61,10 @@ pub struct Usage {
 /// Latencies of a finished request.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Timing {
+    /// From acceptance (the daemon read the request) to the engine seeing it: parsing,
+    /// templating, tokenising and the handoff (zero for a request with no acceptance time).
+    /// Part of `queue`, `ttft` and `total`, which count from acceptance.
+    pub admit: Duration,
     /// From arrival to first scheduled.
     pub queue: Duration,
     /// From arrival to the first token (zero if none).
@@ -146,6 +150,8 @@ struct Live {
     prompt_len: usize,
     hit: PrefixMatch,
     arrived: Duration,
+    /// From acceptance to the engine seeing the request ([`Timing::admit`]).
+    admit: Duration,
     scheduled: Option<Duration>,
     first_token: Option<Duration>,
     deadline: Option<Duration>,
@@ -340,10 +346,8 @@ impl<R: ModelRunner> EngineCore<R> {
         })?;
         self.stats.prompt_tokens += req.prompt_ids.len() as u64;
         let now = self.runner.now();
-        let arrived = match req.accepted {
-            Some(at) => now.saturating_sub(at.elapsed()),
-            None => now,
-        };
+        let admit = req.accepted.map_or(Duration::ZERO, |at| at.elapsed());
+        let arrived = now.saturating_sub(admit);
         self.live.insert(
             id,
             Live {
@@ -355,6 +359,7 @@ impl<R: ModelRunner> EngineCore<R> {
                 prompt_len: req.prompt_ids.len(),
                 hit: PrefixMatch::default(),
                 arrived,
+                admit,
                 scheduled: None,
                 first_token: None,
                 deadline: req.deadline.map(|d| arrived + d),
@@ -378,6 +383,7 @@ impl<R: ModelRunner> EngineCore<R> {
                     completion_tokens: l.output_ids.len(),
                 },
                 timing: Timing {
+                    admit: l.admit,
                     queue: l.scheduled.unwrap_or(now) - l.arrived,
                     ttft: l.first_token.map(|t| t - l.arrived).unwrap_or_default(),
                     total: now - l.arrived,

@@ -372,10 +372,20 @@ fn a_newcomer_is_admitted_during_a_long_prefill_and_its_wait_is_reported() {
         other => panic!("{other:?}"),
     };
     let short_done = Instant::now();
-    match long.recv().unwrap() {
-        Some(ServerEvent::Done { .. }) => {}
+    let long_timing = match long.recv().unwrap() {
+        Some(ServerEvent::Done { timing, .. }) => timing,
         other => panic!("{other:?}"),
-    }
+    };
+    // Tokenising 4,500 words took the long prompt a while before the engine saw it: `admit_ms`
+    // says how long, and each later figure includes the ones before it.
+    let t = long_timing;
+    assert!(
+        t.admit_ms > 0.0
+            && t.admit_ms <= t.queue_ms
+            && t.queue_ms <= t.ttft_ms
+            && t.ttft_ms <= t.total_ms,
+        "{t:?}"
+    );
     // The long prompt was still being computed when the newcomer finished: it did not wait
     // for it (before, both finished in the step that ended the long prefill).
     let after = short_done.elapsed();

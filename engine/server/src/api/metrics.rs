@@ -345,6 +345,7 @@ mod tests {
                 ..Default::default()
             },
             timing: Timing {
+                admit: Duration::ZERO,
                 queue: Duration::from_millis(1),
                 ttft: Duration::from_millis(30),
                 total: Duration::from_millis(50),

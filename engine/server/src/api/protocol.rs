@@ -609,6 +609,10 @@ pub struct UsageOut {
 /// Latencies in a `done` event, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimingOut {
+    /// Acceptance (the daemon read the line) to the engine seeing the request: parsing,
+    /// templating, tokenising. Part of the three below, which count from acceptance too.
+    #[serde(default)]
+    pub admit_ms: f64,
     /// Arrival to first scheduled.
     pub queue_ms: f64,
     /// Arrival to first token.

@@ -156,6 +156,7 @@ mod tests {
                 ..Default::default()
             },
             timing: Timing {
+                admit: Duration::ZERO,
                 queue: Duration::ZERO,
                 ttft: Duration::from_millis(ttft_ms),
                 total: Duration::from_millis(total_ms),

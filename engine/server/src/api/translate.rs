@@ -200,6 +200,7 @@ pub fn wire_event(ev: EngineEvent, client_id: &str, stream: bool) -> Option<Serv
                 completion_tokens: d.usage.completion_tokens,
             },
             timing: TimingOut {
+                admit_ms: ms(d.timing.admit),
                 queue_ms: ms(d.timing.queue),
                 ttft_ms: ms(d.timing.ttft),
                 total_ms: ms(d.timing.total),
