@@ -139,7 +139,7 @@ pub struct Latency {
     pub itl: Percentiles,
     /// Send to the end.
     pub e2e: Percentiles,
-    /// The engine's own time to first token, from when it saw the request (the `done` event's
+    /// The engine's own time to first token, from the request's handoff (the `done` event's
     /// `ttft_ms` less its `admit_ms`; socket target only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_ttft: Option<Percentiles>,

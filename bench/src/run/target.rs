@@ -43,7 +43,7 @@ pub struct TurnRequest {
 pub struct TurnOutcome {
     /// Send to first token.
     pub ttft: Duration,
-    /// The engine's own time to first token, from when it saw the request (convoy's socket
+    /// The engine's own time to first token, from the request's handoff (convoy's socket
     /// reports `ttft_ms` and `admit_ms` in `done`: their difference): what is left of `ttft`
     /// is the edge (framing, templating, tokenising, delivery).
     pub engine_ttft: Option<Duration>,
@@ -267,8 +267,8 @@ async fn send_socket(
                     ..
                 } if id == req.id => {
                     out.e2e = sent.elapsed();
-                    // From the engine seeing the request: the daemon's TTFT counts from
-                    // reading the line, before templating and tokenising (`admit_ms`).
+                    // From the handoff to the engine: the daemon's TTFT counts from reading
+                    // the line, before templating and tokenising (`admit_ms`).
                     let engine_ms = timing.ttft_ms - timing.admit_ms;
                     out.engine_ttft = (engine_ms.is_finite() && engine_ms >= 0.0)
                         .then(|| Duration::from_secs_f64(engine_ms / 1e3));

@@ -43,6 +43,10 @@ pub struct EngineRequest {
     /// the engine took it (a step in progress, prompt encoding): queueing time, TTFT and the
     /// deadline count from here. `None`: from when the engine takes it (simulated clocks).
     pub accepted: Option<std::time::Instant>,
+    /// When the front end handed the request to the engine, its prompt encoded: from
+    /// `accepted` to here is [`Timing::admit`] (the wait for the engine's current step that
+    /// follows is queueing, not admission). `None`: no admission time.
+    pub handed_over: Option<std::time::Instant>,
 }
 
 /// Token counts of a finished request.
@@ -61,9 +65,10 @@ pub struct Usage {
 /// Latencies of a finished request.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Timing {
-    /// From acceptance (the daemon read the request) to the engine seeing it: parsing,
-    /// templating, tokenising and the handoff (zero for a request with no acceptance time).
-    /// Part of `queue`, `ttft` and `total`, which count from acceptance.
+    /// From acceptance (the daemon read the request) to its handoff to the engine: parsing,
+    /// templating, tokenising (zero without both times, see
+    /// [`EngineRequest::handed_over`]). Part of `queue`, `ttft` and `total`, which count from
+    /// acceptance; the wait for the engine's current step after the handoff is in `queue`.
     pub admit: Duration,
     /// From arrival to first scheduled.
     pub queue: Duration,
@@ -150,7 +155,7 @@ struct Live {
     prompt_len: usize,
     hit: PrefixMatch,
     arrived: Duration,
-    /// From acceptance to the engine seeing the request ([`Timing::admit`]).
+    /// From acceptance to the handoff ([`Timing::admit`]).
     admit: Duration,
     scheduled: Option<Duration>,
     first_token: Option<Duration>,
@@ -346,8 +351,14 @@ impl<R: ModelRunner> EngineCore<R> {
         })?;
         self.stats.prompt_tokens += req.prompt_ids.len() as u64;
         let now = self.runner.now();
-        let admit = req.accepted.map_or(Duration::ZERO, |at| at.elapsed());
-        let arrived = now.saturating_sub(admit);
+        let arrived = match req.accepted {
+            Some(at) => now.saturating_sub(at.elapsed()),
+            None => now,
+        };
+        let admit = match (req.accepted, req.handed_over) {
+            (Some(accepted), Some(handed)) => handed.saturating_duration_since(accepted),
+            _ => Duration::ZERO,
+        };
         self.live.insert(
             id,
             Live {

@@ -134,7 +134,7 @@ pub struct CostModel {
     /// Not part of any step; the fleet simulation delays each request's arrival by it.
     #[serde(default)]
     pub request_edge_s: f64,
-    /// Per request and per request running on its replica when its first token is out,
+    /// Per request and per other request running on its replica when its first token is out,
     /// seconds added to its delivery: the part of the edge that grows with load (each running
     /// stream's tokens pass through the daemon's I/O thread and the client, which share the
     /// CPU with the engine). Fitted by `convoy-bench calibrate` from runs at several loads; 0 on

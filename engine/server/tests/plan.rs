@@ -170,16 +170,20 @@ fn the_answer_holds_on_every_seed_and_no_overloaded_fleet_meets() {
 fn a_slower_device_needs_more_gpus_and_a_factor_of_one_changes_nothing() {
     let mut p = planner(160.0, opts(Router::Sticky));
     let found = p.fewest(&slo(), &grid(), 64).unwrap();
-    let mut same = p.with_cost_factor(1.0);
+    let mut same = p.with_cost_factor(1.0).unwrap();
     let mut again = same.fewest(&slo(), &grid(), 64).unwrap();
     assert_eq!(again.gpus, found.gpus);
     again.report.sim_wall_s = found.report.sim_wall_s;
     assert_eq!(again.report, found.report);
-    let mut slower = p.with_cost_factor(1.3);
+    let mut slower = p.with_cost_factor(1.3).unwrap();
     let from_answer = slower
         .fewest_from(&slo(), &grid(), 64, Some(found.gpus))
         .unwrap();
-    let from_guess = p.with_cost_factor(1.3).fewest(&slo(), &grid(), 64).unwrap();
+    let from_guess = p
+        .with_cost_factor(1.3)
+        .unwrap()
+        .fewest(&slo(), &grid(), 64)
+        .unwrap();
     eprintln!(
         "160 msg/s: {} GPUs; with steps 30% slower {} (from the answer) and {} (from the guess)",
         found.gpus, from_answer.gpus, from_guess.gpus
@@ -192,6 +196,10 @@ fn a_slower_device_needs_more_gpus_and_a_factor_of_one_changes_nothing() {
     );
     assert_eq!(from_answer.gpus, from_guess.gpus);
     assert!(slo().failures(&from_answer.report).is_empty());
+    for bad in [0.0, -1.0, f64::NAN] {
+        let e = p.with_cost_factor(bad).err().expect("refused");
+        assert_eq!(e.code(), "invalid_argument");
+    }
 }
 
 #[test]
@@ -360,10 +368,10 @@ fn one_replica(p: Profile, log: &Path) -> (convoy_planner::plan::FleetReport, us
     (r, steps.iter().map(|s| s.shape.prefill_tokens).sum())
 }
 
-/// The edge's load-dependent part: each token reaches the client 50 ms per request running on
-/// its replica later. At a light load (about one running) TTFT moves by about 50 ms; at four
-/// times the load, with several running, by several times that; TPOT, a gap between tokens
-/// delayed alike, stays where it was.
+/// The edge's load-dependent part: each token reaches the client 50 ms per other request
+/// running on its replica later. At a light load (mostly alone) TTFT moves by less than that;
+/// at four times the load, with several running, by several times as much; TPOT, a gap
+/// between tokens delayed alike, stays where it was.
 #[test]
 fn the_edge_per_running_request_grows_with_the_load() {
     let at = |p: Profile, rate: f64| {
@@ -389,13 +397,10 @@ fn the_edge_per_running_request_grows_with_the_load() {
         );
         shifts.push(shift);
     }
+    assert!((0.0..50.0).contains(&shifts[0]), "light load: {shifts:?}");
     assert!(
-        (45.0..=150.0).contains(&shifts[0]),
-        "light load: {shifts:?}"
-    );
-    assert!(
-        shifts[1] > 2.0 * shifts[0],
-        "ten times the load: {shifts:?}"
+        shifts[1] > 100.0 && shifts[1] > 3.0 * shifts[0],
+        "four times the load: {shifts:?}"
     );
 }
 

@@ -404,7 +404,7 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         }
         doc["at"] = serde_json::to_value(&curve[0].0).expect("a report serialises");
         if args.cost_margin != 0.0 {
-            let mut other = planner.with_cost_factor(1.0 + args.cost_margin);
+            let mut other = planner.with_cost_factor(1.0 + args.cost_margin)?;
             let r = other.evaluate(n, grid[0]);
             planner.runs += other.runs;
             let how = if r.cannot_keep_up() {
@@ -654,7 +654,7 @@ fn margin_answer(
             describe_margin(margin)
         );
     }
-    let mut other = planner.with_cost_factor(1.0 + margin);
+    let mut other = planner.with_cost_factor(1.0 + margin)?;
     // Near the answer scaled by the margin: per-replica capacity moves with step time.
     let start = ((gpus as f64 * (1.0 + margin)).round() as usize).max(1);
     let found = other.fewest_from(slo, &[batch], args.max_gpus, Some(start));

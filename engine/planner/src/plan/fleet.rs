@@ -10,8 +10,8 @@
 //! Latencies are measured from the send, not from when the engine noticed the request: a send
 //! reaches its replica the cost model's `request_edge_s` later (the daemon's framing,
 //! templating and tokenising, and the first token's way back), and each of its tokens reaches
-//! the client `request_edge_per_running_s` x (requests running on the replica when its first
-//! token was made) after the engine made it: the part of the edge that grows with load.
+//! the client `request_edge_per_running_s` x (other requests running on the replica when its
+//! first token was made) after the engine made it: the part of the edge that grows with load.
 //!
 //! A turn's prompt is what the daemon would see: ChatML-style framing (5 template tokens per
 //! message, the profile's count for the assistant header), the persona's ids (the same in every
@@ -610,8 +610,8 @@ struct Inflight {
     tokens: usize,
     measured: bool,
     /// Seconds each token of this request takes to reach the client after the engine made it,
-    /// beyond the constant edge: set when the first token is out, from the replica's running
-    /// requests then (`request_edge_per_running_s`).
+    /// beyond the constant edge: set when the first token is out, from the other requests
+    /// running on the replica then (`request_edge_per_running_s`).
     delivery: f64,
 }
 
@@ -1013,10 +1013,14 @@ impl<'a> Group<'a> {
             self.s.steps += 1;
             self.s.step_seqs += self.cores[local].scheduler().num_running() as u64;
         }
-        // The load-dependent part of the edge: every stream running here passes its tokens
-        // through the same I/O thread and client.
-        let per_token_delivery = self.cfg.cost.request_edge_per_running_s
-            * self.cores[local].scheduler().num_running() as f64;
+        // The load-dependent part of the edge: every other stream running here passes its
+        // tokens through the same I/O thread and client. (Others, not counting the request
+        // itself: what calibrate fits against is the daemon's time-averaged running count.)
+        let others = self.cores[local]
+            .scheduler()
+            .num_running()
+            .saturating_sub(1);
+        let per_token_delivery = self.cfg.cost.request_edge_per_running_s * others as f64;
         for ev in events {
             let Some(f) = self.inflight.get_mut(&ev.id) else {
                 continue;

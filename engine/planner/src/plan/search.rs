@@ -358,13 +358,20 @@ impl Planner {
 
     /// The same planner (workload, load, options) on a device whose every step takes `factor`
     /// times as long as the profile says ([`CostModel::scaled`]): how far the answer moves when
-    /// the profile is off. Starts with no runs of its own.
+    /// the profile is off. Starts with no runs of its own. `factor` must be finite and `> 0`
+    /// (`invalid_argument` otherwise).
     ///
     /// [`CostModel::scaled`]: convoy_engine::sim::CostModel::scaled
-    pub fn with_cost_factor(&self, factor: f64) -> Planner {
+    pub fn with_cost_factor(&self, factor: f64) -> Result<Planner, PlanError> {
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(PlanError::invalid(
+                "cost factor",
+                format!("must be a number > 0, got {factor}"),
+            ));
+        }
         let mut profile = self.profile.clone();
         profile.cost = profile.cost.scaled(factor);
-        Planner {
+        Ok(Planner {
             profile,
             opts: PlanOptions {
                 step_log: None,
@@ -378,7 +385,7 @@ impl Planner {
             configs: HashMap::new(),
             hints: Vec::new(),
             runs: 0,
-        }
+        })
     }
 
     /// The profile's default batch settings.

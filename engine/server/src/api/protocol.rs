@@ -609,8 +609,9 @@ pub struct UsageOut {
 /// Latencies in a `done` event, in milliseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimingOut {
-    /// Acceptance (the daemon read the line) to the engine seeing the request: parsing,
-    /// templating, tokenising. Part of the three below, which count from acceptance too.
+    /// Acceptance (the daemon read the line) to the request's handoff to the engine: parsing,
+    /// templating, tokenising. Part of the three below, which count from acceptance too (the
+    /// wait for the engine's current step after the handoff is queueing).
     #[serde(default)]
     pub admit_ms: f64,
     /// Arrival to first scheduled.

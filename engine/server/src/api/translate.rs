@@ -149,6 +149,8 @@ pub fn engine_request(
         deadline: g.deadline_ms.map(Duration::from_millis),
         owner,
         accepted: Some(accepted),
+        // Built once the prompt is encoded, just before the submission.
+        handed_over: Some(std::time::Instant::now()),
     }
 }
 
