@@ -554,7 +554,8 @@ fn the_planning_docs_examples_ship_and_run() {
 #[test]
 fn the_cli_answers_again_with_the_cost_margin() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let plan = |extra: &[&str]| {
+    // 300 messages/s of the docs' chat on H100 rooflines, then the question.
+    let convoy = |question: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
             .current_dir(&root)
             .args([
@@ -567,14 +568,15 @@ fn the_cli_answers_again_with_the_cost_margin() {
                 "llama-3-8b",
                 "--rate",
                 "300",
-                "--slo-ttft-p99-ms",
-                "1000",
-                "--confirm-seeds",
-                "1",
             ])
-            .args(extra)
+            .args(question)
             .output()
             .unwrap()
+    };
+    let plan = |extra: &[&str]| {
+        let mut question = vec!["--slo-ttft-p99-ms", "1000", "--confirm-seeds", "1"];
+        question.extend_from_slice(extra);
+        convoy(&question)
     };
     let out = plan(&["--cost-margin", "0.25", "--json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -603,24 +605,7 @@ fn the_cli_answers_again_with_the_cost_margin() {
         "{stdout}"
     );
     // A given fleet without SLOs: its latencies with the margin beside the plain ones, slower.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_convoy"))
-        .current_dir(&root)
-        .args([
-            "plan",
-            "--workload",
-            "examples/plan/chat.toml",
-            "--gpu",
-            "h100",
-            "--model-config",
-            "llama-3-8b",
-            "--rate",
-            "300",
-            "--gpus",
-            &gpus.to_string(),
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = convoy(&["--gpus", &gpus.to_string(), "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let plain = doc["at"]["ttft_p50_ms"].as_f64().unwrap();
     let slower = doc["margin"]["report"]["ttft_p50_ms"].as_f64().unwrap();
