@@ -284,10 +284,10 @@ struct EdgeFit {
     per_running_s: f64,
 }
 
-/// The edge from runs at one or more loads: from one run, its median edge; from several, the
-/// least-squares line through (mean running, median edge), its slope kept `>= 0` and its
-/// intercept too (refitted through the origin when it would go below). Runs from a report
-/// without running counts give their mean edge, with a warning.
+/// The edge from runs at any number of loads: none, no edge; one run, its median edge;
+/// several, the least-squares line through (mean running, median edge), its slope kept `>= 0`
+/// and its intercept too (refitted through the origin when it would go below). Runs from a
+/// report without running counts give their mean edge, with a warning.
 fn fit_edge(points: &[EdgePoint]) -> EdgeFit {
     let n = points.len().max(1) as f64;
     let mean_edge = points.iter().map(|p| p.edge_s).sum::<f64>() / n;
@@ -407,14 +407,7 @@ pub fn main(args: CalibrateArgs) -> Result<()> {
     for report in &args.edge_from {
         edge_runs.extend(edge_points(report)?);
     }
-    let edge = if edge_runs.is_empty() {
-        EdgeFit {
-            at_rest_s: 0.0,
-            per_running_s: 0.0,
-        }
-    } else {
-        fit_edge(&edge_runs)
-    };
+    let edge = fit_edge(&edge_runs);
     let cost = CostModel {
         fixed_s: c[0],
         prefill_token_s: c[1],
@@ -599,6 +592,7 @@ mod edge_tests {
     #[test]
     fn the_edge_is_a_constant_plus_a_share_per_running_request() {
         // One load: its edge, nothing per request.
+        assert!(close(fit_edge(&[]), 0.0, 0.0));
         let f = fit_edge(&[at(11.0, Some(1.5))]);
         assert!(close(f, 11.0, 0.0), "{f:?}");
         // Two loads: the line through them (10.9 ms at 0.75 running, 33.4 at 7.3).
