@@ -454,10 +454,14 @@ impl<R: ModelRunner> EngineCore<R> {
         events
     }
 
-    /// The first half of a step: schedule it and launch it on the runner, which may compute it
-    /// while the caller does host work (delivering the last step's events); returns the events
-    /// scheduling produced (requests that ended). [`EngineCore::end_step`] must follow before
-    /// anything else changes the engine's requests.
+    /// The first half of a step: schedule it and, on a runner that computes apart from this
+    /// thread, launch it, so the caller's host work (delivering the last step's events)
+    /// overlaps it; returns the events scheduling produced (requests that ended).
+    /// [`EngineCore::end_step`] must follow before anything else changes the engine's requests.
+    ///
+    /// A runner that computes on this thread (the CPU) runs the whole step in `end_step`:
+    /// launched here, it would hold the last step's tokens back from their clients for the
+    /// length of this one.
     pub fn begin_step(&mut self) -> Vec<EngineEvent> {
         assert!(
             self.in_flight.is_none(),
@@ -497,7 +501,9 @@ impl<R: ModelRunner> EngineCore<R> {
                 self.runner.keep_logits(s.id);
             }
         }
-        self.runner.launch(&out);
+        if self.runner.computes_apart() {
+            self.runner.launch(&out);
+        }
         self.step_out = out;
         self.in_flight = Some((step_started, started));
         events
@@ -512,9 +518,15 @@ impl<R: ModelRunner> EngineCore<R> {
         };
         let mut events = Vec::new();
         let out = std::mem::take(&mut self.step_out);
+        // A step left to `finish` starts computing now, after the host work done meanwhile.
+        let computing_since = if self.runner.computes_apart() {
+            started
+        } else {
+            self.runner.now()
+        };
         let result = self.runner.finish(&out);
         let now = self.runner.now();
-        let executed = now.saturating_sub(started);
+        let executed = now.saturating_sub(computing_since);
         if let Some(p) = &mut self.pacer {
             p.observe(out.num_batched_tokens, executed);
             self.scheduler.set_step_token_budget(Some(p.budget()));

@@ -82,6 +82,11 @@ impl ModelRunner for PacedSimRunner {
         self.finish(out)
     }
 
+    /// The simulated device computes apart from the engine thread, as a GPU does.
+    fn computes_apart(&self) -> bool {
+        true
+    }
+
     /// The simulated device starts computing: the step is due its modelled time from now.
     fn launch(&mut self, out: &SchedulerOutput) {
         let start = Instant::now();

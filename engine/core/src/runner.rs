@@ -50,6 +50,12 @@ pub trait ModelRunner {
     /// Run one step: set up `out.new_requests`, drop `out.finished_ids`, execute the copies and
     /// the forward pass, sample one token per scheduled request with `sample`.
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult;
+    /// Whether [`ModelRunner::launch`] returns while the step computes (a GPU's stream, the
+    /// paced simulation), so work done between `launch` and `finish` overlaps it. Where it
+    /// does not, the engine leaves the whole step to `finish` and does its host work first.
+    fn computes_apart(&self) -> bool {
+        false
+    }
     /// Start the step `out`: a runner whose device computes apart from the host starts it here
     /// and returns at once, so the engine thread does host work while it runs;
     /// [`ModelRunner::finish`] (with the same `out`) waits and returns its result. By default
@@ -265,6 +271,10 @@ impl<B: Backend> ModelRunner for Runner<B> {
         self.finish(out)
     }
 
+    fn computes_apart(&self) -> bool {
+        self.backend.computes_apart()
+    }
+
     fn launch(&mut self, out: &SchedulerOutput) {
         debug_assert!(
             !self.pending.launched,
@@ -397,6 +407,9 @@ impl<R: ModelRunner + ?Sized> ModelRunner for Box<R> {
     }
     fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
         (**self).execute(out)
+    }
+    fn computes_apart(&self) -> bool {
+        (**self).computes_apart()
     }
     fn launch(&mut self, out: &SchedulerOutput) {
         (**self).launch(out)

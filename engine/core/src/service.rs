@@ -554,3 +554,125 @@ impl<R: ModelRunner> EngineLoop<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{EngineRequest, EventKind};
+    use crate::runner::StepResult;
+    use crate::sampler::SamplingParams;
+    use crate::sim::{CostModel, SimRunner};
+    use convoy_scheduler::{BlockCopy, BlockId, SchedulerOutput};
+
+    /// A runner that computes on the engine thread, as the CPU runner does, in `launch` when
+    /// launched and in `finish` otherwise; one step that computes something per permit from
+    /// `gate`: a step waiting for its permit is a step still computing.
+    struct GatedRunner {
+        sim: SimRunner,
+        gate: Receiver<()>,
+        launched: Option<StepResult>,
+    }
+
+    impl ModelRunner for GatedRunner {
+        fn keep_logits(&mut self, id: RequestId) {
+            self.sim.keep_logits(id);
+        }
+        fn execute(&mut self, out: &SchedulerOutput) -> StepResult {
+            if !out.scheduled.is_empty() {
+                self.gate.recv().expect("the test holds the gate");
+            }
+            self.sim.execute(out)
+        }
+        fn launch(&mut self, out: &SchedulerOutput) {
+            self.launched = Some(self.execute(out));
+        }
+        fn finish(&mut self, out: &SchedulerOutput) -> StepResult {
+            match self.launched.take() {
+                Some(result) => result,
+                None => self.execute(out),
+            }
+        }
+        fn recompute_logits(
+            &mut self,
+            tokens: &[u32],
+            blocks: &[BlockId],
+            copies: &[BlockCopy],
+        ) -> Option<Vec<f32>> {
+            self.sim.recompute_logits(tokens, blocks, copies)
+        }
+        fn now(&self) -> Duration {
+            self.sim.now()
+        }
+        fn vocab_size(&self) -> usize {
+            self.sim.vocab_size()
+        }
+    }
+
+    #[test]
+    fn a_step_computed_on_the_engine_thread_does_not_hold_back_the_last_steps_tokens() {
+        let (permit, gate) = unbounded();
+        let engine = spawn_thread(move |channels| {
+            let runner = GatedRunner {
+                sim: SimRunner::new(CostModel::smollm2_cpu(), 512),
+                gate,
+                launched: None,
+            };
+            let codec = TextCodec::without_tokenizer(vec![]);
+            let cfg = GeneratorConfig::new(64, 16);
+            run_engine(
+                runner,
+                4096,
+                codec,
+                &cfg,
+                ServiceConfig::default(),
+                channels,
+            )
+        });
+        let (tx, events) = unbounded();
+        let sink: BoxedSink = Box::new(move |ev: EngineEvent| {
+            if tx.send(ev).is_ok() {
+                Delivery::Delivered
+            } else {
+                Delivery::Gone
+            }
+        });
+        let req = EngineRequest {
+            prompt_ids: vec![1, 2, 3, 4, 5],
+            params: SamplingParams {
+                max_tokens: 3,
+                ignore_eos: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        engine.submit(1, req, sink).unwrap().unwrap();
+        // One permit: the prefill step runs and samples the first token; the next step then
+        // waits for its permit, so it is still computing when the first token must go out.
+        permit.send(()).unwrap();
+        let first = events
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the first token arrives while the next step computes");
+        assert!(matches!(first.kind, EventKind::Token { .. }), "{first:?}");
+        assert!(events.try_recv().is_err(), "only one step has run");
+        // Two more sampling steps, and the step that writes the last token's K/V (a later
+        // turn reuses the reply too) without sampling.
+        for _ in 0..3 {
+            permit.send(()).unwrap();
+        }
+        let mut tokens = 1;
+        loop {
+            let ev = events.recv_timeout(Duration::from_secs(30)).expect("event");
+            match ev.kind {
+                EventKind::Token { .. } => tokens += 1,
+                EventKind::Done(d) => {
+                    assert_eq!(d.usage.completion_tokens, 3);
+                    break;
+                }
+            }
+        }
+        assert_eq!(tokens, 3);
+        drop(permit);
+        engine.shutdown();
+        engine.join().unwrap();
+    }
+}

@@ -222,6 +222,12 @@ pub trait DeviceLayer {
         None
     }
 
+    /// Whether launched work runs apart from the calling thread (a GPU's streams), so the host
+    /// can work while it runs; the emulated device runs each launch on the calling thread.
+    fn runs_apart(&self) -> bool {
+        false
+    }
+
     /// Copy `src` into `dst` at byte `offset`.
     fn write(&self, dst: &mut Self::Buffer, offset: usize, src: &[u8]) -> Result<(), DeviceError>;
 

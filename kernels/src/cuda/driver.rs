@@ -326,6 +326,10 @@ impl DeviceLayer for CudaDriverDevice {
         result::mem_get_info().ok()
     }
 
+    fn runs_apart(&self) -> bool {
+        true
+    }
+
     fn alloc_host(&self, bytes: usize) -> Result<DriverBuffer, DeviceError> {
         self.not_capturing("alloc_host")?;
         let bytes = bytes.max(1);

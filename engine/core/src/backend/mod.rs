@@ -246,6 +246,12 @@ pub trait Backend {
     fn kv_blocks(&self) -> Option<usize> {
         None
     }
+    /// Whether a pass runs apart from the calling thread (a GPU's stream): the operations
+    /// above then only queue it. Where it runs on the calling thread (the CPU, the emulated
+    /// device), the operations return once it has run.
+    fn computes_apart(&self) -> bool {
+        false
+    }
     /// Upload the draws (one per logits row) of the pass about to run, before it runs, so
     /// only token ids cross back; `false` where the backend samples on the host (the caller
     /// then reads the logits). Uploads before the pass wait for nothing on a device whose

@@ -801,6 +801,10 @@ impl<D: DeviceLayer> Backend for CudaBackend<D> {
         self.device.name()
     }
 
+    fn computes_apart(&self) -> bool {
+        self.device.runs_apart()
+    }
+
     fn config(&self) -> &ModelConfig {
         &self.config
     }
