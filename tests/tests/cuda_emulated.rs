@@ -750,6 +750,11 @@ fn a_launched_step_waits_for_the_device_only_in_finish() {
             self.launch(out);
             self.finish(out)
         }
+        /// As on a GPU, whose work runs apart (the emulator's runs as it is issued): the
+        /// engine launches each step before its host work, and `finish` waits for it.
+        fn computes_apart(&self) -> bool {
+            true
+        }
         fn launch(&mut self, out: &SchedulerOutput) {
             let before = self.device.host_waits();
             self.inner.launch(out);
