@@ -51,6 +51,17 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(23, 190, 207),
 ];
 
+/// A y tick's label: whole numbers without a fraction (`10000`, not `10000.0`), others with
+/// at most three significant decimals (`0.25`, `1.5`).
+fn tick_label(y: f64) -> String {
+    if y.fract() == 0.0 || y.abs() >= 100.0 {
+        format!("{y:.0}")
+    } else {
+        let s = format!("{y:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 fn color(i: usize) -> RGBAColor {
     COLORS[i % COLORS.len()].to_rgba()
 }
@@ -126,6 +137,7 @@ impl LineChart {
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
             .x_label_formatter(&x_fmt)
+            .y_label_formatter(&|y: &f64| tick_label(*y))
             .draw()?;
         for (i, (name, s)) in self.series.iter().enumerate() {
             let color = color(i);
@@ -165,5 +177,22 @@ impl LineChart {
             .draw()?;
         root.present()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tick_label;
+
+    #[test]
+    fn tick_labels_drop_a_fraction_they_do_not_have() {
+        let labels: Vec<String> = [10000.0, 1000.0, 1.0, 0.0, 2.5, 0.125, 0.1, 150.4]
+            .into_iter()
+            .map(tick_label)
+            .collect();
+        assert_eq!(
+            labels,
+            ["10000", "1000", "1", "0", "2.5", "0.125", "0.1", "150"]
+        );
     }
 }

@@ -404,6 +404,13 @@ fn plan(args: &PlanArgs) -> Result<(), PlanError> {
         }
         doc["at"] = serde_json::to_value(&curve[0].0).expect("a report serialises");
         if args.cost_margin != 0.0 {
+            if !args.json {
+                eprintln!(
+                    "convoy plan: the same fleet with every step {} (--cost-margin {})",
+                    describe_margin(args.cost_margin),
+                    args.cost_margin
+                );
+            }
             let mut other = planner.with_cost_factor(1.0 + args.cost_margin)?;
             let r = other.evaluate(n, grid[0]);
             planner.runs += other.runs;

@@ -564,7 +564,9 @@ impl Planner {
             if needed > cfg.warmup_s * 1.1 {
                 if self.opts.progress {
                     eprintln!(
-                        "  {n} GPUs (seed {seed}) replied slower than expected: again with a {needed:.0} s warm-up"
+                        "  simulated {n} GPUs (seed {seed}): replies slower than its warm-up assumed (TTFT p50 {:.0} ms, TPOT p50 {:.0} ms); again with a {needed:.0} s warm-up",
+                        r.ttft_p50_ms,
+                        r.tpot_p50_ms
                     );
                 }
                 lengthen_warmup(&mut cfg, needed);
@@ -575,18 +577,21 @@ impl Planner {
         }
         r.nominal_per_s = self.messages_per_s;
         if self.opts.progress {
+            // A run stopped early or overloaded may have too few finished requests for a p99.
+            let ttft = match (r.stopped_early, early, r.ttft_p99_ms.is_finite()) {
+                (true, Some(e), _) => format!(
+                    "stopped early: TTFT p{:.0} certainly over {:.0} ms",
+                    100.0 * (1.0 - e.share),
+                    e.ttft_s * 1e3
+                ),
+                (_, _, true) => format!("TTFT p99 {:.0} ms", r.ttft_p99_ms),
+                _ => "TTFT p99 unknown (too few requests finished)".to_string(),
+            };
             eprintln!(
-                "  simulated {n} GPUs (max_running {}, max_batched_tokens {}, seed {seed}): TTFT p99 {:.0} ms{} in {:.1} s",
+                "  simulated {n} GPUs (max_running {}, max_batched_tokens {}, seed {seed}): {ttft}{} in {:.1} s",
                 b.max_running,
                 b.max_batched_tokens,
-                r.ttft_p99_ms,
-                if r.stopped_early {
-                    ", stopped early: the TTFT bound is certainly broken"
-                } else if r.cannot_keep_up() {
-                    ", overloaded"
-                } else {
-                    ""
-                },
+                if r.cannot_keep_up() { ", overloaded" } else { "" },
                 r.sim_wall_s
             );
         }
