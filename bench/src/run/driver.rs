@@ -4,7 +4,7 @@
 //! loop: `concurrency` conversations are alive at once, each ended one starting the next until
 //! `duration`; trace: each line is sent at its timestamp. After `duration` no conversation
 //! starts and no new turn is sent; the turns in flight finish and are counted, so the run
-//! ends when the last of them does. A failed turn is counted and its conversation goes on
+//! ends when the last of them does (an open loop never before `duration`). A failed turn is counted and its conversation goes on
 //! with an empty reply in its history (as a user would retry).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -111,6 +111,9 @@ pub async fn play(
                 for (i, t) in (0..limit).zip(times) {
                     let at = start + Duration::from_secs_f64(t);
                     if at >= shared.deadline {
+                        // The window lasts its whole duration even when no conversation
+                        // arrives in its last seconds: throughput is over the window.
+                        tokio::time::sleep_until(shared.deadline.into()).await;
                         break;
                     }
                     tokio::time::sleep_until(at.into()).await;

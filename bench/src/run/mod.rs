@@ -369,7 +369,7 @@ pub fn main(args: RunArgs) -> Result<()> {
         slo,
         runs,
     };
-    report::print_tables(&report);
+    report::print_tables(&report, args.duration_s);
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;

@@ -243,8 +243,13 @@ fn load_label(o: &Offered) -> String {
 
 /// The run as a table (one line per offered load, under 100 columns, every column named in a
 /// legend), then per-turn figures of each. TTFT's p90 and max, inter-token latency and the
-/// rest are in the JSON report.
-pub fn print_tables(report: &Report) {
+/// rest are in the JSON report. `window_s`: the seconds in which each run started turns.
+pub fn print_tables(report: &Report, window_s: f64) {
+    println!(
+        "load: conversations/s offered (or N alive at once, closed loop); msg/s: messages/s that \
+         load offers\non average; done/fail: requests completed/failed; req/s: completed over \
+         the run's time; out t/s: tokens/s made"
+    );
     println!(
         "times in ms; goodput: requests/s that met the SLOs; hit2+: share of prompt tokens served \
          from the cache on turns 2 and later; TTFT p90/max, ITL and more in --report JSON"
@@ -285,6 +290,17 @@ pub fn print_tables(report: &Report) {
     }
     for r in &report.runs {
         println!();
+        if let Some(rate) = r.offered.conversations_per_s {
+            println!(
+                "load {}: {} conversations started ({:.1} expected at {rate} conv/s in the {:.0} s \
+                 window); the run took {:.1} s (the turns in flight at the window's end finish)",
+                load_label(&r.offered),
+                r.requests.conversations_started,
+                rate * window_s,
+                window_s,
+                r.duration_s
+            );
+        }
         println!(
             "load {}: hit ratio {:.1}% (device {} + host {} of {} prompt tokens); errors {:?}",
             load_label(&r.offered),
