@@ -16,6 +16,10 @@ for _ in $(seq 1 600); do
 done
 python3 examples/client.py --socket "$sock" \
   "Hello! Who are you?" "What is the tallest mountain in the world?" "Thank you! Say goodbye in French."
+# Stop the daemon first, so its last words come before the suggestions.
+kill -TERM "$daemon"
+wait "$daemon" || true
+trap - EXIT
 cat <<'NEXT'
 
 Next, try:

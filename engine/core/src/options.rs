@@ -54,7 +54,8 @@ pub fn find_model(model: Option<&Path>) -> Result<PathBuf> {
         Some(p) => Ok(p.clone()),
         None => bail!(
             "no --model given and the default model is not in any of: {} (run \
-             scripts/fetch_models.sh in the convoy checkout, or give --model)",
+             scripts/fetch_models.sh in the convoy checkout, set CONVOY_MODELS_DIR to the \
+             models/ directory it fills, or give --model)",
             tried
                 .iter()
                 .map(|p| p.display().to_string())

@@ -227,8 +227,21 @@ fn tokenize_prints_ids_as_json() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         out.trim(),
-        r#"{"ids":[19556,28,905,17],"token_bytes":[[72,101,108,108,111],[44],[32,119,111,114,108,100],[33]]}"#
+        r#"{"ids":[19556,28,905,17],"token_bytes":[[72,101,108,108,111],[44],[32,119,111,114,108,100],[33]],"tokens":["Hello",","," world","!"]}"#
     );
+    // A token that holds part of a character has no text of its own, only bytes.
+    let (code, out, err) = convoy(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "Hi 👍",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!(["Hi", null, null, null]));
     // The text format: the ids, then each token's text (escaped bytes for part of a character).
     let (code, out, err) = convoy(&[
         "tokenize",
@@ -290,6 +303,42 @@ fn the_default_model_is_found_from_any_directory_and_a_gguf_directory_is_a_model
 }
 
 #[test]
+fn a_binary_outside_the_checkout_names_every_way_to_its_model() {
+    // A copy of the binary away from its checkout, run from an unrelated directory: the
+    // default model is nowhere it looks, and the error names each way to give it.
+    let away = scratch("away");
+    let bin = away.join("convoy");
+    std::fs::copy(env!("CARGO_BIN_EXE_convoy"), &bin).unwrap();
+    let run = |models_dir: Option<&Path>| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["tokenize", "--text", "Hi"])
+            .current_dir(&away)
+            .env_remove("CONVOY_MODELS_DIR");
+        if let Some(d) = models_dir {
+            cmd.env("CONVOY_MODELS_DIR", d);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(None);
+    one_error_line(
+        code,
+        &err,
+        "no --model given and the default model is not in any of:",
+    );
+    for way in ["scripts/fetch_models.sh", "CONVOY_MODELS_DIR", "--model"] {
+        assert!(err.contains(way), "{way}: {err}");
+    }
+    // CONVOY_MODELS_DIR at the checkout's models/ is the way the message gives.
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+    let (code, err) = run(Some(&models));
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn generate_chat_validates_as_the_daemon_does() {
     let d = scratch("chat-validation");
     for (chat, needle) in [
@@ -297,7 +346,10 @@ fn generate_chat_validates_as_the_daemon_does() {
             r#"[{"role":"human","content":"hi"}]"#,
             "messages[0].role \"human\" is not one of system, user, assistant (invalid_parameter)",
         ),
-        ("[]", "(empty_prompt)"),
+        (
+            "[]",
+            "messages is an empty list: give at least one message (empty_prompt)",
+        ),
         (
             r#"[{"role":"user","content":"a","content":"b"}]"#,
             "(duplicate_key)",

@@ -526,16 +526,18 @@ fn parse_generate(v: Value) -> Result<ClientMessage, ProtocolError> {
         ));
     };
     let empty = match &prompt {
-        Prompt::Text(t) => t.is_empty(),
-        Prompt::Ids(i) => i.is_empty(),
-        Prompt::Messages(m) => m.is_empty(),
+        Prompt::Text(t) => t.is_empty().then_some("prompt is an empty string"),
+        Prompt::Ids(i) => i.is_empty().then_some("prompt_ids is an empty list"),
+        Prompt::Messages(m) => m
+            .is_empty()
+            .then_some("messages is an empty list: give at least one message"),
         Prompt::Template(TemplatePrompt {
             source: TemplateSource::Named(t) | TemplateSource::Inline(t),
             ..
-        }) => t.is_empty(),
+        }) => t.is_empty().then_some("the template is empty"),
     };
-    if empty {
-        return Err(ProtocolError::new("empty_prompt", "the prompt is empty"));
+    if let Some(what) = empty {
+        return Err(ProtocolError::new("empty_prompt", what));
     }
     check_range(
         !r.special_tokens || matches!(prompt, Prompt::Text(_)),

@@ -321,7 +321,12 @@ fn run(cli: Cli) -> Result<()> {
             loop {
                 eprint!("> ");
                 let mut line = String::new();
-                if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+                if stdin.lock().read_line(&mut line)? == 0 {
+                    // Ctrl-D leaves the cursor after the prompt: end its line.
+                    eprintln!();
+                    break;
+                }
+                if line.trim().is_empty() {
                     break;
                 }
                 messages.push(ChatMessage::new("user", line.trim_end()));
@@ -342,8 +347,13 @@ fn run(cli: Cli) -> Result<()> {
                 // conversation was already computed, and how soon the reply began.
                 let prompt_tokens = req.prompt_ids.len();
                 let cached = r[0].cached_tokens + r[0].host_cached_tokens;
+                let cut = if r[0].finish_reason == convoy_engine::FinishReason::Length {
+                    ", reply cut at the token limit (--max-tokens)"
+                } else {
+                    ""
+                };
                 eprintln!(
-                    "  [{cached}/{prompt_tokens} prompt tokens cached, first token in {:.0} ms]",
+                    "  [{cached}/{prompt_tokens} prompt tokens cached, first token in {:.0} ms{cut}]",
                     r[0].time_to_first_token.as_secs_f64() * 1e3
                 );
                 messages.push(ChatMessage::new("assistant", r[0].text.clone()));
@@ -514,9 +524,13 @@ fn run(cli: Cli) -> Result<()> {
             match format.as_str() {
                 "json" => {
                     let bytes: Vec<Vec<u8>> = ids.iter().map(|&id| codec.token_bytes(id)).collect();
+                    // Each token's text, or null where its bytes are part of a character
+                    // (`token_bytes` has them all).
+                    let texts: Vec<Option<&str>> =
+                        bytes.iter().map(|b| std::str::from_utf8(b).ok()).collect();
                     println!(
                         "{}",
-                        serde_json::json!({ "ids": ids, "token_bytes": bytes })
+                        serde_json::json!({ "ids": ids, "tokens": texts, "token_bytes": bytes })
                     )
                 }
                 "text" => {
