@@ -4,6 +4,7 @@
 # (examples/client.py), then stop it with SIGTERM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/toolchain.sh
 bash scripts/fetch_models.sh
 cargo build --release --bin convoy --bin convoy-bench
 sock="$PWD/target/demo.sock"
@@ -17,7 +18,7 @@ done
 python3 examples/client.py --socket "$sock" \
   "Hello! Who are you?" "What is the tallest mountain in the world?" "Thank you! Say goodbye in French."
 # Stop the daemon first, so its last words come before the suggestions.
-kill -TERM "$daemon"
+kill -TERM "$daemon" 2>/dev/null || true
 wait "$daemon" || true
 trap - EXIT
 cat <<'NEXT'

@@ -81,7 +81,8 @@ done
 [[ -e "$MODEL" ]] || { echo "error: $MODEL is missing: run scripts/fetch_models.sh" >&2; exit 1; }
 if [[ ! -x "$BIN" ]]; then
     echo "building $BIN ..." >&2
-    cargo build --release -p convoy-engine --bin convoy
+    source scripts/toolchain.sh
+    cargo build --release --bin convoy
 fi
 
 work=$(mktemp -d -t convoy-fleet.XXXXXX)

@@ -10,6 +10,7 @@
 #  4. every test of the workspace, optimised.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/toolchain.sh
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
 # The fuzz target, type-checked against today's API (its crate is its own workspace, whose
