@@ -734,10 +734,11 @@ fn a_launched_step_waits_for_the_device_only_in_finish() {
     use std::cell::Cell;
     use std::rc::Rc;
 
-    /// A runner that counts the device waits inside each half of a step.
+    /// A runner that counts the device waits inside each half of a step, and its launches.
     struct Probe<R> {
         inner: R,
         device: EmulatedDevice,
+        launches: Rc<Cell<u64>>,
         in_launch: Rc<Cell<u64>>,
         in_finish: Rc<Cell<u64>>,
         steps: Rc<Cell<u64>>,
@@ -756,6 +757,9 @@ fn a_launched_step_waits_for_the_device_only_in_finish() {
             true
         }
         fn launch(&mut self, out: &SchedulerOutput) {
+            if !out.scheduled.is_empty() {
+                self.launches.set(self.launches.get() + 1);
+            }
             let before = self.device.host_waits();
             self.inner.launch(out);
             self.in_launch
@@ -794,7 +798,8 @@ fn a_launched_step_waits_for_the_device_only_in_finish() {
     let (bs, blocks) = (4, 64);
     let device = EmulatedDevice::new();
     let backend = CudaBackend::new(device.clone(), &model, blocks, 0, bs, 64).unwrap();
-    let (in_launch, in_finish, steps) = (
+    let (launches, in_launch, in_finish, steps) = (
+        Rc::new(Cell::new(0)),
         Rc::new(Cell::new(0)),
         Rc::new(Cell::new(0)),
         Rc::new(Cell::new(0)),
@@ -802,6 +807,7 @@ fn a_launched_step_waits_for_the_device_only_in_finish() {
     let probe = Probe {
         inner: Runner::with_backend(backend),
         device,
+        launches: launches.clone(),
         in_launch: in_launch.clone(),
         in_finish: in_finish.clone(),
         steps: steps.clone(),
@@ -844,4 +850,6 @@ fn a_launched_step_waits_for_the_device_only_in_finish() {
         steps.get()
     );
     assert_eq!(in_finish.get(), steps.get(), "finish waits once per step");
+    // Every step was launched before its host work, not left to `finish`.
+    assert_eq!(launches.get(), steps.get(), "the engine launches each step");
 }

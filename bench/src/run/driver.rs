@@ -111,9 +111,6 @@ pub async fn play(
                 for (i, t) in (0..limit).zip(times) {
                     let at = start + Duration::from_secs_f64(t);
                     if at >= shared.deadline {
-                        // The window lasts its whole duration even when no conversation
-                        // arrives in its last seconds: throughput is over the window.
-                        tokio::time::sleep_until(shared.deadline.into()).await;
                         break;
                     }
                     tokio::time::sleep_until(at.into()).await;
@@ -122,6 +119,9 @@ pub async fn play(
                     };
                     tasks.spawn(conversation(shared.clone(), c));
                 }
+                // The window lasts its whole duration even when its arrivals end sooner (none
+                // in its last seconds, or --conversations reached): throughput is over it.
+                tokio::time::sleep_until(shared.deadline.into()).await;
             }
             ArrivalProcess::Closed { concurrency } => {
                 let next = Arc::new(AtomicU64::new(0));

@@ -244,8 +244,8 @@ pub struct EngineCore<R: ModelRunner> {
     /// The last step's scheduler output and results, kept for their buffers.
     step_out: SchedulerOutput,
     step_results: Vec<RequestOutput>,
-    /// The step launched by [`EngineCore::begin_step`] and not yet ended: when it started
-    /// (runner clock) and when its runner launch began.
+    /// The step begun by [`EngineCore::begin_step`] and not yet ended: when it started (runner
+    /// clock) and when its scheduling ended (its launch, on a runner that computes apart).
     in_flight: Option<(Duration, Duration)>,
 }
 
@@ -602,8 +602,9 @@ impl<R: ModelRunner> EngineCore<R> {
         if let Some(log) = &mut self.step_log {
             if !out.scheduled.is_empty() {
                 let total = self.runner.now().saturating_sub(step_started);
+                // When the runner started computing: `at_s + execute_s` is when it finished.
                 log.write(&StepRecord::new(
-                    started.as_secs_f64(),
+                    computing_since.as_secs_f64(),
                     &StepShape::of(&out),
                     executed.as_secs_f64(),
                     total.as_secs_f64(),

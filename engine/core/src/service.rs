@@ -467,9 +467,10 @@ impl<R: ModelRunner> EngineLoop<R> {
         }
     }
 
-    /// The engine thread's loop. A step's events are delivered while the next step runs on the
-    /// runner (between its launch and its result: host work overlapped with the device's);
-    /// anything that acts on requests (commands, shutdown, closed clients, an idle wait) first
+    /// The engine thread's loop. A step's events are delivered between the next step's
+    /// scheduling and its result: on a runner that computes apart (a GPU) while that step runs,
+    /// on one that computes on this thread (the CPU) before it does; anything that acts on
+    /// requests (commands, shutdown, closed clients, an idle wait) first
     /// delivers every event produced so far, so a client always sees its tokens before its end.
     fn run(
         mut self,
@@ -538,8 +539,9 @@ impl<R: ModelRunner> EngineLoop<R> {
                 }
                 core.begin_step()
             })?;
-            // The step runs; the last step's events go out meanwhile. A client that cannot take
-            // them is ended once the step is back (no request changes while it runs).
+            // The step is scheduled (and, on a runner that computes apart, running); the last
+            // step's events go out now. A client that cannot take them is ended once the step
+            // is back (no request changes while it is in flight).
             let mut cancel = Vec::new();
             for ev in pending.drain(..).chain(early) {
                 cancel.extend(self.deliver(ev));

@@ -52,7 +52,7 @@ const COLORS: [RGBColor; 8] = [
 ];
 
 /// A y tick's label: whole numbers without a fraction (`10000`, not `10000.0`), others with
-/// at most three significant decimals (`0.25`, `1.5`).
+/// at most three decimal places (`0.25`, `1.5`).
 fn tick_label(y: f64) -> String {
     if y.fract() == 0.0 || y.abs() >= 100.0 {
         format!("{y:.0}")

@@ -317,7 +317,17 @@ fn a_binary_outside_the_checkout_names_every_way_to_its_model() {
         if let Some(d) = models_dir {
             cmd.env("CONVOY_MODELS_DIR", d);
         }
-        let out = cmd.output().unwrap();
+        // A process another test thread forks while the copy is open for writing holds it
+        // open a moment: executing it then fails with ETXTBSY; try again.
+        let out = (0..50)
+            .find_map(|_| match cmd.output() {
+                Err(e) if e.raw_os_error() == Some(26) => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    None
+                }
+                r => Some(r.unwrap()),
+            })
+            .expect("the copied binary runs");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -336,6 +346,7 @@ fn a_binary_outside_the_checkout_names_every_way_to_its_model() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
     let (code, err) = run(Some(&models));
     assert_eq!(code, 0, "{err}");
+    let _ = std::fs::remove_dir_all(&away);
 }
 
 #[test]

@@ -532,9 +532,13 @@ fn parse_generate(v: Value) -> Result<ClientMessage, ProtocolError> {
             .is_empty()
             .then_some("messages is an empty list: give at least one message"),
         Prompt::Template(TemplatePrompt {
-            source: TemplateSource::Named(t) | TemplateSource::Inline(t),
+            source: TemplateSource::Named(t),
             ..
-        }) => t.is_empty().then_some("the template is empty"),
+        }) => t.is_empty().then_some("template is an empty name"),
+        Prompt::Template(TemplatePrompt {
+            source: TemplateSource::Inline(t),
+            ..
+        }) => t.is_empty().then_some("template_yaml is an empty string"),
     };
     if let Some(what) = empty {
         return Err(ProtocolError::new("empty_prompt", what));

@@ -347,10 +347,17 @@ fn run(cli: Cli) -> Result<()> {
                 // conversation was already computed, and how soon the reply began.
                 let prompt_tokens = req.prompt_ids.len();
                 let cached = r[0].cached_tokens + r[0].host_cached_tokens;
-                let cut = if r[0].finish_reason == convoy_engine::FinishReason::Length {
-                    ", reply cut at the token limit (--max-tokens)"
-                } else {
-                    ""
+                // A length stop is --max-tokens, or a context or KV cache that is full.
+                let cut = match r[0].finish_reason {
+                    convoy_engine::FinishReason::Length
+                        if r[0].output_ids.len() >= req.params.max_tokens =>
+                    {
+                        ", reply cut at --max-tokens"
+                    }
+                    convoy_engine::FinishReason::Length => {
+                        ", reply cut: the context or the KV cache is full"
+                    }
+                    _ => "",
                 };
                 eprintln!(
                     "  [{cached}/{prompt_tokens} prompt tokens cached, first token in {:.0} ms{cut}]",

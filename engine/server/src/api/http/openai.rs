@@ -216,8 +216,15 @@ fn completion_prompt(v: Value) -> Result<(&'static str, Value), ApiError> {
             }
             match items.into_iter().next() {
                 Some(s @ Value::String(_)) => Ok(("prompt", s)),
+                Some(Value::Array(ids)) if ids.is_empty() => Err(ApiError::new(
+                    "empty_prompt",
+                    "prompt is an empty list of token ids",
+                )
+                .param("prompt")),
                 Some(Value::Array(ids)) => Ok(("prompt_ids", Value::Array(ids))),
-                None => Err(ApiError::new("empty_prompt", "the prompt is empty").param("prompt")),
+                None => {
+                    Err(ApiError::new("empty_prompt", "prompt is an empty list").param("prompt"))
+                }
                 Some(_) => Err(wrong()),
             }
         }
