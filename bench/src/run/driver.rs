@@ -4,8 +4,9 @@
 //! loop: `concurrency` conversations are alive at once, each ended one starting the next until
 //! `duration`; trace: each line is sent at its timestamp. After `duration` no conversation
 //! starts and no new turn is sent; the turns in flight finish and are counted, so the run
-//! ends when the last of them does (an open loop never before `duration`). A failed turn is counted and its conversation goes on
-//! with an empty reply in its history (as a user would retry).
+//! ends when the last of them does (an open loop never before `duration`). A failed turn is
+//! counted and its conversation goes on with an empty reply in its history (as a user would
+//! retry).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
