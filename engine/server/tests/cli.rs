@@ -215,42 +215,29 @@ fn tokenize_prints_ids_as_json() {
     let model = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.exists(), "run scripts/fetch_models.sh");
-    let (code, out, err) = convoy(&[
-        "tokenize",
-        "--model",
-        model.to_str().unwrap(),
-        "--text",
-        "Hello, world!",
-        "--format",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    // `convoy tokenize` of `text` in `format`: its output, once it succeeded.
+    let tokenize = |text: &str, format: &str| {
+        let (code, out, err) = convoy(&[
+            "tokenize",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text,
+            "--format",
+            format,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
     assert_eq!(
-        out.trim(),
+        tokenize("Hello, world!", "json").trim(),
         r#"{"ids":[19556,28,905,17],"token_bytes":[[72,101,108,108,111],[44],[32,119,111,114,108,100],[33]],"tokens":["Hello",","," world","!"]}"#
     );
     // A token that holds part of a character has no text of its own, only bytes.
-    let (code, out, err) = convoy(&[
-        "tokenize",
-        "--model",
-        model.to_str().unwrap(),
-        "--text",
-        "Hi 👍",
-        "--format",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&tokenize("Hi 👍", "json")).unwrap();
     assert_eq!(v["tokens"], serde_json::json!(["Hi", null, null, null]));
     // The text format: the ids, then each token's text (escaped bytes for part of a character).
-    let (code, out, err) = convoy(&[
-        "tokenize",
-        "--model",
-        model.to_str().unwrap(),
-        "--text",
-        "Hi 👍",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let out = tokenize("Hi 👍", "text");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "26843,15107,235,231");
     assert_eq!(

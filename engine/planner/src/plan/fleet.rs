@@ -1013,9 +1013,9 @@ impl<'a> Group<'a> {
             self.s.steps += 1;
             self.s.step_seqs += self.cores[local].scheduler().num_running() as u64;
         }
-        // The load-dependent part of the edge: every other stream running here passes its
-        // tokens through the same I/O thread and client. (Others, not counting the request
-        // itself: what calibrate fits against is the daemon's time-averaged running count.)
+        // The load-dependent part of the edge: whatever on a request's way out waits longer
+        // behind a larger batch. (Others, not counting the request itself: what calibrate fits
+        // against is the daemon's time-averaged running count.)
         let others = self.cores[local]
             .scheduler()
             .num_running()
